@@ -1,0 +1,413 @@
+"""Cache configuration, presets and sizing math.
+
+A :class:`CacheConfig` says how big the paged KV cache is and how it is laid
+out; it is frozen, and every derived size is a property or method. Values
+measured at run time (free device memory, blocks in use) live in the cache
+and its :class:`~kvforge.profile.MemoryProfile`, never here.
+
+Sizes follow the real tensors: a block holds ``block_size`` tokens of keys and
+values for every layer, so ``bytes_per_block = 2 * num_layers * block_size *
+num_kv_heads * head_dim * dtype_bytes``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from kvforge.errors import ConfigError
+
+__all__ = [
+    "CacheConfig",
+    "CachePreset",
+    "format_bytes",
+    "parse_bytes",
+    "resolve_dtype",
+    "KV_SHARE_OF_VRAM",
+]
+
+#: Share of a preset's VRAM target given to the KV cache (the rest holds
+#: weights and activations). ROCmForge uses one half.
+KV_SHARE_OF_VRAM = 0.5
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def resolve_dtype(value: Any, field_name: str = "dtype") -> torch.dtype:
+    """A torch dtype from a dtype or its name (``"bfloat16"``, ``"bf16"``, ``"torch.float16"``)."""
+    if isinstance(value, torch.dtype):
+        if value in _DTYPES.values():
+            return value
+        raise ConfigError(f"{field_name}={value!r} is not a supported KV cache dtype "
+                          f"(supported: {sorted({str(d).removeprefix('torch.') for d in _DTYPES.values()})})")
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ConfigError(f"{field_name}={value!r} is not a known dtype "
+                      f"(use one of {sorted(_DTYPES)})")
+
+
+def format_bytes(num_bytes: int | float) -> str:
+    """``3 * 2**30`` -> ``'3.00 GiB'``; plain bytes print without decimals."""
+    value = float(num_bytes)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit in _UNITS:
+        if value < 1024 or unit == _UNITS[-1]:
+            return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6,
+               "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``'24GiB'`` -> ``25769803776``; ``'512 MB'`` uses powers of ten, ``'G'`` powers of two."""
+    if isinstance(text, numbers.Integral) and not isinstance(text, bool):
+        return int(text)
+    match = _BYTES_RE.match(str(text))
+    if not match or match.group(2).lower() not in _BYTE_UNITS:
+        raise ConfigError(f"cannot read a byte size from {text!r} (examples: '24GiB', '512MiB', '8G')")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _page_size_for_context(context_len: int) -> int:
+    # ROCmForge's rule: short contexts get small pages (less internal waste),
+    # long ones larger pages (fewer table entries, longer kernel tiles).
+    if context_len < 1024:
+        return 16
+    if context_len < 4096:
+        return 32
+    return 64
+
+
+@dataclass(frozen=True, slots=True)
+class CachePreset:
+    """A named sizing preset: page size and a VRAM target (or a page count).
+
+    ``SMALL`` (16-token pages, 4 GiB, 1B-3B models), ``MEDIUM`` (32, 12 GiB,
+    7B-13B), ``LARGE`` (64, 40 GiB, 30B-70B). :meth:`custom` fixes the page
+    size and the number of pages directly. The KV cache gets
+    ``KV_SHARE_OF_VRAM`` (half) of a preset's VRAM target.
+    """
+
+    name: str
+    page_size: int
+    vram_target_bytes: int | None = None
+    max_pages: int | None = None
+    model_sizes: str = ""
+
+    SMALL: ClassVar[CachePreset]
+    MEDIUM: ClassVar[CachePreset]
+    LARGE: ClassVar[CachePreset]
+
+    def __post_init__(self) -> None:
+        _positive_int("page_size", self.page_size)
+        if self.vram_target_bytes is None and self.max_pages is None:
+            raise ConfigError(f"preset {self.name!r} needs a vram_target_bytes or a max_pages")
+        if self.vram_target_bytes is not None:
+            _positive_int("vram_target_bytes", self.vram_target_bytes)
+        if self.max_pages is not None:
+            _positive_int("max_pages", self.max_pages)
+
+    @classmethod
+    def custom(cls, page_size: int, max_pages: int) -> CachePreset:
+        """A preset of exactly ``max_pages`` pages of ``page_size`` tokens."""
+        return cls("custom", _positive_int("page_size", page_size), None,
+                   _positive_int("max_pages", max_pages), "any")
+
+    @classmethod
+    def builtin(cls) -> tuple[CachePreset, ...]:
+        """The three built-in presets, smallest first."""
+        return (cls.SMALL, cls.MEDIUM, cls.LARGE)
+
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        """Bytes of the VRAM target given to the KV cache (None for custom presets)."""
+        if self.vram_target_bytes is None:
+            return None
+        return int(self.vram_target_bytes * KV_SHARE_OF_VRAM)
+
+
+CachePreset.SMALL = CachePreset("small", 16, 4 * 2**30, None, "1B-3B")
+CachePreset.MEDIUM = CachePreset("medium", 32, 12 * 2**30, None, "7B-13B")
+CachePreset.LARGE = CachePreset("large", 64, 40 * 2**30, None, "30B-70B")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Shape and policy of a paged KV cache.
+
+    Invariants (checked on construction, each violation a :class:`ConfigError`
+    naming the field): every count is a positive integer, ``dtype`` is a
+    supported storage dtype, ``compaction_threshold`` lies in [0, 1],
+    ``initial_blocks`` (when set) lies in [1, num_blocks].
+
+    ``num_blocks`` is the most blocks the pool may hold. With
+    ``initial_blocks`` set, the device storage starts with that many blocks
+    (rounded up to whole chunks of ``chunk_blocks``) and grows on demand up
+    to ``num_blocks`` (an elastic pool); compaction hands emptied chunks back.
+    """
+
+    block_size: int
+    num_blocks: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float16
+    device: str = "auto"
+    enable_compaction: bool = False
+    compaction_threshold: float = 0.3
+    enable_prefix_caching: bool = True
+    initial_blocks: int | None = None
+    chunk_blocks: int | None = None
+    auto_compact: bool = False
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for f in ("block_size", "num_blocks", "num_layers", "num_kv_heads", "head_dim"):
+            object.__setattr__(self, f, _positive_int(f, getattr(self, f)))
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
+        if not isinstance(self.device, str):
+            object.__setattr__(self, "device", str(self.device))
+        if not self.device:
+            raise ConfigError("device must be a device name such as 'cpu', 'cuda' or 'auto', got ''")
+        for f in ("enable_compaction", "enable_prefix_caching", "auto_compact"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f"{f} must be True or False, got {getattr(self, f)!r}")
+        t = self.compaction_threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (0.0 <= float(t) <= 1.0) or math.isnan(t):
+            raise ConfigError(f"compaction_threshold must be a number in [0, 1], got {t!r}")
+        object.__setattr__(self, "compaction_threshold", float(t))
+        if self.initial_blocks is not None:
+            _positive_int("initial_blocks", self.initial_blocks)
+            if self.initial_blocks > self.num_blocks:
+                raise ConfigError(f"initial_blocks={self.initial_blocks} exceeds num_blocks={self.num_blocks}")
+        if self.chunk_blocks is not None:
+            _positive_int("chunk_blocks", self.chunk_blocks)
+
+    # ----------------------------------------------------------- constructors
+    @classmethod
+    def new(cls, page_size: int, max_pages: int, num_heads: int, head_dim: int, num_layers: int,
+            **kwargs: Any) -> CacheConfig:
+        """ROCmForge's positional order: page size, page count, KV heads, head dim, layers."""
+        return cls(block_size=page_size, num_blocks=max_pages, num_layers=num_layers,
+                   num_kv_heads=num_heads, head_dim=head_dim, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset: CachePreset, num_kv_heads: int, head_dim: int, num_layers: int,
+                    dtype: Any = torch.float16, **kwargs: Any) -> CacheConfig:
+        """Size a cache from a preset.
+
+        Built-in presets give the KV cache half of their VRAM target and fit
+        as many whole blocks as those bytes hold; ``CachePreset.custom`` keeps
+        its ``max_pages``. Presets enable compaction.
+        """
+        if not isinstance(preset, CachePreset):
+            raise ConfigError(f"preset must be a CachePreset, got {preset!r}")
+        block = cls(block_size=preset.page_size, num_blocks=1, num_layers=num_layers,
+                    num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+        if preset.max_pages is not None:
+            num_blocks = preset.max_pages
+        else:
+            assert preset.kv_budget_bytes is not None
+            num_blocks = preset.kv_budget_bytes // block.bytes_per_block
+            if num_blocks < 1:
+                raise ConfigError(
+                    f"preset {preset.name!r} gives the KV cache {format_bytes(preset.kv_budget_bytes)}, "
+                    f"less than one block ({format_bytes(block.bytes_per_block)})")
+        kwargs.setdefault("enable_compaction", True)
+        return replace(block, num_blocks=num_blocks, name=preset.name, **kwargs)
+
+    @classmethod
+    def for_context_length(cls, target_context_len: int, num_kv_heads: int, head_dim: int,
+                           num_layers: int, vram_budget: int | str | None = None, *,
+                           num_sequences: int = 1, dtype: Any = torch.float16,
+                           **kwargs: Any) -> CacheConfig:
+        """Size a cache for ``num_sequences`` sequences of ``target_context_len`` tokens.
+
+        The page size follows the context (16 below 1024 tokens, 32 below
+        4096, 64 above). With a ``vram_budget`` (bytes or ``'12GiB'``) the
+        block count is capped by it; when not even one sequence of that
+        length fits, :class:`ConfigError` names the longest context that does.
+        """
+        target = _positive_int("target_context_len", target_context_len)
+        num_sequences = _positive_int("num_sequences", num_sequences)
+        page = kwargs.pop("block_size", None) or _page_size_for_context(target)
+        needed = math.ceil(target / page) * num_sequences
+        cfg = cls(block_size=page, num_blocks=needed, num_layers=num_layers,
+                  num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, **kwargs)
+        if vram_budget is None:
+            return cfg
+        budget = parse_bytes(vram_budget)
+        if budget <= 0:
+            raise ConfigError(f"vram_budget must be positive, got {vram_budget!r}")
+        fit = budget // cfg.bytes_per_block
+        per_seq = math.ceil(target / page)
+        if fit < per_seq:
+            raise ConfigError(
+                f"a {target}-token context needs {per_seq} blocks of {page} tokens "
+                f"({format_bytes(per_seq * cfg.bytes_per_block)}), but vram_budget={format_bytes(budget)} "
+                f"holds {fit} blocks: the longest context that fits is {fit * page} tokens")
+        return replace(cfg, num_blocks=min(needed, fit))
+
+    @classmethod
+    def for_model(cls, path_or_config: str | os.PathLike[str] | Mapping[str, Any],
+                  vram_budget: int | str | None = None, *, block_size: int = 16,
+                  context_length: int | None = None, dtype: Any = None, **kwargs: Any) -> CacheConfig:
+        """Size a cache for a Hugging Face model from its ``config.json``.
+
+        ``path_or_config`` is a checkpoint folder, a ``config.json`` path or the
+        parsed dict. With ``vram_budget`` the cache fills it; otherwise it holds
+        one sequence of ``context_length`` (default: the model's
+        ``max_position_embeddings``).
+        """
+        shape = model_shape(path_or_config)
+        dtype = dtype if dtype is not None else shape["dtype"]
+        if vram_budget is None:
+            ctx = context_length or shape["max_position_embeddings"]
+            return cls.for_context_length(ctx, shape["num_kv_heads"], shape["head_dim"], shape["num_layers"],
+                                          dtype=dtype, block_size=block_size, **kwargs)
+        budget = parse_bytes(vram_budget)
+        one = cls(block_size=block_size, num_blocks=1, num_layers=shape["num_layers"],
+                  num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=dtype, **kwargs)
+        num_blocks = budget // one.bytes_per_block
+        if num_blocks < 1:
+            raise ConfigError(f"vram_budget={format_bytes(budget)} holds no block of "
+                              f"{format_bytes(one.bytes_per_block)} for this model")
+        return replace(one, num_blocks=num_blocks)
+
+    # -------------------------------------------------------------- builders
+    def with_compaction(self, enabled: bool) -> CacheConfig:
+        """A copy with compaction switched on or off."""
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"enable_compaction must be True or False, got {enabled!r}")
+        return replace(self, enable_compaction=enabled)
+
+    def with_compaction_threshold(self, threshold: float) -> CacheConfig:
+        """A copy with another fragmentation threshold in [0, 1]."""
+        return replace(self, compaction_threshold=threshold)
+
+    def with_prefix_caching(self, enabled: bool) -> CacheConfig:
+        """A copy with prefix caching switched on or off."""
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"enable_prefix_caching must be True or False, got {enabled!r}")
+        return replace(self, enable_prefix_caching=enabled)
+
+    def replace(self, **changes: Any) -> CacheConfig:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return replace(self, **changes)
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per stored element."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of keys and values one token takes across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block: ``2 * layers * block_size * kv_heads * head_dim * dtype_bytes``."""
+        return self.bytes_per_token * self.block_size
+
+    @property
+    def resolved_chunk_blocks(self) -> int:
+        """Blocks per storage chunk: ``chunk_blocks``, else the whole pool for a fixed
+        pool and 1/16 of it (at least 1) for an elastic one."""
+        if self.chunk_blocks is not None:
+            return min(self.chunk_blocks, self.num_blocks)
+        if self.initial_blocks is None:
+            return self.num_blocks
+        return max(1, math.ceil(self.num_blocks / 16))
+
+    def estimated_memory_bytes(self) -> int:
+        """Bytes the full pool takes on the device (all layers, keys and values)."""
+        return self.num_blocks * self.bytes_per_block
+
+    def estimated_memory_human(self) -> str:
+        """:meth:`estimated_memory_bytes` formatted, e.g. ``'3.00 GiB'``."""
+        return format_bytes(self.estimated_memory_bytes())
+
+    def max_context_length(self) -> int:
+        """Longest single sequence the full pool can hold, in tokens."""
+        return self.num_blocks * self.block_size
+
+
+def model_shape(path_or_config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """The KV-relevant shape of a Hugging Face ``config.json``.
+
+    Returns ``num_kv_heads``, ``head_dim``, ``num_layers``, ``dtype``,
+    ``max_position_embeddings`` and ``model_type``.
+    """
+    if isinstance(path_or_config, Mapping):
+        cfg: Mapping[str, Any] = path_or_config
+        where = "the given config"
+    else:
+        path = os.fspath(path_or_config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no config.json at {path!r}")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                cfg = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        where = path
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else None
+    if text_cfg and "num_hidden_layers" not in cfg:
+        cfg = {**cfg, **text_cfg}
+    try:
+        num_layers = cfg["num_hidden_layers"]
+        num_heads = cfg["num_attention_heads"]
+    except KeyError as exc:
+        raise ConfigError(f"{where} has no {exc.args[0]!r}") from None
+    num_kv_heads = cfg.get("num_key_value_heads") or num_heads
+    head_dim = cfg.get("head_dim")
+    if not head_dim:
+        if "hidden_size" not in cfg:
+            raise ConfigError(f"{where} has neither 'head_dim' nor 'hidden_size'")
+        head_dim = cfg["hidden_size"] // num_heads
+    dtype_name = cfg.get("torch_dtype") or cfg.get("dtype") or "float16"
+    try:
+        dtype = resolve_dtype(dtype_name, "torch_dtype")
+    except ConfigError:
+        dtype = torch.float16
+    return {
+        "num_kv_heads": _positive_int("num_key_value_heads", num_kv_heads),
+        "head_dim": _positive_int("head_dim", head_dim),
+        "num_layers": _positive_int("num_hidden_layers", num_layers),
+        "dtype": dtype,
+        "max_position_embeddings": int(cfg.get("max_position_embeddings") or 4096),
+        "model_type": str(cfg.get("model_type", "unknown")),
+    }

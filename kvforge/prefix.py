@@ -1,0 +1,194 @@
+"""Prefix index: full blocks keyed by a chained hash of their tokens.
+
+A full block's key is ``BLAKE2b(parent_key || extra || token_ids)``, where the
+first block's parent key is derived from the request's salt. The chain makes a
+key name the whole prefix, not just one block, and BLAKE2b (128-bit digest)
+makes a collision that would let one tenant read another's keys/values
+infeasible; a per-request salt isolates tenants completely because every key
+of a salted request differs from every unsalted or differently salted key.
+
+Pure bookkeeping: blocks are ids of a :class:`~kvforge.pool.BlockPool`. The
+pool keeps cached blocks with zero references as *evictable* (LRU); when it
+evicts one it calls back :meth:`PrefixIndex.on_evict`, which forgets the key.
+
+:class:`NullPrefixIndex` has the same interface and caches nothing, so callers
+never branch on whether prefix caching is on.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+from kvforge.pool import BlockPool
+
+__all__ = ["PrefixIndex", "NullPrefixIndex", "PrefixStats", "BlockKey"]
+
+BlockKey = bytes
+_DIGEST = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixStats:
+    """Counters of a prefix index. ``hit_rate`` = hit tokens / queried tokens."""
+
+    queries: int
+    query_tokens: int
+    hit_tokens: int
+    hit_rate: float
+    cached_blocks: int
+    evictable_blocks: int
+    evictions: int
+    registered_blocks: int
+
+    def to_dict(self) -> dict[str, float]:
+        """The snapshot as a plain dict."""
+        return asdict(self)
+
+
+def _root_key(salt: Hashable | None) -> BlockKey:
+    if salt is None:
+        return b"\x00" * _DIGEST
+    return hashlib.blake2b(repr(salt).encode(), digest_size=_DIGEST, person=b"kvforge-salt").digest()
+
+
+class PrefixIndex:
+    """Maps chained block keys to cached block ids of one pool.
+
+    Invariants: every mapped block is marked cached in the pool, and maps back
+    to its key (``_block_key``); a block is mapped under at most one key.
+    """
+
+    enabled = True
+
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self._blocks: dict[BlockKey, int] = {}
+        self._block_key: dict[int, BlockKey] = {}
+        self._queries = 0
+        self._query_tokens = 0
+        self._hit_tokens = 0
+        self._evictions = 0
+        self._registered = 0
+        #: optional callbacks for an external index (router, offload tier)
+        self.on_stored: Callable[[int, BlockKey], None] | None = None
+        self.on_removed: Callable[[int, BlockKey], None] | None = None
+        pool.on_evict = self.on_evict
+
+    # ---------------------------------------------------------------- keys
+    def block_keys(self, token_ids: Sequence[int] | np.ndarray, salt: Hashable | None = None,
+                   parent: BlockKey | None = None, extra: bytes = b"") -> list[BlockKey]:
+        """Keys of every full block of ``token_ids`` (a partial tail gets none).
+
+        ``parent`` continues a chain (the key of the block before the first).
+        """
+        bs = self.block_size
+        n = len(token_ids) // bs
+        if n == 0:
+            return []
+        arr = np.asarray(token_ids[: n * bs], dtype=np.int64)
+        data = arr.tobytes()
+        step = bs * 8
+        key = _root_key(salt) if parent is None else parent
+        keys = []
+        blake = hashlib.blake2b
+        for i in range(n):
+            key = blake(key + extra + data[i * step:(i + 1) * step], digest_size=_DIGEST).digest()
+            keys.append(key)
+        return keys
+
+    # -------------------------------------------------------------- lookup
+    def lookup(self, keys: Sequence[BlockKey], num_tokens: int) -> list[int]:
+        """Cached blocks for the longest prefix of ``keys`` (a query of ``num_tokens``).
+
+        Only counts the query; the caller takes references on the result.
+        """
+        hits = []
+        get = self._blocks.get
+        for k in keys:
+            b = get(k)
+            if b is None:
+                break
+            hits.append(b)
+        self._queries += 1
+        self._query_tokens += num_tokens
+        self._hit_tokens += len(hits) * self.block_size
+        return hits
+
+    def register(self, block_id: int, key: BlockKey) -> bool:
+        """Cache a held, full block under ``key``; False when the key is taken
+        by another block (the content is already cached) or the block has a key."""
+        if key in self._blocks or block_id in self._block_key:
+            return False
+        self.pool.mark_cached(block_id)
+        self._blocks[key] = block_id
+        self._block_key[block_id] = key
+        self._registered += 1
+        if self.on_stored is not None:
+            self.on_stored(block_id, key)
+        return True
+
+    def on_evict(self, block_id: int) -> None:
+        """Forget an evicted block (called by the pool)."""
+        key = self._block_key.pop(block_id, None)
+        if key is not None:
+            del self._blocks[key]
+            self._evictions += 1
+            if self.on_removed is not None:
+                self.on_removed(block_id, key)
+
+    def key_of(self, block_id: int) -> BlockKey | None:
+        """The key a block is cached under, if any."""
+        return self._block_key.get(block_id)
+
+    def relocate(self, mapping: dict[int, int]) -> None:
+        """Follow compaction moves ``old id -> new id``."""
+        moved = {old: new for old, new in mapping.items() if old in self._block_key}
+        keys = {old: self._block_key.pop(old) for old in moved}
+        for old, new in moved.items():
+            self._block_key[new] = keys[old]
+            self._blocks[keys[old]] = new
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the index now."""
+        return len(self._blocks)
+
+    def stats(self) -> PrefixStats:
+        """A snapshot of the counters."""
+        q = self._query_tokens
+        return PrefixStats(self._queries, q, self._hit_tokens, self._hit_tokens / q if q else 0.0,
+                           len(self._blocks), self.pool.num_evictable_blocks, self._evictions,
+                           self._registered)
+
+    def check_invariants(self) -> None:
+        """Assert index/pool consistency."""
+        assert len(self._blocks) == len(self._block_key)
+        for key, b in self._blocks.items():
+            assert self._block_key[b] == key
+            assert self.pool.is_cached(b), f"indexed block {b} not marked cached"
+
+
+class NullPrefixIndex(PrefixIndex):
+    """Caches nothing: keys are not computed, lookups miss, registration is refused."""
+
+    enabled = False
+
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        super().__init__(pool, block_size)
+        pool.on_evict = None
+
+    def block_keys(self, token_ids: Sequence[int] | np.ndarray, salt: Hashable | None = None,
+                   parent: BlockKey | None = None, extra: bytes = b"") -> list[BlockKey]:
+        return []
+
+    def lookup(self, keys: Sequence[BlockKey], num_tokens: int) -> list[int]:
+        self._queries += 1
+        self._query_tokens += num_tokens
+        return []
+
+    def register(self, block_id: int, key: BlockKey) -> bool:
+        return False
