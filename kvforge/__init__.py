@@ -5,6 +5,8 @@ Public face of the package; see ``ARCHITECTURE.md`` for the layers.
 from __future__ import annotations
 
 from kvforge.block_table import AddSequenceResult, BlockManager, SequenceBlockTable
+from kvforge.cache import KVCache, KvCache
+from kvforge.compaction import CompactionPlan, plan_compaction
 from kvforge.config import CacheConfig, CachePreset, format_bytes, parse_bytes
 from kvforge.errors import (
     ConfigError,
@@ -18,6 +20,7 @@ from kvforge.errors import (
 )
 from kvforge.pool import AllocationStats, BlockPool, PhysicalBlockPool
 from kvforge.prefix import NullPrefixIndex, PrefixIndex, PrefixStats
+from kvforge.profile import MemoryProfile
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,10 @@ __all__ = [
     "BlockManager",
     "BlockPool",
     "CacheConfig",
+    "CompactionPlan",
+    "KVCache",
+    "KvCache",
+    "MemoryProfile",
     "CachePreset",
     "ConfigError",
     "InvalidBlockError",
@@ -43,4 +50,5 @@ __all__ = [
     "TraceError",
     "format_bytes",
     "parse_bytes",
+    "plan_compaction",
 ]

@@ -342,12 +342,12 @@ class CacheConfig:
 
     @property
     def resolved_chunk_blocks(self) -> int:
-        """Blocks per storage chunk: ``chunk_blocks``, else the whole pool for a fixed
-        pool and 1/16 of it (at least 1) for an elastic one."""
+        """Blocks per storage chunk: ``chunk_blocks``, else 1/16 of the pool (at least 1).
+
+        The pool's storage is allocated and released in chunks, so compaction
+        can hand memory back in units of one chunk."""
         if self.chunk_blocks is not None:
             return min(self.chunk_blocks, self.num_blocks)
-        if self.initial_blocks is None:
-            return self.num_blocks
         return max(1, math.ceil(self.num_blocks / 16))
 
     def estimated_memory_bytes(self) -> int:

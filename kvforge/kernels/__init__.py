@@ -1,0 +1,27 @@
+"""Paged-attention kernels over kvforge's chunked KV storage.
+
+Triton kernels on CUDA/ROCm devices and a pure-torch reference everywhere
+(the CPU default and the test oracle). The kernels take plain tensors and
+block tables; they never see the pool or the engine. See ``docs/kernels.md``.
+
+- :func:`store_kv` writes new keys/values into their slots;
+- :func:`paged_decode_attention`: one token per sequence, split-KV;
+- :func:`paged_prefill_attention`: ragged causal new tokens over paged context;
+- :func:`copy_blocks`: all layers of many blocks in one launch;
+- :func:`chunk_offsets`: the per-chunk offset table to precompute once.
+"""
+from __future__ import annotations
+
+from kvforge.kernels import reference
+from kvforge.kernels.layout import KVCacheArg, chunk_offsets
+from kvforge.kernels.ops import copy_blocks, paged_decode_attention, paged_prefill_attention, store_kv
+
+__all__ = [
+    "KVCacheArg",
+    "chunk_offsets",
+    "copy_blocks",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "reference",
+    "store_kv",
+]

@@ -1,0 +1,185 @@
+"""The chunked KV storage layout, as the kernels see it.
+
+The cache keeps its keys and values in one or more *chunks*, each a separate
+allocation of shape ``[num_layers, 2, chunk_blocks, block_size, num_kv_heads,
+head_dim]`` (index 0 of dim 1 holds keys, index 1 values). Physical block id
+``b`` lives in chunk ``b // chunk_blocks`` at local index ``b % chunk_blocks``.
+For one layer the kernels take ``k_cache = [chunk[l, 0] for chunk in chunks]``
+(views ``[chunk_blocks, block_size, num_kv_heads, head_dim]``) and the same
+for values; a single chunk may be passed as a plain tensor.
+
+Triton kernels address every chunk from the first chunk's base pointer plus
+an int64 table of *element offsets* of each chunk relative to chunk 0
+(:func:`chunk_offsets`). The key and value lists are views of the same chunk
+tensors at the same position, so one table serves both.
+"""
+from __future__ import annotations
+
+from collections import abc
+from typing import NamedTuple, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from kvforge.errors import KernelError
+
+__all__ = ["KVCacheArg", "CacheView", "as_chunks", "chunk_offsets", "describe_cache", "resolve_offsets"]
+
+#: A per-layer cache: one tensor ``[num_blocks, block_size, num_kv_heads,
+#: head_dim]`` or a sequence of chunk views of that shape.
+KVCacheArg = Union[Tensor, Sequence[Tensor]]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+class CacheView(NamedTuple):
+    """What the kernels need to know about one layer's K and V chunk lists."""
+
+    k_chunks: tuple[Tensor, ...]
+    v_chunks: tuple[Tensor, ...]
+    chunk_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.k_chunks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.chunk_blocks * len(self.k_chunks)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def as_chunks(cache: KVCacheArg, name: str, ndim: int) -> tuple[Tensor, ...]:
+    """Normalizes a tensor or a sequence of tensors to a non-empty tuple.
+
+    Every chunk must be a tensor of ``ndim`` dims with the same shape,
+    strides, dtype and device as the first.
+    """
+    chunks: tuple[Tensor, ...]
+    if isinstance(cache, Tensor):
+        chunks = (cache,)
+    elif isinstance(cache, abc.Sequence):
+        chunks = tuple(cache)
+    else:
+        raise KernelError(f"{name}: expected a tensor or a sequence of tensors, got {type(cache).__name__}")
+    if not chunks:
+        raise KernelError(f"{name}: expected at least one chunk, got an empty sequence")
+    first = chunks[0]
+    for j, c in enumerate(chunks):
+        if not isinstance(c, Tensor):
+            raise KernelError(f"{name}[{j}]: expected a tensor, got {type(c).__name__}")
+        if c.dim() != ndim:
+            raise KernelError(f"{name}[{j}]: expected {ndim} dims, got shape {tuple(c.shape)}")
+        if c.shape != first.shape or c.stride() != first.stride():
+            raise KernelError(
+                f"{name}[{j}]: shape {tuple(c.shape)} strides {c.stride()} differ from chunk 0's "
+                f"shape {tuple(first.shape)} strides {first.stride()}"
+            )
+        if c.dtype != first.dtype or c.device != first.device:
+            raise KernelError(
+                f"{name}[{j}]: dtype/device {c.dtype}/{c.device} differ from chunk 0's {first.dtype}/{first.device}"
+            )
+    return chunks
+
+
+def _offsets_list(chunks: Sequence[Tensor], name: str) -> list[int]:
+    size = chunks[0].element_size()
+    base = chunks[0].data_ptr()
+    offsets = []
+    for j, c in enumerate(chunks):
+        delta = c.data_ptr() - base
+        if delta % size:
+            raise KernelError(f"{name}[{j}]: byte distance {delta} to chunk 0 is not a multiple of the element size {size}")
+        offsets.append(delta // size)
+    return offsets
+
+
+def chunk_offsets(chunks: Sequence[Tensor]) -> Tensor:
+    """Element offsets of every chunk relative to chunk 0.
+
+    ``chunks``: tensors of equal shape, strides, dtype and device (whole
+    chunks ``[num_layers, 2, chunk_blocks, ...]`` or per-layer views; the
+    offsets are the same either way). Returns an int64 tensor ``[num_chunks]``
+    on the chunks' device; entry 0 is 0. Compute it once per chunk set and
+    pass it as ``chunk_offsets=`` to the kernels.
+    """
+    seq = (chunks,) if isinstance(chunks, Tensor) else tuple(chunks)
+    if not seq or not isinstance(seq[0], Tensor):
+        raise KernelError("chunks: expected a tensor or a non-empty sequence of tensors")
+    seq = as_chunks(seq, "chunks", seq[0].dim())
+    return torch.tensor(_offsets_list(seq, "chunks"), dtype=torch.int64, device=seq[0].device)
+
+
+def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg) -> CacheView:
+    """Checks one layer's key and value chunk lists and describes them.
+
+    Both must be ``[chunk_blocks, block_size, num_kv_heads, head_dim]`` chunks
+    with identical shapes and strides, a supported dtype, a power-of-two
+    ``block_size >= 8``, a supported ``head_dim`` and unit stride on it.
+    """
+    k = as_chunks(k_cache, "k_cache", 4)
+    v = as_chunks(v_cache, "v_cache", 4)
+    if len(k) != len(v):
+        raise KernelError(f"k_cache has {len(k)} chunks but v_cache has {len(v)}")
+    k0, v0 = k[0], v[0]
+    if k0.shape != v0.shape or k0.stride() != v0.stride():
+        raise KernelError(
+            f"v_cache shape {tuple(v0.shape)} strides {v0.stride()} differ from k_cache's "
+            f"{tuple(k0.shape)} strides {k0.stride()}"
+        )
+    if k0.dtype != v0.dtype or k0.device != v0.device:
+        raise KernelError(f"v_cache dtype/device {v0.dtype}/{v0.device} differ from k_cache's {k0.dtype}/{k0.device}")
+    if k0.dtype not in SUPPORTED_DTYPES:
+        raise KernelError(f"cache dtype: expected one of {SUPPORTED_DTYPES}, got {k0.dtype}")
+    chunk_blocks, block_size, num_kv_heads, head_dim = k0.shape
+    if block_size < 8 or block_size & (block_size - 1):
+        raise KernelError(f"block_size: expected a power of two >= 8, got {block_size}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise KernelError(f"head_dim: expected one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if num_kv_heads < 1 or chunk_blocks < 1:
+        raise KernelError(f"cache shape {tuple(k0.shape)}: expected at least one block and one KV head")
+    if k0.stride(3) != 1:
+        raise KernelError(f"cache head_dim stride: expected 1, got {k0.stride(3)}")
+    return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, k0.dtype, k0.device)
+
+
+def resolve_offsets(
+    k_chunks: Sequence[Tensor], v_chunks: Sequence[Tensor] | None, given: Tensor | None
+) -> Tensor | None:
+    """The chunk offset table for a chunk list, or None for a single chunk.
+
+    A given table must be int64 ``[num_chunks]`` on the chunks' device; on
+    the CPU its values are checked too (on a GPU that would cost a sync).
+    Without one, the table is computed from ``k_chunks`` and, when
+    ``v_chunks`` is given, checked against the value chunks' own offsets.
+    """
+    n = len(k_chunks)
+    device = k_chunks[0].device
+    if given is not None:
+        if not isinstance(given, Tensor) or given.dtype != torch.int64 or tuple(given.shape) != (n,):
+            got = f"{given.dtype} {tuple(given.shape)}" if isinstance(given, Tensor) else type(given).__name__
+            raise KernelError(f"chunk_offsets: expected int64 [{n}], got {got}")
+        if given.device != device:
+            raise KernelError(f"chunk_offsets: expected device {device}, got {given.device}")
+        if device.type == "cpu":
+            expected = _offsets_list(k_chunks, "chunks")
+            if given.tolist() != expected:
+                raise KernelError(f"chunk_offsets: expected {expected} for these chunks, got {given.tolist()}")
+        return given if n > 1 else None
+    if n == 1:
+        return None
+    k_off = _offsets_list(k_chunks, "k_cache")
+    if v_chunks is not None:
+        v_off = _offsets_list(v_chunks, "v_cache")
+        if k_off != v_off:
+            raise KernelError(f"k_cache and v_cache chunk offsets differ: {k_off} vs {v_off}; pass views of the same chunks")
+    return torch.tensor(k_off, dtype=torch.int64, device=device)

@@ -1,0 +1,236 @@
+"""The public kernel entry points: check, pick a backend, launch.
+
+Each wrapper checks shapes, dtypes, devices and strides (always) and tensor
+contents (see :mod:`kvforge.kernels.checks` for when), raising
+:class:`~kvforge.errors.KernelError` before anything runs; then it calls the
+Triton launcher (CUDA/ROCm, or the CPU under ``TRITON_INTERPRET=1``) or the
+torch reference. The Triton modules are imported on first use, so the CPU
+path never imports triton.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvforge.errors import KernelError
+from kvforge.kernels import reference
+from kvforge.kernels.checks import (
+    check_block_tables_values, check_index, check_options, check_out, check_query, check_tensor,
+    resolve_backend, should_validate,
+)
+from kvforge.kernels.layout import SUPPORTED_DTYPES, KVCacheArg, as_chunks, describe_cache, resolve_offsets
+
+__all__ = ["store_kv", "paged_decode_attention", "paged_prefill_attention", "copy_blocks"]
+
+
+def _triton_module(name: str, device: torch.device) -> ModuleType:
+    """Imports ``kvforge.kernels.<name>``; on the CPU it must be interpreted."""
+    try:
+        module = importlib.import_module(f"kvforge.kernels.{name}")
+    except ImportError as exc:  # pragma: no cover - triton ships with torch on GPU hosts
+        raise KernelError(f"backend='triton' needs triton: {exc}") from exc
+    if device.type == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(module.KERNELS[0], InterpretedFunction):
+            raise KernelError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before triton is first imported (or use backend='torch')"
+            )
+        from kvforge.kernels.interpreter_compat import ensure_interpreter_index_fix
+
+        ensure_interpreter_index_fix()
+    return module
+
+
+def store_kv(
+    key: Tensor, value: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, slot_mapping: Tensor, *,
+    chunk_offsets: Tensor | None = None, backend: str = "auto", validate: bool | None = None,
+) -> None:
+    """Writes new keys/values into their cache slots.
+
+    ``key``/``value``: ``[num_tokens, num_kv_heads, head_dim]`` in the cache
+    dtype. ``k_cache``/``v_cache``: one layer's cache, a tensor ``[num_blocks,
+    block_size, num_kv_heads, head_dim]`` or a list of chunk views.
+    ``slot_mapping``: int32/int64 ``[num_tokens]``, ``block_id * block_size +
+    offset``; -1 marks padding and is skipped. Two tokens with the same slot
+    leave either one's values. ``validate`` (default: on CPU only) checks
+    every slot is -1 or inside the pool.
+    """
+    view = describe_cache(k_cache, v_cache)
+    shape = (None, view.num_kv_heads, view.head_dim)
+    k = check_tensor(key, "key", 3, view.device)
+    v = check_tensor(value, "value", 3, view.device)
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != view.dtype:
+            raise KernelError(f"{name} dtype: expected the cache dtype {view.dtype}, got {t.dtype}")
+        if t.shape[1:] != shape[1:]:
+            raise KernelError(f"{name} shape: expected (*, {view.num_kv_heads}, {view.head_dim}), got {tuple(t.shape)}")
+        if t.numel() and t.stride(2) != 1:
+            raise KernelError(f"{name}: expected stride 1 on head_dim, got {t.stride(2)}")
+    if v.shape[0] != k.shape[0]:
+        raise KernelError(f"value: expected {k.shape[0]} tokens like key, got {v.shape[0]}")
+    slots = check_index(slot_mapping, "slot_mapping", (k.shape[0],), view.device, (torch.int32, torch.int64))
+    offsets = resolve_offsets(view.k_chunks, view.v_chunks, chunk_offsets)
+    if should_validate(validate, view.device) and slots.numel():
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < -1 or hi >= view.num_slots:
+            bad = lo if lo < -1 else hi
+            raise KernelError(f"slot_mapping: slot {bad} is outside [-1, {view.num_slots}) for {view.num_blocks} blocks")
+    if resolve_backend(backend, view.device) == "torch":
+        reference.store_kv(k, v, view.k_chunks, view.v_chunks, slots)
+    elif k.shape[0]:
+        _triton_module("triton_store", view.device).launch_store(k, v, view, offsets, slots)
+
+
+def paged_decode_attention(
+    query: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, block_tables: Tensor, context_lens: Tensor, *,
+    scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
+    out: Tensor | None = None, num_splits: int | None = None, chunk_offsets: Tensor | None = None,
+    backend: str = "auto", validate: bool | None = None,
+) -> Tensor:
+    """Attention of one new token per sequence over its paged context.
+
+    ``query``: ``[batch, num_q_heads, head_dim]``, the token at position
+    ``context_lens[i] - 1`` whose K/V are already stored; ``num_q_heads`` a
+    multiple of the cache's ``num_kv_heads`` (GQA). ``block_tables``: int32
+    ``[batch, max_blocks]`` (entries past the context are never read).
+    ``context_lens``: int32 ``[batch]`` (0 gives a zero row). ``scale``
+    defaults to ``head_dim ** -0.5``; ``sliding_window`` w keeps positions
+    ``> pos - w``; ``soft_cap`` c maps logits to ``c * tanh(logits / c)``.
+    ``num_splits`` overrides the split-KV count (Triton only). Returns ``out``
+    ``[batch, num_q_heads, head_dim]`` in the query dtype.
+    """
+    view = describe_cache(k_cache, v_cache)
+    q = check_query(query, view)
+    batch = q.shape[0]
+    tables = check_index(block_tables, "block_tables", (batch, None), view.device)
+    ctx = check_index(context_lens, "context_lens", (batch,), view.device)
+    check_options(scale, sliding_window, soft_cap)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= 256):
+        raise KernelError(f"num_splits: expected an int in [1, 256] or None, got {num_splits!r}")
+    out = check_out(out, q)
+    offsets = resolve_offsets(view.k_chunks, view.v_chunks, chunk_offsets)
+    if should_validate(validate, view.device):
+        check_block_tables_values(view, tables, ctx)
+    scale = view.head_dim**-0.5 if scale is None else float(scale)
+    if resolve_backend(backend, view.device) == "torch":
+        out.copy_(reference.paged_decode_attention(
+            q, view.k_chunks, view.v_chunks, tables, ctx, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap))
+    elif batch:
+        _triton_module("triton_decode", view.device).launch_decode(
+            q, view, offsets, tables, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            num_splits=num_splits)
+    return out
+
+
+def paged_prefill_attention(
+    query: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, block_tables: Tensor, cu_query_lens: Tensor,
+    context_lens: Tensor, *, scale: float | None = None, sliding_window: int | None = None,
+    soft_cap: float | None = None, out: Tensor | None = None, chunk_offsets: Tensor | None = None,
+    backend: str = "auto", validate: bool | None = None,
+) -> Tensor:
+    """Causal attention of a ragged batch of new tokens over paged context.
+
+    ``query``: ``[total_new_tokens, num_q_heads, head_dim]``; sequence i's
+    new tokens are rows ``cu_query_lens[i]:cu_query_lens[i+1]`` (int32
+    ``[batch + 1]``, starting at 0). ``context_lens``: int32 ``[batch]``, all
+    tokens of sequence i including the new ones, whose K/V are already stored;
+    new token j sits at position ``context_lens[i] - q_len_i + j`` and sees
+    positions up to its own. Options as in :func:`paged_decode_attention`.
+    Returns ``out`` ``[total_new_tokens, num_q_heads, head_dim]``.
+    """
+    view = describe_cache(k_cache, v_cache)
+    q = check_query(query, view)
+    ctx = check_index(context_lens, "context_lens", (None,), view.device)
+    batch = ctx.shape[0]
+    tables = check_index(block_tables, "block_tables", (batch, None), view.device)
+    cu = check_index(cu_query_lens, "cu_query_lens", (batch + 1,), view.device)
+    check_options(scale, sliding_window, soft_cap)
+    out = check_out(out, q)
+    offsets = resolve_offsets(view.k_chunks, view.v_chunks, chunk_offsets)
+    if should_validate(validate, view.device):
+        cu_l = cu.long()
+        q_lens = cu_l[1:] - cu_l[:-1]
+        if int(cu_l[0]) != 0 or int(cu_l[-1]) != q.shape[0]:
+            raise KernelError(f"cu_query_lens: expected to run from 0 to {q.shape[0]}, got {int(cu_l[0])}..{int(cu_l[-1])}")
+        if batch and int(q_lens.min()) < 0:
+            raise KernelError(f"cu_query_lens: expected non-decreasing values, got {cu.tolist()}")
+        if batch and bool((q_lens > ctx.long()).any()):
+            i = int((q_lens > ctx.long()).nonzero()[0])
+            raise KernelError(f"context_lens[{i}]={int(ctx[i])} is shorter than its {int(q_lens[i])} new tokens")
+        check_block_tables_values(view, tables, ctx)
+    scale = view.head_dim**-0.5 if scale is None else float(scale)
+    if resolve_backend(backend, view.device) == "torch":
+        out.copy_(reference.paged_prefill_attention(
+            q, view.k_chunks, view.v_chunks, tables, cu, ctx, scale=scale, sliding_window=sliding_window,
+            soft_cap=soft_cap))
+    elif q.shape[0] and batch:
+        _triton_module("triton_prefill", view.device).launch_prefill(
+            q, view, offsets, tables, cu, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    return out
+
+
+def _as_ids(ids: object, name: str) -> Tensor:
+    if isinstance(ids, Tensor):
+        if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+            raise KernelError(f"{name}: expected a 1-D int32/int64 tensor, got {ids.dtype} {tuple(ids.shape)}")
+        return ids
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise KernelError(f"{name}: expected a 1-D sequence of ints, got {arr.dtype} of shape {arr.shape}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def copy_blocks(
+    chunks: Tensor | Sequence[Tensor], src: object, dst: object, *,
+    chunk_offsets: Tensor | None = None, backend: str = "auto", validate: bool | None = None,
+) -> None:
+    """Copies every layer's keys and values of block ``src[i]`` to ``dst[i]``.
+
+    ``chunks``: the whole storage ``[num_layers, 2, num_blocks, block_size,
+    num_kv_heads, head_dim]`` or its chunks of that shape (contiguous within
+    a block). ``src``/``dst``: ``[n]`` block ids as int tensors, lists or numpy
+    arrays. ``dst`` must hold no duplicates and share no id with ``src`` (a
+    block may be copied to several places). One launch moves everything.
+    ``validate`` (default: when the ids are on the host) checks all of that.
+    """
+    cs = as_chunks(chunks, "chunks", 6)
+    c0 = cs[0]
+    if c0.shape[1] != 2:
+        raise KernelError(f"chunks: expected dim 1 of size 2 (keys, values), got shape {tuple(c0.shape)}")
+    if c0.dtype not in SUPPORTED_DTYPES:
+        raise KernelError(f"chunks dtype: expected one of {SUPPORTED_DTYPES}, got {c0.dtype}")
+    block_size, heads, head_dim = c0.shape[3:]
+    if c0.stride()[3:] != (heads * head_dim, head_dim, 1):
+        raise KernelError(f"chunks: expected contiguous [block_size, heads, head_dim] blocks, got strides {c0.stride()}")
+    num_blocks = c0.shape[2] * len(cs)
+    s, d = _as_ids(src, "src"), _as_ids(dst, "dst")
+    if s.numel() != d.numel():
+        raise KernelError(f"src and dst: expected the same length, got {s.numel()} and {d.numel()}")
+    on_host = s.device.type == "cpu" and d.device.type == "cpu"
+    do_validate = validate if validate is not None else (on_host or c0.device.type == "cpu")
+    if do_validate and s.numel():
+        for name, ids in (("src", s), ("dst", d)):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= num_blocks:
+                raise KernelError(f"{name}: block id {lo if lo < 0 else hi} is outside the pool of {num_blocks} blocks")
+        if torch.unique(d).numel() != d.numel():
+            raise KernelError(f"dst: expected distinct block ids, got duplicates in {d.tolist()[:32]}")
+        both = torch.isin(d.to(s.device), s)
+        if bool(both.any()):
+            raise KernelError(f"dst: block id {int(d[both.to(d.device)][0])} is also a source; copies would depend on order")
+    offsets = resolve_offsets(cs, None, chunk_offsets)
+    if not s.numel():
+        return
+    s, d = s.to(c0.device).contiguous(), d.to(c0.device).contiguous()
+    if resolve_backend(backend, c0.device) == "torch":
+        reference.copy_blocks(cs, s, d)
+    else:
+        _triton_module("triton_store", c0.device).launch_copy(cs, offsets, s, d)

@@ -1,0 +1,125 @@
+"""Builders for tests and benchmarks: paged caches from dense K/V, and a
+dense float64 attention oracle.
+
+Nothing here runs on the hot path; it exists so that every test (CPU,
+interpreter, GPU) and the benchmark build paged inputs the same way,
+independently of :func:`~kvforge.kernels.store_kv`.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from kvforge.kernels.layout import chunk_offsets
+
+__all__ = ["PagedKV", "paged_from_dense", "dense_attention"]
+
+
+class PagedKV(NamedTuple):
+    """A paged copy of per-sequence keys/values, for one layer of a chunked store."""
+
+    chunks: tuple[Tensor, ...]  # [num_layers, 2, chunk_blocks, block_size, H, D] each
+    k_cache: list[Tensor]  # chunk[layer, 0] views [chunk_blocks, block_size, H, D]
+    v_cache: list[Tensor]
+    block_tables: Tensor  # int32 [batch, max_blocks]; entries past a context hold pad_value
+    context_lens: Tensor  # int32 [batch]
+    chunk_offsets: Tensor  # int64 [num_chunks]
+    num_blocks: int
+
+
+def paged_from_dense(
+    keys: Sequence[Tensor],
+    values: Sequence[Tensor],
+    block_size: int,
+    *,
+    num_chunks: int = 1,
+    num_layers: int = 1,
+    layer: int = 0,
+    spare_blocks: int = 2,
+    table_pad: int = 1,
+    pad_value: int = -1,
+    poison: bool = True,
+    generator: torch.Generator | None = None,
+) -> PagedKV:
+    """Scatters ``keys[i]``/``values[i]`` ``[ctx_i, num_kv_heads, head_dim]``
+    into randomly chosen (shuffled) blocks of a fresh chunked store.
+
+    The store has ``num_chunks`` separate allocations; every slot not holding
+    a token is NaN when ``poison`` (so a kernel that reads one shows it).
+    Each block table row gets ``table_pad`` extra ``pad_value`` entries.
+    """
+    ref = keys[0]
+    _, num_kv_heads, head_dim = ref.shape
+    lens = [int(k.shape[0]) for k in keys]
+    needed = [math.ceil(n / block_size) for n in lens]
+    chunk_blocks = max(1, math.ceil((sum(needed) + spare_blocks) / num_chunks))
+    num_blocks = chunk_blocks * num_chunks
+    shape = (num_layers, 2, chunk_blocks, block_size, num_kv_heads, head_dim)
+    fill = float("nan") if poison else 0.0
+    chunks = tuple(torch.full(shape, fill, dtype=ref.dtype, device=ref.device) for _ in range(num_chunks))
+    perm = torch.randperm(num_blocks, generator=generator).tolist()
+    width = max(needed, default=0) + table_pad
+    tables = torch.full((len(keys), width), pad_value, dtype=torch.int32)
+    token_blocks, token_offsets = [], []
+    cursor = 0
+    for i, n in enumerate(lens):
+        ids = perm[cursor : cursor + needed[i]]
+        cursor += needed[i]
+        tables[i, : needed[i]] = torch.tensor(ids, dtype=torch.int32)
+        pos = torch.arange(n)
+        token_blocks.append(torch.tensor(ids, dtype=torch.long)[pos // block_size] if n else pos)
+        token_offsets.append(pos % block_size)
+    block = torch.cat(token_blocks).to(ref.device)
+    offset = torch.cat(token_offsets).to(ref.device)
+    all_k, all_v = torch.cat(list(keys)), torch.cat(list(values))
+    for j, chunk in enumerate(chunks):
+        sel = block // chunk_blocks == j
+        chunk[layer, 0][block[sel] % chunk_blocks, offset[sel]] = all_k[sel]
+        chunk[layer, 1][block[sel] % chunk_blocks, offset[sel]] = all_v[sel]
+    return PagedKV(
+        chunks=chunks,
+        k_cache=[c[layer, 0] for c in chunks],
+        v_cache=[c[layer, 1] for c in chunks],
+        block_tables=tables.to(ref.device),
+        context_lens=torch.tensor(lens, dtype=torch.int32, device=ref.device),
+        chunk_offsets=chunk_offsets(chunks),
+        num_blocks=num_blocks,
+    )
+
+
+def dense_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> Tensor:
+    """Plain softmax attention in float64, the oracle of every kernel test.
+
+    ``query`` ``[T, num_q_heads, head_dim]`` at ``positions`` ``[T]``;
+    ``keys``/``values`` ``[N, num_kv_heads, head_dim]`` at positions 0..N-1.
+    Query t sees keys ``n <= positions[t]`` (and ``n > positions[t] - w``).
+    Returns float64 ``[T, num_q_heads, head_dim]``; rows that see nothing are 0.
+    """
+    q, k, v = query.double(), keys.double(), values.double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("thd,nhd->htn", q, k) * scale
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    n = torch.arange(k.shape[0], device=q.device)[None, :]
+    pos = positions.to(q.device).long()[:, None]
+    visible = n <= pos
+    if sliding_window is not None:
+        visible &= n > pos - sliding_window
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("htn,nhd->thd", probs, v)

@@ -1,0 +1,207 @@
+"""Triton paged decode attention: split-KV (flash-decoding) + LSE merge.
+
+Grid ``(num_kv_heads, num_splits, batch)``: one program per KV head, split
+and sequence. It loads the ``group = num_q_heads // num_kv_heads`` query rows
+of its KV head (padded to ``GROUP_PAD >= 16`` rows so that ``tl.dot`` runs on
+the tensor cores), walks its share of the context in tiles of ``BLOCK_N``
+tokens gathered through the block table (several pages per tile), and keeps
+an online softmax in float32 (base 2). With one split the program normalizes
+and writes the output itself; otherwise it writes its normalized partial
+output and log2-sum-exp to float32 scratch, and :func:`_merge_kernel` folds
+the splits. KV heads vary fastest in the launch order so that the programs
+reading the same pages (different heads of one token row) run together.
+This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvforge.kernels.layout import CacheView
+
+__all__ = ["launch_decode", "choose_num_splits", "KERNELS"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    scale, soft_cap, sliding_window, chunk_blocks,
+    stride_qb, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_bt,
+    stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    MULTI_CHUNK: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2).to(tl.int64)
+    ctx = tl.load(context_lens_ptr + seq)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - sliding_window, 0)
+    per_split = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, ctx)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g
+    row_ok = offs_g < GROUP
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if USE_SOFT_CAP:
+        q_scale = scale
+    else:
+        q_scale = scale * 1.4426950408889634  # fold log2(e) for exp2
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    head_off = kv_head * stride_ch
+    for t0 in range(start, end, BLOCK_N):
+        n = t0 + offs_n
+        n_ok = n < end
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        if MULTI_CHUNK:
+            which = block // chunk_blocks
+            base = tl.load(chunk_off_ptr + which, mask=n_ok, other=0) + (block - which * chunk_blocks) * stride_cb
+        else:
+            base = block * stride_cb
+        row = base + (n % BLOCK_SIZE) * stride_ct + head_off
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
+        if USE_SOFT_CAP:
+            # c * tanh(x / c), tanh written with exp so the interpreter runs it too
+            s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0)) * 1.4426950408889634
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # scratch is contiguous [batch, num_q_heads, NUM_SPLITS, HEAD_DIM] / [.., NUM_SPLITS]
+        num_q_heads = tl.num_programs(0) * GROUP
+        part = (seq * num_q_heads + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    num_q_heads = tl.num_programs(0)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NUM_SPLITS
+    part = (seq * num_q_heads + head) * NUM_SPLITS + offs_s
+    lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    num = tl.sum(o * w[:, None], 0)
+    den = tl.sum(w, 0)
+    res = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int, block_n: int) -> int:
+    """Split count so that ``batch * num_kv_heads * splits`` programs fill
+    the GPU in near-whole waves (about two resident programs per SM), never
+    giving a split fewer than ``4 * block_n`` tokens of the longest context
+    the block table can hold."""
+    work = batch * num_kv_heads
+    slots = 2 * num_sms
+    max_splits = max(1, min(64, -(-max_tokens // (4 * block_n))))
+    best, best_eff = 1, 0.0
+    for splits in range(1, max_splits + 1):
+        programs = work * splits
+        eff = programs / (-(-programs // slots) * slots)
+        if eff > best_eff + 1e-9:
+            best, best_eff = splits, eff
+        if eff >= 0.9:
+            break
+    return best
+
+
+def _config(view: CacheView) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for this head dim and dtype."""
+    if view.device.type != "cuda":
+        return 16 if view.head_dim >= 128 else 32, 4, 1  # interpreter: small tiles, several per page
+    block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[view.head_dim]
+    if view.dtype == torch.float32:
+        block_n //= 2
+    return block_n, 4, 3
+
+
+def launch_decode(
+    query: Tensor, view: CacheView, offsets: Tensor | None, block_tables: Tensor, context_lens: Tensor,
+    out: Tensor, *, scale: float, sliding_window: int | None, soft_cap: float | None,
+    num_splits: int | None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+) -> None:
+    """Launches on validated inputs; writes ``out`` ``[batch, num_q_heads, head_dim]``."""
+    batch, num_q_heads, head_dim = query.shape
+    group = num_q_heads // view.num_kv_heads
+    cfg_n, cfg_warps, cfg_stages = _config(view)
+    block_n = block_n or cfg_n
+    if num_splits is None:
+        sms = _num_sms(view.device.index or 0) if view.device.type == "cuda" else 4
+        num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms, block_n)
+    k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    if num_splits > 1:
+        part_out = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_kernel[(view.num_kv_heads, num_splits, batch)](
+        query, k0, v0, offsets if offsets is not None else block_tables, block_tables, context_lens,
+        out, part_out, part_lse,
+        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks,
+        query.stride(0), query.stride(1),
+        k0.stride(0), k0.stride(1), k0.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=view.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        MULTI_CHUNK=offsets is not None, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
+        DOT_PRECISION="ieee" if view.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
+    )
+    if num_splits > 1:
+        _merge_kernel[(num_q_heads, batch)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
+            num_warps=4,
+        )
+KERNELS = (_decode_kernel, _merge_kernel)

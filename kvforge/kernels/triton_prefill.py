@@ -1,0 +1,164 @@
+"""Triton paged prefill attention: ragged causal queries against paged KV.
+
+Grid ``(num_kv_heads, num_tiles)``. A tile is ``BLOCK_Q`` consecutive new
+tokens of one sequence times the ``group`` query heads of one KV head,
+packed into ``BLOCK_M = BLOCK_Q * group`` (padded) rows, so each K/V tile
+gathered through the block table feeds every query head of the group. The
+grid is sized from shapes alone (``total_new_tokens // BLOCK_Q + batch``
+tiles bound the ragged tile count), and each program finds its sequence by a
+binary search over ``cu_query_lens``; tiles past a sequence's end exit.
+Tiles are taken last-first so the longest (latest, most context) start
+first. Keys strictly below every row's position run without masks; only the
+diagonal tiles (or every tile, under a sliding window) are masked.
+This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvforge.kernels.layout import CacheView
+
+__all__ = ["launch_prefill", "KERNELS"]
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, cu_q_ptr, context_lens_ptr, out_ptr,
+    scale, soft_cap, sliding_window, chunk_blocks, num_seqs,
+    stride_qt, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MULTI_CHUNK: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    # sequence i owns tile ids [cu[i] // BLOCK_Q + i, cu[i+1] // BLOCK_Q + i + 1)
+    lo_s = 0
+    hi_s = num_seqs
+    while lo_s < hi_s:
+        mid = (lo_s + hi_s) // 2
+        if tl.load(cu_q_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo_s = mid + 1
+        else:
+            hi_s = mid
+    seq = lo_s - 1
+    q_begin = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_begin
+    q_start = (tile - (q_begin // BLOCK_Q + seq)) * BLOCK_Q
+    if q_start < q_len:
+        ctx = tl.load(context_lens_ptr + seq)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        t = q_start + offs_m // GROUP
+        heads = kv_head * GROUP + offs_m % GROUP
+        row_ok = (offs_m < BLOCK_Q * GROUP) & (t < q_len)
+        token = (q_begin + t).to(tl.int64)
+        q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        if USE_SOFT_CAP:
+            q_scale = scale
+        else:
+            q_scale = scale * 1.4426950408889634
+        pos = ctx - q_len + t  # position of each row's token
+        first_pos = ctx - q_len + q_start
+        key_end = ctx - q_len + tl.minimum(q_start + BLOCK_Q, q_len)
+        key_lo = 0
+        if USE_WINDOW:
+            key_lo = tl.maximum(first_pos - sliding_window + 1, 0)
+            free_end = key_lo  # every tile masked
+        else:
+            free_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # keys <= every row's position
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        table = block_tables_ptr + seq * stride_bt
+        head_off = kv_head * stride_ch
+        for phase in tl.static_range(2):
+            if phase == 0:
+                n_lo = key_lo
+                n_hi = free_end
+            else:
+                n_lo = free_end
+                n_hi = key_end
+            for n0 in range(n_lo, n_hi, BLOCK_N):
+                n = n0 + offs_n
+                n_ok = n < n_hi
+                block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+                if MULTI_CHUNK:
+                    which = block // chunk_blocks
+                    base = tl.load(chunk_off_ptr + which, mask=n_ok, other=0) + (block - which * chunk_blocks) * stride_cb
+                else:
+                    base = block * stride_cb
+                row = base + (n % BLOCK_SIZE) * stride_ct + head_off
+                k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
+                if USE_SOFT_CAP:
+                    s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0)) * 1.4426950408889634
+                if phase == 1:
+                    visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
+                    if USE_WINDOW:
+                        visible = visible & (n[None, :] > pos[:, None] - sliding_window)
+                    s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _config(view: CacheView, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim and dtype."""
+    if view.device.type != "cuda":
+        return max(16, triton.next_power_of_2(group)) * 2, 16, 4, 1
+    block_m, block_n, warps, stages = {
+        16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+        128: (128, 64, 8, 3), 256: (64, 32, 8, 2),
+    }[view.head_dim]
+    if view.dtype == torch.float32:
+        block_m, block_n, stages = block_m // 2, block_n // 2, 2
+    return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
+
+
+def launch_prefill(
+    query: Tensor, view: CacheView, offsets: Tensor | None, block_tables: Tensor, cu_query_lens: Tensor,
+    context_lens: Tensor, out: Tensor, *, scale: float, sliding_window: int | None, soft_cap: float | None,
+    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+) -> None:
+    """Launches on validated inputs; writes ``out`` ``[total_new_tokens, num_q_heads, head_dim]``."""
+    total, num_q_heads, head_dim = query.shape
+    batch = context_lens.shape[0]
+    group = num_q_heads // view.num_kv_heads
+    cfg_m, cfg_n, cfg_warps, cfg_stages = _config(view, group)
+    block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    block_q = block_m // group
+    num_tiles = total // block_q + batch
+    k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    _prefill_kernel[(view.num_kv_heads, num_tiles)](
+        query, k0, v0, offsets if offsets is not None else block_tables, block_tables, cu_query_lens, context_lens, out,
+        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, batch,
+        query.stride(0), query.stride(1),
+        k0.stride(0), k0.stride(1), k0.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
+        BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
+        MULTI_CHUNK=offsets is not None, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
+        DOT_PRECISION="ieee" if view.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
+    )
+KERNELS = (_prefill_kernel,)

@@ -1,0 +1,111 @@
+"""Triton kernels that move whole rows: ``store_kv`` and ``copy_blocks``.
+
+``_store_kernel``: grid ``(cdiv(num_tokens, BLOCK_T),)``; each program copies
+``BLOCK_T`` tokens' ``[num_kv_heads, head_dim]`` keys and values into their
+slots (flattened to ``BLOCK_HD`` columns), skipping slot -1.
+``_copy_kernel``: grid ``(num_pairs, num_layers * 2, tiles_per_block)``; each
+program copies one ``BLOCK`` -element tile of one layer's keys or values of
+one block, so every layer of every pair moves in a single launch.
+This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvforge.kernels.layout import CacheView
+
+__all__ = ["launch_store", "launch_copy", "KERNELS"]
+
+
+@triton.jit
+def _store_kernel(
+    key_ptr, value_ptr, k_ptr, v_ptr, chunk_off_ptr, slot_ptr,
+    num_tokens, chunk_blocks,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch,
+    HEAD_DIM: tl.constexpr, NUM_HD: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MULTI_CHUNK: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    col = tl.arange(0, BLOCK_HD)
+    head, dim = col // HEAD_DIM, col % HEAD_DIM
+    slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1).to(tl.int64)
+    ok_t = slot >= 0
+    ok = ok_t[:, None] & (col < NUM_HD)[None, :]
+    block = slot // BLOCK_SIZE
+    if MULTI_CHUNK:
+        which = block // chunk_blocks
+        base = tl.load(chunk_off_ptr + which, mask=ok_t, other=0) + (block - which * chunk_blocks) * stride_cb
+    else:
+        base = block * stride_cb
+    dst = (base + (slot % BLOCK_SIZE) * stride_ct)[:, None] + (head * stride_ch + dim)[None, :]
+    k = tl.load(key_ptr + tok[:, None] * stride_kt + (head * stride_kh + dim)[None, :], mask=ok)
+    v = tl.load(value_ptr + tok[:, None] * stride_vt + (head * stride_vh + dim)[None, :], mask=ok)
+    tl.store(k_ptr + dst, k, mask=ok)
+    tl.store(v_ptr + dst, v, mask=ok)
+
+
+@triton.jit
+def _copy_kernel(
+    cache_ptr, chunk_off_ptr, src_ptr, dst_ptr, chunk_blocks,
+    stride_layer, stride_kv, stride_block,
+    BLOCK_ELEMS: tl.constexpr, BLOCK: tl.constexpr, MULTI_CHUNK: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    layer_kv = tl.program_id(1)
+    src = tl.load(src_ptr + pair).to(tl.int64)
+    dst = tl.load(dst_ptr + pair).to(tl.int64)
+    if MULTI_CHUNK:
+        src_which = src // chunk_blocks
+        dst_which = dst // chunk_blocks
+        src_base = tl.load(chunk_off_ptr + src_which) + (src - src_which * chunk_blocks) * stride_block
+        dst_base = tl.load(chunk_off_ptr + dst_which) + (dst - dst_which * chunk_blocks) * stride_block
+    else:
+        src_base = src * stride_block
+        dst_base = dst * stride_block
+    inner = (layer_kv // 2).to(tl.int64) * stride_layer + (layer_kv % 2) * stride_kv
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < BLOCK_ELEMS
+    data = tl.load(cache_ptr + src_base + inner + offs, mask=mask)
+    tl.store(cache_ptr + dst_base + inner + offs, data, mask=mask)
+
+
+def launch_store(
+    key: Tensor, value: Tensor, view: CacheView, offsets: Tensor | None, slot_mapping: Tensor,
+) -> None:
+    """Launches on validated inputs (``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]``)."""
+    num_tokens = key.shape[0]
+    num_hd = view.num_kv_heads * view.head_dim
+    block_hd = triton.next_power_of_2(num_hd)
+    block_t = max(1, min(64, 4096 // block_hd))
+    k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    _store_kernel[(triton.cdiv(num_tokens, block_t),)](
+        key, value, k0, v0, offsets if offsets is not None else slot_mapping, slot_mapping,
+        num_tokens, view.chunk_blocks,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k0.stride(0), k0.stride(1), k0.stride(2),
+        HEAD_DIM=view.head_dim, NUM_HD=num_hd, BLOCK_HD=block_hd, BLOCK_T=block_t,
+        BLOCK_SIZE=view.block_size, MULTI_CHUNK=offsets is not None,
+        num_warps=4,
+    )
+
+
+def launch_copy(chunks: tuple[Tensor, ...], offsets: Tensor | None, src: Tensor, dst: Tensor) -> None:
+    """Launches on validated inputs: ``chunks`` ``[num_layers, 2, chunk_blocks,
+    block_size, num_kv_heads, head_dim]`` with contiguous blocks, ``src``/``dst``
+    int ``[n]`` on the chunks' device."""
+    c0 = chunks[0]
+    num_layers = c0.shape[0]
+    block_elems = c0[0, 0, 0].numel()
+    block = min(triton.next_power_of_2(block_elems), 8192)
+    grid = (src.numel(), num_layers * 2, triton.cdiv(block_elems, block))
+    _copy_kernel[grid](
+        c0, offsets if offsets is not None else src, src, dst, c0.shape[2],
+        c0.stride(0), c0.stride(1), c0.stride(2),
+        BLOCK_ELEMS=block_elems, BLOCK=block, MULTI_CHUNK=offsets is not None,
+        num_warps=8 if block >= 4096 else 4,
+    )
+KERNELS = (_store_kernel, _copy_kernel)
