@@ -79,6 +79,7 @@ class KVCache:
         self.manager = BlockManager(config.num_blocks, config.block_size,
                                     enable_prefix_caching=config.enable_prefix_caching, capacity=0)
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
+        self._slot_dtype = np.int32 if config.num_blocks * config.block_size < 2**31 else np.int64
         self._grow_to(n_chunks)
 
     # -------------------------------------------------------------- storage
@@ -277,12 +278,14 @@ class KVCache:
 
     def slot_mapping(self, slots_or_seq_ids: np.ndarray | Sequence[SeqId],
                      num_last_tokens: int | Sequence[int] | None = None) -> Tensor:
-        """Slots as an int64 device tensor: either given slot ids (a numpy array), or
-        the last ``num_last_tokens`` tokens of each listed sequence."""
+        """Slots as a device tensor (int32 while every slot id fits, else int64): either
+        given slot ids (a numpy array), or the last ``num_last_tokens`` tokens of each
+        listed sequence."""
         if num_last_tokens is None and isinstance(slots_or_seq_ids, np.ndarray):
-            return self.to_device(slots_or_seq_ids.astype(np.int64, copy=False))
-        return self.to_device(self.manager.slot_mapping(slots_or_seq_ids, 1 if num_last_tokens is None
-                                                        else num_last_tokens))
+            slots = slots_or_seq_ids
+        else:
+            slots = self.manager.slot_mapping(slots_or_seq_ids, 1 if num_last_tokens is None else num_last_tokens)
+        return self.to_device(slots.astype(self._slot_dtype, copy=False))
 
     def layer_kv(self, layer: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Layer ``layer``'s key and value chunk views, as the kernels take them."""

@@ -73,7 +73,7 @@ def test_batched_device_views_match_bookkeeping():
     assert bt[1].tolist() == cache.block_table(1)
     assert cache.context_lens([0, 1, 2]).tolist() == [6, 18, 10]
     sm = cache.slot_mapping(slots)
-    assert sm.dtype == torch.int64 and sm.tolist() == slots.tolist()
+    assert sm.dtype == torch.int32 and sm.tolist() == slots.tolist()
     assert cache.slot_mapping([0, 1, 2]).tolist() == slots.tolist()
     for sid, slot in zip([0, 1, 2], slots.tolist()):
         b, off = cache.get_block_for_position(sid, cache.seq_len(sid) - 1)
