@@ -1,0 +1,159 @@
+"""``kvforge demo``: the main job, end to end, in about a minute on two CPU cores.
+
+Runs the reference engine on a tiny Llama-shaped model with random weights
+(fixed seed) over a synthetic workload in which groups of requests share a
+long system prompt; on the GPU when present, else on the CPU. Between steps
+the cache compacts whenever ``should_compact()`` holds. At the end it prints
+throughput, prefix-cache hits, the memory profile and a compaction summary,
+compacts the (now idle, fragmented) cache once more with before/after block
+maps, and writes the PNGs. ``--model DIR`` runs a real checkpoint instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvforge.config import format_bytes
+
+__all__ = ["DEMO_MODEL", "register", "run", "demo_prompts"]
+
+#: The built-in model: Llama-shaped, small enough for a CPU.
+DEMO_MODEL: dict[str, Any] = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=2048, hidden_size=256,
+    intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+    max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    initializer_range=0.02, torch_dtype="float32",
+)
+
+
+def demo_prompts(num_requests: int, vocab: int, seed: int, *, num_groups: int = 4, system_len: int = 96,
+                 user_len: tuple[int, int] = (8, 64)) -> list[list[int]]:
+    """Token-id prompts: each request is one of ``num_groups`` system prompts plus a user part."""
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(1, vocab, system_len).tolist() for _ in range(num_groups)]
+    prompts = []
+    for _ in range(num_requests):
+        user = rng.integers(1, vocab, int(rng.integers(user_len[0], user_len[1] + 1))).tolist()
+        prompts.append(systems[int(rng.integers(num_groups))] + user)
+    return prompts
+
+
+def _progress(done: int, total: int, tokens: int, start: float) -> None:
+    width = 30
+    filled = int(width * done / max(1, total))
+    rate = tokens / max(1e-9, time.perf_counter() - start)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests  {rate:7.0f} tok/s")
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit status."""
+    import torch
+
+    from kvforge import plot
+    from kvforge.cli import format_table
+    from kvforge.engine import Engine, SamplingParams
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = dict(block_size=args.block_size, enable_compaction=True, seed=args.seed,
+                max_num_seqs=args.max_num_seqs)
+    if args.model:
+        engine = Engine(args.model, kv_memory=args.kv_memory, device=args.device, **opts)
+    else:
+        dtype = None if args.device == "cpu" or not torch.cuda.is_available() else torch.bfloat16
+        engine = Engine.from_config(DEMO_MODEL, kv_memory=args.kv_memory, device=args.device, dtype=dtype, **opts)
+    cache = engine.cache
+    mc = engine.model_config
+    print(f"kvforge demo: {mc.architecture} ({mc.num_layers} layers, hidden {mc.hidden_size}) on {engine.device}, "
+          f"{str(engine.dtype).removeprefix('torch.')}")
+    print(f"KV cache: {cache.config.num_blocks} blocks of {cache.config.block_size} tokens, "
+          f"{format_bytes(cache.storage_bytes)} in {cache.num_chunks} chunks")
+    prompts = demo_prompts(args.requests + args.long_requests, mc.vocab_size, args.seed)
+    short = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    long = SamplingParams(max_tokens=4 * args.max_tokens, ignore_eos=True)
+    # a few long conversations join mid-queue: they outlive the rest, scattered over the pool
+    middle = args.requests // 2
+    for i, p in enumerate(prompts):
+        engine.add_request(p, long if middle <= i < middle + args.long_requests else short)
+    start = last_draw = time.perf_counter()
+    done = tokens = compactions = moved = 0
+    released = 0
+    peak_used = -1
+    peak_snapshot = None
+    maps = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            tokens += len(o.outputs[0].new_token_ids)
+            done += int(o.finished)
+        used = cache.pool.num_allocated_blocks
+        if used > peak_used:
+            peak_used, peak_snapshot = used, plot.block_map_of(cache)
+        if cache.should_compact():
+            before = cache.stats.total_blocks_moved
+            released += cache.compact_cache()
+            compactions += 1
+            moved += cache.stats.total_blocks_moved - before
+        if maps is None and done >= args.requests and engine.has_unfinished_requests():
+            # only the long conversations remain: drop the idle cached prefixes and pack the pool
+            cache.reclaim_unused_blocks()
+            maps = plot.compaction_maps(cache, out_dir / "compaction")
+            compactions += 1
+            moved += maps.blocks_moved
+            released += maps.bytes_returned
+        now = time.perf_counter()
+        if not args.quiet and (now - last_draw > 0.25 or not engine.has_unfinished_requests()):
+            _progress(done, len(prompts), tokens, start)
+            last_draw = now
+    elapsed = time.perf_counter() - start
+    if not args.quiet:
+        sys.stderr.write("\n")
+    st = engine.stats()
+    rows = [
+        ["requests", len(prompts)], ["generated tokens", st.num_generated_tokens],
+        ["prompt tokens computed", st.num_prompt_tokens_computed], ["wall time (s)", round(elapsed, 2)],
+        ["output tokens/s", round(st.num_generated_tokens / elapsed, 1)],
+        ["max concurrent sequences", st.max_concurrent_seqs], ["preemptions", st.num_preemptions],
+        ["prefix hit rate", f"{st.prefix_hit_rate:.1%}"], ["prefix hit tokens", st.prefix_hit_tokens],
+        ["peak blocks in use", st.peak_used_blocks],
+        ["compactions during the run", compactions], ["blocks moved / bytes returned", f"{moved} / {format_bytes(released)}"],
+    ]
+    print(format_table(["metric", "value"], rows))
+    print()
+    print(cache.memory_profile().report())
+    paths = []
+    if peak_snapshot is not None:
+        paths.append(plot.block_map(None, out_dir / "block_map_peak.png", title="block map at peak use",
+                                    snapshot=peak_snapshot))
+    if maps is not None:
+        print()
+        print(f"compaction with {args.long_requests} long conversations left: {maps.blocks_moved} blocks moved, "
+              f"{format_bytes(maps.bytes_returned)} returned to the device")
+        paths += [maps.before, maps.after, maps.combined]
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``kvforge demo`` to the command line."""
+    p = subparsers.add_parser("demo", help="run the engine on a tiny model over a shared-prefix workload")
+    p.add_argument("--model", default=None, help="a local Hugging Face checkpoint folder (default: built-in tiny model)")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--long-requests", type=int, default=4, help="requests that run 4x longer")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-memory", default="8MiB", help="KV cache budget, e.g. 8MiB (small, so that memory matters)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("out", "demo"), help="folder for the PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
