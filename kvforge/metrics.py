@@ -1,0 +1,289 @@
+"""Prometheus metrics for an embedded kvforge cache (and engine), read at scrape time.
+
+Nothing is sampled in the background and nothing is added to the cache's hot
+path: a :class:`KVForgeCollector` reads the cache's counters and gauges
+when Prometheus scrapes. Names are prefixed ``kvforge_``; counters end in
+``_total`` in the exposition.
+
+Cache metrics (a :class:`~kvforge.cache.KVCache`, or a bare
+:class:`~kvforge.block_table.BlockManager`): usage, blocks used / free /
+evictable / backed / max / peak, device bytes and live key/value bytes,
+internal and external fragmentation, memory efficiency, prefix hit rate and
+its query/hit token counters, allocations, failed allocations, evictions,
+compactions, blocks moved, bytes returned, time and duration of the last
+compaction, active sequences and tokens.
+
+Engine metrics: any object with a ``stats()`` method (or ``stats`` attribute)
+returning a mapping. Its ``preemptions`` (or ``num_preemptions``) entry is
+exported as the counter ``kvforge_preemptions_total``; every other numeric
+entry ``key`` as ``kvforge_engine_<key>`` (a counter when the key ends in
+``_total``, otherwise a gauge; booleans as 0/1; one level of nested mappings
+is flattened with ``_``). Other values are not exportable and are left out.
+
+Threads: the scrape runs on the HTTP server's thread while the engine keeps
+mutating the cache. Pass the ``lock`` the engine holds around a step to get
+consistent snapshots; without one, a read that races a mutation is retried.
+
+``prometheus-client`` is needed (``pip install 'kvforge[metrics]'``); it is
+imported on first use, so importing this module never fails.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
+__all__ = ["KVForgeCollector", "MetricsServer", "make_registry", "render", "serve", "METRIC_NAMES"]
+
+log = logging.getLogger(__name__)
+
+_PREEMPTION_KEYS = ("preemptions", "num_preemptions")
+
+# (name, type, help); values are filled in by KVForgeCollector._cache_values
+_CACHE_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("kvforge_cache_usage_ratio", "gauge", "Blocks held by sequences over blocks backed by device memory."),
+    ("kvforge_blocks_used", "gauge", "Blocks with a positive reference count."),
+    ("kvforge_blocks_free", "gauge", "Blocks on the free list."),
+    ("kvforge_blocks_evictable", "gauge", "Cached blocks nobody references (reusable, evicted when needed)."),
+    ("kvforge_blocks_capacity", "gauge", "Blocks backed by device memory now."),
+    ("kvforge_blocks_max", "gauge", "Most blocks the pool may hold."),
+    ("kvforge_blocks_peak", "gauge", "Most blocks ever held at once."),
+    ("kvforge_cache_bytes", "gauge", "Device bytes the cache's storage holds."),
+    ("kvforge_live_kv_bytes", "gauge", "Bytes holding live keys and values."),
+    ("kvforge_internal_fragmentation_ratio", "gauge", "Reserved token slots holding no token over reserved slots."),
+    ("kvforge_external_fragmentation_ratio", "gauge",
+     "Free blocks trapped below the highest block in use over free blocks."),
+    ("kvforge_memory_efficiency_ratio", "gauge", "Bytes of live keys/values over bytes held on the device."),
+    ("kvforge_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache over prompt tokens looked up."),
+    ("kvforge_sequences_active", "gauge", "Sequences in the cache."),
+    ("kvforge_tokens_active", "gauge", "Tokens with a reserved slot, over all sequences."),
+    ("kvforge_last_compaction_timestamp_seconds", "gauge", "Unix time of the last compaction (0: none)."),
+    ("kvforge_last_compaction_duration_seconds", "gauge", "Duration of the last compaction."),
+    ("kvforge_block_allocations", "counter", "Blocks handed out."),
+    ("kvforge_block_deallocations", "counter", "Blocks whose reference count returned to zero."),
+    ("kvforge_failed_allocations", "counter", "Allocations refused for lack of blocks."),
+    ("kvforge_evictions", "counter", "Cached blocks evicted to make room."),
+    ("kvforge_compactions", "counter", "Compactions run."),
+    ("kvforge_compaction_blocks_moved", "counter", "Blocks moved by compactions."),
+    ("kvforge_bytes_returned", "counter", "Device bytes handed back (compaction and shrinking)."),
+    ("kvforge_prefix_cache_queries", "counter", "Prefix cache lookups."),
+    ("kvforge_prefix_cache_query_tokens", "counter", "Prompt tokens looked up in the prefix cache."),
+    ("kvforge_prefix_cache_hit_tokens", "counter", "Prompt tokens found in the prefix cache."),
+)
+
+#: Sample names a cache always exports, as they appear in the text format.
+METRIC_NAMES: tuple[str, ...] = tuple(name + "_total" if kind == "counter" else name
+                                      for name, kind, _ in _CACHE_METRICS)
+
+_NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+        import prometheus_client.core
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("kvforge.metrics needs prometheus-client: pip install 'kvforge[metrics]'") from exc
+    return prometheus_client
+
+
+def _family(name: str, kind: str, doc: str, value: float | None = None) -> Metric:
+    core = _prometheus().core
+    fam = core.CounterMetricFamily(name, doc) if kind == "counter" else core.GaugeMetricFamily(name, doc)
+    if value is not None:
+        fam.add_metric([], float(value))
+    return fam
+
+
+class KVForgeCollector:
+    """A prometheus-client collector reading a cache (and optionally an engine) per scrape.
+
+    ``cache`` is a KVCache or a BlockManager (None: the engine's ``cache``
+    attribute). The collector holds references only; it never mutates them.
+    """
+
+    def __init__(self, cache: Any = None, engine: Any = None, *, lock: threading.Lock | None = None) -> None:
+        if cache is None and engine is not None:
+            cache = getattr(engine, "cache", None)
+        if cache is None and engine is None:
+            raise ValueError("KVForgeCollector needs a cache, an engine, or both")
+        self.cache = cache
+        self.engine = engine
+        self.lock = lock
+
+    def describe(self) -> Iterator[Metric]:
+        """The fixed cache families (engine entries are dynamic and not described)."""
+        if self.cache is not None:
+            for name, kind, doc in _CACHE_METRICS:
+                yield _family(name, kind, doc)
+
+    def collect(self) -> Iterator[Metric]:
+        """Read everything now and yield the metric families."""
+        for attempt in range(3):
+            try:
+                if self.lock is not None:
+                    with self.lock:
+                        families = self._read()
+                else:
+                    families = self._read()
+                break
+            except RuntimeError:  # a dict changed size under us: the engine was mid-step
+                if attempt == 2:
+                    raise
+        yield from families
+
+    def _read(self) -> list[Metric]:
+        families: list[Metric] = []
+        if self.cache is not None:
+            values = _cache_values(self.cache)
+            families += [_family(name, kind, doc, values[name]) for name, kind, doc in _CACHE_METRICS]
+        if self.engine is not None:
+            families += _engine_families(self.engine)
+        return families
+
+
+def _cache_values(target: Any) -> dict[str, float]:
+    manager = getattr(target, "manager", target)
+    pool, prefix = manager.pool, manager.prefix
+    st = pool.stats
+    ps = prefix.stats()
+    if hasattr(target, "storage_bytes"):  # a KVCache
+        device_bytes = target.storage_bytes
+        live_bytes = target.live_kv_bytes()
+        efficiency = target.memory_efficiency()
+    else:  # bookkeeping only: count token slots
+        device_bytes = live_bytes = 0
+        slots = st.capacity_blocks * manager.block_size
+        efficiency = manager.live_token_slots() / slots if slots else 0.0
+    return {
+        "kvforge_cache_usage_ratio": st.current_allocations / st.capacity_blocks if st.capacity_blocks else 0.0,
+        "kvforge_blocks_used": st.current_allocations,
+        "kvforge_blocks_free": st.free_blocks,
+        "kvforge_blocks_evictable": st.evictable_blocks,
+        "kvforge_blocks_capacity": st.capacity_blocks,
+        "kvforge_blocks_max": st.num_blocks,
+        "kvforge_blocks_peak": st.peak_allocations,
+        "kvforge_cache_bytes": device_bytes,
+        "kvforge_live_kv_bytes": live_bytes,
+        "kvforge_internal_fragmentation_ratio": manager.internal_fragmentation(),
+        "kvforge_external_fragmentation_ratio": pool.fragmentation_ratio(),
+        "kvforge_memory_efficiency_ratio": efficiency,
+        "kvforge_prefix_cache_hit_rate": ps.hit_rate,
+        "kvforge_sequences_active": len(manager),
+        "kvforge_tokens_active": manager.num_live_tokens(),
+        "kvforge_last_compaction_timestamp_seconds": st.last_compaction_ms / 1e3,
+        "kvforge_last_compaction_duration_seconds": st.last_compaction_duration_ms / 1e3,
+        "kvforge_block_allocations": st.total_allocations,
+        "kvforge_block_deallocations": st.total_deallocations,
+        "kvforge_failed_allocations": st.failed_allocations,
+        "kvforge_evictions": st.num_evictions,
+        "kvforge_compactions": st.compaction_count,
+        "kvforge_compaction_blocks_moved": st.total_blocks_moved,
+        "kvforge_bytes_returned": st.total_bytes_returned,
+        "kvforge_prefix_cache_queries": ps.queries,
+        "kvforge_prefix_cache_query_tokens": ps.query_tokens,
+        "kvforge_prefix_cache_hit_tokens": ps.hit_tokens,
+    }
+
+
+def _engine_stats(engine: Any) -> Mapping[str, Any]:
+    stats = getattr(engine, "stats", None)
+    if callable(stats):
+        stats = stats()
+    if stats is None:
+        return {}
+    if not isinstance(stats, Mapping):
+        if hasattr(stats, "_asdict"):
+            stats = stats._asdict()
+        elif hasattr(stats, "to_dict"):
+            stats = stats.to_dict()
+        else:
+            raise TypeError(f"engine.stats() must return a mapping, got {type(stats).__name__}")
+    return stats
+
+
+def _engine_families(engine: Any) -> list[Metric]:
+    flat: dict[str, float] = {}
+    for key, value in _engine_stats(engine).items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for sub, v in items:
+            name = str(key) if sub is None else f"{key}_{sub}"
+            if isinstance(v, bool):
+                v = int(v)
+            if isinstance(v, (int, float)):
+                flat[_NAME_RE.sub("_", name).lower()] = float(v)
+            else:
+                log.debug("engine stat %r (%s) is not a number; not exported", name, type(v).__name__)
+    families: list[Metric] = []
+    for key in _PREEMPTION_KEYS:
+        if key in flat:
+            families.append(_family("kvforge_preemptions", "counter",
+                                    "Requests preempted (blocks freed, recomputed later).", flat.pop(key)))
+            break
+    for key, v in sorted(flat.items()):
+        kind = "counter" if key.endswith("_total") else "gauge"
+        families.append(_family(f"kvforge_engine_{key.removesuffix('_total')}", kind, f"Engine stat {key!r}.", v))
+    return families
+
+
+def make_registry(cache: Any = None, engine: Any = None, *, lock: threading.Lock | None = None) -> CollectorRegistry:
+    """A fresh registry holding only a :class:`KVForgeCollector` (the global one is not touched)."""
+    registry = _prometheus().CollectorRegistry(auto_describe=False)
+    registry.register(KVForgeCollector(cache, engine, lock=lock))
+    return registry
+
+
+def render(cache: Any = None, engine: Any = None, *, lock: threading.Lock | None = None) -> str:
+    """The metrics now, in the Prometheus text format."""
+    return _prometheus().generate_latest(make_registry(cache, engine, lock=lock)).decode()
+
+
+class MetricsServer:
+    """A running metrics endpoint; :meth:`stop` (or leaving a ``with`` block) shuts it down."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.registry = registry
+        self.addr, self.port = httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        """``http://addr:port/metrics``."""
+        host = f"[{self.addr}]" if ":" in str(self.addr) else self.addr
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+        self._httpd.server_close()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"MetricsServer({self.url})"
+
+
+def serve(port: int, cache: Any = None, engine: Any = None, addr: str = "127.0.0.1", *,
+          lock: threading.Lock | None = None) -> MetricsServer:
+    """Serve the metrics of ``cache`` (and ``engine``) over HTTP on ``addr:port`` in a
+    daemon thread; ``port=0`` picks a free port (see :attr:`MetricsServer.port`).
+
+    Binds to the loopback address unless told otherwise.
+    """
+    registry = make_registry(cache, engine, lock=lock)
+    httpd, thread = _prometheus().start_http_server(port, addr=addr, registry=registry)
+    server = MetricsServer(httpd, thread, registry)
+    log.info("serving kvforge metrics on %s", server.url)
+    return server

@@ -1,0 +1,109 @@
+"""The Prometheus endpoint serves the cache's and the engine's metrics (real HTTP on loopback)."""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import urllib.request
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+
+from kvforge import BlockManager, CacheConfig, KVCache  # noqa: E402
+from kvforge.metrics import METRIC_NAMES, KVForgeCollector, render, serve  # noqa: E402
+
+
+def _cache() -> KVCache:
+    cfg = CacheConfig(block_size=4, num_blocks=16, num_layers=1, num_kv_heads=1, head_dim=8, device="cpu",
+                      enable_compaction=True, chunk_blocks=4)
+    cache = KVCache(cfg)
+    cache.add_sequence("a", list(range(10)))   # 3 blocks, tail 2 tokens
+    cache.add_sequence("b", list(range(10)))   # shares 2 full blocks, own tail
+    cache.add_sequence("c", list(range(50, 60)))
+    cache.free_sequence("c")                   # 2 cached blocks evictable, tail freed
+    return cache
+
+
+def _values(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+class _Engine:
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def stats(self) -> dict:
+        return {"num_preemptions": 7, "running": 3, "tokens_generated_total": 120, "model": "tiny",
+                "step_ms": {"p50": 1.5}, "busy": True}
+
+
+def test_endpoint_serves_the_expected_names_over_loopback():
+    cache = _cache()
+    with serve(0, cache, _Engine(cache)) as server:
+        assert server.addr == "127.0.0.1" and server.port > 0
+        with urllib.request.urlopen(server.url, timeout=10) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            text = resp.read().decode()
+    v = _values(text)
+    assert len(METRIC_NAMES) >= 25
+    for name in METRIC_NAMES:
+        assert name in v, name
+    assert "# TYPE kvforge_evictions_total counter" in text
+    assert "# TYPE kvforge_external_fragmentation_ratio gauge" in text
+    assert v["kvforge_blocks_used"] == 4 and v["kvforge_blocks_evictable"] == 2
+    assert v["kvforge_blocks_free"] == 10 and v["kvforge_blocks_max"] == 16
+    assert v["kvforge_cache_usage_ratio"] == pytest.approx(4 / 16)
+    assert v["kvforge_internal_fragmentation_ratio"] == pytest.approx(4 / 16)  # 12 of 16 slots used
+    assert v["kvforge_prefix_cache_hit_rate"] == pytest.approx(8 / 30)
+    assert v["kvforge_prefix_cache_hit_tokens_total"] == 8
+    assert v["kvforge_sequences_active"] == 2 and v["kvforge_tokens_active"] == 20
+    assert v["kvforge_cache_bytes"] == cache.storage_bytes
+    assert v["kvforge_memory_efficiency_ratio"] == pytest.approx(cache.memory_efficiency())
+    assert v["kvforge_preemptions_total"] == 7
+    assert v["kvforge_engine_running"] == 3 and v["kvforge_engine_busy"] == 1
+    assert v["kvforge_engine_tokens_generated_total"] == 120
+    assert v["kvforge_engine_step_ms_p50"] == 1.5
+    assert "kvforge_engine_model" not in text
+    assert all(name.startswith("kvforge_") for name in v)
+
+
+def test_scrape_reads_the_cache_at_scrape_time_and_stop_closes_the_port():
+    cache = _cache()
+    server = serve(0, cache)
+    try:
+        first = _values(urllib.request.urlopen(server.url, timeout=10).read().decode())
+        cache.free_sequence("a")
+        cache.free_sequence("b")
+        released = cache.compact_cache()
+        second = _values(urllib.request.urlopen(server.url, timeout=10).read().decode())
+    finally:
+        server.stop()
+    assert first["kvforge_compactions_total"] == 0 and second["kvforge_compactions_total"] == 1
+    assert second["kvforge_bytes_returned_total"] == released > 0
+    assert second["kvforge_sequences_active"] == 0
+    assert "kvforge_preemptions_total" not in second  # no engine, no preemption count
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+    server.stop()  # idempotent
+
+
+def test_collector_for_a_block_manager_with_a_lock():
+    m = BlockManager(num_blocks=8, block_size=4)
+    m.add_sequence(1, num_tokens=6)
+    lock = threading.Lock()
+    v = _values(render(m, lock=lock))
+    assert v["kvforge_blocks_used"] == 2 and v["kvforge_cache_bytes"] == 0
+    assert v["kvforge_memory_efficiency_ratio"] == pytest.approx(6 / 32)
+    assert not lock.locked()
+    # an engine alone: its cache attribute is read
+    v = _values(render(engine=_Engine(_cache())))
+    assert v["kvforge_blocks_used"] == 4 and v["kvforge_preemptions_total"] == 7
+    with pytest.raises(ValueError):
+        KVForgeCollector()

@@ -1,0 +1,115 @@
+"""Block maps, compaction before/after pictures and simulation plots are written as PNGs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from kvforge import BlockManager, CacheConfig, KVCache  # noqa: E402
+from kvforge.plot import (  # noqa: E402
+    CACHED,
+    FREE,
+    SHARED,
+    UNBACKED,
+    block_map,
+    block_map_of,
+    compaction_maps,
+    plot_simulation,
+)
+from kvforge.simulate import SimulationConfig, simulate  # noqa: E402
+from kvforge.workload import make_workload  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path, min_bytes: int = 5000) -> bool:
+    data = Path(path).read_bytes()
+    return data[:8] == PNG and len(data) >= min_bytes
+
+
+def _fragmented_cache() -> KVCache:
+    cfg = CacheConfig(block_size=4, num_blocks=64, num_layers=1, num_kv_heads=1, head_dim=4, device="cpu",
+                      enable_compaction=True, chunk_blocks=8)
+    cache = KVCache(cfg)
+    for i in range(12):
+        cache.add_sequence(i, list(range(100 * i, 100 * i + 10)))  # 3 blocks each, tail holds 2 tokens
+    for i in range(0, 12, 2):
+        cache.free_sequence(i)
+    cache.reclaim_unused_blocks()  # cached prompt blocks back to the free list: holes below live blocks
+    for c in cache.chunks:
+        c.normal_()
+    return cache
+
+
+def test_block_map_of_states_and_fill():
+    m = BlockManager(num_blocks=12, block_size=4)
+    m.add_sequence("a", list(range(10)))       # blocks 0, 1 full and cached; 2 holds 2 tokens
+    m.add_sequence("b", list(range(10)))       # shares 0, 1; own tail 3
+    m.add_sequence("c", list(range(50, 59)))   # 4, 5 (cached), 6
+    m.free_sequence("c")                       # 4, 5 evictable; 6 free
+    bm = block_map_of(m)
+    assert bm.states[:4].tolist() == [SHARED, SHARED, 0, 1]
+    assert bm.states[4:7].tolist() == [CACHED, CACHED, FREE]
+    assert bm.fill[:4].tolist() == [4, 4, 2, 2]
+    assert bm.owners == ("a", "b")
+    assert bm.counts() == {"owned": 2, "shared": 2, "cached": 2, "free": 6, "unbacked": 0}
+
+
+def test_block_map_png_for_a_cache_and_a_manager(tmp_path):
+    cache = _fragmented_cache()
+    p1 = block_map(cache, tmp_path / "cache.png")
+    m = BlockManager(num_blocks=40, block_size=8)
+    for i in range(5):
+        m.add_sequence(i, num_tokens=13 * (i + 1))
+    p2 = block_map(m, tmp_path / "sub" / "manager.png")
+    assert _is_png(p1) and _is_png(p2)
+    with pytest.raises(TypeError):
+        block_map(object(), tmp_path / "x.png")
+
+
+def test_compaction_maps_before_and_after(tmp_path):
+    cache = _fragmented_cache()
+    assert cache.should_compact()
+    held = len(cache.manager.held_blocks())
+    keys = {s: cache.gather(s, 0)[0].clone() for s in cache.seq_ids}
+    r = compaction_maps(cache, tmp_path / "compact")
+    assert all(_is_png(p) for p in (r.before, r.after, r.combined))
+    assert r.before.name == "compact_before.png" and r.combined.name == "compact.png"
+    assert r.blocks_moved > 0 and r.bytes_returned > 0
+    assert r.before_map.external_fragmentation > 0.3 and r.after_map.external_fragmentation == 0
+    after = r.after_map.states
+    assert (after[:held] != FREE).all() and (after[held:] < 0).all() and (after == UNBACKED).any()
+    for s, k in keys.items():  # the data moved with the blocks
+        assert (cache.gather(s, 0)[0] == k).all()
+    cache.check_invariants()
+
+
+def test_compaction_maps_on_a_manager_and_with_a_custom_step(tmp_path):
+    m = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    for i in range(6):
+        m.add_sequence(i, num_tokens=8)
+    for i in (0, 2, 4):
+        m.free_sequence(i)
+    r = compaction_maps(m, tmp_path / "mgr")
+    # held: 2, 3, 6, 7, 10, 11 -> the four at or above 6 move into 0, 1, 4, 5
+    assert r.blocks_moved == 4 and r.bytes_returned == 0
+    assert sorted(m.held_blocks()) == list(range(6))
+    m.check_invariants()
+    calls = []
+    r2 = compaction_maps(m, tmp_path / "noop", compact=lambda t: calls.append(t))
+    assert calls == [m] and r2.blocks_moved == 0
+
+
+def test_simulation_plots(tmp_path):
+    w = make_workload("bursty", 40, seed=1, rate=2.0)
+    result = simulate(w, SimulationConfig(num_blocks=300, bytes_per_token=1024, model="toy"))
+    paths = plot_simulation(result, tmp_path)
+    assert [p.name for p in paths] == ["bursty_memory.png", "bursty_fragmentation.png",
+                                       "bursty_block_map_peak.png"]
+    assert all(_is_png(p, 10000) for p in paths)
+    peak = result.peak_map
+    assert peak is not None and int(np.sum(peak.states >= 0) + np.sum(peak.states == SHARED)) \
+        == result.paged.peak_blocks

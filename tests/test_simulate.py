@@ -1,0 +1,236 @@
+"""The simulator's accounting against hand-computed traces, and every built-in workload."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from kvforge.errors import ConfigError
+from kvforge.simulate import SimulationConfig, register, simulate, simulate_static
+from kvforge.workload import BUILTIN_WORKLOADS, Request, Workload, make_workload
+
+
+def _workload(*reqs: tuple[float, int, int], max_model_len: int = 10, **kw) -> Workload:
+    """Requests given as (arrival, prompt_len, output_len)."""
+    return Workload("hand", tuple(Request(f"r{i}", i, a, p, o, **kw) for i, (a, p, o) in enumerate(reqs)),
+                    max_model_len, max_model_len)
+
+
+def _cfg(**kw) -> SimulationConfig:
+    base = dict(block_size=4, num_blocks=16, enable_prefix_caching=False, enable_compaction=False)
+    base.update(kw)
+    return SimulationConfig(**base)
+
+
+def test_two_requests_exact_accounting():
+    # A: prompt 5, output 4 -> holds 5, 6, 7, 8 tokens at steps 0..3 (2 blocks of 4)
+    # B: prompt 3, output 2 -> holds 3, 4 tokens at steps 0..1 (1 block)
+    w = _workload((0, 5, 4), (0, 3, 2))
+    r = simulate(w, _cfg(), check=True)
+    tl = r.timeline
+    assert tl.step.tolist() == [0, 1, 2, 3]
+    assert tl.held_blocks.tolist() == [3, 3, 2, 2]
+    assert tl.live_slots.tolist() == [8, 10, 7, 8]
+    assert tl.wasted_slots.tolist() == [4, 2, 1, 0]
+    assert tl.running.tolist() == [2, 2, 1, 1]
+    p = r.paged
+    assert (p.steps, p.peak_blocks, p.peak_step, p.max_concurrency) == (4, 3, 0, 2)
+    assert p.waste == pytest.approx(7 / 40)                      # wasted over reserved slot-steps
+    assert p.internal_fragmentation_max == pytest.approx(4 / 12)
+    assert p.memory_efficiency_max == pytest.approx(10 / 64)
+    assert p.preemptions == 0 and p.compactions == 0 and p.mean_wait_steps == 0
+    # static, max-model-len: each request reserves 10 slots for its whole life
+    s = r.static
+    assert s is not None and s.reserve_mode == "max-model-len"
+    assert r.static_timeline.reserved_slots.tolist() == [20, 20, 10, 10]
+    assert s.waste == pytest.approx(1 - 33 / 60)
+    assert (s.steps, s.max_concurrency, s.peak_reserved_slots) == (4, 2, 20)
+
+
+def test_block_ops_count_allocations_and_frees():
+    w = _workload((0, 5, 4), (0, 3, 2))
+    r = simulate(w, _cfg())
+    # A: 2 blocks at admission, none while decoding to 8 tokens; B: 1 block. All 3 freed.
+    assert r.paged.block_ops == 3 + 3
+
+
+def test_static_oracle_and_max_output_reservations():
+    w = Workload("hand", (Request("a", 0, 0, 5, 4, max_output_len=6), Request("b", 1, 0, 3, 2)), 12, 4)
+    oracle, tl = simulate_static(w, _cfg(static_reserve="oracle"))
+    assert tl.reserved_slots.tolist() == [12, 12, 8, 8]           # 8 + 4, exactly what each holds at the end
+    assert oracle.waste == pytest.approx(1 - 33 / 40)
+    maxout, tl = simulate_static(w, _cfg(static_reserve="max-output"))
+    assert tl.reserved_slots.tolist() == [11 + 7, 11 + 7, 11, 11]  # 5 + 6 and 3 + max(4, 2)
+    assert maxout.mean_reservation == pytest.approx(9)
+
+
+def test_preemption_recompute_exact():
+    # 3 blocks of 4 tokens. A and B: prompt 4, output 3 -> 6 tokens, 2 blocks each.
+    w = _workload((0, 4, 3), (0, 4, 3), max_model_len=7)
+    r = simulate(w, _cfg(num_blocks=3), check=True)
+    tl = r.timeline
+    # step 1: both need a new block, one is free: B (newest) is preempted, A grows to 5 tokens.
+    # step 2: A reaches 6 tokens and finishes; step 3: B returns with prompt + 1 output token
+    # (5 tokens recomputed); step 4: B reaches 6 tokens and finishes.
+    assert tl.running.tolist() == [2, 1, 1, 1, 1]
+    assert tl.waiting.tolist() == [0, 1, 1, 0, 0]
+    assert tl.held_blocks.tolist() == [2, 2, 2, 2, 2]
+    assert tl.live_slots.tolist() == [8, 5, 6, 5, 6]
+    assert r.paged.preemptions == 1
+    assert r.paged.steps == 5
+    assert r.paged.waste == pytest.approx(10 / 40)
+    # static with 12 slots and 7-token reservations: one request at a time
+    s = r.static
+    assert (s.steps, s.max_concurrency) == (6, 1)
+    assert s.waste == pytest.approx(12 / 42)
+    assert s.mean_wait_steps == pytest.approx(1.5)
+
+
+def test_preempted_request_hits_its_own_cached_blocks():
+    w = _workload((0, 4, 3), (0, 4, 3), max_model_len=7)
+    r = simulate(w, _cfg(num_blocks=3, enable_prefix_caching=True), check=True)
+    assert r.paged.preemptions == 1
+    # lookups: A 4 tokens, B 4 tokens, B again with 5 tokens: its full first block hits
+    assert r.paged.prefix_hit_tokens == 4
+    assert r.paged.prefix_hit_rate == pytest.approx(4 / 13)
+
+
+def test_compaction_when_fragmented_and_inefficient():
+    # 6 blocks of 4. A (8 tokens, output 1) takes blocks 0-1 and finishes at once;
+    # B (4 tokens) sits in block 2: 2 of 5 free blocks are trapped (40% > 30%),
+    # efficiency 4/24 < 70% -> one compaction moves B's block 2 -> 0.
+    w = _workload((0, 8, 1), (0, 4, 10), max_model_len=14)
+    r = simulate(w, _cfg(num_blocks=6, enable_compaction=True), check=True)
+    assert [(e.step, e.blocks_moved) for e in r.compactions] == [(0, 1)]
+    assert r.compactions[0].fragmentation_before == pytest.approx(2 / 5)
+    assert r.compactions[0].memory_efficiency_before == pytest.approx(4 / 24)
+    assert r.timeline.external_fragmentation[0] == pytest.approx(0.4)
+    assert r.timeline.trapped_blocks[0] == 2
+    assert (r.paged.compactions, r.paged.blocks_moved) == (1, 1)
+    assert r.timeline.external_fragmentation[1:].max() == 0.0
+    off = simulate(w, _cfg(num_blocks=6, compaction_threshold=0.5, enable_compaction=True))
+    assert off.paged.compactions == 0
+
+
+def test_eager_eviction_drops_cached_blocks():
+    # B shares A's two full prefix blocks (same group, 8 tokens) only while they stay cached.
+    w = _workload((0, 9, 1), (2, 9, 1), max_model_len=12, prefix_group="g", prefix_len=8)
+    lru = simulate(w, _cfg(enable_prefix_caching=True), check=True)
+    eager = simulate(w, _cfg(enable_prefix_caching=True, eviction_policy="eager"), check=True)
+    assert lru.paged.prefix_hit_tokens == 8
+    assert eager.paged.prefix_hit_tokens == 0
+    assert eager.paged.evictions == 4  # A's two cached blocks, then B's
+
+
+def test_arrivals_wait_for_their_step():
+    w = _workload((2.5, 4, 2), max_model_len=6)
+    r = simulate(w, _cfg())
+    assert r.timeline.running.tolist() == [0, 0, 0, 1, 1]   # arrives at 2.5, first seen at step 3
+    assert r.paged.mean_wait_steps == 0
+
+
+def test_request_larger_than_the_pool_is_refused():
+    w = _workload((0, 30, 5), max_model_len=40)
+    with pytest.raises(ConfigError, match="only 4 blocks"):
+        simulate(w, _cfg(num_blocks=4))
+
+
+def test_static_too_small_is_reported_not_fatal():
+    w = _workload((0, 5, 2), max_model_len=100)
+    r = simulate(w, _cfg(num_blocks=8))
+    assert r.static is None and "cannot hold" in r.static_note
+    assert "static: a static cache" in r.report()
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_WORKLOADS))
+@pytest.mark.parametrize("prefix", [True, False])
+def test_every_builtin_workload_runs(name: str, prefix: bool):
+    small = name == "long-context"
+    w = make_workload(name, 4 if small else 30, seed=3, rate=0.05 if small else 2.0)
+    cfg = SimulationConfig(block_size=16, num_blocks=2048 if small else 400, enable_prefix_caching=prefix,
+                           max_num_seqs=16)
+    r = simulate(w, cfg, check=True)
+    assert r.paged.requests_finished == len(w)
+    assert 0 <= r.paged.waste < 0.2
+    assert r.paged.peak_blocks <= cfg.num_blocks
+    assert r.peak_map is not None and (r.peak_map.states >= 0).sum() + (r.peak_map.states == -3).sum() \
+        == r.paged.peak_blocks
+    if name == "shared-prefix" and prefix:
+        assert r.paged.prefix_hit_rate > 0.5
+    json.dumps(r.to_dict())
+    assert "waste" in r.report()
+
+
+def test_sharegpt_paged_waste_is_small_and_static_is_large():
+    w = make_workload("sharegpt", 150, seed=0)
+    r = simulate(w, SimulationConfig(block_size=16, num_blocks=2048))
+    assert r.paged.waste < 0.03
+    assert r.static.waste > 0.6
+    assert r.paged.max_concurrency > r.static.max_concurrency
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        SimulationConfig(eviction_policy="lfu")
+    with pytest.raises(ConfigError):
+        SimulationConfig(compaction_threshold=1.5)
+    with pytest.raises(ConfigError):
+        SimulationConfig(block_size=0)
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="kvforge")
+    register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["simulate", *argv])
+    code = args.func(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_json(capsys):
+    code, out, _ = _cli(["--requests", "20", "--rate", "1", "--num-blocks", "300", "--json", "--no-plots"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["workload"]["name"] == "sharegpt" and data["workload"]["num_requests"] == 20
+    assert data["config"]["num_blocks"] == 300 and data["config"]["model"] == "llama-3-8b"
+    assert data["paged"]["requests_finished"] == 20 and data["plots"] == []
+
+
+def test_cli_table_plots_and_vram(capsys, tmp_path):
+    code, out, _ = _cli(["--workload", "shared-prefix", "--requests", "15", "--rate", "1", "--vram", "1GiB",
+                         "--no-prefix-caching", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "512 blocks x 16 tokens = 1.00 GiB (llama-3-8b)" in out  # 2 MiB per block
+    assert "prefix caching off" in out and "waste (reserved, unused)" in out
+    wrote = [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 3 and all(p.startswith(str(tmp_path)) and p.endswith(".png") for p in wrote)
+
+
+def test_cli_bad_trace_exits_with_the_line(capsys, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt_len": 4, "output_len": 2}\n{"prompt_len": 4}\n')
+    code, out, err = _cli(["--trace", str(trace), "--no-plots"], capsys)
+    assert code == 2 and out == ""
+    assert f"{trace}:2:" in err and "output_len" in err
+
+
+def test_cli_rejects_options_that_do_not_apply(capsys, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt_len": 4, "output_len": 2}\n')
+    code, _, err = _cli(["--trace", str(trace), "--requests", "5", "--no-plots"], capsys)
+    assert code == 2 and "--requests" in err
+    code, _, err = _cli(["--max-model-len", "100", "--no-plots"], capsys)
+    assert code == 2 and "--max-model-len" in err
+
+
+def test_cli_trace_json_has_a_timeline(capsys, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt_len": 5, "output_len": 4}\n{"prompt_len": 3, "output_len": 2}\n')
+    code, out, _ = _cli(["--trace", str(trace), "--block-size", "4", "--num-blocks", "16", "--no-prefix-caching",
+                         "--max-model-len", "10", "--json", "--no-plots"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["timeline"]["held_blocks"] == [3, 3, 2, 2] and data["timeline"]["stride"] == 1
+    assert data["paged"]["waste"] == pytest.approx(7 / 40) and data["static"]["waste"] == pytest.approx(27 / 60)

@@ -1,0 +1,150 @@
+"""Built-in workloads and the JSONL trace format."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kvforge.errors import ConfigError, TraceError
+from kvforge.workload import BUILTIN_WORKLOADS, load_trace, make_workload, parse_trace_lines, write_trace
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_WORKLOADS))
+def test_builtin_is_deterministic_sorted_and_within_limits(name: str):
+    a = make_workload(name, 50, seed=7)
+    b = make_workload(name, 50, seed=7)
+    c = make_workload(name, 50, seed=8)
+    assert a == b and a != c
+    arrivals = [r.arrival for r in a.requests]
+    assert arrivals == sorted(arrivals) and arrivals[0] >= 0
+    assert all(r.prompt_len >= 1 and r.output_len >= 1 for r in a.requests)
+    assert all(r.prompt_len + r.output_len <= a.max_model_len for r in a.requests)
+    assert len({r.request_id for r in a.requests}) == 50
+
+
+def test_sharegpt_lengths_match_the_shared_trace():
+    s = make_workload("sharegpt", 4000, seed=0).stats()
+    assert 125 < s.mean_prompt_len < 175    # lognormal(4.6, 0.9): ~150
+    assert 260 < s.mean_output_len < 340    # lognormal(5.4, 0.8): ~300, capped at the context
+    assert s.max_total_len <= 2048
+
+
+def test_bursty_arrives_in_bursts():
+    w = make_workload("bursty", 600, seed=0, rate=0.5)
+    _, counts = np.unique([r.arrival for r in w.requests], return_counts=True)
+    assert counts.max() >= 100 and len(counts) < 10
+
+
+def test_shared_prefix_requests_share_exactly_the_group_prefix():
+    w = make_workload("shared-prefix", 200, seed=0)
+    by_group: dict[str, list] = {}
+    for r in w.requests:
+        by_group.setdefault(r.prefix_group, []).append(r)
+    assert len(by_group) == 4
+    r1, r2 = by_group["system-0"][:2]
+    t1, t2 = r1.token_ids(r1.prompt_len), r2.token_ids(r2.prompt_len)
+    k = r1.prefix_len
+    assert k == r2.prefix_len and 512 <= k < 1536
+    assert (t1[:k] == t2[:k]).all() and t1[k] != t2[k]
+    other = by_group["system-1"][0]
+    assert not np.intersect1d(other.token_ids(other.prompt_len), t1).size
+
+
+def test_unknown_workload_and_bad_sizes():
+    with pytest.raises(ConfigError, match="unknown workload"):
+        make_workload("nope")
+    with pytest.raises(ConfigError):
+        make_workload("sharegpt", 0)
+    with pytest.raises(ConfigError):
+        make_workload("sharegpt", 5, rate=0)
+
+
+def test_trace_fields_and_defaults():
+    lines = [
+        '{"arrival": 3, "prompt_len": 10, "output_len": 5}',
+        "",
+        '{"arrival_s": 0.1, "prompt_token_ids": [1, 2, 3], "output_len": 2, "salt": "t1", "id": 9}',
+        '{"prompt_len": 8, "output_len": 1, "prefix_group": "sys", "prefix_len": 6, "max_output_len": 4}',
+    ]
+    w = parse_trace_lines(lines, source="x.jsonl", step_ms=25)
+    assert [r.request_id for r in w.requests] == ["line4", "line1", "9"]   # sorted by arrival
+    assert [r.arrival for r in w.requests] == pytest.approx([0.0, 3.0, 4.0])  # 0.1 s at 25 ms a step
+    by_id = {r.request_id: r for r in w.requests}
+    assert by_id["9"].salt == "t1" and by_id["9"].prompt_len == 3
+    assert by_id["9"].token_ids(4)[:3].tolist() == [1, 2, 3]
+    assert by_id["line4"].prefix_len == 6 and by_id["line4"].max_output_len == 4
+    assert w.max_model_len == 15                       # longest prompt + output
+    assert w.max_reservation(by_id["line4"]) == 12     # 8 + 4
+    assert w.max_reservation(by_id["line1"]) == 15     # no max_output_len: up to the context
+
+
+def test_trace_round_trip(tmp_path):
+    w = make_workload("shared-prefix", 30, seed=2)
+    path = tmp_path / "w.jsonl"
+    write_trace(w, path)
+    back = load_trace(path, max_model_len=w.max_model_len)
+    assert len(back) == len(w)
+    for a, b in zip(w.requests, back.requests):
+        assert (a.arrival, a.prompt_len, a.output_len, a.prefix_group, a.prefix_len) == \
+            (b.arrival, b.prompt_len, b.output_len, b.prefix_group, b.prefix_len)
+        assert (a.token_ids(a.prompt_len)[: a.prefix_len] == b.token_ids(b.prompt_len)[: b.prefix_len]).all()
+
+
+GOOD = '{"prompt_len": 4, "output_len": 2}'
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ('{"prompt_len": 4, "output_len": 2', "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"prompt_len": 4, "output_len": 2, "colour": 1}', "unknown key(s) 'colour'"),
+    ('{"prompt_len": 4}', "needs 'output_len'"),
+    ('{"output_len": 4}', "needs 'prompt_len' or 'prompt_token_ids'"),
+    ('{"prompt_len": 0, "output_len": 2}', "'prompt_len' must be >= 1"),
+    ('{"prompt_len": 4.5, "output_len": 2}', "'prompt_len' must be an integer"),
+    ('{"prompt_len": true, "output_len": 2}', "'prompt_len' must be an integer"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": -1}', "'arrival' must be a finite number >= 0"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": 1, "arrival_s": 1}', "not both"),
+    ('{"prompt_token_ids": [1, "a"], "output_len": 2}', "not a 64-bit integer"),
+    ('{"prompt_token_ids": [], "output_len": 2}', "non-empty list"),
+    ('{"prompt_len": 3, "prompt_token_ids": [1, 2], "output_len": 2}', "'prompt_len' 3 != 2"),
+    ('{"prompt_len": 4, "output_len": 2, "prefix_group": "g"}', "needs 'prefix_len'"),
+    ('{"prompt_len": 4, "output_len": 2, "prefix_len": 2}', "needs a 'prefix_group'"),
+    ('{"prompt_len": 4, "output_len": 2, "prefix_group": "g", "prefix_len": 5}', "exceeds the prompt"),
+    ('{"prompt_len": 4, "output_len": 2, "max_output_len": 1}', "below 'output_len'"),
+    ('{"prompt_len": 4, "output_len": 2, "salt": 3}', "'salt' must be a non-empty string"),
+    ('{"prompt_len": 4, "output_len": 2, "id": "line1"}', "already used on line 1"),
+    ('{"prompt_len": 400, "output_len": 2}', "more than max_model_len=100"),
+])
+def test_malformed_line_names_its_number_and_reason(tmp_path, bad: str, reason: str):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{GOOD}\n\n{bad}\n{GOOD}\n")
+    with pytest.raises(TraceError) as info:
+        load_trace(path, max_model_len=100)
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert reason in str(info.value)
+
+
+def test_empty_or_missing_trace(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(TraceError, match="no requests"):
+        load_trace(empty)
+    with pytest.raises(TraceError, match="cannot read"):
+        load_trace(tmp_path / "missing.jsonl")
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(TraceError, match="not UTF-8"):
+        load_trace(binary)
+
+
+def test_trace_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        parse_trace_lines([json.dumps({"prompt_len": 1})])
+
+
+def test_equal_arrivals_keep_file_order():
+    lines = ['{"id": "b", "arrival": 1, "prompt_len": 2, "output_len": 1}',
+             '{"id": "a", "arrival": 1, "prompt_len": 2, "output_len": 1}',
+             '{"id": "c", "arrival": 0.5, "prompt_len": 2, "output_len": 1}']
+    assert [r.request_id for r in parse_trace_lines(lines).requests] == ["c", "b", "a"]
