@@ -361,12 +361,22 @@ class KVCache:
 
     # --------------------------------------------------------- compaction
     def should_compact(self) -> bool:
-        """Compaction is enabled, external fragmentation exceeds the threshold and
-        memory efficiency is below 70%."""
+        """Compaction is enabled, external fragmentation exceeds the threshold, memory
+        efficiency is below 70%, and packing would hand at least one chunk back.
+
+        The last condition keeps a pool full of cached (evictable) blocks, whose
+        few free blocks make the ratio swing, from compacting for nothing."""
         if not self.config.enable_compaction:
             return False
         frag = self.fragmentation_ratio()
-        return frag > self.config.compaction_threshold and frag > 0 and self.memory_efficiency() < 0.7
+        if not (frag > self.config.compaction_threshold and self.memory_efficiency() < 0.7):
+            return False
+        return self.releasable_chunks() > 0
+
+    def releasable_chunks(self) -> int:
+        """Chunks a compaction would hand back now (the blocks in use, packed, need fewer)."""
+        in_use = self.pool.num_allocated_blocks + self.pool.num_evictable_blocks
+        return len(self._chunks) - max(self.min_chunks, math.ceil(in_use / self.chunk_blocks))
 
     def maybe_compact(self) -> int:
         """With ``auto_compact``, compact when :meth:`should_compact` holds; bytes returned.
