@@ -145,8 +145,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``kvforge demo`` to the command line."""
     p = subparsers.add_parser("demo", help="run the engine on a tiny model over a shared-prefix workload")
     p.add_argument("--model", default=None, help="a local Hugging Face checkpoint folder (default: built-in tiny model)")
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--long-requests", type=int, default=4, help="requests that run 4x longer")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--block-size", type=int, default=16)

@@ -97,8 +97,11 @@ def _offsets_list(chunks: Sequence[Tensor], name: str) -> list[int]:
     offsets = []
     for j, c in enumerate(chunks):
         delta = c.data_ptr() - base
-        if delta % size:
-            raise KernelError(f"{name}[{j}]: byte distance {delta} to chunk 0 is not a multiple of the element size {size}")
+        # the kernels promise the compiler 16-element alignment (vector loads)
+        if delta % (16 * size):
+            raise KernelError(
+                f"{name}[{j}]: byte distance {delta} to chunk 0 is not a multiple of 16 elements of {size} bytes"
+            )
         offsets.append(delta // size)
     return offsets
 
@@ -109,8 +112,10 @@ def chunk_offsets(chunks: Sequence[Tensor]) -> Tensor:
     ``chunks``: tensors of equal shape, strides, dtype and device (whole
     chunks ``[num_layers, 2, chunk_blocks, ...]`` or per-layer views; the
     offsets are the same either way). Returns an int64 tensor ``[num_chunks]``
-    on the chunks' device; entry 0 is 0. Compute it once per chunk set and
-    pass it as ``chunk_offsets=`` to the kernels.
+    on the chunks' device; entry 0 is 0. Every offset must be a multiple of
+    16 elements (separate allocations always are; the kernels rely on it for
+    vector loads). Compute it once per chunk set and pass it as
+    ``chunk_offsets=`` to the kernels.
     """
     seq = (chunks,) if isinstance(chunks, Tensor) else tuple(chunks)
     if not seq or not isinstance(seq[0], Tensor):
@@ -157,29 +162,32 @@ def resolve_offsets(
 ) -> Tensor | None:
     """The chunk offset table for a chunk list, or None for a single chunk.
 
-    A given table must be int64 ``[num_chunks]`` on the chunks' device; on
-    the CPU its values are checked too (on a GPU that would cost a sync).
-    Without one, the table is computed from ``k_chunks`` and, when
-    ``v_chunks`` is given, checked against the value chunks' own offsets.
+    The kernels address value chunk j at ``v_chunks[0]`` plus key chunk j's
+    offset, so the key and value lists must sit at the same distances (views
+    of the same chunks do); that is checked from the pointers on every call,
+    which costs no device sync. A given table must be int64 ``[num_chunks]``
+    on the chunks' device; on the CPU its values are checked too (on a GPU
+    that would cost a sync, so build it with :func:`chunk_offsets`). Without
+    one, the table is computed from the pointers.
     """
     n = len(k_chunks)
     device = k_chunks[0].device
+    k_off = _offsets_list(k_chunks, "k_cache") if n > 1 or given is not None else [0]
+    if v_chunks is not None and n > 1:
+        v_off = _offsets_list(v_chunks, "v_cache")
+        if k_off != v_off:
+            raise KernelError(
+                f"k_cache and v_cache chunk offsets differ: {k_off} vs {v_off}; pass views of the same chunks"
+            )
     if given is not None:
         if not isinstance(given, Tensor) or given.dtype != torch.int64 or tuple(given.shape) != (n,):
             got = f"{given.dtype} {tuple(given.shape)}" if isinstance(given, Tensor) else type(given).__name__
             raise KernelError(f"chunk_offsets: expected int64 [{n}], got {got}")
         if given.device != device:
             raise KernelError(f"chunk_offsets: expected device {device}, got {given.device}")
-        if device.type == "cpu":
-            expected = _offsets_list(k_chunks, "chunks")
-            if given.tolist() != expected:
-                raise KernelError(f"chunk_offsets: expected {expected} for these chunks, got {given.tolist()}")
+        if device.type == "cpu" and given.tolist() != k_off:
+            raise KernelError(f"chunk_offsets: expected {k_off} for these chunks, got {given.tolist()}")
         return given if n > 1 else None
     if n == 1:
         return None
-    k_off = _offsets_list(k_chunks, "k_cache")
-    if v_chunks is not None:
-        v_off = _offsets_list(v_chunks, "v_cache")
-        if k_off != v_off:
-            raise KernelError(f"k_cache and v_cache chunk offsets differ: {k_off} vs {v_off}; pass views of the same chunks")
     return torch.tensor(k_off, dtype=torch.int64, device=device)

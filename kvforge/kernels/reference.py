@@ -35,12 +35,17 @@ def gather_blocks(chunks: Sequence[Tensor], block_ids: Tensor) -> Tensor:
     if len(chunks) == 1:
         return chunks[0][ids]
     chunk_blocks = chunks[0].shape[0]
-    out = chunks[0].new_empty(tuple(ids.shape) + tuple(chunks[0].shape[1:]))
+    rest = tuple(chunks[0].shape[1:])
+    flat = ids.reshape(-1).tolist()
+    if len(flat) <= 512:  # a few blocks: index them one by one (cheaper than a mask per chunk)
+        parts = [chunks[b // chunk_blocks][b % chunk_blocks] for b in flat]
+        out = torch.stack(parts) if parts else chunks[0].new_empty((0,) + rest)
+        return out.reshape(tuple(ids.shape) + rest)
+    out = chunks[0].new_empty(tuple(ids.shape) + rest)
     which, local = ids // chunk_blocks, ids % chunk_blocks
-    for j, chunk in enumerate(chunks):
+    for j in sorted({b // chunk_blocks for b in flat}):
         sel = which == j
-        if bool(sel.any()):
-            out[sel] = chunk[local[sel]]
+        out[sel] = chunks[j][local[sel]]
     return out
 
 

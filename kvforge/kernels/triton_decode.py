@@ -8,8 +8,13 @@ tokens gathered through the block table (several pages per tile), and keeps
 an online softmax in float32 (base 2). With one split the program normalizes
 and writes the output itself; otherwise it writes its normalized partial
 output and log2-sum-exp to float32 scratch, and :func:`_merge_kernel` folds
-the splits. KV heads vary fastest in the launch order so that the programs
-reading the same pages (different heads of one token row) run together.
+the splits. ``num_splits`` is a runtime argument (no recompile per split
+count) chosen from shapes alone by :func:`choose_num_splits`. KV heads vary
+fastest in the launch order so that the programs reading the same pages
+(different heads of one token row) run together. With several chunks, the
+per-chunk offset table is loaded once into registers and indexed with
+``tl.gather``, so the block-table load stays the only dependent global load
+in the loop (and stays software-pipelined).
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -25,21 +30,18 @@ from kvforge.kernels.layout import CacheView
 
 __all__ = ["launch_decode", "choose_num_splits", "KERNELS"]
 
-LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    scale, soft_cap, sliding_window, chunk_blocks,
+    scale, soft_cap, sliding_window, chunk_blocks, num_chunks, num_splits,
     stride_qb, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
     stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    MULTI_CHUNK: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
@@ -49,7 +51,7 @@ def _decode_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx - sliding_window, 0)
-    per_split = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
     end = tl.minimum(start + per_split, ctx)
 
@@ -70,15 +72,21 @@ def _decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     table = block_tables_ptr + seq * stride_bt
     head_off = kv_head * stride_ch
+    if MULTI_CHUNK:
+        offs_c = tl.arange(0, CHUNKS_PAD)
+        chunk_table = tl.load(chunk_off_ptr + offs_c, mask=offs_c < num_chunks, other=0)
     for t0 in range(start, end, BLOCK_N):
         n = t0 + offs_n
         n_ok = n < end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
         if MULTI_CHUNK:
+            # chunk offsets come from registers (tl.gather), not a second dependent
+            # global load, so the block-table load stays pipelined; int32 division
             which = block // chunk_blocks
-            base = tl.load(chunk_off_ptr + which, mask=n_ok, other=0) + (block - which * chunk_blocks) * stride_cb
+            chunk_base = tl.multiple_of(tl.gather(chunk_table, which, 0), 16)
+            base = chunk_base + (block - which * chunk_blocks).to(tl.int64) * stride_cb
         else:
-            base = block * stride_cb
+            base = block.to(tl.int64) * stride_cb
         row = base + (n % BLOCK_SIZE) * stride_ct + head_off
         k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
@@ -97,13 +105,13 @@ def _decode_kernel(
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if SINGLE_SPLIT:
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        # scratch is contiguous [batch, num_q_heads, NUM_SPLITS, HEAD_DIM] / [.., NUM_SPLITS]
+        # scratch is contiguous [batch, num_q_heads, num_splits, HEAD_DIM] / [.., num_splits]
         num_q_heads = tl.num_programs(0) * GROUP
-        part = (seq * num_q_heads + heads) * NUM_SPLITS + split
+        part = (seq * num_q_heads + heads) * num_splits + split
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
@@ -111,16 +119,16 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     num_q_heads = tl.num_programs(0)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_ok = offs_s < NUM_SPLITS
-    part = (seq * num_q_heads + head) * NUM_SPLITS + offs_s
+    s_ok = offs_s < num_splits
+    part = (seq * num_q_heads + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
@@ -136,13 +144,15 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int, block_n: int) -> int:
+def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int, block_n: int,
+                      programs_per_sm: int = 4) -> int:
     """Split count so that ``batch * num_kv_heads * splits`` programs fill
-    the GPU in near-whole waves (about two resident programs per SM), never
-    giving a split fewer than ``4 * block_n`` tokens of the longest context
-    the block table can hold."""
+    the GPU in near-whole waves of ``programs_per_sm`` resident programs per
+    SM (the smallest count reaching 90% wave efficiency), never giving a
+    split fewer than ``4 * block_n`` tokens of the longest context the block
+    table can hold. Depends on shapes only, so it never syncs."""
     work = batch * num_kv_heads
-    slots = 2 * num_sms
+    slots = programs_per_sm * num_sms
     max_splits = max(1, min(64, -(-max_tokens // (4 * block_n))))
     best, best_eff = 1, 0.0
     for splits in range(1, max_splits + 1):
@@ -176,7 +186,9 @@ def launch_decode(
     cfg_n, cfg_warps, cfg_stages = _config(view)
     block_n = block_n or cfg_n
     if num_splits is None:
-        sms = _num_sms(view.device.index or 0) if view.device.type == "cuda" else 4
+        sms = 4  # the interpreter: any small number
+        if view.device.type == "cuda":
+            sms = _num_sms(view.device.index if view.device.index is not None else torch.cuda.current_device())
         num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms, block_n)
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
     if num_splits > 1:
@@ -187,21 +199,23 @@ def launch_decode(
     _decode_kernel[(view.num_kv_heads, num_splits, batch)](
         query, k0, v0, offsets if offsets is not None else block_tables, block_tables, context_lens,
         out, part_out, part_lse,
-        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks,
+        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
+        num_splits,
         query.stride(0), query.stride(1),
         k0.stride(0), k0.stride(1), k0.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=view.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        MULTI_CHUNK=offsets is not None, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
-        DOT_PRECISION="ieee" if view.dtype == torch.float32 else "tf32",
+        BLOCK_SIZE=view.block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
+        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
+        USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
+        DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
     if num_splits > 1:
         _merge_kernel[(num_q_heads, batch)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
             num_warps=4,
         )
 KERNELS = (_decode_kernel, _merge_kernel)

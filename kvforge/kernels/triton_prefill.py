@@ -1,9 +1,10 @@
 """Triton paged prefill attention: ragged causal queries against paged KV.
 
-Grid ``(num_kv_heads, num_tiles)``. A tile is ``BLOCK_Q`` consecutive new
-tokens of one sequence times the ``group`` query heads of one KV head,
-packed into ``BLOCK_M = BLOCK_Q * group`` (padded) rows, so each K/V tile
-gathered through the block table feeds every query head of the group. The
+Grid ``(num_tiles, num_kv_heads)``, tiles on the axis without the 65535
+limit. A tile is ``BLOCK_Q`` consecutive new tokens of one sequence times the
+``group`` query heads of one KV head, packed into ``BLOCK_M = BLOCK_Q *
+group`` (padded) rows, so each K/V tile gathered through the block table
+feeds every query head of the group. The
 grid is sized from shapes alone (``total_new_tokens // BLOCK_Q + batch``
 tiles bound the ragged tile count), and each program finds its sequence by a
 binary search over ``cu_query_lens``; tiles past a sequence's end exit.
@@ -27,18 +28,18 @@ __all__ = ["launch_prefill", "KERNELS"]
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, cu_q_ptr, context_lens_ptr, out_ptr,
-    scale, soft_cap, sliding_window, chunk_blocks, num_seqs,
+    scale, soft_cap, sliding_window, chunk_blocks, num_chunks, num_seqs,
     stride_qt, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MULTI_CHUNK: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
+    MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    kv_head = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
     # sequence i owns tile ids [cu[i] // BLOCK_Q + i, cu[i+1] // BLOCK_Q + i + 1)
     lo_s = 0
     hi_s = num_seqs
@@ -82,6 +83,9 @@ def _prefill_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         table = block_tables_ptr + seq * stride_bt
         head_off = kv_head * stride_ch
+        if MULTI_CHUNK:
+            offs_c = tl.arange(0, CHUNKS_PAD)
+            chunk_table = tl.load(chunk_off_ptr + offs_c, mask=offs_c < num_chunks, other=0)
         for phase in tl.static_range(2):
             if phase == 0:
                 n_lo = key_lo
@@ -92,12 +96,15 @@ def _prefill_kernel(
             for n0 in range(n_lo, n_hi, BLOCK_N):
                 n = n0 + offs_n
                 n_ok = n < n_hi
-                block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+                block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
                 if MULTI_CHUNK:
+                    # chunk offsets come from registers (tl.gather), not a second dependent
+                    # global load, so the block-table load stays pipelined; int32 division
                     which = block // chunk_blocks
-                    base = tl.load(chunk_off_ptr + which, mask=n_ok, other=0) + (block - which * chunk_blocks) * stride_cb
+                    chunk_base = tl.multiple_of(tl.gather(chunk_table, which, 0), 16)
+                    base = chunk_base + (block - which * chunk_blocks).to(tl.int64) * stride_cb
                 else:
-                    base = block * stride_cb
+                    base = block.to(tl.int64) * stride_cb
                 row = base + (n % BLOCK_SIZE) * stride_ct + head_off
                 k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
@@ -121,16 +128,24 @@ def _prefill_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _config(view: CacheView, group: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim and dtype."""
+def _config(view: CacheView, group: int, rows_per_seq: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim, dtype and
+    average number of query rows (new tokens x group) per sequence."""
     if view.device.type != "cuda":
-        return max(16, triton.next_power_of_2(group)) * 2, 16, 4, 1
-    block_m, block_n, warps, stages = {
-        16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
-        128: (128, 64, 8, 3), 256: (64, 32, 8, 2),
-    }[view.head_dim]
+        return max(16, triton.next_power_of_2(group)) * 2, 16, 4, 1  # interpreter: several tiles per sequence
     if view.dtype == torch.float32:
-        block_m, block_n, stages = block_m // 2, block_n // 2, 2
+        block_m, block_n, warps, stages = (32, 32, 4, 2) if view.head_dim == 256 else (64, 32, 4, 2)
+    elif view.head_dim == 256:
+        block_m, block_n, warps, stages = 64, 32, 8, 2
+    elif view.head_dim == 128 and rows_per_seq >= 512:
+        block_m, block_n, warps, stages = 256, 64, 8, 3  # measured best for long prompts (docs/kernels.md)
+    elif view.head_dim == 128:
+        block_m, block_n, warps, stages = 128, 64, 8, 3
+    else:
+        block_m, block_n, warps, stages = 128, 64, 4, 3
+    if rows_per_seq < block_m // 2:  # short prompts: do not pad a tile mostly with masked rows
+        block_m = max(32, min(block_m, triton.next_power_of_2(max(rows_per_seq, 1))))
+        warps = min(warps, 4)
     return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
 
 
@@ -143,22 +158,24 @@ def launch_prefill(
     total, num_q_heads, head_dim = query.shape
     batch = context_lens.shape[0]
     group = num_q_heads // view.num_kv_heads
-    cfg_m, cfg_n, cfg_warps, cfg_stages = _config(view, group)
+    cfg_m, cfg_n, cfg_warps, cfg_stages = _config(view, group, total * group // max(batch, 1))
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     block_q = block_m // group
     num_tiles = total // block_q + batch
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
-    _prefill_kernel[(view.num_kv_heads, num_tiles)](
+    _prefill_kernel[(num_tiles, view.num_kv_heads)](
         query, k0, v0, offsets if offsets is not None else block_tables, block_tables, cu_query_lens, context_lens, out,
-        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, batch,
+        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
+        batch,
         query.stride(0), query.stride(1),
         k0.stride(0), k0.stride(1), k0.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
-        MULTI_CHUNK=offsets is not None, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
-        DOT_PRECISION="ieee" if view.dtype == torch.float32 else "tf32",
+        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
+        USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
+        DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
 KERNELS = (_prefill_kernel,)

@@ -38,7 +38,8 @@ def _store_kernel(
     block = slot // BLOCK_SIZE
     if MULTI_CHUNK:
         which = block // chunk_blocks
-        base = tl.load(chunk_off_ptr + which, mask=ok_t, other=0) + (block - which * chunk_blocks) * stride_cb
+        chunk_base = tl.multiple_of(tl.load(chunk_off_ptr + which, mask=ok_t, other=0), 16)
+        base = chunk_base + (block - which * chunk_blocks) * stride_cb
     else:
         base = block * stride_cb
     dst = (base + (slot % BLOCK_SIZE) * stride_ct)[:, None] + (head * stride_ch + dim)[None, :]
@@ -61,8 +62,8 @@ def _copy_kernel(
     if MULTI_CHUNK:
         src_which = src // chunk_blocks
         dst_which = dst // chunk_blocks
-        src_base = tl.load(chunk_off_ptr + src_which) + (src - src_which * chunk_blocks) * stride_block
-        dst_base = tl.load(chunk_off_ptr + dst_which) + (dst - dst_which * chunk_blocks) * stride_block
+        src_base = tl.multiple_of(tl.load(chunk_off_ptr + src_which), 16) + (src - src_which * chunk_blocks) * stride_block
+        dst_base = tl.multiple_of(tl.load(chunk_off_ptr + dst_which), 16) + (dst - dst_which * chunk_blocks) * stride_block
     else:
         src_base = src * stride_block
         dst_base = dst * stride_block

@@ -1,0 +1,322 @@
+"""Benchmarks of kvforge's Triton kernels against torch baselines (GPU only).
+
+Prints one aligned table: kernel, shape, median time (triton.testing.do_bench),
+TB/s of bytes the op must move, % of the device's measured copy bandwidth
+(a 1 GiB device copy, bytes read + written), and a note (relative error
+against the torch reference, TFLOP/s, speed against the baseline of the same
+shape). Baselines run in the same process on the same device: torch SDPA on
+a contiguous cache, gather-then-SDPA on the paged cache, FlexAttention over a
+paged cache (torch's experimental PagedAttention), SDPA flash for prefill.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench, do_bench_cudagraph
+
+from kvforge.kernels import copy_blocks, paged_decode_attention, paged_prefill_attention, reference, store_kv
+from kvforge.kernels import triton_decode, triton_prefill
+from kvforge.kernels.layout import chunk_offsets, describe_cache
+
+DEV = "cuda"
+DT = torch.bfloat16
+HQ, HKV, D = 32, 8, 128
+ROWS: list[tuple[str, str, float, float | None, str]] = []
+COPY_TBS = 0.0
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median seconds of ``fn``."""
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+
+
+def row(kernel: str, shape: str, seconds: float, nbytes: float | None, note: str = "") -> None:
+    ROWS.append((kernel, shape, seconds, nbytes, note))
+    tbs = f"{nbytes / seconds / 1e12:6.2f}" if nbytes else "     -"
+    pct = f"{nbytes / seconds / 1e12 / COPY_TBS * 100:5.1f}%" if nbytes else "     -"
+    print(f"{kernel:<28} {shape:<26} {seconds * 1e6:10.1f} {tbs} {pct}  {note}", flush=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def measure_copy() -> float:
+    n = 1 << 29  # 1 GiB of bf16
+    a = torch.randn(n, dtype=DT, device=DEV)
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a))
+    del a, b
+    return 2 * n * 2 / t / 1e12
+
+
+def paged_from_contiguous(k: torch.Tensor, v: torch.Tensor, block_size: int, gen: torch.Generator):
+    """[B, L, H, D] -> caches [B*L/bs, bs, H, D] with shuffled blocks, int32 tables."""
+    batch, length = k.shape[:2]
+    n = batch * length // block_size
+    perm = torch.randperm(n, generator=gen).to(DEV)
+    k_cache = torch.empty(n, block_size, HKV, D, dtype=DT, device=DEV)
+    v_cache = torch.empty_like(k_cache)
+    k_cache[perm] = k.reshape(n, block_size, HKV, D)
+    v_cache[perm] = v.reshape(n, block_size, HKV, D)
+    return k_cache, v_cache, perm.view(batch, length // block_size).to(torch.int32)
+
+
+def split_chunks(k_cache: torch.Tensor, v_cache: torch.Tensor, num_chunks: int):
+    """The same blocks as ``num_chunks`` separate chunk allocations ``[1, 2, n, bs, H, D]``."""
+    n = k_cache.shape[0] // num_chunks
+    chunks = [torch.stack([k_cache[j * n : (j + 1) * n], v_cache[j * n : (j + 1) * n]])[None]
+              for j in range(num_chunks)]
+    k_chunks, v_chunks = [c[0, 0] for c in chunks], [c[0, 1] for c in chunks]
+    return k_chunks, v_chunks, chunks, chunk_offsets(chunks)
+
+
+def flex_paged(q, k_sdpa, v_sdpa, page: int):
+    """FlexAttention over torch's experimental paged cache (as in shared/bench/flex_paged_baseline.py)."""
+    from torch.nn.attention.experimental._paged_attention import PagedAttention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, _, length, _ = k_sdpa.shape
+    n_pages = batch * length // page + 4
+    pa = PagedAttention(n_pages, page, batch, device=DEV)
+    for i in torch.randperm(batch).tolist():
+        pa.reserve(torch.tensor(i, device=DEV), torch.tensor(length, device=DEV))
+    k_cache = torch.zeros(1, HKV, n_pages * page, D, dtype=DT, device=DEV)
+    v_cache = torch.zeros_like(k_cache)
+    pa.assign(torch.arange(batch, device=DEV), torch.arange(length, device=DEV).expand(batch, length),
+              k_sdpa, v_sdpa, k_cache, v_cache)
+
+    def all_visible(b, h, qi, kv):
+        return kv >= 0
+
+    mask = pa.convert_logical_block_mask(create_block_mask(all_visible, batch, 1, 1, length, device=DEV,
+                                                           BLOCK_SIZE=page))
+    mask.mask_mod = pa.get_mask_mod(all_visible)
+    flex = torch.compile(flex_attention, dynamic=False)
+    q4 = q.unsqueeze(2)
+    return lambda: flex(q4, k_cache, v_cache, block_mask=mask, enable_gqa=True)
+
+
+def bench_decode(batch: int, length: int, block_sizes: tuple[int, ...], flex_pages: tuple[int, ...], gen) -> None:
+    shape = f"B={batch} L={length}"
+    kv_bytes = 2 * batch * length * HKV * D * 2
+    q = torch.randn(batch, HQ, D, dtype=DT, device=DEV)
+    k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
+    v = torch.randn_like(k)
+    k_sdpa, v_sdpa = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, H, L, D]
+    q4 = q.unsqueeze(2)
+    sdpa = lambda: F.scaled_dot_product_attention(q4, k_sdpa, v_sdpa, enable_gqa=True)  # noqa: E731
+    want = sdpa().squeeze(2)
+    t_sdpa = bench(sdpa)
+    row("decode sdpa contiguous", shape, t_sdpa, kv_bytes)
+    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    for bs in block_sizes:
+        k_cache, v_cache, tables = paged_from_contiguous(k, v, bs, gen)
+        out = paged_decode_attention(q, k_cache, v_cache, tables, ctx)
+        ref = reference.paged_decode_attention(q, k_cache, v_cache, tables, ctx) if batch * length <= 2**18 else want
+        err = rel_err(out, ref)
+        splits = triton_decode.choose_num_splits(batch, HKV, tables.shape[1] * bs,
+                                                 torch.cuda.get_device_properties(0).multi_processor_count,
+                                                 triton_decode._config(describe_cache(k_cache, v_cache))[0])
+        t = bench(lambda: paged_decode_attention(q, k_cache, v_cache, tables, ctx, out=out))
+        row(f"decode kvforge bs={bs}", shape, t, kv_bytes,
+            f"rel_err={err:.1e} splits={splits} {t_sdpa / t:.2f}x sdpa")
+
+        def gather_sdpa():
+            kg = k_cache[tables.long()].view(batch, length, HKV, D).transpose(1, 2)
+            vg = v_cache[tables.long()].view(batch, length, HKV, D).transpose(1, 2)
+            return F.scaled_dot_product_attention(q4, kg, vg, enable_gqa=True)
+
+        t_g = bench(gather_sdpa)
+        row(f"decode gather+sdpa bs={bs}", shape, t_g, kv_bytes, f"kvforge {t_g / t:.2f}x faster")
+        if bs == 16 and batch == 64:  # the same blocks spread over 4 separate chunk allocations
+            k_chunks, v_chunks, chunks, offsets = split_chunks(k_cache, v_cache, 4)
+            del k_cache, v_cache
+            out4 = paged_decode_attention(q, k_chunks, v_chunks, tables, ctx, chunk_offsets=offsets)
+            t4 = bench(lambda: paged_decode_attention(q, k_chunks, v_chunks, tables, ctx, out=out4,
+                                                      chunk_offsets=offsets))
+            row(f"decode kvforge bs={bs} 4 chunks", shape, t4, kv_bytes, f"rel_err={rel_err(out4, ref):.1e}")
+            k_cache = v_cache = None
+            del k_chunks, v_chunks, chunks
+        del k_cache, v_cache
+    del k, v
+    for page in flex_pages:
+        try:
+            t0 = time.time()
+            f = flex_paged(q, k_sdpa, v_sdpa, page)
+            err = rel_err(f().squeeze(2), want)
+            t = bench(f)
+            row(f"decode flex paged P={page}", shape, t, kv_bytes, f"rel_err={err:.1e} compile+run {time.time() - t0:.0f}s")
+        except Exception as exc:  # noqa: BLE001 - a baseline failing must not stop the table
+            print(f"flex paged P={page} {shape} failed: {type(exc).__name__}: {str(exc)[:200]}")
+    torch.cuda.empty_cache()
+
+
+def bench_prefill(batch: int, length: int, block_sizes: tuple[int, ...], gen) -> None:
+    shape = f"B={batch} new={length} causal"
+    flops = 4 * batch * HQ * D * length * (length + 1) / 2
+    q = torch.randn(batch * length, HQ, D, dtype=DT, device=DEV)
+    k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
+    v = torch.randn_like(k)
+    qs = q.view(batch, length, HQ, D).transpose(1, 2)
+    ks = k.transpose(1, 2).repeat_interleave(HQ // HKV, dim=1)  # flash wants equal heads
+    vs = v.transpose(1, 2).repeat_interleave(HQ // HKV, dim=1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+
+    want = flash().transpose(1, 2).reshape(batch * length, HQ, D)
+    t_flash = bench(flash)
+    row("prefill sdpa flash", shape, t_flash, None, f"{flops / t_flash / 1e12:.0f} TFLOP/s")
+    cu = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * length
+    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    for bs in block_sizes:
+        k_cache, v_cache, tables = paged_from_contiguous(k, v, bs, gen)
+        out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, ctx)
+        err = rel_err(out, want)
+        t = bench(lambda: paged_prefill_attention(q, k_cache, v_cache, tables, cu, ctx, out=out))
+        row(f"prefill kvforge bs={bs}", shape, t, None,
+            f"{flops / t / 1e12:.0f} TFLOP/s rel_err={err:.1e} {t_flash / t:.2f}x flash")
+        if bs == 16:  # the same blocks spread over 4 separate chunk allocations
+            k_chunks, v_chunks, chunks, offsets = split_chunks(k_cache, v_cache, 4)
+            del k_cache, v_cache
+            out = paged_prefill_attention(q, k_chunks, v_chunks, tables, cu, ctx, chunk_offsets=offsets)
+            err = rel_err(out, want)
+            t = bench(lambda: paged_prefill_attention(q, k_chunks, v_chunks, tables, cu, ctx, out=out,
+                                                      chunk_offsets=offsets))
+            row(f"prefill kvforge bs={bs} 4 chunks", shape, t, None,
+                f"{flops / t / 1e12:.0f} TFLOP/s rel_err={err:.1e} {t_flash / t:.2f}x flash")
+            k_cache = v_cache = None
+            del k_chunks, v_chunks, chunks
+        del k_cache, v_cache
+    torch.cuda.empty_cache()
+
+
+def bench_store(num_tokens: int, gen) -> None:
+    bs, num_blocks = 16, 4 * num_tokens // 16
+    k_cache = torch.zeros(num_blocks, bs, HKV, D, dtype=DT, device=DEV)
+    v_cache = torch.zeros_like(k_cache)
+    blocks = torch.randperm(num_blocks, generator=gen)[: num_tokens // bs].to(DEV)
+    slots = (blocks[:, None] * bs + torch.arange(bs, device=DEV)).reshape(-1)
+    key = torch.randn(num_tokens, HKV, D, dtype=DT, device=DEV)
+    value = torch.randn_like(key)
+    store_kv(key, value, k_cache, v_cache, slots)
+    k2, v2 = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    reference.store_kv(key, value, k2, v2, slots)
+    ok = torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
+    nbytes = 2 * 2 * key.numel() * 2  # K and V, read + write
+    t = bench(lambda: store_kv(key, value, k_cache, v_cache, slots))
+    row("store_kv", f"{num_tokens} tok bs={bs}", t, nbytes, f"exact={ok}")
+    # one call alone is shorter than its launch overhead: time it in a CUDA graph (GPU time only),
+    # and as 32 back-to-back calls, one per layer of a 32-layer prefill
+    t_graph = do_bench_cudagraph(lambda: store_kv(key, value, k_cache, v_cache, slots), rep=100,
+                                 return_mode="median") * 1e-3
+    row("store_kv (cuda graph)", f"{num_tokens} tok bs={bs}", t_graph, nbytes, "kernel time without launch cost")
+    t32 = bench(lambda: [store_kv(key, value, k_cache, v_cache, slots) for _ in range(32)]) / 32
+    row("store_kv x32 calls, per call", f"{num_tokens} tok bs={bs}", t32, nbytes, "eager launches back to back")
+    t_ref = bench(lambda: reference.store_kv(key, value, k_cache, v_cache, slots))
+    row("store_kv torch index_put", f"{num_tokens} tok bs={bs}", t_ref, nbytes)
+
+
+def bench_copy(num_pairs: int, num_layers: int, gen) -> None:
+    bs, num_blocks = 16, 2 * num_pairs + 96
+    storage = torch.randn(num_layers, 2, num_blocks, bs, HKV, D, dtype=DT, device=DEV)
+    perm = torch.randperm(num_blocks, generator=gen)
+    src, dst = perm[:num_pairs].to(DEV), perm[num_pairs : 2 * num_pairs].to(DEV)
+    want = storage.clone()
+    want[:, :, dst] = want[:, :, src]
+    copy_blocks(storage, src, dst)
+    ok = torch.equal(storage, want)
+    del want
+    nbytes = 2 * num_pairs * num_layers * 2 * bs * HKV * D * 2
+    t = bench(lambda: copy_blocks(storage, src, dst, validate=False))
+    row("copy_blocks", f"{num_pairs} pairs x {num_layers} layers", t, nbytes, f"exact={ok}")
+    t_ref = bench(lambda: storage.__setitem__((slice(None), slice(None), dst), storage[:, :, src]))
+    row("copy_blocks torch indexing", f"{num_pairs} pairs x {num_layers} layers", t_ref, nbytes)
+    del storage
+    torch.cuda.empty_cache()
+
+
+def sweep(gen, which: str) -> None:
+    """Decode/prefill launch configs (for choosing the defaults)."""
+    for batch, length in ((64, 4096), (16, 16384)) if which in ("decode", "all") else ():
+        q = torch.randn(batch, HQ, D, dtype=DT, device=DEV)
+        k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
+        k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
+        del k
+        view = describe_cache(k_cache, v_cache)
+        ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+        out = torch.empty_like(q)
+        kv_bytes = 2 * batch * length * HKV * D * 2
+        for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 3)):
+            for splits in ((None,) if batch == 64 else (None, 2, 4, 8)):
+                f = lambda: triton_decode.launch_decode(  # noqa: E731
+                    q, view, None, tables, ctx, out, scale=D**-0.5, sliding_window=None, soft_cap=None,
+                    num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    row("sweep decode", f"B={batch} L={length} n{block_n} w{warps} s{stages} sp{splits}",
+                        bench(f), kv_bytes)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"sweep decode n{block_n} w{warps} s{stages}: {type(exc).__name__} {str(exc)[:120]}")
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    if which not in ("prefill", "all"):
+        return
+    batch, length = 8, 4096
+    flops = 4 * batch * HQ * D * length * (length + 1) / 2
+    q = torch.randn(batch * length, HQ, D, dtype=DT, device=DEV)
+    k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
+    k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
+    view = describe_cache(k_cache, v_cache)
+    cu = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * length
+    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 3),
+                                  (256, 32, 8, 4), (256, 64, 8, 2), (256, 64, 16, 3), (256, 128, 16, 3)):
+        f = lambda: triton_prefill.launch_prefill(  # noqa: E731
+            q, view, None, tables, cu, ctx, out, scale=D**-0.5, sliding_window=None, soft_cap=None,
+            block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+        try:
+            t = bench(f)
+            row("sweep prefill", f"m{bm} n{bn} w{warps} s{stages}", t, None, f"{flops / t / 1e12:.0f} TFLOP/s")
+        except Exception as exc:  # noqa: BLE001
+            print(f"sweep prefill m{bm} n{bn} w{warps} s{stages}: {type(exc).__name__} {str(exc)[:120]}")
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    global COPY_TBS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline (slow to compile)")
+    parser.add_argument("--sweep", choices=("none", "decode", "prefill", "all"), default="none",
+                        help="also time several launch configs")
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    COPY_TBS = measure_copy()
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {COPY_TBS:.2f} TB/s "
+          f"(1 GiB copy, read+write)  {time.strftime('%Y-%m-%d')}")
+    print(f"# decode/prefill: {HQ} query heads, {HKV} KV heads, head_dim {D}, bf16; shuffled block tables")
+    print(f"{'kernel':<28} {'shape':<26} {'time_us':>10} {'TB/s':>6} {'%copy':>6}  note")
+    if args.sweep != "none":
+        sweep(gen, args.sweep)
+    flex = not args.no_flex
+    bench_prefill(8, 4096, (16, 64), gen)
+    bench_store(8192, gen)
+    bench_copy(2000, 32, gen)
+    bench_decode(64, 4096, (16, 64), (16, 64) if flex else (), gen)
+    bench_decode(16, 16384, (16, 64), (16,) if flex else (), gen)
+    bench_decode(256, 1024, (16, 64), (16,) if flex else (), gen)
+
+
+if __name__ == "__main__":
+    main()
