@@ -25,6 +25,8 @@ Not thread-safe by itself (one scheduler thread drives it); the pool under it is
 from __future__ import annotations
 
 import math
+from array import array
+from collections import deque
 from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
@@ -58,9 +60,9 @@ class _Seq:
 
     __slots__ = ("row", "token_ids", "keys", "salt", "hashable")
 
-    def __init__(self, row: int, token_ids: list[int] | None, salt: Hashable | None) -> None:
+    def __init__(self, row: int, token_ids: array[int] | None, salt: Hashable | None) -> None:
         self.row = row
-        self.token_ids = token_ids      # every known token id (reserved or pending)
+        self.token_ids = token_ids      # every known token id (reserved or pending), int64
         self.keys: list[BlockKey] = []  # keys of the sequence's leading full blocks
         self.salt = salt
         self.hashable = token_ids is not None
@@ -92,6 +94,12 @@ class BlockManager:
         self._next_row = 0
         self.pending_copies: list[tuple[int, int]] = []
         self.num_cow_copies = 0
+        self._batch_key: tuple | None = None  # memo of _batch()
+        self._batch_seqs: list[_Seq] = []
+        self._batch_rows = np.empty(0, dtype=np.int64)
+        self._batch_distinct = True
+        self._batch_arrays: list[array[int]] | None = None  # token-id arrays of that batch
+        self._sink: array[int] = array("q")
 
     # ------------------------------------------------------------ capacity
     def _new_row(self) -> int:
@@ -124,6 +132,32 @@ class BlockManager:
             raise SequenceError(f"unknown sequence {seq_id!r}") from None
         except TypeError:
             raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None
+
+    def _batch(self, seq_ids: Sequence[SeqId]) -> tuple[list[_Seq], np.ndarray, bool]:
+        """States, rows (int64) and whether the ids are distinct, for a batch.
+
+        The last batch is remembered: an engine asks for the same batch several
+        times a step (append, block tables, context lengths), and a sequence's
+        row never changes while it lives (the memo is dropped when one is freed).
+        """
+        key = tuple(seq_ids)
+        if key == self._batch_key:
+            return self._batch_seqs, self._batch_rows, self._batch_distinct
+        seqs = self._lookup(key)
+        row_list = [s.row for s in seqs]
+        rows = np.array(row_list, dtype=np.int64)
+        distinct = len(set(row_list)) == len(row_list)
+        self._batch_key, self._batch_seqs, self._batch_rows, self._batch_distinct = key, seqs, rows, distinct
+        self._batch_arrays = None
+        return seqs, rows, distinct
+
+    def _lookup(self, seq_ids: Sequence[SeqId]) -> list[_Seq]:
+        """The states of ``seq_ids`` (a SequenceError names the first unknown id)."""
+        seqs = self._seqs
+        try:
+            return [seqs[s] for s in seq_ids]
+        except (KeyError, TypeError):
+            return [self._seq(s) for s in seq_ids]
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -208,11 +242,11 @@ class BlockManager:
         except TypeError:
             raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None
         bs = self.block_size
-        tokens: list[int] | None = None
+        tokens: array[int] | None = None
         hits: list[int] = []
         keys: list[BlockKey] = []
         if prompt_token_ids is not None:
-            tokens = [int(t) for t in prompt_token_ids]
+            tokens = _int_array(prompt_token_ids)
             if num_tokens is None:
                 num_tokens = len(tokens)
             if not 0 <= num_tokens <= len(tokens):
@@ -220,7 +254,7 @@ class BlockManager:
                                     f"for a prompt of {len(tokens)} tokens")
             max_hit = max(0, (len(tokens) - 1) // bs)
             keys = self.prefix.block_keys(tokens[: max_hit * bs], salt)
-            hits = self.prefix.lookup(keys, len(tokens))
+            hits = self.prefix.lookup(keys, len(tokens), record=False)
         elif num_tokens is None:
             num_tokens = 0
         elif isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 0:
@@ -234,11 +268,15 @@ class BlockManager:
                 f"sequence {seq_id!r} needs {need} new blocks (+{revived} cached to revive) for "
                 f"{reserve} tokens; {self.pool.num_available_blocks} available",
                 requested=need + revived, available=self.pool.num_available_blocks)
+        if tokens is not None:  # counted only now: a refused request queried nothing
+            self.prefix.record_query(len(tokens), len(hits))
         self.pool.incref(hits)
         new_ids = self.pool.allocate(need)
         row = self._new_row()
         seq = _Seq(row, tokens, salt)
-        seq.keys = keys[: len(hits)]
+        # the lookup's keys of blocks that are now reserved and full need no hashing again
+        known = min(reserve // bs, len(keys))
+        seq.keys = keys[:known]
         self._seqs[seq_id] = seq
         ids = hits + new_ids
         self._ensure_width(len(ids))
@@ -248,6 +286,8 @@ class BlockManager:
         self._ntok[row] = reserve
         self._npending[row] = (len(tokens) - reserve) if tokens is not None else 0
         self._shared_tail[row] = False
+        for i in range(len(hits), known):
+            self.prefix.register(ids[i], keys[i])
         self._register_full_blocks(seq, reserve)
         slots = self._slots(row, num_cached, reserve)
         return AddSequenceResult(seq_id, num_cached, slots, ids)
@@ -266,12 +306,18 @@ class BlockManager:
             return
         tokens = seq.token_ids
         assert tokens is not None
-        parent = seq.keys[-1] if seq.keys else None
-        new_keys = self.prefix.block_keys(tokens[done * bs: full * bs], seq.salt, parent=parent)
-        row = seq.row
-        for i, key in enumerate(new_keys, start=done):
-            self.prefix.register(int(self._tables[row, i]), key)
-        seq.keys.extend(new_keys)
+        keys = seq.keys
+        parent = keys[-1] if keys else None
+        if full - done == 1:  # a decode step fills one block
+            key = self.prefix.next_key(parent, tokens[done * bs: full * bs], seq.salt)
+            keys.append(key)
+            self.prefix.register(int(self._tables[seq.row, done]), key)
+            return
+        new_keys = self.prefix.block_keys(tokens[done * bs: full * bs], seq.salt, parent)
+        register = self.prefix.register
+        for block_id, key in zip(self._tables[seq.row, done:full].tolist(), new_keys):
+            register(block_id, key)
+        keys.extend(new_keys)
 
     def append_tokens(self, seq_id: SeqId, n: int, token_ids: Sequence[int] | None = None) -> np.ndarray:
         """Reserve slots for ``n`` more tokens; return their slot ids (int64), all or nothing.
@@ -286,6 +332,7 @@ class BlockManager:
             raise SequenceError(f"append_tokens() needs a token count >= 0, got {n!r}")
         if token_ids is not None and len(token_ids) != n:
             raise SequenceError(f"append_tokens({seq_id!r}, {n}) got {len(token_ids)} token ids")
+        ids_in = _int_array(token_ids) if token_ids is not None and seq.token_ids is not None else None
         row = seq.row
         old = int(self._ntok[row])
         if n == 0:
@@ -319,7 +366,7 @@ class BlockManager:
                 seq.hashable = False  # tokens past the prompt came without ids
         elif token_ids is not None:
             if seq.token_ids is not None:
-                seq.token_ids.extend(int(t) for t in token_ids)
+                seq.token_ids.extend(ids_in)  # type: ignore[arg-type]
         else:
             seq.hashable = False
         self._register_full_blocks(seq, new)
@@ -346,80 +393,128 @@ class BlockManager:
         sequence's new slots in order, sequence after sequence. ``token_ids``
         (one per sequence, only with ``num_tokens == 1``) feeds the prefix cache.
         """
-        seqs = [self._seq(s) for s in seq_ids]
-        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        if len(set(rows.tolist())) != len(rows):
+        seqs, rows, distinct = self._batch(seq_ids)
+        if not distinct:
             raise SequenceError("append_tokens_batch() got the same sequence twice")
+        count = len(rows)
         n = np.asarray(num_tokens, dtype=np.int64)
-        if n.ndim == 0:
-            n = np.full(len(rows), int(n), dtype=np.int64)
-        if n.shape != rows.shape or (len(n) and n.min() < 0):
-            raise SequenceError(f"num_tokens must be >= 0, one per sequence ({len(rows)}), got {num_tokens!r}")
+        # one token each (a decode step) takes the fast path: n stays None
+        one = n.ndim == 0 and int(n) == 1
+        if one:
+            n = None
+        else:
+            if n.ndim == 0:
+                n = np.full(count, int(n), dtype=np.int64)
+            if n.shape != rows.shape or (count and n.min() < 0):
+                raise SequenceError(f"num_tokens must be >= 0, one per sequence ({count}), got {num_tokens!r}")
         if token_ids is not None:
-            if len(token_ids) != len(rows) or (len(n) and n.max() != 1) or (len(n) and n.min() != 1):
+            if len(token_ids) != count or (count and not one and (n.max() != 1 or n.min() != 1)):
                 raise SequenceError("token_ids needs num_tokens == 1 and one id per sequence")
         bs = self.block_size
         old = self._ntok[rows]
-        new = old + n
-        need = (new + bs - 1) // bs - self._nblk[rows]
+        if one:
+            new = old + 1
+            off = old % bs
+            grow_rows = rows[off == 0]  # each opens one block
+            need = None
+            total = len(grow_rows)
+        else:
+            new = old + n
+            need = (new + bs - 1) // bs - self._nblk[rows]
+            total = int(need.sum())
         cow_rows: list[int] = []
         if self._shared_tail[rows].any():
-            for r, o, k in zip(rows.tolist(), old.tolist(), n.tolist()):
+            # as sequential appends would: every sharer in the batch copies but the
+            # last one left holding the block (refs counted down as copies are planned)
+            refs_left: dict[int, int] = {}
+            ks = [1] * count if one else n.tolist()
+            for r, o, k in zip(rows.tolist(), old.tolist(), ks):
                 if k and self._shared_tail[r] and o % bs:
-                    if self.pool.ref_count(int(self._tables[r, self._nblk[r] - 1])) > 1:
+                    tail = int(self._tables[r, self._nblk[r] - 1])
+                    left = refs_left.get(tail)
+                    if left is None:
+                        left = self.pool.ref_count(tail)
+                    if left > 1:  # flags are cleared below, once the batch is sure to succeed
                         cow_rows.append(r)
-                    else:
-                        self._shared_tail[r] = False
-        total = int(need.sum()) + len(cow_rows)
-        if total > self.pool.num_available_blocks:
-            raise OutOfBlocksError(f"the batch needs {total} more blocks; "
+                        refs_left[tail] = left - 1
+        if total + len(cow_rows) > self.pool.num_available_blocks:
+            raise OutOfBlocksError(f"the batch needs {total + len(cow_rows)} more blocks; "
                                    f"{self.pool.num_available_blocks} available",
-                                   requested=total, available=self.pool.num_available_blocks)
+                                   requested=total + len(cow_rows), available=self.pool.num_available_blocks)
         for r in cow_rows:
             self._copy_on_write(r)
-        self._shared_tail[rows] = False
-        total -= len(cow_rows)
+        # a row that gains no token keeps its flag: its tail may still be shared
+        self._shared_tail[rows if one or not count or n.min() > 0 else rows[n > 0]] = False
         if total:
-            ids = np.asarray(self.pool.allocate(total), dtype=np.int32)
-            grow = need > 0
-            g_rows, g_need = rows[grow], need[grow]
-            start = self._nblk[g_rows]
-            self._ensure_width(int((start + g_need).max()))
-            rep_rows = np.repeat(g_rows, g_need)
-            offsets = np.arange(total) - np.repeat(np.cumsum(g_need) - g_need, g_need)
-            self._tables[rep_rows, np.repeat(start, g_need) + offsets] = ids
-            self._nblk[g_rows] = start + g_need
+            ids = self.pool.allocate(total)
+            if one:
+                start = self._nblk[grow_rows]
+                self._ensure_width(int(start.max()) + 1)
+                self._tables[grow_rows, start] = ids
+                self._nblk[grow_rows] = start + 1
+            else:
+                grow = need > 0
+                g_rows, g_need = rows[grow], need[grow]
+                start = self._nblk[g_rows]
+                self._ensure_width(int((start + g_need).max()))
+                rep_rows = np.repeat(g_rows, g_need)
+                offsets = np.arange(total) - np.repeat(np.cumsum(g_need) - g_need, g_need)
+                self._tables[rep_rows, np.repeat(start, g_need) + offsets] = ids
+                self._nblk[g_rows] = start + g_need
         self._ntok[rows] = new
         pend = self._npending[rows]
-        if pend.any():
-            self._npending[rows] = np.maximum(0, pend - n)
-        if token_ids is not None or pend.any() or self.prefix.enabled:
-            self._batch_tokens(seqs, rows, old, new, pend, token_ids)
-        if (n == 1).all():
-            return self._tables[rows, old // bs].astype(np.int64) * bs + old % bs
+        has_pend = bool(pend.any())
+        if has_pend:
+            self._npending[rows] = np.maximum(0, pend - (1 if one else n))
+        if token_ids is not None or has_pend or self.prefix.enabled:
+            self._batch_tokens(seqs, old, new, pend if has_pend else None, token_ids)
+        else:  # tokens without ids: those sequences no longer know all their ids
+            for seq, k in zip(seqs, [1] * count if one else n.tolist()):
+                if k:
+                    seq.hashable = False
+        if one:
+            return self._tables[rows, old // bs].astype(np.int64) * bs + off
         tok_rows = np.repeat(rows, n)
         pos = np.repeat(old, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
         return self._tables[tok_rows, pos // bs].astype(np.int64) * bs + pos % bs
 
-    def _batch_tokens(self, seqs: list[_Seq], rows: np.ndarray, old: np.ndarray, new: np.ndarray,
-                      pend: np.ndarray, token_ids: Sequence[int] | np.ndarray | None) -> None:
-        ids = token_ids.tolist() if isinstance(token_ids, np.ndarray) else token_ids
-        bs = self.block_size
-        filled = (new // bs) > (old // bs)
-        for i, seq in enumerate(seqs):
-            if not seq.hashable:
-                continue
-            k = int(new[i] - old[i])
-            p = int(pend[i])
-            if p:
-                if k > p:
+    def _batch_tokens(self, seqs: list[_Seq], old: np.ndarray, new: np.ndarray, pend: np.ndarray | None,
+                      token_ids: Sequence[int] | np.ndarray | None) -> None:
+        """Follow the token ids of a batched append; register the blocks it filled."""
+        ids = None if token_ids is None else np.asarray(token_ids, dtype=np.int64).tolist()
+        if pend is None:
+            if ids is not None:  # one new token each (checked by the caller)
+                # the batch's id arrays (memoised with the batch); sequences without
+                # ids append to a sink. An unhashable sequence's ids are never read.
+                arrays = self._batch_arrays
+                if arrays is None or len(arrays) != len(seqs):
+                    sink = self._sink
+                    arrays = self._batch_arrays = [s.token_ids if s.token_ids is not None else sink
+                                                   for s in seqs]
+                deque(map(array.append, arrays, ids), maxlen=0)
+                if self._sink:
+                    del self._sink[:]
+            else:
+                for seq, k in zip(seqs, (new - old).tolist()):
+                    if k:
+                        seq.hashable = False
+        else:
+            for i, (seq, k, p) in enumerate(zip(seqs, (new - old).tolist(), pend.tolist())):
+                if not seq.hashable:
+                    continue
+                if p:  # pending prompt tokens come first; their ids are known
+                    if k > p:
+                        seq.hashable = False
+                elif ids is not None:
+                    seq.token_ids.append(ids[i])  # type: ignore[union-attr]
+                elif k:
                     seq.hashable = False
-            elif ids is not None and seq.token_ids is not None:
-                seq.token_ids.append(int(ids[i]))
-            elif k:
-                seq.hashable = False
-            if filled[i] and seq.hashable:
-                self._register_full_blocks(seq, int(new[i]))
+        if self.prefix.enabled:
+            bs = self.block_size
+            for i in np.flatnonzero(new // bs > old // bs).tolist():
+                seq = seqs[i]
+                if seq.hashable:
+                    self._register_full_blocks(seq, int(new[i]))
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """Start ``child_id`` sharing every block of ``parent_id`` (no data copied).
@@ -428,14 +523,17 @@ class BlockManager:
         shared partially filled last block copies that block (copy-on-write).
         """
         parent = self._seq(parent_id)
-        if child_id in self._seqs:
-            raise SequenceError(f"sequence {child_id!r} already exists")
+        try:
+            if child_id in self._seqs:
+                raise SequenceError(f"sequence {child_id!r} already exists")
+        except TypeError:
+            raise SequenceError(f"sequence id {child_id!r} is not hashable") from None
         prow = parent.row
         nb = int(self._nblk[prow])
         blocks = self._tables[prow, :nb].tolist()
         self.pool.incref(blocks)
         row = self._new_row()
-        child = _Seq(row, list(parent.token_ids) if parent.token_ids is not None else None, parent.salt)
+        child = _Seq(row, parent.token_ids[:] if parent.token_ids is not None else None, parent.salt)
         child.keys = list(parent.keys)
         child.hashable = parent.hashable
         self._seqs[child_id] = child
@@ -454,6 +552,7 @@ class BlockManager:
         blocks = self._tables[row, : self._nblk[row]].tolist()
         self.pool.free(blocks[::-1])  # last block first, so eviction takes the tail first
         del self._seqs[seq_id]
+        self._batch_key = None  # its row will be reused
         self._nblk[row] = 0
         self._ntok[row] = 0
         self._npending[row] = 0
@@ -471,7 +570,7 @@ class BlockManager:
 
         ``width`` defaults to the longest table among the sequences.
         """
-        rows = np.fromiter((self._seq(s).row for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        rows = self._batch(seq_ids)[1]
         w = int(self._nblk[rows].max()) if len(rows) and width is None else (width or 0)
         if w > self._tables.shape[1]:
             self._ensure_width(w)
@@ -479,12 +578,12 @@ class BlockManager:
 
     def context_lens(self, seq_ids: Sequence[SeqId]) -> np.ndarray:
         """Reserved tokens of each sequence (int32)."""
-        rows = np.fromiter((self._seq(s).row for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        rows = self._batch(seq_ids)[1]
         return self._ntok[rows].astype(np.int32)
 
     def slot_mapping(self, seq_ids: Sequence[SeqId], num_last_tokens: int | Sequence[int] = 1) -> np.ndarray:
         """Slots of the last ``num_last_tokens`` tokens of each sequence, concatenated (int64)."""
-        rows = np.fromiter((self._seq(s).row for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        rows = self._batch(seq_ids)[1]
         n = np.asarray(num_last_tokens, dtype=np.int64)
         if n.ndim == 0:
             n = np.full(len(rows), int(n), dtype=np.int64)
@@ -565,6 +664,7 @@ class BlockManager:
             assert (row >= 0).all() and (row < self.pool.capacity).all(), f"sequence {sid!r}: bad block id"
             for b in row.tolist():
                 refs[b] = refs.get(b, 0) + 1
+            assert s.token_ids is not None or not s.hashable, f"sequence {sid!r}: hashable without ids"
             if s.token_ids is not None and s.hashable:
                 assert len(s.token_ids) == nt + int(self._npending[s.row])
             assert len(s.keys) <= nt // bs or not s.hashable
@@ -579,6 +679,18 @@ class SequenceBlockTable(NamedTuple):
     seq_id: SeqId
     block_ids: list[int]
     num_tokens: int
+
+
+def _int_array(token_ids: Sequence[int] | np.ndarray) -> array[int]:
+    """Token ids as an int64 ``array`` (compact, and hashed without conversion)."""
+    if isinstance(token_ids, np.ndarray):
+        out = array("q")
+        out.frombytes(np.ascontiguousarray(token_ids, dtype=np.int64).tobytes())
+        return out
+    try:
+        return array("q", token_ids)
+    except TypeError:  # e.g. floats or 0-d tensors: convert one by one, as int() does
+        return array("q", [int(t) for t in token_ids])
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:

@@ -13,9 +13,11 @@ open below live blocks are closed by compaction, after which
 
 Cached blocks. A block registered in a prefix index is *cached*. When its
 reference count drops to zero it is not freed but queued as *evictable*, in
-least-recently-released order; blocks released by one :meth:`BlockPool.free`
-call are queued in reverse list order, so a sequence's last block is evicted
-before its first and shared prefixes stay longest. Allocation takes truly
+least-recently-released order. Blocks released by one :meth:`BlockPool.free`
+call are queued (and, when uncached, pushed on the free stack) in list order,
+whichever path the call takes; :meth:`~kvforge.block_table.BlockManager.free_sequence`
+passes a sequence's blocks tail first, so its last block is evicted before its
+first and shared prefixes stay longest. Allocation takes truly
 free blocks first and evicts the oldest evictable block only when the free
 stack is empty. :meth:`BlockPool.incref` on an evictable block revives it.
 """
@@ -142,7 +144,7 @@ class BlockPool:
         """
         with self._lock:
             free = self._free
-            if n == 1 and free:  # the decode-step fast path
+            if n == 1 and free and type(n) is int:  # the decode-step fast path
                 b = free.pop()
                 self._ref[b] = 1
                 ids = [b]
@@ -235,8 +237,10 @@ class BlockPool:
                 return 0
             # fast path: every block exclusively held and uncached
             done = 0
+            checked = False
             try:
                 if min(ids) >= 0:
+                    checked = True
                     for b in ids:
                         if ref[b] != 1 or cached[b]:
                             break
@@ -249,6 +253,25 @@ class BlockPool:
                 self._num_allocated -= done
                 self._total_dealloc += done
                 return done
+            if checked:  # next most common: every block held once, some of them cached
+                try:
+                    for b in ids[done:]:
+                        if ref[b] != 1:
+                            break
+                        ref[b] = 0
+                        done += 1
+                except (IndexError, TypeError):
+                    pass
+                if done == len(ids):
+                    push, evictable = self._free.append, self._evictable
+                    for b in ids:  # list order, as the slow path
+                        if cached[b]:
+                            evictable[b] = None
+                        else:
+                            push(b)
+                    self._num_allocated -= done
+                    self._total_dealloc += done
+                    return done
             for b in ids[:done]:  # undo, then take the careful path
                 ref[b] = 1
             return self._free_slow(list(ids))
@@ -268,7 +291,7 @@ class BlockPool:
             ref[b] -= 1
             if ref[b] == 0:
                 zero.append(b)
-        for b in reversed(zero):
+        for b in zero:  # list order, as the fast path
             if cached[b]:
                 self._evictable[b] = None
             else:
@@ -285,13 +308,14 @@ class BlockPool:
 
     def _evict(self, k: int) -> None:
         """Move the ``k`` least recently released evictable blocks to the free stack."""
+        pop, cached, push, on_evict = self._evictable.popitem, self._cached, self._free.append, self.on_evict
         for _ in range(k):
-            b, _ = self._evictable.popitem(last=False)
-            self._cached[b] = 0
+            b = pop(last=False)[0]
+            cached[b] = 0
             self._evictions += 1
-            if self.on_evict is not None:
-                self.on_evict(b)
-            self._free.append(b)
+            if on_evict is not None:
+                on_evict(b)
+            push(b)
 
     # ----------------------------------------------------------- cached state
     def ref_count(self, block_id: int) -> int:
@@ -306,6 +330,8 @@ class BlockPool:
     def mark_cached(self, block_id: int) -> None:
         """Mark a held block as cached: at zero references it becomes evictable."""
         with self._lock:
+            if type(block_id) is not int or not 0 <= block_id < self.num_blocks:
+                self._check_ids([block_id])
             if self._ref[block_id] <= 0:
                 raise InvalidBlockError(f"cannot cache block {block_id}: it is not held")
             self._cached[block_id] = 1
@@ -374,11 +400,15 @@ class BlockPool:
         with self._lock:
             for src, dst in moves:
                 self._check_ids([src, dst])
-                if self._ref[dst] or self._cached[dst]:
+                if self._ref[dst] or self._cached[dst] or dst >= self._capacity:
                     raise InvalidBlockError(f"cannot move block {src} to {dst}: {dst} is not free")
                 if not (self._ref[src] or self._cached[src]):
                     raise InvalidBlockError(f"cannot move block {src}: it is free")
             dsts = {d for _, d in moves}
+            if len(dsts) != len(moves) or len({s for s, _ in moves}) != len(moves):
+                raise InvalidBlockError(f"relocate() got a block twice among the moves {list(moves)!r}")
+            if dsts:
+                self._high = max(self._high, max(dsts) + 1)
             evict_pos = {b: i for i, b in enumerate(self._evictable)}
             order = list(self._evictable)
             for src, dst in moves:

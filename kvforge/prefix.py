@@ -17,6 +17,7 @@ never branch on whether prefix caching is on.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import asdict, dataclass
 from typing import Callable, Hashable, Sequence
 
@@ -46,6 +47,23 @@ class PrefixStats:
     def to_dict(self) -> dict[str, float]:
         """The snapshot as a plain dict."""
         return asdict(self)
+
+
+#: BLAKE2b with a 128-bit digest, nothing hashed yet: copying it is cheaper than
+#: building a new hash object for every block (same digests as ``blake2b(x, digest_size=16)``).
+_EMPTY_BLAKE = hashlib.blake2b(digest_size=_DIGEST)
+
+
+def _int64_bytes(token_ids: Sequence[int] | np.ndarray, count: int) -> bytes:
+    """The first ``count`` token ids as native int64 bytes (the hashed representation)."""
+    if isinstance(token_ids, array) and token_ids.typecode == "q":  # BlockManager keeps ids so
+        return (token_ids if len(token_ids) == count else token_ids[:count]).tobytes()
+    if not isinstance(token_ids, np.ndarray):
+        try:  # array() converts a list of ints without numpy's per-call overhead
+            return array("q", token_ids if len(token_ids) == count else token_ids[:count]).tobytes()
+        except (TypeError, OverflowError):
+            pass
+    return np.ascontiguousarray(np.asarray(token_ids[:count], dtype=np.int64)).tobytes()
 
 
 def _root_key(salt: Hashable | None) -> BlockKey:
@@ -89,22 +107,35 @@ class PrefixIndex:
         n = len(token_ids) // bs
         if n == 0:
             return []
-        arr = np.asarray(token_ids[: n * bs], dtype=np.int64)
-        data = arr.tobytes()
+        data = _int64_bytes(token_ids, n * bs)
         step = bs * 8
         key = _root_key(salt) if parent is None else parent
         keys = []
-        blake = hashlib.blake2b
-        for i in range(n):
-            key = blake(key + extra + data[i * step:(i + 1) * step], digest_size=_DIGEST).digest()
+        new_hash = _EMPTY_BLAKE.copy
+        for start in range(0, n * step, step):
+            h = new_hash()
+            h.update(key + extra + data[start:start + step])
+            key = h.digest()
             keys.append(key)
         return keys
 
+    def next_key(self, parent: BlockKey | None, token_ids: Sequence[int] | np.ndarray,
+                 salt: Hashable | None = None, extra: bytes = b"") -> BlockKey:
+        """The key of one full block (exactly ``block_size`` ids) after ``parent``:
+        ``block_keys(token_ids, salt, parent, extra)[0]`` without the list."""
+        if len(token_ids) != self.block_size:
+            raise ValueError(f"next_key() needs {self.block_size} token ids, got {len(token_ids)}")
+        h = _EMPTY_BLAKE.copy()
+        h.update((_root_key(salt) if parent is None else parent) + extra + _int64_bytes(token_ids, self.block_size))
+        return h.digest()
+
     # -------------------------------------------------------------- lookup
-    def lookup(self, keys: Sequence[BlockKey], num_tokens: int) -> list[int]:
+    def lookup(self, keys: Sequence[BlockKey], num_tokens: int, *, record: bool = True) -> list[int]:
         """Cached blocks for the longest prefix of ``keys`` (a query of ``num_tokens``).
 
-        Only counts the query; the caller takes references on the result.
+        Counts the query unless ``record`` is false (then the caller calls
+        :meth:`record_query` once the request really went ahead); the caller
+        takes references on the result.
         """
         hits = []
         get = self._blocks.get
@@ -113,10 +144,15 @@ class PrefixIndex:
             if b is None:
                 break
             hits.append(b)
+        if record:
+            self.record_query(num_tokens, len(hits))
+        return hits
+
+    def record_query(self, num_tokens: int, num_hit_blocks: int) -> None:
+        """Count a query of ``num_tokens`` that found ``num_hit_blocks`` cached blocks."""
         self._queries += 1
         self._query_tokens += num_tokens
-        self._hit_tokens += len(hits) * self.block_size
-        return hits
+        self._hit_tokens += num_hit_blocks * self.block_size
 
     def register(self, block_id: int, key: BlockKey) -> bool:
         """Cache a held, full block under ``key``; False when the key is taken
@@ -185,9 +221,9 @@ class NullPrefixIndex(PrefixIndex):
                    parent: BlockKey | None = None, extra: bytes = b"") -> list[BlockKey]:
         return []
 
-    def lookup(self, keys: Sequence[BlockKey], num_tokens: int) -> list[int]:
-        self._queries += 1
-        self._query_tokens += num_tokens
+    def lookup(self, keys: Sequence[BlockKey], num_tokens: int, *, record: bool = True) -> list[int]:
+        if record:
+            self.record_query(num_tokens, 0)
         return []
 
     def register(self, block_id: int, key: BlockKey) -> bool:
