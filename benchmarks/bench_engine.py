@@ -1,0 +1,188 @@
+"""kvforge's engine on a GPU, on the workload of ``baselines/hf_engine_baseline.py``.
+
+A TinyLlama-1.1B-shaped Llama (hidden 2048, 22 layers, 32 heads, 4 KV heads,
+intermediate 5632, vocab 32000) with random bf16 weights made by kvforge's
+own model (no checkpoint); the baseline's seeded prompts (same generator,
+same lognormal lengths, so the same token ids); exactly ``NEW`` tokens per
+request with end-of-sequence disabled. Reports output tokens/s, time to
+first token and inter-token latency (p50, p99), peak KV memory (blocks in
+use x bytes per block, and the pool's allocation), and the most sequences
+running at once; for 128 and 512 requests. Then the static comparison: the
+KV bytes transformers' static padded batch of 128 needs (128 x (longest
+prompt + NEW) tokens) given to kvforge as its whole cache, and the 512
+requests run through it: how many sequences it holds at once.
+
+Usage: ``python benchmarks/bench_engine.py [--requests 128 512] [--new-tokens 256] [--json out.json]``
+Run ``python benchmarks/baselines/hf_engine_baseline.py`` in the same call for the transformers numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvforge.engine import Engine, SamplingParams  # noqa: E402
+
+TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
+                 intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+                 tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=0.02,
+                 eos_token_id=None, bos_token_id=None, pad_token_id=0)
+
+
+def baseline_prompts(n: int) -> list[list[int]]:
+    """The prompts of hf_engine_baseline.py, token for token."""
+    rng = random.Random(0)
+    return [[rng.randrange(1, 32000) for _ in range(max(16, min(1024, int(rng.lognormvariate(4.6, 0.9)))))]
+            for _ in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def run(engine: Engine, prompts: list[list[int]], new_tokens: int, profile: bool = False) -> dict[str, Any]:
+    """Generate; return throughput, latencies and memory of this run alone.
+
+    The prefix cache is emptied first, so that no run reuses another's prompts."""
+    cache = engine.cache
+    cache.reclaim_unused_blocks()
+    before = engine.stats()
+    peak = {"blocks": 0, "running": 0}
+    steps: list[tuple[float, int, bool]] = []
+    last = [time.perf_counter(), engine.stats().num_decode_steps]
+
+    def on_step(e: Engine) -> None:
+        peak["blocks"] = max(peak["blocks"], cache.pool.num_allocated_blocks)
+        peak["running"] = max(peak["running"], len(e.scheduler.running))
+        if profile:
+            now = time.perf_counter()
+            dec = e._counters["decode_steps"]
+            steps.append((now - last[0], len(e.scheduler.running), dec != last[1]))
+            last[0], last[1] = now, dec
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params, on_step=on_step)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    assert all(len(o.token_ids) == new_tokens for o in outs), "every request must get exactly NEW tokens"
+    ttft = [o.metrics.ttft for o in outs if o.metrics.ttft is not None]
+    itl = [g for o in outs for g in o.metrics.inter_token_latencies]
+    res = dict(requests=len(prompts), tokens=tokens, seconds=wall, tok_per_s=tokens / wall,
+               ttft_p50_ms=1e3 * pct(ttft, 50), ttft_p99_ms=1e3 * pct(ttft, 99),
+               itl_p50_ms=1e3 * pct(itl, 50), itl_p99_ms=1e3 * pct(itl, 99),
+               peak_kv_bytes=peak["blocks"] * cache.config.bytes_per_block, pool_bytes=cache.storage_bytes,
+               max_concurrent=peak["running"], num_blocks=cache.config.num_blocks,
+               preemptions=engine.stats().num_preemptions - before.num_preemptions,
+               prefix_hit_tokens=engine.stats().prefix_hit_tokens - before.prefix_hit_tokens)
+    if profile and steps:
+        dec = [s for s in steps if s[2]]
+        pre = [s for s in steps if not s[2]]
+        res["decode_steps"] = len(dec)
+        res["decode_step_ms_mean"] = 1e3 * statistics.fmean(s[0] for s in dec) if dec else None
+        res["prefill_steps"] = len(pre)
+        res["prefill_time_s"] = sum(s[0] for s in pre)
+    return res
+
+
+def replay_ms(engine: Engine, batch: int, iters: int = 50) -> float | None:
+    """GPU time of one captured decode step of ``batch`` (replays back to back)."""
+    graphs = engine.runner.graphs
+    if graphs is None or batch not in graphs._graphs:
+        return None
+    g = graphs._graphs[batch][0]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        g.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--kv-memory", default="24GiB", help="KV cache of the main runs")
+    ap.add_argument("--no-static-compare", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-step timings and graph replay times")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_engine.py needs a CUDA GPU")
+    dev_name = torch.cuda.get_device_name()
+    most = max(args.requests)
+    t = time.perf_counter()
+    engine = Engine.from_config(TINYLLAMA, dtype="bfloat16", device="cuda", kv_memory=args.kv_memory,
+                                block_size=args.block_size, max_num_seqs=most, max_model_len=2048,
+                                max_num_batched_tokens=args.max_num_batched_tokens)
+    setup_s = time.perf_counter() - t
+    prompts = baseline_prompts(most)
+    print(f"# {dev_name} torch {torch.__version__} | kvforge engine, TinyLlama-1.1B shape, random bf16 weights | "
+          f"new={args.new_tokens} | setup (weights + KV pool + {len(engine.config.graph_sizes())} decode graphs) "
+          f"{setup_s:.1f} s | KV pool {engine.cache.storage_bytes / 2**30:.1f} GiB, block {args.block_size}")
+    # JIT warm-up: the same prompt lengths (so the same kernel variants compile), other token ids
+    warm = [[(t + 7) % 32000 for t in p] for p in prompts]
+    t = time.perf_counter()
+    for n in sorted(set(args.requests)):
+        engine.generate(warm[:n], SamplingParams(max_tokens=4, ignore_eos=True))
+    print(f"# warm-up (Triton JIT) {time.perf_counter() - t:.1f} s")
+    results: dict[str, Any] = dict(device=dev_name, torch=torch.__version__, new_tokens=args.new_tokens,
+                                   setup_s=setup_s, runs=[])
+    if args.profile:
+        results["replay_ms"] = {b: replay_ms(engine, b) for b in (1, 32, 64, 128, 256, 512)}
+        print("graph replay ms:", {b: round(v, 3) for b, v in results["replay_ms"].items() if v is not None})
+    header = (f"{'requests':>8} {'tokens':>8} {'tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>7} "
+              f"{'peak KV':>8} {'max conc':>8}")
+    print(header)
+    for n in args.requests:
+        r = run(engine, prompts[:n], args.new_tokens, profile=args.profile)
+        results["runs"].append(r)
+        print(f"{n:>8} {r['tokens']:>8} {r['tok_per_s']:>9.0f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>6.0f}ms "
+              f"{r['itl_p50_ms']:>6.2f}ms {r['itl_p99_ms']:>5.1f}ms {r['peak_kv_bytes'] / 2**30:>6.2f}G "
+              f"{r['max_concurrent']:>8}" + (f"  | {r.get('decode_steps')} decode steps, "
+                                             f"{r.get('decode_step_ms_mean', 0):.2f} ms each; "
+                                             f"{r.get('prefill_steps')} prefill steps, "
+                                             f"{r.get('prefill_time_s', 0):.2f} s" if args.profile else ""))
+    if not args.no_static_compare:
+        static_batch = 128
+        ccfg = engine.cache.config
+        longest = max(len(p) for p in prompts[:static_batch])
+        static_bytes = static_batch * (longest + args.new_tokens) * ccfg.bytes_per_token
+        blocks = static_bytes // ccfg.bytes_per_block
+        model = engine.model
+        del engine
+        torch.cuda.empty_cache()
+        tight = Engine.from_model(model, num_blocks=blocks, block_size=args.block_size, max_num_seqs=most,
+                                  max_model_len=2048, max_num_batched_tokens=args.max_num_batched_tokens)
+        tight.generate(warm[:most], SamplingParams(max_tokens=4, ignore_eos=True))
+        r = run(tight, prompts[:most], args.new_tokens)
+        r.update(static_batch=static_batch, static_kv_bytes=static_bytes, longest_prompt=longest)
+        results["static_compare"] = r
+        print(f"static padded batch of {static_batch} (longest prompt {longest} + {args.new_tokens}) needs "
+              f"{static_bytes / 2**30:.2f} GiB of KV; kvforge with that as its whole cache ({blocks} blocks) ran "
+              f"{most} requests holding up to {r['max_concurrent']} sequences at once, {r['tok_per_s']:.0f} tok/s, "
+              f"{r['preemptions']} preemptions")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

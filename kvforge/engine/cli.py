@@ -1,0 +1,144 @@
+"""``kvforge generate``: run prompts through the engine from the command line.
+
+``register(subparsers)`` adds the subcommand to kvforge's ``argparse`` entry
+point; :func:`run_generate` runs it. Prompts come from ``--prompt`` (repeat
+it for several) or ``--prompts FILE.jsonl`` (one JSON object per line with
+``"prompt"`` text or ``"prompt_token_ids"``, and optionally ``"max_tokens"``).
+Completions print in prompt order, then one summary line: tokens/s, cache
+use, prefix hit rate, preemptions.
+
+Also runnable alone: ``python -m kvforge.engine.cli generate --model DIR ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+from kvforge.errors import ConfigError, KVForgeError
+
+__all__ = ["register", "run_generate", "main"]
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``generate`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "generate", help="generate text with the reference engine from a local Hugging Face checkpoint",
+        description="Continuous-batching generation on kvforge's paged KV cache (Llama, Mistral, Qwen2, Qwen3).")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
+    src.add_argument("--prompts", metavar="FILE.jsonl",
+                     help='one JSON object per line: {"prompt": "..."} or {"prompt_token_ids": [...]}')
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed (reproducible sampling)")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt (forked from the prompt's blocks)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    p.add_argument("--block-size", type=int, default=16)
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--vram", "--kv-memory", dest="kv_memory", help="KV cache budget, e.g. 4GiB")
+    mem.add_argument("--num-blocks", type=int, help="KV cache size in blocks")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: checkpoint's on GPU, "
+                   "float32 on CPU)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--random-weights", action="store_true",
+                   help="ignore the checkpoint's weights: random ones for its config.json (demos, benchmarks)")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def _read_prompts(args: argparse.Namespace) -> tuple[list[Any], list[int | None]]:
+    if args.prompt:
+        return list(args.prompt), [None] * len(args.prompt)
+    prompts: list[Any] = []
+    limits: list[int | None] = []
+    try:
+        fh = open(args.prompts, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read --prompts {args.prompts!r}: {exc.strerror}") from None
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{args.prompts}:{lineno}: not JSON ({exc.msg})") from None
+            if isinstance(obj, str):
+                obj = {"prompt": obj}
+            if not isinstance(obj, dict) or not ("prompt" in obj or "prompt_token_ids" in obj):
+                raise ConfigError(f'{args.prompts}:{lineno}: expected {{"prompt": ...}} or {{"prompt_token_ids": ...}}')
+            prompts.append(obj["prompt_token_ids"] if "prompt_token_ids" in obj else obj["prompt"])
+            limits.append(obj.get("max_tokens"))
+    if not prompts:
+        raise ConfigError(f"{args.prompts}: no prompts")
+    return prompts, limits
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run the ``generate`` subcommand; print completions and a summary; return the exit code."""
+    from kvforge.engine import Engine, SamplingParams
+    from kvforge.engine.loader import load_tokenizer
+    from kvforge.engine.model_config import read_config
+
+    try:
+        prompts, limits = _read_prompts(args)
+        options = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                       enable_prefix_caching=not args.no_prefix_caching, use_cuda_graphs=not args.no_cuda_graphs)
+        start = time.perf_counter()
+        if args.random_weights:
+            engine = Engine.from_config(read_config(args.model), kv_memory=args.kv_memory,
+                                        num_blocks=args.num_blocks, device=args.device, dtype=args.dtype, **options)
+            engine.tokenizer = load_tokenizer(args.model)
+        else:
+            engine = Engine(args.model, kv_memory=args.kv_memory, num_blocks=args.num_blocks, device=args.device,
+                            dtype=args.dtype, **options)
+        load_s = time.perf_counter() - start
+        base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos)
+        params = [base if m is None else replace(base, max_tokens=int(m)) for m in limits]
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+    except KVForgeError as exc:
+        print(f"kvforge generate: error: {exc}", file=sys.stderr)
+        return 2
+    for i, out in enumerate(outputs):
+        shown = out.prompt if out.prompt is not None else out.prompt_token_ids
+        print(f"[{i}] prompt: {shown!r}")
+        for comp in out.outputs:
+            body = comp.text if comp.text is not None else comp.token_ids
+            tag = f" #{comp.index}" if len(out.outputs) > 1 else ""
+            print(f"[{i}]{tag} completion ({len(comp.token_ids)} tokens, {comp.finish_reason}): {body!r}")
+    st = engine.stats()
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    ttfts = [o.metrics.ttft for o in outputs if o.metrics.ttft is not None]
+    print(f"{len(outputs)} requests, {generated} tokens in {elapsed:.2f} s: {generated / max(elapsed, 1e-9):.1f} tok/s"
+          f" | mean TTFT {1e3 * sum(ttfts) / max(len(ttfts), 1):.1f} ms | peak cache use {st.peak_used_blocks}/"
+          f"{st.num_blocks} blocks ({st.peak_used_blocks / st.num_blocks:.1%}) | prefix hit rate "
+          f"{st.prefix_hit_rate:.1%} | preemptions {st.num_preemptions} | load {load_s:.1f} s on {engine.device}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python -m kvforge.engine.cli generate ...``)."""
+    parser = argparse.ArgumentParser(prog="kvforge")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

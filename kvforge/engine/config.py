@@ -1,0 +1,91 @@
+"""``EngineConfig``: the engine's scheduling and runtime policy (frozen)."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvforge.errors import ConfigError
+
+__all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES"]
+
+#: Decode batch sizes captured as CUDA graphs (those up to ``max_num_seqs``, plus it).
+DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+                       320, 384, 448, 512, 640, 768, 896, 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the engine batches and runs.
+
+    - ``max_num_seqs``: sequences running at once (decode batch limit);
+    - ``max_num_batched_tokens``: tokens computed per step (prefill chunks
+      and decodes together); long prompts are prefilled in chunks of it;
+    - ``max_model_len``: longest sequence (prompt + output); default the
+      model's ``max_position_embeddings``, always capped by the cache;
+    - ``block_size``, ``enable_prefix_caching``, ``enable_compaction``:
+      used when the engine sizes the cache itself;
+    - ``kv_memory_fraction``: on a GPU without a given size, the share of
+      the free device memory (after weights) the KV cache takes;
+    - ``watermark``: share of blocks kept free when admitting a new
+      sequence while others run, so running decodes rarely preempt;
+    - ``use_cuda_graphs``, ``max_graph_batch_size``: decode CUDA graphs;
+    - ``seed``: seeds requests that bring none (and random weights);
+    - ``backend``: kernel backend passed to the cache (``auto``, ``triton``,
+      ``torch``);
+    - ``fused_ops``: the decoder's Triton RMSNorm/RoPE/SiLU kernels (None =
+      on CUDA only; True on the CPU needs ``TRITON_INTERPRET=1``).
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_compaction: bool = False
+    kv_memory_fraction: float = 0.85
+    watermark: float = 0.01
+    use_cuda_graphs: bool = True
+    max_graph_batch_size: int | None = None
+    seed: int = 0
+    backend: str = "auto"
+    fused_ops: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            _int(name, getattr(self, name), 1)
+        if self.max_model_len is not None:
+            _int("max_model_len", self.max_model_len, 2)
+        if self.max_graph_batch_size is not None:
+            _int("max_graph_batch_size", self.max_graph_batch_size, 1)
+        _int("seed", self.seed, 0)
+        for name, lo, hi in (("kv_memory_fraction", 0.0, 1.0), ("watermark", 0.0, 0.5)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= float(v) <= hi:
+                raise ConfigError(f"EngineConfig.{name} must lie in [{lo}, {hi}], got {v!r}")
+        for name in ("enable_prefix_caching", "enable_compaction", "use_cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
+            raise ConfigError(f"EngineConfig.fused_ops must be True, False or None, got {self.fused_ops!r}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"EngineConfig.backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build from keyword options, naming any unknown one."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**options)
+
+    def graph_sizes(self) -> tuple[int, ...]:
+        """Decode batch sizes to capture: the defaults up to the limit, and the limit."""
+        top = min(self.max_num_seqs, self.max_graph_batch_size or self.max_num_seqs)
+        return tuple(sorted({s for s in DEFAULT_GRAPH_SIZES if s < top} | {top}))
+
+
+def _int(name: str, v: Any, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ConfigError(f"EngineConfig.{name} must be an integer >= {low}, got {v!r}")

@@ -1,0 +1,273 @@
+"""kvforge's own Llama-family decoder: Llama, Mistral, Qwen2, Qwen3.
+
+One implementation covers the four: grouped-query attention through the
+paged kernels, RoPE (default, linear or Llama 3 scaled), RMSNorm, a SiLU
+gated MLP; Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm and Mistral's
+sliding window are switches of :class:`~kvforge.engine.model_config.ModelConfig`.
+The q, k and v projections are fused into one matrix, and the gate and up
+projections into another, so a layer is four matrix products.
+
+The model owns no KV storage: every forward writes the new tokens' keys and
+values into the :class:`~kvforge.cache.KVCache` at ``slot_mapping`` and
+reads the context through the block tables. Every tensor operation is
+static in shape given its inputs, so the decode forward can be captured in
+a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvforge import kernels
+from kvforge.cache import KVCache
+from kvforge.engine.model_config import ModelConfig
+from kvforge.engine.models.layers import RotaryEmbedding, rms_norm
+from kvforge.errors import ModelError
+
+__all__ = ["AttentionInputs", "LlamaModel", "LayerWeights"]
+
+
+class AttentionInputs(NamedTuple):
+    """Where one forward's tokens sit in the paged cache.
+
+    ``slot_mapping`` int32/int64 ``[T]`` (-1 = padding, not stored). Rows
+    come in two groups, each with int32 block tables ``[n, max_blocks]`` and
+    context lengths ``[n]`` (all tokens of each sequence including this
+    step's): first ``D`` decodes, one new token each (rows ``0..D-1``,
+    through the decode kernel), then ``P`` ragged prefill chunks described by
+    ``cu_query_lens`` int32 ``[P + 1]`` (from 0, at row ``D``). A group that
+    is absent has None tensors. Each tensor is its own allocation (or
+    aligned view), never a misaligned slice, so Triton sees the same pointer
+    alignment every step and compiles nothing new.
+    """
+
+    slot_mapping: Tensor
+    decode_tables: Tensor | None
+    decode_context_lens: Tensor | None
+    prefill_tables: Tensor | None = None
+    prefill_context_lens: Tensor | None = None
+    cu_query_lens: Tensor | None = None
+
+    @property
+    def num_decodes(self) -> int:
+        """Rows at the front that are decodes."""
+        return 0 if self.decode_context_lens is None else int(self.decode_context_lens.shape[0])
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors (``[out, in]`` matrices, as ``F.linear`` takes them)."""
+
+    input_norm: Tensor
+    qkv: Tensor
+    qkv_bias: Tensor | None
+    q_norm: Tensor | None
+    k_norm: Tensor | None
+    o_proj: Tensor
+    post_norm: Tensor
+    gate_up: Tensor
+    down: Tensor
+
+
+class LlamaModel:
+    """The decoder with fused weights on one device, in one dtype.
+
+    Build it with :meth:`from_state_dict` (Hugging Face parameter names) or
+    :meth:`random`. :meth:`forward` returns the final hidden states ``[T,
+    hidden]``; :meth:`compute_logits` turns selected rows into float32 logits.
+    """
+
+    def __init__(self, config: ModelConfig, embed: Tensor, layers: list[LayerWeights], norm: Tensor,
+                 lm_head: Tensor, *, max_positions: int, fused: bool | None = None) -> None:
+        self.config = config
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.dtype = embed.dtype
+        self.device = embed.device
+        self.rope = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling,
+                                    self.dtype, self.device)
+        self.scale = config.head_dim ** -0.5
+        self._fused = None
+        self.set_fused(fused)
+
+    def set_fused(self, fused: bool | None) -> None:
+        """Use the Triton fused ops (:mod:`~kvforge.engine.models.fused`): None = on CUDA only.
+
+        On the CPU they need ``TRITON_INTERPRET=1`` (tests)."""
+        on = self.device.type == "cuda" if fused is None else bool(fused)
+        if on and self.config.head_dim & (self.config.head_dim - 1):
+            on = False  # the rope kernel wants a power-of-two head_dim
+        if on:
+            from kvforge.engine.models import fused as fused_ops
+            self._fused = fused_ops
+        else:
+            self._fused = None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the Triton fused ops are in use."""
+        return self._fused is not None
+
+    # ------------------------------------------------------------- building
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, tensors: Mapping[str, Tensor], *, dtype: torch.dtype,
+                        device: torch.device, max_positions: int | None = None) -> LlamaModel:
+        """Fuse and place Hugging Face tensors (``model.layers.{i}.self_attn.q_proj.weight``, ...).
+
+        Raises :class:`ModelError` naming the first missing tensor."""
+        def get(name: str, optional: bool = False) -> Tensor | None:
+            t = tensors.get(name)
+            if t is None and not optional:
+                raise ModelError(f"{config.architecture} checkpoint has no tensor {name!r}")
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        def need(name: str) -> Tensor:
+            t = get(name)
+            assert t is not None
+            return t
+
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            q, k, v = need(a + "q_proj.weight"), need(a + "k_proj.weight"), need(a + "v_proj.weight")
+            _check_shape(a + "q_proj.weight", q, (config.q_size, config.hidden_size))
+            _check_shape(a + "k_proj.weight", k, (config.kv_size, config.hidden_size))
+            biases = [get(a + f"{n}_proj.bias", optional=not config.qkv_bias) for n in "qkv"]
+            bias = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=device)
+                              for b, w in zip(biases, (q, k, v))]) if any(b is not None for b in biases) else None
+            layers.append(LayerWeights(
+                input_norm=need(p + "input_layernorm.weight"),
+                qkv=torch.cat([q, k, v]).contiguous(), qkv_bias=bias,
+                q_norm=get(a + "q_norm.weight") if config.qk_norm else None,
+                k_norm=get(a + "k_norm.weight") if config.qk_norm else None,
+                o_proj=need(a + "o_proj.weight"),
+                post_norm=need(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")]).contiguous(),
+                down=need(p + "mlp.down_proj.weight"),
+            ))
+            del q, k, v
+        embed = need("model.embed_tokens.weight")
+        _check_shape("model.embed_tokens.weight", embed, (config.vocab_size, config.hidden_size))
+        head = get("lm_head.weight", optional=True)
+        if head is None:
+            if not config.tie_word_embeddings:
+                raise ModelError(f"{config.architecture} checkpoint has no tensor 'lm_head.weight' "
+                                 f"and tie_word_embeddings is false")
+            head = embed
+        return cls(config, embed, layers, need("model.norm.weight"), head,
+                   max_positions=max_positions or config.max_position_embeddings)
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
+               max_positions: int | None = None) -> LlamaModel:
+        """Random weights (normal, std ``initializer_range``; norms 1), made on the device."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        std = config.initializer_range
+
+        def w(*shape: int) -> Tensor:
+            return torch.randn(shape, generator=gen, dtype=dtype, device=device) * std
+
+        def ones(n: int) -> Tensor:
+            return torch.ones(n, dtype=dtype, device=device)
+
+        c = config
+        layers = [LayerWeights(
+            input_norm=ones(c.hidden_size), qkv=w(c.q_size + 2 * c.kv_size, c.hidden_size),
+            qkv_bias=w(c.q_size + 2 * c.kv_size) if c.qkv_bias else None,
+            q_norm=ones(c.head_dim) if c.qk_norm else None, k_norm=ones(c.head_dim) if c.qk_norm else None,
+            o_proj=w(c.hidden_size, c.q_size), post_norm=ones(c.hidden_size),
+            gate_up=w(2 * c.intermediate_size, c.hidden_size), down=w(c.hidden_size, c.intermediate_size),
+        ) for _ in range(c.num_layers)]
+        embed = w(c.vocab_size, c.hidden_size)
+        head = embed if c.tie_word_embeddings else w(c.vocab_size, c.hidden_size)
+        return cls(config, embed, layers, ones(c.hidden_size), head,
+                   max_positions=max_positions or c.max_position_embeddings)
+
+    @property
+    def num_parameter_bytes(self) -> int:
+        """Bytes of the weights on the device (a tied head counted once)."""
+        seen: dict[int, int] = {}
+        tensors = [self.embed, self.norm, self.lm_head] + [t for lw in self.layers for t in lw if t is not None]
+        for t in tensors:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    # -------------------------------------------------------------- forward
+    def forward(self, input_ids: Tensor, positions: Tensor, attn: AttentionInputs, cache: KVCache) -> Tensor:
+        """Final hidden states ``[T, hidden]`` of tokens ``input_ids`` ``[T]`` at ``positions`` ``[T]``.
+
+        Writes every token's keys/values into ``cache`` at ``attn.slot_mapping``
+        before attending, layer by layer."""
+        c = self.config
+        x = F.embedding(input_ids, self.embed)
+        fz = self._fused
+        if fz is not None:
+            # F.embedding returned a fresh tensor: it becomes the residual stream, updated in place
+            h, residual = fz.add_rms_norm(x, None, self.layers[0].input_norm, c.rms_norm_eps)
+            for i, lw in enumerate(self.layers):
+                a = self._attention(i, lw, h, positions, attn, cache)
+                h, residual = fz.add_rms_norm(a, residual, lw.post_norm, c.rms_norm_eps)
+                m = F.linear(fz.silu_mul(F.linear(h, lw.gate_up)), lw.down)
+                nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+                h, residual = fz.add_rms_norm(m, residual, nxt, c.rms_norm_eps)
+            return h
+        for i, lw in enumerate(self.layers):
+            h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
+            x = x + self._attention(i, lw, h, positions, attn, cache)
+            h = rms_norm(x, lw.post_norm, c.rms_norm_eps)
+            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw.down)
+        return rms_norm(x, self.norm, c.rms_norm_eps)
+
+    def _attention(self, layer: int, lw: LayerWeights, h: Tensor, positions: Tensor, attn: AttentionInputs,
+                   cache: KVCache) -> Tensor:
+        c = self.config
+        t = h.shape[0]
+        qkv = F.linear(h, lw.qkv, lw.qkv_bias)
+        q = qkv[:, : c.q_size].view(t, c.num_heads, c.head_dim)
+        k = qkv[:, c.q_size: c.q_size + c.kv_size].view(t, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(t, c.num_kv_heads, c.head_dim)
+        if lw.q_norm is not None and lw.k_norm is not None:
+            q = rms_norm(q, lw.q_norm, c.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, c.rms_norm_eps)
+        if self._fused is not None:
+            self._fused.rope_(q, k, self.rope.cos, self.rope.sin, positions)
+        else:
+            q, k = self.rope.apply(q, k, positions)
+        cache.write(layer, attn.slot_mapping, k, v)
+        kc, vc = cache.layer_kv(layer)
+        window = c.sliding_windows[layer]
+        offsets, backend = cache.chunk_offsets, cache.backend
+        nd = attn.num_decodes
+        if attn.cu_query_lens is None:
+            assert attn.decode_tables is not None and attn.decode_context_lens is not None
+            o = kernels.paged_decode_attention(
+                q, kc, vc, attn.decode_tables, attn.decode_context_lens, scale=self.scale, sliding_window=window,
+                chunk_offsets=offsets, backend=backend)
+        else:
+            # decodes and prefill chunks in separate kernels: each gets tiles shaped for its rows
+            assert attn.prefill_tables is not None and attn.prefill_context_lens is not None
+            o = q.new_empty(q.shape)
+            if nd:
+                assert attn.decode_tables is not None and attn.decode_context_lens is not None
+                kernels.paged_decode_attention(
+                    q[:nd], kc, vc, attn.decode_tables, attn.decode_context_lens, scale=self.scale,
+                    sliding_window=window, out=o[:nd], chunk_offsets=offsets, backend=backend)
+            kernels.paged_prefill_attention(
+                q[nd:], kc, vc, attn.prefill_tables, attn.cu_query_lens, attn.prefill_context_lens,
+                scale=self.scale, sliding_window=window, out=o[nd:], chunk_offsets=offsets, backend=backend)
+        return F.linear(o.view(t, c.q_size), lw.o_proj)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Float32 logits ``[N, vocab]`` of hidden rows ``[N, hidden]``."""
+        return F.linear(hidden, self.lm_head).float()
+
+
+def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ModelError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from config.json")

@@ -1,0 +1,276 @@
+"""Continuous batching: which sequences compute which tokens this step.
+
+Every step has a token budget (``max_num_batched_tokens``) and a sequence
+limit (``max_num_seqs``). The scheduler fills it in this order:
+
+1. **Decodes**: every running sequence whose next token to compute is its
+   last sampled one, oldest first, in one batched
+   :meth:`~kvforge.cache.KVCache.append_tokens_batch` call.
+2. **Prefill chunks** of running sequences whose prompt is only partly
+   computed (chunked prefill), oldest first.
+3. **Admissions** from the waiting queue (first come, first served, with
+   preempted sequences at its head) while the cache says the whole prompt
+   fits (:meth:`~kvforge.block_table.BlockManager.num_blocks_needed`, which
+   counts prefix-cache hits as free) with ``watermark_blocks`` to spare. A
+   new sequence's first chunk starts after its cached prefix; only uncached
+   tokens are computed.
+
+Preemption: when a decode finds no free block, the most recently admitted
+running sequence is preempted: its blocks are freed (its full blocks stay in
+the prefix cache, so the recompute is mostly hits) and it goes back to the
+head of the waiting queue, to be re-admitted with its prompt and generated
+tokens as the new prompt. The oldest sequence therefore always progresses:
+a sequence never outgrows the cache (``max_model_len`` is at most the
+cache's capacity), so preempting every newer one makes room. Prefill chunks
+that find no blocks preempt only newer sequences not already scheduled in
+this step, else wait a step.
+
+Every token reserved in a step is computed in that step (the prefix index
+registers full blocks when they are reserved), and block ids are never kept
+across steps, so compaction between steps is safe.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import NamedTuple
+
+import numpy as np
+
+from kvforge.cache import KVCache
+from kvforge.engine.request import Sequence, SequenceStatus
+from kvforge.errors import OutOfBlocksError
+
+__all__ = ["Scheduler", "SchedulerOutput", "ScheduledChunk"]
+
+log = logging.getLogger(__name__)
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class ScheduledChunk(NamedTuple):
+    """``num_tokens`` tokens of ``seq`` from position ``start``, stored at ``slots`` (int64)."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    slots: np.ndarray
+
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk ends the known tokens, so its last logits pick a token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+class SchedulerOutput(NamedTuple):
+    """One step's work: ``decodes`` (one token each, at ``decode_slots``), then
+    prefill ``chunks``; ``preempted`` lists sequences sent back to waiting."""
+
+    decodes: list[Sequence]
+    decode_slots: np.ndarray
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed in the step."""
+        return len(self.decodes) + sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to compute."""
+        return not self.decodes and not self.chunks
+
+
+class Scheduler:
+    """Waiting queue and running list over one :class:`~kvforge.cache.KVCache`.
+
+    ``running`` is ordered by admission (``Sequence.admit_order``). Not
+    thread-safe: the engine's step loop drives it.
+    """
+
+    def __init__(self, cache: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 watermark_blocks: int = 0) -> None:
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.watermark_blocks = watermark_blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.prefilling: list[Sequence] = []  # running, with prompt tokens not yet computed (admission order)
+        self.num_preemptions = 0
+        self.max_concurrent = 0
+        self._next_admit = 0
+
+    # -------------------------------------------------------------- queues
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (it is admitted by a later :meth:`schedule`)."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Adopt a sequence already in the cache (a fork) as the newest running one."""
+        seq.status = SequenceStatus.RUNNING
+        seq.admit_order = self._next_admit
+        self._next_admit += 1
+        self.running.append(seq)
+        self.max_concurrent = max(self.max_concurrent, len(self.running))
+
+    def finish(self, seqs: list[Sequence]) -> None:
+        """Drop finished sequences from the queues and free their blocks."""
+        done = {id(s) for s in seqs}
+        for s in seqs:
+            if s.seq_id in self.cache:
+                self.cache.free_sequence(s.seq_id)
+        self.running = [s for s in self.running if id(s) not in done]
+        if self.prefilling:
+            self.prefilling = [s for s in self.prefilling if id(s) not in done]
+        if any(s in self.waiting for s in seqs):
+            self.waiting = deque(s for s in self.waiting if id(s) not in done)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------- scheduling
+    def schedule(self) -> SchedulerOutput:
+        """Reserve this step's slots; see the module docstring for the policy."""
+        budget = self.max_num_batched_tokens
+        preempted: list[Sequence] = []
+        decodes = [s for s in self.running if s.num_computed_tokens >= s.num_known_tokens] if self.prefilling \
+            else list(self.running)
+        if len(decodes) > budget:
+            decodes = decodes[:budget]
+        decode_slots = _EMPTY
+        if decodes:
+            try:
+                decode_slots = self.cache.append_tokens_batch(
+                    [s.seq_id for s in decodes], 1, [s.token_ids[-1] for s in decodes])
+            except OutOfBlocksError:
+                decodes, decode_slots = self._decode_one_by_one(decodes, preempted)
+            for s in decodes:
+                s.num_computed_tokens += 1
+        budget -= len(decodes)
+        chunks = self._continue_prefills(budget, {s.seq_id for s in decodes}, preempted) if self.prefilling else []
+        budget -= sum(c.num_tokens for c in chunks)
+        chunks += self._admit(budget)
+        self.max_concurrent = max(self.max_concurrent, len(self.running))
+        return SchedulerOutput(decodes, decode_slots, chunks, preempted)
+
+    def check_invariants(self) -> None:
+        """Assert the queues agree with the sequences' states."""
+        assert all(s.status is SequenceStatus.RUNNING for s in self.running)
+        assert all(s.status is SequenceStatus.WAITING for s in self.waiting)
+        orders = [s.admit_order for s in self.running]
+        assert orders == sorted(orders), "running is in admission order"
+        assert self.prefilling == [s for s in self.running if s.num_computed_tokens < s.num_known_tokens]
+        assert all(s.num_tokens - s.num_computed_tokens == 1 for s in self.running
+                   if s.num_computed_tokens >= s.num_known_tokens), "a decoding sequence has one token to compute"
+
+    def _decode_one_by_one(self, decodes: list[Sequence], preempted: list[Sequence]
+                           ) -> tuple[list[Sequence], np.ndarray]:
+        """Slow path when the batch does not fit: oldest first, preempting the newest."""
+        done: list[Sequence] = []
+        slots: list[int] = []
+        for s in decodes:
+            if s.status is not SequenceStatus.RUNNING:
+                continue  # preempted for an older one
+            slot = None
+            while slot is None:
+                try:
+                    slot = int(self.cache.append_tokens(s.seq_id, 1, [s.token_ids[-1]])[0])
+                except OutOfBlocksError:
+                    victim = self.running[-1]
+                    self._preempt(victim, preempted)
+                    if victim is s:
+                        break
+            if slot is None:
+                break  # s was the newest left: every later one is preempted too
+            done.append(s)
+            slots.append(slot)
+        return done, np.asarray(slots, dtype=np.int64)
+
+    def _continue_prefills(self, budget: int, scheduled: set[int], preempted: list[Sequence]
+                           ) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        for s in list(self.prefilling):
+            if budget <= 0:
+                break
+            pending = s.num_known_tokens - s.num_computed_tokens
+            if s.status is not SequenceStatus.RUNNING:
+                continue
+            n = min(pending, budget)
+            slots = self._append_preempting_newer(s, n, scheduled, preempted)
+            if slots is None:
+                continue
+            chunks.append(ScheduledChunk(s, s.num_computed_tokens, n, slots))
+            scheduled.add(s.seq_id)
+            s.num_computed_tokens += n
+            budget -= n
+            if n == pending:
+                self.prefilling.remove(s)
+        return chunks
+
+    def _append_preempting_newer(self, s: Sequence, n: int, scheduled: set[int],
+                                 preempted: list[Sequence]) -> np.ndarray | None:
+        while True:
+            try:
+                return self.cache.append_tokens(s.seq_id, n)
+            except OutOfBlocksError:
+                victim = None
+                for v in reversed(self.running):
+                    if v is s:
+                        break
+                    if v.seq_id not in scheduled:
+                        victim = v
+                        break
+                if victim is None:
+                    return None  # wait for a later step
+                self._preempt(victim, preempted)
+
+    def _admit(self, budget: int) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        cache = self.cache
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            s = self.waiting[0]
+            tokens = s.token_ids
+            need = cache.manager.num_blocks_needed(len(tokens), tokens)
+            spare = self.watermark_blocks if self.running else 0
+            if need + spare > cache.num_available_blocks:
+                break
+            r = cache.add_sequence(s.seq_id, tokens, num_tokens=min(len(tokens), budget))
+            self.waiting.popleft()
+            cached = r.num_cached_tokens
+            reserved = cached + len(r.slots)
+            slots = r.slots
+            extra = min(len(tokens) - reserved, budget - len(r.slots))
+            if extra > 0:
+                try:
+                    slots = np.concatenate([slots, cache.append_tokens(s.seq_id, extra)])
+                    reserved += extra
+                except OutOfBlocksError:  # pragma: no cover - the whole prompt was checked to fit
+                    pass
+            if s.admit_order < 0:
+                s.num_cached_tokens = cached
+            s.num_known_tokens = len(tokens)
+            s.num_computed_tokens = reserved
+            self.add_running(s)
+            if reserved < len(tokens):
+                self.prefilling.append(s)
+            chunks.append(ScheduledChunk(s, cached, reserved - cached, slots))
+            budget -= reserved - cached
+        return chunks
+
+    def _preempt(self, victim: Sequence, preempted: list[Sequence]) -> None:
+        self.cache.free_sequence(victim.seq_id)
+        self.running.remove(victim)
+        if victim in self.prefilling:
+            self.prefilling.remove(victim)
+        victim.status = SequenceStatus.WAITING
+        victim.num_computed_tokens = 0
+        victim.num_known_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        preempted.append(victim)
+        log.debug("preempted sequence %s (%d tokens)", victim.seq_id, victim.num_tokens)
