@@ -21,6 +21,9 @@ from kvforge.errors import (
 from kvforge.pool import AllocationStats, BlockPool, PhysicalBlockPool
 from kvforge.prefix import NullPrefixIndex, PrefixIndex, PrefixStats
 from kvforge.profile import MemoryProfile
+from kvforge.simulate import SimulationConfig, SimulationResult, simulate
+from kvforge.workload import Request, Workload, load_trace, make_workload
+from kvforge.engine import CompletionOutput, Engine, EngineConfig, EngineStats, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -30,25 +33,38 @@ __all__ = [
     "BlockManager",
     "BlockPool",
     "CacheConfig",
+    "CachePreset",
     "CompactionPlan",
+    "CompletionOutput",
+    "ConfigError",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "format_bytes",
+    "InvalidBlockError",
+    "KernelError",
     "KVCache",
     "KvCache",
-    "MemoryProfile",
-    "CachePreset",
-    "ConfigError",
-    "InvalidBlockError",
     "KVForgeError",
-    "KernelError",
+    "load_trace",
+    "make_workload",
+    "MemoryProfile",
     "ModelError",
     "NullPrefixIndex",
     "OutOfBlocksError",
+    "parse_bytes",
     "PhysicalBlockPool",
+    "plan_compaction",
     "PrefixIndex",
     "PrefixStats",
+    "Request",
+    "RequestOutput",
+    "SamplingParams",
     "SequenceBlockTable",
     "SequenceError",
+    "simulate",
+    "SimulationConfig",
+    "SimulationResult",
     "TraceError",
-    "format_bytes",
-    "parse_bytes",
-    "plan_compaction",
+    "Workload",
 ]

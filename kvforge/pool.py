@@ -99,6 +99,7 @@ class BlockPool:
         self._total_dealloc = 0
         self._peak = 0
         self._evictions = 0
+        self._num_cached = 0  # blocks marked cached (kept as a counter: stats stays O(1))
         self._failed = 0
         self._compactions = 0
         self._last_compaction_ms = 0.0
@@ -309,6 +310,7 @@ class BlockPool:
     def _evict(self, k: int) -> None:
         """Move the ``k`` least recently released evictable blocks to the free stack."""
         pop, cached, push, on_evict = self._evictable.popitem, self._cached, self._free.append, self.on_evict
+        self._num_cached -= k
         for _ in range(k):
             b = pop(last=False)[0]
             cached[b] = 0
@@ -334,6 +336,8 @@ class BlockPool:
                 self._check_ids([block_id])
             if self._ref[block_id] <= 0:
                 raise InvalidBlockError(f"cannot cache block {block_id}: it is not held")
+            if not self._cached[block_id]:
+                self._num_cached += 1
             self._cached[block_id] = 1
 
     def unmark_cached(self, block_id: int) -> None:
@@ -342,6 +346,7 @@ class BlockPool:
             if not self._cached[block_id]:
                 return
             self._cached[block_id] = 0
+            self._num_cached -= 1
             if block_id in self._evictable:
                 del self._evictable[block_id]
                 self._free.append(block_id)
@@ -458,6 +463,11 @@ class BlockPool:
         """Peak held blocks over all blocks (ROCmForge's old "efficiency")."""
         return self._peak / self.num_blocks
 
+    def reset_peak(self) -> None:
+        """Start a new measurement window: ``peak_allocations`` becomes the current count."""
+        with self._lock:
+            self._peak = self._num_allocated
+
     def record_compaction(self, when_ms: float, duration_ms: float, blocks_moved: int,
                           bytes_returned: int) -> None:
         """Count a compaction (called by the storage layer that performed it)."""
@@ -486,7 +496,7 @@ class BlockPool:
                 peak_allocations=self._peak,
                 free_blocks=len(self._free),
                 evictable_blocks=len(self._evictable),
-                cached_blocks=int(sum(self._cached)),
+                cached_blocks=self._num_cached,
                 num_evictions=self._evictions,
                 failed_allocations=self._failed,
                 high_water_mark=self._lower_high(),
@@ -515,6 +525,7 @@ class BlockPool:
             assert len(free) + len(self._evictable) + held == self._capacity, "blocks lost or duplicated"
             assert self._total_alloc - self._total_dealloc == self._num_allocated
             assert self._peak >= self._num_allocated
+            assert self._num_cached == sum(self._cached), "cached-block counter drifted"
 
     def __repr__(self) -> str:
         return (f"BlockPool(num_blocks={self.num_blocks}, capacity={self._capacity}, "

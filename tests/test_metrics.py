@@ -107,3 +107,30 @@ def test_collector_for_a_block_manager_with_a_lock():
     assert v["kvforge_blocks_used"] == 4 and v["kvforge_preemptions_total"] == 7
     with pytest.raises(ValueError):
         KVForgeCollector()
+
+
+def test_generate_serves_engine_metrics_while_running(tmp_path, capsys):
+    """`kvforge generate --metrics-port 0` serves the cache's and engine's names on loopback."""
+    import json as _json
+    import urllib.request
+
+    pytest.importorskip("transformers")
+    from kvforge.cli import main as cli_main
+    from kvforge.engine import Engine
+    from kvforge.engine.testing import save_tiny_checkpoint
+    from kvforge.metrics import serve
+
+    save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(_json.dumps({"prompt_token_ids": [1, 2, 3, 4, 5]}) + "\n")
+    rc = cli_main(["generate", "--model", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--max-tokens", "3",
+                   "--device", "cpu", "--num-blocks", "16", "--metrics-port", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "serving metrics on http://127.0.0.1:" in out and "3 tokens" in out
+
+    engine = Engine(tmp_path / "ckpt", num_blocks=16, device="cpu")
+    engine.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9]], None)
+    with serve(0, engine.cache, engine, lock=engine.step_lock) as server:
+        text = urllib.request.urlopen(server.url, timeout=10).read().decode()
+    for name in ("kvforge_blocks_used", "kvforge_preemptions_total", "kvforge_engine_num_generated_tokens"):
+        assert name in text, name

@@ -52,6 +52,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on 127.0.0.1:PORT while generating (0 = any free port)")
     p.add_argument("--random-weights", action="store_true",
                    help="ignore the checkpoint's weights: random ones for its config.json (demos, benchmarks)")
     p.set_defaults(func=run_generate)
@@ -106,11 +108,20 @@ def run_generate(args: argparse.Namespace) -> int:
             engine = Engine(args.model, kv_memory=args.kv_memory, num_blocks=args.num_blocks, device=args.device,
                             dtype=args.dtype, **options)
         load_s = time.perf_counter() - start
+        server = None
+        if args.metrics_port is not None:
+            from kvforge.metrics import serve
+            server = serve(args.metrics_port, engine.cache, engine, lock=engine.step_lock)
+            print(f"serving metrics on {server.url}", flush=True)
         base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos)
         params = [base if m is None else replace(base, max_tokens=int(m)) for m in limits]
         start = time.perf_counter()
-        outputs = engine.generate(prompts, params)
+        try:
+            outputs = engine.generate(prompts, params)
+        finally:
+            if server is not None:
+                server.stop()
         elapsed = time.perf_counter() - start
     except KVForgeError as exc:
         print(f"kvforge generate: error: {exc}", file=sys.stderr)

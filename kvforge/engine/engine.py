@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq, Union
@@ -104,6 +105,8 @@ class Engine:
     def _setup(self, model: LlamaModel, tokenizer: Tokenizer | None, econf: EngineConfig,
                cache_config: CacheConfig | None, kv_memory: int | str | None, num_blocks: int | None) -> None:
         self.model = model
+        #: held for each step; pass it to :func:`kvforge.metrics.serve` (``lock=``)
+        self.step_lock = threading.Lock()
         model.set_fused(econf.fused_ops)
         self.model_config = model.config
         self.tokenizer = tokenizer
@@ -263,7 +266,12 @@ class Engine:
 
     def _step(self, want_touched: bool = False) -> list[Request]:
         """One step; returns the requests that got tokens (``want_touched``) or else
-        only those that finished."""
+        only those that finished. Holds :attr:`step_lock`, so that a metrics
+        scrape from another thread sees the cache between steps."""
+        with self.step_lock:
+            return self._step_locked(want_touched)
+
+    def _step_locked(self, want_touched: bool) -> list[Request]:
         out = self.scheduler.schedule()
         if out.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
