@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -39,7 +38,6 @@ sys.path.insert(0, REPO)
 
 from kvforge.block_table import BlockManager  # noqa: E402
 from kvforge.pool import BlockPool  # noqa: E402
-from kvforge.prefix import PrefixIndex  # noqa: E402
 
 #: vLLM 0.33 V1 BlockPool on this machine class (issue 2): the per-call floor.
 VLLM_BLOCK_POOL_OPS = 3.76e6

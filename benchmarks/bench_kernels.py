@@ -13,7 +13,6 @@ paged cache (torch's experimental PagedAttention), SDPA flash for prefill.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Callable
 

@@ -156,7 +156,7 @@ def _draw_map(ax: Any, bm: BlockMap, title: str, cols: int | None = None) -> Non
     ax.imshow(grid.reshape(rows, cols, 3), interpolation="nearest", aspect="equal")
     ax.set_xticks([])
     ax.set_yticks([0, rows - 1])
-    ax.set_yticklabels([f"block 0", f"block {(rows - 1) * cols}"], fontsize=7)
+    ax.set_yticklabels(["block 0", f"block {(rows - 1) * cols}"], fontsize=7)
     c = bm.counts()
     ax.set_title(f"{title}\n{c['owned'] + c['shared']} held by {len(bm.owners)} seqs "
                  f"({c['shared']} shared), {c['cached']} cached, {c['free']} free"

@@ -7,19 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Iterator
 
 import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is several times faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 pytest.importorskip("transformers")

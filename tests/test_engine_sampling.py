@@ -3,7 +3,6 @@ top-k and n > 1 behaviour on a tiny checkpoint."""
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -12,13 +11,7 @@ from kvforge.engine.sampling import SamplingBatch, SamplingParams, sample, unifo
 from kvforge.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is several times faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(n: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed0: int = 0) -> SamplingBatch:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import pytest
 
 from kvforge.errors import ConfigError

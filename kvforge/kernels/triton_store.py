@@ -10,7 +10,6 @@ This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
