@@ -25,12 +25,14 @@ Not thread-safe by itself (one scheduler thread drives it); the pool under it is
 from __future__ import annotations
 
 import math
+import operator
 from array import array
 from collections import deque
 from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
 
+from kvforge.compaction import CompactionPlan, plan_compaction
 from kvforge.errors import OutOfBlocksError, SequenceError
 from kvforge.pool import BlockPool
 from kvforge.prefix import BlockKey, NullPrefixIndex, PrefixIndex
@@ -397,7 +399,13 @@ class BlockManager:
         if not distinct:
             raise SequenceError("append_tokens_batch() got the same sequence twice")
         count = len(rows)
-        n = np.asarray(num_tokens, dtype=np.int64)
+        if type(num_tokens) is int:
+            n = np.asarray(num_tokens, dtype=np.int64)
+        else:
+            raw = np.asarray(num_tokens)
+            if raw.dtype == bool or not (np.issubdtype(raw.dtype, np.integer) or raw.size == 0):
+                raise SequenceError(f"num_tokens must be integers, got {num_tokens!r}")
+            n = raw.astype(np.int64)
         # one token each (a decode step) takes the fast path: n stays None
         one = n.ndim == 0 and int(n) == 1
         if one:
@@ -639,6 +647,24 @@ class BlockManager:
         pool = self.pool
         return [b for b in range(pool.capacity) if pool._ref[b] or pool._cached[b]]
 
+    def live_blocks(self) -> list[int]:
+        """Ids referenced by at least one sequence."""
+        ref = self.pool._ref
+        return [b for b in range(self.pool.capacity) if ref[b]]
+
+    def plan_compaction(self, keep_blocks: int | None = None) -> CompactionPlan:
+        """A :func:`~kvforge.compaction.plan_compaction` of this pool: live blocks
+        first, then cached blocks (most recently released kept) up to ``keep_blocks``."""
+        return plan_compaction(self.live_blocks(), self.pool.capacity,
+                               evictable=self.pool.evictable_blocks(), keep_blocks=keep_blocks)
+
+    def apply_compaction(self, plan: CompactionPlan) -> None:
+        """Evict the plan's cached blocks, then move ownership of every moved block
+        (the caller has copied the data). Sorts the free list."""
+        self.pool.evict_blocks(plan.evict)
+        self.relocate(plan.moves)
+        self.pool.sort_free_list()
+
     def relocate(self, moves: Sequence[tuple[int, int]]) -> None:
         """Apply compaction moves ``src -> dst`` to the pool, every table and the prefix index."""
         if not moves:
@@ -682,15 +708,33 @@ class SequenceBlockTable(NamedTuple):
 
 
 def _int_array(token_ids: Sequence[int] | np.ndarray) -> array[int]:
-    """Token ids as an int64 ``array`` (compact, and hashed without conversion)."""
+    """Token ids as an int64 ``array`` (compact, and hashed without conversion).
+
+    Raises :class:`SequenceError` for anything but a flat sequence of integers."""
+    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
+        raise SequenceError(f"token ids must be a sequence of integers, got {type(token_ids).__name__}")
     if isinstance(token_ids, np.ndarray):
+        if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
+            raise SequenceError(f"token ids must be a 1-D integer array, got {token_ids.dtype} {token_ids.shape}")
         out = array("q")
         out.frombytes(np.ascontiguousarray(token_ids, dtype=np.int64).tobytes())
         return out
     try:
         return array("q", token_ids)
-    except TypeError:  # e.g. floats or 0-d tensors: convert one by one, as int() does
-        return array("q", [int(t) for t in token_ids])
+    except (TypeError, OverflowError):  # numpy ints or 0-d tensors: convert one by one, exactly
+        try:
+            return array("q", [operator.index(t) for t in token_ids])
+        except (TypeError, OverflowError):
+            bad = next((t for t in token_ids if not _is_int(t)), None)
+            raise SequenceError(f"token ids must be integers, got {bad!r}") from None
+
+
+def _is_int(t: object) -> bool:
+    try:
+        operator.index(t)
+        return True
+    except TypeError:
+        return False
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:

@@ -33,9 +33,8 @@ from torch import Tensor
 
 from kvforge import kernels
 from kvforge.block_table import AddSequenceResult, BlockManager
-from kvforge.compaction import plan_compaction
 from kvforge.config import CacheConfig
-from kvforge.errors import KVForgeError, OutOfBlocksError
+from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
 from kvforge.pool import AllocationStats, BlockPool
 from kvforge.prefix import PrefixIndex, PrefixStats
 
@@ -49,10 +48,22 @@ SeqId = Hashable
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``'auto'`` -> the CUDA/ROCm device when present, else the CPU."""
+    """``'auto'`` -> the CUDA/ROCm device when present, else the CPU.
+
+    Raises :class:`ConfigError` for a name torch does not know or a device
+    this machine does not have."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r} (use 'cpu', 'cuda', 'cuda:N' or 'auto')") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r} is not available here "
+                          f"({torch.cuda.device_count()} CUDA/ROCm device(s) visible)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: kvforge runs on 'cpu' and 'cuda' (CUDA or ROCm) devices")
+    return dev
 
 
 class KVCache:
@@ -80,7 +91,17 @@ class KVCache:
                                     enable_prefix_caching=config.enable_prefix_caching, capacity=0)
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
         self._slot_dtype = np.int32 if config.num_blocks * config.block_size < 2**31 else np.int64
+        self._check_layout()
         self._grow_to(n_chunks)
+
+    def _check_layout(self) -> None:
+        """Refuse, before allocating anything, a shape the kernels cannot run."""
+        c = self.config
+        probe = torch.empty((1, c.block_size, c.num_kv_heads, c.head_dim), dtype=c.dtype, device="meta")
+        try:
+            kernels.describe_cache(probe, probe)
+        except KernelError as exc:
+            raise ConfigError(f"the kernels cannot use this cache layout: {exc}") from None
 
     # -------------------------------------------------------------- storage
     @property
@@ -252,6 +273,11 @@ class KVCache:
         """Ids of the live sequences."""
         return self.manager.seq_ids
 
+    @property
+    def num_cow_copies(self) -> int:
+        """Blocks copied by copy-on-write so far."""
+        return self.manager.num_cow_copies
+
     def _apply_pending_copies(self) -> None:
         pairs = self.manager.take_pending_copies()
         if pairs:
@@ -302,9 +328,17 @@ class KVCache:
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy blocks ``src -> dst`` (all layers, keys and values) in one launch."""
-        if not pairs:
+        if len(pairs) == 0:
             return
-        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        try:
+            arr = np.asarray(pairs, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got {pairs!r}") from None
+        if arr.ndim != 2 or arr.shape[1] != 2:
+            raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got shape {arr.shape}")
+        if arr.min() < 0 or arr.max() >= self.capacity_blocks:
+            raise KVForgeError(f"copy_blocks(): block ids must lie in [0, {self.capacity_blocks}), "
+                               f"got {arr.min()}..{arr.max()}")
         src = self.to_device(arr[:, 0].copy())
         dst = self.to_device(arr[:, 1].copy())
         kernels.copy_blocks(self._chunks, src, dst, chunk_offsets=self._offsets, backend=self.backend)
@@ -390,30 +424,38 @@ class KVCache:
         """Call ``fn({old_id: new_id})`` after every compaction that moved blocks."""
         self._relocation_listeners.append(fn)
 
-    def compact_cache(self, release: bool = True) -> int:
+    def compact_cache(self, release: bool = True, keep_cached: bool = True) -> int:
         """Pack live blocks into the lowest ids and hand emptied chunks back; return the bytes released.
 
-        One batched :func:`~kvforge.kernels.copy_blocks` moves the data; then
-        every block table, the prefix index and the free list are rewritten.
-        If the copy fails, nothing was changed: the tables still point at the
-        (untouched) source blocks.
+        Live blocks go to ids ``0..k-1``; cached blocks nobody references follow
+        them (all of them with ``keep_cached``, else only those that fit in the
+        chunks the live blocks need; the rest are evicted). One batched
+        :func:`~kvforge.kernels.copy_blocks` moves the data; then every block
+        table, the prefix index and the free list are rewritten. If the copy
+        fails, nothing was changed: the tables still point at the (untouched)
+        source blocks.
         """
         start = time.perf_counter()
-        plan = plan_compaction(self.manager.held_blocks(), self.pool.capacity)
+        keep = None
+        if not keep_cached:
+            live = self.pool.num_allocated_blocks
+            keep = max(self.min_chunks, math.ceil(live / self.chunk_blocks)) * self.chunk_blocks
+        plan = self.manager.plan_compaction(keep_blocks=keep)
         if plan.moves:
             self.copy_blocks(plan.moves)  # may raise: bookkeeping still untouched
-            self.manager.relocate(plan.moves)
+        self.manager.apply_compaction(plan)
+        if plan.moves:
             mapping = dict(plan.moves)
             for fn in self._relocation_listeners:
                 fn(mapping)
-        self.pool.sort_free_list()
         released = self.release_unused_chunks() if release else 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         duration = (time.perf_counter() - start) * 1e3
         self.pool.record_compaction(time.time() * 1e3, duration, plan.num_moves, 0)
         self.pool.record_bytes_returned(released)
-        log.info("compaction moved %d blocks and released %d bytes in %.2f ms", plan.num_moves, released, duration)
+        log.info("compaction moved %d blocks, evicted %d and released %d bytes in %.2f ms",
+                 plan.num_moves, len(plan.evict), released, duration)
         return released
 
     def release_unused_chunks(self) -> int:

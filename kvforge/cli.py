@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from kvforge.config import CacheConfig, CachePreset, format_bytes, model_shape, parse_bytes
-from kvforge.errors import KVForgeError
+from kvforge.errors import ConfigError, KVForgeError
 from kvforge.shapes import resolve_model_shape
 
 __all__ = ["main", "format_table"]
@@ -37,6 +37,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 # ------------------------------------------------------------------- plan
 def plan_rows(model: str, vram: int, context: int) -> tuple[str, list[list[object]]]:
     """What each preset, ``for_context_length`` and ``for_model`` give for a model."""
+    if context <= 0:
+        raise ConfigError(f"--context must be a positive number of tokens, got {context}")
     label, cfg_json = resolve_model_shape(model)
     shape = model_shape(cfg_json)
     h, d, l, dt = shape["num_kv_heads"], shape["head_dim"], shape["num_layers"], shape["dtype"]

@@ -40,8 +40,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
 }
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -196,8 +194,12 @@ class CacheConfig:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
         if not isinstance(self.device, str):
             object.__setattr__(self, "device", str(self.device))
-        if not self.device:
-            raise ConfigError("device must be a device name such as 'cpu', 'cuda' or 'auto', got ''")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"device must be a device name such as 'cpu', 'cuda', 'cuda:1' or 'auto', "
+                                  f"got {self.device!r}") from None
         for f in ("enable_compaction", "enable_prefix_caching", "auto_compact"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be True or False, got {getattr(self, f)!r}")
@@ -342,13 +344,16 @@ class CacheConfig:
 
     @property
     def resolved_chunk_blocks(self) -> int:
-        """Blocks per storage chunk: ``chunk_blocks``, else 1/16 of the pool (at least 1).
+        """Blocks per storage chunk.
 
-        The pool's storage is allocated and released in chunks, so compaction
-        can hand memory back in units of one chunk."""
+        ``chunk_blocks`` when set; otherwise the divisor of ``num_blocks``
+        nearest to 1/16 of the pool (within a factor of four), so that the
+        chunks add up to exactly ``num_blocks``; a pool with no such divisor
+        (a large prime, say) is one chunk. The pool is allocated and released
+        in chunks, so compaction hands memory back one chunk at a time."""
         if self.chunk_blocks is not None:
             return min(self.chunk_blocks, self.num_blocks)
-        return max(1, math.ceil(self.num_blocks / 16))
+        return _chunk_divisor(self.num_blocks)
 
     def estimated_memory_bytes(self) -> int:
         """Bytes the full pool takes on the device (all layers, keys and values)."""
@@ -361,6 +366,20 @@ class CacheConfig:
     def max_context_length(self) -> int:
         """Longest single sequence the full pool can hold, in tokens."""
         return self.num_blocks * self.block_size
+
+
+def _chunk_divisor(num_blocks: int, parts: int = 16) -> int:
+    target = num_blocks / parts
+    if target <= 1:
+        return 1
+    best = num_blocks
+    for d in range(1, math.isqrt(num_blocks) + 1):
+        if num_blocks % d:
+            continue
+        for c in (d, num_blocks // d):
+            if target / 4 <= c <= target * 4 and abs(math.log(c / target)) < abs(math.log(best / target)):
+                best = c
+    return best
 
 
 def model_shape(path_or_config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:

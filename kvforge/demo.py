@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvforge.config import format_bytes
+from kvforge.errors import ConfigError
 
 __all__ = ["DEMO_MODEL", "register", "run", "demo_prompts"]
 
@@ -75,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
           f"{str(engine.dtype).removeprefix('torch.')}")
     print(f"KV cache: {cache.config.num_blocks} blocks of {cache.config.block_size} tokens, "
           f"{format_bytes(cache.storage_bytes)} in {cache.num_chunks} chunks")
-    prompts = demo_prompts(args.requests + args.long_requests, mc.vocab_size, args.seed)
+    if not 0 <= args.long_requests < args.requests:
+        raise ConfigError(f"--long-requests must lie in [0, --requests), got {args.long_requests}")
+    prompts = demo_prompts(args.requests, mc.vocab_size, args.seed)
     short = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     long = SamplingParams(max_tokens=4 * args.max_tokens, ignore_eos=True)
     # a few long conversations join mid-queue: they outlive the rest, scattered over the pool
-    middle = args.requests // 2
+    middle = (args.requests - args.long_requests) // 2
     for i, p in enumerate(prompts):
         engine.add_request(p, long if middle <= i < middle + args.long_requests else short)
     start = last_draw = time.perf_counter()
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     released = 0
     peak_used = -1
     peak_snapshot = None
+    peak_profile = None
     maps = None
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -94,13 +98,13 @@ def run(args: argparse.Namespace) -> int:
             done += int(o.finished)
         used = cache.pool.num_allocated_blocks
         if used > peak_used:
-            peak_used, peak_snapshot = used, plot.block_map_of(cache)
+            peak_used, peak_snapshot, peak_profile = used, plot.block_map_of(cache), cache.memory_profile()
         if cache.should_compact():
             before = cache.stats.total_blocks_moved
             released += cache.compact_cache()
             compactions += 1
             moved += cache.stats.total_blocks_moved - before
-        if maps is None and done >= args.requests and engine.has_unfinished_requests():
+        if maps is None and done >= args.requests - args.long_requests and engine.has_unfinished_requests():
             # only the long conversations remain: drop the idle cached prefixes and pack the pool
             cache.reclaim_unused_blocks()
             maps = plot.compaction_maps(cache, out_dir / "compaction")
@@ -126,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(format_table(["metric", "value"], rows))
     print()
-    print(cache.memory_profile().report())
+    if peak_profile is not None:
+        print("at peak use:")
+        peak_profile.report()
+        print()
+    print("now (all requests finished; their prompts stay cached):")
+    cache.memory_profile().report()
     paths = []
     if peak_snapshot is not None:
         paths.append(plot.block_map(None, out_dir / "block_map_peak.png", title="block map at peak use",
@@ -145,9 +154,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``kvforge demo`` to the command line."""
     p = subparsers.add_parser("demo", help="run the engine on a tiny model over a shared-prefix workload")
     p.add_argument("--model", default=None, help="a local Hugging Face checkpoint folder (default: built-in tiny model)")
-    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--requests", type=int, default=52)
     p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--long-requests", type=int, default=4, help="requests that run 4x longer")
+    p.add_argument("--long-requests", type=int, default=4, help="how many of the requests run 4x longer")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-memory", default="8MiB", help="KV cache budget, e.g. 8MiB (small, so that memory matters)")

@@ -199,9 +199,7 @@ def _compact(target: Any) -> int:
     if hasattr(target, "compact_cache"):  # a KVCache: move the data, release the tail
         return int(target.compact_cache())
     manager = _manager_of(target)  # bookkeeping only: nothing to release
-    plan = plan_compaction(manager.held_blocks(), manager.pool.capacity)
-    manager.relocate(plan.moves)
-    manager.pool.sort_free_list()
+    manager.apply_compaction(manager.plan_compaction())
     return 0
 
 

@@ -23,6 +23,7 @@ stack is empty. :meth:`BlockPool.incref` on an evictable block revives it.
 """
 from __future__ import annotations
 
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -135,6 +136,8 @@ class BlockPool:
 
     def can_allocate(self, n: int) -> bool:
         """Whether :meth:`allocate` of ``n`` blocks would succeed now."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise InvalidBlockError(f"can_allocate() needs a block count, got {n!r}")
         return 0 <= n <= len(self._free) + len(self._evictable)
 
     def allocate(self, n: int) -> list[int]:
@@ -154,6 +157,7 @@ class BlockPool:
             else:
                 if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
                     raise InvalidBlockError(f"allocate() needs a block count >= 0, got {n!r}")
+                n = int(n)
                 if n > len(free):
                     if n > len(free) + len(self._evictable):
                         self._failed += 1
@@ -210,7 +214,7 @@ class BlockPool:
     def incref(self, ids: Iterable[int]) -> None:
         """Add one reference to each block (held or evictable; an evictable one is revived)."""
         with self._lock:
-            ids = list(ids)
+            ids = _id_list(ids)
             self._check_ids(ids)
             ref, cached = self._ref, self._cached
             for b in ids:
@@ -232,6 +236,8 @@ class BlockPool:
         when it is cached. Freeing a free, unknown or negative id raises
         :class:`InvalidBlockError` and changes nothing.
         """
+        if type(ids) is not list:
+            ids = _id_list(ids)
         with self._lock:
             ref, cached = self._ref, self._cached
             if not ids:
@@ -361,6 +367,22 @@ class BlockPool:
         with self._lock:
             return self._free[::-1]
 
+    def evict_blocks(self, ids: Iterable[int]) -> None:
+        """Evict these evictable blocks now (each must be cached with no reference)."""
+        with self._lock:
+            ids = list(ids)
+            for b in ids:
+                if b not in self._evictable:
+                    raise InvalidBlockError(f"cannot evict block {b}: it is not evictable")
+            for b in ids:
+                del self._evictable[b]
+                self._cached[b] = 0
+                self._num_cached -= 1
+                self._evictions += 1
+                if self.on_evict is not None:
+                    self.on_evict(b)
+                self._free.append(b)
+
     def reclaim_unused_blocks(self) -> int:
         """Evict every evictable block to the free stack; return how many."""
         with self._lock:
@@ -440,13 +462,20 @@ class BlockPool:
         return h
 
     def fragmentation_ratio(self) -> float:
-        """External fragmentation: free blocks trapped below the highest block in
-        use, over all free blocks (0 for an empty or a perfectly packed pool)."""
+        """External fragmentation: free blocks below the highest referenced block
+        (they cannot be handed back), over all free blocks; 0 for an empty or a
+        perfectly packed pool.
+
+        Evictable cached blocks count as free here: nothing references them and
+        compaction may drop them (it keeps those that fit above the live ones)."""
         with self._lock:
+            ref = self._ref
             h = self._lower_high()
-            in_use = self._num_allocated + len(self._evictable)
-            free = self._capacity - in_use
-            return (h - in_use) / free if free > 0 else 0.0
+            while h > 0 and ref[h - 1] == 0:
+                h -= 1
+            live = self._num_allocated
+            free = self._capacity - live
+            return (h - live) / free if free > 0 else 0.0
 
     def memory_efficiency(self) -> float:
         """Blocks held (reference count > 0) over blocks backed by storage.
@@ -530,6 +559,28 @@ class BlockPool:
     def __repr__(self) -> str:
         return (f"BlockPool(num_blocks={self.num_blocks}, capacity={self._capacity}, "
                 f"allocated={self._num_allocated}, free={len(self._free)}, evictable={len(self._evictable)})")
+
+
+def _id_list(ids: object) -> list[int]:
+    """Block ids from a list, tuple, numpy array or tensor, as Python ints."""
+    if isinstance(ids, (int, np.integer)) or isinstance(ids, (str, bytes)):
+        raise InvalidBlockError(f"expected a sequence of block ids, got {ids!r}")
+    tolist = getattr(ids, "tolist", None)
+    if tolist is not None:
+        ids = tolist()
+        if not isinstance(ids, list):
+            raise InvalidBlockError(f"expected a 1-D sequence of block ids, got {ids!r}")
+    out: list[int] = []
+    for b in ids:  # type: ignore[union-attr]
+        if type(b) is not int:
+            if isinstance(b, bool):
+                raise InvalidBlockError(f"block ids must be integers, got {b!r}")
+            try:
+                b = operator.index(b)
+            except TypeError:
+                raise InvalidBlockError(f"block ids must be integers, got {b!r}") from None
+        out.append(b)
+    return out
 
 
 #: ROCmForge's name.

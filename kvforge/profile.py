@@ -68,6 +68,7 @@ class MemoryProfile:
     compaction_count: int
     total_bytes_returned: int
     prefix_hit_rate: float
+    cow_copies: int
 
     @classmethod
     def of(cls, cache: KVCache) -> MemoryProfile:
@@ -109,6 +110,7 @@ class MemoryProfile:
             compaction_count=stats.compaction_count,
             total_bytes_returned=stats.total_bytes_returned,
             prefix_hit_rate=cache.prefix.stats().hit_rate,
+            cow_copies=cache.num_cow_copies,
         )
 
     @staticmethod
@@ -145,20 +147,22 @@ class MemoryProfile:
             ("peak blocks", str(self.peak_allocations)),
             ("compactions / bytes returned", f"{self.compaction_count} / {fb(self.total_bytes_returned)}"),
             ("prefix hit rate", f"{self.prefix_hit_rate:.1%}"),
+            ("copy-on-write copies", str(self.cow_copies)),
         ]
         if self.device_free_bytes is not None and self.device_total_bytes is not None:
             rows.insert(1, ("device free / total", f"{fb(self.device_free_bytes)} / {fb(self.device_total_bytes)}"))
         return rows
 
-    def report(self, file: Any = None) -> str:
-        """The profile as an aligned table; printed to ``file`` when given, always returned."""
+    def report(self, file: Any = None, *, echo: bool = True) -> str:
+        """Print the profile as an aligned table (to ``file``, default stdout) and
+        return the text; ``echo=False`` only returns it."""
         rows = self.rows()
         width = max(len(k) for k, _ in rows)
         lines = ["KV cache memory profile", "-" * (width + 30)]
         lines += [f"{k:<{width}}  {v}" for k, v in rows]
         text = "\n".join(lines)
-        if file is not None:
-            print(text, file=file)
+        if echo:
+            print(text, file=file if file is not None else sys.stdout)
         return text
 
 

@@ -183,3 +183,37 @@ def test_errors_change_nothing():
 def test_config_is_checked():
     with pytest.raises(KVForgeError):
         KVCache("not a config")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("change", [dict(block_size=4), dict(head_dim=8), dict(device="cuda:7")])
+def test_layouts_the_kernels_cannot_run_are_refused_up_front(change):
+    from kvforge.errors import ConfigError
+
+    args = dict(block_size=8, num_blocks=8, num_layers=1, num_kv_heads=1, head_dim=16, device="cpu")
+    args.update(change)
+    with pytest.raises(ConfigError):
+        KVCache(CacheConfig(**args))
+
+
+def test_cache_memory_equals_the_config_estimate():
+    cfg = CacheConfig.new(16, 100, 4, 16, 2, device="cpu", dtype=torch.float32)
+    cache = KVCache(cfg)
+    assert cache.storage_bytes == cfg.estimated_memory_bytes()
+    for i in range(100):
+        cache.add_sequence(i, num_tokens=16)
+    assert cache.memory_efficiency() == 1.0 and cache.memory_profile().free_bytes == 0
+
+
+def test_bad_token_ids_and_pairs_raise_kvforge_errors():
+    cache = make_cache()
+    for bad in ("hello", [[1, 2]], [1.5, 2]):
+        with pytest.raises(SequenceError):
+            cache.add_sequence("x", bad)
+    assert "x" not in cache
+    for bad in ([(0, 1, 2)], [(0, 99)], [("a", 1)]):
+        with pytest.raises(KVForgeError):
+            cache.copy_blocks(bad)
+    cache.add_sequence("y", num_tokens=3)
+    with pytest.raises(SequenceError):
+        cache.append_tokens_batch(["y"], 1.5)
+    assert cache.seq_len("y") == 3

@@ -63,3 +63,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "block_map_peak.png" in pngs and "compaction.png" in pngs
     for p in tmp_path.glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_refuses_a_non_positive_context(capsys):
+    assert main(["plan", "--context", "0"]) == 2
+    assert "--context" in capsys.readouterr().err

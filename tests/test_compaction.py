@@ -246,3 +246,43 @@ def test_long_running_random_workload_with_compaction():
             m.verify()
     m.verify()
     assert compactions > 0 and cache.stats.compaction_count == compactions
+
+
+def test_planner_packs_cached_blocks_above_live_ones_and_evicts_those_in_the_way():
+    # live 0, 5, 9; cached (oldest first) 1, 7, 8; capacity 12
+    plan = plan_compaction([0, 5, 9], 12, evictable=[1, 7, 8])
+    assert plan.moves[:2] == [(9, 1), (5, 2)]      # live blocks fill 0..2; cached block 1 was in the way
+    assert plan.evict == [1]
+    assert sorted(plan.moves[2:]) == [(7, 4), (8, 3)]  # the others pack right above the live ones (highest first)
+    assert plan.packed_blocks == 5
+    capped = plan_compaction([0, 5, 9], 12, evictable=[1, 7, 8], keep_blocks=4)
+    assert capped.evict == [1, 7] and capped.packed_blocks == 4  # only the most recent one fits
+
+
+def test_freed_prompts_fragment_the_pool_without_reclaiming_the_cache():
+    cache = make_cache()
+    m = Model(cache)
+    for i in range(12):
+        m.add(i, [1000 * i + t for t in range(24)])  # 3 full blocks each: all cached
+    for i in range(12):
+        if i % 4:
+            m.free(i)
+    assert cache.pool.num_evictable_blocks == 27
+    assert cache.fragmentation_ratio() > 0.3 and cache.should_compact()
+    released = cache.compact_cache()
+    assert cache.fragmentation_ratio() == 0.0 and not cache.should_compact()
+    assert sorted(b for s in m.tokens for b in cache.block_table(s)) == list(range(9))
+    # cached blocks sitting where live ones go (ids 3..8 here) are dropped; the other 21 are kept,
+    # packed right above the live ones
+    assert cache.pool.num_evictable_blocks == 21
+    assert cache.pool.high_water_mark() == 9 + 21 + 6  # + the ids the 6 moved live blocks left
+    m.verify()
+    # and the cached prompts still hit, with the right contents
+    m.add("again", [1000 * 5 + t for t in range(24)])
+    assert cache.prefix_stats().hit_tokens >= 16
+    m.verify()
+    released_more = cache.compact_cache(keep_cached=False)
+    assert released_more > 0 and cache.pool.num_evictable_blocks < 21
+    assert released + released_more > 0
+    m.verify()
+    cache.check_invariants()

@@ -31,11 +31,11 @@ def _is_png(path: Path, min_bytes: int = 5000) -> bool:
 
 
 def _fragmented_cache() -> KVCache:
-    cfg = CacheConfig(block_size=4, num_blocks=64, num_layers=1, num_kv_heads=1, head_dim=4, device="cpu",
+    cfg = CacheConfig(block_size=8, num_blocks=64, num_layers=1, num_kv_heads=1, head_dim=16, device="cpu",
                       enable_compaction=True, chunk_blocks=8)
     cache = KVCache(cfg)
     for i in range(12):
-        cache.add_sequence(i, list(range(100 * i, 100 * i + 10)))  # 3 blocks each, tail holds 2 tokens
+        cache.add_sequence(i, list(range(100 * i, 100 * i + 20)))  # 3 blocks each, tail holds 4 tokens
     for i in range(0, 12, 2):
         cache.free_sequence(i)
     cache.reclaim_unused_blocks()  # cached prompt blocks back to the free list: holes below live blocks

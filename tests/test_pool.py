@@ -263,17 +263,19 @@ def test_fragmentation_ratio():
     ok(pool)
 
 
-def test_fragmentation_counts_evictable_blocks_as_in_use():
+def test_fragmentation_counts_evictable_blocks_as_free():
     pool = BlockPool(4)
     ids = pool.allocate(3)
     pool.mark_cached(ids[2])
     pool.free(ids[:2])
     pool.free([ids[2]])                         # cached: stays at id 2, evictable
-    assert pool.high_water_mark() == 3
-    assert pool.fragmentation_ratio() == 2 / 3
-    assert pool.reclaim_unused_blocks() == 1
-    assert pool.fragmentation_ratio() == 0.0
-    ok(pool)
+    assert pool.high_water_mark() == 3          # it still holds data
+    assert pool.fragmentation_ratio() == 0.0    # but nothing live traps free blocks
+    ids = [b for b in pool.allocate(3)]         # takes the 3 free blocks first: 0, 1, 3
+    assert sorted(ids) == [0, 1, 3] and pool.num_evictable_blocks == 1
+    pool.free([ids[0], ids[1]])                 # live block 3 above: 0, 1 free and 2 evictable trapped
+    assert pool.fragmentation_ratio() == 3 / 3
+    pool.check_invariants()
 
 
 def test_memory_efficiency_and_ratios():
@@ -486,3 +488,26 @@ def test_repr_mentions_counts():
     pool = BlockPool(4)
     pool.allocate(1)
     assert repr(pool) == "BlockPool(num_blocks=4, capacity=4, allocated=1, free=3, evictable=0)"
+
+
+def test_ids_from_numpy_tensors_and_tuples_are_plain_ints():
+    import json
+
+    import numpy as np
+    import torch
+
+    pool = BlockPool(6)
+    a = pool.allocate(np.int64(2))
+    assert a == [0, 1] and all(type(b) is int for b in a)
+    pool.incref(np.array([0]))
+    pool.free(np.array([0]))
+    pool.free(torch.tensor([0, 1]))
+    pool.free((pool.allocate(1)[0],))
+    assert pool.num_free_blocks == 6 and all(type(b) is int for b in pool.free_blocks())
+    json.dumps(pool.stats.to_dict())
+    for bad in (0, "0", [0.5], np.zeros((1, 1), dtype=np.int64)):
+        with pytest.raises(InvalidBlockError):
+            pool.free(bad)
+    with pytest.raises(InvalidBlockError):
+        pool.can_allocate("x")
+    pool.check_invariants()

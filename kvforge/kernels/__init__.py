@@ -13,13 +13,14 @@ block tables; they never see the pool or the engine. See ``docs/kernels.md``.
 from __future__ import annotations
 
 from kvforge.kernels import reference
-from kvforge.kernels.layout import KVCacheArg, chunk_offsets
+from kvforge.kernels.layout import KVCacheArg, chunk_offsets, describe_cache
 from kvforge.kernels.ops import copy_blocks, paged_decode_attention, paged_prefill_attention, store_kv
 
 __all__ = [
     "KVCacheArg",
     "chunk_offsets",
     "copy_blocks",
+    "describe_cache",
     "paged_decode_attention",
     "paged_prefill_attention",
     "reference",

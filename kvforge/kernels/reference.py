@@ -173,10 +173,16 @@ def copy_blocks(chunks: Sequence[Tensor], src: Tensor, dst: Tensor) -> None:
     chunk_blocks = chunks[0].shape[2]
     src = src.to(chunks[0].device).long()
     dst = dst.to(chunks[0].device).long()
-    data = chunks[0].new_empty((chunks[0].shape[0], 2, src.numel()) + tuple(chunks[0].shape[3:]))
-    for j, chunk in enumerate(chunks):
-        sel = src // chunk_blocks == j
-        data[:, :, sel] = chunk[:, :, src[sel] % chunk_blocks]
-    for j, chunk in enumerate(chunks):
-        sel = dst // chunk_blocks == j
-        chunk[:, :, dst[sel] % chunk_blocks] = data[:, :, sel]
+    # staged in batches of at most one chunk's worth of blocks: the extra memory
+    # a compaction needs stays within one chunk, however many blocks move
+    for start in range(0, src.numel(), chunk_blocks):
+        s_ids, d_ids = src[start:start + chunk_blocks], dst[start:start + chunk_blocks]
+        data = chunks[0].new_empty((chunks[0].shape[0], 2, s_ids.numel()) + tuple(chunks[0].shape[3:]))
+        for j, chunk in enumerate(chunks):
+            sel = s_ids // chunk_blocks == j
+            if bool(sel.any()):
+                data[:, :, sel] = chunk[:, :, s_ids[sel] % chunk_blocks]
+        for j, chunk in enumerate(chunks):
+            sel = d_ids // chunk_blocks == j
+            if bool(sel.any()):
+                chunk[:, :, d_ids[sel] % chunk_blocks] = data[:, :, sel]
