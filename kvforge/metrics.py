@@ -14,11 +14,19 @@ compactions, blocks moved, bytes returned, time and duration of the last
 compaction, active sequences and tokens.
 
 Engine metrics: any object with a ``stats()`` method (or ``stats`` attribute)
-returning a mapping. Its ``preemptions`` (or ``num_preemptions``) entry is
-exported as the counter ``kvforge_preemptions_total``; every other numeric
+returning a mapping (or an object with ``to_dict()``, such as
+:class:`~kvforge.engine.EngineStats`). Its ``preemptions`` (or
+``num_preemptions``) entry is exported as the counter
+``kvforge_preemptions_total`` (0 when there is no engine or no such entry,
+so the series always exists); every other numeric
 entry ``key`` as ``kvforge_engine_<key>`` (a counter when the key ends in
 ``_total``, otherwise a gauge; booleans as 0/1; one level of nested mappings
 is flattened with ``_``). Other values are not exportable and are left out.
+
+A :class:`~kvforge.engine.Engine` may be passed in the cache's place
+(``render(engine)``, ``serve(0, engine)``): an object with a ``cache`` and no
+``pool`` is taken as the engine, its ``cache`` as the cache and its
+``step_lock`` as the lock.
 
 Threads: the scrape runs on the HTTP server's thread while the engine keeps
 mutating the cache. Pass the ``lock`` the engine holds around a step to get
@@ -33,6 +41,8 @@ import logging
 import re
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from kvforge.errors import ConfigError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -76,9 +86,11 @@ _CACHE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("kvforge_prefix_cache_hit_tokens", "counter", "Prompt tokens found in the prefix cache."),
 )
 
+_PREEMPTIONS = ("kvforge_preemptions", "counter", "Requests preempted (blocks freed, recomputed later).")
+
 #: Sample names a cache always exports, as they appear in the text format.
 METRIC_NAMES: tuple[str, ...] = tuple(name + "_total" if kind == "counter" else name
-                                      for name, kind, _ in _CACHE_METRICS)
+                                      for name, kind, _ in _CACHE_METRICS) + ("kvforge_preemptions_total",)
 
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -104,14 +116,23 @@ class KVForgeCollector:
     """A prometheus-client collector reading a cache (and optionally an engine) per scrape.
 
     ``cache`` is a KVCache or a BlockManager (None: the engine's ``cache``
-    attribute). The collector holds references only; it never mutates them.
+    attribute), or an engine in the cache's place (an object with a
+    ``cache`` and no ``pool``). ``lock`` defaults to the engine's
+    ``step_lock``. The collector holds references only; it never mutates them.
     """
 
     def __init__(self, cache: Any = None, engine: Any = None, *, lock: threading.Lock | None = None) -> None:
+        if cache is not None and not hasattr(cache, "pool") and hasattr(cache, "cache"):
+            if engine is not None and engine is not cache:
+                raise ConfigError(f"got two engines: {type(cache).__name__} in the cache's place and "
+                                  f"{type(engine).__name__}")
+            cache, engine = None, cache  # an Engine passed first
         if cache is None and engine is not None:
             cache = getattr(engine, "cache", None)
         if cache is None and engine is None:
-            raise ValueError("KVForgeCollector needs a cache, an engine, or both")
+            raise ConfigError("KVForgeCollector needs a cache, an engine, or both")
+        if lock is None and engine is not None:
+            lock = getattr(engine, "step_lock", None)
         self.cache = cache
         self.engine = engine
         self.lock = lock
@@ -121,6 +142,7 @@ class KVForgeCollector:
         if self.cache is not None:
             for name, kind, doc in _CACHE_METRICS:
                 yield _family(name, kind, doc)
+        yield _family(*_PREEMPTIONS)
 
     def collect(self) -> Iterator[Metric]:
         """Read everything now and yield the metric families."""
@@ -142,9 +164,10 @@ class KVForgeCollector:
         if self.cache is not None:
             values = _cache_values(self.cache)
             families += [_family(name, kind, doc, values[name]) for name, kind, doc in _CACHE_METRICS]
-        if self.engine is not None:
-            families += _engine_families(self.engine)
-        return families
+        engine = _engine_families(self.engine) if self.engine is not None else []
+        if not any(f.name == _PREEMPTIONS[0] for f in engine):
+            engine.insert(0, _family(*_PREEMPTIONS, 0))
+        return families + engine
 
 
 def _cache_values(target: Any) -> dict[str, float]:
@@ -197,13 +220,12 @@ def _engine_stats(engine: Any) -> Mapping[str, Any]:
         stats = stats()
     if stats is None:
         return {}
+    if not isinstance(stats, dict) and hasattr(stats, "to_dict"):
+        return stats.to_dict()  # nested snapshots as dicts, flattened below
     if not isinstance(stats, Mapping):
         if hasattr(stats, "_asdict"):
-            stats = stats._asdict()
-        elif hasattr(stats, "to_dict"):
-            stats = stats.to_dict()
-        else:
-            raise TypeError(f"engine.stats() must return a mapping, got {type(stats).__name__}")
+            return stats._asdict()
+        raise ConfigError(f"engine.stats() must return a mapping, got {type(stats).__name__}")
     return stats
 
 
@@ -222,8 +244,7 @@ def _engine_families(engine: Any) -> list[Metric]:
     families: list[Metric] = []
     for key in _PREEMPTION_KEYS:
         if key in flat:
-            families.append(_family("kvforge_preemptions", "counter",
-                                    "Requests preempted (blocks freed, recomputed later).", flat.pop(key)))
+            families.append(_family(*_PREEMPTIONS, flat.pop(key)))
             break
     for key, v in sorted(flat.items()):
         kind = "counter" if key.endswith("_total") else "gauge"

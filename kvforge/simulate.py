@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -733,10 +734,22 @@ def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
         static_reserve=args.static_reserve, bytes_per_token=probe.bytes_per_token, model=label)
 
 
+def _check_out_dir(out: str) -> None:
+    """Fail before simulating when ``--out`` cannot take the plots."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out!r}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r}: the folder is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``kvforge simulate``: print the table (or JSON) and the PNG paths; exit status."""
     try:
         config = _config_from_args(args)
+        if not args.no_plots:
+            _check_out_dir(args.out)
         if args.trace and (args.requests is not None or args.rate is not None):
             raise ConfigError("--requests and --rate apply to built-in workloads, not to --trace")
         if not args.trace and args.max_model_len is not None:
@@ -757,6 +770,10 @@ def run(args: argparse.Namespace) -> int:
             paths = [str(p) for p in plot_simulation(result, args.out)]
         except ImportError as exc:
             print(f"kvforge simulate: no plots ({exc})", file=sys.stderr)
+        except OSError as exc:
+            print(f"kvforge simulate: error: cannot write plots to {args.out!r}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     if args.json:
         out = result.to_dict(timeline_points=1000)
         out["plots"] = paths

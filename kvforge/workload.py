@@ -29,7 +29,9 @@ optional ``id`` (string or int, unique; default ``line<N>``),
 the request's cache entries), ``max_output_len`` (int >= output_len: the
 request's ``max_tokens``, used by the static ``max-output`` reservation).
 Any other key, a wrong type or an out-of-range value raises
-:class:`~kvforge.errors.TraceError` naming the line; nothing is skipped.
+:class:`~kvforge.errors.TraceError` ``"FILE:N: reason (line N)"`` with
+attributes ``path`` and ``lineno`` (None for a file-level problem); nothing
+is skipped.
 """
 from __future__ import annotations
 
@@ -263,8 +265,13 @@ def make_workload(name: str, num_requests: int | None = None, *, seed: int = 0,
 
 
 # --------------------------------------------------------------------- traces
-def _fail(path: str, lineno: int, reason: str) -> TraceError:
-    return TraceError(f"{path}:{lineno}: {reason}")
+def _fail(path: str, lineno: int | None, reason: str) -> TraceError:
+    """``"FILE:LINE: reason (line LINE)"``, with ``.path`` and ``.lineno`` (None: not one line's fault)."""
+    where = f"{path}:{lineno}" if lineno is not None else path
+    err = TraceError(f"{where}: {reason}" + (f" (line {lineno})" if lineno is not None else ""))
+    err.path = path  # type: ignore[attr-defined]
+    err.lineno = lineno  # type: ignore[attr-defined]
+    return err
 
 
 def _int_field(obj: dict[str, Any], key: str, lo: int, where: Callable[[str], TraceError]) -> int | None:
@@ -370,7 +377,7 @@ def parse_trace_lines(lines: Iterable[str], *, source: str = "<trace>", step_ms:
         seen[req.request_id] = lineno
         reqs.append(req)
     if not reqs:
-        raise TraceError(f"{source}: no requests ({lineno} line(s), all blank)")
+        raise _fail(source, None, f"no requests ({lineno} line(s), all blank)")
     reqs.sort(key=lambda r: r.arrival)  # stable: file order among equal arrivals
     longest = max(r.prompt_len + r.output_len for r in reqs)
     mml = max_model_len if max_model_len is not None else longest
@@ -387,9 +394,9 @@ def load_trace(path: str | os.PathLike[str], *, step_ms: float = 20.0,
         with open(p, encoding="utf-8") as fh:
             return parse_trace_lines(fh, source=p, step_ms=step_ms, max_model_len=max_model_len)
     except OSError as exc:
-        raise TraceError(f"{p}: cannot read the trace ({exc.strerror or exc})") from None
+        raise _fail(p, None, f"cannot read the trace ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        raise TraceError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise _fail(p, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def write_trace(workload: Workload, path: str | os.PathLike[str]) -> None:

@@ -281,3 +281,206 @@ def test_bfloat16_on_cpu_runs(ckpt: tuple[str, object]) -> None:
     assert engine.cache.config.dtype == torch.bfloat16
     out = engine.generate(PROMPTS, SamplingParams(max_tokens=4))
     assert all(len(o.token_ids) == 4 for o in out)
+
+
+# ------------------------------------------------------------ review fixes
+def test_kv_budget_as_the_second_argument(ckpt: tuple[str, object]) -> None:
+    folder, _ = ckpt
+    by_str = Engine(folder, "64KiB", block_size=8)
+    per_block = by_str.cache.config.bytes_per_block
+    assert by_str.cache.config.num_blocks == 64 * 1024 // per_block
+    assert Engine(folder, 10 * per_block, block_size=8).cache.config.num_blocks == 10
+    with open(os.path.join(folder, "config.json")) as fh:
+        cfg = json.load(fh)
+    assert Engine.from_config(cfg, 12 * per_block, block_size=8).cache.config.num_blocks == 12
+    for bad, match in ((2.5, "CacheConfig or a KV memory budget"), (True, "CacheConfig or a KV memory budget"),
+                       ("lots", "byte size"), (0, "positive")):
+        with pytest.raises(ConfigError, match=match):
+            Engine(folder, bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="given twice"):
+        Engine(folder, "1MiB", kv_memory="2MiB")
+
+
+def test_out_of_range_seeds_are_refused_and_extreme_ones_sample(ckpt: tuple[str, object]) -> None:
+    for seed in (2**63, -1, 10**30, 1.5, True):
+        with pytest.raises(ConfigError, match="seed"):
+            SamplingParams(seed=seed)  # type: ignore[arg-type]
+    engine = small(ckpt[0])
+    outs = engine.generate(PROMPTS[:2], [SamplingParams(max_tokens=3, temperature=1.0, seed=2**63 - 1, n=2),
+                                         SamplingParams(max_tokens=3, temperature=1.0, top_k=2**70, seed=0)])
+    assert [len(c.token_ids) for o in outs for c in o.outputs] == [3, 3, 3]
+    engine.check_invariants()
+
+
+def test_a_failing_step_leaves_the_engine_consistent(ckpt: tuple[str, object],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, model = ckpt
+    engine = small(folder)
+    execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(inputs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected kernel failure")
+        return execute(inputs)
+
+    monkeypatch.setattr(engine.runner, "execute", flaky)
+    rids = [engine.add_request(p, SamplingParams(max_tokens=6, n=2 if i == 0 else 1)) for i, p in enumerate(PROMPTS)]
+    engine.step()
+    engine.step()
+    assert engine.stats().used_blocks > 0
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.check_invariants()
+    assert engine.cache.seq_ids == [] and engine.stats().used_blocks == 0  # everything went back to waiting
+    assert engine.cache.prefix_stats().cached_blocks == 0  # no block registered for never-computed tokens
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    for rid, p in zip(rids, PROMPTS):
+        assert all(c.token_ids == hf_greedy(model, p, 6) for c in done[rid].outputs)
+    assert len(done[rids[0]].outputs) == 2
+
+    # generate: the step raises, its requests are aborted, a later generate works
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.generate(PROMPTS, SamplingParams(max_tokens=8))
+    engine.check_invariants()
+    assert not engine.has_unfinished_requests() and engine.stats().used_blocks == 0 and not engine._requests
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=4))
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 4) for p in PROMPTS]
+
+
+def test_bad_params_in_a_batch_queue_nothing(ckpt: tuple[str, object]) -> None:
+    engine = small(ckpt[0])
+    for params in ([SamplingParams(), {"max_tokens": 3}], {"max_tokens": 3}, [SamplingParams(), None, 3]):
+        with pytest.raises(ConfigError, match="SamplingParams"):
+            engine.generate([PROMPTS[0], PROMPTS[1]] + ([PROMPTS[2]] if len(params) == 3 else []),
+                            params)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="token ids"):
+        engine.generate([PROMPTS[0], [1.5, 2.0]])
+    with pytest.raises(ConfigError, match="SamplingParams"):
+        engine.add_request(PROMPTS[0], {"max_tokens": 3})  # type: ignore[arg-type]
+    assert not engine._requests and not engine.has_unfinished_requests() and engine.stats().num_requests == 0
+
+
+def test_corrupt_or_truncated_weights_name_the_file(ckpt: tuple[str, object], tmp_path: str) -> None:
+    for name, cut in (("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"\x00" * 64)):
+        bad = os.path.join(tmp_path, name)
+        shutil.copytree(ckpt[0], bad)
+        path = os.path.join(bad, "model.safetensors")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        with open(path, "wb") as fh:
+            fh.write(cut(data))
+        with pytest.raises(ModelError, match="model.safetensors"):
+            Engine(bad, num_blocks=8, block_size=8)
+
+
+def test_unused_checkpoint_tensors_are_refused(ckpt: tuple[str, object], tmp_path: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bad = os.path.join(tmp_path, "extra")
+    shutil.copytree(ckpt[0], bad)
+    path = os.path.join(bad, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.0.mlp.down_proj.bias"] = torch.zeros(64)  # config says mlp_bias=False
+    tensors["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"2 tensor\(s\).*model\.layers\.0\.mlp\.down_proj\.bias"):
+        Engine(bad, num_blocks=8, block_size=8)
+
+
+def test_jsonl_prompt_fields_are_checked(ckpt: tuple[str, object], tmp_path: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ('{"prompt_token_ids": [5, 6], "max_tokens": "x"}', '{"prompt_token_ids": [5, 6], "max_tokens": 2.5}',
+                '{"prompt_token_ids": [5, 6], "max_tokens": 0}', '{"prompt_token_ids": "56"}', '{"prompt": 7}'):
+        jsonl = os.path.join(tmp_path, "p.jsonl")
+        with open(jsonl, "w") as fh:
+            fh.write('{"prompt_token_ids": [3, 4]}\n' + bad + "\n")
+        code = cli_main(["generate", "--model", ckpt[0], "--prompts", jsonl, "--num-blocks", "8",
+                         "--block-size", "8", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{jsonl}:2:" in err and "Traceback" not in err, (bad, err)
+
+
+def test_closing_a_stream_aborts_its_requests(ckpt: tuple[str, object]) -> None:
+    engine = small(ckpt[0])
+    it = engine.stream(PROMPTS, SamplingParams(max_tokens=40))
+    first = next(it)
+    assert not first.finished and engine.stats().used_blocks > 0
+    it.close()
+    engine.check_invariants()
+    assert engine.stats().used_blocks == 0 and not engine.has_unfinished_requests() and not engine._requests
+
+    engine.check_invariants()
+    for _ in engine.stream([PROMPTS[0]], SamplingParams(max_tokens=40)):
+        break  # a `break` drops the generator: CPython closes it at once
+    assert engine.stats().used_blocks == 0 and not engine._requests
+
+
+def test_a_request_aborted_during_a_stream_gets_a_final_snapshot(ckpt: tuple[str, object]) -> None:
+    engine = small(ckpt[0])
+    finals = {}
+    aborted = None
+    for snap in engine.stream(PROMPTS, SamplingParams(max_tokens=6)):
+        if aborted is None:
+            aborted = snap.request_id
+            engine.abort(aborted)
+        if snap.finished:
+            assert snap.request_id not in finals
+            finals[snap.request_id] = snap
+    assert len(finals) == 3
+    assert finals[aborted].finish_reason == "abort" and finals[aborted].finished
+    assert all(s.finish_reason == "length" for r, s in finals.items() if r != aborted)
+    engine.check_invariants()
+    assert engine.stats().used_blocks == 0 and not engine._requests
+
+
+def test_stats_read_as_a_mapping(ckpt: tuple[str, object]) -> None:
+    engine = small(ckpt[0])
+    engine.generate([PROMPTS[2], PROMPTS[2]], SamplingParams(max_tokens=2))
+    st = engine.stats()
+    assert st["prefix_hit_rate"] == st.prefix_hit_rate > 0
+    assert "memory_efficiency" in st.keys() and "num_evictions" in st and "nope" not in st
+    assert dict(st.items())["num_generated_tokens"] == 4 and len(st) == len(list(st))
+    assert st.memory_efficiency == pytest.approx(engine.cache.memory_efficiency())
+    assert st.num_evictions == engine.cache.prefix_stats().evictions == 0
+    assert st.to_dict()["memory_efficiency"] == st.memory_efficiency
+    with pytest.raises(KeyError, match="no field 'nope'") as info:
+        st["nope"]
+    from kvforge.errors import KVForgeError
+    assert isinstance(info.value, KVForgeError)
+
+
+def test_stats_count_prefix_evictions(ckpt: tuple[str, object]) -> None:
+    engine = small(ckpt[0], num_blocks=6)  # 48 token slots: later prompts evict earlier cached blocks
+    for start in (3, 40, 80):
+        engine.generate([list(range(start, start + 30))], SamplingParams(max_tokens=2))
+    st = engine.stats()
+    assert st.num_evictions == engine.cache.prefix_stats().evictions > 0
+
+
+def test_tensor_and_array_prompts(ckpt: tuple[str, object]) -> None:
+    import numpy as np
+
+    folder, model = ckpt
+    engine = small(folder)
+    want = hf_greedy(model, PROMPTS[0], 3)
+    params = SamplingParams(max_tokens=3)
+    for prompt in (torch.tensor(PROMPTS[0]), np.array(PROMPTS[0]), [np.int64(t) for t in PROMPTS[0]],
+                   torch.tensor(PROMPTS[0], dtype=torch.int32)):
+        outs = engine.generate(prompt, params)
+        assert len(outs) == 1 and outs[0].token_ids == want
+    outs = engine.generate([torch.tensor(PROMPTS[0]), np.array(PROMPTS[1])], params)
+    assert [o.token_ids for o in outs] == [want, hf_greedy(model, PROMPTS[1], 3)]
+    stacked = engine.generate(np.array([PROMPTS[0], PROMPTS[0]]), params)  # 2-D: one prompt per row
+    assert [o.token_ids for o in stacked] == [want, want]
+    for bad in (torch.tensor([5.0, 6.0]), np.array(5), np.array([True, False])):
+        with pytest.raises(ConfigError, match="1-D integer"):
+            engine.generate(bad, params)
+    assert not engine._requests

@@ -106,3 +106,23 @@ def test_compaction_between_steps(ref: Reference, prefix_caching: bool) -> None:
     stats = engine.stats()
     assert stats.num_compactions > 0
     assert stats.num_blocks_moved > 0
+
+
+@pytest.mark.parametrize("options", [{"attention_bias": True}, {"mlp_bias": True},
+                                     {"attention_bias": True, "mlp_bias": True}])
+def test_llama_biases_match_transformers(options: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``attention_bias`` (q/k/v and o_proj) and ``mlp_bias`` (gate/up/down) are loaded and applied."""
+    folder = str(tmp_path_factory.mktemp("llama-bias"))
+    model = save_tiny_checkpoint("LlamaForCausalLM", folder, **options)
+    names = {n for n, _ in model.named_parameters()}
+    assert ("model.layers.0.self_attn.o_proj.bias" in names) == options.get("attention_bias", False)
+    assert ("model.layers.0.mlp.down_proj.bias" in names) == options.get("mlp_bias", False)
+    engine = Engine(folder, num_blocks=64, block_size=8)
+    layer = engine.model.layers[0]
+    assert (layer.o_bias is not None) == options.get("attention_bias", False)
+    assert (layer.down_bias is not None) == (layer.gate_up_bias is not None) == options.get("mlp_bias", False)
+    outs = engine.generate(MIXED, SamplingParams(max_tokens=8, ignore_eos=True))
+    for prompt, out in zip(MIXED, outs):
+        want = hf_greedy(model, prompt, 8)
+        assert out.token_ids[:len(want)] == want
+    engine.check_invariants()

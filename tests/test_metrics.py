@@ -15,12 +15,12 @@ from kvforge.metrics import METRIC_NAMES, KVForgeCollector, render, serve  # noq
 
 
 def _cache() -> KVCache:
-    cfg = CacheConfig(block_size=4, num_blocks=16, num_layers=1, num_kv_heads=1, head_dim=8, device="cpu",
+    cfg = CacheConfig(block_size=8, num_blocks=16, num_layers=1, num_kv_heads=1, head_dim=16, device="cpu",
                       enable_compaction=True, chunk_blocks=4)
     cache = KVCache(cfg)
-    cache.add_sequence("a", list(range(10)))   # 3 blocks, tail 2 tokens
-    cache.add_sequence("b", list(range(10)))   # shares 2 full blocks, own tail
-    cache.add_sequence("c", list(range(50, 60)))
+    cache.add_sequence("a", list(range(20)))   # 3 blocks, tail 4 tokens
+    cache.add_sequence("b", list(range(20)))   # shares 2 full blocks, own tail
+    cache.add_sequence("c", list(range(50, 70)))
     cache.free_sequence("c")                   # 2 cached blocks evictable, tail freed
     return cache
 
@@ -60,10 +60,10 @@ def test_endpoint_serves_the_expected_names_over_loopback():
     assert v["kvforge_blocks_used"] == 4 and v["kvforge_blocks_evictable"] == 2
     assert v["kvforge_blocks_free"] == 10 and v["kvforge_blocks_max"] == 16
     assert v["kvforge_cache_usage_ratio"] == pytest.approx(4 / 16)
-    assert v["kvforge_internal_fragmentation_ratio"] == pytest.approx(4 / 16)  # 12 of 16 slots used
-    assert v["kvforge_prefix_cache_hit_rate"] == pytest.approx(8 / 30)
-    assert v["kvforge_prefix_cache_hit_tokens_total"] == 8
-    assert v["kvforge_sequences_active"] == 2 and v["kvforge_tokens_active"] == 20
+    assert v["kvforge_internal_fragmentation_ratio"] == pytest.approx(8 / 32)  # 24 of 32 slots used
+    assert v["kvforge_prefix_cache_hit_rate"] == pytest.approx(16 / 60)
+    assert v["kvforge_prefix_cache_hit_tokens_total"] == 16
+    assert v["kvforge_sequences_active"] == 2 and v["kvforge_tokens_active"] == 40
     assert v["kvforge_cache_bytes"] == cache.storage_bytes
     assert v["kvforge_memory_efficiency_ratio"] == pytest.approx(cache.memory_efficiency())
     assert v["kvforge_preemptions_total"] == 7
@@ -88,7 +88,7 @@ def test_scrape_reads_the_cache_at_scrape_time_and_stop_closes_the_port():
     assert first["kvforge_compactions_total"] == 0 and second["kvforge_compactions_total"] == 1
     assert second["kvforge_bytes_returned_total"] == released > 0
     assert second["kvforge_sequences_active"] == 0
-    assert "kvforge_preemptions_total" not in second  # no engine, no preemption count
+    assert second["kvforge_preemptions_total"] == 0  # no engine: the series exists, at 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
     server.stop()  # idempotent
@@ -134,3 +134,33 @@ def test_generate_serves_engine_metrics_while_running(tmp_path, capsys):
         text = urllib.request.urlopen(server.url, timeout=10).read().decode()
     for name in ("kvforge_blocks_used", "kvforge_preemptions_total", "kvforge_engine_num_generated_tokens"):
         assert name in text, name
+
+
+def test_an_engine_in_the_cache_place_and_a_cache_only_scrape():
+    cache = _cache()
+    engine = _Engine(cache)
+    engine.step_lock = threading.Lock()  # type: ignore[attr-defined]
+    v = _values(render(engine))  # the engine first: its cache is read, its stats exported
+    assert v["kvforge_blocks_used"] == 4 and v["kvforge_preemptions_total"] == 7
+    assert v["kvforge_engine_running"] == 3
+    assert KVForgeCollector(engine).lock is engine.step_lock
+    with serve(0, engine) as server:
+        text = urllib.request.urlopen(server.url, timeout=10).read().decode()
+    assert _values(text)["kvforge_preemptions_total"] == 7
+    only = _values(render(cache))
+    assert only["kvforge_preemptions_total"] == 0 and "kvforge_engine_running" not in only
+    assert "kvforge_preemptions_total" in METRIC_NAMES
+
+
+def test_real_engine_stats_are_exported_when_passed_first(tmp_path):
+    pytest.importorskip("transformers")
+    from kvforge.engine import Engine, SamplingParams
+    from kvforge.engine.testing import save_tiny_checkpoint
+
+    save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
+    engine = Engine(tmp_path / "ckpt", num_blocks=16, block_size=8, device="cpu")
+    engine.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9]], SamplingParams(max_tokens=3))
+    v = _values(render(engine))
+    assert v["kvforge_engine_num_generated_tokens"] == 3 and v["kvforge_preemptions_total"] == 0
+    assert v["kvforge_engine_memory_efficiency"] == pytest.approx(engine.stats().memory_efficiency)
+    assert "kvforge_engine_allocation_peak_allocations" in v  # nested snapshots flattened one level

@@ -233,3 +233,23 @@ def test_cli_trace_json_has_a_timeline(capsys, tmp_path):
     data = json.loads(out)
     assert data["timeline"]["held_blocks"] == [3, 3, 2, 2] and data["timeline"]["stride"] == 1
     assert data["paged"]["waste"] == pytest.approx(7 / 40) and data["static"]["waste"] == pytest.approx(27 / 60)
+
+
+def test_cli_unwritable_out_is_one_line_exit_2(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out_dir in ("/proc/kvforge-x", str(blocker), str(blocker / "sub")):
+        code, out, err = _cli(["--requests", "5", "--rate", "1", "--num-blocks", "300", "--out", out_dir], capsys)
+        assert code == 2 and out == "", (out_dir, out)
+        assert err.startswith("kvforge simulate: error: --out") and err.count("\n") == 1 and out_dir in err
+
+
+def test_cli_plot_write_failure_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
+    import kvforge.plot
+
+    def fail(result, out_dir):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(kvforge.plot, "plot_simulation", fail)
+    code, _, err = _cli(["--requests", "5", "--rate", "1", "--num-blocks", "300", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1 and "Permission denied" in err

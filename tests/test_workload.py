@@ -148,3 +148,16 @@ def test_equal_arrivals_keep_file_order():
              '{"id": "a", "arrival": 1, "prompt_len": 2, "output_len": 1}',
              '{"id": "c", "arrival": 0.5, "prompt_len": 2, "output_len": 1}']
     assert [r.request_id for r in parse_trace_lines(lines).requests] == ["c", "b", "a"]
+
+
+def test_trace_error_has_the_line_number_and_path(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(f"{GOOD}\n\n{{\"prompt_len\": 4}}\n")
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    err = info.value
+    assert str(err).startswith(f"{path}:3: ") and "line 3" in str(err)
+    assert err.lineno == 3 and err.path == str(path)
+    with pytest.raises(TraceError) as info:
+        load_trace(tmp_path / "missing.jsonl")
+    assert info.value.lineno is None and info.value.path == str(tmp_path / "missing.jsonl")

@@ -81,8 +81,22 @@ def _read_prompts(args: argparse.Namespace) -> tuple[list[Any], list[int | None]
                 obj = {"prompt": obj}
             if not isinstance(obj, dict) or not ("prompt" in obj or "prompt_token_ids" in obj):
                 raise ConfigError(f'{args.prompts}:{lineno}: expected {{"prompt": ...}} or {{"prompt_token_ids": ...}}')
-            prompts.append(obj["prompt_token_ids"] if "prompt_token_ids" in obj else obj["prompt"])
-            limits.append(obj.get("max_tokens"))
+            where = f"{args.prompts}:{lineno}"
+            if "prompt_token_ids" in obj:
+                ids = obj["prompt_token_ids"]
+                if not isinstance(ids, list) or not ids or not all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ConfigError(f"{where}: 'prompt_token_ids' must be a non-empty list of integers, "
+                                      f"got {ids!r:.60}")
+                prompts.append(ids)
+            else:
+                if not isinstance(obj["prompt"], str):
+                    raise ConfigError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.60}")
+                prompts.append(obj["prompt"])
+            limit = obj.get("max_tokens")
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise ConfigError(f"{where}: 'max_tokens' must be an integer >= 1, got {limit!r:.60}")
+            limits.append(limit)
     if not prompts:
         raise ConfigError(f"{args.prompts}: no prompts")
     return prompts, limits

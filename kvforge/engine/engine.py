@@ -15,12 +15,13 @@ tokens arrive); :meth:`Engine.abort` frees everything a request holds.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import random
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from kvforge.engine.loader import Tokenizer, load_checkpoint
 from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner, StepInputs
 from kvforge.engine.models.llama import LlamaModel
+from kvforge.engine.prompts import Prompt, check_params, prompt_list, token_ids
 from kvforge.engine.request import (
     CompletionOutput, Request, RequestMetrics, RequestOutput, Sequence, SequenceStatus,
 )
@@ -44,8 +46,6 @@ __all__ = ["Engine", "Prompt"]
 
 log = logging.getLogger(__name__)
 
-#: A prompt: text (needs a tokenizer) or token ids.
-Prompt = Union[str, Seq[int]]
 
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SEED_MASK = (1 << 62) - 1
@@ -56,32 +56,36 @@ class Engine:
 
     ``Engine(model_path, cache_config=None, *, kv_memory=None, num_blocks=None,
     device="auto", dtype=None, **options)``: ``model_path`` is a local Hugging
-    Face folder. The cache is ``cache_config`` (its dtype and device are set
-    to the model's), else ``num_blocks`` blocks, else as many as
-    ``kv_memory`` (bytes or ``"4GiB"``) holds, else a share of the free GPU
-    memory (``kv_memory_fraction``) or 512 MiB on the CPU. ``dtype`` defaults
+    Face folder. The second argument is a :class:`~kvforge.config.CacheConfig`
+    (its dtype and device are set to the model's) or a KV memory budget
+    (bytes or ``"4GiB"``, the same as ``kv_memory=``). Without a CacheConfig
+    the cache is ``num_blocks`` blocks, else as many as the budget holds,
+    else a share of the free GPU memory (``kv_memory_fraction``) or 512 MiB
+    on the CPU. ``dtype`` defaults
     to the checkpoint's on GPUs and float32 on the CPU. ``options`` are
     :class:`~kvforge.engine.config.EngineConfig` fields.
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], cache_config: CacheConfig | None = None, *,
+    def __init__(self, model_path: str | os.PathLike[str], cache_config: CacheConfig | int | str | None = None, *,
                  kv_memory: int | str | None = None, num_blocks: int | None = None, device: str = "auto",
                  dtype: Any = None, config: EngineConfig | None = None, **options: Any) -> None:
-        ckpt = load_checkpoint(model_path)
+        cache_config, kv_memory = _kv_budget(cache_config, kv_memory, num_blocks)
         econf = _engine_config(config, options)
+        ckpt = load_checkpoint(model_path)
         dev, dt = _resolve(device, dtype, ckpt.config)
         max_len = _max_len(econf, ckpt.config)
         model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev, max_positions=max_len)
         self._setup(model, ckpt.tokenizer, econf, cache_config, kv_memory, num_blocks)
 
     @classmethod
-    def from_config(cls, hf_config: Mapping[str, Any], cache_config: CacheConfig | None = None, *,
+    def from_config(cls, hf_config: Mapping[str, Any], cache_config: CacheConfig | int | str | None = None, *,
                     kv_memory: int | str | None = None, num_blocks: int | None = None, device: str = "auto",
                     dtype: Any = None, config: EngineConfig | None = None, **options: Any) -> Engine:
         """An engine over random weights for a ``config.json`` dict (benchmarks, demos).
 
         Weights are normal with the config's ``initializer_range`` (seeded by
         ``seed``), made directly on the device; there is no tokenizer."""
+        cache_config, kv_memory = _kv_budget(cache_config, kv_memory, num_blocks)
         mconf = ModelConfig.from_hf(hf_config)
         econf = _engine_config(config, options)
         dev, dt = _resolve(device, dtype, mconf)
@@ -91,13 +95,14 @@ class Engine:
         return engine
 
     @classmethod
-    def from_model(cls, model: LlamaModel, cache_config: CacheConfig | None = None, *,
+    def from_model(cls, model: LlamaModel, cache_config: CacheConfig | int | str | None = None, *,
                    tokenizer: Tokenizer | None = None, kv_memory: int | str | None = None,
                    num_blocks: int | None = None, config: EngineConfig | None = None, **options: Any) -> Engine:
         """An engine over an already built :class:`~kvforge.engine.models.llama.LlamaModel`
         (shared weights: e.g. several cache sizes for one model in a benchmark)."""
         if not isinstance(model, LlamaModel):
             raise ConfigError(f"model must be a LlamaModel, got {type(model).__name__}")
+        cache_config, kv_memory = _kv_budget(cache_config, kv_memory, num_blocks)
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, _engine_config(config, options), cache_config, kv_memory, num_blocks)
         return engine
@@ -127,10 +132,12 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._next_seq = 0
         self._next_request = 0
-        self._counters = dict(steps=0, decode_steps=0, graph_steps=0, finished=0, prompt_tokens=0, generated=0)
+        self._counters = dict(steps=0, decode_steps=0, graph_steps=0, requests=0, finished=0, prompt_tokens=0,
+                              generated=0)
         self._eos = frozenset(model.config.eos_token_ids)
         self._num_unforked = 0  # requests with n > 1 whose completions are not forked yet
         self._num_random = 0  # unfinished sequences that sample (temperature > 0)
+        self._forked: list[Sequence] = []  # this step's forks, dropped if the step fails
         log.info("engine ready: %s, %s on %s, %s, max_model_len=%d", model.config.architecture,
                  str(self.dtype).removeprefix("torch."), self.device, self.cache, self.max_model_len)
 
@@ -171,16 +178,25 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue a request; return its id. Raises before queueing anything when
-        the prompt is invalid or can never fit (see :meth:`_check_prompt`)."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
+        the prompt or params are invalid or the prompt can never fit (see
+        :meth:`_check_prompt`)."""
+        params = check_params(params, "params")
+        if request_id is not None:
+            if not isinstance(request_id, str):
+                raise ConfigError(f"request_id must be a string, got {type(request_id).__name__}")
+            if request_id in self._requests:
+                raise SequenceError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
-        rid = request_id if request_id is not None else f"req-{self._next_request}"
-        self._next_request += 1
-        if rid in self._requests:
-            raise SequenceError(f"request id {rid!r} is already in use")
-        self._check_prompt(rid, ids)
+        self._check_prompt(request_id if request_id is not None else f"req-{self._next_request}", ids)
+        return self._queue(text, ids, params, request_id)
+
+    def _queue(self, text: str | None, ids: list[int], params: SamplingParams, request_id: str | None) -> str:
+        """Queue a checked request (nothing here can fail)."""
+        rid = request_id
+        while rid is None or rid in self._requests:  # an automatic id never takes a caller's
+            rid = f"req-{self._next_request}"
+            self._next_request += 1
+        self._counters["requests"] += 1
         req = Request(rid, text, ids, params, time.perf_counter(), self._eos, self.max_model_len)
         base = params.seed if params.seed is not None else self._rng.getrandbits(62)
         req.seqs.append(self._new_sequence(req, 0, base))
@@ -204,11 +220,7 @@ class Engine:
             if self.tokenizer is None:
                 raise ConfigError("this model has no tokenizer: pass prompts as token id lists")
             return prompt, self.tokenizer.encode(prompt)
-        try:
-            ids = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise ConfigError(f"a prompt must be text or a sequence of token ids, got {prompt!r:.80}") from None
-        return None, ids
+        return None, token_ids(prompt)
 
     def _check_prompt(self, rid: str, ids: list[int]) -> None:
         vocab = self.model_config.vocab_size
@@ -272,18 +284,24 @@ class Engine:
             return self._step_locked(want_touched)
 
     def _step_locked(self, want_touched: bool) -> list[Request]:
-        out = self.scheduler.schedule()
+        self._forked = []
+        try:
+            out = self.scheduler.schedule()
+            if not out.is_empty:
+                inputs, targets, rows, forks = self._inputs(out)
+                logits = self.runner.execute(inputs)
+                if rows is not None:
+                    logits = logits[torch.as_tensor(rows, device=logits.device)]
+                tokens = sample(logits, self._sampling_batch(targets)).tolist()
+        except BaseException:
+            self._recover()
+            raise
         if out.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
                 head = self.scheduler.waiting[0]
                 raise KVForgeError(f"sequence {head.seq_id} of {head.num_tokens} tokens cannot be admitted into an "
                                    f"idle cache of {self.cache.num_available_blocks} available blocks")
             return []
-        inputs, targets, rows, forks = self._inputs(out)
-        logits = self.runner.execute(inputs)
-        if rows is not None:
-            logits = logits[torch.as_tensor(rows, device=logits.device)]
-        tokens = sample(logits, self._sampling_batch(targets)).tolist()
         now = time.perf_counter()
         c = self._counters
         c["steps"] += 1
@@ -299,6 +317,24 @@ class Engine:
         if want_touched:
             return list({s.request.request_id: s.request for s in targets}.values())
         return done
+
+    def _recover(self) -> None:
+        """Undo a step that raised after reserving slots (a kernel error, an
+        interrupt): slots were reserved, and full blocks registered in the
+        prefix index, for tokens that were never computed. Every running
+        sequence is preempted (it recomputes on a later step), the never
+        computed cached blocks are evicted, and forks made for the step are
+        dropped, so :meth:`check_invariants` holds and later steps are correct."""
+        for req in {id(s.request): s.request for s in self._forked}.values():
+            del req.seqs[1:]
+            self._num_unforked += 1
+        self._forked = []
+        num = len(self.scheduler.preempt_all())
+        for seq_id in self.cache.seq_ids:  # reserved but never adopted as running
+            self.cache.free_sequence(seq_id)
+        evicted = self.cache.reclaim_unused_blocks()  # blocks registered this step hold no keys/values
+        log.warning("a step failed: %d running sequence(s) preempted to recompute, %d cached block(s) dropped",
+                    num, evicted)
 
     def _inputs(self, out: SchedulerOutput
                 ) -> tuple[StepInputs, list[Sequence], list[int] | None, list[Sequence]]:
@@ -345,6 +381,7 @@ class Engine:
                 for j in range(1, req.params.n):
                     child = self._new_sequence(req, j, s.seed)
                     req.seqs.append(child)
+                    self._forked.append(child)
                     targets.append(child)
                     forks.append(child)
                     rows.append(i)
@@ -408,47 +445,74 @@ class Engine:
         rids = self._add_all(prompts, params)
         reqs = [self._requests[r] for r in rids]
         pending = set(rids)
-        while pending:
-            for req in self._step():
-                pending.discard(req.request_id)
-            if on_step is not None:
-                on_step(self)
-            if pending and not self.scheduler.has_work:  # aborted from elsewhere
-                break
-        for r in rids:
-            self._requests.pop(r, None)
+        try:
+            while pending:
+                for req in self._step():
+                    pending.discard(req.request_id)
+                if on_step is not None:
+                    on_step(self)
+                if pending and not self.scheduler.has_work:  # aborted from elsewhere
+                    break
+        finally:
+            self._abort_unfinished(reqs)  # a step raised (or an interrupt): free what this call queued
         return [self._output(req, detokenize=True) for req in reqs]
+
+    def _abort_unfinished(self, reqs: Iterable[Request]) -> None:
+        """Abort those of ``reqs`` that still run or wait, and forget all of them."""
+        for req in reqs:
+            if req.request_id in self._requests and not req.is_finished:
+                self.abort(req.request_id)
+            self._requests.pop(req.request_id, None)
 
     def stream(self, prompts: Prompt | Iterable[Prompt],
                params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[RequestOutput]:
         """Yield a snapshot of a request each time it gets tokens (``new_token_ids``
-        in each completion), the last one with ``finished=True``."""
-        rids = set(self._add_all(prompts, params))
-        while rids:
-            for req in self._step(want_touched=True):
-                if req.request_id in rids:
-                    yield self._output(req, detokenize=True)
-                    if req.is_finished:
-                        rids.discard(req.request_id)
-                        self._requests.pop(req.request_id, None)
-            if rids and not self.scheduler.has_work:
-                break
+        in each completion), the last one with ``finished=True``.
+
+        A request aborted meanwhile (:meth:`abort`) gets a last snapshot with
+        finish reason ``'abort'``. Closing the iterator early (``close()``, a
+        ``break``, or dropping it) aborts the requests it still has, freeing
+        their blocks."""
+        live = {r: self._requests[r] for r in self._add_all(prompts, params)}
+        try:
+            while live:
+                touched = self._step(want_touched=True) if self.scheduler.has_work else []
+                for req in touched:
+                    if live.pop(req.request_id, None) is not None:
+                        if not req.is_finished:
+                            live[req.request_id] = req
+                        else:
+                            self._requests.pop(req.request_id, None)
+                        yield self._output(req, detokenize=True)
+                for rid, req in list(live.items()):
+                    if req.is_finished:  # aborted between steps
+                        del live[rid]
+                        self._requests.pop(rid, None)
+                        yield self._output(req, detokenize=True)
+                if live and not self.scheduler.has_work:  # pragma: no cover - every live request is queued
+                    break
+        finally:
+            self._abort_unfinished(live.values())
 
     def _add_all(self, prompts: Prompt | Iterable[Prompt],
                  params: SamplingParams | Seq[SamplingParams] | None) -> list[str]:
-        if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)):
-            plist: list[Prompt] = [prompts]  # type: ignore[list-item]
-        else:
-            plist = list(prompts)  # type: ignore[arg-type]
+        """Check every prompt and params, then queue them all (or nothing)."""
+        plist = prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             plist_params = [params] * len(plist)
+        elif isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
+            raise ConfigError(f"params must be SamplingParams or a list of them, got {type(params).__name__}")
         else:
             plist_params = list(params)
             if len(plist_params) != len(plist):
                 raise ConfigError(f"got {len(plist_params)} SamplingParams for {len(plist)} prompts")
-        for i, p in enumerate(plist):  # validate everything before queueing anything
-            self._check_prompt(f"#{i}", self._tokenize(p)[1])
-        return [self.add_request(p, sp) for p, sp in zip(plist, plist_params)]
+        checked = []
+        for i, (p, sp) in enumerate(zip(plist, plist_params)):  # validate everything before queueing anything
+            sp = check_params(sp, f"params[{i}]")
+            text, ids = self._tokenize(p)
+            self._check_prompt(f"#{i}", ids)
+            checked.append((text, ids, sp))
+        return [self._queue(text, ids, sp, None) for text, ids, sp in checked]
 
     # -------------------------------------------------------------- output
     def _output(self, req: Request, detokenize: bool) -> RequestOutput:
@@ -484,7 +548,7 @@ class Engine:
         cap = cache.config.num_blocks
         return EngineStats(
             num_steps=c["steps"], num_decode_steps=c["decode_steps"], num_graph_steps=c["graph_steps"],
-            num_requests=self._next_request, num_finished_requests=c["finished"],
+            num_requests=c["requests"], num_finished_requests=c["finished"],
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             max_concurrent_seqs=self.scheduler.max_concurrent, num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens_computed=c["prompt_tokens"], num_generated_tokens=c["generated"],
@@ -494,7 +558,8 @@ class Engine:
             fragmentation_ratio=cache.fragmentation_ratio(), internal_fragmentation=cache.internal_fragmentation(),
             prefix_hit_rate=pstats.hit_rate, prefix_hit_tokens=pstats.hit_tokens,
             num_compactions=alloc.compaction_count, num_blocks_moved=alloc.total_blocks_moved,
-            bytes_returned=alloc.total_bytes_returned, allocation=alloc, prefix=pstats,
+            bytes_returned=alloc.total_bytes_returned, memory_efficiency=cache.memory_efficiency(),
+            num_evictions=pstats.evictions, allocation=alloc, prefix=pstats,
         )
 
     def check_invariants(self) -> None:
@@ -510,6 +575,25 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({self.model_config.architecture}, device={self.device}, {self.cache})"
+
+
+def _kv_budget(cache_config: Any, kv_memory: int | str | None,
+               num_blocks: int | None) -> tuple[CacheConfig | None, int | str | None]:
+    """Split the second positional argument into (CacheConfig, KV budget); check the budget early."""
+    if cache_config is not None and not isinstance(cache_config, CacheConfig):
+        if isinstance(cache_config, bool) or not isinstance(cache_config, (numbers.Integral, str)):
+            raise ConfigError(f"the second argument must be a CacheConfig or a KV memory budget (bytes or "
+                              f"'4GiB'), got {type(cache_config).__name__} {cache_config!r:.60}")
+        if kv_memory is not None or num_blocks is not None:
+            given = "kv_memory" if kv_memory is not None else "num_blocks"
+            raise ConfigError(f"the KV cache size is given twice: {cache_config!r} and {given}=")
+        cache_config, kv_memory = None, cache_config
+    if kv_memory is not None:
+        if cache_config is not None:
+            raise ConfigError("give a CacheConfig or kv_memory=, not both")
+        if parse_bytes(kv_memory) <= 0:
+            raise ConfigError(f"the KV memory budget must be positive, got {kv_memory!r}")
+    return cache_config, kv_memory
 
 
 def _engine_config(config: EngineConfig | None, options: dict[str, Any]) -> EngineConfig:

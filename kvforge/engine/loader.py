@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor
@@ -59,8 +60,10 @@ class SafetensorsWeights(Mapping[str, Tensor]):
             with open(index, encoding="utf-8") as fh:
                 try:
                     weight_map = json.load(fh)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as exc:
+                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
                     raise ModelError(f"{index}: not a safetensors index ({exc})") from None
+            if not isinstance(weight_map, dict):
+                raise ModelError(f"{index}: 'weight_map' must map tensor names to files")
             for name, file in weight_map.items():
                 path = os.path.join(folder, file)
                 if not os.path.isfile(path):
@@ -77,23 +80,37 @@ class SafetensorsWeights(Mapping[str, Tensor]):
                 raise ModelError(f"no *.safetensors weights in {folder!r}{hint}")
             for file in files:
                 path = os.path.join(folder, file)
-                with safe_open(path, framework="pt", device="cpu") as fh:
+                with _reading(path), safe_open(path, framework="pt", device="cpu") as fh:
                     for name in fh.keys():
                         self._where[name] = path
         self._handles: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> Tensor:
         path = self._where[name]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = self._safe_open(path, framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        with _reading(path, name):
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = self._safe_open(path, framework="pt", device="cpu")
+            return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+@contextmanager
+def _reading(path: str, name: str | None = None) -> Iterator[None]:
+    """Turn any failure to read ``path`` (truncated, corrupt, unreadable) into a :class:`ModelError`."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
+        what = f"tensor {name!r} of " if name is not None else ""
+        raise ModelError(f"cannot read {what}{path}: {type(exc).__name__}: {exc} "
+                         f"(a truncated or corrupt safetensors file?)") from exc
 
 
 class _HFTokenizer:

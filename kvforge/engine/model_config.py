@@ -83,6 +83,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype
     initializer_range: float = 0.02
+    #: Llama/Qwen3 ``attention_bias`` also puts a bias on ``o_proj``; Llama's ``mlp_bias`` on the MLP
+    o_bias: bool = False
+    mlp_bias: bool = False
 
     @property
     def q_size(self) -> int:
@@ -132,10 +135,13 @@ class ModelConfig:
             head_dim=head_dim, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
             rope_scaling=scaling, max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3")
+                                               and bool(cfg.get("attention_bias", False))),
             qk_norm=model_type == "qwen3", sliding_windows=_windows(cfg, model_type, num_layers),
             eos_token_ids=eos, dtype=_DTYPES.get(dtype_name, torch.float32),
             initializer_range=float(cfg.get("initializer_range", 0.02)),
+            o_bias=model_type in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)),
+            mlp_bias=model_type == "llama" and bool(cfg.get("mlp_bias", False)),
         )
 
 

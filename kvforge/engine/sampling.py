@@ -15,6 +15,7 @@ generator at arrival.
 from __future__ import annotations
 
 import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -23,7 +24,10 @@ from torch import Tensor
 
 from kvforge.errors import ConfigError
 
-__all__ = ["SamplingParams", "SamplingBatch", "sample", "uniform_noise"]
+__all__ = ["SamplingParams", "SamplingBatch", "sample", "uniform_noise", "MAX_SEED"]
+
+#: Largest accepted ``SamplingParams.seed`` (seeds are int64 on the device).
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +71,23 @@ class SamplingParams:
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < float(p) <= 1.0:
             raise ConfigError(f"SamplingParams.top_p must lie in (0, 1], got {p!r}")
         object.__setattr__(self, "top_p", float(p))
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
-            raise ConfigError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None:
+            # the sampler hashes seeds as int64: refuse what would overflow there, mid-step
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) \
+                    or not 0 <= self.seed <= MAX_SEED:
+                raise ConfigError(f"SamplingParams.seed must be None or an integer in [0, 2**63 - 1], "
+                                  f"got {self.seed!r}")
+            object.__setattr__(self, "seed", int(self.seed))
+        raw = self.stop_token_ids
         try:
-            stop = tuple(int(s) for s in self.stop_token_ids)
-        except (TypeError, ValueError):
-            raise ConfigError(f"SamplingParams.stop_token_ids must be token ids, got {self.stop_token_ids!r}") from None
+            items = list(raw) if not isinstance(raw, (str, bytes)) else [raw]
+            if any(isinstance(t, bool) for t in items):
+                raise TypeError
+            stop = tuple(operator.index(t) for t in items)  # ints, numpy ints; not floats
+        except TypeError:
+            raise ConfigError(f"SamplingParams.stop_token_ids must be token ids, got {raw!r:.80}") from None
+        if any(t < 0 for t in stop):
+            raise ConfigError(f"SamplingParams.stop_token_ids must be >= 0, got {stop!r:.80}")
         object.__setattr__(self, "stop_token_ids", stop)
         if not isinstance(self.ignore_eos, bool):
             raise ConfigError(f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}")
@@ -144,7 +159,7 @@ def sample(logits: Tensor, batch: SamplingBatch | None) -> Tensor:
     if any(k > 0 for k in batch.top_k) or any(p < 1.0 for p in batch.top_p):
         sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
         rank = torch.arange(vocab, device=dev)[None, :]
-        k = torch.tensor([k if k > 0 else vocab for k in batch.top_k], device=dev)
+        k = torch.tensor([k if 0 < k < vocab else vocab for k in batch.top_k], device=dev)
         keep = rank < k[:, None]
         sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)

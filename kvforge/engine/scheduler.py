@@ -261,6 +261,15 @@ class Scheduler:
             budget -= reserved - cached
         return chunks
 
+    def preempt_all(self) -> list[Sequence]:
+        """Preempt every running sequence, newest first (so the oldest ends at the
+        head of the waiting queue); return them. The engine's recovery from a
+        failed step: it drops slots reserved for tokens that were never computed."""
+        preempted: list[Sequence] = []
+        for victim in reversed(list(self.running)):
+            self._preempt(victim, preempted)
+        return preempted
+
     def _preempt(self, victim: Sequence, preempted: list[Sequence]) -> None:
         self.cache.free_sequence(victim.seq_id)
         self.running.remove(victim)

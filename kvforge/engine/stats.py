@@ -1,18 +1,31 @@
 """``EngineStats``: a snapshot of the engine's counters and its cache's metrics."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from kvforge.errors import KVForgeError
 from kvforge.pool import AllocationStats
 from kvforge.prefix import PrefixStats
 
 __all__ = ["EngineStats"]
 
 
+class _UnknownStat(KVForgeError, KeyError):
+    """A key that is not an :class:`EngineStats` field (a KeyError, as a mapping raises)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass(frozen=True, slots=True)
-class EngineStats:
+class EngineStats(Mapping[str, Any]):
     """Counters since the engine started, plus the cache now.
+
+    Read it as attributes (``stats.prefix_hit_rate``) or as a read-only
+    mapping of its fields (``stats["prefix_hit_rate"]``, ``keys()``,
+    ``items()``); :meth:`to_dict` also turns the nested snapshots into dicts.
 
     Cache usage counts blocks referenced by a sequence (``used_blocks``)
     over the blocks the pool may hold; ``peak_kv_bytes`` is the peak of
@@ -22,6 +35,9 @@ class EngineStats:
     ``fragmentation_ratio`` is external fragmentation (free blocks trapped
     below live ones, over free blocks); ``internal_fragmentation`` is
     reserved token slots holding no token, over reserved slots.
+    ``memory_efficiency`` is bytes of live keys/values over bytes the cache
+    holds on the device; ``num_evictions`` counts cached prefix blocks
+    evicted to make room.
     """
 
     num_steps: int
@@ -49,8 +65,21 @@ class EngineStats:
     num_compactions: int
     num_blocks_moved: int
     bytes_returned: int
+    memory_efficiency: float
+    num_evictions: int
     allocation: AllocationStats
     prefix: PrefixStats
+
+    def __getitem__(self, key: str) -> Any:
+        if not isinstance(key, str) or key not in _FIELDS:
+            raise _UnknownStat(f"EngineStats has no field {key!r} (fields: {', '.join(_FIELDS)})")
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict (nested snapshots as dicts)."""
@@ -62,3 +91,6 @@ class EngineStats:
                 f"peak {self.peak_used_blocks}), prefix hit rate {self.prefix_hit_rate:.1%}, "
                 f"preemptions {self.num_preemptions}, compactions {self.num_compactions}, "
                 f"max concurrent {self.max_concurrent_seqs}")
+
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EngineStats))

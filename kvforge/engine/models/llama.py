@@ -58,7 +58,11 @@ class AttentionInputs(NamedTuple):
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's tensors (``[out, in]`` matrices, as ``F.linear`` takes them)."""
+    """One decoder layer's tensors (``[out, in]`` matrices, as ``F.linear`` takes them).
+
+    Biases are None when the checkpoint has none (``attention_bias`` puts
+    one on q/k/v and, for Llama and Qwen3, on ``o_proj``; Llama's
+    ``mlp_bias`` on gate/up and down)."""
 
     input_norm: Tensor
     qkv: Tensor
@@ -69,6 +73,9 @@ class LayerWeights(NamedTuple):
     post_norm: Tensor
     gate_up: Tensor
     down: Tensor
+    o_bias: Tensor | None = None
+    gate_up_bias: Tensor | None = None
+    down_bias: Tensor | None = None
 
 
 class LlamaModel:
@@ -118,8 +125,13 @@ class LlamaModel:
                         device: torch.device, max_positions: int | None = None) -> LlamaModel:
         """Fuse and place Hugging Face tensors (``model.layers.{i}.self_attn.q_proj.weight``, ...).
 
-        Raises :class:`ModelError` naming the first missing tensor."""
+        Raises :class:`ModelError` naming the first missing tensor, or a few of
+        the tensors the model would not use (a checkpoint option the engine
+        does not implement must not be ignored silently)."""
+        used: set[str] = set()
+
         def get(name: str, optional: bool = False) -> Tensor | None:
+            used.add(name)
             t = tensors.get(name)
             if t is None and not optional:
                 raise ModelError(f"{config.architecture} checkpoint has no tensor {name!r}")
@@ -137,9 +149,11 @@ class LlamaModel:
             q, k, v = need(a + "q_proj.weight"), need(a + "k_proj.weight"), need(a + "v_proj.weight")
             _check_shape(a + "q_proj.weight", q, (config.q_size, config.hidden_size))
             _check_shape(a + "k_proj.weight", k, (config.kv_size, config.hidden_size))
-            biases = [get(a + f"{n}_proj.bias", optional=not config.qkv_bias) for n in "qkv"]
-            bias = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=device)
-                              for b, w in zip(biases, (q, k, v))]) if any(b is not None for b in biases) else None
+            # a bias the config does not declare is left unused (and refused below), as transformers ignores it
+            bias = torch.cat([need(a + f"{n}_proj.bias") for n in "qkv"]) if config.qkv_bias else None
+            m = p + "mlp."
+            gate_up_bias = torch.cat([need(m + "gate_proj.bias"), need(m + "up_proj.bias")]) \
+                if config.mlp_bias else None
             layers.append(LayerWeights(
                 input_norm=need(p + "input_layernorm.weight"),
                 qkv=torch.cat([q, k, v]).contiguous(), qkv_bias=bias,
@@ -149,6 +163,9 @@ class LlamaModel:
                 post_norm=need(p + "post_attention_layernorm.weight"),
                 gate_up=torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")]).contiguous(),
                 down=need(p + "mlp.down_proj.weight"),
+                o_bias=need(a + "o_proj.bias") if config.o_bias else None,
+                gate_up_bias=gate_up_bias,
+                down_bias=need(m + "down_proj.bias") if config.mlp_bias else None,
             ))
             del q, k, v
         embed = need("model.embed_tokens.weight")
@@ -159,7 +176,14 @@ class LlamaModel:
                 raise ModelError(f"{config.architecture} checkpoint has no tensor 'lm_head.weight' "
                                  f"and tie_word_embeddings is false")
             head = embed
-        return cls(config, embed, layers, need("model.norm.weight"), head,
+        final_norm = need("model.norm.weight")
+        unused = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq"))
+        if unused:
+            more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""
+            raise ModelError(f"{config.architecture} checkpoint has {len(unused)} tensor(s) the engine would not "
+                             f"use: {', '.join(unused[:4])}{more} (an unsupported option; refusing to run "
+                             f"without them)")
+        return cls(config, embed, layers, final_norm, head,
                    max_positions=max_positions or config.max_position_embeddings)
 
     @classmethod
@@ -182,6 +206,9 @@ class LlamaModel:
             q_norm=ones(c.head_dim) if c.qk_norm else None, k_norm=ones(c.head_dim) if c.qk_norm else None,
             o_proj=w(c.hidden_size, c.q_size), post_norm=ones(c.hidden_size),
             gate_up=w(2 * c.intermediate_size, c.hidden_size), down=w(c.hidden_size, c.intermediate_size),
+            o_bias=w(c.hidden_size) if c.o_bias else None,
+            gate_up_bias=w(2 * c.intermediate_size) if c.mlp_bias else None,
+            down_bias=w(c.hidden_size) if c.mlp_bias else None,
         ) for _ in range(c.num_layers)]
         embed = w(c.vocab_size, c.hidden_size)
         head = embed if c.tie_word_embeddings else w(c.vocab_size, c.hidden_size)
@@ -212,7 +239,7 @@ class LlamaModel:
             for i, lw in enumerate(self.layers):
                 a = self._attention(i, lw, h, positions, attn, cache)
                 h, residual = fz.add_rms_norm(a, residual, lw.post_norm, c.rms_norm_eps)
-                m = F.linear(fz.silu_mul(F.linear(h, lw.gate_up)), lw.down)
+                m = F.linear(fz.silu_mul(F.linear(h, lw.gate_up, lw.gate_up_bias)), lw.down, lw.down_bias)
                 nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
                 h, residual = fz.add_rms_norm(m, residual, nxt, c.rms_norm_eps)
             return h
@@ -220,8 +247,8 @@ class LlamaModel:
             h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
             x = x + self._attention(i, lw, h, positions, attn, cache)
             h = rms_norm(x, lw.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.down)
+            gate, up = F.linear(h, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw.down, lw.down_bias)
         return rms_norm(x, self.norm, c.rms_norm_eps)
 
     def _attention(self, layer: int, lw: LayerWeights, h: Tensor, positions: Tensor, attn: AttentionInputs,
@@ -261,7 +288,7 @@ class LlamaModel:
             kernels.paged_prefill_attention(
                 q[nd:], kc, vc, attn.prefill_tables, attn.cu_query_lens, attn.prefill_context_lens,
                 scale=self.scale, sliding_window=window, out=o[nd:], chunk_offsets=offsets, backend=backend)
-        return F.linear(o.view(t, c.q_size), lw.o_proj)
+        return F.linear(o.view(t, c.q_size), lw.o_proj, lw.o_bias)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits ``[N, vocab]`` of hidden rows ``[N, hidden]``."""
