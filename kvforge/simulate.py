@@ -21,7 +21,7 @@ The step model (the same for the paged and the static cache, see
    then external fragmentation is sampled;
 7. when external fragmentation exceeds the threshold and memory efficiency
    is below 70% (``KVCache.should_compact()`` on the bookkeeping), the pool is
-   compacted with :func:`~kvforge.compaction.plan_compaction`.
+   compacted with :meth:`~kvforge.block_table.BlockManager.plan_compaction`.
 
 The static comparison runs the same workload through a contiguous cache of
 the same number of token slots in which every request reserves one
@@ -48,7 +48,6 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from kvforge.block_table import BlockManager
-from kvforge.compaction import plan_compaction
 from kvforge.config import CacheConfig, format_bytes, model_shape, parse_bytes
 from kvforge.errors import ConfigError, KVForgeError
 from kvforge.plot import BlockMap, block_map_of
@@ -453,9 +452,8 @@ class _PagedRun:
         if eff >= COMPACTION_EFFICIENCY_LIMIT:
             return
         start = time.perf_counter()
-        plan = plan_compaction(self.mgr.held_blocks(), pool.capacity)
-        self.mgr.relocate(plan.moves)
-        pool.sort_free_list()
+        plan = self.mgr.plan_compaction()  # live blocks first, cached ones packed above them
+        self.mgr.apply_compaction(plan)
         pool.record_compaction(time.time() * 1e3, (time.perf_counter() - start) * 1e3, plan.num_moves, 0)
         self.compactions.append(CompactionEvent(t, plan.num_moves, frag, eff))
 
