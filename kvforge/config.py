@@ -347,9 +347,9 @@ class CacheConfig:
         """Blocks per storage chunk.
 
         ``chunk_blocks`` when set; otherwise the divisor of ``num_blocks``
-        nearest to 1/16 of the pool (within a factor of four), so that the
-        chunks add up to exactly ``num_blocks``; a pool with no such divisor
-        (a large prime, say) is one chunk. The pool is allocated and released
+        nearest to 1/16 of the pool (at most 4x that, and at most 256 chunks),
+        so that the chunks add up to exactly ``num_blocks``; a pool with no
+        such divisor (a large prime, say) is one chunk. The pool is allocated and released
         in chunks, so compaction hands memory back one chunk at a time."""
         if self.chunk_blocks is not None:
             return min(self.chunk_blocks, self.num_blocks)
@@ -368,16 +368,19 @@ class CacheConfig:
         return self.num_blocks * self.block_size
 
 
-def _chunk_divisor(num_blocks: int, parts: int = 16) -> int:
+def _chunk_divisor(num_blocks: int, parts: int = 16, max_chunks: int = 256) -> int:
+    """The divisor of ``num_blocks`` nearest to ``num_blocks / parts`` that makes at
+    most ``max_chunks`` chunks of at most 4x the target; else ``num_blocks``."""
     target = num_blocks / parts
     if target <= 1:
         return 1
     best = num_blocks
+    low, high = num_blocks / max_chunks, target * 4
     for d in range(1, math.isqrt(num_blocks) + 1):
         if num_blocks % d:
             continue
         for c in (d, num_blocks // d):
-            if target / 4 <= c <= target * 4 and abs(math.log(c / target)) < abs(math.log(best / target)):
+            if low <= c <= high and abs(math.log(c / target)) < abs(math.log(best / target)):
                 best = c
     return best
 

@@ -349,7 +349,7 @@ def test_format_parse_round_trip():
         assert parse_bytes(format_bytes(n).replace(" ", "")) == n
 
 
-@pytest.mark.parametrize("num_blocks, chunk", [(100, 5), (4096, 256), (32, 2), (17, 1), (10007, 10007), (16, 1), (12288, 768)])
+@pytest.mark.parametrize("num_blocks, chunk", [(100, 5), (4096, 256), (32, 2), (17, 1), (67, 1), (10007, 10007), (16, 1), (12288, 768)])
 def test_default_chunks_divide_the_pool(num_blocks, chunk):
     cfg = small(num_blocks=num_blocks)
     assert cfg.resolved_chunk_blocks == chunk and num_blocks % chunk == 0
