@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine(args.model, kv_memory=args.kv_memory, device=args.device, **opts)
     else:
         dtype = None if args.device == "cpu" or not torch.cuda.is_available() else torch.bfloat16
+        # the built-in model's matrices are tiny: one CPU thread beats several that contend
+        torch.set_num_threads(1)
         engine = Engine.from_config(DEMO_MODEL, kv_memory=args.kv_memory, device=args.device, dtype=dtype, **opts)
     cache = engine.cache
     mc = engine.model_config
@@ -154,8 +156,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``kvforge demo`` to the command line."""
     p = subparsers.add_parser("demo", help="run the engine on a tiny model over a shared-prefix workload")
     p.add_argument("--model", default=None, help="a local Hugging Face checkpoint folder (default: built-in tiny model)")
-    p.add_argument("--requests", type=int, default=52)
-    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-requests", type=int, default=4, help="how many of the requests run 4x longer")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--block-size", type=int, default=16)
