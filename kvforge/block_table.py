@@ -247,6 +247,9 @@ class BlockManager:
         tokens: array[int] | None = None
         hits: list[int] = []
         keys: list[BlockKey] = []
+        if num_tokens is not None and (isinstance(num_tokens, bool) or
+                                       not isinstance(num_tokens, (int, np.integer)) or num_tokens < 0):
+            raise SequenceError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
         if prompt_token_ids is not None:
             tokens = _int_array(prompt_token_ids)
             if num_tokens is None:
@@ -259,8 +262,7 @@ class BlockManager:
             hits = self.prefix.lookup(keys, len(tokens), record=False)
         elif num_tokens is None:
             num_tokens = 0
-        elif isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 0:
-            raise SequenceError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
+        num_tokens = int(num_tokens)
         num_cached = len(hits) * bs
         reserve = max(num_tokens, num_cached)
         need = self._blocks_for(reserve) - len(hits)
@@ -418,6 +420,10 @@ class BlockManager:
         if token_ids is not None:
             if len(token_ids) != count or (count and not one and (n.max() != 1 or n.min() != 1)):
                 raise SequenceError("token_ids needs num_tokens == 1 and one id per sequence")
+            if self._npending[rows].any():
+                sid = seq_ids[int(np.flatnonzero(self._npending[rows])[0])]
+                raise SequenceError(f"sequence {sid!r} still has prompt tokens pending; "
+                                    f"append them (without token ids) first")
         bs = self.block_size
         old = self._ntok[rows]
         if one:
@@ -561,6 +567,7 @@ class BlockManager:
         self.pool.free(blocks[::-1])  # last block first, so eviction takes the tail first
         del self._seqs[seq_id]
         self._batch_key = None  # its row will be reused
+        self._tables[row, : len(blocks)] = -1
         self._nblk[row] = 0
         self._ntok[row] = 0
         self._npending[row] = 0
@@ -658,11 +665,14 @@ class BlockManager:
         return plan_compaction(self.live_blocks(), self.pool.capacity,
                                evictable=self.pool.evictable_blocks(), keep_blocks=keep_blocks)
 
-    def apply_compaction(self, plan: CompactionPlan) -> None:
-        """Evict the plan's cached blocks, then move ownership of every moved block
-        (the caller has copied the data). Sorts the free list."""
-        self.pool.evict_blocks(plan.evict)
+    def apply_compaction(self, plan: CompactionPlan, *, evicted: bool = False) -> None:
+        """Evict the plan's cached blocks (unless ``evicted``: done already), then move
+        ownership of every moved block, phase by phase (the caller has copied the
+        data). Sorts the free list."""
+        if not evicted:
+            self.pool.evict_blocks(plan.evict)
         self.relocate(plan.moves)
+        self.relocate(plan.cached_moves)
         self.pool.sort_free_list()
 
     def relocate(self, moves: Sequence[tuple[int, int]]) -> None:
@@ -675,6 +685,7 @@ class BlockManager:
             remap[src] = dst
         live = self._tables >= 0
         self._tables[live] = remap[self._tables[live]]
+        self.pending_copies = [(int(remap[a]), int(remap[b])) for a, b in self.pending_copies]
         self.prefix.relocate(dict(moves))
 
     def check_invariants(self) -> None:

@@ -180,11 +180,12 @@ class KVCache:
         self.pool.grow(min(len(self._chunks) * self.chunk_blocks, self.config.num_blocks))
         log.debug("grew KV storage to %d chunks", len(self._chunks))
 
-    def _ensure_available(self, num_blocks: int) -> None:
-        """Grow the storage so that ``num_blocks`` are available, if the config allows."""
-        short = num_blocks - self.pool.num_available_blocks
-        if short <= 0 or len(self._chunks) >= self.max_chunks:
-            return
+    def _grow_for(self, exc: OutOfBlocksError) -> None:
+        """After the bookkeeping refused an operation (changing nothing), back the
+        missing blocks with new chunks if the config allows; else re-raise."""
+        short = exc.requested - exc.available
+        if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
+            raise exc
         self._grow_to(len(self._chunks) + math.ceil(short / self.chunk_blocks))
 
     def grow(self, num_blocks: int) -> None:
@@ -215,16 +216,19 @@ class KVCache:
         ``r.num_cached_tokens`` prompt tokens are already in the cache;
         ``r.slots`` are where the next tokens' keys/values go.
         """
-        n = num_tokens if num_tokens is not None else (len(prompt_token_ids) if prompt_token_ids is not None else 0)
-        if isinstance(n, int) and n >= 0:
-            self._ensure_available(self.manager.num_blocks_needed(n, prompt_token_ids, salt))
+        try:
+            return self.manager.add_sequence(seq_id, prompt_token_ids, salt, num_tokens=num_tokens)
+        except OutOfBlocksError as exc:
+            self._grow_for(exc)
         return self.manager.add_sequence(seq_id, prompt_token_ids, salt, num_tokens=num_tokens)
 
     def append_tokens(self, seq_id: SeqId, n: int, token_ids: Sequence[int] | None = None) -> np.ndarray:
         """Slot ids (int64) for ``n`` new tokens of a sequence; copy-on-write applied."""
-        if seq_id in self.manager and isinstance(n, int) and n > 0:
-            self._ensure_available(-(-n // self.config.block_size) + 1)
-        slots = self.manager.append_tokens(seq_id, n, token_ids)
+        try:
+            slots = self.manager.append_tokens(seq_id, n, token_ids)
+        except OutOfBlocksError as exc:
+            self._grow_for(exc)
+            slots = self.manager.append_tokens(seq_id, n, token_ids)
         self._apply_pending_copies()
         return slots
 
@@ -238,9 +242,7 @@ class KVCache:
         try:
             slots = self.manager.append_tokens_batch(seq_ids, num_tokens, token_ids)
         except OutOfBlocksError as exc:
-            if self.capacity_blocks >= self.config.num_blocks:
-                raise
-            self._ensure_available(exc.requested)
+            self._grow_for(exc)
             slots = self.manager.append_tokens_batch(seq_ids, num_tokens, token_ids)
         self._apply_pending_copies()
         return slots
@@ -430,10 +432,11 @@ class KVCache:
         Live blocks go to ids ``0..k-1``; cached blocks nobody references follow
         them (all of them with ``keep_cached``, else only those that fit in the
         chunks the live blocks need; the rest are evicted). One batched
-        :func:`~kvforge.kernels.copy_blocks` moves the data; then every block
-        table, the prefix index and the free list are rewritten. If the copy
-        fails, nothing was changed: the tables still point at the (untouched)
-        source blocks.
+        :func:`~kvforge.kernels.copy_blocks` moves the live blocks and a second
+        the cached ones; then every block table, the prefix index and the free
+        list are rewritten. If a copy fails, no live data was touched: the
+        tables still point at the source blocks (only the planned evictions of
+        cached blocks have happened).
         """
         start = time.perf_counter()
         keep = None
@@ -441,11 +444,15 @@ class KVCache:
             live = self.pool.num_allocated_blocks
             keep = max(self.min_chunks, math.ceil(live / self.chunk_blocks)) * self.chunk_blocks
         plan = self.manager.plan_compaction(keep_blocks=keep)
-        if plan.moves:
-            self.copy_blocks(plan.moves)  # may raise: bookkeeping still untouched
-        self.manager.apply_compaction(plan)
-        if plan.moves:
-            mapping = dict(plan.moves)
+        # evicting first is safe (it drops cache entries, never live data), and it means a
+        # copy that raises below leaves no cache entry pointing at an overwritten block
+        self.pool.evict_blocks(plan.evict)
+        for phase in (plan.moves, plan.cached_moves):
+            if phase:
+                self.copy_blocks(phase)  # may raise: the tables still point at the sources
+        self.manager.apply_compaction(plan, evicted=True)
+        if plan.num_moves:
+            mapping = dict(plan.all_moves)
             for fn in self._relocation_listeners:
                 fn(mapping)
         released = self.release_unused_chunks() if release else 0

@@ -5,15 +5,15 @@ data; cached blocks that nobody references (evictable prefix-cache blocks)
 are worth keeping but may be dropped. With ``k`` live blocks,
 :func:`plan_compaction` moves every live block at or above ``k`` into an id
 below ``k`` that no live block holds: the fewest moves that leave ids
-``0..k-1`` exactly the live blocks (each live block above the line must move,
-none below it needs to). An evictable block sitting in such a destination is
-evicted.
+``0..k-1`` exactly the live blocks (each live block above the line must
+move, none below it needs to). A cached block sitting in such a destination
+is evicted.
 
-Cached blocks are then packed into the lowest ids above the live ones that
-no live block holds before the copy, keeping the most recently released ones
-that fit below ``keep_blocks`` (default: all of them); the rest are evicted.
-Every destination is free (or evicted) before the copy and no source is also
-a destination, so all moves run in one batched copy.
+The cached blocks that are kept (the most recently released ones, as many as
+fit below ``keep_blocks``; default: all) then fill ids ``k..k+m-1``. Their
+moves form a second phase: some of their destinations are ids the live
+blocks leave in the first. Within a phase every destination is free (or
+evicted) and no source is a destination, so each phase is one batched copy.
 """
 from __future__ import annotations
 
@@ -23,23 +23,30 @@ __all__ = ["CompactionPlan", "plan_compaction"]
 
 
 class CompactionPlan(NamedTuple):
-    """Moves ``(src, dst)``, blocks to evict first, and the ids in use afterwards
-    (``0..packed_blocks-1`` hold every block that is kept)."""
+    """What a compaction does, in order: evict ``evict``, copy ``moves`` (live
+    blocks), then copy ``cached_moves``; afterwards ids ``0..packed_blocks-1``
+    hold every block kept."""
 
     moves: list[tuple[int, int]]
     packed_blocks: int
     evict: list[int] = []
+    cached_moves: list[tuple[int, int]] = []
 
     @property
     def num_moves(self) -> int:
-        """How many blocks move."""
-        return len(self.moves)
+        """How many blocks move (both phases)."""
+        return len(self.moves) + len(self.cached_moves)
+
+    @property
+    def all_moves(self) -> list[tuple[int, int]]:
+        """Both phases' moves (no block moves twice)."""
+        return self.moves + self.cached_moves
 
 
 def plan_compaction(held: Sequence[int], capacity: int, *, evictable: Sequence[int] = (),
                     keep_blocks: int | None = None) -> CompactionPlan:
     """Plan moves that pack the ``held`` (live) ids into ``0..len(held)-1`` and the
-    ``evictable`` ids (oldest first) right above them, up to ``keep_blocks``.
+    kept ``evictable`` ids (given oldest first) right above them, below ``keep_blocks``.
 
     ``held`` and ``evictable`` must be distinct ids below ``capacity``.
     """
@@ -61,18 +68,12 @@ def plan_compaction(held: Sequence[int], capacity: int, *, evictable: Sequence[i
     in_the_way = set(evict)
     remaining = [b for b in cached if b not in in_the_way]  # oldest first
     limit = capacity if keep_blocks is None else max(k, min(keep_blocks, capacity))
-    # the lowest ids above the live ones that no live block holds now (live blocks
-    # leaving them are copied in this same launch, so their ids are not usable yet)
-    usable = [b for b in range(k, limit) if b not in live]
-    n_keep = min(len(remaining), len(usable))
+    n_keep = min(len(remaining), limit - k)
     evict += remaining[: len(remaining) - n_keep]
     kept = remaining[len(remaining) - n_keep:]
-    target = usable[:n_keep]
-    target_set = set(target)
-    stay = {b for b in kept if b in target_set}
+    region = range(k, k + n_keep)
+    stay = {b for b in kept if k <= b < k + n_keep}
     movers = sorted((b for b in kept if b not in stay), reverse=True)
-    slots = [b for b in target if b not in stay]  # free, or held by a block evicted above
+    slots = [b for b in region if b not in stay]  # free, evicted, or left by a live block in phase 1
     assert len(slots) == len(movers)
-    moves += list(zip(movers, slots))
-    final = list(range(k)) + target
-    return CompactionPlan(moves, (max(final) + 1) if final else 0, evict)
+    return CompactionPlan(moves, k + n_keep, evict, list(zip(movers, slots)))

@@ -330,7 +330,7 @@ class CacheConfig:
     @property
     def dtype_bytes(self) -> int:
         """Bytes per stored element."""
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:

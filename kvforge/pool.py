@@ -75,7 +75,9 @@ class BlockPool:
 
     ``capacity`` of them (all, unless the pool was created smaller) are backed
     by storage; :meth:`grow` and :meth:`shrink` move that line for an elastic
-    pool. Thread-safe: every public method holds one lock for its whole call.
+    pool. Thread-safe: every mutating method holds one (re-entrant) lock for its
+    whole call, so concurrent callers never lose or duplicate a block; the
+    counters read without the lock are snapshots.
     Every failing call raises and changes nothing.
     """
 
@@ -87,7 +89,8 @@ class BlockPool:
             raise InvalidBlockError(f"capacity={capacity} must lie in [0, num_blocks={num_blocks}]")
         self.num_blocks = int(num_blocks)
         self._capacity = int(capacity)
-        self._lock = threading.Lock()
+        # re-entrant: eviction callbacks (prefix index, on_removed hooks) may read the pool
+        self._lock = threading.RLock()
         self._ref = [0] * self.num_blocks
         self._cached = bytearray(self.num_blocks)
         self._free = list(range(self._capacity - 1, -1, -1))  # top of stack = lowest id
@@ -370,7 +373,9 @@ class BlockPool:
     def evict_blocks(self, ids: Iterable[int]) -> None:
         """Evict these evictable blocks now (each must be cached with no reference)."""
         with self._lock:
-            ids = list(ids)
+            ids = _id_list(ids)
+            if len(set(ids)) != len(ids):
+                raise InvalidBlockError(f"evict_blocks() got a block twice: {ids!r}")
             for b in ids:
                 if b not in self._evictable:
                     raise InvalidBlockError(f"cannot evict block {b}: it is not evictable")

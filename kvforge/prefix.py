@@ -181,7 +181,9 @@ class PrefixIndex:
         return self._block_key.get(block_id)
 
     def relocate(self, mapping: dict[int, int]) -> None:
-        """Follow compaction moves ``old id -> new id``."""
+        """Follow compaction moves ``old id -> new id`` (the keys stay; an external
+        index fed by ``on_stored``/``on_removed`` learns of moves through
+        :meth:`kvforge.cache.KVCache.add_relocation_listener`)."""
         moved = {old: new for old, new in mapping.items() if old in self._block_key}
         keys = {old: self._block_key.pop(old) for old in moved}
         for old, new in moved.items():

@@ -34,8 +34,10 @@ class MemoryProfile:
     Bytes: ``total_bytes`` is what the cache's tensors hold on the device,
     ``used_bytes`` the blocks in use (referenced or cached), ``free_bytes`` the
     rest, ``live_kv_bytes`` the token slots holding keys/values. Blocks:
-    ``physical_blocks`` distinct blocks in use, ``logical_blocks`` block-table
-    entries over all sequences (shared blocks count once per sequence).
+    ``physical_blocks`` distinct blocks referenced by sequences (evictable
+    cached blocks are counted in ``evictable_blocks``, and with them in
+    ``used_bytes``), ``logical_blocks`` block-table entries over all
+    sequences (shared blocks count once per sequence).
     Ratios follow ARCHITECTURE.md: ``internal_fragmentation``,
     ``fragmentation_ratio`` (external) and ``memory_efficiency``.
     """

@@ -326,9 +326,15 @@ class ManagerMachine(RuleBasedStateMachine):
             k = max(0, n - pending)
             gens.append(data.draw(st.lists(VOCAB, min_size=k, max_size=k)))
         token_ids = None
-        if with_ids:  # a pending row's id is its prompt token (the manager takes the prompt's)
+        if with_ids:
             token_ids = [g[0] if g else self.seqs[s].tokens[self.seqs[s].reserved] for s, g in zip(ids, gens)]
         before = self._snapshot()
+        if with_ids and any(len(self.seqs[s].tokens) > self.seqs[s].reserved for s in ids):
+            # ids for a row whose prompt is still pending: refused, as append_tokens does
+            with pytest.raises(SequenceError, match="pending"):
+                self.m.append_tokens_batch(ids, counts, token_ids=token_ids)
+            assert self._snapshot() == before
+            return
         try:
             slots = self.m.append_tokens_batch(ids, counts, token_ids=token_ids)
         except OutOfBlocksError:

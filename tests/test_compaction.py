@@ -251,10 +251,10 @@ def test_long_running_random_workload_with_compaction():
 def test_planner_packs_cached_blocks_above_live_ones_and_evicts_those_in_the_way():
     # live 0, 5, 9; cached (oldest first) 1, 7, 8; capacity 12
     plan = plan_compaction([0, 5, 9], 12, evictable=[1, 7, 8])
-    assert plan.moves[:2] == [(9, 1), (5, 2)]      # live blocks fill 0..2; cached block 1 was in the way
+    assert plan.moves == [(9, 1), (5, 2)]          # live blocks fill 0..2; cached block 1 was in the way
     assert plan.evict == [1]
-    assert sorted(plan.moves[2:]) == [(7, 4), (8, 3)]  # the others pack right above the live ones (highest first)
-    assert plan.packed_blocks == 5
+    assert plan.cached_moves == [(8, 3), (7, 4)]   # the others pack right above the live ones, second phase
+    assert plan.packed_blocks == 5 and plan.num_moves == 4
     capped = plan_compaction([0, 5, 9], 12, evictable=[1, 7, 8], keep_blocks=4)
     assert capped.evict == [1, 7] and capped.packed_blocks == 4  # only the most recent one fits
 
@@ -275,7 +275,7 @@ def test_freed_prompts_fragment_the_pool_without_reclaiming_the_cache():
     # cached blocks sitting where live ones go (ids 3..8 here) are dropped; the other 21 are kept,
     # packed right above the live ones
     assert cache.pool.num_evictable_blocks == 21
-    assert cache.pool.high_water_mark() == 9 + 21 + 6  # + the ids the 6 moved live blocks left
+    assert cache.pool.high_water_mark() == 9 + 21
     m.verify()
     # and the cached prompts still hit, with the right contents
     m.add("again", [1000 * 5 + t for t in range(24)])
@@ -285,4 +285,49 @@ def test_freed_prompts_fragment_the_pool_without_reclaiming_the_cache():
     assert released_more > 0 and cache.pool.num_evictable_blocks < 21
     assert released + released_more > 0
     m.verify()
+    cache.check_invariants()
+
+
+def test_compaction_hands_back_what_should_compact_promised():
+    # live blocks 3 and 4, cached blocks 6 and 7, chunks of 4: packing must free the second chunk
+    cfg = CacheConfig(block_size=8, num_blocks=8, num_layers=1, num_kv_heads=1, head_dim=16,
+                      dtype=torch.float32, device="cpu", chunk_blocks=4, enable_compaction=True)
+    cache = KVCache(cfg)
+    m = Model.__new__(Model)
+    m.cache, m.tokens = cache, {}
+    for i in range(8):
+        cache.add_sequence(i, [10 * i + t for t in range(8)])  # one full, cached block each: block i
+    for i in (0, 1, 2, 5):
+        cache.free_sequence(i)
+    cache.reclaim_unused_blocks()  # 0, 1, 2, 5 free; 6 and 7 become cached only:
+    for i in (6, 7):
+        cache.free_sequence(i)
+    assert cache.pool.evictable_blocks() == [6, 7] and cache.releasable_chunks() == 1
+    assert cache.should_compact()
+    released = cache.compact_cache()
+    assert released == 4 * cfg.bytes_per_block and cache.num_chunks == 1
+    assert sorted(cache.block_table(3) + cache.block_table(4)) == [0, 1]
+    assert sorted(cache.pool.evictable_blocks()) == [2, 3]
+    cache.check_invariants()
+
+
+def test_refused_operations_do_not_grow_the_pool():
+    import numpy as np
+
+    from kvforge.errors import SequenceError
+
+    cache = make_cache(num_blocks=32, chunk_blocks=4, initial_blocks=4)
+    cache.add_sequence("a", list(range(30)))  # 4 blocks: the first chunk is full
+    chunks = cache.num_chunks
+    with pytest.raises(SequenceError):
+        cache.add_sequence("a", list(range(30)))
+    with pytest.raises(SequenceError):
+        cache.append_tokens("a", 2, token_ids=[1])
+    with pytest.raises(OutOfBlocksError):
+        cache.add_sequence("huge", num_tokens=8 * 40)
+    assert cache.num_chunks == chunks
+    cache.append_tokens("a", 1)  # fits in the last block's free slot: no growth
+    assert cache.num_chunks == chunks
+    cache.add_sequence("b", num_tokens=np.int64(40))  # numpy counts grow the pool like ints
+    assert cache.num_chunks == chunks + 2
     cache.check_invariants()
