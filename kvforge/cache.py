@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ __all__ = ["KVCache", "KvCache", "resolve_device"]
 
 log = logging.getLogger(__name__)
 SeqId = Hashable
+T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -180,13 +181,18 @@ class KVCache:
         self.pool.grow(min(len(self._chunks) * self.chunk_blocks, self.config.num_blocks))
         log.debug("grew KV storage to %d chunks", len(self._chunks))
 
-    def _grow_for(self, exc: OutOfBlocksError) -> None:
-        """After the bookkeeping refused an operation (changing nothing), back the
-        missing blocks with new chunks if the config allows; else re-raise."""
-        short = exc.requested - exc.available
-        if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
-            raise exc
-        self._grow_to(len(self._chunks) + math.ceil(short / self.chunk_blocks))
+    def _growing(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a bookkeeping operation; if it refused for lack of blocks (changing
+        nothing) and the config allows more, back the missing blocks with new
+        chunks and run it again. Nothing grows for any other refusal."""
+        try:
+            return op(*args, **kwargs)
+        except OutOfBlocksError as exc:
+            short = exc.requested - exc.available
+            if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
+                raise
+            self._grow_to(len(self._chunks) + math.ceil(short / self.chunk_blocks))
+        return op(*args, **kwargs)
 
     def grow(self, num_blocks: int) -> None:
         """Back at least ``num_blocks`` more blocks with device memory (up to ``num_blocks`` of the config)."""
@@ -216,19 +222,11 @@ class KVCache:
         ``r.num_cached_tokens`` prompt tokens are already in the cache;
         ``r.slots`` are where the next tokens' keys/values go.
         """
-        try:
-            return self.manager.add_sequence(seq_id, prompt_token_ids, salt, num_tokens=num_tokens)
-        except OutOfBlocksError as exc:
-            self._grow_for(exc)
-        return self.manager.add_sequence(seq_id, prompt_token_ids, salt, num_tokens=num_tokens)
+        return self._growing(self.manager.add_sequence, seq_id, prompt_token_ids, salt, num_tokens=num_tokens)
 
     def append_tokens(self, seq_id: SeqId, n: int, token_ids: Sequence[int] | None = None) -> np.ndarray:
         """Slot ids (int64) for ``n`` new tokens of a sequence; copy-on-write applied."""
-        try:
-            slots = self.manager.append_tokens(seq_id, n, token_ids)
-        except OutOfBlocksError as exc:
-            self._grow_for(exc)
-            slots = self.manager.append_tokens(seq_id, n, token_ids)
+        slots = self._growing(self.manager.append_tokens, seq_id, n, token_ids)
         self._apply_pending_copies()
         return slots
 
@@ -239,11 +237,7 @@ class KVCache:
     def append_tokens_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] = 1,
                             token_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Slot mapping (int64) for new tokens of many sequences, all or nothing."""
-        try:
-            slots = self.manager.append_tokens_batch(seq_ids, num_tokens, token_ids)
-        except OutOfBlocksError as exc:
-            self._grow_for(exc)
-            slots = self.manager.append_tokens_batch(seq_ids, num_tokens, token_ids)
+        slots = self._growing(self.manager.append_tokens_batch, seq_ids, num_tokens, token_ids)
         self._apply_pending_copies()
         return slots
 
