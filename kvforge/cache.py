@@ -77,6 +77,8 @@ class KVCache:
     def __init__(self, config: CacheConfig, *, backend: str = "auto") -> None:
         if not isinstance(config, CacheConfig):
             raise KVForgeError(f"KVCache needs a CacheConfig, got {type(config).__name__}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         self.config = config
         self.device = resolve_device(config.device)
         self.backend = backend

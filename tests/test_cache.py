@@ -217,3 +217,10 @@ def test_bad_token_ids_and_pairs_raise_kvforge_errors():
     with pytest.raises(SequenceError):
         cache.append_tokens_batch(["y"], 1.5)
     assert cache.seq_len("y") == 3
+
+
+def test_unknown_backend_is_refused():
+    from kvforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backend"):
+        KVCache(make_cache().config, backend="cuda")
