@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from kvforge.engine import Engine, SamplingParams  # noqa: E402
-from kvforge.engine.testing import TINY_CONFIGS, hf_greedy, save_tiny_checkpoint  # noqa: E402
+from kvforge.engine.testing import TINY_CONFIGS, hf_greedy, run_steps, save_tiny_checkpoint  # noqa: E402
 
 ARCHS = sorted(TINY_CONFIGS)
 MAX_NEW = 24
@@ -50,21 +50,6 @@ class Reference:
 @pytest.fixture(scope="module", params=ARCHS)
 def ref(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     return Reference(request.param, str(tmp_path_factory.mktemp(request.param)))
-
-
-def run_steps(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
-              compact: bool = False) -> list[list[int]]:
-    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-        engine.check_invariants()
-        if compact:
-            engine.cache.compact_cache()
-            engine.check_invariants()
-    return [done[r] for r in rids]
 
 
 @pytest.mark.parametrize("block_size", [8, 16])

@@ -65,20 +65,12 @@ def test_fused_ops_match_torch(dtype: torch.dtype) -> None:
 def test_engine_on_triton_matches_transformers(arch: str, tmp_path: str) -> None:
     pytest.importorskip("transformers")
     from kvforge.engine import Engine, SamplingParams
-    from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint
+    from kvforge.engine.testing import hf_greedy, run_steps, save_tiny_checkpoint
     model = save_tiny_checkpoint(arch, tmp_path, eos_token_id=None)
     prompts = [[5, 17, 99, 3, 42, 8, 64, 11, 23], list(range(3, 24)), [77, 78]]
     expected = [hf_greedy(model, p, 8) for p in prompts]
     engine = Engine(str(tmp_path), num_blocks=6, block_size=8, max_num_batched_tokens=12, backend="triton",
                     fused_ops=True, enable_compaction=True)
     assert engine.model.fused and engine.cache.num_chunks > 1
-    rids = [engine.add_request(p, SamplingParams(max_tokens=8)) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-        engine.check_invariants()
-        engine.cache.compact_cache()
-    assert [done[r] for r in rids] == expected
+    assert run_steps(engine, prompts, [SamplingParams(max_tokens=8)] * len(prompts), compact=True) == expected
     assert engine.stats().num_preemptions > 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_CONFIGS", "tiny_hf_model", "save_tiny_checkpoint", "hf_greedy"]
+__all__ = ["TINY_CONFIGS", "tiny_hf_model", "save_tiny_checkpoint", "hf_greedy", "run_steps"]
 
 _BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -66,3 +66,21 @@ def hf_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=model.config.pad_token_id)
     return out[0, len(prompt):].tolist()
+
+
+def run_steps(engine: Any, prompts: list[list[int]], params: list[Any],
+              compact: bool = False) -> list[list[int]]:
+    """Drive ``engine`` step by step to the end; ``check_invariants()`` after every
+    step and, with ``compact``, a forced compaction between steps. Returns each
+    request's token ids in prompt order."""
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        engine.check_invariants()
+        if compact:
+            engine.cache.compact_cache()
+            engine.check_invariants()
+    return [done[r] for r in rids]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytest.importorskip("transformers")
 
 from kvforge.engine import Engine, SamplingParams  # noqa: E402
-from kvforge.engine.testing import TINY_CONFIGS, hf_greedy, save_tiny_checkpoint  # noqa: E402
+from kvforge.engine.testing import TINY_CONFIGS, hf_greedy, run_steps, save_tiny_checkpoint  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 3, 42], list(range(3, 40)), [8, 64, 11, 23, 71, 7, 7, 9, 100, 101, 3, 4], [77] * 20]
 NEW = 20
@@ -29,16 +29,7 @@ def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 def _run(engine: Engine, compact: bool = False) -> list[list[int]]:
-    rids = [engine.add_request(p, SamplingParams(max_tokens=NEW)) for p in PROMPTS]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-        engine.check_invariants()
-        if compact:
-            engine.cache.compact_cache()
-    return [done[r] for r in rids]
+    return run_steps(engine, PROMPTS, [SamplingParams(max_tokens=NEW)] * len(PROMPTS), compact)
 
 
 @pytest.mark.parametrize("graphs", [True, False])
