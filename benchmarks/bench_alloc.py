@@ -36,8 +36,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from kvforge.block_table import BlockManager  # noqa: E402
-from kvforge.pool import BlockPool  # noqa: E402
+from kvforge.core.manager import BlockManager  # noqa: E402
+from kvforge.core.pool import BlockPool  # noqa: E402
 
 #: vLLM 0.33 V1 BlockPool on this machine class (issue 2): the per-call floor.
 VLLM_BLOCK_POOL_OPS = 3.76e6

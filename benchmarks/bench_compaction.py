@@ -16,7 +16,7 @@ import time
 import torch
 
 from kvforge import CacheConfig, KVCache, format_bytes, kernels
-from kvforge.cli import format_table
+from kvforge.tools.cli import format_table
 
 
 def copy_bandwidth(device: torch.device) -> float:

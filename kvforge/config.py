@@ -3,7 +3,7 @@
 A :class:`CacheConfig` says how big the paged KV cache is and how it is laid
 out; it is frozen, and every derived size is a property or method. Values
 measured at run time (free device memory, blocks in use) live in the cache
-and its :class:`~kvforge.profile.MemoryProfile`, never here.
+and its :class:`~kvforge.storage.profile.MemoryProfile`, never here.
 
 Sizes follow the real tensors: a block holds ``block_size`` tokens of keys and
 values for every layer, so ``bytes_per_block = 2 * num_layers * block_size *

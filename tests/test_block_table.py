@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvforge.block_table import AddSequenceResult, BlockManager, SequenceBlockTable, blocks_for_tokens
+from kvforge.core.manager import AddSequenceResult, BlockManager, SequenceBlockTable, blocks_for_tokens
 from kvforge.errors import KVForgeError, OutOfBlocksError, SequenceError
 
 

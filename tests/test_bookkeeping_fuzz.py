@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvforge.block_table import BlockManager
+from kvforge.core.manager import BlockManager
 from kvforge.errors import InvalidBlockError, OutOfBlocksError, SequenceError
-from kvforge.pool import BlockPool
+from kvforge.core.pool import BlockPool
 
 SETTINGS = settings(max_examples=200, stateful_step_count=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

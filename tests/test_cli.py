@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kvforge.cli import build_parser, format_table, main
+from kvforge.tools.cli import build_parser, format_table, main
 
 
 def test_plan_prints_every_sizing(capsys):
@@ -46,7 +46,7 @@ def test_format_table_aligns_columns():
 
 
 def test_console_script_runs(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "kvforge.cli", "plan", "--model", "tinyllama-1.1b"],
+    r = subprocess.run([sys.executable, "-m", "kvforge.tools.cli", "plan", "--model", "tinyllama-1.1b"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "tinyllama-1.1b: 22 layers" in r.stdout
 

@@ -155,7 +155,7 @@ def test_failed_copy_changes_nothing(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated device fault")
 
-    monkeypatch.setattr("kvforge.cache.kernels.copy_blocks", boom)
+    monkeypatch.setattr("kvforge.storage.cache.kernels.copy_blocks", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         cache.compact_cache()
     assert {s: cache.block_table(s) for s in m.tokens} == tables

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 from kvforge.config import CacheConfig  # noqa: E402
 from kvforge.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from kvforge.engine.cli import main as cli_main  # noqa: E402
+from kvforge.tools.generate import main as cli_main  # noqa: E402
 from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint, tiny_hf_model  # noqa: E402
 from kvforge.errors import ConfigError, ModelError, OutOfBlocksError, SequenceError  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 
 from kvforge import BlockManager, CacheConfig, KVCache  # noqa: E402
-from kvforge.metrics import METRIC_NAMES, KVForgeCollector, render, serve  # noqa: E402
+from kvforge.tools.metrics import METRIC_NAMES, KVForgeCollector, render, serve  # noqa: E402
 
 
 def _cache() -> KVCache:
@@ -115,10 +115,10 @@ def test_generate_serves_engine_metrics_while_running(tmp_path, capsys):
     import urllib.request
 
     pytest.importorskip("transformers")
-    from kvforge.cli import main as cli_main
+    from kvforge.tools.cli import main as cli_main
     from kvforge.engine import Engine
     from kvforge.engine.testing import save_tiny_checkpoint
-    from kvforge.metrics import serve
+    from kvforge.tools.metrics import serve
 
     save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
     prompts = tmp_path / "p.jsonl"

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from kvforge import BlockManager, CacheConfig, KVCache  # noqa: E402
-from kvforge.plot import (  # noqa: E402
+from kvforge.tools.plot import (  # noqa: E402
     CACHED,
     FREE,
     SHARED,
@@ -19,8 +19,8 @@ from kvforge.plot import (  # noqa: E402
     compaction_maps,
     plot_simulation,
 )
-from kvforge.simulate import SimulationConfig, simulate  # noqa: E402
-from kvforge.workload import make_workload  # noqa: E402
+from kvforge.tools.simulate import SimulationConfig, simulate  # noqa: E402
+from kvforge.tools.workload import make_workload  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

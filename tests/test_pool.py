@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from kvforge.errors import InvalidBlockError, KVForgeError, OutOfBlocksError
-from kvforge.pool import AllocationStats, BlockPool, PhysicalBlockPool
+from kvforge.core.pool import AllocationStats, BlockPool, PhysicalBlockPool
 
 
 def ok(pool: BlockPool) -> BlockPool:

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from kvforge.errors import OutOfBlocksError
-from kvforge.pool import BlockPool
+from kvforge.core.pool import BlockPool
 
 NUM_THREADS = 8
 NUM_BLOCKS = 64

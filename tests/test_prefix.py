@@ -11,9 +11,9 @@ from array import array
 import numpy as np
 import pytest
 
-from kvforge.block_table import BlockManager
+from kvforge.core.manager import BlockManager
 from kvforge.errors import OutOfBlocksError
-from kvforge.prefix import NullPrefixIndex, PrefixIndex, PrefixStats
+from kvforge.core.prefix import NullPrefixIndex, PrefixIndex, PrefixStats
 
 SYS = [1, 2, 3, 4, 5, 6, 7, 8]                 # a two-block system prompt
 

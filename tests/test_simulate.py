@@ -7,8 +7,8 @@ import json
 import pytest
 
 from kvforge.errors import ConfigError
-from kvforge.simulate import SimulationConfig, register, simulate, simulate_static
-from kvforge.workload import BUILTIN_WORKLOADS, Request, Workload, make_workload
+from kvforge.tools.simulate import SimulationConfig, register, simulate, simulate_static
+from kvforge.tools.workload import BUILTIN_WORKLOADS, Request, Workload, make_workload
 
 
 def _workload(*reqs: tuple[float, int, int], max_model_len: int = 10, **kw) -> Workload:
@@ -245,11 +245,11 @@ def test_cli_unwritable_out_is_one_line_exit_2(capsys, tmp_path):
 
 
 def test_cli_plot_write_failure_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
-    import kvforge.plot
+    import kvforge.tools.plot
 
     def fail(result, out_dir):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(kvforge.plot, "plot_simulation", fail)
+    monkeypatch.setattr(kvforge.tools.plot, "plot_simulation", fail)
     code, _, err = _cli(["--requests", "5", "--rate", "1", "--num-blocks", "300", "--out", str(tmp_path)], capsys)
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1 and "Permission denied" in err

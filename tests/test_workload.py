@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kvforge.errors import ConfigError, TraceError
-from kvforge.workload import BUILTIN_WORKLOADS, load_trace, make_workload, parse_trace_lines, write_trace
+from kvforge.tools.workload import BUILTIN_WORKLOADS, load_trace, make_workload, parse_trace_lines, write_trace
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_WORKLOADS))

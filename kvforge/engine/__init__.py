@@ -1,4 +1,4 @@
-"""kvforge's reference engine: continuous batching over a paged :class:`~kvforge.cache.KVCache`.
+"""kvforge's reference engine: continuous batching over a paged :class:`~kvforge.storage.cache.KVCache`.
 
 Llama-family Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3) loaded
 from a local folder with safetensors, run by kvforge's own forward pass and

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvforge.cache import KVCache
+from kvforge.storage.cache import KVCache
 from kvforge.engine.models.llama import AttentionInputs, LlamaModel
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""``Engine``: continuous-batching generation on a :class:`~kvforge.cache.KVCache`.
+"""``Engine``: continuous-batching generation on a :class:`~kvforge.storage.cache.KVCache`.
 
 The engine owns one model, one cache, a :class:`~kvforge.engine.scheduler.Scheduler`
 and a :class:`~kvforge.engine.model_runner.ModelRunner`. Each :meth:`Engine.step`
@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 import numpy as np
 import torch
 
-from kvforge.cache import KVCache, resolve_device
+from kvforge.storage import KVCache, resolve_device
 from kvforge.config import CacheConfig, parse_bytes, resolve_dtype
 from kvforge.engine.config import EngineConfig
 from kvforge.engine.loader import Tokenizer, load_checkpoint
@@ -110,7 +110,7 @@ class Engine:
     def _setup(self, model: LlamaModel, tokenizer: Tokenizer | None, econf: EngineConfig,
                cache_config: CacheConfig | None, kv_memory: int | str | None, num_blocks: int | None) -> None:
         self.model = model
-        #: held for each step; pass it to :func:`kvforge.metrics.serve` (``lock=``)
+        #: held for each step; pass it to :func:`kvforge.tools.metrics.serve` (``lock=``)
         self.step_lock = threading.Lock()
         model.set_fused(econf.fused_ops)
         self.model_config = model.config

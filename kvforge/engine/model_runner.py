@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvforge.cache import KVCache
+from kvforge.storage.cache import KVCache
 from kvforge.engine.cuda_graphs import DecodeGraphs
 from kvforge.engine.models.llama import AttentionInputs, LlamaModel
 
@@ -85,7 +85,7 @@ class Staging:
 
 
 class ModelRunner:
-    """Runs :class:`StepInputs` through a model over a :class:`~kvforge.cache.KVCache`.
+    """Runs :class:`StepInputs` through a model over a :class:`~kvforge.storage.cache.KVCache`.
 
     ``graph_batch_sizes`` (CUDA only; empty = eager) are the decode batch
     sizes captured; a decode step of ``B`` sequences replays the smallest

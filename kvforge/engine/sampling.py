@@ -38,7 +38,7 @@ class SamplingParams:
     from ``softmax(logits / temperature)`` restricted by ``top_k`` (0 = off)
     and then ``top_p`` (1.0 = off), in that order, as transformers applies
     them. ``seed`` makes a random request reproducible. ``n`` completions
-    share the prompt's blocks through :meth:`~kvforge.cache.KVCache.fork`.
+    share the prompt's blocks through :meth:`~kvforge.storage.cache.KVCache.fork`.
     A request stops after ``max_tokens`` tokens, on an end-of-sequence token
     of the model (unless ``ignore_eos``) or on any of ``stop_token_ids``; the
     stopping token is part of the output.

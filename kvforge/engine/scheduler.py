@@ -5,12 +5,12 @@ limit (``max_num_seqs``). The scheduler fills it in this order:
 
 1. **Decodes**: every running sequence whose next token to compute is its
    last sampled one, oldest first, in one batched
-   :meth:`~kvforge.cache.KVCache.append_tokens_batch` call.
+   :meth:`~kvforge.storage.cache.KVCache.append_tokens_batch` call.
 2. **Prefill chunks** of running sequences whose prompt is only partly
    computed (chunked prefill), oldest first.
 3. **Admissions** from the waiting queue (first come, first served, with
    preempted sequences at its head) while the cache says the whole prompt
-   fits (:meth:`~kvforge.block_table.BlockManager.num_blocks_needed`, which
+   fits (:meth:`~kvforge.core.manager.BlockManager.num_blocks_needed`, which
    counts prefix-cache hits as free) with ``watermark_blocks`` to spare. A
    new sequence's first chunk starts after its cached prefix; only uncached
    tokens are computed.
@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kvforge.cache import KVCache
+from kvforge.storage.cache import KVCache
 from kvforge.engine.request import Sequence, SequenceStatus
 from kvforge.errors import OutOfBlocksError
 
@@ -82,7 +82,7 @@ class SchedulerOutput(NamedTuple):
 
 
 class Scheduler:
-    """Waiting queue and running list over one :class:`~kvforge.cache.KVCache`.
+    """Waiting queue and running list over one :class:`~kvforge.storage.cache.KVCache`.
 
     ``running`` is ordered by admission (``Sequence.admit_order``). Not
     thread-safe: the engine's step loop drives it.

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from kvforge.errors import KVForgeError
-from kvforge.pool import AllocationStats
-from kvforge.prefix import PrefixStats
+from kvforge.core.pool import AllocationStats
+from kvforge.core.prefix import PrefixStats
 
 __all__ = ["EngineStats"]
 

@@ -8,7 +8,7 @@ The q, k and v projections are fused into one matrix, and the gate and up
 projections into another, so a layer is four matrix products.
 
 The model owns no KV storage: every forward writes the new tokens' keys and
-values into the :class:`~kvforge.cache.KVCache` at ``slot_mapping`` and
+values into the :class:`~kvforge.storage.cache.KVCache` at ``slot_mapping`` and
 reads the context through the block tables. Every tensor operation is
 static in shape given its inputs, so the decode forward can be captured in
 a CUDA graph.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvforge import kernels
-from kvforge.cache import KVCache
+from kvforge.storage.cache import KVCache
 from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.models.layers import RotaryEmbedding, rms_norm
 from kvforge.errors import ModelError

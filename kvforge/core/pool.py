@@ -15,7 +15,7 @@ Cached blocks. A block registered in a prefix index is *cached*. When its
 reference count drops to zero it is not freed but queued as *evictable*, in
 least-recently-released order. Blocks released by one :meth:`BlockPool.free`
 call are queued (and, when uncached, pushed on the free stack) in list order,
-whichever path the call takes; :meth:`~kvforge.block_table.BlockManager.free_sequence`
+whichever path the call takes; :meth:`~kvforge.core.manager.BlockManager.free_sequence`
 passes a sequence's blocks tail first, so its last block is evicted before its
 first and shared prefixes stay longest. Allocation takes truly
 free blocks first and evicts the oldest evictable block only when the free
@@ -485,7 +485,7 @@ class BlockPool:
     def memory_efficiency(self) -> float:
         """Blocks held (reference count > 0) over blocks backed by storage.
 
-        Block-granular; :class:`~kvforge.cache.KVCache` reports the token-exact
+        Block-granular; :class:`~kvforge.storage.cache.KVCache` reports the token-exact
         figure (bytes of live keys/values over bytes on the device)."""
         return self._num_allocated / self._capacity if self._capacity else 0.0
 

@@ -7,7 +7,7 @@ it for several) or ``--prompts FILE.jsonl`` (one JSON object per line with
 Completions print in prompt order, then one summary line: tokens/s, cache
 use, prefix hit rate, preemptions.
 
-Also runnable alone: ``python -m kvforge.engine.cli generate --model DIR ...``.
+Also runnable alone: ``python -m kvforge.tools.generate generate --model DIR ...``.
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
         load_s = time.perf_counter() - start
         server = None
         if args.metrics_port is not None:
-            from kvforge.metrics import serve
+            from kvforge.tools.metrics import serve
             server = serve(args.metrics_port, engine.cache, engine, lock=engine.step_lock)
             print(f"serving metrics on {server.url}", flush=True)
         base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -158,7 +158,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (``python -m kvforge.engine.cli generate ...``)."""
+    """Standalone entry point (``python -m kvforge.tools.generate generate ...``)."""
     parser = argparse.ArgumentParser(prog="kvforge")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from kvforge.config import CacheConfig, CachePreset, format_bytes, model_shape, parse_bytes
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.shapes import resolve_model_shape
+from kvforge.model_shapes import resolve_model_shape
 
 __all__ = ["main", "format_table"]
 
@@ -80,8 +80,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------- assembly
 def _optional_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     regs = []
-    for module, name in (("kvforge.simulate", "register"), ("kvforge.engine.cli", "register"),
-                         ("kvforge.demo", "register")):
+    for module, name in (("kvforge.tools.simulate", "register"), ("kvforge.tools.generate", "register"),
+                         ("kvforge.tools.demo", "register")):
         try:
             mod = __import__(module, fromlist=[name])
         except ImportError as exc:  # optional extras missing: the command says so when used

@@ -7,7 +7,7 @@ makes a collision that would let one tenant read another's keys/values
 infeasible; a per-request salt isolates tenants completely because every key
 of a salted request differs from every unsalted or differently salted key.
 
-Pure bookkeeping: blocks are ids of a :class:`~kvforge.pool.BlockPool`. The
+Pure bookkeeping: blocks are ids of a :class:`~kvforge.core.pool.BlockPool`. The
 pool keeps cached blocks with zero references as *evictable* (LRU); when it
 evicts one it calls back :meth:`PrefixIndex.on_evict`, which forgets the key.
 
@@ -23,7 +23,7 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from kvforge.pool import BlockPool
+from kvforge.core.pool import BlockPool
 
 __all__ = ["PrefixIndex", "NullPrefixIndex", "PrefixStats", "BlockKey"]
 
@@ -183,7 +183,7 @@ class PrefixIndex:
     def relocate(self, mapping: dict[int, int]) -> None:
         """Follow compaction moves ``old id -> new id`` (the keys stay; an external
         index fed by ``on_stored``/``on_removed`` learns of moves through
-        :meth:`kvforge.cache.KVCache.add_relocation_listener`)."""
+        :meth:`kvforge.storage.cache.KVCache.add_relocation_listener`)."""
         moved = {old: new for old, new in mapping.items() if old in self._block_key}
         keys = {old: self._block_key.pop(old) for old in moved}
         for old, new in moved.items():

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple
 
 import numpy as np
 
-from kvforge.compaction import plan_compaction
+from kvforge.core.compaction import plan_compaction
 
 if TYPE_CHECKING:
-    from kvforge.block_table import BlockManager
-    from kvforge.simulate import SimulationResult
+    from kvforge.core.manager import BlockManager
+    from kvforge.tools.simulate import SimulationResult
 
 __all__ = [
     "BlockMap",
@@ -78,8 +78,8 @@ def _manager_of(target: Any) -> BlockManager:
 
 
 def block_map_of(target: Any) -> BlockMap:
-    """Snapshot the owner of every block of a :class:`~kvforge.cache.KVCache` or a
-    :class:`~kvforge.block_table.BlockManager` (vectorised; cheap enough per step)."""
+    """Snapshot the owner of every block of a :class:`~kvforge.storage.cache.KVCache` or a
+    :class:`~kvforge.core.manager.BlockManager` (vectorised; cheap enough per step)."""
     manager = _manager_of(target)
     pool, bs = manager.pool, manager.block_size
     seq_ids = manager.seq_ids
@@ -115,7 +115,7 @@ def _mpl() -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("kvforge.plot needs matplotlib: pip install 'kvforge[plot]'") from exc
+        raise ImportError("kvforge.tools.plot needs matplotlib: pip install 'kvforge[plot]'") from exc
     return Figure, FigureCanvasAgg
 
 
@@ -210,8 +210,8 @@ def compaction_maps(target: Any, path_prefix: str | os.PathLike[str], *,
     Writes ``<prefix>_before.png``, ``<prefix>_after.png`` and both side by
     side in ``<prefix>.png``. ``compact(target)`` performs the compaction
     (returning bytes released, or None); by default a KVCache runs
-    :meth:`~kvforge.cache.KVCache.compact_cache` and a BlockManager applies
-    :func:`~kvforge.compaction.plan_compaction` to its bookkeeping.
+    :meth:`~kvforge.storage.cache.KVCache.compact_cache` and a BlockManager applies
+    :func:`~kvforge.core.compaction.plan_compaction` to its bookkeeping.
     """
     manager = _manager_of(target)
     prefix = os.fspath(path_prefix)

@@ -21,7 +21,7 @@ The step model (the same for the paged and the static cache, see
    then external fragmentation is sampled;
 7. when external fragmentation exceeds the threshold and memory efficiency
    is below 70% (``KVCache.should_compact()`` on the bookkeeping), the pool is
-   compacted with :meth:`~kvforge.block_table.BlockManager.plan_compaction`.
+   compacted with :meth:`~kvforge.core.manager.BlockManager.plan_compaction`.
 
 The static comparison runs the same workload through a contiguous cache of
 the same number of token slots in which every request reserves one
@@ -47,11 +47,11 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from kvforge.block_table import BlockManager
+from kvforge.core.manager import BlockManager
 from kvforge.config import CacheConfig, format_bytes, model_shape, parse_bytes
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.plot import BlockMap, block_map_of
-from kvforge.workload import BUILTIN_WORKLOADS, Workload, load_trace, make_workload, synthetic_token_ids
+from kvforge.tools.plot import BlockMap, block_map_of
+from kvforge.tools.workload import BUILTIN_WORKLOADS, Workload, load_trace, make_workload, synthetic_token_ids
 
 __all__ = [
     "SimulationConfig",
@@ -583,7 +583,7 @@ def _release(holes: list[list[int]], start: int, length: int) -> None:
 def simulate(workload: Workload, config: SimulationConfig | None = None, *,
              progress: Callable[[int, int], None] | None = None,
              static: bool = True, check: bool = False) -> SimulationResult:
-    """Replay ``workload`` through a :class:`~kvforge.block_table.BlockManager` and,
+    """Replay ``workload`` through a :class:`~kvforge.core.manager.BlockManager` and,
     with ``static``, through a contiguous max-length reservation for comparison.
 
     ``progress(finished, total)`` is called as requests finish. ``check``
@@ -764,7 +764,7 @@ def run(args: argparse.Namespace) -> int:
     paths: list[str] = []
     if not args.no_plots:
         try:
-            from kvforge.plot import plot_simulation
+            from kvforge.tools.plot import plot_simulation
             paths = [str(p) for p in plot_simulation(result, args.out)]
         except ImportError as exc:
             print(f"kvforge simulate: no plots ({exc})", file=sys.stderr)

@@ -10,7 +10,7 @@ import torch
 from kvforge.config import format_bytes
 
 if TYPE_CHECKING:
-    from kvforge.cache import KVCache
+    from kvforge.storage.cache import KVCache
 
 __all__ = ["MemoryProfile"]
 
@@ -29,7 +29,7 @@ def _metadata_bytes(cache: KVCache) -> int:
 
 @dataclass(frozen=True, slots=True)
 class MemoryProfile:
-    """A snapshot of a :class:`~kvforge.cache.KVCache`'s memory.
+    """A snapshot of a :class:`~kvforge.storage.cache.KVCache`'s memory.
 
     Bytes: ``total_bytes`` is what the cache's tensors hold on the device,
     ``used_bytes`` the blocks in use (referenced or cached), ``free_bytes`` the

@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
     import torch
 
-    from kvforge import plot
-    from kvforge.cli import format_table
+    from kvforge.tools import plot
+    from kvforge.tools.cli import format_table
     from kvforge.engine import Engine, SamplingParams
 
     out_dir = Path(args.out)

@@ -5,8 +5,8 @@ path: a :class:`KVForgeCollector` reads the cache's counters and gauges
 when Prometheus scrapes. Names are prefixed ``kvforge_``; counters end in
 ``_total`` in the exposition.
 
-Cache metrics (a :class:`~kvforge.cache.KVCache`, or a bare
-:class:`~kvforge.block_table.BlockManager`): usage, blocks used / free /
+Cache metrics (a :class:`~kvforge.storage.cache.KVCache`, or a bare
+:class:`~kvforge.core.manager.BlockManager`): usage, blocks used / free /
 evictable / backed / max / peak, device bytes and live key/value bytes,
 internal and external fragmentation, memory efficiency, prefix hit rate and
 its query/hit token counters, allocations, failed allocations, evictions,
@@ -100,7 +100,7 @@ def _prometheus() -> Any:
         import prometheus_client
         import prometheus_client.core
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("kvforge.metrics needs prometheus-client: pip install 'kvforge[metrics]'") from exc
+        raise ImportError("kvforge.tools.metrics needs prometheus-client: pip install 'kvforge[metrics]'") from exc
     return prometheus_client
 
 

@@ -1,6 +1,6 @@
 """Sequence block tables over a block pool: the bookkeeping an engine talks to.
 
-:class:`BlockManager` composes a :class:`~kvforge.pool.BlockPool`, one block
+:class:`BlockManager` composes a :class:`~kvforge.core.pool.BlockPool`, one block
 table per sequence and a prefix index. It never touches device memory: when
 an operation needs data moved (copy-on-write after a fork) it queues the
 ``(src, dst)`` block pair in :attr:`BlockManager.pending_copies`, and the
@@ -32,10 +32,10 @@ from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
 
-from kvforge.compaction import CompactionPlan, plan_compaction
+from kvforge.core.compaction import CompactionPlan, plan_compaction
 from kvforge.errors import OutOfBlocksError, SequenceError
-from kvforge.pool import BlockPool
-from kvforge.prefix import BlockKey, NullPrefixIndex, PrefixIndex
+from kvforge.core.pool import BlockPool
+from kvforge.core.prefix import BlockKey, NullPrefixIndex, PrefixIndex
 
 __all__ = ["AddSequenceResult", "BlockManager", "SequenceBlockTable"]
 
@@ -660,7 +660,7 @@ class BlockManager:
         return [b for b in range(self.pool.capacity) if ref[b]]
 
     def plan_compaction(self, keep_blocks: int | None = None) -> CompactionPlan:
-        """A :func:`~kvforge.compaction.plan_compaction` of this pool: live blocks
+        """A :func:`~kvforge.core.compaction.plan_compaction` of this pool: live blocks
         first, then cached blocks (most recently released kept) up to ``keep_blocks``."""
         return plan_compaction(self.live_blocks(), self.pool.capacity,
                                evictable=self.pool.evictable_blocks(), keep_blocks=keep_blocks)

@@ -16,7 +16,7 @@ Peak memory during compaction is the pre-compaction footprint (blocks move
 inside the existing chunks). See ``docs/compaction.md``.
 
 Ownership: the cache owns the chunk tensors and a
-:class:`~kvforge.block_table.BlockManager`; callers hold only sequence ids
+:class:`~kvforge.core.manager.BlockManager`; callers hold only sequence ids
 and the tensors returned for one step. Block tables fetched before a
 compaction are stale after it (call compaction between steps).
 """
@@ -32,39 +32,21 @@ import torch
 from torch import Tensor
 
 from kvforge import kernels
-from kvforge.block_table import AddSequenceResult, BlockManager
+from kvforge.core.manager import AddSequenceResult, BlockManager
 from kvforge.config import CacheConfig
 from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
-from kvforge.pool import AllocationStats, BlockPool
-from kvforge.prefix import PrefixIndex, PrefixStats
+from kvforge.core.pool import AllocationStats, BlockPool
+from kvforge.core.prefix import PrefixIndex, PrefixStats
+from kvforge.storage.device import resolve_device
 
 if TYPE_CHECKING:
-    from kvforge.profile import MemoryProfile
+    from kvforge.storage.profile import MemoryProfile
 
-__all__ = ["KVCache", "KvCache", "resolve_device"]
+__all__ = ["KVCache", "KvCache"]
 
 log = logging.getLogger(__name__)
 SeqId = Hashable
 T = TypeVar("T")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``'auto'`` -> the CUDA/ROCm device when present, else the CPU.
-
-    Raises :class:`ConfigError` for a name torch does not know or a device
-    this machine does not have."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r} (use 'cpu', 'cuda', 'cuda:N' or 'auto')") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device {device!r} is not available here "
-                          f"({torch.cuda.device_count()} CUDA/ROCm device(s) visible)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r}: kvforge runs on 'cpu' and 'cuda' (CUDA or ROCm) devices")
-    return dev
 
 
 class KVCache:
@@ -387,8 +369,8 @@ class KVCache:
         return self.live_kv_bytes() / total if total else 0.0
 
     def memory_profile(self) -> MemoryProfile:
-        """A :class:`~kvforge.profile.MemoryProfile` of the cache now."""
-        from kvforge.profile import MemoryProfile
+        """A :class:`~kvforge.storage.profile.MemoryProfile` of the cache now."""
+        from kvforge.storage.profile import MemoryProfile
         return MemoryProfile.of(self)
 
     # --------------------------------------------------------- compaction

@@ -1,0 +1,4 @@
+"""Placeholder, replaced below."""
+from typing import NamedTuple
+class StepBatch(NamedTuple):
+    pass
