@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-__all__ = ["CompactionPlan", "plan_compaction"]
+__all__ = ["COMPACTION_EFFICIENCY_LIMIT", "CompactionPlan", "plan_compaction", "should_compact"]
 
 
 class CompactionPlan(NamedTuple):
@@ -77,3 +77,20 @@ def plan_compaction(held: Sequence[int], capacity: int, *, evictable: Sequence[i
     slots = [b for b in region if b not in stay]  # free, evicted, or left by a live block in phase 1
     assert len(slots) == len(movers)
     return CompactionPlan(moves, k + n_keep, evict, list(zip(movers, slots)))
+
+
+#: compaction is pointless while this share of the pool holds live keys/values
+COMPACTION_EFFICIENCY_LIMIT = 0.7
+
+
+def should_compact(fragmentation: float, efficiency: float, threshold: float,
+                   releasable_chunks: int | None = None) -> bool:
+    """The one compaction trigger (the cache's and the simulator's).
+
+    Compact when external ``fragmentation`` exceeds ``threshold``, memory
+    ``efficiency`` is below :data:`COMPACTION_EFFICIENCY_LIMIT`, and, where
+    storage is released in chunks, packing would hand at least one back
+    (``releasable_chunks``; None when the caller has no chunks)."""
+    if not (fragmentation > threshold and fragmentation > 0.0 and efficiency < COMPACTION_EFFICIENCY_LIMIT):
+        return False
+    return releasable_chunks is None or releasable_chunks > 0

@@ -36,6 +36,7 @@ from kvforge.core.manager import AddSequenceResult, BlockManager
 from kvforge.config import CacheConfig
 from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
 from kvforge.core.pool import AllocationStats, BlockPool
+from kvforge.core.compaction import should_compact
 from kvforge.core.prefix import PrefixIndex, PrefixStats
 from kvforge.storage.device import resolve_device
 
@@ -382,10 +383,8 @@ class KVCache:
         few free blocks make the ratio swing, from compacting for nothing."""
         if not self.config.enable_compaction:
             return False
-        frag = self.fragmentation_ratio()
-        if not (frag > self.config.compaction_threshold and self.memory_efficiency() < 0.7):
-            return False
-        return self.releasable_chunks() > 0
+        return should_compact(self.fragmentation_ratio(), self.memory_efficiency(),
+                              self.config.compaction_threshold, self.releasable_chunks())
 
     def releasable_chunks(self) -> int:
         """Chunks a compaction would hand back now (the blocks in use, packed, need fewer)."""
