@@ -11,7 +11,6 @@ num_kv_heads * head_dim * dtype_bytes``.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -285,11 +284,14 @@ class CacheConfig:
                   context_length: int | None = None, dtype: Any = None, **kwargs: Any) -> CacheConfig:
         """Size a cache for a Hugging Face model from its ``config.json``.
 
-        ``path_or_config`` is a checkpoint folder, a ``config.json`` path or the
-        parsed dict. With ``vram_budget`` the cache fills it; otherwise it holds
-        one sequence of ``context_length`` (default: the model's
-        ``max_position_embeddings``).
+        ``path_or_config`` is a built-in model name
+        (:data:`~kvforge.model_shapes.MODEL_SHAPES`, e.g. ``"llama-3-8b"``), a
+        checkpoint folder, a ``config.json`` path or the parsed dict. With
+        ``vram_budget`` the cache fills it; otherwise it holds one sequence of
+        ``context_length`` (default: the model's ``max_position_embeddings``).
         """
+        from kvforge.model_shapes import model_shape  # model_shapes imports this module
+
         shape = model_shape(path_or_config)
         dtype = dtype if dtype is not None else shape["dtype"]
         if vram_budget is None:
@@ -385,51 +387,9 @@ def _chunk_divisor(num_blocks: int, parts: int = 16, max_chunks: int = 256) -> i
     return best
 
 
-def model_shape(path_or_config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """The KV-relevant shape of a Hugging Face ``config.json``.
-
-    Returns ``num_kv_heads``, ``head_dim``, ``num_layers``, ``dtype``,
-    ``max_position_embeddings`` and ``model_type``.
-    """
-    if isinstance(path_or_config, Mapping):
-        cfg: Mapping[str, Any] = path_or_config
-        where = "the given config"
-    else:
-        path = os.fspath(path_or_config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"no config.json at {path!r}")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                cfg = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        where = path
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else None
-    if text_cfg and "num_hidden_layers" not in cfg:
-        cfg = {**cfg, **text_cfg}
-    try:
-        num_layers = cfg["num_hidden_layers"]
-        num_heads = cfg["num_attention_heads"]
-    except KeyError as exc:
-        raise ConfigError(f"{where} has no {exc.args[0]!r}") from None
-    num_kv_heads = cfg.get("num_key_value_heads") or num_heads
-    head_dim = cfg.get("head_dim")
-    if not head_dim:
-        if "hidden_size" not in cfg:
-            raise ConfigError(f"{where} has neither 'head_dim' nor 'hidden_size'")
-        head_dim = cfg["hidden_size"] // num_heads
-    dtype_name = cfg.get("torch_dtype") or cfg.get("dtype") or "float16"
-    try:
-        dtype = resolve_dtype(dtype_name, "torch_dtype")
-    except ConfigError:
-        dtype = torch.float16
-    return {
-        "num_kv_heads": _positive_int("num_key_value_heads", num_kv_heads),
-        "head_dim": _positive_int("head_dim", head_dim),
-        "num_layers": _positive_int("num_hidden_layers", num_layers),
-        "dtype": dtype,
-        "max_position_embeddings": int(cfg.get("max_position_embeddings") or 4096),
-        "model_type": str(cfg.get("model_type", "unknown")),
-    }
+def __getattr__(name: str) -> Any:
+    # model_shape moved to kvforge.model_shapes (which imports this module); kept importable from here
+    if name == "model_shape":
+        from kvforge.model_shapes import model_shape
+        return model_shape
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from kvforge.config import (
     resolve_dtype,
 )
 from kvforge.errors import ConfigError, KVForgeError
+from kvforge.model_shapes import MODEL_SHAPES, model_shape, read_hf_config, resolve_model
 
 GiB = 2**30
 MiB = 2**20
@@ -317,6 +319,73 @@ def test_for_model_errors(tmp_path):
         CacheConfig.for_model(tmp_path)
     with pytest.raises(ConfigError, match="holds no block"):
         CacheConfig.for_model(LLAMA3_JSON, vram_budget="1MiB")
+
+
+
+# ------------------------------------------------------ built-in model shapes
+@pytest.mark.parametrize("name", sorted(MODEL_SHAPES))
+def test_for_model_takes_every_builtin_name(name):
+    cfg = CacheConfig.for_model(name, vram_budget=GiB)
+    assert cfg == CacheConfig.for_model(MODEL_SHAPES[name], vram_budget=GiB)
+    assert CacheConfig.for_model(name.upper(), vram_budget=GiB) == cfg
+    shape = model_shape(name)
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, cfg.dtype) == (
+        shape["num_kv_heads"], shape["head_dim"], shape["num_layers"], shape["dtype"])
+    assert cfg.num_blocks == GiB // cfg.bytes_per_block
+
+
+def test_builtin_shapes_exact():
+    assert {"tinyllama-1.1b", "llama-2-7b", "llama-3-8b", "llama-3-70b", "mistral-7b", "qwen2-7b",
+            "qwen2.5-7b"} <= set(MODEL_SHAPES)
+    s = model_shape("qwen2.5-7b")
+    assert (s["num_layers"], s["num_kv_heads"], s["head_dim"], s["dtype"], s["model_type"]) == (
+        28, 4, 128, torch.bfloat16, "qwen2")
+    s = model_shape("tinyllama-1.1b")
+    assert (s["num_layers"], s["num_kv_heads"], s["head_dim"], s["max_position_embeddings"]) == (22, 4, 64, 2048)
+    assert model_shape("llama-2-7b")["dtype"] is torch.float16
+
+
+def test_model_shape_is_still_importable_from_config():
+    import kvforge.config
+
+    assert kvforge.config.model_shape is model_shape
+    with pytest.raises(AttributeError):
+        kvforge.config.no_such_name  # noqa: B018
+
+
+def test_resolve_model_names_paths_and_errors(tmp_path):
+    assert resolve_model("Llama-3-8B") == ("llama-3-8b", MODEL_SHAPES["llama-3-8b"])
+    resolve_model("llama-3-8b")[1]["num_hidden_layers"] = 1  # a copy: the table stays as it is
+    assert MODEL_SHAPES["llama-3-8b"]["num_hidden_layers"] == 32
+    folder = write_config(tmp_path, **LLAMA3_JSON)
+    assert resolve_model(str(folder)) == (str(folder), LLAMA3_JSON)
+    assert resolve_model(folder / "config.json")[1] == LLAMA3_JSON
+    with pytest.raises(ConfigError, match="no-such-model.*neither a built-in.*llama-3-8b"):
+        resolve_model("no-such-model")
+    with pytest.raises(ConfigError, match="no-such-model"):
+        CacheConfig.for_model("no-such-model")
+
+
+def test_read_hf_config_is_the_one_reader(tmp_path):
+    from kvforge.engine.model_config import read_config
+    from kvforge.errors import ModelError
+
+    folder = write_config(tmp_path, **LLAMA3_JSON)
+    assert read_hf_config(folder) == read_hf_config(folder / "config.json") == read_config(folder) == LLAMA3_JSON
+    missing = tmp_path / "empty"
+    missing.mkdir()
+    with pytest.raises(ConfigError, match=re.escape(f"no config.json at '{missing / 'config.json'}'")):
+        read_hf_config(missing)
+    with pytest.raises(ModelError, match="no config.json"):
+        read_config(missing)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: not valid JSON")):
+        read_hf_config(tmp_path)
+    with pytest.raises(ModelError, match="not valid JSON"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object, got list"):
+        read_hf_config(tmp_path / "config.json")
 
 
 # ------------------------------------------------------------- bytes helpers

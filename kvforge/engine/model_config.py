@@ -8,14 +8,14 @@ checkpoint never runs through the wrong forward pass.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-from kvforge.errors import ModelError
+from kvforge.errors import ConfigError, ModelError
+from kvforge.model_shapes import read_hf_config
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "read_config"]
 
@@ -31,19 +31,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint folder (ModelError when missing or invalid)."""
-    folder = os.fspath(path)
-    file = os.path.join(folder, "config.json") if os.path.isdir(folder) else folder
-    if not os.path.isfile(file):
-        raise ModelError(f"no config.json in {folder!r}: expected a Hugging Face checkpoint folder")
+    """The parsed ``config.json`` of a checkpoint folder (or of a ``config.json`` path).
+
+    :func:`kvforge.model_shapes.read_hf_config` reads it; its ConfigError
+    (missing, not JSON, not an object) is raised as a :class:`ModelError`."""
     try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return read_hf_config(path)
+    except ConfigError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
