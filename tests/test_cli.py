@@ -1,13 +1,16 @@
 """The command line: plan, simulate and the demo, end to end on tiny settings."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
 
+from kvforge.model_shapes import MODEL_SHAPES, model_shape
 from kvforge.tools.cli import build_parser, format_table, main
+from kvforge.tools.output import Progress
 
 
 def test_plan_prints_every_sizing(capsys):
@@ -68,3 +71,97 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_plan_refuses_a_non_positive_context(capsys):
     assert main(["plan", "--context", "0"]) == 2
     assert "--context" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- built-in model names
+@pytest.mark.parametrize("name", sorted(MODEL_SHAPES))
+def test_plan_takes_every_builtin_name(name, capsys):
+    assert main(["plan", "--model", name, "--vram", "8GiB", "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    shape = model_shape(name)
+    assert out.startswith(f"{name}: {shape['num_layers']} layers, {shape['num_kv_heads']} KV heads, "
+                          f"head dim {shape['head_dim']}")
+    assert "for_model(vram=8.00 GiB)" in out
+
+
+def test_plan_qwen25_exact(capsys):
+    assert main(["plan", "--model", "qwen2.5-7b"]) == 0
+    out = capsys.readouterr().out
+    # 28 layers x 4 KV heads x 128 x 2 (K and V) x 2 bytes = 56 KiB per token; 24 GiB / 896 KiB per block
+    assert out.startswith("qwen2.5-7b: 28 layers, 4 KV heads, head dim 128, bfloat16; 56.00 KiB per token")
+    assert "for_model(vram=24.00 GiB)          16   28086  449376            54  24.00 GiB" in out
+
+
+def test_plan_unknown_name_lists_the_builtin_ones(capsys):
+    assert main(["plan", "--model", "gpt-5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvforge plan: error: 'gpt-5' is neither") and err.count("\n") == 1
+    for name in MODEL_SHAPES:
+        assert name in err
+
+
+# ---------------------------------------------------------- table and progress
+def test_format_table_header_rule_and_explicit_alignment():
+    text = format_table(["metric", "a", "b"], [["x", "1", "22"], ["longer", "333", "4"]], align="lrr")
+    assert text.splitlines() == [
+        "metric    a   b",
+        "------  ---  --",
+        "x         1  22",
+        "longer  333   4",
+    ]
+    # numbers right, text left (headers too), no trailing spaces
+    text = format_table(["name", "value", "note"], [["a", 1.5, ""], ["bb", 10, "ok"]])
+    assert text.splitlines() == ["name  value  note", "----  -----  ----", "a       1.5", "bb       10  ok"]
+    with pytest.raises(ValueError):
+        format_table(["a", "b"], [], align="l")
+
+
+def test_progress_off_a_terminal_writes_plain_lines():
+    stream = io.StringIO()
+    p = Progress("work", 10, stream=stream, interval=0.0)
+    assert not p.is_terminal
+    for i in range(1, 11):
+        p(i, 10)
+    p.update(10)  # after the end: nothing more
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("work: 1/10 requests (10%) ")
+    assert lines[-1].startswith("work: 10/10 requests (100%) ")
+
+
+def test_progress_off_a_terminal_is_silent_for_short_work():
+    stream = io.StringIO()
+    p = Progress("work", 3, stream=stream)  # default interval off a terminal: 10 s
+    for i in range(4):
+        p.update(i, note="fast")
+    assert stream.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    stream = _Terminal()
+    p = Progress("sim", 4, unit="steps", stream=stream, interval=0.0, width=4)
+    p.update(2, note="12 tok/s")
+    p.update(4)
+    text = stream.getvalue()
+    assert text.startswith("\rsim [##  ] 2/4 steps ") and text.endswith("\n") and text.count("\n") == 1
+    first, second = text.split("\r")[1:]
+    assert "12 tok/s" in first and second.startswith("sim [####] 4/4 steps ") and "tok/s" not in second
+    assert len(second.rstrip("\n")) >= len(first)  # padded over the longer line before it
+
+
+def test_progress_disabled_or_closed_early():
+    stream = _Terminal()
+    Progress("x", 5, stream=stream, enabled=False, interval=0.0).update(5)
+    assert stream.getvalue() == ""
+    p = Progress("x", 5, stream=stream, interval=0.0)
+    p.update(1)
+    p.close()
+    assert stream.getvalue().endswith("\n") and stream.getvalue().count("\n") == 1
+    p.update(5)
+    assert stream.getvalue().count("\n") == 1

@@ -1,93 +1,40 @@
-"""The ``kvforge`` command line: plan, simulate, generate, demo.
+"""The ``kvforge`` entry point: parser assembly, logging setup, error handling.
 
-Each subcommand parses its arguments straight into the config dataclasses
-and prints aligned tables; long work shows progress.
+Each subcommand lives in its own module with a ``register(subparsers)``
+that sets its handler as ``func``: :mod:`~kvforge.tools.plan`,
+:mod:`~kvforge.tools.simulate`, :mod:`~kvforge.tools.generate`,
+:mod:`~kvforge.tools.demo`. A kvforge error a handler raises prints one line
+and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Callable, Sequence
 
-from kvforge.config import CacheConfig, CachePreset, format_bytes, model_shape, parse_bytes
-from kvforge.errors import ConfigError, KVForgeError
-from kvforge.model_shapes import resolve_model_shape
+from kvforge.errors import KVForgeError
+from kvforge.tools import plan
+from kvforge.tools.output import format_table
 
-__all__ = ["main", "format_table"]
+__all__ = ["main", "build_parser", "format_table"]
 
+log = logging.getLogger(__name__)
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """An aligned text table (numbers right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def fmt(row: Sequence[str], raw: Sequence[object] | None) -> str:
-        out = []
-        for i, c in enumerate(row):
-            numeric = raw is not None and isinstance(raw[i], (int, float))
-            out.append(c.rjust(widths[i]) if numeric else c.ljust(widths[i]))
-        return "  ".join(out).rstrip()
-
-    lines = [fmt(cells[0], None), "  ".join("-" * w for w in widths)]
-    lines += [fmt(c, r) for c, r in zip(cells[1:], rows)]
-    return "\n".join(lines)
+#: subcommand modules that need optional extras (torch models, plotting): skipped when they do not import
+_OPTIONAL_COMMANDS = ("kvforge.tools.simulate", "kvforge.tools.generate", "kvforge.tools.demo")
 
 
-# ------------------------------------------------------------------- plan
-def plan_rows(model: str, vram: int, context: int) -> tuple[str, list[list[object]]]:
-    """What each preset, ``for_context_length`` and ``for_model`` give for a model."""
-    if context <= 0:
-        raise ConfigError(f"--context must be a positive number of tokens, got {context}")
-    label, cfg_json = resolve_model_shape(model)
-    shape = model_shape(cfg_json)
-    h, d, l, dt = shape["num_kv_heads"], shape["head_dim"], shape["num_layers"], shape["dtype"]
-    rows: list[list[object]] = []
-
-    def add(name: str, cfg: CacheConfig) -> None:
-        per_seq = -(-context // cfg.block_size)
-        rows.append([name, cfg.block_size, cfg.num_blocks, cfg.max_context_length(),
-                     cfg.num_blocks // per_seq, cfg.estimated_memory_human()])
-
-    for preset in CachePreset.builtin():
-        add(f"preset {preset.name} ({format_bytes(preset.vram_target_bytes or 0)})",
-            CacheConfig.from_preset(preset, h, d, l, dtype=dt))
-    try:
-        add(f"for_context_length({context})", CacheConfig.for_context_length(context, h, d, l, vram, dtype=dt))
-    except KVForgeError as exc:
-        rows.append([f"for_context_length({context})", "-", "-", "-", 0, str(exc)])
-    add(f"for_model(vram={format_bytes(vram)})", CacheConfig.for_model(cfg_json, vram, dtype=dt))
-    title = (f"{label}: {l} layers, {h} KV heads, head dim {d}, {str(dt).removeprefix('torch.')}; "
-             f"{format_bytes(CacheConfig(16, 1, l, h, d, dt).bytes_per_token)} per token; context {context}")
-    return title, rows
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    title, rows = plan_rows(args.model, parse_bytes(args.vram), args.context)
-    print(title)
-    print(format_table(["sizing", "block size", "blocks", "tokens", f"seqs of {args.context}", "memory"], rows))
-    return 0
-
-
-def _add_plan(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="size a KV cache for a model: presets, context length, VRAM budget")
-    p.add_argument("--model", default="llama-3-8b", help="built-in shape name or HF checkpoint folder/config.json")
-    p.add_argument("--vram", default="24GiB", help="VRAM budget for the KV cache, e.g. 24GiB")
-    p.add_argument("--context", type=int, default=8192, help="target context length in tokens")
-    p.set_defaults(func=_cmd_plan)
-
-
-# --------------------------------------------------------------- assembly
-def _optional_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+def _optional_registrars() -> list[Callable[[argparse._SubParsersAction], object]]:
     regs = []
-    for module, name in (("kvforge.tools.simulate", "register"), ("kvforge.tools.generate", "register"),
-                         ("kvforge.tools.demo", "register")):
+    for module in _OPTIONAL_COMMANDS:
         try:
-            mod = __import__(module, fromlist=[name])
+            mod = importlib.import_module(module)
         except ImportError as exc:  # optional extras missing: the command says so when used
-            logging.getLogger(__name__).debug("subcommand module %s unavailable: %s", module, exc)
+            log.debug("subcommand module %s unavailable: %s", module, exc)
             continue
-        regs.append(getattr(mod, name))
+        regs.append(mod.register)
     return regs
 
 
@@ -96,17 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvforge", description="A paged KV cache for LLM inference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_plan(sub)
+    plan.register(sub)
     for register in _optional_registrars():
         register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kvforge`` console script."""
+    """Entry point of the ``kvforge`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except KVForgeError as exc:
