@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 
 from kvforge.errors import KernelError
 from kvforge.kernels import (
+    CacheView,
     chunk_offsets,
     copy_blocks,
+    describe_cache,
     paged_decode_attention,
     paged_prefill_attention,
     reference,
@@ -372,3 +374,164 @@ def test_triton_kernels_under_interpreter() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------- described layers (CacheView)
+
+
+def _layer(num_chunks: int, seed: int, dtype: torch.dtype = F32):
+    gen = torch.Generator().manual_seed(seed)
+    lens = [5, 0, 23, 17]
+    keys, values = _kv(lens, 2, 16, gen, dtype)
+    paged = paged_from_dense(keys, values, 8, num_chunks=num_chunks, num_layers=2, layer=1, generator=gen)
+    return paged, gen
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_describe_cache_carries_the_offset_table(num_chunks: int) -> None:
+    paged, _ = _layer(num_chunks, 1)
+    view = describe_cache(paged.k_cache, paged.v_cache)
+    assert isinstance(view, CacheView) and view.num_chunks == num_chunks
+    if num_chunks == 1:
+        assert view.offsets is None
+        assert describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=paged.chunk_offsets).offsets is None
+    else:
+        assert view.offsets.dtype == torch.int64 and view.offsets.tolist() == paged.chunk_offsets.tolist()
+        given = describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=paged.chunk_offsets)
+        assert given.offsets is paged.chunk_offsets  # a given table is kept, not copied
+        with pytest.raises(KernelError, match="chunk_offsets: expected"):
+            describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=paged.chunk_offsets + 16)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3])
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 6, "soft_cap": 2.0}])
+def test_cache_view_decode_and_prefill_equal_chunk_lists(num_chunks: int, options: dict) -> None:
+    paged, gen = _layer(num_chunks, 10 + num_chunks)
+    view = describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=paged.chunk_offsets)
+    query = torch.randn(4, 4, 16, generator=gen)
+    lists, views = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+    paged_decode_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens,
+                           out=lists, backend="torch", **options)
+    paged_decode_attention(query, view, None, paged.block_tables, paged.context_lens, out=views,
+                           backend="torch", **options)
+    assert torch.equal(lists, views)  # NaN anywhere would fail this too
+    new = [3, 0, 9, 17]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32)
+    pq = torch.randn(sum(new), 4, 16, generator=gen)
+    lists, views = torch.full_like(pq, float("nan")), torch.full_like(pq, float("nan"))
+    paged_prefill_attention(pq, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens,
+                            out=lists, backend="torch", **options)
+    paged_prefill_attention(pq, view, None, paged.block_tables, cu, paged.context_lens, out=views,
+                            chunk_offsets=view.offsets, backend="torch", **options)  # its own table is accepted
+    assert torch.equal(lists, views)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_cache_view_store_kv_equals_chunk_lists(num_chunks: int) -> None:
+    gen = torch.Generator().manual_seed(num_chunks)
+    make = lambda: [torch.full((2, 2, 4, 8, 2, 16), float("nan")) for _ in range(num_chunks)]  # noqa: E731
+    a, b = make(), make()
+    view = describe_cache([c[1, 0] for c in b], [c[1, 1] for c in b])
+    slots = torch.randperm(num_chunks * 32, generator=gen)[:11]
+    slots[4] = -1
+    key, value = torch.randn(11, 2, 16, generator=gen), torch.randn(11, 2, 16, generator=gen)
+    store_kv(key, value, [c[1, 0] for c in a], [c[1, 1] for c in a], slots, backend="torch")
+    store_kv(key, value, view, None, slots, backend="torch")
+    for x, y in zip(a, b):
+        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
+    assert int((~b[0][1].isnan()).sum()) > 0  # something was written
+
+
+def test_cache_view_misuse_raises() -> None:
+    paged, gen = _layer(3, 2)
+    view = describe_cache(paged.k_cache, paged.v_cache)
+    q = torch.randn(4, 2, 16, generator=gen)
+    args = (paged.block_tables, paged.context_lens)
+    with pytest.raises(KernelError, match="v_cache: expected None"):
+        paged_decode_attention(q, view, paged.v_cache, *args)
+    with pytest.raises(KernelError, match="in place of k_cache"):
+        paged_decode_attention(q, paged.k_cache, view, *args)
+    with pytest.raises(KernelError, match="own offset table"):
+        paged_decode_attention(q, view, None, *args, chunk_offsets=paged.chunk_offsets)  # equal values, another table
+    with pytest.raises(KernelError, match="describe_cache"):
+        paged_decode_attention(q, view._replace(offsets=None), None, *args)
+    with pytest.raises(KernelError, match="v_cache: expected None"):
+        store_kv(torch.randn(1, 2, 16), torch.randn(1, 2, 16), view, paged.v_cache, torch.tensor([0]))
+    cu = torch.tensor([0, 1, 1, 2, 3], dtype=torch.int32)
+    with pytest.raises(KernelError, match="own offset table"):
+        paged_prefill_attention(torch.randn(3, 2, 16), view, None, *args[:1], cu, args[1],
+                                chunk_offsets=paged.chunk_offsets)
+    # a one-chunk view takes no table, or a correct [1] table
+    one, _ = _layer(1, 3)
+    view1 = describe_cache(one.k_cache, one.v_cache)
+    paged_decode_attention(q, view1, None, one.block_tables, one.context_lens, chunk_offsets=one.chunk_offsets)
+    with pytest.raises(KernelError, match="chunk_offsets"):
+        paged_decode_attention(q, view1, None, one.block_tables, one.context_lens,
+                               chunk_offsets=torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"query": torch.randn(4, 2, 16).half()}, "query dtype"),
+        ({"query": torch.randn(4, 3, 16)}, "multiple of num_kv_heads"),
+        ({"block_tables": torch.zeros(4, 4, dtype=torch.int64)}, "block_tables dtype"),
+        ({"context_lens": torch.tensor([1, 2, 3, 4])}, "context_lens dtype"),
+        ({"block_tables": torch.full((4, 4), 99, dtype=torch.int32)}, "outside the pool"),
+    ],
+)
+def test_cache_view_still_checks_per_call_tensors(over: dict, match: str) -> None:
+    paged, gen = _layer(2, 4)
+    view = describe_cache(paged.k_cache, paged.v_cache)
+    args = dict(query=torch.randn(4, 2, 16, generator=gen), block_tables=paged.block_tables,
+                context_lens=paged.context_lens)
+    args.update(over)
+    with pytest.raises(KernelError, match=match):
+        paged_decode_attention(args["query"], view, None, args["block_tables"], args["context_lens"])
+
+
+def test_kernel_module_is_bound_once() -> None:
+    pytest.importorskip("triton")
+    from kvforge.kernels import ops
+
+    cuda = torch.device("cuda", 0)  # device type "cuda": bound without the interpreter check, launches nothing
+    first = ops._triton_module("triton_decode", cuda)
+    assert ops._triton_module("triton_decode", cuda) is first
+    assert ops._TRITON_MODULES[("triton_decode", "cuda")] is first
+    if os.environ.get("TRITON_INTERPRET") != "1":  # a refused bind is not remembered: it raises again
+        for _ in range(2):
+            with pytest.raises(KernelError, match="TRITON_INTERPRET"):
+                ops._triton_module("triton_prefill", torch.device("cpu"))
+        assert ("triton_prefill", "cpu") not in ops._TRITON_MODULES
+
+
+def test_choose_num_splits_is_memoized() -> None:
+    pytest.importorskip("triton")
+    from kvforge.kernels.triton_decode import choose_num_splits
+
+    args = (3, 8, 4096 + 16 * 7, 132, 64)
+    first = choose_num_splits(*args)
+    hits = choose_num_splits.cache_info().hits
+    assert choose_num_splits(*args) == first and choose_num_splits.cache_info().hits == hits + 1
+    assert 1 <= first <= 64
+
+
+def test_split_scratch_grows_and_is_reused() -> None:
+    pytest.importorskip("triton")
+    from kvforge.kernels import triton_decode
+
+    cpu = torch.device("cpu")
+    triton_decode.release_scratch()
+    out, lse = triton_decode.split_scratch(2, 4, 3, 16, cpu)
+    assert out.shape == (2, 4, 3, 16) and lse.shape == (2, 4, 3) and out.is_contiguous() and lse.is_contiguous()
+    assert out.dtype == lse.dtype == torch.float32
+    assert lse.data_ptr() == out.data_ptr() + out.numel() * 4  # one buffer, no overlap
+    base = out.data_ptr()
+    out2, _ = triton_decode.split_scratch(1, 4, 2, 16, cpu)  # smaller: the same buffer
+    assert out2.data_ptr() == base
+    big, big_lse = triton_decode.split_scratch(9, 4, 5, 16, cpu)  # larger: grown
+    assert big.shape == (9, 4, 5, 16) and big_lse.shape == (9, 4, 5)
+    again, _ = triton_decode.split_scratch(2, 4, 3, 16, cpu)
+    assert again.data_ptr() == big.data_ptr()
+    triton_decode.release_scratch()
+    assert not triton_decode._SCRATCH

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from kvforge.kernels import (  # noqa: E402
     copy_blocks,
+    describe_cache,
     paged_decode_attention,
     paged_prefill_attention,
     reference,
@@ -118,3 +119,94 @@ def test_copy_blocks_matches_reference(num_chunks) -> None:
     reference.copy_blocks(want, src, dst)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- described layers (CacheView)
+
+
+@pytest.mark.parametrize("num_chunks, num_splits", [(1, None), (1, 3), (3, 1), (3, 4)])
+def test_cache_view_decode_equals_chunk_lists(num_chunks, num_splits) -> None:
+    gen = torch.Generator().manual_seed(20 + num_chunks)
+    lens = [3, 30, 0, 17]
+    keys, values = _kv(lens, 2, 16, torch.float16, gen)
+    paged = paged_from_dense(keys, values, 8, num_chunks=num_chunks, num_layers=2, layer=1, generator=gen)
+    view = describe_cache(paged.k_cache, paged.v_cache)
+    query = torch.randn(len(lens), 4, 16, generator=gen).half()
+    tables, ctx = paged.block_tables, paged.context_lens
+    lists, views = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+    paged_decode_attention(query, paged.k_cache, paged.v_cache, tables, ctx, out=lists, num_splits=num_splits,
+                           backend="triton")
+    paged_decode_attention(query, view, None, tables, ctx, out=views, num_splits=num_splits, backend="triton")
+    assert torch.equal(lists, views)  # bit-identical; a NaN left anywhere fails too
+    torch.testing.assert_close(views, reference.paged_decode_attention(query, paged.k_cache, paged.v_cache, tables, ctx),
+                               **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2])
+def test_cache_view_prefill_and_store_equal_chunk_lists(num_chunks) -> None:
+    gen = torch.Generator().manual_seed(30 + num_chunks)
+    lens, new = [21, 5, 40], [21, 2, 17]
+    keys, values = _kv(lens, 2, 16, torch.float16, gen)
+    paged = paged_from_dense(keys, values, 16, num_chunks=num_chunks, generator=gen)
+    view = describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=paged.chunk_offsets)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32)
+    query = torch.randn(sum(new), 6, 16, generator=gen).half()
+    lists, views = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+    paged_prefill_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens,
+                            out=lists, backend="triton")
+    paged_prefill_attention(query, view, None, paged.block_tables, cu, paged.context_lens, out=views,
+                            backend="triton")
+    assert torch.equal(lists, views)
+    make = lambda: [torch.full((1, 2, 4, 8, 2, 16), float("nan"), dtype=torch.float16)  # noqa: E731
+                    for _ in range(num_chunks)]
+    a, b = make(), make()
+    view_b = describe_cache([c[0, 0] for c in b], [c[0, 1] for c in b])
+    slots = torch.randperm(num_chunks * 32, generator=gen)[:9]
+    slots[1] = -1
+    key, value = torch.randn(9, 2, 16, generator=gen).half(), torch.randn(9, 2, 16, generator=gen).half()
+    store_kv(key, value, [c[0, 0] for c in a], [c[0, 1] for c in a], slots, backend="triton")
+    store_kv(key, value, view_b, None, slots, backend="triton")
+    for x, y in zip(a, b):
+        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
+
+
+def test_kernel_module_cache_returns_the_same_module() -> None:
+    from kvforge.kernels import ops, triton_decode
+
+    cpu = torch.device("cpu")
+    first = ops._triton_module("triton_decode", cpu)
+    assert first is triton_decode
+    assert ops._triton_module("triton_decode", cpu) is first
+    assert ops._TRITON_MODULES[("triton_decode", "cpu")] is first
+
+
+def test_split_scratch_reuse_across_batch_sizes() -> None:
+    from kvforge.kernels import triton_decode
+
+    gen = torch.Generator().manual_seed(40)
+    lens = [7, 33, 1, 25, 40]
+    keys, values = _kv(lens, 2, 16, torch.float32, gen)
+    paged = paged_from_dense(keys, values, 8, num_chunks=2, generator=gen)
+    view = describe_cache(paged.k_cache, paged.v_cache)
+    query = torch.randn(len(lens), 4, 16, generator=gen)
+    triton_decode.release_scratch()
+
+    def run(rows: slice) -> torch.Tensor:
+        q, tables, ctx = query[rows], paged.block_tables[rows], paged.context_lens[rows]
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, view, None, tables, ctx, out=out, num_splits=3, backend="triton")
+        want = reference.paged_decode_attention(q, paged.k_cache, paged.v_cache, tables, ctx)
+        torch.testing.assert_close(out, want, **TOL[torch.float32])
+        return out
+
+    small = run(slice(0, 2))
+    (buf,) = triton_decode._SCRATCH.values()
+    run(slice(0, 5))  # a larger batch: the buffer grows
+    (grown,) = triton_decode._SCRATCH.values()
+    assert grown.numel() > buf.numel()
+    grown.fill_(float("nan"))  # stale partials must never leak into a later call
+    again = run(slice(0, 2))  # a smaller batch again: the grown buffer, reused
+    (same,) = triton_decode._SCRATCH.values()
+    assert same is grown
+    assert torch.equal(small, again)
+    triton_decode.release_scratch()

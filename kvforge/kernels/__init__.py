@@ -8,15 +8,19 @@ block tables; they never see the pool or the engine. See ``docs/kernels.md``.
 - :func:`paged_decode_attention`: one token per sequence, split-KV;
 - :func:`paged_prefill_attention`: ragged causal new tokens over paged context;
 - :func:`copy_blocks`: all layers of many blocks in one launch;
-- :func:`chunk_offsets`: the per-chunk offset table to precompute once.
+- :func:`chunk_offsets`: the per-chunk offset table to precompute once;
+- :func:`describe_cache` -> :class:`CacheView`: one layer's chunk lists
+  checked once, with their offset table; every entry point but
+  :func:`copy_blocks` takes it in place of ``k_cache`` (``v_cache=None``).
 """
 from __future__ import annotations
 
 from kvforge.kernels import reference
-from kvforge.kernels.layout import KVCacheArg, chunk_offsets, describe_cache
+from kvforge.kernels.layout import CacheView, KVCacheArg, chunk_offsets, describe_cache
 from kvforge.kernels.ops import copy_blocks, paged_decode_attention, paged_prefill_attention, store_kv
 
 __all__ = [
+    "CacheView",
     "KVCacheArg",
     "chunk_offsets",
     "copy_blocks",

@@ -12,6 +12,12 @@ Triton kernels address every chunk from the first chunk's base pointer plus
 an int64 table of *element offsets* of each chunk relative to chunk 0
 (:func:`chunk_offsets`). The key and value lists are views of the same chunk
 tensors at the same position, so one table serves both.
+
+A layer is described once: :func:`describe_cache` checks its chunk lists and
+resolves the offset table into a :class:`CacheView`, which every kernel entry
+point takes in place of ``k_cache`` (with ``v_cache=None``) and then trusts,
+so a model that calls the kernels once per layer per step pays for the checks
+only when the chunk set changes.
 """
 from __future__ import annotations
 
@@ -34,7 +40,15 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 class CacheView(NamedTuple):
-    """What the kernels need to know about one layer's K and V chunk lists."""
+    """One layer's K and V chunk lists, checked, with their offset table.
+
+    Build it with :func:`describe_cache` (never by hand: the kernels trust
+    every field) and pass it as ``k_cache`` with ``v_cache=None``. It holds
+    references to the chunk views, so it keeps their storage alive: rebuild
+    it, and drop the old one, whenever the chunk set changes.
+    ``offsets``: int64 ``[num_chunks]`` element offsets of each chunk from
+    chunk 0, on the chunks' device; None for one chunk.
+    """
 
     k_chunks: tuple[Tensor, ...]
     v_chunks: tuple[Tensor, ...]
@@ -44,6 +58,7 @@ class CacheView(NamedTuple):
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    offsets: Tensor | None
 
     @property
     def num_chunks(self) -> int:
@@ -124,12 +139,17 @@ def chunk_offsets(chunks: Sequence[Tensor]) -> Tensor:
     return torch.tensor(_offsets_list(seq, "chunks"), dtype=torch.int64, device=seq[0].device)
 
 
-def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg) -> CacheView:
+def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tensor | None = None) -> CacheView:
     """Checks one layer's key and value chunk lists and describes them.
 
     Both must be ``[chunk_blocks, block_size, num_kv_heads, head_dim]`` chunks
     with identical shapes and strides, a supported dtype, a power-of-two
     ``block_size >= 8``, a supported ``head_dim`` and unit stride on it.
+    ``chunk_offsets``: the table from :func:`chunk_offsets`, checked as in
+    :func:`resolve_offsets`; without it the table is built here (one small
+    host-to-device copy) when there are several chunks. The returned view
+    carries the table (``offsets``, None for one chunk) and is what every
+    kernel entry point takes to skip these checks.
     """
     k = as_chunks(k_cache, "k_cache", 4)
     v = as_chunks(v_cache, "v_cache", 4)
@@ -154,7 +174,8 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg) -> CacheView:
         raise KernelError(f"cache shape {tuple(k0.shape)}: expected at least one block and one KV head")
     if k0.stride(3) != 1:
         raise KernelError(f"cache head_dim stride: expected 1, got {k0.stride(3)}")
-    return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, k0.dtype, k0.device)
+    offsets = resolve_offsets(k, v, chunk_offsets)
+    return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, k0.dtype, k0.device, offsets)
 
 
 def resolve_offsets(
@@ -164,8 +185,8 @@ def resolve_offsets(
 
     The kernels address value chunk j at ``v_chunks[0]`` plus key chunk j's
     offset, so the key and value lists must sit at the same distances (views
-    of the same chunks do); that is checked from the pointers on every call,
-    which costs no device sync. A given table must be int64 ``[num_chunks]``
+    of the same chunks do); that is checked from the pointers (no device
+    sync) whenever a chunk list is described. A given table must be int64 ``[num_chunks]``
     on the chunks' device; on the CPU its values are checked too (on a GPU
     that would cost a sync, so build it with :func:`chunk_offsets`). Without
     one, the table is computed from the pointers.

@@ -5,7 +5,13 @@ contents (see :mod:`kvforge.kernels.checks` for when), raising
 :class:`~kvforge.errors.KernelError` before anything runs; then it calls the
 Triton launcher (CUDA/ROCm, or the CPU under ``TRITON_INTERPRET=1``) or the
 torch reference. The Triton modules are imported on first use, so the CPU
-path never imports triton.
+path never imports triton, and bound once per device type.
+
+The cache argument is either one layer's chunk lists ``(k_cache, v_cache)``,
+described and checked on every call, or a :class:`~kvforge.kernels.CacheView`
+from :func:`~kvforge.kernels.describe_cache` in place of ``k_cache`` (with
+``v_cache=None``), which skips that work: then only the per-call tensors
+(queries, keys/values, tables, lengths, slots) are checked.
 """
 from __future__ import annotations
 
@@ -23,18 +29,25 @@ from kvforge.kernels.checks import (
     check_block_tables_values, check_index, check_options, check_out, check_query, check_tensor,
     resolve_backend, should_validate,
 )
-from kvforge.kernels.layout import SUPPORTED_DTYPES, KVCacheArg, as_chunks, describe_cache, resolve_offsets
+from kvforge.kernels.layout import (
+    SUPPORTED_DTYPES, CacheView, KVCacheArg, as_chunks, describe_cache, resolve_offsets,
+)
 
 __all__ = ["store_kv", "paged_decode_attention", "paged_prefill_attention", "copy_blocks"]
 
+#: Triton kernel modules bound so far, by (module name, device type). A module
+#: enters only after its checks passed, so a failed bind is retried (and raises
+#: again) on the next call rather than cached.
+_TRITON_MODULES: dict[tuple[str, str], ModuleType] = {}
 
-def _triton_module(name: str, device: torch.device) -> ModuleType:
+
+def _bind_triton_module(name: str, device_type: str) -> ModuleType:
     """Imports ``kvforge.kernels.<name>``; on the CPU it must be interpreted."""
     try:
         module = importlib.import_module(f"kvforge.kernels.{name}")
     except ImportError as exc:  # pragma: no cover - triton ships with torch on GPU hosts
         raise KernelError(f"backend='triton' needs triton: {exc}") from exc
-    if device.type == "cpu":
+    if device_type == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
 
         if not isinstance(module.KERNELS[0], InterpretedFunction):
@@ -48,21 +61,55 @@ def _triton_module(name: str, device: torch.device) -> ModuleType:
     return module
 
 
+def _triton_module(name: str, device: torch.device) -> ModuleType:
+    """The bound module ``kvforge.kernels.<name>`` for tensors on ``device`` (one dict lookup after the first)."""
+    key = (name, device.type)
+    module = _TRITON_MODULES.get(key)
+    if module is None:
+        module = _TRITON_MODULES[key] = _bind_triton_module(name, device.type)
+    return module
+
+
+def _cache_view(k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None,
+                chunk_offsets: Tensor | None) -> CacheView:
+    """The described layer: a given :class:`CacheView` as is, or chunk lists described now."""
+    if isinstance(k_cache, CacheView):
+        if v_cache is not None:
+            raise KernelError(
+                f"v_cache: expected None with a CacheView as k_cache (the view holds both), "
+                f"got {type(v_cache).__name__}")
+        if (k_cache.offsets is None) != (len(k_cache.k_chunks) == 1):
+            raise KernelError(
+                f"k_cache: a CacheView of {len(k_cache.k_chunks)} chunks with offsets "
+                f"{'None' if k_cache.offsets is None else 'set'}; build it with describe_cache")
+        if chunk_offsets is not None and chunk_offsets is not k_cache.offsets:
+            if k_cache.offsets is not None:
+                raise KernelError(
+                    "chunk_offsets: a CacheView carries its own offset table; pass chunk_offsets=None "
+                    "(or the view's own table), not a different one")
+            resolve_offsets(k_cache.k_chunks, None, chunk_offsets)  # one chunk: a [1] table is checked as usual
+        return k_cache
+    if isinstance(v_cache, CacheView):
+        raise KernelError("v_cache: a CacheView goes in place of k_cache, with v_cache=None")
+    return describe_cache(k_cache, v_cache, chunk_offsets)
+
+
 def store_kv(
-    key: Tensor, value: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, slot_mapping: Tensor, *,
+    key: Tensor, value: Tensor, k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None, slot_mapping: Tensor, *,
     chunk_offsets: Tensor | None = None, backend: str = "auto", validate: bool | None = None,
 ) -> None:
     """Writes new keys/values into their cache slots.
 
     ``key``/``value``: ``[num_tokens, num_kv_heads, head_dim]`` in the cache
     dtype. ``k_cache``/``v_cache``: one layer's cache, a tensor ``[num_blocks,
-    block_size, num_kv_heads, head_dim]`` or a list of chunk views.
+    block_size, num_kv_heads, head_dim]`` or a list of chunk views; or a
+    :class:`~kvforge.kernels.CacheView` as ``k_cache`` and None as ``v_cache``.
     ``slot_mapping``: int32/int64 ``[num_tokens]``, ``block_id * block_size +
     offset``; -1 marks padding and is skipped. Two tokens with the same slot
     leave either one's values. ``validate`` (default: on CPU only) checks
     every slot is -1 or inside the pool.
     """
-    view = describe_cache(k_cache, v_cache)
+    view = _cache_view(k_cache, v_cache, chunk_offsets)
     shape = (None, view.num_kv_heads, view.head_dim)
     k = check_tensor(key, "key", 3, view.device)
     v = check_tensor(value, "value", 3, view.device)
@@ -76,7 +123,6 @@ def store_kv(
     if v.shape[0] != k.shape[0]:
         raise KernelError(f"value: expected {k.shape[0]} tokens like key, got {v.shape[0]}")
     slots = check_index(slot_mapping, "slot_mapping", (k.shape[0],), view.device, (torch.int32, torch.int64))
-    offsets = resolve_offsets(view.k_chunks, view.v_chunks, chunk_offsets)
     if should_validate(validate, view.device) and slots.numel():
         lo, hi = int(slots.min()), int(slots.max())
         if lo < -1 or hi >= view.num_slots:
@@ -85,11 +131,11 @@ def store_kv(
     if resolve_backend(backend, view.device) == "torch":
         reference.store_kv(k, v, view.k_chunks, view.v_chunks, slots)
     elif k.shape[0]:
-        _triton_module("triton_store", view.device).launch_store(k, v, view, offsets, slots)
+        _triton_module("triton_store", view.device).launch_store(k, v, view, view.offsets, slots)
 
 
 def paged_decode_attention(
-    query: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, block_tables: Tensor, context_lens: Tensor, *,
+    query: Tensor, k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None, block_tables: Tensor, context_lens: Tensor, *,
     scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
     out: Tensor | None = None, num_splits: int | None = None, chunk_offsets: Tensor | None = None,
     backend: str = "auto", validate: bool | None = None,
@@ -98,7 +144,8 @@ def paged_decode_attention(
 
     ``query``: ``[batch, num_q_heads, head_dim]``, the token at position
     ``context_lens[i] - 1`` whose K/V are already stored; ``num_q_heads`` a
-    multiple of the cache's ``num_kv_heads`` (GQA). ``block_tables``: int32
+    multiple of the cache's ``num_kv_heads`` (GQA). ``k_cache``/``v_cache``
+    as in :func:`store_kv` (chunk lists, or a CacheView and None). ``block_tables``: int32
     ``[batch, max_blocks]`` (entries past the context are never read).
     ``context_lens``: int32 ``[batch]`` (0 gives a zero row). ``scale``
     defaults to ``head_dim ** -0.5``; ``sliding_window`` w keeps positions
@@ -106,7 +153,7 @@ def paged_decode_attention(
     ``num_splits`` overrides the split-KV count (Triton only). Returns ``out``
     ``[batch, num_q_heads, head_dim]`` in the query dtype.
     """
-    view = describe_cache(k_cache, v_cache)
+    view = _cache_view(k_cache, v_cache, chunk_offsets)
     q = check_query(query, view)
     batch = q.shape[0]
     tables = check_index(block_tables, "block_tables", (batch, None), view.device)
@@ -116,7 +163,6 @@ def paged_decode_attention(
                                    or not 1 <= num_splits <= 256):
         raise KernelError(f"num_splits: expected an int in [1, 256] or None, got {num_splits!r}")
     out = check_out(out, q)
-    offsets = resolve_offsets(view.k_chunks, view.v_chunks, chunk_offsets)
     if should_validate(validate, view.device):
         check_block_tables_values(view, tables, ctx)
     scale = view.head_dim**-0.5 if scale is None else float(scale)
@@ -125,13 +171,13 @@ def paged_decode_attention(
             q, view.k_chunks, view.v_chunks, tables, ctx, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap))
     elif batch:
         _triton_module("triton_decode", view.device).launch_decode(
-            q, view, offsets, tables, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            q, view, view.offsets, tables, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
             num_splits=num_splits)
     return out
 
 
 def paged_prefill_attention(
-    query: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, block_tables: Tensor, cu_query_lens: Tensor,
+    query: Tensor, k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None, block_tables: Tensor, cu_query_lens: Tensor,
     context_lens: Tensor, *, scale: float | None = None, sliding_window: int | None = None,
     soft_cap: float | None = None, out: Tensor | None = None, chunk_offsets: Tensor | None = None,
     backend: str = "auto", validate: bool | None = None,
@@ -146,7 +192,7 @@ def paged_prefill_attention(
     positions up to its own. Options as in :func:`paged_decode_attention`.
     Returns ``out`` ``[total_new_tokens, num_q_heads, head_dim]``.
     """
-    view = describe_cache(k_cache, v_cache)
+    view = _cache_view(k_cache, v_cache, chunk_offsets)
     q = check_query(query, view)
     ctx = check_index(context_lens, "context_lens", (None,), view.device)
     batch = ctx.shape[0]
@@ -154,7 +200,6 @@ def paged_prefill_attention(
     cu = check_index(cu_query_lens, "cu_query_lens", (batch + 1,), view.device)
     check_options(scale, sliding_window, soft_cap)
     out = check_out(out, q)
-    offsets = resolve_offsets(view.k_chunks, view.v_chunks, chunk_offsets)
     if should_validate(validate, view.device):
         cu_l = cu.long()
         q_lens = cu_l[1:] - cu_l[:-1]
@@ -173,7 +218,7 @@ def paged_prefill_attention(
             soft_cap=soft_cap))
     elif q.shape[0] and batch:
         _triton_module("triton_prefill", view.device).launch_prefill(
-            q, view, offsets, tables, cu, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+            q, view, view.offsets, tables, cu, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     return out
 
 

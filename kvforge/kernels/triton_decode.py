@@ -15,6 +15,11 @@ fastest in the launch order so that the programs reading the same pages
 per-chunk offset table is loaded once into registers and indexed with
 ``tl.gather``, so the block-table load stays the only dependent global load
 in the loop (and stays software-pipelined).
+
+Host cost per launch is kept to the launch itself: the split count and the
+launch config are memoized on their integer arguments, and the split-KV
+scratch comes from a buffer per (device, stream) that grows on demand
+(:func:`split_scratch`), fresh only while a CUDA graph is being captured.
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView
 
-__all__ = ["launch_decode", "choose_num_splits", "KERNELS"]
+__all__ = ["launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
 
 @triton.jit
 def _decode_kernel(
@@ -144,13 +149,15 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int, block_n: int,
                       programs_per_sm: int = 4) -> int:
     """Split count so that ``batch * num_kv_heads * splits`` programs fill
     the GPU in near-whole waves of ``programs_per_sm`` resident programs per
     SM (the smallest count reaching 90% wave efficiency), never giving a
     split fewer than ``4 * block_n`` tokens of the longest context the block
-    table can hold. Depends on shapes only, so it never syncs."""
+    table can hold. Depends on shapes only, so it never syncs; memoized on
+    its integer arguments (bounded: the table width grows with the context)."""
     work = batch * num_kv_heads
     slots = programs_per_sm * num_sms
     max_splits = max(1, min(64, -(-max_tokens // (4 * block_n))))
@@ -167,12 +174,67 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: i
 
 def _config(view: CacheView) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) for this head dim and dtype."""
-    if view.device.type != "cuda":
-        return 16 if view.head_dim >= 128 else 32, 4, 1  # interpreter: small tiles, several per page
-    block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[view.head_dim]
-    if view.dtype == torch.float32:
+    return _config_for(view.device.type == "cuda", view.head_dim, view.dtype == torch.float32)
+
+
+@functools.lru_cache(maxsize=None)  # at most 2 x 5 x 2 entries
+def _config_for(on_gpu: bool, head_dim: int, is_fp32: bool) -> tuple[int, int, int]:
+    if not on_gpu:
+        return 16 if head_dim >= 128 else 32, 4, 1  # interpreter: small tiles, several per page
+    block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[head_dim]
+    if is_fp32:
         block_n //= 2
     return block_n, 4, 3
+
+
+#: Split-KV scratch, one flat float32 buffer per (device, stream). Reuse is
+#: safe because everything on one stream runs in order: the merge kernel that
+#: reads call n's partials finishes before call n+1's decode kernel writes
+#: them. A buffer that grows is dropped to the caching allocator, which hands
+#: its memory only to later work of the same stream, so in-flight kernels
+#: still reading it are safe too.
+_SCRATCH: dict[tuple[str, int, int], Tensor] = {}
+
+
+def split_scratch(batch: int, num_q_heads: int, num_splits: int, head_dim: int,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """Float32 scratch ``part_out`` ``[batch, num_q_heads, num_splits,
+    head_dim]`` and ``part_lse`` ``[batch, num_q_heads, num_splits]``, both
+    contiguous, for one decode launch on the current stream.
+
+    Views of the reusable buffer of (``device``, current stream), grown to the
+    next power of two of elements when short; valid until the next call on
+    that stream. While the current stream is capturing a CUDA graph the
+    tensors are fresh allocations instead (the graph keeps them in its pool),
+    so a graph never points at a buffer that a later, larger call replaces.
+    """
+    n_out = batch * num_q_heads * num_splits * head_dim
+    need = n_out + batch * num_q_heads * num_splits
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            buf = torch.empty(need, dtype=torch.float32, device=device)
+            return _split(buf, n_out, need, batch, num_q_heads, num_splits, head_dim)
+        key = (device.type, device.index if device.index is not None else torch.cuda.current_device(),
+               torch.cuda.current_stream(device).cuda_stream)
+    else:  # the interpreter: runs synchronously
+        key = (device.type, device.index if device.index is not None else -1, 0)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < need:
+        _SCRATCH.pop(key, None)  # drop the old buffer before allocating its successor
+        buf = _SCRATCH[key] = torch.empty(triton.next_power_of_2(need), dtype=torch.float32, device=device)
+    return _split(buf, n_out, need, batch, num_q_heads, num_splits, head_dim)
+
+
+def _split(buf: Tensor, n_out: int, need: int, batch: int, num_q_heads: int, num_splits: int,
+           head_dim: int) -> tuple[Tensor, Tensor]:
+    # part_out is a multiple of 16 floats (head_dim >= 16), so part_lse stays 64-byte aligned
+    return (buf[:n_out].view(batch, num_q_heads, num_splits, head_dim),
+            buf[n_out:need].view(batch, num_q_heads, num_splits))
+
+
+def release_scratch() -> None:
+    """Frees every split-KV scratch buffer (memory returns to the caching allocator)."""
+    _SCRATCH.clear()
 
 
 def launch_decode(
@@ -192,8 +254,7 @@ def launch_decode(
         num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms, block_n)
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
     if num_splits > 1:
-        part_out = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
-        part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=query.device)
+        part_out, part_lse = split_scratch(batch, num_q_heads, num_splits, head_dim, query.device)
     else:
         part_out = part_lse = out  # unused
     _decode_kernel[(view.num_kv_heads, num_splits, batch)](
