@@ -8,22 +8,33 @@ shape). Baselines run in the same process on the same device: torch SDPA on
 a contiguous cache, gather-then-SDPA on the paged cache, FlexAttention over a
 paged cache (torch's experimental PagedAttention), SDPA flash for prefill.
 
+Launch cost. For every decode shape (and for store_kv) each of the two ways
+to pass the cache is timed three ways: ``lists`` passes the (k_cache,
+v_cache) chunk lists, described and checked on every call; ``view`` passes
+the layer's CacheView from ``describe_cache`` (what the storage layer does).
+The ``eager`` row is do_bench's time per call (launch cost included), the
+``graph`` row the kernel time inside a CUDA graph (no launch cost), the
+``host`` row the host time per call: N back-to-back calls without a sync,
+timed on the host clock, divided by N (the Python wrapper plus the launch
+enqueue; N stays far below the launch-queue depth so the host never waits).
+
     PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
 
 from kvforge.kernels import copy_blocks, paged_decode_attention, paged_prefill_attention, reference, store_kv
-from kvforge.kernels import triton_decode, triton_prefill
 from kvforge.kernels.layout import chunk_offsets, describe_cache
 
+# triton (do_bench, the kernel modules) is imported on first use, so that --help runs anywhere
 DEV = "cuda"
 DT = torch.bfloat16
 HQ, HKV, D = 32, 8, 128
@@ -31,16 +42,61 @@ ROWS: list[tuple[str, str, float, float | None, str]] = []
 COPY_TBS = 0.0
 
 
+KERNEL_W = 44
+
+
 def bench(fn: Callable[[], object]) -> float:
-    """Median seconds of ``fn``."""
+    """Median seconds of ``fn`` per call, eager (launch cost included)."""
+    from triton.testing import do_bench
+
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+
+
+def bench_graph(fn: Callable[[], object]) -> float:
+    """Median seconds of ``fn`` per call replayed in a CUDA graph (kernel time, no launch cost).
+
+    ``fn`` runs once eagerly first (on a side stream), so every kernel is
+    compiled before the capture."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
+
+
+def host_time(fn: Callable[[], object], calls: int = 64, reps: int = 11) -> float:
+    """Median host seconds per call of ``calls`` back-to-back calls, no sync
+    inside: what the Python wrapper and the launch enqueue cost the host.
+    ``calls`` (at most two launches each) stays far below the device's
+    pending-launch queue, so the host never blocks on the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - t0) / calls)
+        torch.cuda.synchronize()
+    return statistics.median(per_call)
 
 
 def row(kernel: str, shape: str, seconds: float, nbytes: float | None, note: str = "") -> None:
     ROWS.append((kernel, shape, seconds, nbytes, note))
     tbs = f"{nbytes / seconds / 1e12:6.2f}" if nbytes else "     -"
     pct = f"{nbytes / seconds / 1e12 / COPY_TBS * 100:5.1f}%" if nbytes else "     -"
-    print(f"{kernel:<28} {shape:<26} {seconds * 1e6:10.1f} {tbs} {pct}  {note}", flush=True)
+    print(f"{kernel:<{KERNEL_W}} {shape:<26} {seconds * 1e6:10.1f} {tbs} {pct}  {note}", flush=True)
+
+
+def launch_costs(kernel: str, shape: str, paths: dict[str, Callable[[], object]], nbytes: float | None,
+                 note: str = "") -> dict[str, float]:
+    """Per cache-passing path: eager, CUDA-graph and host time rows; returns the eager times."""
+    eager = {}
+    for name, fn in paths.items():
+        eager[name] = t = bench(fn)
+        row(f"{kernel} {name} eager", shape, t, nbytes, note)
+        row(f"{kernel} {name} graph", shape, bench_graph(fn), nbytes, "kernel time without launch cost")
+        row(f"{kernel} {name} host", shape, host_time(fn), None, "host time per call (wrapper + enqueue)")
+    return eager
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,6 +159,14 @@ def flex_paged(q, k_sdpa, v_sdpa, page: int):
     return lambda: flex(q4, k_cache, v_cache, block_mask=mask, enable_gqa=True)
 
 
+def decode_splits(batch: int, max_tokens: int, view) -> int:
+    """The split count the decode wrapper picks for this shape (for the notes)."""
+    from kvforge.kernels import triton_decode
+
+    sms = torch.cuda.get_device_properties(view.device).multi_processor_count
+    return triton_decode.choose_num_splits(batch, HKV, max_tokens, sms, triton_decode._config(view)[0])
+
+
 def bench_decode(batch: int, length: int, block_sizes: tuple[int, ...], flex_pages: tuple[int, ...], gen) -> None:
     shape = f"B={batch} L={length}"
     kv_bytes = 2 * batch * length * HKV * D * 2
@@ -118,15 +182,19 @@ def bench_decode(batch: int, length: int, block_sizes: tuple[int, ...], flex_pag
     ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
     for bs in block_sizes:
         k_cache, v_cache, tables = paged_from_contiguous(k, v, bs, gen)
+        view = describe_cache(k_cache, v_cache)
         out = paged_decode_attention(q, k_cache, v_cache, tables, ctx)
+        out_view = paged_decode_attention(q, view, None, tables, ctx)
         ref = reference.paged_decode_attention(q, k_cache, v_cache, tables, ctx) if batch * length <= 2**18 else want
         err = rel_err(out, ref)
-        splits = triton_decode.choose_num_splits(batch, HKV, tables.shape[1] * bs,
-                                                 torch.cuda.get_device_properties(0).multi_processor_count,
-                                                 triton_decode._config(describe_cache(k_cache, v_cache))[0])
-        t = bench(lambda: paged_decode_attention(q, k_cache, v_cache, tables, ctx, out=out))
-        row(f"decode kvforge bs={bs}", shape, t, kv_bytes,
-            f"rel_err={err:.1e} splits={splits} {t_sdpa / t:.2f}x sdpa")
+        splits = decode_splits(batch, tables.shape[1] * bs, view)
+        eager = launch_costs(
+            f"decode kvforge bs={bs}", shape,
+            {"lists": lambda: paged_decode_attention(q, k_cache, v_cache, tables, ctx, out=out),
+             "view": lambda: paged_decode_attention(q, view, None, tables, ctx, out=out_view)},
+            kv_bytes, f"rel_err={err:.1e} splits={splits} view==lists:{torch.equal(out, out_view)}")
+        t = eager["view"]
+        row(f"decode kvforge bs={bs} view vs sdpa", shape, t, kv_bytes, f"{t_sdpa / t:.2f}x sdpa")
 
         def gather_sdpa():
             kg = k_cache[tables.long()].view(batch, length, HKV, D).transpose(1, 2)
@@ -137,14 +205,19 @@ def bench_decode(batch: int, length: int, block_sizes: tuple[int, ...], flex_pag
         row(f"decode gather+sdpa bs={bs}", shape, t_g, kv_bytes, f"kvforge {t_g / t:.2f}x faster")
         if bs == 16 and batch == 64:  # the same blocks spread over 4 separate chunk allocations
             k_chunks, v_chunks, chunks, offsets = split_chunks(k_cache, v_cache, 4)
-            del k_cache, v_cache
+            del k_cache, v_cache, view
+            view4 = describe_cache(k_chunks, v_chunks, chunk_offsets=offsets)
             out4 = paged_decode_attention(q, k_chunks, v_chunks, tables, ctx, chunk_offsets=offsets)
-            t4 = bench(lambda: paged_decode_attention(q, k_chunks, v_chunks, tables, ctx, out=out4,
-                                                      chunk_offsets=offsets))
-            row(f"decode kvforge bs={bs} 4 chunks", shape, t4, kv_bytes, f"rel_err={rel_err(out4, ref):.1e}")
-            k_cache = v_cache = None
-            del k_chunks, v_chunks, chunks
-        del k_cache, v_cache
+            out4_view = paged_decode_attention(q, view4, None, tables, ctx)
+            launch_costs(
+                f"decode kvforge bs={bs} 4 chunks", shape,
+                {"lists": lambda: paged_decode_attention(q, k_chunks, v_chunks, tables, ctx, out=out4,
+                                                         chunk_offsets=offsets),
+                 "view": lambda: paged_decode_attention(q, view4, None, tables, ctx, out=out4_view)},
+                kv_bytes, f"rel_err={rel_err(out4, ref):.1e} view==lists:{torch.equal(out4, out4_view)}")
+            k_cache = v_cache = view = None
+            del k_chunks, v_chunks, chunks, view4
+        del k_cache, v_cache, view
     del k, v
     for page in flex_pages:
         try:
@@ -180,11 +253,21 @@ def bench_prefill(batch: int, length: int, block_sizes: tuple[int, ...], gen) ->
     ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
     for bs in block_sizes:
         k_cache, v_cache, tables = paged_from_contiguous(k, v, bs, gen)
+        view = describe_cache(k_cache, v_cache)
         out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, ctx)
         err = rel_err(out, want)
         t = bench(lambda: paged_prefill_attention(q, k_cache, v_cache, tables, cu, ctx, out=out))
         row(f"prefill kvforge bs={bs}", shape, t, None,
             f"{flops / t / 1e12:.0f} TFLOP/s rel_err={err:.1e} {t_flash / t:.2f}x flash")
+        row(f"prefill kvforge bs={bs} lists host", shape,
+            host_time(lambda: paged_prefill_attention(q, k_cache, v_cache, tables, cu, ctx, out=out), calls=16, reps=5),
+            None,
+            "host time per call (wrapper + enqueue)")
+        row(f"prefill kvforge bs={bs} view host", shape,
+            host_time(lambda: paged_prefill_attention(q, view, None, tables, cu, ctx, out=out), calls=16, reps=5),
+            None,
+            "host time per call (wrapper + enqueue)")
+        del view
         if bs == 16:  # the same blocks spread over 4 separate chunk allocations
             k_chunks, v_chunks, chunks, offsets = split_chunks(k_cache, v_cache, 4)
             del k_cache, v_cache
@@ -213,15 +296,15 @@ def bench_store(num_tokens: int, gen) -> None:
     reference.store_kv(key, value, k2, v2, slots)
     ok = torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
     nbytes = 2 * 2 * key.numel() * 2  # K and V, read + write
-    t = bench(lambda: store_kv(key, value, k_cache, v_cache, slots))
-    row("store_kv", f"{num_tokens} tok bs={bs}", t, nbytes, f"exact={ok}")
-    # one call alone is shorter than its launch overhead: time it in a CUDA graph (GPU time only),
+    view = describe_cache(k_cache, v_cache)
+    # one call alone is shorter than its launch overhead: time it in a CUDA graph too (GPU time only),
     # and as 32 back-to-back calls, one per layer of a 32-layer prefill
-    t_graph = do_bench_cudagraph(lambda: store_kv(key, value, k_cache, v_cache, slots), rep=100,
-                                 return_mode="median") * 1e-3
-    row("store_kv (cuda graph)", f"{num_tokens} tok bs={bs}", t_graph, nbytes, "kernel time without launch cost")
-    t32 = bench(lambda: [store_kv(key, value, k_cache, v_cache, slots) for _ in range(32)]) / 32
-    row("store_kv x32 calls, per call", f"{num_tokens} tok bs={bs}", t32, nbytes, "eager launches back to back")
+    launch_costs("store_kv", f"{num_tokens} tok bs={bs}",
+                 {"lists": lambda: store_kv(key, value, k_cache, v_cache, slots),
+                  "view": lambda: store_kv(key, value, view, None, slots)},
+                 nbytes, f"exact={ok}")
+    t32 = bench(lambda: [store_kv(key, value, view, None, slots) for _ in range(32)]) / 32
+    row("store_kv view x32 calls, per call", f"{num_tokens} tok bs={bs}", t32, nbytes, "eager launches back to back")
     t_ref = bench(lambda: reference.store_kv(key, value, k_cache, v_cache, slots))
     row("store_kv torch index_put", f"{num_tokens} tok bs={bs}", t_ref, nbytes)
 
@@ -247,6 +330,8 @@ def bench_copy(num_pairs: int, num_layers: int, gen) -> None:
 
 def sweep(gen, which: str) -> None:
     """Decode/prefill launch configs (for choosing the defaults)."""
+    from kvforge.kernels import triton_decode, triton_prefill
+
     for batch, length in ((64, 4096), (16, 16384)) if which in ("decode", "all") else ():
         q = torch.randn(batch, HQ, D, dtype=DT, device=DEV)
         k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
@@ -259,7 +344,7 @@ def sweep(gen, which: str) -> None:
         for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 3)):
             for splits in ((None,) if batch == 64 else (None, 2, 4, 8)):
                 f = lambda: triton_decode.launch_decode(  # noqa: E731
-                    q, view, None, tables, ctx, out, scale=D**-0.5, sliding_window=None, soft_cap=None,
+                    q, view, view.offsets, tables, ctx, out, scale=D**-0.5, sliding_window=None, soft_cap=None,
                     num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
                 try:
                     row("sweep decode", f"B={batch} L={length} n{block_n} w{warps} s{stages} sp{splits}",
@@ -282,7 +367,7 @@ def sweep(gen, which: str) -> None:
     for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 3),
                                   (256, 32, 8, 4), (256, 64, 8, 2), (256, 64, 16, 3), (256, 128, 16, 3)):
         f = lambda: triton_prefill.launch_prefill(  # noqa: E731
-            q, view, None, tables, cu, ctx, out, scale=D**-0.5, sliding_window=None, soft_cap=None,
+            q, view, view.offsets, tables, cu, ctx, out, scale=D**-0.5, sliding_window=None, soft_cap=None,
             block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
         try:
             t = bench(f)
@@ -299,13 +384,17 @@ def main() -> None:
     parser.add_argument("--sweep", choices=("none", "decode", "prefill", "all"), default="none",
                         help="also time several launch configs")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA/ROCm device")
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     COPY_TBS = measure_copy()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {COPY_TBS:.2f} TB/s "
           f"(1 GiB copy, read+write)  {time.strftime('%Y-%m-%d')}")
     print(f"# decode/prefill: {HQ} query heads, {HKV} KV heads, head_dim {D}, bf16; shuffled block tables")
-    print(f"{'kernel':<28} {'shape':<26} {'time_us':>10} {'TB/s':>6} {'%copy':>6}  note")
+    print("# eager: per call, launch included; graph: kernel time in a CUDA graph; host: host time per call of "
+          "back-to-back calls without sync. lists: (k_cache, v_cache) chunk lists; view: a CacheView")
+    print(f"{'kernel':<{KERNEL_W}} {'shape':<26} {'time_us':>10} {'TB/s':>6} {'%copy':>6}  note")
     if args.sweep != "none":
         sweep(gen, args.sweep)
     flex = not args.no_flex

@@ -190,10 +190,11 @@ def _config_for(on_gpu: bool, head_dim: int, is_fp32: bool) -> tuple[int, int, i
 #: Split-KV scratch, one flat float32 buffer per (device, stream). Reuse is
 #: safe because everything on one stream runs in order: the merge kernel that
 #: reads call n's partials finishes before call n+1's decode kernel writes
-#: them. A buffer that grows is dropped to the caching allocator, which hands
-#: its memory only to later work of the same stream, so in-flight kernels
-#: still reading it are safe too.
+#: them. A buffer that is dropped (grown, evicted, released) goes back to the
+#: caching allocator, which hands its memory only to later work of the stream
+#: it was allocated on, so in-flight kernels still reading it are safe too.
 _SCRATCH: dict[tuple[str, int, int], Tensor] = {}
+_MAX_SCRATCH = 64
 
 
 def split_scratch(batch: int, num_q_heads: int, num_splits: int, head_dim: int,
@@ -221,6 +222,8 @@ def split_scratch(batch: int, num_q_heads: int, num_splits: int, head_dim: int,
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < need:
         _SCRATCH.pop(key, None)  # drop the old buffer before allocating its successor
+        if len(_SCRATCH) >= _MAX_SCRATCH:  # streams come and go (stream pools): bound the dict
+            del _SCRATCH[next(iter(_SCRATCH))]
         buf = _SCRATCH[key] = torch.empty(triton.next_power_of_2(need), dtype=torch.float32, device=device)
     return _split(buf, n_out, need, batch, num_q_heads, num_splits, head_dim)
 

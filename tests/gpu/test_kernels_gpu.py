@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 from kvforge.errors import KernelError  # noqa: E402
 from kvforge.kernels import (  # noqa: E402
     copy_blocks,
+    describe_cache,
     paged_decode_attention,
     paged_prefill_attention,
     reference,
@@ -162,3 +163,74 @@ def test_gpu_value_checks_run_when_asked() -> None:
                  torch.tensor([0, 10**6], device=DEV), validate=True)
     with pytest.raises(KernelError, match="also a source"):
         copy_blocks(paged.chunks, torch.tensor([0, 1], device=DEV), torch.tensor([1, 2], device=DEV), validate=True)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_cache_view_equals_chunk_lists_bf16(num_chunks) -> None:
+    gen = torch.Generator().manual_seed(50 + num_chunks)
+    lens = [1, 900, 33, 2048]
+    keys, values = _kv(lens, 8, 128, BF16, gen)
+    paged = paged_from_dense(keys, values, 16, num_chunks=num_chunks, generator=gen)
+    offsets = paged.chunk_offsets if num_chunks > 1 else None
+    view = describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=offsets)
+    assert (view.offsets is offsets) if num_chunks > 1 else view.offsets is None
+    query = torch.randn(len(lens), 32, 128, generator=gen).to(DEV, BF16)
+    tables, ctx = paged.block_tables, paged.context_lens
+    for num_splits in (None, 1, 5):
+        lists, views = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+        paged_decode_attention(query, paged.k_cache, paged.v_cache, tables, ctx, out=lists, num_splits=num_splits,
+                               chunk_offsets=offsets)
+        paged_decode_attention(query, view, None, tables, ctx, out=views, num_splits=num_splits)
+        assert torch.equal(lists, views)
+    new = [1, 300, 33, 0]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32, device=DEV)
+    pq = torch.randn(sum(new), 32, 128, generator=gen).to(DEV, BF16)
+    lists, views = torch.full_like(pq, float("nan")), torch.full_like(pq, float("nan"))
+    paged_prefill_attention(pq, paged.k_cache, paged.v_cache, tables, cu, ctx, out=lists, chunk_offsets=offsets)
+    paged_prefill_attention(pq, view, None, tables, cu, ctx, out=views)
+    assert torch.equal(lists, views)
+
+
+def test_decode_scratch_is_fresh_under_cuda_graph_capture() -> None:
+    """A captured decode keeps its own split-KV scratch: replacing and freeing the
+    reusable buffer after capture (a larger eager call, then a release) must not
+    change what the graph computes."""
+    from kvforge.kernels import triton_decode
+
+    gen = torch.Generator().manual_seed(60)
+    lens = [300, 1000, 7, 512]
+    keys, values = _kv(lens, 8, 128, BF16, gen)
+    paged = paged_from_dense(keys, values, 16, num_chunks=2, generator=gen)
+    view = describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=paged.chunk_offsets)
+    query = torch.randn(len(lens), 32, 128, generator=gen).to(DEV, BF16)
+    tables, ctx = paged.block_tables, paged.context_lens
+    want = reference.paged_decode_attention(query, paged.k_cache, paged.v_cache, tables, ctx)
+    out = torch.full_like(query, float("nan"))
+
+    def call() -> None:
+        paged_decode_attention(query, view, None, tables, ctx, out=out, num_splits=4)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture, as torch.cuda.graphs asks
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    triton_decode.release_scratch()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    assert not triton_decode._SCRATCH  # the capture did not take (or create) a reusable buffer
+    # an eager call grows a reusable buffer; then it is freed and its memory overwritten
+    big_q = torch.randn(64, 32, 128, generator=gen).to(DEV, BF16)
+    rows = torch.arange(64, device=DEV) % 4
+    big_t, big_c = tables[rows], ctx[rows]
+    paged_decode_attention(big_q, view, None, big_t, big_c, num_splits=16)
+    triton_decode.release_scratch()
+    torch.cuda.empty_cache()
+    junk = torch.full((1 << 24,), float("nan"), device=DEV)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(out, want, BF16)
+    del junk, graph
