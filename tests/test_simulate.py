@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from kvforge.config import CacheConfig
 from kvforge.errors import ConfigError
+from kvforge.model_shapes import MODEL_SHAPES
 from kvforge.tools.simulate import SimulationConfig, register, simulate, simulate_static
 from kvforge.tools.workload import BUILTIN_WORKLOADS, Request, Workload, make_workload
 
@@ -253,3 +255,95 @@ def test_cli_plot_write_failure_is_one_line_exit_2(capsys, tmp_path, monkeypatch
     monkeypatch.setattr(kvforge.tools.plot, "plot_simulation", fail)
     code, _, err = _cli(["--requests", "5", "--rate", "1", "--num-blocks", "300", "--out", str(tmp_path)], capsys)
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1 and "Permission denied" in err
+
+
+# ------------------------------------------------ shared pieces of the package
+def test_compaction_uses_the_shared_trigger(monkeypatch):
+    import kvforge.tools.simulate.paged as paged
+
+    seen: list[tuple[float, float, float]] = []
+
+    def never(fragmentation, efficiency, threshold, releasable_chunks=None):
+        seen.append((fragmentation, efficiency, threshold))
+        return False
+
+    w = _workload((0, 8, 1), (0, 4, 10), max_model_len=14)
+    monkeypatch.setattr(paged, "should_compact", never)
+    r = simulate(w, _cfg(num_blocks=6, enable_compaction=True))
+    assert r.paged.compactions == 0
+    assert seen[0] == (pytest.approx(2 / 5), pytest.approx(4 / 24), 0.3)
+    assert paged.should_compact is never
+    monkeypatch.undo()
+    from kvforge.core.compaction import should_compact
+
+    assert paged.should_compact is should_compact
+
+
+def test_readme_sharegpt_figures():
+    # README: `kvforge simulate --workload sharegpt --block-size 16` (4096 blocks)
+    r = simulate(make_workload("sharegpt"), SimulationConfig(block_size=16, num_blocks=4096))
+    p, s = r.paged, r.static
+    assert (p.steps, s.steps) == (3287, 10105)
+    assert (p.max_concurrency, s.max_concurrency) == (163, 32)
+    assert (f"{p.waste:.2%}", f"{s.waste:.2%}") == ("1.79%", "79.88%")
+    assert (p.compactions, p.blocks_moved, p.preemptions) == (32, 10238, 48)
+
+
+def test_report_table_layout():
+    w = _workload((0, 5, 4), (0, 3, 2))
+    lines = simulate(w, _cfg()).report().splitlines()
+    header, rule = lines[3], lines[4]
+    assert lines[2] == "" and header.startswith("metric") and header.endswith("static (contiguous)")
+    widths = [len(part) for part in rule.split("  ")]
+    assert rule == "  ".join("-" * n for n in widths) and len(widths) == 3
+    steps = lines[5]
+    assert steps.startswith("steps to drain ") and steps.endswith("4")
+    assert len(steps) == len(rule) == len(header)  # values right-aligned under their headers
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_SHAPES))
+def test_cli_takes_every_builtin_model(name, capsys):
+    code, out, err = _cli(["--model", name, "--requests", "10", "--rate", "1", "--vram", "4GiB", "--json",
+                           "--no-plots"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    per_token = CacheConfig.for_model(name, vram_budget="4GiB").bytes_per_token
+    assert data["config"]["model"] == name and data["config"]["bytes_per_token"] == per_token
+    assert data["config"]["num_blocks"] == 4 * 2**30 // (16 * per_token)
+    assert data["paged"]["requests_finished"] == 10
+
+
+def test_cli_tinyllama_table(capsys):
+    code, out, _ = _cli(["--model", "tinyllama-1.1b", "--requests", "10", "--rate", "1", "--vram", "1GiB",
+                         "--no-plots"], capsys)
+    # 22 layers x 4 KV heads x 64 x 2 x 2 bytes = 22 KiB per token, 352 KiB per 16-token block
+    assert code == 0 and "2,978 blocks x 16 tokens = 1023.69 MiB (tinyllama-1.1b)" in out
+
+
+def test_cli_unknown_model_is_one_line(capsys):
+    code, out, err = _cli(["--model", "gpt-5", "--no-plots"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("kvforge simulate: error: --model 'gpt-5' is neither") and "qwen2.5-7b" in err
+
+
+def test_package_exports():
+    import kvforge.tools.simulate as sim
+
+    for name in sim.__all__:
+        assert getattr(sim, name) is not None
+    assert {"SimulationConfig", "SimulationResult", "simulate", "simulate_static", "register"} <= set(sim.__all__)
+
+
+def test_progress_off_a_terminal_has_no_carriage_returns():
+    import io
+
+    from kvforge.tools.output import Progress
+
+    stream = io.StringIO()
+    progress = Progress("simulate sharegpt", stream=stream, interval=0.0)
+    simulate(make_workload("sharegpt", 50, seed=0), SimulationConfig(num_blocks=600), progress=progress)
+    text = stream.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("simulate sharegpt: ") for line in lines)
+    assert lines[-1].startswith("simulate sharegpt: 50/50 requests (100%) ")

@@ -1,0 +1,136 @@
+"""``kvforge simulate``: the command line of the simulator (see ``docs/simulate.md``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from kvforge.config import CacheConfig, format_bytes, parse_bytes
+from kvforge.errors import ConfigError, KVForgeError
+from kvforge.model_shapes import MODEL_SHAPES, model_shape, resolve_model
+from kvforge.tools.output import Progress
+from kvforge.tools.simulate.config import EVICTION_POLICIES, STATIC_RESERVE_MODES, SimulationConfig
+from kvforge.tools.simulate.driver import simulate
+from kvforge.tools.workload import BUILTIN_WORKLOADS, load_trace, make_workload
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``simulate`` subcommand to an ``argparse`` subparsers object; its
+    handler is :func:`run` (set as the ``func`` default)."""
+    p = subparsers.add_parser(
+        "simulate", help="replay a workload through the allocator (no model, no device)",
+        description="Replay a request workload through kvforge's bookkeeping and compare it with a "
+                    "contiguous max-length reservation. See docs/simulate.md.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--workload", choices=sorted(BUILTIN_WORKLOADS), default="sharegpt",
+                     help="built-in workload (default: sharegpt)")
+    src.add_argument("--trace", metavar="FILE.jsonl", help="replay a JSONL trace (format in docs/simulate.md)")
+    p.add_argument("--requests", type=int, metavar="N", help="requests of a built-in workload")
+    p.add_argument("--rate", type=float, metavar="R", help="mean arrivals per decode step (built-in workloads)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--num-blocks", type=int, metavar="N", help="blocks in the pool (default 4096)")
+    size.add_argument("--vram", metavar="BYTES", help="KV memory budget, e.g. 16GiB (sized with --model)")
+    p.add_argument("--model", default="llama-3-8b",
+                   help=f"model shape: {', '.join(MODEL_SHAPES)} or a Hugging Face config path (default llama-3-8b)")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached prefix blocks (default on)")
+    p.add_argument("--compaction", action=argparse.BooleanOptionalAction, default=True,
+                   help="compact when fragmentation exceeds the threshold (default on)")
+    p.add_argument("--compaction-threshold", type=float, default=0.3, metavar="F",
+                   help="external fragmentation that triggers compaction (default 0.3)")
+    p.add_argument("--eviction-policy", choices=EVICTION_POLICIES, default="lru",
+                   help="lru: keep unreferenced cached blocks until space is needed; eager: drop them at once")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most running requests (default 256)")
+    p.add_argument("--static-reserve", choices=STATIC_RESERVE_MODES, default="max-model-len",
+                   help="what each request reserves in the static comparison (default max-model-len)")
+    p.add_argument("--max-model-len", type=int, help="context limit of a trace (default: its longest request)")
+    p.add_argument("--step-ms", type=float, default=20.0, help="ms per decode step for 'arrival_s' (default 20)")
+    p.add_argument("--out", default="kvforge-simulate", metavar="DIR", help="where the PNG plots go")
+    p.add_argument("--no-plots", action="store_true", help="write no plots")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON instead of a table (with a time series of <= 1000 points)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    try:
+        label, cfg_json = resolve_model(args.model)
+    except ConfigError as exc:
+        raise ConfigError(f"--model {exc}") from None
+    shape = model_shape(cfg_json)
+    probe = CacheConfig(block_size=args.block_size, num_blocks=1, num_layers=shape["num_layers"],
+                        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=shape["dtype"])
+    if args.vram is not None:
+        num_blocks = parse_bytes(args.vram) // probe.bytes_per_block
+        if num_blocks < 1:
+            raise ConfigError(f"--vram {args.vram} holds no block of {format_bytes(probe.bytes_per_block)}")
+    else:
+        num_blocks = args.num_blocks if args.num_blocks is not None else 4096
+    return SimulationConfig(
+        block_size=args.block_size, num_blocks=num_blocks, enable_prefix_caching=args.prefix_caching,
+        enable_compaction=args.compaction, compaction_threshold=args.compaction_threshold,
+        eviction_policy=args.eviction_policy, max_num_seqs=args.max_num_seqs,
+        static_reserve=args.static_reserve, bytes_per_token=probe.bytes_per_token, model=label)
+
+
+def _check_out_dir(out: str) -> None:
+    """Fail before simulating when ``--out`` cannot take the plots."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out!r}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r}: the folder is not writable")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``kvforge simulate``: print the table (or JSON) and the PNG paths; exit status."""
+    try:
+        config = _config_from_args(args)
+        if not args.no_plots:
+            _check_out_dir(args.out)
+        if args.trace and (args.requests is not None or args.rate is not None):
+            raise ConfigError("--requests and --rate apply to built-in workloads, not to --trace")
+        if not args.trace and args.max_model_len is not None:
+            raise ConfigError("--max-model-len applies to --trace (built-in workloads set their own)")
+        if args.trace:
+            workload = load_trace(args.trace, step_ms=args.step_ms, max_model_len=args.max_model_len)
+        else:
+            workload = make_workload(args.workload, args.requests, seed=args.seed, rate=args.rate)
+        progress = Progress(f"simulate {workload.name}", len(workload),
+                            enabled=not args.no_progress and not args.json)
+        try:
+            result = simulate(workload, config, progress=progress)
+        finally:
+            progress.close()  # a bar cut short by an error ends its line
+    except KVForgeError as exc:
+        print(f"kvforge simulate: error: {exc}", file=sys.stderr)
+        return 2
+    paths: list[str] = []
+    if not args.no_plots:
+        try:
+            from kvforge.tools.plot import plot_simulation
+            paths = [str(p) for p in plot_simulation(result, args.out)]
+        except ImportError as exc:
+            print(f"kvforge simulate: no plots ({exc})", file=sys.stderr)
+        except OSError as exc:
+            print(f"kvforge simulate: error: cannot write plots to {args.out!r}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
+    if args.json:
+        out = result.to_dict(timeline_points=1000)
+        out["plots"] = paths
+        print(json.dumps(out, indent=2))
+    else:
+        print(result.report())
+        for path in paths:
+            print(f"wrote {path}")
+    return 0

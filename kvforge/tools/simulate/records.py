@@ -1,0 +1,195 @@
+"""What a simulation measured: per-step timelines, run summaries, the result.
+
+:class:`SimulationResult` is what :func:`~kvforge.tools.simulate.simulate`
+returns; its :meth:`~SimulationResult.report` is the table ``kvforge
+simulate`` prints and :meth:`~SimulationResult.to_dict` its ``--json``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kvforge.config import format_bytes
+from kvforge.tools.output import format_table
+from kvforge.tools.plot import BlockMap
+from kvforge.tools.simulate.config import SimulationConfig
+
+__all__ = ["Timeline", "StaticTimeline", "CompactionEvent", "PagedSummary", "StaticSummary", "SimulationResult",
+           "REPORT_HEADERS"]
+
+#: the columns of :meth:`SimulationResult.report` (metric names left, values right)
+REPORT_HEADERS = ("metric", "paged (kvforge)", "static (contiguous)")
+
+
+class Timeline(NamedTuple):
+    """Per-step samples of the paged run (numpy arrays of equal length).
+
+    ``external_fragmentation`` and ``trapped_blocks`` (free blocks below the
+    highest block in use: what compaction would hand back) are sampled between
+    steps, before any compaction; the rest during the step's forward pass.
+    """
+
+    step: np.ndarray
+    held_blocks: np.ndarray
+    evictable_blocks: np.ndarray
+    live_slots: np.ndarray
+    wasted_slots: np.ndarray
+    external_fragmentation: np.ndarray
+    trapped_blocks: np.ndarray
+    running: np.ndarray
+    waiting: np.ndarray
+
+
+class StaticTimeline(NamedTuple):
+    """Per-step samples of the static run."""
+
+    step: np.ndarray
+    reserved_slots: np.ndarray
+    live_slots: np.ndarray
+    running: np.ndarray
+
+
+class CompactionEvent(NamedTuple):
+    """One compaction of the simulated pool."""
+
+    step: int
+    blocks_moved: int
+    fragmentation_before: float
+    memory_efficiency_before: float
+
+
+@dataclass(frozen=True, slots=True)
+class PagedSummary:
+    """Totals of the paged run. Ratios are fractions (0.02 = 2%)."""
+
+    steps: int
+    requests_finished: int
+    wall_s: float
+    steps_per_s: float
+    block_ops: int
+    block_ops_per_s: float
+    peak_blocks: int
+    peak_step: int
+    peak_bytes: int
+    mean_blocks: float
+    waste: float
+    internal_fragmentation_max: float
+    external_fragmentation_mean: float
+    external_fragmentation_max: float
+    memory_efficiency_mean: float
+    memory_efficiency_max: float
+    preemptions: int
+    prefix_hit_rate: float
+    prefix_hit_tokens: int
+    evictions: int
+    compactions: int
+    blocks_moved: int
+    max_concurrency: int
+    mean_concurrency: float
+    mean_wait_steps: float
+
+
+@dataclass(frozen=True, slots=True)
+class StaticSummary:
+    """Totals of the static (contiguous reservation) run."""
+
+    reserve_mode: str
+    mean_reservation: float
+    steps: int
+    waste: float
+    peak_reserved_slots: int
+    max_concurrency: int
+    mean_concurrency: float
+    mean_wait_steps: float
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Everything one :func:`simulate` call measured."""
+
+    workload_name: str
+    num_requests: int
+    mean_prompt_len: float
+    mean_output_len: float
+    max_model_len: int
+    config: SimulationConfig
+    paged: PagedSummary
+    static: StaticSummary | None
+    static_note: str
+    timeline: Timeline
+    static_timeline: StaticTimeline | None
+    compactions: list[CompactionEvent]
+    peak_map: BlockMap | None = field(default=None, repr=False)
+
+    def to_dict(self, timeline_points: int = 0) -> dict[str, Any]:
+        """Summaries and config as plain values (for ``--json``); with ``timeline_points``
+        the paged time series too, every k-th step so that at most that many remain."""
+        out = {
+            "workload": {"name": self.workload_name, "num_requests": self.num_requests,
+                         "mean_prompt_len": self.mean_prompt_len, "mean_output_len": self.mean_output_len,
+                         "max_model_len": self.max_model_len},
+            "config": asdict(self.config),
+            "paged": asdict(self.paged),
+            "static": asdict(self.static) if self.static is not None else None,
+            "static_note": self.static_note,
+            "compaction_events": [e._asdict() for e in self.compactions],
+        }
+        if timeline_points > 0:
+            stride = max(1, -(-len(self.timeline.step) // timeline_points))
+            out["timeline"] = {"stride": stride, **{k: v[::stride].tolist()
+                                                    for k, v in self.timeline._asdict().items()}}
+        return out
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """The summary table: (metric, paged, static)."""
+        p, s, c = self.paged, self.static, self.config
+
+        def mem(blocks: float) -> str:
+            text = f"{blocks:,.0f} blocks"
+            return text + (f" ({format_bytes(blocks * c.bytes_per_block)})" if c.bytes_per_block else "")
+
+        def smem(slots: float) -> str:
+            return mem(slots / c.block_size)
+
+        na = "-"
+        rows = [
+            ("steps to drain", f"{p.steps:,}", f"{s.steps:,}" if s else na),
+            ("max concurrency", str(p.max_concurrency), str(s.max_concurrency) if s else na),
+            ("mean concurrency", f"{p.mean_concurrency:.1f}", f"{s.mean_concurrency:.1f}" if s else na),
+            ("mean queue wait (steps)", f"{p.mean_wait_steps:.1f}", f"{s.mean_wait_steps:.1f}" if s else na),
+            ("waste (reserved, unused)", f"{p.waste:.2%}", f"{s.waste:.2%}" if s else na),
+            ("peak memory reserved", mem(p.peak_blocks), smem(s.peak_reserved_slots) if s else na),
+            ("reservation per request", f"{c.block_size} tokens at a time",
+             f"{s.mean_reservation:,.0f} tokens ({s.reserve_mode})" if s else na),
+            ("internal fragmentation max", f"{p.internal_fragmentation_max:.2%}", na),
+            ("external fragmentation mean/max",
+             f"{p.external_fragmentation_mean:.1%} / {p.external_fragmentation_max:.1%}", na),
+            ("memory efficiency mean/max", f"{p.memory_efficiency_mean:.1%} / {p.memory_efficiency_max:.1%}", na),
+            ("preemptions (recompute)", f"{p.preemptions:,}", "0"),
+            ("prefix hit rate", f"{p.prefix_hit_rate:.1%}" if c.enable_prefix_caching else "off", na),
+            ("cached-block evictions", f"{p.evictions:,}", na),
+            ("compactions / blocks moved", f"{p.compactions} / {p.blocks_moved:,}"
+             if c.enable_compaction else "off", na),
+            ("simulated steps/s", f"{p.steps_per_s:,.0f}", na),
+            ("block-ops/s", f"{p.block_ops_per_s:,.0f} ({p.block_ops:,} ops)", na),
+        ]
+        return rows
+
+    def report(self) -> str:
+        """An aligned table of the summary (the CLI prints it)."""
+        c = self.config
+        head = (f"workload {self.workload_name}: {self.num_requests} requests, mean prompt "
+                f"{self.mean_prompt_len:.0f}, mean output {self.mean_output_len:.0f} tokens, "
+                f"max_model_len {self.max_model_len}\n"
+                f"pool: {c.num_blocks:,} blocks x {c.block_size} tokens"
+                + (f" = {format_bytes(c.num_blocks * c.bytes_per_block)} ({c.model})" if c.bytes_per_block else "")
+                + f"; prefix caching {'on' if c.enable_prefix_caching else 'off'}, compaction "
+                + (f"at {c.compaction_threshold:.0%}" if c.enable_compaction else "off")
+                + f", eviction {c.eviction_policy}, max {c.max_num_seqs} seqs")
+        table = format_table(REPORT_HEADERS, self.rows(), align="lrr")
+        lines = [head, "", table]
+        if self.static_note:
+            lines.append(f"static: {self.static_note}")
+        return "\n".join(lines)
