@@ -165,3 +165,44 @@ def test_progress_disabled_or_closed_early():
     assert stream.getvalue().endswith("\n") and stream.getvalue().count("\n") == 1
     p.update(5)
     assert stream.getvalue().count("\n") == 1
+
+
+def test_generate_progress_off_a_terminal(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    import functools
+
+    import kvforge.tools.generate as generate
+    from kvforge.engine.testing import save_tiny_checkpoint
+
+    save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
+    capsys.readouterr()  # transformers' own progress bars
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2, 3]}) + "\n" + json.dumps({"prompt_token_ids": [4, 5]}) + "\n")
+    argv = ["generate", "--model", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--max-tokens", "4",
+            "--device", "cpu", "--num-blocks", "16"]
+    monkeypatch.setattr(generate, "Progress", functools.partial(Progress, interval=0.0))  # a line every step
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "2 requests, 8 tokens" in captured.out
+    lines = captured.err.splitlines()
+    assert "\r" not in captured.err and len(lines) >= 2
+    assert all(line.startswith("generate: ") and line.endswith("tok/s") for line in lines)
+    assert lines[-1].startswith("generate: 2/2 requests (100%) ")
+    assert main(argv + ["--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_progress_off_a_terminal(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import functools
+
+    import kvforge.tools.output as output
+
+    monkeypatch.setattr(output, "Progress", functools.partial(Progress, interval=0.0))
+    rc = main(["demo", "--requests", "6", "--long-requests", "1", "--max-tokens", "6", "--max-num-seqs", "4",
+               "--kv-memory", "1MiB", "--device", "cpu", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 0 and "\r" not in err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("demo: ") for line in lines)
+    assert lines[-1].startswith("demo: 6/6 requests (100%) ") and lines[-1].endswith("tok/s")

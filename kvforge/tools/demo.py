@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,20 +44,12 @@ def demo_prompts(num_requests: int, vocab: int, seed: int, *, num_groups: int = 
     return prompts
 
 
-def _progress(done: int, total: int, tokens: int, start: float) -> None:
-    width = 30
-    filled = int(width * done / max(1, total))
-    rate = tokens / max(1e-9, time.perf_counter() - start)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests  {rate:7.0f} tok/s")
-    sys.stderr.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
     import torch
 
     from kvforge.tools import plot
-    from kvforge.tools.cli import format_table
+    from kvforge.tools.output import Progress, format_table
     from kvforge.engine import Engine, SamplingParams
 
     out_dir = Path(args.out)
@@ -87,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     middle = (args.requests - args.long_requests) // 2
     for i, p in enumerate(prompts):
         engine.add_request(p, long if middle <= i < middle + args.long_requests else short)
-    start = last_draw = time.perf_counter()
+    progress = Progress("demo", len(prompts), enabled=not args.quiet)
+    start = time.perf_counter()
     done = tokens = compactions = moved = 0
     released = 0
     peak_used = -1
@@ -113,13 +105,11 @@ def run(args: argparse.Namespace) -> int:
             compactions += 1
             moved += maps.blocks_moved
             released += maps.bytes_returned
-        now = time.perf_counter()
-        if not args.quiet and (now - last_draw > 0.25 or not engine.has_unfinished_requests()):
-            _progress(done, len(prompts), tokens, start)
-            last_draw = now
+        if progress.due() or not engine.has_unfinished_requests():
+            rate = tokens / max(1e-9, time.perf_counter() - start)
+            progress.update(done, note=f"{rate:.0f} tok/s")
     elapsed = time.perf_counter() - start
-    if not args.quiet:
-        sys.stderr.write("\n")
+    progress.close()
     st = engine.stats()
     rows = [
         ["requests", len(prompts)], ["generated tokens", st.num_generated_tokens],

@@ -5,7 +5,8 @@ point; :func:`run_generate` runs it. Prompts come from ``--prompt`` (repeat
 it for several) or ``--prompts FILE.jsonl`` (one JSON object per line with
 ``"prompt"`` text or ``"prompt_token_ids"``, and optionally ``"max_tokens"``).
 Completions print in prompt order, then one summary line: tokens/s, cache
-use, prefix hit rate, preemptions.
+use, prefix hit rate, preemptions. While requests run, a progress bar
+(requests finished, tokens/s) goes to stderr (``--no-progress``: none).
 
 Also runnable alone: ``python -m kvforge.tools.generate generate --model DIR ...``.
 """
@@ -19,6 +20,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from kvforge.errors import ConfigError, KVForgeError
+from kvforge.tools.output import Progress
 
 __all__ = ["register", "run_generate", "main"]
 
@@ -56,6 +58,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on 127.0.0.1:PORT while generating (0 = any free port)")
     p.add_argument("--random-weights", action="store_true",
                    help="ignore the checkpoint's weights: random ones for its config.json (demos, benchmarks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_generate)
     return p
 
@@ -102,6 +105,36 @@ def _read_prompts(args: argparse.Namespace) -> tuple[list[Any], list[int | None]
     return prompts, limits
 
 
+class _StepProgress:
+    """A :class:`~kvforge.tools.output.Progress` of one ``generate`` call, fed by its
+    ``on_step`` callback: requests finished of those the call added, and tokens/s."""
+
+    def __init__(self, engine: Any, enabled: bool) -> None:
+        self.progress = Progress("generate", enabled=enabled)
+        self.base = engine.stats()
+        self.engine = engine
+
+    def _update(self) -> None:
+        st, base = self.engine.stats(), self.base
+        rate = (st.num_generated_tokens - base.num_generated_tokens) / max(
+            1e-9, time.perf_counter() - self.progress.start)
+        self.progress.update(st.num_finished_requests - base.num_finished_requests,
+                             st.num_requests - base.num_requests, note=f"{rate:.0f} tok/s")
+
+    def on_step(self, engine: Any) -> None:
+        """After each engine step; reads the engine's counters only when a line is due."""
+        if self.progress.due():
+            self._update()
+
+    def finish(self) -> None:
+        """The last state (a finished bar on a terminal)."""
+        self._update()
+
+    def close(self) -> None:
+        """End a bar left unfinished."""
+        self.progress.close()
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run the ``generate`` subcommand; print completions and a summary; return the exit code."""
     from kvforge.engine import Engine, SamplingParams
@@ -130,10 +163,13 @@ def run_generate(args: argparse.Namespace) -> int:
         base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos)
         params = [base if m is None else replace(base, max_tokens=int(m)) for m in limits]
+        progress = _StepProgress(engine, enabled=not args.no_progress)
         start = time.perf_counter()
         try:
-            outputs = engine.generate(prompts, params)
+            outputs = engine.generate(prompts, params, on_step=progress.on_step)
+            progress.finish()
         finally:
+            progress.close()
             if server is not None:
                 server.stop()
         elapsed = time.perf_counter() - start
