@@ -307,6 +307,24 @@ class CacheConfig:
                               f"{format_bytes(one.bytes_per_block)} for this model")
         return replace(one, num_blocks=num_blocks)
 
+    @classmethod
+    def for_memory(cls, memory: int | str, num_layers: int, num_kv_heads: int, head_dim: int, *,
+                   block_size: int = 16, dtype: Any = torch.float16, **kwargs: Any) -> CacheConfig:
+        """As many whole blocks as ``memory`` (bytes or ``'8GiB'``) holds for this shape.
+
+        Raises :class:`ConfigError` when the budget is not positive or holds no block."""
+        budget = parse_bytes(memory)
+        one = cls(block_size=block_size, num_blocks=1, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                  head_dim=head_dim, dtype=dtype, **kwargs)
+        if budget <= 0:
+            raise ConfigError(f"the KV memory budget must be positive, got {memory!r}")
+        num_blocks = budget // one.bytes_per_block
+        if num_blocks < 1:
+            raise ConfigError(f"a KV memory budget of {format_bytes(budget)} holds no block of "
+                              f"{format_bytes(one.bytes_per_block)} ({num_layers} layers, {num_kv_heads} KV heads, "
+                              f"head dim {head_dim}, block size {block_size})")
+        return replace(one, num_blocks=int(num_blocks))
+
     # -------------------------------------------------------------- builders
     def with_compaction(self, enabled: bool) -> CacheConfig:
         """A copy with compaction switched on or off."""
