@@ -285,16 +285,16 @@ def test_memory_efficiency_and_ratios():
     assert pool.memory_efficiency() == 6 / 8
     pool.free(ids[:2])
     assert pool.memory_efficiency() == 4 / 8
-    assert pool.free_ratio() == 4 / 8
-    assert pool.peak_ratio() == 6 / 8
+    assert pool.num_available_blocks / pool.capacity == 4 / 8
+    assert pool.stats.peak_allocations / pool.num_blocks == 6 / 8
     pool.mark_cached(ids[2])
     pool.free([ids[2]])                         # evictable: available, not held
     assert pool.memory_efficiency() == 3 / 8
-    assert pool.free_ratio() == 5 / 8
+    assert pool.num_available_blocks / pool.capacity == 5 / 8
     elastic = BlockPool(8, capacity=4)
     elastic.allocate(1)
     assert elastic.memory_efficiency() == 1 / 4
-    assert elastic.peak_ratio() == 1 / 8
+    assert elastic.stats.peak_allocations / elastic.num_blocks == 1 / 8
     assert BlockPool(8, capacity=0).memory_efficiency() == 0.0
 
 

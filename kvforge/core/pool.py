@@ -23,7 +23,7 @@ stack is empty. :meth:`BlockPool.incref` on an evictable block revives it.
 """
 from __future__ import annotations
 
-import operator
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from kvforge.core.ids import block_id_list, is_int
 from kvforge.errors import InvalidBlockError, OutOfBlocksError
 
 __all__ = ["AllocationStats", "BlockPool", "PhysicalBlockPool"]
@@ -82,7 +83,7 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, capacity: int | None = None) -> None:
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks <= 0:
+        if not is_int(num_blocks) or num_blocks <= 0:
             raise InvalidBlockError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         capacity = num_blocks if capacity is None else capacity
         if not 0 <= capacity <= num_blocks:
@@ -139,7 +140,7 @@ class BlockPool:
 
     def can_allocate(self, n: int) -> bool:
         """Whether :meth:`allocate` of ``n`` blocks would succeed now."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        if not is_int(n):
             raise InvalidBlockError(f"can_allocate() needs a block count, got {n!r}")
         return 0 <= n <= len(self._free) + len(self._evictable)
 
@@ -158,7 +159,7 @@ class BlockPool:
                 if b >= self._high:
                     self._high = b + 1
             else:
-                if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+                if not is_int(n) or n < 0:
                     raise InvalidBlockError(f"allocate() needs a block count >= 0, got {n!r}")
                 n = int(n)
                 if n > len(free):
@@ -191,7 +192,7 @@ class BlockPool:
 
         Only truly free blocks count (no eviction). O(free blocks) per call.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        if not is_int(n) or n <= 0:
             raise InvalidBlockError(f"allocate_consecutive() needs a block count > 0, got {n!r}")
         with self._lock:
             if n > len(self._free):
@@ -217,7 +218,7 @@ class BlockPool:
     def incref(self, ids: Iterable[int]) -> None:
         """Add one reference to each block (held or evictable; an evictable one is revived)."""
         with self._lock:
-            ids = _id_list(ids)
+            ids = block_id_list(ids)
             self._check_ids(ids)
             ref, cached = self._ref, self._cached
             for b in ids:
@@ -240,7 +241,7 @@ class BlockPool:
         :class:`InvalidBlockError` and changes nothing.
         """
         if type(ids) is not list:
-            ids = _id_list(ids)
+            ids = block_id_list(ids)
         with self._lock:
             ref, cached = self._ref, self._cached
             if not ids:
@@ -313,7 +314,7 @@ class BlockPool:
     def _check_ids(self, ids: Iterable[int]) -> None:
         n = self.num_blocks
         for b in ids:
-            if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < n:
+            if not is_int(b) or not 0 <= b < n:
                 raise InvalidBlockError(f"block id {b!r} is not in this pool (ids 0..{n - 1})")
 
     def _evict(self, k: int) -> None:
@@ -349,6 +350,20 @@ class BlockPool:
                 self._num_cached += 1
             self._cached[block_id] = 1
 
+    def mark_cached_many(self, block_ids: Sequence[int]) -> None:
+        """:meth:`mark_cached` for each block, under one lock; all or nothing."""
+        with self._lock:
+            ref, cached = self._ref, self._cached
+            for b in block_ids:
+                if type(b) is not int or not 0 <= b < self.num_blocks:
+                    self._check_ids([b])
+                if ref[b] <= 0:
+                    raise InvalidBlockError(f"cannot cache block {b}: it is not held")
+            for b in block_ids:
+                if not cached[b]:
+                    self._num_cached += 1
+                    cached[b] = 1
+
     def unmark_cached(self, block_id: int) -> None:
         """Forget that a block is cached; an evictable one is freed."""
         with self._lock:
@@ -370,10 +385,22 @@ class BlockPool:
         with self._lock:
             return self._free[::-1]
 
+    def held_blocks(self) -> list[int]:
+        """Ids that hold data now, ascending: referenced or cached (evictable)."""
+        with self._lock:
+            ref, cached = self._ref, self._cached
+            return [b for b in range(self._capacity) if ref[b] or cached[b]]
+
+    def live_blocks(self) -> list[int]:
+        """Ids with a positive reference count, ascending."""
+        with self._lock:
+            ref = self._ref
+            return [b for b in range(self._capacity) if ref[b]]
+
     def evict_blocks(self, ids: Iterable[int]) -> None:
         """Evict these evictable blocks now (each must be cached with no reference)."""
         with self._lock:
-            ids = _id_list(ids)
+            ids = block_id_list(ids)
             if len(set(ids)) != len(ids):
                 raise InvalidBlockError(f"evict_blocks() got a block twice: {ids!r}")
             for b in ids:
@@ -489,13 +516,10 @@ class BlockPool:
         figure (bytes of live keys/values over bytes on the device)."""
         return self._num_allocated / self._capacity if self._capacity else 0.0
 
-    def free_ratio(self) -> float:
-        """Available (free + evictable) blocks over backed blocks."""
-        return self.num_available_blocks / self._capacity if self._capacity else 0.0
-
-    def peak_ratio(self) -> float:
-        """Peak held blocks over all blocks (ROCmForge's old "efficiency")."""
-        return self._peak / self.num_blocks
+    def metadata_bytes(self) -> int:
+        """Host bytes of the per-block lists (reference counts, cached flags, free stack, LRU)."""
+        return (sys.getsizeof(self._ref) + sys.getsizeof(self._free) + sys.getsizeof(self._cached)
+                + sys.getsizeof(self._evictable))
 
     def reset_peak(self) -> None:
         """Start a new measurement window: ``peak_allocations`` becomes the current count."""
@@ -564,28 +588,6 @@ class BlockPool:
     def __repr__(self) -> str:
         return (f"BlockPool(num_blocks={self.num_blocks}, capacity={self._capacity}, "
                 f"allocated={self._num_allocated}, free={len(self._free)}, evictable={len(self._evictable)})")
-
-
-def _id_list(ids: object) -> list[int]:
-    """Block ids from a list, tuple, numpy array or tensor, as Python ints."""
-    if isinstance(ids, (int, np.integer)) or isinstance(ids, (str, bytes)):
-        raise InvalidBlockError(f"expected a sequence of block ids, got {ids!r}")
-    tolist = getattr(ids, "tolist", None)
-    if tolist is not None:
-        ids = tolist()
-        if not isinstance(ids, list):
-            raise InvalidBlockError(f"expected a 1-D sequence of block ids, got {ids!r}")
-    out: list[int] = []
-    for b in ids:  # type: ignore[union-attr]
-        if type(b) is not int:
-            if isinstance(b, bool):
-                raise InvalidBlockError(f"block ids must be integers, got {b!r}")
-            try:
-                b = operator.index(b)
-            except TypeError:
-                raise InvalidBlockError(f"block ids must be integers, got {b!r}") from None
-        out.append(b)
-    return out
 
 
 #: ROCmForge's name.

@@ -17,6 +17,7 @@ never branch on whether prefix caching is on.
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 from dataclasses import asdict, dataclass
 from typing import Callable, Hashable, Sequence
@@ -25,7 +26,7 @@ import numpy as np
 
 from kvforge.core.pool import BlockPool
 
-__all__ = ["PrefixIndex", "NullPrefixIndex", "PrefixStats", "BlockKey"]
+__all__ = ["BlockKey", "NullPrefixIndex", "PrefixIndex", "PrefixStats"]
 
 BlockKey = bytes
 _DIGEST = 16
@@ -70,6 +71,7 @@ def _root_key(salt: Hashable | None) -> BlockKey:
     if salt is None:
         return b"\x00" * _DIGEST
     return hashlib.blake2b(repr(salt).encode(), digest_size=_DIGEST, person=b"kvforge-salt").digest()
+
 
 
 class PrefixIndex:
@@ -129,6 +131,29 @@ class PrefixIndex:
         h.update((_root_key(salt) if parent is None else parent) + extra + _int64_bytes(token_ids, self.block_size))
         return h.digest()
 
+    def extend_chain(self, keys: list[BlockKey], salt: Hashable | None, data: bytes,
+                     block_ids: Sequence[int]) -> None:
+        """Continue a sequence's chain of block ``keys`` over its next full blocks, held in
+        ``block_ids`` with token ids ``data`` (int64 bytes, block after block), and register them."""
+        new_keys = self.block_keys(np.frombuffer(data, dtype=np.int64), salt, keys[-1] if keys else None)
+        keys.extend(new_keys)
+        self.register_many(block_ids, new_keys)
+
+    def extend_chains(self, chains: Sequence[list[BlockKey]], salts: Sequence[Hashable | None], data: bytes,
+                      block_ids: Sequence[int]) -> None:
+        """:meth:`extend_chain` of one block each (a decode step's filled blocks): ``chains[i]``
+        gains the key of ``block_ids[i]``, whose ids are block ``i`` of ``data``."""
+        step = self.block_size * 8
+        new_hash = _EMPTY_BLAKE.copy
+        new_keys = []
+        for i, (keys, salt) in enumerate(zip(chains, salts)):
+            h = new_hash()
+            h.update((keys[-1] if keys else _root_key(salt)) + data[i * step:(i + 1) * step])
+            key = h.digest()
+            keys.append(key)
+            new_keys.append(key)
+        self.register_many(block_ids, new_keys)
+
     # -------------------------------------------------------------- lookup
     def lookup(self, keys: Sequence[BlockKey], num_tokens: int, *, record: bool = True) -> list[int]:
         """Cached blocks for the longest prefix of ``keys`` (a query of ``num_tokens``).
@@ -167,6 +192,29 @@ class PrefixIndex:
             self.on_stored(block_id, key)
         return True
 
+    def register_many(self, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int:
+        """:meth:`register` each ``(block_ids[i], keys[i])`` in order (one pool call);
+        return how many were registered."""
+        blocks, block_key = self._blocks, self._block_key
+        fresh: dict[BlockKey, int] = {}
+        taken: set[int] = set()
+        for block_id, key in zip(block_ids, keys):
+            if key in blocks or key in fresh or block_id in block_key or block_id in taken:
+                continue
+            fresh[key] = block_id
+            taken.add(block_id)
+        if not fresh:
+            return 0
+        self.pool.mark_cached_many(list(fresh.values()))
+        for key, block_id in fresh.items():
+            blocks[key] = block_id
+            block_key[block_id] = key
+        self._registered += len(fresh)
+        if self.on_stored is not None:
+            for key, block_id in fresh.items():
+                self.on_stored(block_id, key)
+        return len(fresh)
+
     def on_evict(self, block_id: int) -> None:
         """Forget an evicted block (called by the pool)."""
         key = self._block_key.pop(block_id, None)
@@ -189,6 +237,10 @@ class PrefixIndex:
         for old, new in moved.items():
             self._block_key[new] = keys[old]
             self._blocks[keys[old]] = new
+
+    def metadata_bytes(self) -> int:
+        """Host bytes of the two maps (keys are 16-byte digests shared by both)."""
+        return sys.getsizeof(self._blocks) + sys.getsizeof(self._block_key) + 33 * len(self._blocks)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -230,3 +282,14 @@ class NullPrefixIndex(PrefixIndex):
 
     def register(self, block_id: int, key: BlockKey) -> bool:
         return False
+
+    def register_many(self, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int:
+        return 0
+
+    def extend_chain(self, keys: list[BlockKey], salt: Hashable | None, data: bytes,
+                     block_ids: Sequence[int]) -> None:
+        return None
+
+    def extend_chains(self, chains: Sequence[list[BlockKey]], salts: Sequence[Hashable | None], data: bytes,
+                      block_ids: Sequence[int]) -> None:
+        return None

@@ -16,12 +16,8 @@ __all__ = ["MemoryProfile"]
 
 
 def _metadata_bytes(cache: KVCache) -> int:
-    """Host bytes of the bookkeeping: table arrays, pool lists, prefix maps."""
-    m, pool, prefix = cache.manager, cache.pool, cache.prefix
-    total = sum(a.nbytes for a in (m._tables, m._nblk, m._ntok, m._npending, m._shared_tail))
-    total += sys.getsizeof(pool._ref) + sys.getsizeof(pool._free) + sys.getsizeof(pool._cached)
-    total += sys.getsizeof(pool._evictable) + sys.getsizeof(m._seqs)
-    total += sys.getsizeof(prefix._blocks) + sys.getsizeof(prefix._block_key) + 33 * len(prefix._blocks)
+    """Host bytes of the bookkeeping (tables, pool lists, prefix maps, token ids) and the chunk offsets."""
+    total = cache.manager.metadata_bytes()
     if cache.chunk_offsets is not None:
         total += cache.chunk_offsets.numel() * 8
     return int(total)
@@ -81,7 +77,7 @@ class MemoryProfile:
         dev_free = dev_total = None
         if cache.device.type == "cuda":
             dev_free, dev_total = torch.cuda.mem_get_info(cache.device)
-        logical = int(sum(int(m._nblk[s.row]) for s in m._seqs.values()))
+        logical = m.usage().num_logical_blocks
         total = cache.storage_bytes
         return cls(
             device=str(cache.device),

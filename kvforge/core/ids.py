@@ -1,0 +1,105 @@
+"""Coercion and validation of the integers the bookkeeping takes from callers.
+
+Every public call of :mod:`kvforge.core` that takes a count, a position, a
+block id or token ids checks it here, so that the same mistake gets the same
+kvforge error everywhere and nothing is changed before the check:
+
+- counts and positions are Python or numpy integers, never ``bool`` (a
+  ``True`` that slipped through as ``1`` is a caller bug worth reporting);
+- block ids become a list of Python ints (:func:`block_id_list`);
+- token ids become an int64 :class:`array.array` (:func:`token_array`),
+  compact and hashed by :mod:`kvforge.core.prefix` without conversion.
+"""
+from __future__ import annotations
+
+import operator
+from array import array
+from typing import Sequence
+
+import numpy as np
+
+from kvforge.errors import InvalidBlockError, SequenceError
+
+__all__ = ["block_id_list", "count_array", "is_index", "is_int", "token_array"]
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is a Python or numpy integer (``bool`` is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_index(value: object) -> bool:
+    """Whether ``value`` converts exactly to an int (``operator.index``: numpy ints, 0-d tensors)."""
+    try:
+        operator.index(value)
+        return True
+    except TypeError:
+        return False
+
+
+def block_id_list(ids: object) -> list[int]:
+    """Block ids from a list, tuple, numpy array or tensor, as Python ints.
+
+    Raises :class:`InvalidBlockError` for a scalar, a string, a nested
+    sequence or a non-integer id."""
+    if isinstance(ids, (int, np.integer)) or isinstance(ids, (str, bytes)):
+        raise InvalidBlockError(f"expected a sequence of block ids, got {ids!r}")
+    tolist = getattr(ids, "tolist", None)
+    if tolist is not None:
+        ids = tolist()
+        if not isinstance(ids, list):
+            raise InvalidBlockError(f"expected a 1-D sequence of block ids, got {ids!r}")
+    out: list[int] = []
+    for b in ids:  # type: ignore[union-attr]
+        if type(b) is not int:
+            if isinstance(b, bool):
+                raise InvalidBlockError(f"block ids must be integers, got {b!r}")
+            try:
+                b = operator.index(b)
+            except TypeError:
+                raise InvalidBlockError(f"block ids must be integers, got {b!r}") from None
+        out.append(b)
+    return out
+
+
+def token_array(token_ids: Sequence[int] | np.ndarray) -> array[int]:
+    """Token ids as an int64 ``array`` (compact, and hashed without conversion).
+
+    Raises :class:`SequenceError` for anything but a flat sequence of integers."""
+    if isinstance(token_ids, array) and token_ids.typecode == "q":
+        return token_ids
+    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
+        raise SequenceError(f"token ids must be a sequence of integers, got {type(token_ids).__name__}")
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.ndim != 1 or not (np.issubdtype(token_ids.dtype, np.integer) or token_ids.size == 0):
+            raise SequenceError(f"token ids must be a 1-D integer array, got {token_ids.dtype} {token_ids.shape}")
+        out = array("q")
+        out.frombytes(np.ascontiguousarray(token_ids, dtype=np.int64).tobytes())
+        return out
+    try:
+        return array("q", token_ids)
+    except (TypeError, OverflowError):  # numpy ints or 0-d tensors: convert one by one, exactly
+        try:
+            return array("q", [operator.index(t) for t in token_ids])
+        except (TypeError, OverflowError):
+            bad = next((t for t in token_ids if not is_index(t)), None)
+            raise SequenceError(f"token ids must be integers, got {bad!r}") from None
+
+
+def count_array(counts: int | Sequence[int] | np.ndarray, size: int, what: str) -> np.ndarray:
+    """Per-sequence counts as int64 ``[size]``: one int for all, or one each, every one >= 0.
+
+    Raises :class:`SequenceError` naming ``what`` and the value otherwise."""
+    if is_int(counts):
+        if counts < 0:
+            raise SequenceError(f"{what} must be >= 0, got {counts!r}")
+        return np.full(size, int(counts), dtype=np.int64)
+    raw = np.asarray(counts) if not isinstance(counts, (str, bytes)) else np.asarray(None)
+    if raw.dtype == bool or not (np.issubdtype(raw.dtype, np.integer) or (raw.size == 0 and raw.ndim == 1)):
+        raise SequenceError(f"{what} must be integers, got {counts!r}")
+    if raw.shape != (size,):
+        raise SequenceError(f"{what} must be one int or one per sequence ({size}), got {counts!r}")
+    n = raw.astype(np.int64)
+    if size and n.min() < 0:
+        raise SequenceError(f"{what} must be >= 0, one per sequence ({size}), got {counts!r}")
+    return n
