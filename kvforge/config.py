@@ -16,6 +16,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -29,6 +30,12 @@ __all__ = [
     "parse_bytes",
     "resolve_dtype",
     "KV_SHARE_OF_VRAM",
+    "MAX_BYTES",
+    "MAX_BLOCK_SIZE",
+    "MAX_NUM_BLOCKS",
+    "MAX_NUM_LAYERS",
+    "MAX_NUM_KV_HEADS",
+    "MAX_HEAD_DIM",
 ]
 
 #: Share of a preset's VRAM target given to the KV cache (the rest holds
@@ -42,6 +49,22 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+#: The largest byte size :func:`parse_bytes` reads and a :class:`CacheConfig` may take
+#: (``estimated_memory_bytes()``): 2**60 bytes (1 EiB), far beyond any device, well
+#: inside int64 (so sizes stay exact in numpy and torch).
+MAX_BYTES = 2**60
+#: Per-field upper bounds of :class:`CacheConfig` (far above any real model; a value
+#: above them is a mistake, not a model). Block ids are int32 in the block tables,
+#: hence ``MAX_NUM_BLOCKS``.
+MAX_BLOCK_SIZE = 2**20
+MAX_NUM_BLOCKS = 2**31 - 1
+MAX_NUM_LAYERS = 2**16
+MAX_NUM_KV_HEADS = 2**16
+MAX_HEAD_DIM = 2**16
+_FIELD_LIMITS = {"block_size": (MAX_BLOCK_SIZE, "2**20"), "num_blocks": (MAX_NUM_BLOCKS, "2**31 - 1: block ids are int32"),
+                 "num_layers": (MAX_NUM_LAYERS, "2**16"), "num_kv_heads": (MAX_NUM_KV_HEADS, "2**16"),
+                 "head_dim": (MAX_HEAD_DIM, "2**16")}
 
 
 def resolve_dtype(value: Any, field_name: str = "dtype") -> torch.dtype:
@@ -73,24 +96,36 @@ def format_bytes(num_bytes: int | float) -> str:
 
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 _BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6,
-               "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+               "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40,
+               "p": 2**50, "pb": 10**15, "pib": 2**50, "e": 2**60, "eb": 10**18, "eib": 2**60}
 
 
 def parse_bytes(text: str | int) -> int:
-    """``'24GiB'`` -> ``25769803776``; ``'512 MB'`` uses powers of ten, ``'G'`` powers of two."""
+    """``'24GiB'`` -> ``25769803776``; ``'512 MB'`` uses powers of ten, ``'G'`` powers of two.
+
+    Integers pass through unchanged (callers check the sign: a computed budget may be
+    negative). A string is a non-negative decimal number and a unit (B, K/KiB/KB, M,
+    G, T, P, E); the result is exact (no float rounding) and at most
+    :data:`MAX_BYTES`. Anything else (``'-1GiB'``, ``'nan'``, ``'inf'``, ``'1e400GiB'``,
+    a bool, a size above 1 EiB) raises :class:`ConfigError` naming the value."""
     if isinstance(text, numbers.Integral) and not isinstance(text, bool):
         return int(text)
     match = _BYTES_RE.match(str(text))
     if not match or match.group(2).lower() not in _BYTE_UNITS:
         raise ConfigError(f"cannot read a byte size from {text!r} (examples: '24GiB', '512MiB', '8G')")
-    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+    value = int(Fraction(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+    if value > MAX_BYTES:
+        raise ConfigError(f"byte size {text!r} exceeds the limit of 1 EiB (2**60 bytes)")
+    return value
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _positive_int(name: str, value: Any, limit: int | None = None, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r:.60}")
     if value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise ConfigError(f"{name}={value} exceeds the limit of {limit}" + (f" ({why})" if why else ""))
     return int(value)
 
 
@@ -162,9 +197,18 @@ class CacheConfig:
     """Shape and policy of a paged KV cache.
 
     Invariants (checked on construction, each violation a :class:`ConfigError`
-    naming the field): every count is a positive integer, ``dtype`` is a
-    supported storage dtype, ``compaction_threshold`` lies in [0, 1],
-    ``initial_blocks`` (when set) lies in [1, num_blocks].
+    naming the field): every count is a positive integer (a Python or numpy
+    integer; bools, floats and strings are refused), ``dtype`` is a supported
+    storage dtype, ``compaction_threshold`` lies in [0, 1], ``initial_blocks``
+    (when set) lies in [1, num_blocks].
+
+    Limits (far above any real model, so that a typo fails here rather than as
+    a ``MemoryError`` or an int32 overflow later): ``block_size`` <= 2**20
+    (:data:`MAX_BLOCK_SIZE`), ``num_blocks``, ``initial_blocks`` and
+    ``chunk_blocks`` <= 2**31 - 1 (:data:`MAX_NUM_BLOCKS`: block ids are int32
+    in the block tables), ``num_layers``, ``num_kv_heads`` and ``head_dim``
+    <= 2**16 each, and the whole pool, :meth:`estimated_memory_bytes`, at most
+    2**60 bytes (:data:`MAX_BYTES`, 1 EiB).
 
     ``num_blocks`` is the most blocks the pool may hold. With
     ``initial_blocks`` set, the device storage starts with that many blocks
@@ -188,8 +232,8 @@ class CacheConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        for f in ("block_size", "num_blocks", "num_layers", "num_kv_heads", "head_dim"):
-            object.__setattr__(self, f, _positive_int(f, getattr(self, f)))
+        for f, (limit, why) in _FIELD_LIMITS.items():
+            object.__setattr__(self, f, _positive_int(f, getattr(self, f), limit, why))
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
         if not isinstance(self.device, str):
             object.__setattr__(self, "device", str(self.device))
@@ -203,15 +247,22 @@ class CacheConfig:
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be True or False, got {getattr(self, f)!r}")
         t = self.compaction_threshold
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (0.0 <= float(t) <= 1.0) or math.isnan(t):
-            raise ConfigError(f"compaction_threshold must be a number in [0, 1], got {t!r}")
+        # compared before any float(): nan fails both comparisons, a huge int would overflow float()
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (0 <= t <= 1):
+            raise ConfigError(f"compaction_threshold must be a number in [0, 1], got {t!r:.60}")
         object.__setattr__(self, "compaction_threshold", float(t))
         if self.initial_blocks is not None:
-            _positive_int("initial_blocks", self.initial_blocks)
+            _positive_int("initial_blocks", self.initial_blocks, MAX_NUM_BLOCKS, "2**31 - 1: block ids are int32")
             if self.initial_blocks > self.num_blocks:
                 raise ConfigError(f"initial_blocks={self.initial_blocks} exceeds num_blocks={self.num_blocks}")
         if self.chunk_blocks is not None:
-            _positive_int("chunk_blocks", self.chunk_blocks)
+            _positive_int("chunk_blocks", self.chunk_blocks, MAX_NUM_BLOCKS, "2**31 - 1: block ids are int32")
+        total = self.estimated_memory_bytes()
+        if total > MAX_BYTES:
+            raise ConfigError(
+                f"num_blocks={self.num_blocks} blocks of {format_bytes(self.bytes_per_block)} ({self.num_layers} layers, "
+                f"{self.num_kv_heads} KV heads, head dim {self.head_dim}, block size {self.block_size}) make "
+                f"{format_bytes(total)}, beyond the limit of 1 EiB (2**60 bytes) for the whole pool")
 
     # ----------------------------------------------------------- constructors
     @classmethod

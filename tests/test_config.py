@@ -434,3 +434,73 @@ def test_dtypes_the_kernels_cannot_store_are_refused(bad):
 def test_bad_device_names_are_refused(bad):
     with pytest.raises(ConfigError, match="device"):
         small(device=bad)
+
+
+# ------------------------------------------------------- limits of the fields
+@pytest.mark.parametrize("field, value", [
+    ("num_layers", 2**46), ("num_kv_heads", 2**62), ("head_dim", 2**40), ("block_size", 2**40),
+    ("num_blocks", 2**63), ("num_blocks", 2**31), ("num_layers", 2**16 + 1),
+])
+def test_huge_fields_are_refused_at_construction(field, value):
+    with pytest.raises(ConfigError, match=rf"^{field}={value} exceeds the limit of "):
+        small(**{field: value})
+
+
+def test_the_limits_themselves_are_accepted():
+    assert small(num_blocks=2**31 - 1, num_layers=1, num_kv_heads=1, head_dim=1, block_size=1).num_blocks == 2**31 - 1
+    assert small(block_size=2**20, num_blocks=1).block_size == 2**20
+    assert small(num_layers=2**16, num_kv_heads=1, head_dim=1, num_blocks=1).num_layers == 2**16
+
+
+def test_a_pool_beyond_one_exbibyte_is_refused():
+    # every field within its own limit, the product is not: 2**31 - 1 blocks of 2**40 bytes
+    with pytest.raises(ConfigError, match=r"^num_blocks=2147483647 blocks of .* beyond the limit of 1 EiB"):
+        small(num_blocks=2**31 - 1, num_layers=2**16, num_kv_heads=4, head_dim=2**16)
+    exact = small(num_blocks=2**28, num_layers=2**12, num_kv_heads=2**7, head_dim=2**7, block_size=2**4,
+                  dtype=torch.float16)
+    assert exact.estimated_memory_bytes() == 2**60  # exactly the limit is allowed
+
+
+@pytest.mark.parametrize("field", ["block_size", "num_blocks", "num_layers", "num_kv_heads", "head_dim",
+                                   "initial_blocks", "chunk_blocks"])
+@pytest.mark.parametrize("value", [True, 16.0, "16", None, 0, -1], ids=repr)
+def test_int_fields_refuse_bools_floats_strings(field, value):
+    if value is None and field in ("initial_blocks", "chunk_blocks"):
+        return  # None means "not set" for these two
+    with pytest.raises(ConfigError, match=rf"^{field} must be a positive integer"):
+        small(**{field: value})
+
+
+def test_int_fields_take_numpy_integers():
+    import numpy as np
+
+    cfg = small(num_blocks=np.int64(7), head_dim=np.int32(64))
+    assert cfg.num_blocks == 7 and type(cfg.num_blocks) is int and type(cfg.head_dim) is int
+
+
+@pytest.mark.parametrize("bad", [10**400, float("nan"), float("inf"), -0.1, "0.3", True], ids=repr)
+def test_compaction_threshold_refuses_odd_numbers(bad):
+    with pytest.raises(ConfigError, match="compaction_threshold"):
+        small(compaction_threshold=bad)
+
+
+@pytest.mark.parametrize("text", ["1e400GiB", "99999999999999999999999PiB", "nan", "-1GiB", "inf", "2EiB",
+                                  "1025PiB", float("nan"), float("inf")], ids=repr)
+def test_parse_bytes_refuses_huge_and_odd_values_naming_them(text):
+    with pytest.raises(ConfigError) as info:
+        parse_bytes(text)
+    assert repr(text) in str(info.value)
+
+
+def test_parse_bytes_is_exact_up_to_one_exbibyte():
+    assert parse_bytes("1EiB") == 2**60
+    assert parse_bytes("1024PiB") == 2**60
+    assert parse_bytes("1.5PiB") == 3 * 2**49
+    assert parse_bytes("123456789012345678") == 123456789012345678  # no float rounding
+    assert parse_bytes("0.1KiB") == 102  # a fraction of a byte rounds down
+
+
+def test_for_memory_beyond_int32_block_ids_is_a_config_error():
+    # 1 EiB of 4-byte blocks would be 2**58 blocks: more ids than the int32 tables hold
+    with pytest.raises(ConfigError, match="num_blocks=.* exceeds the limit of 2147483647"):
+        CacheConfig.for_memory("1EiB", 1, 1, 1, block_size=1)
