@@ -15,6 +15,9 @@ __all__ = [
     "KernelError",
     "ModelError",
     "TraceError",
+    "MissingExtraError",
+    "ServeError",
+    "AddressInUseError",
 ]
 
 
@@ -59,3 +62,22 @@ class ModelError(KVForgeError, ValueError):
 
 class TraceError(KVForgeError, ValueError):
     """A workload trace is malformed (names the line and the reason)."""
+
+
+class MissingExtraError(KVForgeError, ImportError):
+    """An optional dependency is not installed; the message names the extra to
+    install (``pip install 'kvforge[plot]'``)."""
+
+
+class ServeError(KVForgeError, OSError):
+    """An endpoint could not be opened; names the address (``addr``, ``port``)."""
+
+    def __init__(self, message: str, addr: str = "", port: int = 0, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.addr = addr
+        self.port = port
+        self.errno = errno
+
+
+class AddressInUseError(ServeError):
+    """The address and port asked for are taken by another socket (``errno`` EADDRINUSE)."""

@@ -164,3 +164,53 @@ def test_real_engine_stats_are_exported_when_passed_first(tmp_path):
     assert v["kvforge_engine_num_generated_tokens"] == 3 and v["kvforge_preemptions_total"] == 0
     assert v["kvforge_engine_memory_efficiency"] == pytest.approx(engine.stats().memory_efficiency)
     assert "kvforge_engine_allocation_peak_allocations" in v  # nested snapshots flattened one level
+
+
+# ------------------------------------------------------------ bad ports, taken ports
+@pytest.mark.parametrize("port", [-1, 65536, 99999, 2**64, True, False, 8080.0, "8080", None], ids=repr)
+def test_a_port_outside_the_range_or_not_an_int_is_a_config_error(port):
+    from kvforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^port must be an integer in \[0, 65535\].*got " + re.escape(f"{port!r}")):
+        serve(port, _cache())
+
+
+def test_a_port_in_use_is_a_kvforge_error_naming_the_address():
+    from kvforge.errors import AddressInUseError, KVForgeError, ServeError
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        with pytest.raises(AddressInUseError) as info:
+            serve(port, _cache())
+    finally:
+        holder.close()
+    err = info.value
+    assert isinstance(err, KVForgeError) and isinstance(err, ServeError) and isinstance(err, OSError)
+    assert f"127.0.0.1:{port}" in str(err) and "already in use" in str(err)
+    assert (err.addr, err.port, err.errno) == ("127.0.0.1", port, __import__("errno").EADDRINUSE)
+
+
+def test_an_address_not_on_this_host_is_a_serve_error():
+    from kvforge.errors import AddressInUseError, ServeError
+
+    # 192.0.2.0/24 is TEST-NET-1: never a local address, so bind fails at once (no DNS)
+    with pytest.raises(ServeError, match=r"^cannot serve metrics on 192\.0\.2\.1:0: ") as info:
+        serve(0, _cache(), addr="192.0.2.1")
+    assert not isinstance(info.value, AddressInUseError)
+
+
+def test_serve_first_attach_later():
+    cache = _cache()
+    with serve(0) as server:
+        assert server.collector is None
+        assert _values(urllib.request.urlopen(server.url, timeout=10).read().decode()) == {}
+        server.attach(cache)
+        values = _values(urllib.request.urlopen(server.url, timeout=10).read().decode())
+        assert values["kvforge_blocks_used"] == cache.pool.num_allocated_blocks
+        from kvforge.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="attach once"):
+            server.attach(cache)

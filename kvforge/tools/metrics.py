@@ -37,18 +37,20 @@ imported on first use, so importing this module never fails.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import numbers
 import re
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from kvforge.errors import ConfigError
+from kvforge.errors import AddressInUseError, ConfigError, MissingExtraError, ServeError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import Metric
 
-__all__ = ["KVForgeCollector", "MetricsServer", "make_registry", "render", "serve", "METRIC_NAMES"]
+__all__ = ["KVForgeCollector", "MetricsServer", "make_registry", "render", "serve", "check_port", "METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,18 @@ def _prometheus() -> Any:
     try:
         import prometheus_client
         import prometheus_client.core
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("kvforge.tools.metrics needs prometheus-client: pip install 'kvforge[metrics]'") from exc
+    except ImportError as exc:
+        raise MissingExtraError("metrics need prometheus-client: pip install 'kvforge[metrics]'") from exc
     return prometheus_client
+
+
+def check_port(port: Any, what: str = "port") -> int:
+    """``port`` as an int if it is an integer in [0, 65535] (0: any free port); else
+    :class:`~kvforge.errors.ConfigError` naming ``what`` and the value (bools and
+    floats are refused, not truncated)."""
+    if isinstance(port, bool) or not isinstance(port, numbers.Integral) or not 0 <= port <= 65535:
+        raise ConfigError(f"{what} must be an integer in [0, 65535] (0: any free port), got {port!r:.60}")
+    return int(port)
 
 
 def _family(name: str, kind: str, doc: str, value: float | None = None) -> Metric:
@@ -267,11 +278,24 @@ def render(cache: Any = None, engine: Any = None, *, lock: threading.Lock | None
 class MetricsServer:
     """A running metrics endpoint; :meth:`stop` (or leaving a ``with`` block) shuts it down."""
 
-    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry) -> None:
+    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry,
+                 collector: KVForgeCollector | None = None) -> None:
         self._httpd = httpd
         self._thread = thread
         self.registry = registry
+        self.collector = collector
         self.addr, self.port = httpd.server_address[:2]
+
+    def attach(self, cache: Any = None, engine: Any = None, *, lock: threading.Lock | None = None) -> None:
+        """Start exporting ``cache`` (and ``engine``) on an endpoint :func:`serve` opened
+        without them (bind first, so that a taken port fails before slow work).
+
+        Raises :class:`~kvforge.errors.ConfigError` when something is exported already."""
+        if self.collector is not None:
+            raise ConfigError(f"{self!r} already exports a cache; attach once")
+        collector = KVForgeCollector(cache, engine, lock=lock)
+        self.registry.register(collector)
+        self.collector = collector
 
     @property
     def url(self) -> str:
@@ -301,10 +325,33 @@ def serve(port: int, cache: Any = None, engine: Any = None, addr: str = "127.0.0
     """Serve the metrics of ``cache`` (and ``engine``) over HTTP on ``addr:port`` in a
     daemon thread; ``port=0`` picks a free port (see :attr:`MetricsServer.port`).
 
-    Binds to the loopback address unless told otherwise.
+    Binds to the loopback address unless told otherwise. With neither
+    ``cache`` nor ``engine`` the endpoint opens empty and
+    :meth:`MetricsServer.attach` adds them later.
+
+    Raises :class:`~kvforge.errors.ConfigError` for a port that is not an
+    integer in [0, 65535], :class:`~kvforge.errors.AddressInUseError` (a
+    :class:`~kvforge.errors.ServeError`, an ``OSError`` too) naming
+    ``addr:port`` when another socket holds it, :class:`~kvforge.errors.ServeError`
+    when the address cannot be bound otherwise (a privileged port, an unknown
+    host), :class:`~kvforge.errors.MissingExtraError` without prometheus-client.
     """
-    registry = make_registry(cache, engine, lock=lock)
-    httpd, thread = _prometheus().start_http_server(port, addr=addr, registry=registry)
-    server = MetricsServer(httpd, thread, registry)
+    port = check_port(port)
+    if not isinstance(addr, str) or not addr:
+        raise ConfigError(f"addr must be a host name or IP address, got {addr!r:.60}")
+    prometheus = _prometheus()
+    collector = KVForgeCollector(cache, engine, lock=lock) if cache is not None or engine is not None else None
+    registry = prometheus.CollectorRegistry(auto_describe=False)
+    if collector is not None:
+        registry.register(collector)
+    try:
+        httpd, thread = prometheus.start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(f"cannot serve metrics on {where}: the address is already in use "
+                                    f"(pick another port, or 0 for any free one)", addr, port, exc.errno) from None
+        raise ServeError(f"cannot serve metrics on {where}: {exc.strerror or exc}", addr, port, exc.errno) from None
+    server = MetricsServer(httpd, thread, registry, collector)
     log.info("serving kvforge metrics on %s", server.url)
     return server
