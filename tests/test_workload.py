@@ -161,3 +161,73 @@ def test_trace_error_has_the_line_number_and_path(tmp_path):
     with pytest.raises(TraceError) as info:
         load_trace(tmp_path / "missing.jsonl")
     assert info.value.lineno is None and info.value.path == str(tmp_path / "missing.jsonl")
+
+
+# ------------------------------------------------------ bounds of trace values
+@pytest.mark.parametrize("bad, reason", [
+    ('{"prompt_len": 4, "output_len": 2, "arrival": 1e308}', "'arrival' must be a finite number >= 0 and at most 5e+08 steps, got 1e+308"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": NaN}', "'arrival' must be a finite number >= 0"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": Infinity}', "'arrival' must be a finite number >= 0"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": -Infinity}', "'arrival' must be a finite number >= 0"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": 1e400}', "'arrival' must be a finite number >= 0"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": 500000001}', "at most 5e+08 steps, got 500000001"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival": ' + "9" * 400 + "}", "'arrival' must be a finite number"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival_s": 1e7001}', "'arrival_s' must be a finite number >= 0"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival_s": 10000001}', "at most 1e+07 s, got 10000001"),
+    ('{"prompt_len": 4, "output_len": 2, "arrival_s": -0.5}', "'arrival_s' must be a finite number >= 0"),
+    ('{"prompt_len": -4, "output_len": 2}', "'prompt_len' must be >= 1, got -4"),
+    ('{"prompt_len": 4, "output_len": -2}', "'output_len' must be >= 1, got -2"),
+    ('{"prompt_len": 4, "output_len": 0}', "'output_len' must be >= 1, got 0"),
+    ('{"prompt_len": 16777217, "output_len": 2}', "'prompt_len' must be <= 16777216 (2**24 tokens), got 16777217"),
+    ('{"prompt_len": 4, "output_len": 100000000000000000000}', "'output_len' must be <= 16777216"),
+    ('{"prompt_len": 16777000, "output_len": 1000}', "'prompt_len' + 'output_len' = 16778000 tokens"),
+    ('{"prompt_len": 4, "output_len": 2, "max_output_len": 16777217}', "'max_output_len' must be <= 16777216"),
+    ('{"prompt_len": 4, "output_len": 2, "prefix_group": "g", "prefix_len": -1}', "'prefix_len' must be >= 0"),
+    ('{"prompt_len": 4, "output_len": 2, "id": ' + "1" * 5000 + "}", "not readable JSON (ValueError"),
+    ("[" * 100000 + "]" * 100000, "not readable JSON (RecursionError"),
+])
+def test_out_of_range_values_name_the_line_and_the_field(tmp_path, bad: str, reason: str):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{GOOD}\n\n{bad}\n{GOOD}\n")
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert reason in str(info.value)
+
+
+def test_arrival_s_is_bounded_after_the_conversion_to_steps():
+    line = '{"prompt_len": 4, "output_len": 2, "arrival_s": 1e6}'
+    assert parse_trace_lines([line]).requests[0].arrival == pytest.approx(5e7)  # 1e6 s at 20 ms
+    with pytest.raises(TraceError, match=r"'arrival_s' 1000000.0 is 1e\+12 steps of 0.001 ms, beyond the limit"):
+        parse_trace_lines([line], step_ms=0.001)
+
+
+@pytest.mark.parametrize("step_ms", [0, -1, float("nan"), float("inf"), True, "20"], ids=repr)
+def test_step_ms_must_be_positive_and_finite(step_ms):
+    with pytest.raises(ConfigError, match="step_ms must be a positive finite number"):
+        parse_trace_lines([GOOD], step_ms=step_ms)
+
+
+@pytest.mark.parametrize("mml", [0, -5, 2**24 + 1, 2.5, True], ids=repr)
+def test_max_model_len_is_checked(mml):
+    with pytest.raises(ConfigError, match="max_model_len must be an integer in"):
+        parse_trace_lines([GOOD], max_model_len=mml)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(num_requests=10**7 + 1), "num_requests"), (dict(num_requests=-1), "num_requests"),
+    (dict(num_requests=2.0), "num_requests"), (dict(rate=float("nan")), "rate"), (dict(rate=float("inf")), "rate"),
+    (dict(rate=1e308), "rate"), (dict(rate=1e-300), "rate"), (dict(rate=-1.0), "rate"), (dict(rate="2"), "rate"),
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(seed=True), "seed"),
+])
+def test_builtin_arguments_out_of_range(kwargs, field):
+    with pytest.raises(ConfigError, match=rf"^{field} must be"):
+        make_workload("bursty", **{"num_requests": 5, **kwargs})
+
+
+def test_a_workload_refuses_arrivals_it_cannot_count():
+    from kvforge.tools.workload import Request, Workload
+
+    for bad in (float("nan"), float("inf"), -1.0, 2.0**53, 1e308):
+        with pytest.raises(ConfigError, match=r"request 'a': arrival must be a finite number of steps in \[0, 2\*\*53\)"):
+            Workload("w", (Request("a", 0, bad, 4, 2),), 10, 10)

@@ -5,7 +5,7 @@ deterministic in its seed (``docs/simulate.md`` describes each).
 """
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -13,7 +13,13 @@ import numpy as np
 from kvforge.errors import ConfigError
 from kvforge.tools.workload.request import Request, Workload
 
-__all__ = ["BUILTIN_WORKLOADS", "make_workload"]
+__all__ = ["BUILTIN_WORKLOADS", "make_workload", "MAX_REQUESTS", "MAX_RATE", "MIN_RATE"]
+
+#: Most requests of a built-in workload (each is a Python object: 10**7 take gigabytes).
+MAX_REQUESTS = 10**7
+#: Highest and lowest mean arrival rate, in requests per decode step.
+MAX_RATE = 1e6
+MIN_RATE = 1e-6
 
 
 def _lognormal(rng: np.random.Generator, mu: float, sigma: float, n: int, lo: int, hi: int) -> np.ndarray:
@@ -99,15 +105,24 @@ def make_workload(name: str, num_requests: int | None = None, *, seed: int = 0,
                   rate: float | None = None) -> Workload:
     """A built-in workload (see :data:`BUILTIN_WORKLOADS`), deterministic in ``seed``.
 
-    ``rate`` is the mean number of arrivals per decode step.
+    ``rate`` is the mean number of arrivals per decode step. Raises
+    :class:`~kvforge.errors.ConfigError` naming the argument for an unknown
+    name, ``num_requests`` outside [1, :data:`MAX_REQUESTS`], ``rate``
+    outside [:data:`MIN_RATE`, :data:`MAX_RATE`] or not a number, a ``seed`` that is not an
+    integer >= 0.
     """
     if name not in BUILTIN_WORKLOADS:
         raise ConfigError(f"unknown workload {name!r} (built-in: {', '.join(BUILTIN_WORKLOADS)})")
     spec = BUILTIN_WORKLOADS[name]
     n = spec.num_requests if num_requests is None else num_requests
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ConfigError(f"num_requests must be a positive integer, got {num_requests!r}")
-    r = spec.rate if rate is None else float(rate)
-    if not r > 0 or math.isinf(r):
-        raise ConfigError(f"rate must be a positive number of arrivals per step, got {rate!r}")
-    return spec.make(n, np.random.default_rng(seed), r)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_REQUESTS:
+        raise ConfigError(f"num_requests must be an integer in [1, {MAX_REQUESTS:,}], got {num_requests!r:.40}")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, numbers.Real)):
+        raise ConfigError(f"rate must be a number of arrivals per step, got {rate!r:.40}")
+    r = spec.rate if rate is None else rate
+    if not MIN_RATE <= r <= MAX_RATE:  # nan fails too
+        raise ConfigError(f"rate must be a positive number of arrivals per step in [{MIN_RATE:g}, {MAX_RATE:g}], "
+                          f"got {rate!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r:.40}")
+    return spec.make(n, np.random.default_rng(int(seed)), float(r))

@@ -31,6 +31,9 @@ _UNIQUE_STRIDE = 1 << 24
 _GROUP_BASE = 1 << 60
 _GROUP_STRIDE = 1 << 20
 
+#: Arrivals (in steps) lie in [0, 2**53): below it a float holds every whole step exactly.
+MAX_ARRIVAL = 2.0**53
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -94,6 +97,7 @@ class WorkloadStats(NamedTuple):
 class Workload:
     """Requests sorted by arrival (stable), and the model's context limit.
 
+    Every arrival is a finite number of steps in [0, 2**53) (:data:`MAX_ARRIVAL`).
     ``max_model_len`` bounds every request's ``total_len`` + 1 and is what a
     static cache reserves per request in ``max-model-len`` mode.
     ``max_output_len`` is the default ``max_tokens`` of a request.
@@ -109,6 +113,11 @@ class Workload:
         if not self.requests:
             raise ConfigError(f"workload {self.name!r} has no requests")
         for r in self.requests:
+            # the simulator counts whole steps up to an arrival: floats must still tell them apart
+            if isinstance(r.arrival, bool) or not isinstance(r.arrival, (int, float)) \
+                    or not 0 <= r.arrival < MAX_ARRIVAL:
+                raise ConfigError(f"request {r.request_id!r}: arrival must be a finite number of steps in "
+                                  f"[0, 2**53), got {r.arrival!r:.40}")
             if r.prompt_len + r.output_len > self.max_model_len:
                 raise ConfigError(f"request {r.request_id!r} needs {r.prompt_len + r.output_len} tokens, "
                                   f"more than max_model_len={self.max_model_len}")

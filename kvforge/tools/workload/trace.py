@@ -6,10 +6,13 @@ Trace format (JSON Lines, UTF-8, one request per line; blank lines allowed)::
     {"arrival": 2, "prompt_len": 900, "output_len": 40, "prefix_group": "sys-a", "prefix_len": 800}
     {"arrival_s": 0.25, "prompt_token_ids": [1, 15043, 29892], "output_len": 12, "salt": "tenant-7"}
 
-Fields: ``arrival`` (step, number >= 0) or ``arrival_s`` (seconds, turned
-into steps with ``step_ms``), exactly one of the two (neither means 0);
+Fields: ``arrival`` (step, a finite number in [0, 5e8]) or ``arrival_s``
+(seconds, a finite number in [0, 1e7], turned into steps with ``step_ms``
+and then also at most 5e8 steps), at most one of the two (neither means 0);
 ``prompt_len`` (int >= 1) or ``prompt_token_ids`` (non-empty list of ints),
 at least one, equal length when both; ``output_len`` (int >= 1, required);
+every length at most 2**24 tokens, and ``prompt_len + output_len`` too
+(:data:`MAX_ARRIVAL_STEPS`, :data:`MAX_ARRIVAL_S`, :data:`MAX_TRACE_TOKENS`);
 optional ``id`` (string or int, unique; default ``line<N>``),
 ``prefix_group`` (string), ``prefix_len`` (int, 0..prompt_len, required with
 ``prefix_group`` when no token ids are given), ``salt`` (string; isolates
@@ -30,7 +33,17 @@ from typing import Any, Callable, Iterable
 from kvforge.errors import ConfigError, TraceError
 from kvforge.tools.workload.request import Request, Workload
 
-__all__ = ["load_trace", "parse_trace_lines", "write_trace"]
+__all__ = ["load_trace", "parse_trace_lines", "write_trace", "MAX_ARRIVAL_S", "MAX_ARRIVAL_STEPS",
+           "MAX_TRACE_TOKENS"]
+
+#: Latest arrival a trace may give in seconds (``arrival_s``): 1e7 s, about 116 days.
+MAX_ARRIVAL_S = 1e7
+#: Latest arrival in decode steps (``arrival``, or ``arrival_s`` once converted):
+#: 5e8 steps, 1e7 s at the default 20 ms a step.
+MAX_ARRIVAL_STEPS = 5e8
+#: Most tokens of one request (each length, and prompt + output): 2**24. The
+#: simulator's synthetic token ids give each request 2**24 positions.
+MAX_TRACE_TOKENS = 2**24
 
 _TRACE_KEYS = frozenset({"id", "arrival", "arrival_s", "prompt_len", "prompt_token_ids", "output_len",
                          "prefix_group", "prefix_len", "salt", "max_output_len"})
@@ -53,6 +66,8 @@ def _int_field(obj: dict[str, Any], key: str, lo: int, where: Callable[[str], Tr
         raise where(f"{key!r} must be an integer, got {v!r}")
     if v < lo:
         raise where(f"{key!r} must be >= {lo}, got {v}")
+    if v > MAX_TRACE_TOKENS:
+        raise where(f"{key!r} must be <= {MAX_TRACE_TOKENS} (2**24 tokens), got {v}")
     return v
 
 
@@ -75,12 +90,17 @@ def _parse_request(obj: Any, index: int, step_ms: float, where: Callable[[str], 
     if "arrival" in obj and "arrival_s" in obj:
         raise where("give 'arrival' (steps) or 'arrival_s' (seconds), not both")
     arrival = 0.0
-    for key, scale in (("arrival", 1.0), ("arrival_s", 1000.0 / step_ms)):
+    for key, scale, limit, unit in (("arrival", 1.0, MAX_ARRIVAL_STEPS, "steps"),
+                                    ("arrival_s", 1000.0 / step_ms, MAX_ARRIVAL_S, "s")):
         if key in obj:
             v = obj[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise where(f"{key!r} must be a finite number >= 0, got {v!r}")
+            # compared before float(): nan fails, and an int too large for a float is refused, not an OverflowError
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= limit:
+                raise where(f"{key!r} must be a finite number >= 0 and at most {limit:g} {unit}, got {v!r:.40}")
             arrival = float(v) * scale
+            if not arrival <= MAX_ARRIVAL_STEPS:
+                raise where(f"{key!r} {v!r} is {arrival:g} steps of {step_ms:g} ms, beyond the limit of "
+                            f"{MAX_ARRIVAL_STEPS:g} steps")
     ids = obj.get("prompt_token_ids")
     if ids is not None:
         if not isinstance(ids, list) or not ids:
@@ -97,6 +117,9 @@ def _parse_request(obj: Any, index: int, step_ms: float, where: Callable[[str], 
     output_len = _int_field(obj, "output_len", 1, where)
     if output_len is None:
         raise where("needs 'output_len'")
+    if plen + output_len > MAX_TRACE_TOKENS:
+        raise where(f"'prompt_len' + 'output_len' = {plen + output_len} tokens, more than the limit of "
+                    f"{MAX_TRACE_TOKENS} (2**24)")
     group = _str_field(obj, "prefix_group", where)
     prefix_len = _int_field(obj, "prefix_len", 0, where)
     if prefix_len is not None and group is None:
@@ -123,8 +146,11 @@ def parse_trace_lines(lines: Iterable[str], *, source: str = "<trace>", step_ms:
     :class:`~kvforge.errors.TraceError` ``"<source>:<line>: <reason>"`` on the
     first malformed line, and when a request does not fit ``max_model_len``.
     """
-    if not step_ms > 0:
-        raise ConfigError(f"step_ms must be positive, got {step_ms!r}")
+    if isinstance(step_ms, bool) or not isinstance(step_ms, (int, float)) or not 0 < step_ms < math.inf:
+        raise ConfigError(f"step_ms must be a positive finite number of milliseconds, got {step_ms!r:.40}")
+    if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                      or not 1 <= max_model_len <= MAX_TRACE_TOKENS):
+        raise ConfigError(f"max_model_len must be an integer in [1, {MAX_TRACE_TOKENS}], got {max_model_len!r:.40}")
     reqs: list[Request] = []
     seen: dict[str, int] = {}
     lineno = 0
@@ -139,6 +165,8 @@ def parse_trace_lines(lines: Iterable[str], *, source: str = "<trace>", step_ms:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise where(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting too deep
+            raise where(f"not readable JSON ({type(exc).__name__}: {str(exc):.80})") from None
         req = _parse_request(obj, len(reqs), step_ms, where, lineno)
         if req.request_id in seen:
             raise where(f"id {req.request_id!r} already used on line {seen[req.request_id]}")
