@@ -1,8 +1,11 @@
-"""Coercion and validation of the integers the bookkeeping takes from callers.
+"""Validation of the ids and counts the bookkeeping takes from callers.
 
-Every public call of :mod:`kvforge.core` that takes a count, a position, a
-block id or token ids checks it here, so that the same mistake gets the same
-kvforge error everywhere and nothing is changed before the check:
+Every public call of :mod:`kvforge.core` that takes a sequence id, a count, a
+position, a block id or token ids checks it here, so that the same mistake
+gets the same kvforge error everywhere and nothing is changed before the check:
+
+- sequence ids are any hashable; :class:`SequenceRows` maps the live ones to
+  their rows and names the id in every error (unknown, taken, unhashable);
 
 - counts and positions are Python or numpy integers, never ``bool`` (a
   ``True`` that slipped through as ``1`` is a caller bug worth reporting);
@@ -13,14 +16,18 @@ kvforge error everywhere and nothing is changed before the check:
 from __future__ import annotations
 
 import operator
+import sys
 from array import array
-from typing import Sequence
+from typing import Generic, Hashable, Sequence, TypeVar
 
 import numpy as np
 
 from kvforge.errors import InvalidBlockError, SequenceError
 
-__all__ = ["block_id_list", "count_array", "is_index", "is_int", "token_array"]
+__all__ = ["SequenceRows", "block_id_list", "count_array", "is_index", "is_int", "last_counts", "token_array"]
+
+SeqId = Hashable
+State = TypeVar("State")
 
 
 def is_int(value: object) -> bool:
@@ -103,3 +110,88 @@ def count_array(counts: int | Sequence[int] | np.ndarray, size: int, what: str) 
     if size and n.min() < 0:
         raise SequenceError(f"{what} must be >= 0, one per sequence ({size}), got {counts!r}")
     return n
+
+
+def last_counts(value: int | Sequence[int] | np.ndarray, num_tokens: np.ndarray, seq_ids: Sequence[SeqId],
+                what: str) -> np.ndarray | None:
+    """Per-sequence counts of last tokens (:func:`count_array`), each at most the sequence's
+    ``num_tokens``; None when the count is the int 1 (one each: the decode fast path)."""
+    counts = None if type(value) is int and value == 1 else count_array(value, len(num_tokens), what)
+    over = (num_tokens < 1) if counts is None else (counts > num_tokens)
+    if np.count_nonzero(over):
+        i = int(np.flatnonzero(over)[0])
+        raise SequenceError(f"{what}={value!r}: sequence {seq_ids[i]!r} has only {int(num_tokens[i])} tokens")
+    return counts
+
+
+class SequenceRows(Generic[State]):
+    """The live sequence ids, in insertion order, each with its row and a state object.
+
+    A lookup of an unknown or unhashable id, or an :meth:`add` of a taken one,
+    raises :class:`SequenceError` naming the id. :meth:`rows` reads a whole
+    batch in one pass (the decode step's only per-sequence Python work).
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[SeqId, int] = {}
+        self._states: dict[SeqId, State] = {}
+
+    def __contains__(self, seq_id: SeqId) -> bool:
+        return seq_id in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def ids(self) -> list[SeqId]:
+        """The live ids, oldest first."""
+        return list(self._rows)
+
+    def items(self) -> list[tuple[SeqId, int, State]]:
+        """``(seq_id, row, state)`` of every live sequence, oldest first."""
+        return [(sid, row, self._states[sid]) for sid, row in self._rows.items()]
+
+    def get(self, seq_id: SeqId) -> tuple[int, State]:
+        """The row and state of a live sequence."""
+        try:
+            return self._rows[seq_id], self._states[seq_id]
+        except KeyError:
+            raise SequenceError(f"unknown sequence {seq_id!r}") from None
+        except TypeError:
+            raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None
+
+    def row(self, seq_id: SeqId) -> int:
+        """The row of a live sequence."""
+        return self.get(seq_id)[0]
+
+    def state(self, seq_id: SeqId) -> State:
+        """The state of a live sequence."""
+        return self.get(seq_id)[1]
+
+    def check_new(self, seq_id: SeqId) -> None:
+        """Raise unless ``seq_id`` is hashable and not live."""
+        try:
+            taken = seq_id in self._rows
+        except TypeError:
+            raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None
+        if taken:
+            raise SequenceError(f"sequence {seq_id!r} already exists")
+
+    def add(self, seq_id: SeqId, row: int, state: State) -> None:
+        """Register a new sequence (:meth:`check_new` first)."""
+        self._rows[seq_id] = row
+        self._states[seq_id] = state
+
+    def remove(self, seq_id: SeqId) -> None:
+        """Forget a live sequence."""
+        del self._rows[seq_id], self._states[seq_id]
+
+    def rows(self, seq_ids: Sequence[SeqId]) -> np.ndarray:
+        """The rows (int64) of a batch, in one pass."""
+        try:
+            return np.fromiter(map(self._rows.__getitem__, seq_ids), dtype=np.int64, count=len(seq_ids))
+        except (KeyError, TypeError):
+            return np.array([self.row(s) for s in seq_ids], dtype=np.int64)
+
+    def metadata_bytes(self) -> int:
+        """Host bytes of the two maps."""
+        return sys.getsizeof(self._rows) + sys.getsizeof(self._states)

@@ -1,12 +1,12 @@
-"""Sequence block tables over a block pool: the bookkeeping an engine talks to.
+"""Sequences over a block pool: the bookkeeping an engine talks to.
 
-:class:`BlockManager` maps sequence ids to the rows of a
-:class:`~kvforge.core.tables.BlockTables`, takes block ids from a
-:class:`~kvforge.core.pool.BlockPool` and registers full blocks in a
-:class:`~kvforge.core.prefix.PrefixIndex`. It never touches device memory:
-when an operation needs data moved (copy-on-write after a fork) it queues the
-``(src, dst)`` block pair in :attr:`BlockManager.pending_copies`, and the
-storage layer applies the queue before the new slots are written.
+:class:`BlockManager` composes a :class:`~kvforge.core.pool.BlockPool` (block
+ids), a :class:`~kvforge.core.tables.BlockTables` (one row per sequence: its
+blocks, counts and token ids) and a :class:`~kvforge.core.prefix.PrefixIndex`
+(full blocks by key). It never touches device memory: when data must move
+(copy-on-write after a fork) it queues the ``(src, dst)`` block pair in
+:attr:`BlockManager.pending_copies`, and the storage layer copies before the
+new slots are written.
 
 Prefix caching: a full block whose token ids are known is registered when it
 is reserved (the caller computes it in the same step, before anything reads
@@ -26,10 +26,10 @@ import numpy as np
 
 from kvforge.core import usage
 from kvforge.core.compaction import CompactionPlan, plan_compaction
-from kvforge.core.ids import count_array, is_int, token_array
+from kvforge.core.ids import SequenceRows, count_array, is_int, last_counts, token_array
 from kvforge.core.pool import BlockPool
 from kvforge.core.prefix import BlockKey, NullPrefixIndex, PrefixIndex
-from kvforge.core.tables import AppendPlan, BlockTables, StepView, blocks_for_tokens
+from kvforge.core.tables import BlockTables, StepView, blocks_for_tokens
 from kvforge.errors import OutOfBlocksError, SequenceError
 
 __all__ = ["AddSequenceResult", "BlockManager", "SequenceBlockTable", "StepView", "blocks_for_tokens"]
@@ -38,13 +38,9 @@ SeqId = Hashable
 
 
 class AddSequenceResult(NamedTuple):
-    """What :meth:`BlockManager.add_sequence` did.
-
-    ``num_cached_tokens`` prompt tokens were found in the prefix cache; their
-    keys/values need no computing. ``slots`` are the slot ids of the tokens
-    ``num_cached_tokens .. num_cached_tokens + len(slots) - 1`` (int64).
-    ``block_ids`` is the sequence's block table after the call.
-    """
+    """What :meth:`BlockManager.add_sequence` did: ``num_cached_tokens`` prompt tokens
+    were in the prefix cache (no computing needed); ``slots`` (int64) are those of
+    tokens ``num_cached_tokens ..`` that were reserved; ``block_ids`` the sequence's table."""
 
     seq_id: SeqId
     num_cached_tokens: int
@@ -61,17 +57,14 @@ class SequenceBlockTable(NamedTuple):
     num_tokens: int
 
 
-class _Seq:
-    """A live sequence's Python-side state: its row, its salt, the prefix keys of its
-    leading full blocks and, while some are pending, its prompt's token ids."""
+class _Chain:
+    """A sequence's prefix-key chain: its salt and the keys of its leading full blocks
+    (key ``i`` names block ``i`` and every token before it)."""
 
-    __slots__ = ("row", "salt", "keys", "prompt")
+    __slots__ = ("salt", "keys")
 
-    def __init__(self, row: int, salt: Hashable | None, keys: list[BlockKey], prompt: array[int] | None) -> None:
-        self.row = row
-        self.salt = salt
-        self.keys = keys      # key i names full block i and every token before it (known rows)
-        self.prompt = prompt  # the prompt's ids, kept while tokens of it are pending
+    def __init__(self, salt: Hashable | None, keys: list[BlockKey]) -> None:
+        self.salt, self.keys = salt, keys
 
 
 class BlockManager:
@@ -87,52 +80,12 @@ class BlockManager:
             raise SequenceError(f"block_size must be a positive integer, got {block_size!r}")
         self.block_size = int(block_size)
         self.pool = pool if pool is not None else BlockPool(num_blocks, capacity)
-        index_cls = PrefixIndex if enable_prefix_caching else NullPrefixIndex
-        self.prefix: PrefixIndex = index_cls(self.pool, self.block_size)
+        self.prefix: PrefixIndex = (PrefixIndex if enable_prefix_caching else NullPrefixIndex)(
+            self.pool, self.block_size)
         self.tables = BlockTables(self.block_size, self.pool.num_blocks)
-        self._seqs: dict[SeqId, _Seq] = {}
-        self._row_of: dict[SeqId, int] = {}  # the same rows, read in one pass by batched calls
+        self._seqs: SequenceRows[_Chain] = SequenceRows()
         self.pending_copies: list[tuple[int, int]] = []
         self.num_cow_copies = 0
-
-    # ------------------------------------------------------------ lookups
-    def _seq(self, seq_id: SeqId) -> _Seq:
-        try:
-            return self._seqs[seq_id]
-        except KeyError:
-            raise SequenceError(f"unknown sequence {seq_id!r}") from None
-        except TypeError:
-            raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None
-
-    def _check_new(self, seq_id: SeqId) -> None:
-        try:
-            if seq_id in self._seqs:
-                raise SequenceError(f"sequence {seq_id!r} already exists")
-        except TypeError:
-            raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None
-
-    @staticmethod
-    def _ids(seq_ids: Sequence[SeqId]) -> Sequence[SeqId]:
-        """A batch's ids as an indexable sequence (any iterable is accepted)."""
-        return seq_ids if isinstance(seq_ids, (list, tuple)) else list(seq_ids)
-
-    def _rows(self, seq_ids: Sequence[SeqId]) -> np.ndarray:
-        """The rows (int64) of a batch, in one pass (a SequenceError names the first unknown id)."""
-        try:
-            return np.fromiter(map(self._row_of.__getitem__, seq_ids), dtype=np.int64, count=len(seq_ids))
-        except (KeyError, TypeError):
-            return np.array([self._seq(s).row for s in seq_ids], dtype=np.int64)
-
-    def _counts(self, seq_ids: Sequence[SeqId], rows: np.ndarray, value: int | Sequence[int] | np.ndarray,
-                what: str) -> np.ndarray | None:
-        """Per-sequence counts of last tokens, each in ``[0, num_tokens]``; None for 1 each."""
-        ntok = self.tables.num_tokens_of(rows)
-        counts = None if type(value) is int and value == 1 else count_array(value, len(rows), what)
-        over = (ntok < 1) if counts is None else (counts > ntok)
-        if np.count_nonzero(over):
-            i = int(np.flatnonzero(over)[0])
-            raise SequenceError(f"{what}={value!r}: sequence {seq_ids[i]!r} has only {int(ntok[i])} tokens")
-        return counts
 
     # ------------------------------------------------------------- queries
     def __contains__(self, seq_id: SeqId) -> bool:
@@ -144,39 +97,35 @@ class BlockManager:
     @property
     def seq_ids(self) -> list[SeqId]:
         """Ids of the sequences present, in insertion order."""
-        return list(self._seqs)
+        return self._seqs.ids()
 
     def num_tokens(self, seq_id: SeqId) -> int:
         """Tokens with a reserved slot in the sequence."""
-        return self.tables.num_tokens(self._seq(seq_id).row)
+        return self.tables.num_tokens(self._seqs.row(seq_id))
 
     seq_len = num_tokens
 
     def num_pending_tokens(self, seq_id: SeqId) -> int:
         """Prompt tokens given to :meth:`add_sequence` that have no slot yet."""
-        return self.tables.num_pending(self._seq(seq_id).row)
+        return self.tables.num_pending(self._seqs.row(seq_id))
 
     def token_ids(self, seq_id: SeqId) -> list[int] | None:
-        """The sequence's known token ids, reserved then pending (None when some were
-        appended without ids)."""
-        s = self._seq(seq_id)
-        if not self.tables.is_known(s.row):
-            return None
-        ids = self.tables.token_ids(s.row).tolist()
-        return ids + s.prompt[len(ids):].tolist() if s.prompt is not None else ids
+        """Known token ids, reserved then pending (None when some came without ids)."""
+        row = self._seqs.row(seq_id)
+        return self.tables.token_ids(row).tolist() if self.tables.is_known(row) else None
 
     def block_table(self, seq_id: SeqId) -> list[int]:
         """The sequence's block ids in position order."""
-        return self.tables.blocks(self._seq(seq_id).row)
+        return self.tables.blocks(self._seqs.row(seq_id))
 
     def sequence_table(self, seq_id: SeqId) -> SequenceBlockTable:
         """The sequence's block ids and token count, read together."""
-        row = self._seq(seq_id).row
+        row = self._seqs.row(seq_id)
         return SequenceBlockTable(seq_id, self.tables.blocks(row), self.tables.num_tokens(row))
 
     def get_block_for_position(self, seq_id: SeqId, pos: int) -> tuple[int, int]:
         """``(block_id, offset)`` holding token ``pos`` of the sequence."""
-        row = self._seq(seq_id).row
+        row = self._seqs.row(seq_id)
         n = self.tables.num_tokens(row)
         if not is_int(pos) or not 0 <= pos < n:
             raise SequenceError(f"position {pos!r} is outside sequence {seq_id!r} of {n} tokens")
@@ -193,18 +142,24 @@ class BlockManager:
         (cached prefix blocks that are held by others cost nothing)."""
         if not is_int(num_tokens) or num_tokens < 0:
             raise SequenceError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
-        need = blocks_for_tokens(num_tokens, self.block_size)
-        if prompt_token_ids is not None and self.prefix.enabled:
-            max_hit = (len(prompt_token_ids) - 1) // self.block_size
-            keys = self.prefix.block_keys(prompt_token_ids[: max_hit * self.block_size], salt)
-            hits = self.prefix.lookup(keys, 0, record=False)
-            need += sum(1 for b in hits if self.pool.ref_count(b) == 0) - len(hits)
-        return need
+        hits = self._prefix_hits(prompt_token_ids, salt)[1] if prompt_token_ids is not None else []
+        return blocks_for_tokens(num_tokens, self.block_size) - len(hits) + self._num_revived(hits)
 
     def can_add_sequence(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
                          salt: Hashable | None = None) -> bool:
         """Whether :meth:`add_sequence` of that many tokens would find the blocks."""
         return self.num_blocks_needed(num_tokens, prompt_token_ids, salt) <= self.pool.num_available_blocks
+
+    def _prefix_hits(self, prompt: Sequence[int] | np.ndarray, salt: Hashable | None
+                     ) -> tuple[list[BlockKey], list[int]]:
+        """Keys of the prompt's full blocks before its last token, and the cached blocks
+        of their longest cached run (nothing recorded)."""
+        bs = self.block_size
+        keys = self.prefix.block_keys(prompt[: max(0, (len(prompt) - 1) // bs) * bs], salt)
+        return keys, self.prefix.lookup(keys, len(prompt), record=False)
+
+    def _num_revived(self, hits: list[int]) -> int:
+        return sum(1 for b in hits if self.pool.ref_count(b) == 0)
 
     # ------------------------------------------------------------ mutation
     def add_sequence(self, seq_id: SeqId, prompt_token_ids: Sequence[int] | None = None,
@@ -216,23 +171,22 @@ class BlockManager:
         :meth:`append_tokens`). Raises :class:`OutOfBlocksError` when the
         blocks do not fit, :class:`SequenceError` on a duplicate id.
         """
-        self._check_new(seq_id)
+        self._seqs.check_new(seq_id)
         if num_tokens is not None and (not is_int(num_tokens) or num_tokens < 0):
             raise SequenceError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
         bs, pool = self.block_size, self.pool
         tokens = token_array(prompt_token_ids) if prompt_token_ids is not None else None
-        keys, hits = [], []
+        keys: list[BlockKey] = []
+        hits: list[int] = []
         if tokens is not None:
             num_tokens = len(tokens) if num_tokens is None else num_tokens
             if not 0 <= num_tokens <= len(tokens):
                 raise SequenceError(f"num_tokens={num_tokens} must lie in [0, {len(tokens)}] "
                                     f"for a prompt of {len(tokens)} tokens")
-            keys = self.prefix.block_keys(tokens[: max(0, (len(tokens) - 1) // bs) * bs], salt)
-            hits = self.prefix.lookup(keys, len(tokens), record=False)
+            keys, hits = self._prefix_hits(tokens, salt)
         cached = len(hits) * bs
         reserve = max(int(num_tokens or 0), cached)
-        need = blocks_for_tokens(reserve, bs) - len(hits)
-        revived = sum(1 for b in hits if pool.ref_count(b) == 0)
+        need, revived = blocks_for_tokens(reserve, bs) - len(hits), self._num_revived(hits)
         if need + revived > pool.num_available_blocks:
             raise OutOfBlocksError(
                 f"sequence {seq_id!r} needs {need} new blocks (+{revived} cached to revive) for "
@@ -243,36 +197,31 @@ class BlockManager:
         pool.incref(hits)
         ids = hits + pool.allocate(need)
         row = self.tables.new_row()
-        pending = len(tokens) - reserve if tokens is not None else 0
-        self.tables.assign(row, ids, reserve, pending, tokens is not None)
-        slots = self.tables.row_slots(row, cached, reserve)
-        if tokens is not None:  # the cached blocks hold these ids already
-            self.tables.write_tokens(slots, np.frombuffer(tokens, dtype=np.int64)[cached:reserve])
-        # the lookup's keys of blocks that are now reserved and full need no hashing again
-        known = min(reserve // bs, len(keys))
-        seq = self._seqs[seq_id] = _Seq(row, salt, keys[:known], tokens if pending else None)
-        self._row_of[seq_id] = row
+        slots = self.tables.assign(row, ids, reserve, None if tokens is None else np.frombuffer(tokens, np.int64),
+                                   cached)
+        known = min(reserve // bs, len(keys))  # keys of reserved full blocks: no hashing again
+        chain = _Chain(salt, keys[:known])
+        self._seqs.add(seq_id, row, chain)
         self.prefix.register_many(ids[len(hits):known], keys[len(hits):known])
-        self._register_full_blocks(seq)
+        self._register_full_blocks(row, chain)
         return AddSequenceResult(seq_id, cached, slots, ids)
 
-    def _register_full_blocks(self, seq: _Seq) -> None:
-        """Key and register the known sequence's full blocks that have no key yet."""
-        done, full = len(seq.keys), self.tables.num_tokens(seq.row) // self.block_size
-        if full > done and self.prefix.enabled and self.tables.is_known(seq.row):
-            blocks = self.tables.blocks(seq.row, done, full)
-            self.prefix.extend_chain(seq.keys, seq.salt, self.tables.block_tokens(blocks), blocks)
+    def _register_full_blocks(self, row: int, chain: _Chain) -> None:
+        """Key and register the known row's full blocks that have no key yet."""
+        done, full = len(chain.keys), self.tables.num_tokens(row) // self.block_size
+        if full > done and self.prefix.enabled and self.tables.is_known(row):
+            blocks = self.tables.blocks(row, done, full)
+            self.prefix.extend_chain(chain.keys, chain.salt, self.tables.block_tokens(blocks), blocks)
 
     def append_tokens(self, seq_id: SeqId, n: int, token_ids: Sequence[int] | None = None) -> np.ndarray:
         """Reserve slots for ``n`` more tokens; return their slot ids (int64), all or nothing.
 
-        Pending prompt tokens (see :meth:`add_sequence`) are taken first.
-        ``token_ids`` (length ``n``) lets filled blocks enter the prefix cache.
-        Appending into a shared, partially filled last block first gives the
-        sequence its own copy (copy-on-write, queued in :attr:`pending_copies`).
-        The batch of one of :meth:`append_tokens_batch`.
+        The batch of one of :meth:`append_tokens_batch`: pending prompt tokens
+        (see :meth:`add_sequence`) come first; ``token_ids`` (length ``n``) let
+        filled blocks enter the prefix cache; a shared, partially filled last
+        block is copied first (copy-on-write, queued in :attr:`pending_copies`).
         """
-        seq = self._seq(seq_id)
+        row = self._seqs.row(seq_id)
         if not is_int(n) or n < 0:
             raise SequenceError(f"append_tokens() needs a token count >= 0, got {n!r}")
         ids = token_array(token_ids) if token_ids is not None else None
@@ -281,7 +230,7 @@ class BlockManager:
         if n == 0:
             return np.empty(0, dtype=np.int64)
         counts = None if n == 1 else np.array([n], dtype=np.int64)
-        return self._append((seq_id,), np.array([seq.row], dtype=np.int64), counts, ids, True)
+        return self._append((seq_id,), np.array([row], dtype=np.int64), counts, ids, True)
 
     def append_token(self, seq_id: SeqId, token_id: int | None = None) -> int:
         """Reserve one slot; return its slot id."""
@@ -289,16 +238,16 @@ class BlockManager:
 
     def append_tokens_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] | np.ndarray = 1,
                             token_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """Reserve ``num_tokens`` more slots for each sequence; return the slot mapping.
+        """Reserve ``num_tokens`` more slots for each sequence (an int: the same for all);
+        return the slot mapping (int64): each sequence's new slots, sequence after sequence.
 
-        Vectorised over the batch, all or nothing. The result (int64) holds each
-        sequence's new slots in order, sequence after sequence. ``token_ids``
-        (the new tokens' ids in the same order: one per sequence in a decode
-        step) feeds the prefix cache; sequences with pending prompt tokens take
-        none. Copy-on-write as :meth:`append_tokens`, in batch order.
+        Vectorised, all or nothing. ``token_ids``: the new tokens' ids in that
+        order (one per sequence in a decode step); sequences with pending
+        prompt tokens take none. Copy-on-write as :meth:`append_tokens`, in
+        batch order.
         """
-        seq_ids = self._ids(seq_ids)
-        rows = self._rows(seq_ids)
+        seq_ids = _indexable(seq_ids)
+        rows = self._seqs.rows(seq_ids)
         if not self.tables.are_distinct(rows):
             raise SequenceError("append_tokens_batch() got the same sequence twice")
         counts = None if type(num_tokens) is int and num_tokens == 1 else \
@@ -313,70 +262,38 @@ class BlockManager:
                 ids: array[int] | None, single: bool) -> np.ndarray:
         """The one append: ``counts[i]`` tokens (None: one each) to each of the distinct ``rows``."""
         tables, pool = self.tables, self.pool
-        plan = tables.plan_append(rows, counts)
+        plan = tables.plan_append(rows, counts, pool.ref_count)
         if ids is not None and plan.pending is not None:
             stuck = (plan.pending > 0) if counts is None else (plan.pending > 0) & (counts > 0)
             if np.count_nonzero(stuck):
                 i = int(np.flatnonzero(stuck)[0])
                 raise SequenceError(f"sequence {seq_ids[i]!r} still has {int(plan.pending[i])} prompt tokens "
                                     f"pending; append them (without token ids) first")
-        cow_rows = self._copies_needed(plan) if plan.shared_tails else []
-        need, avail = plan.num_new_blocks + len(cow_rows), pool.num_available_blocks
+        need, avail = plan.num_new_blocks + len(plan.cow_rows), pool.num_available_blocks
         if need > avail:
             subject = (f"sequence {seq_ids[0]!r} needs {need} more blocks for "
                        f"{1 if counts is None else int(counts[0])} tokens") if single else \
                 f"the batch needs {need} more blocks"
             raise OutOfBlocksError(f"{subject}; {avail} available", requested=need, available=avail)
-        for row in cow_rows:
-            self._copy_on_write(row)
+        for row in plan.cow_rows:
+            (new_block,) = pool.allocate(1)
+            old_block = tables.copy_on_write(row, new_block)
+            pool.free([old_block])
+            self.pending_copies.append((old_block, new_block))
+        self.num_cow_copies += len(plan.cow_rows)
         new_blocks = pool.allocate(plan.num_new_blocks) if plan.num_new_blocks else []
         slots = tables.commit_append(plan, new_blocks, None if ids is None else np.frombuffer(ids, np.int64))
-        if plan.pending is not None:
-            self._take_pending(seq_ids, plan, slots)
         filled = tables.filled_rows(plan) if self.prefix.enabled else None
         if filled:
-            seqs = [self._seqs[seq_ids[i]] for i in filled]
+            chains = [self._seqs.state(seq_ids[i]) for i in filled]
             if counts is None:  # a decode step: each filled the block its token went to
-                blocks = tables.last_blocks([s.row for s in seqs])
-                self.prefix.extend_chains([s.keys for s in seqs], [s.salt for s in seqs],
+                blocks = tables.last_blocks(rows[filled])
+                self.prefix.extend_chains([c.keys for c in chains], [c.salt for c in chains],
                                           tables.block_tokens(blocks), blocks)
             else:
-                for seq in seqs:
-                    self._register_full_blocks(seq)
+                for i, chain in zip(filled, chains):
+                    self._register_full_blocks(int(rows[i]), chain)
         return slots
-
-    def _take_pending(self, seq_ids: Sequence[SeqId], plan: AppendPlan, slots: np.ndarray) -> None:
-        """Write the ids of the pending prompt tokens an append reserved (they come first)."""
-        ks = np.ones(len(plan.rows), dtype=np.int64) if plan.counts is None else plan.counts
-        starts = (np.cumsum(ks) - ks).tolist()
-        for i in np.flatnonzero((plan.pending > 0) & (ks > 0)).tolist():  # type: ignore[operator]
-            seq = self._seqs[seq_ids[i]]
-            old, take = int(plan.old[i]), min(int(ks[i]), int(plan.pending[i]))  # type: ignore[index]
-            self.tables.write_tokens(slots[starts[i]:starts[i] + take],
-                                     np.frombuffer(seq.prompt, dtype=np.int64)[old:old + take])
-            if take == plan.pending[i]:  # type: ignore[index]
-                seq.prompt = None
-
-    def _copies_needed(self, plan: AppendPlan) -> list[int]:
-        """Rows that must copy their shared tail: as sequential appends would, every
-        sharer in the batch but the last one left holding the block."""
-        rows: list[int] = []
-        refs_left: dict[int, int] = {}
-        for row, tail in plan.shared_tails or ():
-            left = refs_left.get(tail)
-            if left is None:
-                left = self.pool.ref_count(tail)
-            if left > 1:
-                rows.append(row)
-                refs_left[tail] = left - 1
-        return rows
-
-    def _copy_on_write(self, row: int) -> None:
-        (new_block,) = self.pool.allocate(1)
-        old_block = self.tables.copy_on_write(row, new_block)
-        self.pool.free([old_block])
-        self.pending_copies.append((old_block, new_block))
-        self.num_cow_copies += 1
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """Start ``child_id`` sharing every block of ``parent_id`` (no data copied).
@@ -384,19 +301,17 @@ class BlockManager:
         The shared blocks gain one reference each; the first append into a
         shared partially filled last block copies that block (copy-on-write).
         """
-        parent = self._seq(parent_id)
-        self._check_new(child_id)
-        self.pool.incref(self.tables.blocks(parent.row))
-        row = self.tables.fork_row(parent.row)
-        self._seqs[child_id] = _Seq(row, parent.salt, list(parent.keys), parent.prompt)
-        self._row_of[child_id] = row
+        parent_row, parent = self._seqs.get(parent_id)
+        self._seqs.check_new(child_id)
+        self.pool.incref(self.tables.blocks(parent_row))
+        self._seqs.add(child_id, self.tables.fork_row(parent_row), _Chain(parent.salt, list(parent.keys)))
 
     def free_sequence(self, seq_id: SeqId) -> None:
         """Drop the sequence and one reference from each of its blocks."""
-        seq = self._seq(seq_id)
-        self.pool.free(self.tables.blocks(seq.row)[::-1])  # tail first: eviction takes it first
-        del self._seqs[seq_id], self._row_of[seq_id]
-        self.tables.release_row(seq.row)
+        row = self._seqs.row(seq_id)
+        self.pool.free(self.tables.blocks(row)[::-1])  # tail first: eviction takes it first
+        self._seqs.remove(seq_id)
+        self.tables.release_row(row)
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """The queued ``(src, dst)`` copy-on-write pairs, emptied."""
@@ -414,43 +329,39 @@ class BlockManager:
         """
         if not is_int(width_multiple) or width_multiple < 1:
             raise SequenceError(f"width_multiple must be a positive integer, got {width_multiple!r}")
-        seq_ids = self._ids(seq_ids)
-        rows = self._rows(seq_ids)
-        return self.tables.step_view(rows, self._counts(seq_ids, rows, num_new_tokens, "num_new_tokens"),
-                                     int(width_multiple))
+        seq_ids = _indexable(seq_ids)
+        rows = self._seqs.rows(seq_ids)
+        counts = last_counts(num_new_tokens, self.tables.num_tokens_of(rows), seq_ids, "num_new_tokens")
+        return self.tables.step_view(rows, counts, int(width_multiple))
 
     def block_table_array(self, seq_ids: Sequence[SeqId], width: int | None = None) -> np.ndarray:
-        """``[len(seq_ids), width]`` int32 block tables, padded with -1.
-
-        ``width`` defaults to the longest table among the sequences.
-        """
-        return self.tables.block_table_array(self._rows(seq_ids), width)
+        """``[len(seq_ids), width]`` int32 block tables padded with -1; ``width`` defaults
+        to the longest table among the sequences."""
+        return self.tables.block_table_array(self._seqs.rows(seq_ids), width)
 
     def context_lens(self, seq_ids: Sequence[SeqId]) -> np.ndarray:
         """Reserved tokens of each sequence (int32)."""
-        return self.tables.context_lens(self._rows(seq_ids))
+        return self.tables.context_lens(self._seqs.rows(seq_ids))
 
     def slot_mapping(self, seq_ids: Sequence[SeqId], num_last_tokens: int | Sequence[int] = 1) -> np.ndarray:
         """Slots of the last ``num_last_tokens`` tokens of each sequence, concatenated (int64)."""
-        seq_ids = self._ids(seq_ids)
-        rows = self._rows(seq_ids)
-        return self.tables.slot_mapping(rows, self._counts(seq_ids, rows, num_last_tokens, "num_last_tokens"))
+        seq_ids = _indexable(seq_ids)
+        rows = self._seqs.rows(seq_ids)
+        counts = last_counts(num_last_tokens, self.tables.num_tokens_of(rows), seq_ids, "num_last_tokens")
+        return self.tables.slot_mapping(rows, counts)
 
     # ------------------------------------------------------------ metrics
     def usage(self) -> usage.BlockUsage:
-        """Token and block counts over every sequence (see :class:`~kvforge.core.usage.BlockUsage`)."""
+        """Token and block counts over every sequence (:class:`~kvforge.core.usage.BlockUsage`)."""
         return usage.block_usage(self.tables)
 
     def num_live_tokens(self) -> int:
-        """Tokens with a reserved slot, summed over sequences (shared blocks counted once
-        per sequence)."""
+        """Tokens with a reserved slot, summed over sequences (a shared block counts per sequence)."""
         return usage.num_live_tokens(self.tables)
 
     def internal_fragmentation(self) -> float:
-        """Reserved token slots in allocated blocks that hold no token, over all reserved slots.
-
-        Counts every distinct allocated block once; a token slot is used when
-        any sequence holding the block has a token there."""
+        """Token slots of the distinct allocated blocks that no sharer of the block fills,
+        over all of those slots."""
         return self.usage().internal_fragmentation
 
     def live_token_slots(self) -> int:
@@ -458,11 +369,9 @@ class BlockManager:
         return self.usage().num_used_slots
 
     def metadata_bytes(self) -> int:
-        """Host bytes of the bookkeeping: tables and slot token ids, pool, prefix index, sequences."""
-        own = sys.getsizeof(self._seqs) + sys.getsizeof(self._row_of) + sum(
-            sys.getsizeof(s.keys) + (sys.getsizeof(s.prompt) if s.prompt is not None else 0)
-            for s in self._seqs.values())
-        return usage.metadata_bytes(self.tables, self.pool, self.prefix) + own
+        """Host bytes of the bookkeeping: tables and token ids, pool, prefix index, key chains."""
+        chains = sum(sys.getsizeof(c.keys) for _, _, c in self._seqs.items())
+        return usage.metadata_bytes(self.tables, self.pool, self.prefix, self._seqs) + chains
 
     # ---------------------------------------------------------- compaction
     def held_blocks(self) -> list[int]:
@@ -500,26 +409,26 @@ class BlockManager:
         self.prefix.relocate(mapping)
 
     def check_invariants(self) -> None:
-        """Assert consistency of the tables, the pool, the prefix index and the key chains."""
+        """Assert consistency of the pool, the prefix index, the tables and the key chains."""
         self.pool.check_invariants()
         self.prefix.check_invariants()
         self.tables.check_invariants(self.pool.capacity)
-        assert self._row_of == {sid: s.row for sid, s in self._seqs.items()}, "row map out of date"
-        assert sorted(self._row_of.values()) == self.tables.live_rows().tolist(), "rows differ from live rows"
+        live = self._seqs.items()
+        assert sorted(row for _, row, _ in live) == self.tables.live_rows().tolist(), "rows differ from live rows"
         refs: dict[int, int] = {}
-        for sid, s in self._seqs.items():
-            blocks = self.tables.blocks(s.row)
+        for sid, row, chain in live:
+            blocks = self.tables.blocks(row)
             for b in blocks:
                 refs[b] = refs.get(b, 0) + 1
-            pending = self.tables.num_pending(s.row)
-            assert (s.prompt is not None) == (pending > 0), f"sequence {sid!r}: prompt kept {s.prompt is not None}"
-            if pending:
-                assert len(s.prompt) == self.tables.num_tokens(s.row) + pending, f"sequence {sid!r}: prompt"
-            if self.tables.is_known(s.row) and self.prefix.enabled:  # every full block keyed, by its tokens
-                full = self.tables.num_tokens(s.row) // self.block_size
-                data = self.tables.block_tokens(blocks[:full])
-                assert s.keys == self.prefix.block_keys(np.frombuffer(data, np.int64), s.salt), \
+            if self.tables.is_known(row) and self.prefix.enabled:  # every full block keyed, by its tokens
+                data = self.tables.block_tokens(blocks[: self.tables.num_tokens(row) // self.block_size])
+                assert chain.keys == self.prefix.block_keys(np.frombuffer(data, np.int64), chain.salt), \
                     f"sequence {sid!r}: keys do not name its tokens"
         for b, k in refs.items():
             assert self.pool.ref_count(b) == k, f"block {b}: ref {self.pool.ref_count(b)} != {k} table entries"
         assert self.pool.num_allocated_blocks == len(refs), "held blocks not in any table"
+
+
+def _indexable(seq_ids: Sequence[SeqId]) -> Sequence[SeqId]:
+    """A batch's ids as an indexable sequence (any iterable is accepted)."""
+    return seq_ids if isinstance(seq_ids, (list, tuple)) else list(seq_ids)

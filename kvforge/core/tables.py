@@ -26,7 +26,7 @@ hold their ids (blocks shared with other rows hold the same ids there).
 from __future__ import annotations
 
 import sys
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -65,11 +65,9 @@ class AppendPlan(NamedTuple):
 
     ``counts`` is None when every row gains one token (a decode step); then
     ``offset`` is each row's ``num_tokens % block_size`` (0: it opens a block).
-    ``num_new_blocks`` blocks are needed besides copy-on-write. ``shared_tails``
-    lists ``(row, block_id)`` of rows that gain tokens in a partial last block
-    that may be shared (the caller asks the pool, and copies first); None when
-    no row is flagged. ``pending``: the rows' pending prompt tokens, None when
-    no row has any.
+    ``num_new_blocks`` blocks are needed besides one per ``cow_rows`` entry: rows
+    that must copy their shared partial last block first. ``pending``: the rows'
+    pending prompt tokens, None when no row has any.
     """
 
     rows: np.ndarray
@@ -79,7 +77,8 @@ class AppendPlan(NamedTuple):
     offset: np.ndarray | None
     need: np.ndarray | None
     num_new_blocks: int
-    shared_tails: list[tuple[int, int]] | None
+    cow_rows: list[int]
+    flagged: bool
     pending: np.ndarray | None
 
 
@@ -100,6 +99,7 @@ class BlockTables:
         self._known = np.zeros(rows, dtype=bool)         # every token id of the row is known
         self._live = np.zeros(rows, dtype=bool)
         self._slot_tokens = np.zeros(int(num_blocks) * self.block_size, dtype=np.int64)
+        self._pending_ids: dict[int, np.ndarray] = {}  # row -> ids of its pending prompt tokens
         self._free_rows: list[int] = []
         self._next_row = 0
 
@@ -119,18 +119,31 @@ class BlockTables:
         self._live[row] = True
         return row
 
-    def assign(self, row: int, block_ids: list[int], num_tokens: int, num_pending: int, known: bool) -> None:
-        """Give a new row its blocks (``ceil(num_tokens / block_size)`` of them) and counts."""
+    def assign(self, row: int, block_ids: list[int], num_tokens: int, token_ids: np.ndarray | None,
+               num_cached: int = 0) -> np.ndarray:
+        """Give a new row its blocks (``ceil(num_tokens / block_size)`` of them) for its first
+        ``num_tokens`` tokens, of ids ``token_ids`` (None: unknown; more ids than tokens: the
+        rest are pending). The first ``num_cached`` tokens sit in cached blocks, which hold
+        their ids already. Returns the slots (int64) of the other reserved tokens."""
         self._ensure_width(len(block_ids))
         self._tables[row, : len(block_ids)] = block_ids
-        self._nblk[row], self._ntok[row], self._npending[row] = len(block_ids), num_tokens, num_pending
-        self._known[row] = known
+        self._nblk[row], self._ntok[row] = len(block_ids), num_tokens
+        slots = self.row_slots(row, num_cached, num_tokens)
+        self._known[row] = token_ids is not None
+        if token_ids is not None:
+            self._slot_tokens[slots] = token_ids[num_cached:num_tokens]
+            self._npending[row] = len(token_ids) - num_tokens
+            if len(token_ids) > num_tokens:
+                self._pending_ids[row] = token_ids[num_tokens:]
+        return slots
 
     def fork_row(self, parent: int) -> int:
         """A new row sharing every block of ``parent``; both tails are marked shared when partial."""
         row = self.new_row()
         for a in (self._tables, self._nblk, self._ntok, self._npending, self._known):
             a[row] = a[parent]
+        if parent in self._pending_ids:  # shared: pending ids are sliced, never changed in place
+            self._pending_ids[row] = self._pending_ids[parent]
         partial = int(self._ntok[parent]) % self.block_size != 0
         self._shared_tail[row] = partial
         self._shared_tail[parent] |= partial
@@ -141,6 +154,7 @@ class BlockTables:
         self._tables[row, : self._nblk[row]] = -1
         self._nblk[row] = self._ntok[row] = self._npending[row] = 0
         self._shared_tail[row] = self._known[row] = self._live[row] = False
+        self._pending_ids.pop(row, None)
         self._free_rows.append(row)
 
     def _ensure_width(self, width: int) -> None:
@@ -201,8 +215,10 @@ class BlockTables:
         self._slot_tokens[slots] = token_ids
 
     def token_ids(self, row: int) -> np.ndarray:
-        """The ids held in the row's reserved slots (int64; meaningful when the row is known)."""
-        return self._slot_tokens[self.row_slots(row, 0, int(self._ntok[row]))]
+        """The row's token ids (int64), reserved then pending; meaningful when the row is known."""
+        ids = self._slot_tokens[self.row_slots(row, 0, int(self._ntok[row]))]
+        pending = self._pending_ids.get(row)
+        return ids if pending is None else np.concatenate([ids, pending])
 
     def block_tokens(self, block_ids: Sequence[int]) -> bytes:
         """The token ids held by these blocks, int64 bytes, block after block (what a key hashes)."""
@@ -268,8 +284,13 @@ class BlockTables:
         return StepView(pos, slots, self._ntok[rows].astype(np.int32), tables, qsl, ids)
 
     # -------------------------------------------------------------- append
-    def plan_append(self, rows: np.ndarray, counts: np.ndarray | None) -> AppendPlan:
-        """What appending ``counts[i]`` tokens (None: one each) to each row needs; changes nothing."""
+    def plan_append(self, rows: np.ndarray, counts: np.ndarray | None,
+                    ref_count: Callable[[int], int]) -> AppendPlan:
+        """What appending ``counts[i]`` tokens (None: one each) to each row needs; changes nothing.
+
+        A row gaining tokens in a partial last block that ``ref_count`` says is
+        shared copies it, as sequential appends would: every sharer in the batch
+        but the last one left holding the block."""
         bs = self.block_size
         old = self._ntok[rows]
         offset = need = None
@@ -281,22 +302,29 @@ class BlockTables:
             new = old + counts
             need = (new + bs - 1) // bs - self._nblk[rows]
             total = int(need.sum())
-        shared = None
-        if np.count_nonzero(self._shared_tail[rows]):  # (count_nonzero: cheaper than any() on small arrays)
-            shared = []
-            ks = [1] * len(rows) if counts is None else counts.tolist()
-            for r, o, k in zip(rows.tolist(), old.tolist(), ks):
+        cow: list[int] = []
+        flagged = bool(np.count_nonzero(self._shared_tail[rows]))  # count_nonzero: cheaper than any()
+        if flagged:
+            refs_left: dict[int, int] = {}
+            for r, o, k in zip(rows.tolist(), old.tolist(), [1] * len(rows) if counts is None else counts.tolist()):
                 if k and self._shared_tail[r] and o % bs:
-                    shared.append((r, int(self._tables[r, self._nblk[r] - 1])))
+                    tail = int(self._tables[r, self._nblk[r] - 1])
+                    left = refs_left.get(tail)
+                    left = ref_count(tail) if left is None else left
+                    if left > 1:
+                        cow.append(r)
+                        refs_left[tail] = left - 1
         pending = self._npending[rows]
-        return AppendPlan(rows, counts, old, new, offset, need, total, shared, pending if np.count_nonzero(pending) else None)
+        return AppendPlan(rows, counts, old, new, offset, need, total, cow, flagged,
+                          pending if np.count_nonzero(pending) else None)
 
     def commit_append(self, plan: AppendPlan, block_ids: list[int], token_ids: np.ndarray | None) -> np.ndarray:
-        """Apply ``plan`` with its ``num_new_blocks`` new ``block_ids`` (in row order); return the
-        new tokens' slots (int64), row after row. ``token_ids``: their ids; None: unknown (a row
-        stays known while its new tokens are pending prompt tokens, whose ids the caller writes)."""
+        """Apply ``plan`` (its copies made) with its ``num_new_blocks`` new ``block_ids`` (in row
+        order); return the new tokens' slots (int64), row after row. ``token_ids``: their ids,
+        None: unknown. Pending prompt tokens come first, their ids known; a row that gains more
+        tokens than it had pending without ids is no longer known."""
         rows, counts, bs = plan.rows, plan.counts, self.block_size
-        if plan.shared_tails is not None:  # a row that gains no token keeps its flag: its tail may be shared
+        if plan.flagged:  # a row that gains no token keeps its flag: its tail may be shared
             self._shared_tail[rows if counts is None or counts.min() > 0 else rows[counts > 0]] = False
         if block_ids:
             if counts is None:
@@ -313,20 +341,32 @@ class BlockTables:
                 self._tables[self._positions(g_rows, start, g_need)] = block_ids
                 self._nblk[g_rows] = start + g_need
         self._ntok[rows] = plan.new
-        k = 1 if counts is None else counts
-        if plan.pending is not None:
-            self._npending[rows] = np.maximum(0, plan.pending - k)
         if counts is None:
             slots = self._tables[rows, plan.old // bs].astype(np.int64) * bs + plan.offset
         else:
             slots = self._slots_at(*self._positions(rows, plan.old, counts))
         if token_ids is not None:
             self._slot_tokens[slots] = token_ids
-        elif plan.pending is None and counts is None:  # tokens past the prompt came without ids
-            self._known[rows] = False
-        else:
-            self._known[rows[np.broadcast_to(k, rows.shape) > (0 if plan.pending is None else plan.pending)]] = False
+        elif plan.pending is None:
+            self._known[rows if counts is None else rows[counts > 0]] = False
+        if plan.pending is not None:
+            self._take_pending(plan, slots, token_ids is None)
         return slots
+
+    def _take_pending(self, plan: AppendPlan, slots: np.ndarray, unknown: bool) -> None:
+        """Store the ids of the pending prompt tokens an append reserved (the first of each row's)."""
+        ks = np.ones(len(plan.rows), dtype=np.int64) if plan.counts is None else plan.counts
+        pend = plan.pending
+        self._npending[plan.rows] = np.maximum(0, pend - ks)  # type: ignore[operator]
+        if unknown:  # tokens past the prompt came without ids
+            self._known[plan.rows[ks > pend]] = False  # type: ignore[operator]
+        starts = np.cumsum(ks) - ks
+        for i in ((pend > 0) & (ks > 0)).nonzero()[0].tolist():  # type: ignore[operator]
+            row, take, start = int(plan.rows[i]), min(int(ks[i]), int(pend[i])), int(starts[i])  # type: ignore[index]
+            ids = self._pending_ids.pop(row)
+            self._slot_tokens[slots[start:start + take]] = ids[:take]
+            if take < len(ids):
+                self._pending_ids[row] = ids[take:]
 
     def filled_rows(self, plan: AppendPlan) -> list[int]:
         """Indices into ``plan.rows`` of the known rows whose committed append filled a block."""
@@ -349,7 +389,8 @@ class BlockTables:
         """Host bytes of the row arrays, the slot token ids and the free-row list."""
         arrays = (self._tables, self._nblk, self._ntok, self._npending, self._shared_tail, self._known,
                   self._live, self._slot_tokens)
-        return int(sum(a.nbytes for a in arrays)) + sys.getsizeof(self._free_rows)
+        return int(sum(a.nbytes for a in arrays) + sum(a.nbytes for a in self._pending_ids.values())
+                   + sys.getsizeof(self._free_rows) + sys.getsizeof(self._pending_ids))
 
     def check_invariants(self, num_block_ids: int) -> None:
         """Assert row consistency; block ids must lie in ``0..num_block_ids-1``."""
@@ -363,4 +404,7 @@ class BlockTables:
         assert not any(a[~live].any() for a in flags), "a free row is not cleared"
         assert sorted(self._free_rows) == np.flatnonzero(~live).tolist(), "free rows lost or duplicated"
         assert not self._live[n:].any() and (self._tables[n:] == -1).all()
-        assert self._known[:n][self._npending[:n] > 0].all(), "a row with pending prompt ids is not known"
+        pend = self._npending[:n]
+        assert self._known[:n][pend > 0].all(), "a row with pending prompt ids is not known"
+        assert {r: len(a) for r, a in self._pending_ids.items()} == \
+            {r: int(pend[r]) for r in np.flatnonzero(pend).tolist()}, "pending ids do not match the counts"

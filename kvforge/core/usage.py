@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 if TYPE_CHECKING:
+    from kvforge.core.ids import SequenceRows
     from kvforge.core.pool import BlockPool
     from kvforge.core.prefix import PrefixIndex
     from kvforge.core.tables import BlockTables
@@ -72,6 +73,6 @@ def block_usage(tables: BlockTables) -> BlockUsage:
                       int(used[last].sum()), bs)
 
 
-def metadata_bytes(*owners: BlockTables | BlockPool | PrefixIndex) -> int:
+def metadata_bytes(*owners: BlockTables | BlockPool | PrefixIndex | SequenceRows) -> int:
     """Host bytes of the bookkeeping: the sum of each owner's ``metadata_bytes()``."""
     return int(sum(owner.metadata_bytes() for owner in owners))
