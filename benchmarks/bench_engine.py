@@ -12,7 +12,9 @@ KV bytes transformers' static padded batch of 128 needs (128 x (longest
 prompt + NEW) tokens) given to kvforge as its whole cache, and the 512
 requests run through it: how many sequences it holds at once.
 
-Usage: ``python benchmarks/bench_engine.py [--requests 128 512] [--new-tokens 256] [--json out.json]``
+Usage: ``python benchmarks/bench_engine.py [--requests 128 512] [--new-tokens 256] [--profile] [--json out.json]``.
+``--profile`` adds decode-step times, graph replay times, and the host time of a decode step at full
+batch: the step's wall time less the time it waits for the GPU (its one sync, the sampled tokens).
 Run ``python benchmarks/baselines/hf_engine_baseline.py`` in the same call for the transformers numbers.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvforge.engine import Engine, SamplingParams  # noqa: E402
+import kvforge.engine.engine as engine_module  # noqa: E402
 
 TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
                  intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -61,8 +64,9 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, profile: bool
     cache.reclaim_unused_blocks()
     before = engine.stats()
     peak = {"blocks": 0, "running": 0}
-    steps: list[tuple[float, int, bool]] = []
+    steps: list[tuple[float, int, bool, float]] = []
     last = [time.perf_counter(), engine.stats().num_decode_steps]
+    waits: list[float] = []  # --profile: each step's wait for the GPU, added by timed_sample below
 
     def on_step(e: Engine) -> None:
         peak["blocks"] = max(peak["blocks"], cache.pool.num_allocated_blocks)
@@ -70,14 +74,29 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, profile: bool
         if profile:
             now = time.perf_counter()
             dec = e._counters["decode_steps"]
-            steps.append((now - last[0], len(e.scheduler.running), dec != last[1]))
+            steps.append((now - last[0], len(e.scheduler.running), dec != last[1], sum(waits)))
+            waits.clear()
             last[0], last[1] = now, dec
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    # --profile: the time each step waits for the GPU (the sampled tokens' read-back, the
+    # step's one sync); the rest of the step's wall time is host work
+    sample = engine_module.sample
+    if profile:
+        def timed_sample(*a: Any, **k: Any) -> Any:
+            out = sample(*a, **k)
+            t = time.perf_counter()
+            torch.cuda.synchronize()
+            waits.append(time.perf_counter() - t)
+            return out
+        engine_module.sample = timed_sample
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, params, on_step=on_step)
+    try:
+        outs = engine.generate(prompts, params, on_step=on_step)
+    finally:
+        engine_module.sample = sample
     wall = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
     assert all(len(o.token_ids) == new_tokens for o in outs), "every request must get exactly NEW tokens"
@@ -95,6 +114,11 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, profile: bool
         pre = [s for s in steps if not s[2]]
         res["decode_steps"] = len(dec)
         res["decode_step_ms_mean"] = 1e3 * statistics.fmean(s[0] for s in dec) if dec else None
+        # host time of decode steps at full batch (every request running)
+        full = [s[0] - s[3] for s in steps if s[2] and s[1] == len(prompts)]
+        res["decode_host_ms_p50_full_batch"] = 1e3 * pct(full, 50) if full else None
+        res["decode_host_ms_mean_full_batch"] = 1e3 * statistics.fmean(full) if full else None
+        res["decode_steps_full_batch"] = len(full)
         res["prefill_steps"] = len(pre)
         res["prefill_time_s"] = sum(s[0] for s in pre)
     return res
@@ -160,7 +184,10 @@ def main() -> None:
               f"{r['max_concurrent']:>8}" + (f"  | {r.get('decode_steps')} decode steps, "
                                              f"{r.get('decode_step_ms_mean', 0):.2f} ms each; "
                                              f"{r.get('prefill_steps')} prefill steps, "
-                                             f"{r.get('prefill_time_s', 0):.2f} s" if args.profile else ""))
+                                             f"{r.get('prefill_time_s', 0):.2f} s; host per decode step at "
+                                             f"batch {n}: p50 {r.get('decode_host_ms_p50_full_batch') or 0:.3f} "
+                                             f"ms over {r.get('decode_steps_full_batch')} steps"
+                                             if args.profile else ""))
     if not args.no_static_compare:
         static_batch = 128
         ccfg = engine.cache.config

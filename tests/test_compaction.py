@@ -11,6 +11,7 @@ import torch
 from kvforge import CacheConfig, KVCache, plan_compaction
 from kvforge.errors import OutOfBlocksError
 from kvforge.kernels import reference
+from kvforge.storage.device import DeviceStorage
 
 
 def make_cache(num_blocks: int = 64, chunk_blocks: int = 4, **kw) -> KVCache:
@@ -195,7 +196,7 @@ def test_growth_the_device_refuses_raises_and_keeps_the_cache(monkeypatch):
     def oom(self):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(KVCache, "_allocate_chunk", oom)
+    monkeypatch.setattr(DeviceStorage, "_allocate_chunk", oom)
     with pytest.raises(OutOfBlocksError, match="cannot back"):
         m.add("b", list(range(500, 540)))
     assert cache.stats == stats and cache.num_chunks == chunks and "b" not in cache

@@ -200,7 +200,7 @@ def test_chunked_prefill_respects_the_budget(ckpt: tuple[str, object]) -> None:
     engine = small(folder, max_num_batched_tokens=8)
     seen: list[int] = []
     run = engine.runner.execute
-    engine.runner.execute = lambda step: (seen.append(len(step.input_ids)), run(step))[1]  # type: ignore[method-assign]
+    engine.runner.execute = lambda step: (seen.append(step.num_tokens), run(step))[1]  # type: ignore[method-assign]
     out = engine.generate(PROMPTS, SamplingParams(max_tokens=5))
     assert max(seen) <= 8 and len(seen) >= sum(map(len, PROMPTS)) // 8
     assert [o.token_ids for o in out] == [hf_greedy(model, p, 5) for p in PROMPTS]

@@ -15,39 +15,37 @@ tokens arrive); :meth:`Engine.abort` frees everything a request holds.
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import random
 import threading
 import time
-from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 
-import numpy as np
 import torch
 
-from kvforge.storage import KVCache, resolve_device
-from kvforge.config import CacheConfig, parse_bytes, resolve_dtype
+from kvforge.config import CacheConfig
 from kvforge.engine.config import EngineConfig
 from kvforge.engine.loader import Tokenizer, load_checkpoint
 from kvforge.engine.model_config import ModelConfig
-from kvforge.engine.model_runner import ModelRunner, StepInputs
+from kvforge.engine.model_runner import ModelRunner
 from kvforge.engine.models.llama import LlamaModel
+from kvforge.engine.outputs import request_output
 from kvforge.engine.prompts import Prompt, check_params, prompt_list, token_ids
-from kvforge.engine.request import (
-    CompletionOutput, Request, RequestMetrics, RequestOutput, Sequence, SequenceStatus,
-)
+from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
 from kvforge.engine.sampling import SamplingBatch, SamplingParams, sample
 from kvforge.engine.scheduler import Scheduler, SchedulerOutput
+from kvforge.engine.setup import (
+    cache_config_for, check_prompt, engine_config, kv_budget, max_len, resolve_placement,
+)
 from kvforge.engine.stats import EngineStats
-from kvforge.errors import ConfigError, KVForgeError, ModelError, OutOfBlocksError, SequenceError
+from kvforge.errors import ConfigError, KVForgeError, SequenceError
+from kvforge.storage import KVCache
 
 __all__ = ["Engine", "Prompt"]
 
 log = logging.getLogger(__name__)
 
 
-_MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SEED_MASK = (1 << 62) - 1
 
 
@@ -69,12 +67,12 @@ class Engine:
     def __init__(self, model_path: str | os.PathLike[str], cache_config: CacheConfig | int | str | None = None, *,
                  kv_memory: int | str | None = None, num_blocks: int | None = None, device: str = "auto",
                  dtype: Any = None, config: EngineConfig | None = None, **options: Any) -> None:
-        cache_config, kv_memory = _kv_budget(cache_config, kv_memory, num_blocks)
-        econf = _engine_config(config, options)
+        cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
+        econf = engine_config(config, options)
         ckpt = load_checkpoint(model_path)
-        dev, dt = _resolve(device, dtype, ckpt.config)
-        max_len = _max_len(econf, ckpt.config)
-        model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev, max_positions=max_len)
+        dev, dt = resolve_placement(device, dtype, ckpt.config)
+        model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev,
+                                           max_positions=max_len(econf, ckpt.config))
         self._setup(model, ckpt.tokenizer, econf, cache_config, kv_memory, num_blocks)
 
     @classmethod
@@ -85,11 +83,11 @@ class Engine:
 
         Weights are normal with the config's ``initializer_range`` (seeded by
         ``seed``), made directly on the device; there is no tokenizer."""
-        cache_config, kv_memory = _kv_budget(cache_config, kv_memory, num_blocks)
+        cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         mconf = ModelConfig.from_hf(hf_config)
-        econf = _engine_config(config, options)
-        dev, dt = _resolve(device, dtype, mconf)
-        model = LlamaModel.random(mconf, dtype=dt, device=dev, seed=econf.seed, max_positions=_max_len(econf, mconf))
+        econf = engine_config(config, options)
+        dev, dt = resolve_placement(device, dtype, mconf)
+        model = LlamaModel.random(mconf, dtype=dt, device=dev, seed=econf.seed, max_positions=max_len(econf, mconf))
         engine = cls.__new__(cls)
         engine._setup(model, None, econf, cache_config, kv_memory, num_blocks)
         return engine
@@ -102,9 +100,9 @@ class Engine:
         (shared weights: e.g. several cache sizes for one model in a benchmark)."""
         if not isinstance(model, LlamaModel):
             raise ConfigError(f"model must be a LlamaModel, got {type(model).__name__}")
-        cache_config, kv_memory = _kv_budget(cache_config, kv_memory, num_blocks)
+        cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, _engine_config(config, options), cache_config, kv_memory, num_blocks)
+        engine._setup(model, tokenizer, engine_config(config, options), cache_config, kv_memory, num_blocks)
         return engine
 
     def _setup(self, model: LlamaModel, tokenizer: Tokenizer | None, econf: EngineConfig,
@@ -118,9 +116,9 @@ class Engine:
         self.config = econf
         self.device = model.device
         self.dtype = model.dtype
-        ccfg = self._cache_config(cache_config, kv_memory, num_blocks)
+        ccfg = cache_config_for(model, econf, cache_config, kv_memory, num_blocks)
         self.cache = KVCache(ccfg, backend=econf.backend)
-        self.max_model_len = min(_max_len(econf, model.config), ccfg.num_blocks * ccfg.block_size,
+        self.max_model_len = min(max_len(econf, model.config), ccfg.num_blocks * ccfg.block_size,
                                  model.rope.max_positions)
         self.scheduler = Scheduler(self.cache, max_num_seqs=econf.max_num_seqs,
                                    max_num_batched_tokens=econf.max_num_batched_tokens,
@@ -141,39 +139,6 @@ class Engine:
         log.info("engine ready: %s, %s on %s, %s, max_model_len=%d", model.config.architecture,
                  str(self.dtype).removeprefix("torch."), self.device, self.cache, self.max_model_len)
 
-    def _cache_config(self, given: CacheConfig | None, kv_memory: int | str | None,
-                      num_blocks: int | None) -> CacheConfig:
-        m, e = self.model_config, self.config
-        if given is not None:
-            if not isinstance(given, CacheConfig):
-                raise ConfigError(f"cache_config must be a CacheConfig, got {type(given).__name__}")
-            shape = (given.num_layers, given.num_kv_heads, given.head_dim)
-            if shape != (m.num_layers, m.num_kv_heads, m.head_dim):
-                raise ConfigError(f"cache_config has (layers, kv heads, head_dim) = {shape}, the model needs "
-                                  f"{(m.num_layers, m.num_kv_heads, m.head_dim)}")
-            if given.dtype != self.dtype or resolve_device(given.device) != self.device:
-                log.info("cache_config dtype/device set to the model's (%s on %s)", self.dtype, self.device)
-            return given.replace(dtype=self.dtype, device=str(self.device))
-        one = CacheConfig(block_size=e.block_size, num_blocks=1, num_layers=m.num_layers,
-                          num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype=self.dtype,
-                          device=str(self.device), enable_prefix_caching=e.enable_prefix_caching,
-                          enable_compaction=e.enable_compaction)
-        if num_blocks is None:
-            if kv_memory is not None:
-                budget = parse_bytes(kv_memory)
-            elif self.device.type == "cuda":
-                torch.cuda.empty_cache()
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * e.kv_memory_fraction) - 2 * 2**30  # activations, graphs
-            else:
-                budget = 512 * 2**20
-            num_blocks = budget // one.bytes_per_block
-            if num_blocks < 1:
-                raise ConfigError(f"a KV budget of {budget} bytes holds no block of {one.bytes_per_block} bytes")
-        # without compaction the pool is one allocation (the kernels skip the chunk table)
-        chunk = None if e.enable_compaction else num_blocks
-        return one.replace(num_blocks=int(num_blocks), chunk_blocks=chunk)
-
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -187,7 +152,7 @@ class Engine:
             if request_id in self._requests:
                 raise SequenceError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
-        self._check_prompt(request_id if request_id is not None else f"req-{self._next_request}", ids)
+        check_prompt(self, request_id if request_id is not None else f"req-{self._next_request}", ids)
         return self._queue(text, ids, params, request_id)
 
     def _queue(self, text: str | None, ids: list[int], params: SamplingParams, request_id: str | None) -> str:
@@ -222,26 +187,6 @@ class Engine:
             return prompt, self.tokenizer.encode(prompt)
         return None, token_ids(prompt)
 
-    def _check_prompt(self, rid: str, ids: list[int]) -> None:
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise ConfigError(f"request {rid!r}: empty prompt")
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = min(ids) if min(ids) < 0 else max(ids)
-            raise ConfigError(f"request {rid!r}: token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(ids) < self.max_model_len:
-            return
-        bs, nb = self.cache.config.block_size, self.cache.config.num_blocks
-        model_limit = _max_len(self.config, self.model_config)
-        cache_bound = nb * bs <= model_limit
-        limit = (f"the whole cache is {nb} blocks of {bs} tokens" if cache_bound
-                 else f"the model allows {model_limit} positions")
-        msg = (f"request {rid!r}: a prompt of {len(ids)} tokens can never run: a sequence holds at most "
-               f"{self.max_model_len} tokens, prompt and output ({limit})")
-        if cache_bound:
-            raise OutOfBlocksError(msg, requested=-(-(len(ids) + 1) // bs), available=nb)
-        raise ModelError(msg)
-
     def abort(self, request_id: str) -> None:
         """Stop a request and free every block it holds (finish reason ``'abort'``)."""
         req = self._requests.get(request_id)
@@ -270,7 +215,7 @@ class Engine:
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Run one step; snapshots of the requests that got tokens or finished."""
-        outputs = [self._output(r, detokenize=True) for r in self._step(want_touched=True)]
+        outputs = [request_output(self.tokenizer, r, detokenize=True) for r in self._step(want_touched=True)]
         for o in outputs:
             if o.finished:
                 self._requests.pop(o.request_id, None)
@@ -288,8 +233,8 @@ class Engine:
         try:
             out = self.scheduler.schedule()
             if not out.is_empty:
-                inputs, targets, rows, forks = self._inputs(out)
-                logits = self.runner.execute(inputs)
+                targets, rows, forks = self._targets(out)
+                logits = self.runner.execute(out)
                 if rows is not None:
                     logits = logits[torch.as_tensor(rows, device=logits.device)]
                 tokens = sample(logits, self._sampling_batch(targets)).tolist()
@@ -305,9 +250,9 @@ class Engine:
         now = time.perf_counter()
         c = self._counters
         c["steps"] += 1
-        if inputs.is_decode:
+        if not out.chunks:
             c["decode_steps"] += 1
-            if self.runner.graphs is not None and self.runner.graphs.fits(len(out.decodes)):
+            if self.runner.uses_graph(out):
                 c["graph_steps"] += 1
         else:
             c["prompt_tokens"] += sum(ch.num_tokens for ch in out.chunks)
@@ -336,42 +281,18 @@ class Engine:
         log.warning("a step failed: %d running sequence(s) preempted to recompute, %d cached block(s) dropped",
                     num, evicted)
 
-    def _inputs(self, out: SchedulerOutput
-                ) -> tuple[StepInputs, list[Sequence], list[int] | None, list[Sequence]]:
-        decodes, chunks = out.decodes, out.chunks
-        nd = len(decodes)
-        ctx_d = np.fromiter((s.num_computed_tokens for s in decodes), dtype=np.int32, count=nd)
-        ids_d = np.fromiter((s.token_ids[-1] for s in decodes), dtype=np.int32, count=nd)
-        targets = list(decodes)
-        seq_ids = [s.seq_id for s in decodes]
-        if not chunks:
-            step = StepInputs(ids_d, ctx_d - 1, out.decode_slots, seq_ids, np.ones(nd, np.int32), ctx_d,
-                              np.arange(nd), nd, True)
-            return self._expand(step, targets)
-        ids = [ids_d] + [np.asarray(c.seq.token_ids[c.start: c.start + c.num_tokens], dtype=np.int32) for c in chunks]
-        pos = [ctx_d - 1] + [np.arange(c.start, c.start + c.num_tokens, dtype=np.int32) for c in chunks]
-        q_lens = np.concatenate([np.ones(nd, np.int32), np.array([c.num_tokens for c in chunks], np.int32)])
-        ctx = np.concatenate([ctx_d, np.array([c.start + c.num_tokens for c in chunks], np.int32)])
-        ends = np.cumsum(q_lens) - 1
-        rows = list(range(nd))
-        for i, c in enumerate(chunks):
-            seq_ids.append(c.seq.seq_id)
-            if c.samples:
-                rows.append(int(ends[nd + i]))
-                targets.append(c.seq)
-        step = StepInputs(np.concatenate(ids), np.concatenate(pos),
-                          np.concatenate([out.decode_slots] + [c.slots for c in chunks]), seq_ids, q_lens, ctx,
-                          np.asarray(rows, dtype=np.int64), nd, False)
-        return self._expand(step, targets)
-
-    def _expand(self, step: StepInputs, targets: list[Sequence]
-                ) -> tuple[StepInputs, list[Sequence], list[int] | None, list[Sequence]]:
-        """Add the ``n - 1`` siblings of a request's first sample (they share its
-        logits row; they are forked from it once the step is done)."""
+    def _targets(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int] | None, list[Sequence]]:
+        """The sequences that sample this step, in logits-row order (decodes, then
+        prefill chunks that end their prompt), with the ``n - 1`` siblings of a
+        request's first sample appended: they share its logits row (``rows``
+        maps each target to one, None when no row is shared) and are forked from
+        it once the step is done (``forks``)."""
+        targets = list(out.decodes)
+        targets += [c.seq for c in out.chunks if c.samples]
         rows: list[int] | None = None
         forks: list[Sequence] = []
         if not self._num_unforked:
-            return step, targets, rows, forks
+            return targets, rows, forks
         for i, s in enumerate(list(targets)):
             req = s.request
             if req.params.n > 1 and len(req.seqs) == 1:
@@ -385,7 +306,7 @@ class Engine:
                     targets.append(child)
                     forks.append(child)
                     rows.append(i)
-        return step, targets, rows, forks
+        return targets, rows, forks
 
     def _sampling_batch(self, targets: list[Sequence]) -> SamplingBatch | None:
         if not self._num_random or all(s.request.params.temperature == 0.0 for s in targets):
@@ -399,8 +320,6 @@ class Engine:
         for s in forks:  # before the parent can finish and free its blocks
             parent = s.request.seqs[0]
             self.cache.fork(parent.seq_id, s.seq_id)
-            s.num_computed_tokens = parent.num_computed_tokens
-            s.num_known_tokens = parent.num_known_tokens
             s.num_cached_tokens = parent.num_cached_tokens
             self.scheduler.add_running(s)
         finished: list[Sequence] = []
@@ -455,7 +374,7 @@ class Engine:
                     break
         finally:
             self._abort_unfinished(reqs)  # a step raised (or an interrupt): free what this call queued
-        return [self._output(req, detokenize=True) for req in reqs]
+        return [request_output(self.tokenizer, req, detokenize=True) for req in reqs]
 
     def _abort_unfinished(self, reqs: Iterable[Request]) -> None:
         """Abort those of ``reqs`` that still run or wait, and forget all of them."""
@@ -483,12 +402,12 @@ class Engine:
                             live[req.request_id] = req
                         else:
                             self._requests.pop(req.request_id, None)
-                        yield self._output(req, detokenize=True)
+                        yield request_output(self.tokenizer, req, detokenize=True)
                 for rid, req in list(live.items()):
                     if req.is_finished:  # aborted between steps
                         del live[rid]
                         self._requests.pop(rid, None)
-                        yield self._output(req, detokenize=True)
+                        yield request_output(self.tokenizer, req, detokenize=True)
                 if live and not self.scheduler.has_work:  # pragma: no cover - every live request is queued
                     break
         finally:
@@ -510,34 +429,17 @@ class Engine:
         for i, (p, sp) in enumerate(zip(plist, plist_params)):  # validate everything before queueing anything
             sp = check_params(sp, f"params[{i}]")
             text, ids = self._tokenize(p)
-            self._check_prompt(f"#{i}", ids)
+            check_prompt(self, f"#{i}", ids)
             checked.append((text, ids, sp))
         return [self._queue(text, ids, sp, None) for text, ids, sp in checked]
 
     # -------------------------------------------------------------- output
-    def _output(self, req: Request, detokenize: bool) -> RequestOutput:
-        comps = []
-        for s in req.seqs:
-            out = s.output_token_ids
-            new = out[req.reported[s.index]:]
-            req.reported[s.index] = len(out)
-            text = self.tokenizer.decode(out) if detokenize and self.tokenizer is not None else None
-            comps.append(CompletionOutput(s.index, out, new, text, s.finish_reason))
-        s0 = req.seqs[0]
-        first = s0.token_times[0] if s0.token_times else None
-        gaps = np.diff(s0.token_times).tolist() if len(s0.token_times) > 1 else []
-        metrics = RequestMetrics(req.arrival_time, first, req.finish_time,
-                                 None if first is None else first - req.arrival_time,
-                                 float(np.mean(gaps)) if gaps else None, gaps, s0.num_cached_tokens,
-                                 sum(s.num_preemptions for s in req.seqs))
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), comps, req.is_finished, metrics)
-
     def get_output(self, request_id: str) -> RequestOutput:
         """A snapshot of a request added with :meth:`add_request`."""
         req = self._requests.get(request_id)
         if req is None:
             raise SequenceError(f"unknown request id {request_id!r}")
-        return self._output(req, detokenize=True)
+        return request_output(self.tokenizer, req, detokenize=True)
 
     # --------------------------------------------------------------- stats
     def stats(self) -> EngineStats:
@@ -568,52 +470,9 @@ class Engine:
         self.scheduler.check_invariants()
         for s in self.scheduler.running:
             assert s.seq_id in self.cache, f"running sequence {s.seq_id} is not in the cache"
-            assert self.cache.seq_len(s.seq_id) == s.num_computed_tokens
         for s in self.scheduler.waiting:
             assert s.seq_id not in self.cache
         assert set(self.cache.seq_ids) == {s.seq_id for s in self.scheduler.running}
 
     def __repr__(self) -> str:
         return f"Engine({self.model_config.architecture}, device={self.device}, {self.cache})"
-
-
-def _kv_budget(cache_config: Any, kv_memory: int | str | None,
-               num_blocks: int | None) -> tuple[CacheConfig | None, int | str | None]:
-    """Split the second positional argument into (CacheConfig, KV budget); check the budget early."""
-    if cache_config is not None and not isinstance(cache_config, CacheConfig):
-        if isinstance(cache_config, bool) or not isinstance(cache_config, (numbers.Integral, str)):
-            raise ConfigError(f"the second argument must be a CacheConfig or a KV memory budget (bytes or "
-                              f"'4GiB'), got {type(cache_config).__name__} {cache_config!r:.60}")
-        if kv_memory is not None or num_blocks is not None:
-            given = "kv_memory" if kv_memory is not None else "num_blocks"
-            raise ConfigError(f"the KV cache size is given twice: {cache_config!r} and {given}=")
-        cache_config, kv_memory = None, cache_config
-    if kv_memory is not None:
-        if cache_config is not None:
-            raise ConfigError("give a CacheConfig or kv_memory=, not both")
-        if parse_bytes(kv_memory) <= 0:
-            raise ConfigError(f"the KV memory budget must be positive, got {kv_memory!r}")
-    return cache_config, kv_memory
-
-
-def _engine_config(config: EngineConfig | None, options: dict[str, Any]) -> EngineConfig:
-    if config is not None and not isinstance(config, EngineConfig):
-        raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__}")
-    if config is None:
-        return EngineConfig.from_options(**options)
-    return replace(config, **options) if options else config
-
-
-def _resolve(device: str, dtype: Any, mconf: ModelConfig) -> tuple[torch.device, torch.dtype]:
-    dev = resolve_device(device)
-    if dtype is None:
-        dt = mconf.dtype if dev.type == "cuda" else torch.float32
-    else:
-        dt = resolve_dtype(dtype)
-    if dt not in _MODEL_DTYPES:
-        raise ConfigError(f"dtype {dt} is not supported by the engine (float32, float16, bfloat16)")
-    return dev, dt
-
-
-def _max_len(econf: EngineConfig, mconf: ModelConfig) -> int:
-    return min(econf.max_model_len or mconf.max_position_embeddings, mconf.max_position_embeddings)

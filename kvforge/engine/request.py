@@ -3,9 +3,11 @@
 A :class:`Request` is one prompt with its :class:`SamplingParams`; it owns
 ``n`` :class:`Sequence` objects (one until its prompt is computed, then the
 others are forked from it). A sequence's ``token_ids`` are the prompt and
-the tokens generated so far; ``num_computed_tokens`` of them have their
-keys/values in the cache. The last generated token is always uncomputed: the
-next step computes it and samples the one after.
+the tokens generated so far: the request's record, kept while the sequence
+waits outside the cache (before admission, after a preemption). How many of
+them have keys/values is the cache's to say (``KVCache.seq_len``). The last
+generated token is always uncomputed: the next step computes it and samples
+the one after.
 
 Results are immutable snapshots: :class:`RequestOutput` with one
 :class:`CompletionOutput` per sequence and :class:`RequestMetrics`.
@@ -32,16 +34,12 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """One completion of a request; its id is the cache's sequence id.
 
-    ``num_known_tokens`` counts the tokens given to the cache when the
-    sequence was (re)admitted: below it, tokens are the cache's pending
-    prompt tokens; the rest are sampled tokens, appended with their ids.
     ``admit_order`` increases with every admission and orders preemption
     (the highest goes first).
     """
 
-    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
-                 "num_known_tokens", "status", "finish_reason", "seed", "admit_order", "token_times",
-                 "num_preemptions", "num_cached_tokens")
+    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "status", "finish_reason",
+                 "seed", "admit_order", "token_times", "num_preemptions", "num_cached_tokens")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int], seed: int) -> None:
         self.seq_id = seq_id
@@ -49,8 +47,6 @@ class Sequence:
         self.index = index
         self.token_ids = token_ids
         self.num_prompt_tokens = len(request.prompt_token_ids)
-        self.num_computed_tokens = 0
-        self.num_known_tokens = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.seed = seed
@@ -80,8 +76,7 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens})")
+        return f"Sequence(id={self.seq_id}, {self.status.value}, tokens={self.num_tokens})"
 
 
 class Request:

@@ -10,10 +10,16 @@ limit (``max_num_seqs``). The scheduler fills it in this order:
    computed (chunked prefill), oldest first.
 3. **Admissions** from the waiting queue (first come, first served, with
    preempted sequences at its head) while the cache says the whole prompt
-   fits (:meth:`~kvforge.core.manager.BlockManager.num_blocks_needed`, which
+   fits (:meth:`~kvforge.storage.KVCache.num_blocks_needed`, which
    counts prefix-cache hits as free) with ``watermark_blocks`` to spare. A
    new sequence's first chunk starts after its cached prefix; only uncached
    tokens are computed.
+
+The cache is the one record of how far each running sequence is: its
+``seq_len`` (tokens with a slot, computed by the end of the step) and its
+pending prompt tokens (known, not reserved yet). A sequence is *prefilling*
+while it has pending tokens; otherwise it decodes: its last sampled token is
+the one token it computes next.
 
 Preemption: when a decode finds no free block, the most recently admitted
 running sequence is preempted: its blocks are freed (its full blocks stay in
@@ -35,38 +41,31 @@ import logging
 from collections import deque
 from typing import NamedTuple
 
-import numpy as np
 
-from kvforge.storage.cache import KVCache
+from kvforge.storage import KVCache
 from kvforge.engine.request import Sequence, SequenceStatus
 from kvforge.errors import OutOfBlocksError
 
 __all__ = ["Scheduler", "SchedulerOutput", "ScheduledChunk"]
 
 log = logging.getLogger(__name__)
-_EMPTY = np.empty(0, dtype=np.int64)
 
 
 class ScheduledChunk(NamedTuple):
-    """``num_tokens`` tokens of ``seq`` from position ``start``, stored at ``slots`` (int64)."""
+    """``num_tokens`` prompt tokens of ``seq`` from position ``start`` (slots reserved);
+    ``samples``: the chunk ends the sequence's known tokens, so its last logits pick a token."""
 
     seq: Sequence
     start: int
     num_tokens: int
-    slots: np.ndarray
-
-    @property
-    def samples(self) -> bool:
-        """Whether the chunk ends the known tokens, so its last logits pick a token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+    samples: bool
 
 
 class SchedulerOutput(NamedTuple):
-    """One step's work: ``decodes`` (one token each, at ``decode_slots``), then
-    prefill ``chunks``; ``preempted`` lists sequences sent back to waiting."""
+    """One step's work: ``decodes`` (one token each), then prefill ``chunks``;
+    ``preempted`` lists sequences sent back to waiting."""
 
     decodes: list[Sequence]
-    decode_slots: np.ndarray
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]
 
@@ -137,85 +136,86 @@ class Scheduler:
         """Reserve this step's slots; see the module docstring for the policy."""
         budget = self.max_num_batched_tokens
         preempted: list[Sequence] = []
-        decodes = [s for s in self.running if s.num_computed_tokens >= s.num_known_tokens] if self.prefilling \
-            else list(self.running)
+        if self.prefilling:
+            filling = {id(s) for s in self.prefilling}
+            decodes = [s for s in self.running if id(s) not in filling]
+        else:
+            decodes = list(self.running)
         if len(decodes) > budget:
             decodes = decodes[:budget]
-        decode_slots = _EMPTY
         if decodes:
             try:
-                decode_slots = self.cache.append_tokens_batch(
-                    [s.seq_id for s in decodes], 1, [s.token_ids[-1] for s in decodes])
+                self.cache.append_tokens_batch([s.seq_id for s in decodes], 1, [s.token_ids[-1] for s in decodes])
             except OutOfBlocksError:
-                decodes, decode_slots = self._decode_one_by_one(decodes, preempted)
-            for s in decodes:
-                s.num_computed_tokens += 1
+                decodes = self._decode_one_by_one(decodes, preempted)
         budget -= len(decodes)
         chunks = self._continue_prefills(budget, {s.seq_id for s in decodes}, preempted) if self.prefilling else []
         budget -= sum(c.num_tokens for c in chunks)
         chunks += self._admit(budget)
         self.max_concurrent = max(self.max_concurrent, len(self.running))
-        return SchedulerOutput(decodes, decode_slots, chunks, preempted)
+        return SchedulerOutput(decodes, chunks, preempted)
 
     def check_invariants(self) -> None:
-        """Assert the queues agree with the sequences' states."""
+        """Assert the queues agree with the sequences' states and the cache's lengths."""
         assert all(s.status is SequenceStatus.RUNNING for s in self.running)
         assert all(s.status is SequenceStatus.WAITING for s in self.waiting)
         orders = [s.admit_order for s in self.running]
         assert orders == sorted(orders), "running is in admission order"
-        assert self.prefilling == [s for s in self.running if s.num_computed_tokens < s.num_known_tokens]
-        assert all(s.num_tokens - s.num_computed_tokens == 1 for s in self.running
-                   if s.num_computed_tokens >= s.num_known_tokens), "a decoding sequence has one token to compute"
+        cache = self.cache
+        assert self.prefilling == [s for s in self.running if cache.num_pending_tokens(s.seq_id)]
+        for s in self.running:
+            known = cache.seq_len(s.seq_id) + cache.num_pending_tokens(s.seq_id)
+            assert known in (s.num_tokens, s.num_tokens - 1), \
+                f"sequence {s.seq_id}: the cache knows {known} of its {s.num_tokens} tokens"
 
-    def _decode_one_by_one(self, decodes: list[Sequence], preempted: list[Sequence]
-                           ) -> tuple[list[Sequence], np.ndarray]:
+    def _decode_one_by_one(self, decodes: list[Sequence], preempted: list[Sequence]) -> list[Sequence]:
         """Slow path when the batch does not fit: oldest first, preempting the newest."""
         done: list[Sequence] = []
-        slots: list[int] = []
         for s in decodes:
             if s.status is not SequenceStatus.RUNNING:
                 continue  # preempted for an older one
-            slot = None
-            while slot is None:
+            appended = False
+            while not appended:
                 try:
-                    slot = int(self.cache.append_tokens(s.seq_id, 1, [s.token_ids[-1]])[0])
+                    self.cache.append_tokens(s.seq_id, 1, [s.token_ids[-1]])
+                    appended = True
                 except OutOfBlocksError:
                     victim = self.running[-1]
                     self._preempt(victim, preempted)
                     if victim is s:
                         break
-            if slot is None:
+            if not appended:
                 break  # s was the newest left: every later one is preempted too
             done.append(s)
-            slots.append(slot)
-        return done, np.asarray(slots, dtype=np.int64)
+        return done
 
     def _continue_prefills(self, budget: int, scheduled: set[int], preempted: list[Sequence]
                            ) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
+        cache = self.cache
         for s in list(self.prefilling):
             if budget <= 0:
                 break
-            pending = s.num_known_tokens - s.num_computed_tokens
             if s.status is not SequenceStatus.RUNNING:
                 continue
+            pending = cache.num_pending_tokens(s.seq_id)
+            start = cache.seq_len(s.seq_id)
             n = min(pending, budget)
-            slots = self._append_preempting_newer(s, n, scheduled, preempted)
-            if slots is None:
+            if not self._append_preempting_newer(s, n, scheduled, preempted):
                 continue
-            chunks.append(ScheduledChunk(s, s.num_computed_tokens, n, slots))
+            chunks.append(ScheduledChunk(s, start, n, n == pending))
             scheduled.add(s.seq_id)
-            s.num_computed_tokens += n
             budget -= n
             if n == pending:
                 self.prefilling.remove(s)
         return chunks
 
     def _append_preempting_newer(self, s: Sequence, n: int, scheduled: set[int],
-                                 preempted: list[Sequence]) -> np.ndarray | None:
+                                 preempted: list[Sequence]) -> bool:
         while True:
             try:
-                return self.cache.append_tokens(s.seq_id, n)
+                self.cache.append_tokens(s.seq_id, n)
+                return True
             except OutOfBlocksError:
                 victim = None
                 for v in reversed(self.running):
@@ -225,7 +225,7 @@ class Scheduler:
                         victim = v
                         break
                 if victim is None:
-                    return None  # wait for a later step
+                    return False  # wait for a later step
                 self._preempt(victim, preempted)
 
     def _admit(self, budget: int) -> list[ScheduledChunk]:
@@ -234,7 +234,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
             tokens = s.token_ids
-            need = cache.manager.num_blocks_needed(len(tokens), tokens)
+            need = cache.num_blocks_needed(len(tokens), tokens)
             spare = self.watermark_blocks if self.running else 0
             if need + spare > cache.num_available_blocks:
                 break
@@ -242,22 +242,19 @@ class Scheduler:
             self.waiting.popleft()
             cached = r.num_cached_tokens
             reserved = cached + len(r.slots)
-            slots = r.slots
             extra = min(len(tokens) - reserved, budget - len(r.slots))
             if extra > 0:
                 try:
-                    slots = np.concatenate([slots, cache.append_tokens(s.seq_id, extra)])
+                    cache.append_tokens(s.seq_id, extra)
                     reserved += extra
                 except OutOfBlocksError:  # pragma: no cover - the whole prompt was checked to fit
                     pass
             if s.admit_order < 0:
                 s.num_cached_tokens = cached
-            s.num_known_tokens = len(tokens)
-            s.num_computed_tokens = reserved
             self.add_running(s)
             if reserved < len(tokens):
                 self.prefilling.append(s)
-            chunks.append(ScheduledChunk(s, cached, reserved - cached, slots))
+            chunks.append(ScheduledChunk(s, cached, reserved - cached, reserved == len(tokens)))
             budget -= reserved - cached
         return chunks
 
@@ -276,8 +273,6 @@ class Scheduler:
         if victim in self.prefilling:
             self.prefilling.remove(victim)
         victim.status = SequenceStatus.WAITING
-        victim.num_computed_tokens = 0
-        victim.num_known_tokens = 0
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)

@@ -1,30 +1,25 @@
-"""``KVCache``: device storage for keys and values plus the bookkeeping.
+"""``KVCache``: the storage facade an engine talks to.
 
-Layout. Keys and values live in *chunks*: separate device tensors of shape
-``[num_layers, 2, chunk_blocks, block_size, num_kv_heads, head_dim]`` (index 0
-of dim 1 holds keys, 1 values). Block ``b`` lives in chunk ``b //
-chunk_blocks`` at local index ``b % chunk_blocks``. For layer ``l`` the kernels
-see ``[chunk[l, 0] for chunk in chunks]`` (each ``[chunk_blocks, block_size,
-num_kv_heads, head_dim]``) and an int64 table of each chunk's element offset
-from chunk 0 (:attr:`KVCache.chunk_offsets`).
+A cache owns the device chunks (:class:`~kvforge.storage.device.DeviceStorage`)
+and a :class:`~kvforge.core.BlockManager` (block tables, prefix index, pool).
+Callers hold only sequence ids and the tensors of one step. A step's kernel
+inputs come from one call, :meth:`KVCache.prepare_step`; the model writes
+keys/values with :meth:`KVCache.write` and reads them through
+:meth:`KVCache.layer_view` (one described view per layer, rebuilt only when
+the chunks change).
 
 Chunks make the pool elastic without a second copy of it: the pool grows by
 allocating a chunk and shrinks, after :meth:`KVCache.compact_cache` packed the
 live blocks low, by dropping the emptied top chunks and emptying PyTorch's
 caching allocator, so the device's free memory grows by what was released.
 Peak memory during compaction is the pre-compaction footprint (blocks move
-inside the existing chunks). See ``docs/compaction.md``.
-
-Ownership: the cache owns the chunk tensors and a
-:class:`~kvforge.core.manager.BlockManager`; callers hold only sequence ids
-and the tensors returned for one step. Block tables fetched before a
-compaction are stale after it (call compaction between steps).
+inside the existing chunks). See ``docs/compaction.md``. Block tables fetched
+before a compaction are stale after it (compact between steps).
 """
 from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence, TypeVar
 
 import numpy as np
@@ -32,13 +27,15 @@ import torch
 from torch import Tensor
 
 from kvforge import kernels
-from kvforge.core.manager import AddSequenceResult, BlockManager
 from kvforge.config import CacheConfig
-from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
-from kvforge.core.pool import AllocationStats, BlockPool
 from kvforge.core.compaction import should_compact
+from kvforge.core.manager import AddSequenceResult, BlockManager
+from kvforge.core.pool import AllocationStats, BlockPool
 from kvforge.core.prefix import PrefixIndex, PrefixStats
-from kvforge.storage.device import resolve_device
+from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
+from kvforge.storage import compaction
+from kvforge.storage.device import DeviceStorage, resolve_device
+from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, Staging, StepBatch, build_step
 
 if TYPE_CHECKING:
     from kvforge.storage.profile import MemoryProfile
@@ -70,9 +67,8 @@ class KVCache:
         initial = config.initial_blocks if config.initial_blocks is not None else config.num_blocks
         self.min_chunks = 1
         n_chunks = math.ceil(initial / self.chunk_blocks)
-        self._chunks: list[Tensor] = []
-        self._layer_views: list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = []
-        self._offsets: Tensor | None = None
+        self.storage = DeviceStorage(config, self.device, self.chunk_blocks, backend)
+        self._staging: dict[str, Staging] = {}
         self.manager = BlockManager(config.num_blocks, config.block_size,
                                     enable_prefix_caching=config.enable_prefix_caching, capacity=0)
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
@@ -103,7 +99,7 @@ class KVCache:
     @property
     def num_chunks(self) -> int:
         """Chunks allocated on the device now."""
-        return len(self._chunks)
+        return self.storage.num_chunks
 
     @property
     def capacity_blocks(self) -> int:
@@ -113,58 +109,36 @@ class KVCache:
     @property
     def chunks(self) -> tuple[Tensor, ...]:
         """The storage chunks ``[num_layers, 2, chunk_blocks, block_size, kv_heads, head_dim]``."""
-        return tuple(self._chunks)
+        return self.storage.chunks
 
     @property
     def chunk_offsets(self) -> Tensor | None:
         """Element offsets of each chunk from chunk 0 (int64, on the device); None for one chunk."""
-        return self._offsets
+        return self.storage.offsets
 
     @property
     def storage_bytes(self) -> int:
         """Bytes of the chunk tensors allocated now (what the device holds for this cache)."""
-        return sum(c.numel() * c.element_size() for c in self._chunks)
+        return self.storage.num_bytes
 
-    def _chunk_shape(self) -> tuple[int, ...]:
-        c = self.config
-        return (c.num_layers, 2, self.chunk_blocks, c.block_size, c.num_kv_heads, c.head_dim)
-
-    def _allocate_chunk(self) -> Tensor:
-        # zeroed, so that a kernel that reads a padded slot never meets NaN garbage
-        return torch.zeros(self._chunk_shape(), dtype=self.config.dtype, device=self.device)
-
-    def _refresh_views(self) -> None:
-        layers = []
-        for l in range(self.config.num_layers):
-            layers.append((tuple(c[l, 0] for c in self._chunks), tuple(c[l, 1] for c in self._chunks)))
-        self._layer_views = layers
-        self._offsets = kernels.chunk_offsets(self._chunks) if len(self._chunks) > 1 else None
+    @property
+    def address_signature(self) -> tuple[int, int]:
+        """Changes whenever device addresses a captured CUDA graph holds may have moved:
+        the chunk set (grow, release) or the fixed step buffer (``prepare_step(pad_to=)``)."""
+        fixed = self._staging.get("fixed")
+        return self.storage.version, 0 if fixed is None else fixed.generation_id
 
     def _grow_to(self, n_chunks: int) -> None:
         """Allocate chunks until there are ``n_chunks``; on device OOM nothing changes."""
         n_chunks = min(n_chunks, self.max_chunks)
-        new: list[Tensor] = []
-        try:
-            for _ in range(n_chunks - len(self._chunks)):
-                new.append(self._allocate_chunk())
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower():
-                raise
-            del new
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            want = (n_chunks - len(self._chunks)) * self.chunk_blocks
-            raise OutOfBlocksError(
-                f"the device cannot back {want} more blocks "
-                f"({n_chunks - len(self._chunks)} chunk(s) of {self.chunk_blocks} blocks, "
-                f"{self.config.bytes_per_block * self.chunk_blocks} bytes each): {exc}",
-                requested=want, available=self.pool.num_available_blocks) from None
-        if not new:
+        if n_chunks <= self.storage.num_chunks:
             return
-        self._chunks.extend(new)
-        self._refresh_views()
-        self.pool.grow(min(len(self._chunks) * self.chunk_blocks, self.config.num_blocks))
-        log.debug("grew KV storage to %d chunks", len(self._chunks))
+        try:
+            self.storage.add_chunks(n_chunks - self.storage.num_chunks)
+        except OutOfBlocksError as exc:
+            raise OutOfBlocksError(str(exc), requested=exc.requested,
+                                   available=self.pool.num_available_blocks) from None
+        self.pool.grow(min(self.storage.num_chunks * self.chunk_blocks, self.config.num_blocks))
 
     def _growing(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a bookkeeping operation; if it refused for lack of blocks (changing
@@ -176,7 +150,7 @@ class KVCache:
             short = exc.requested - exc.available
             if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
                 raise
-            self._grow_to(len(self._chunks) + math.ceil(short / self.chunk_blocks))
+            self._grow_to(self.storage.num_chunks + math.ceil(short / self.chunk_blocks))
         return op(*args, **kwargs)
 
     def grow(self, num_blocks: int) -> None:
@@ -189,11 +163,16 @@ class KVCache:
         self._grow_to(math.ceil((self.capacity_blocks + num_blocks) / self.chunk_blocks))
 
     # ------------------------------------------------------------ sequences
+    def num_blocks_needed(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
+                          salt: Hashable | None = None) -> int:
+        """Blocks :meth:`add_sequence` would take for a new sequence (cached prefix
+        blocks held by others cost nothing)."""
+        return self.manager.num_blocks_needed(num_tokens, prompt_token_ids, salt)
+
     def can_add_sequence(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
                          salt: Hashable | None = None) -> bool:
         """Whether :meth:`add_sequence` would fit now, counting storage growth still allowed."""
-        need = self.manager.num_blocks_needed(num_tokens, prompt_token_ids, salt)
-        return need <= self.num_available_blocks
+        return self.num_blocks_needed(num_tokens, prompt_token_ids, salt) <= self.num_available_blocks
 
     @property
     def num_available_blocks(self) -> int:
@@ -246,6 +225,10 @@ class KVCache:
         """Tokens with a slot in the sequence."""
         return self.manager.num_tokens(seq_id)
 
+    def num_pending_tokens(self, seq_id: SeqId) -> int:
+        """Prompt tokens given to :meth:`add_sequence` that have no slot yet (chunked prefill)."""
+        return self.manager.num_pending_tokens(seq_id)
+
     def __contains__(self, seq_id: SeqId) -> bool:
         return seq_id in self.manager
 
@@ -264,24 +247,44 @@ class KVCache:
         if pairs:
             self.copy_blocks(pairs)
 
-    # ----------------------------------------------------------- tensors
-    def to_device(self, array: np.ndarray) -> Tensor:
-        """A numpy array as a tensor on the cache's device: pinned staging and one
-        non-blocking copy on a GPU (no sync per sequence)."""
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cpu":
-            return host.clone()
-        staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        staged.copy_(host)
-        return staged.to(self.device, non_blocking=True)
+    # ------------------------------------------------------------- steps
+    def prepare_step(self, seq_ids: Sequence[SeqId], num_new_tokens: int | Sequence[int] = 1, *,
+                     num_decodes: int | None = None, logits_indices: np.ndarray | Sequence[int] | None = None,
+                     input_ids: np.ndarray | Sequence[int] | None = None,
+                     pad_to: tuple[int, int] | None = None) -> StepBatch:
+        """The device inputs of one forward step, built once and uploaded in one copy.
+
+        ``seq_ids``: the step's sequences, decodes first; ``num_new_tokens``:
+        tokens each computes this step (an int for all, or one per sequence),
+        already reserved by :meth:`append_tokens_batch` / :meth:`add_sequence`,
+        so they are each sequence's last tokens. ``num_decodes``: how many
+        leading sequences are decodes (one token each; default: all, when every
+        count is 1). ``logits_indices``: rows whose logits are wanted (default:
+        every row of a pure decode step, else the last row of each sequence).
+        ``input_ids`` ``[T]``: the tokens' ids, when the caller has them on
+        hand; by default the cache's own (every one must be known).
+        ``pad_to=(rows, width)`` (a pure decode step only) pads to a fixed
+        layout of ``rows`` sequences and ``width`` table columns in a buffer
+        that never moves: what a captured CUDA graph reads. Padding rows have
+        slot -1 and context length 0 (they store and read nothing).
+        """
+        view = self.manager.step_view(seq_ids, num_new_tokens, width_multiple=TABLE_WIDTH_MULTIPLE)
+        return build_step(view, self._slot_dtype, self._stage, num_decodes=num_decodes,
+                          logits_indices=logits_indices, input_ids=input_ids, pad_to=pad_to)
+
+    def _stage(self, name: str, size: int = 1 << 16) -> Staging:
+        staging = self._staging.get(name)
+        if staging is None or staging.host_np.size < size:
+            staging = self._staging[name] = Staging(self.device, size)
+        return staging
 
     def block_tables(self, seq_ids: Sequence[SeqId], width: int | None = None) -> Tensor:
         """Padded ``[len(seq_ids), width]`` int32 block tables on the device (-1 = padding)."""
-        return self.to_device(self.manager.block_table_array(seq_ids, width).astype(np.int32, copy=False))
+        return self.storage.upload(self.manager.block_table_array(seq_ids, width).astype(np.int32, copy=False))
 
     def context_lens(self, seq_ids: Sequence[SeqId]) -> Tensor:
         """``[len(seq_ids)]`` int32 token counts on the device."""
-        return self.to_device(self.manager.context_lens(seq_ids))
+        return self.storage.upload(self.manager.context_lens(seq_ids))
 
     def slot_mapping(self, slots_or_seq_ids: np.ndarray | Sequence[SeqId],
                      num_last_tokens: int | Sequence[int] | None = None) -> Tensor:
@@ -292,55 +295,35 @@ class KVCache:
             slots = slots_or_seq_ids
         else:
             slots = self.manager.slot_mapping(slots_or_seq_ids, 1 if num_last_tokens is None else num_last_tokens)
-        return self.to_device(slots.astype(self._slot_dtype, copy=False))
+        return self.storage.upload(slots.astype(self._slot_dtype, copy=False))
+
+    # ----------------------------------------------------------- tensors
+    def layer_view(self, layer: int) -> kernels.CacheView:
+        """Layer ``layer``'s keys and values as the kernels take them (checked once)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.config.num_layers:
+            raise KVForgeError(f"layer {layer!r} out of range (the cache has {self.config.num_layers} layers)")
+        return self.storage.layer_view(layer)
 
     def layer_kv(self, layer: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """Layer ``layer``'s key and value chunk views, as the kernels take them."""
-        if not 0 <= layer < self.config.num_layers:
-            raise KVForgeError(f"layer {layer} out of range (the cache has {self.config.num_layers} layers)")
-        return self._layer_views[layer]
+        """Layer ``layer``'s key and value chunk views ``[chunk_blocks, block_size, kv_heads, head_dim]``."""
+        view = self.layer_view(layer)
+        return view.k_chunks, view.v_chunks
 
     def write(self, layer: int, slot_mapping: Tensor | np.ndarray | Sequence[int], k: Tensor, v: Tensor) -> None:
         """Store keys and values ``[num_tokens, num_kv_heads, head_dim]`` at their slots (-1 skipped)."""
-        kc, vc = self.layer_kv(layer)
+        view = self.layer_view(layer)
         if not isinstance(slot_mapping, Tensor):
-            slot_mapping = self.to_device(np.asarray(slot_mapping, dtype=np.int64))
-        kernels.store_kv(k, v, kc, vc, slot_mapping, chunk_offsets=self._offsets, backend=self.backend)
+            slot_mapping = self.storage.upload(np.asarray(slot_mapping, dtype=np.int64))
+        kernels.store_kv(k, v, view, None, slot_mapping, backend=self.backend)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy blocks ``src -> dst`` (all layers, keys and values) in one launch."""
-        if len(pairs) == 0:
-            return
-        try:
-            arr = np.asarray(pairs, dtype=np.int64)
-        except (TypeError, ValueError):
-            raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got {pairs!r}") from None
-        if arr.ndim != 2 or arr.shape[1] != 2:
-            raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got shape {arr.shape}")
-        if arr.min() < 0 or arr.max() >= self.capacity_blocks:
-            raise KVForgeError(f"copy_blocks(): block ids must lie in [0, {self.capacity_blocks}), "
-                               f"got {arr.min()}..{arr.max()}")
-        src = self.to_device(arr[:, 0].copy())
-        dst = self.to_device(arr[:, 1].copy())
-        kernels.copy_blocks(self._chunks, src, dst, chunk_offsets=self._offsets, backend=self.backend)
+        self.storage.copy_blocks(pairs, self.capacity_blocks)
 
     def gather(self, seq_id: SeqId, layer: int) -> tuple[Tensor, Tensor]:
         """A sequence's keys and values of one layer, ``[num_tokens, num_kv_heads, head_dim]`` each."""
-        n = self.seq_len(seq_id)
-        bs = self.config.block_size
-        table = torch.tensor(self.block_table(seq_id), dtype=torch.int64, device=self.device)
-        pos = torch.arange(n, device=self.device)
-        blocks = table[pos // bs]
-        chunk, local = blocks // self.chunk_blocks, blocks % self.chunk_blocks
-        kc, vc = self.layer_kv(layer)
-        shape = (n, self.config.num_kv_heads, self.config.head_dim)
-        k = torch.empty(shape, dtype=self.config.dtype, device=self.device)
-        v = torch.empty_like(k)
-        for c in torch.unique(chunk).tolist():
-            sel = chunk == c
-            k[sel] = kc[c][local[sel], pos[sel] % bs]
-            v[sel] = vc[c][local[sel], pos[sel] % bs]
-        return k, v
+        self.layer_view(layer)
+        return self.storage.gather(layer, self.block_table(seq_id), self.seq_len(seq_id))
 
     # ----------------------------------------------------------- metrics
     @property
@@ -388,8 +371,7 @@ class KVCache:
 
     def releasable_chunks(self) -> int:
         """Chunks a compaction would hand back now (the blocks in use, packed, need fewer)."""
-        in_use = self.pool.num_allocated_blocks + self.pool.num_evictable_blocks
-        return len(self._chunks) - max(self.min_chunks, math.ceil(in_use / self.chunk_blocks))
+        return compaction.releasable_chunks(self)
 
     def maybe_compact(self) -> int:
         """With ``auto_compact``, compact when :meth:`should_compact` holds; bytes returned.
@@ -403,61 +385,25 @@ class KVCache:
         """Call ``fn({old_id: new_id})`` after every compaction that moved blocks."""
         self._relocation_listeners.append(fn)
 
+    def notify_relocation(self, mapping: dict[int, int]) -> None:
+        """Tell the relocation listeners that blocks moved (``{old_id: new_id}``)."""
+        for fn in self._relocation_listeners:
+            fn(mapping)
+
     def compact_cache(self, release: bool = True, keep_cached: bool = True) -> int:
         """Pack live blocks into the lowest ids and hand emptied chunks back; return the bytes released.
 
         Live blocks go to ids ``0..k-1``; cached blocks nobody references follow
         them (all of them with ``keep_cached``, else only those that fit in the
-        chunks the live blocks need; the rest are evicted). One batched
-        :func:`~kvforge.kernels.copy_blocks` moves the live blocks and a second
-        the cached ones; then every block table, the prefix index and the free
-        list are rewritten. If a copy fails, no live data was touched: the
-        tables still point at the source blocks (only the planned evictions of
-        cached blocks have happened).
-        """
-        start = time.perf_counter()
-        keep = None
-        if not keep_cached:
-            live = self.pool.num_allocated_blocks
-            keep = max(self.min_chunks, math.ceil(live / self.chunk_blocks)) * self.chunk_blocks
-        plan = self.manager.plan_compaction(keep_blocks=keep)
-        # evicting first is safe (it drops cache entries, never live data), and it means a
-        # copy that raises below leaves no cache entry pointing at an overwritten block
-        self.pool.evict_blocks(plan.evict)
-        for phase in (plan.moves, plan.cached_moves):
-            if phase:
-                self.copy_blocks(phase)  # may raise: the tables still point at the sources
-        self.manager.apply_compaction(plan, evicted=True)
-        if plan.num_moves:
-            mapping = dict(plan.all_moves)
-            for fn in self._relocation_listeners:
-                fn(mapping)
-        released = self.release_unused_chunks() if release else 0
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        duration = (time.perf_counter() - start) * 1e3
-        self.pool.record_compaction(time.time() * 1e3, duration, plan.num_moves, 0)
-        self.pool.record_bytes_returned(released)
-        log.info("compaction moved %d blocks, evicted %d and released %d bytes in %.2f ms",
-                 plan.num_moves, len(plan.evict), released, duration)
-        return released
+        chunks the live blocks need; the rest are evicted). See
+        :func:`kvforge.storage.compaction.compact` for the copy order and what a
+        failed copy leaves."""
+        return compaction.compact(self, release=release, keep_cached=keep_cached)
 
     def release_unused_chunks(self) -> int:
         """Drop the chunks above the highest block in use (keeping ``min_chunks``);
         return the bytes handed back to the device."""
-        high = self.pool.high_water_mark()
-        keep = max(self.min_chunks, math.ceil(high / self.chunk_blocks))
-        if keep >= len(self._chunks):
-            return 0
-        self.pool.shrink(min(keep * self.chunk_blocks, self.config.num_blocks))
-        dropped = self._chunks[keep:]
-        released = sum(c.numel() * c.element_size() for c in dropped)
-        del self._chunks[keep:]
-        del dropped
-        self._refresh_views()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return released
+        return compaction.release_unused_chunks(self)
 
     def reclaim_unused_blocks(self) -> int:
         """Evict every cached block nobody references back to the free list; return how many."""
@@ -470,8 +416,7 @@ class KVCache:
     def check_invariants(self) -> None:
         """Assert bookkeeping and storage agree."""
         self.manager.check_invariants()
-        assert self.pool.capacity == min(len(self._chunks) * self.chunk_blocks, self.config.num_blocks)
-        assert len(self._layer_views) == self.config.num_layers
+        assert self.pool.capacity == min(self.storage.num_chunks * self.chunk_blocks, self.config.num_blocks)
 
     def __repr__(self) -> str:
         return (f"KVCache(blocks={self.capacity_blocks}/{self.config.num_blocks}, block_size={self.config.block_size}, "

@@ -1,11 +1,36 @@
-"""Device resolution and the chunked device storage of a cache."""
+"""The device side of a cache: chunk tensors, their kernel views, block copies.
+
+Layout. Keys and values live in *chunks*: separate device tensors of shape
+``[num_layers, 2, chunk_blocks, block_size, num_kv_heads, head_dim]`` (index 0
+of dim 1 holds keys, 1 values). Block ``b`` lives in chunk ``b //
+chunk_blocks`` at local index ``b % chunk_blocks``. For layer ``l`` the kernels
+see ``[chunk[l, 0] for chunk in chunks]`` (each ``[chunk_blocks, block_size,
+num_kv_heads, head_dim]``) and an int64 table of each chunk's element offset
+from chunk 0.
+
+:class:`DeviceStorage` owns the chunks and, for each layer, one
+:class:`~kvforge.kernels.CacheView` (the chunk lists described and checked
+once, with the offset table) that every kernel call of a step reuses. Views
+are rebuilt only when the chunk set changes (grow, release), and
+:attr:`DeviceStorage.version` counts those changes, so that holders of
+device addresses (captured CUDA graphs) know when to rebuild.
+"""
 from __future__ import annotations
 
+import logging
+from typing import Sequence
+
+import numpy as np
 import torch
+from torch import Tensor
 
-from kvforge.errors import ConfigError
+from kvforge import kernels
+from kvforge.config import CacheConfig
+from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError
 
-__all__ = ["resolve_device"]
+__all__ = ["DeviceStorage", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -25,3 +50,149 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: kvforge runs on 'cpu' and 'cuda' (CUDA or ROCm) devices")
     return dev
+
+
+class DeviceStorage:
+    """The chunk tensors of one cache on one device, and their per-layer kernel views.
+
+    Knows nothing of sequences or block ownership: the caller (the
+    :class:`~kvforge.storage.KVCache`) decides which blocks to copy and how
+    many chunks to keep. Every method that fails changes nothing.
+    """
+
+    def __init__(self, config: CacheConfig, device: torch.device, chunk_blocks: int, backend: str) -> None:
+        self.config = config
+        self.device = device
+        self.chunk_blocks = chunk_blocks
+        self.backend = backend
+        self.version = 0
+        self._chunks: list[Tensor] = []
+        self._views: list[kernels.CacheView] = []
+        self._offsets: Tensor | None = None
+
+    # ------------------------------------------------------------- queries
+    @property
+    def chunks(self) -> tuple[Tensor, ...]:
+        """The chunk tensors ``[num_layers, 2, chunk_blocks, block_size, kv_heads, head_dim]``."""
+        return tuple(self._chunks)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes the chunks hold on the device."""
+        return sum(c.numel() * c.element_size() for c in self._chunks)
+
+    @property
+    def offsets(self) -> Tensor | None:
+        """Element offsets of each chunk from chunk 0 (int64, on the device); None for one chunk."""
+        return self._offsets
+
+    def layer_view(self, layer: int) -> kernels.CacheView:
+        """Layer ``layer``'s described key/value chunks (what the kernels take)."""
+        return self._views[layer]
+
+    # -------------------------------------------------------- chunk set
+    def _chunk_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_layers, 2, self.chunk_blocks, c.block_size, c.num_kv_heads, c.head_dim)
+
+    def _allocate_chunk(self) -> Tensor:
+        # zeroed, so that a kernel that reads a padded slot never meets NaN garbage
+        return torch.zeros(self._chunk_shape(), dtype=self.config.dtype, device=self.device)
+
+    def add_chunks(self, n: int) -> None:
+        """Allocate ``n`` more chunks; on device OOM nothing changes (OutOfBlocksError)."""
+        new: list[Tensor] = []
+        try:
+            for _ in range(n):
+                new.append(self._allocate_chunk())
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower():
+                raise
+            new.clear()  # drop the chunks made so far before reporting
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            want = n * self.chunk_blocks
+            raise OutOfBlocksError(
+                f"the device cannot back {want} more blocks ({n} chunk(s) of {self.chunk_blocks} blocks, "
+                f"{self.config.bytes_per_block * self.chunk_blocks} bytes each): {exc}",
+                requested=want, available=0) from None
+        if new:
+            self._chunks.extend(new)
+            self._rebuild_views()
+            log.debug("grew KV storage to %d chunks", len(self._chunks))
+
+    def drop_chunks_from(self, keep: int) -> int:
+        """Free every chunk from index ``keep`` on; return the bytes handed back to the device."""
+        if keep >= len(self._chunks):
+            return 0
+        dropped = self._chunks[keep:]
+        released = sum(c.numel() * c.element_size() for c in dropped)
+        del self._chunks[keep:]
+        del dropped
+        self._rebuild_views()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return released
+
+    def _rebuild_views(self) -> None:
+        self._offsets = kernels.chunk_offsets(self._chunks) if len(self._chunks) > 1 else None
+        self._views = [
+            kernels.describe_cache(tuple(c[l, 0] for c in self._chunks), tuple(c[l, 1] for c in self._chunks),
+                                   chunk_offsets=self._offsets)
+            for l in range(self.config.num_layers)]
+        self.version += 1
+
+    # ----------------------------------------------------------- data
+    def upload(self, array: np.ndarray) -> Tensor:
+        """A numpy array as a tensor on the device (pinned staging, one non-blocking copy on a GPU)."""
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cpu":
+            return host.clone()
+        staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True)
+
+    def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store ``k``, ``v`` ``[num_tokens, num_kv_heads, head_dim]`` at ``slot_mapping`` (-1 skipped)."""
+        kernels.store_kv(k, v, self._views[layer], None, slot_mapping, backend=self.backend)
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]], num_blocks: int) -> None:
+        """Copy blocks ``src -> dst`` (all layers, keys and values) in one launch.
+
+        Ids must lie in ``[0, num_blocks)`` (the backed blocks)."""
+        if len(pairs) == 0:
+            return
+        try:
+            arr = np.asarray(pairs, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got {pairs!r}") from None
+        if arr.ndim != 2 or arr.shape[1] != 2:
+            raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got shape {arr.shape}")
+        if arr.min() < 0 or arr.max() >= num_blocks:
+            raise KVForgeError(f"copy_blocks(): block ids must lie in [0, {num_blocks}), "
+                               f"got {arr.min()}..{arr.max()}")
+        src = self.upload(arr[:, 0].copy())
+        dst = self.upload(arr[:, 1].copy())
+        kernels.copy_blocks(self._chunks, src, dst, chunk_offsets=self._offsets, backend=self.backend)
+
+    def gather(self, layer: int, block_table: Sequence[int], num_tokens: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions ``0..num_tokens-1`` of a block table,
+        ``[num_tokens, num_kv_heads, head_dim]`` each."""
+        bs = self.config.block_size
+        table = torch.tensor(list(block_table), dtype=torch.int64, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        blocks = table[pos // bs]
+        chunk, local = blocks // self.chunk_blocks, blocks % self.chunk_blocks
+        view = self._views[layer]
+        shape = (num_tokens, self.config.num_kv_heads, self.config.head_dim)
+        k = torch.empty(shape, dtype=self.config.dtype, device=self.device)
+        v = torch.empty_like(k)
+        for c in torch.unique(chunk).tolist():
+            sel = chunk == c
+            k[sel] = view.k_chunks[c][local[sel], pos[sel] % bs]
+            v[sel] = view.v_chunks[c][local[sel], pos[sel] % bs]
+        return k, v

@@ -1,4 +1,198 @@
-"""Placeholder, replaced below."""
-from typing import NamedTuple
+"""One step's kernel inputs, built from the bookkeeping in one pass and uploaded in one copy.
+
+:meth:`kvforge.storage.KVCache.prepare_step` is the only path from block
+tables to the kernels: it asks the manager for a
+:class:`~kvforge.core.StepView` of the step's sequences (positions, slots,
+context lengths, block tables, query starts and token ids, all numpy), packs
+them into one int32 host buffer (pinned on GPUs) and copies that buffer to
+the device once. Every part starts 64-byte aligned, so Triton's
+pointer-alignment specialisation is the same every step (no recompiles).
+
+Rows come in two groups: first ``num_decodes`` sequences of one new token
+each (read by the decode kernel), then prefill chunks (ragged, read by the
+prefill kernel through ``cu_query_lens``). Each group has its own block
+table and context-length tensors.
+
+The host buffer is reused by the next step: a caller reads the step's
+results (a sync) before preparing the next one, as the engine does.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvforge.errors import KVForgeError
+
+if TYPE_CHECKING:
+    from kvforge.core import StepView
+
+__all__ = ["StepBatch", "Staging", "build_step"]
+
+#: block-table rows are padded to a multiple of this (one Triton specialisation)
+TABLE_WIDTH_MULTIPLE = 16
+
+
 class StepBatch(NamedTuple):
-    pass
+    """Device inputs of one forward step over a :class:`~kvforge.storage.KVCache`.
+
+    ``T`` tokens of ``B = D + P`` sequences: ``input_ids``, ``positions``,
+    ``slot_mapping`` ``[T]`` (int32; slots int64 when the pool has more slot
+    ids than int32 holds; -1 = padding, stored nowhere). Decode rows
+    ``0..D-1``: ``decode_block_tables`` int32 ``[D, W]``,
+    ``decode_context_lens`` int32 ``[D]`` (tokens in the cache including this
+    step's). Prefill rows from ``D`` on: ``prefill_block_tables`` ``[P, W]``,
+    ``prefill_context_lens`` ``[P]``, ``cu_query_lens`` ``[P + 1]`` (from 0).
+    An absent group has None tensors. ``logits_indices`` ``[S]``: the rows of
+    ``T`` whose logits are wanted (None: every row, a pure decode step).
+    """
+
+    input_ids: Tensor
+    positions: Tensor
+    slot_mapping: Tensor
+    decode_block_tables: Tensor | None
+    decode_context_lens: Tensor | None
+    prefill_block_tables: Tensor | None = None
+    prefill_context_lens: Tensor | None = None
+    cu_query_lens: Tensor | None = None
+    logits_indices: Tensor | None = None
+    num_decodes: int = 0
+    num_prefills: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows ``T`` (padding included)."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes one token and every row samples."""
+        return self.num_prefills == 0
+
+
+class Staging:
+    """One int32 host buffer (pinned on GPUs) and its device twin, grown on demand.
+
+    :meth:`upload` packs arrays (int32, or int64 stored as two words),
+    copies them in one transfer and returns device views.
+    :attr:`generation_id` is unique to each allocation of the buffers (a CUDA
+    graph that reads them at captured addresses checks it)."""
+
+    _ids = 0
+
+    def __init__(self, device: torch.device, size: int = 1 << 16) -> None:
+        self.device = device
+        self._alloc(size)
+
+    def _alloc(self, size: int) -> None:
+        pin = self.device.type == "cuda"
+        self.host = torch.empty(size, dtype=torch.int32, pin_memory=pin)
+        self.host_np = self.host.numpy()
+        self.dev = self.host if self.device.type == "cpu" else torch.empty(size, dtype=torch.int32, device=self.device)
+        Staging._ids += 1
+        self.generation_id = Staging._ids  # unique per allocation: a moved buffer is never mistaken
+
+    def upload(self, parts: Sequence[np.ndarray]) -> list[Tensor]:
+        """Device views of ``parts`` (each int32 or int64, copied into the buffer)."""
+        words = [p.view(np.int32).reshape(-1) if p.dtype == np.int64 else p.reshape(-1) for p in parts]
+        starts = []
+        total = 0
+        for w in words:
+            starts.append(total)
+            total += -(-w.size // 16) * 16
+        if total > self.host_np.size:
+            self._alloc(max(total, 2 * self.host_np.size))
+        h = self.host_np
+        for w, off in zip(words, starts):
+            h[off: off + w.size] = w
+        if self.device.type != "cpu":
+            self.dev[:total].copy_(self.host[:total], non_blocking=True)
+        out = []
+        for p, w, off in zip(parts, words, starts):
+            t = self.dev[off: off + w.size]
+            if p.dtype == np.int64:
+                t = t.view(torch.int64)
+            t = t.view(p.shape)
+            out.append(t.clone() if self.device.type == "cpu" else t)  # CPU: detach from buffer reuse
+        return out
+
+
+def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    """``a`` with its first dim padded to ``rows`` by ``fill``."""
+    if a.shape[0] == rows:
+        return a
+    out = np.full((rows,) + a.shape[1:], fill, dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+def pad_width(tables: np.ndarray, width: int) -> np.ndarray:
+    """Block tables ``[B, w]`` padded with -1 to ``[B, width]``."""
+    if tables.shape[1] == width:
+        return tables
+    out = np.full((tables.shape[0], width), -1, dtype=np.int32)
+    out[:, : tables.shape[1]] = tables
+    return out
+
+
+def build_step(view: StepView, slot_dtype: type, stage: Callable[..., Staging], *, num_decodes: int | None,
+               logits_indices: np.ndarray | Sequence[int] | None, input_ids: np.ndarray | Sequence[int] | None,
+               pad_to: tuple[int, int] | None) -> StepBatch:
+    """A :class:`StepBatch` of a manager's :class:`~kvforge.core.StepView`, uploaded in one copy.
+
+    ``stage(name, size=...)`` returns the staging buffer to use: ``"eager"``
+    (grown on demand) or ``"fixed"`` (the padded decode layout a CUDA graph
+    reads). See :meth:`kvforge.storage.KVCache.prepare_step` for the arguments."""
+    batch = len(view.context_lens)
+    q_lens = np.diff(view.query_start_loc)
+    if num_decodes is None:
+        num_decodes = batch if bool((q_lens == 1).all()) else 0
+    if isinstance(num_decodes, bool) or not isinstance(num_decodes, (int, np.integer)) \
+            or not 0 <= num_decodes <= batch or bool((q_lens[:num_decodes] != 1).any()):
+        raise KVForgeError(f"num_decodes={num_decodes!r}: expected the number of leading sequences "
+                           f"that compute one token each (0..{batch})")
+    ids = view.input_ids
+    if input_ids is not None:
+        ids = np.asarray(input_ids)
+        if ids.shape != view.positions.shape or (ids.size and ids.dtype.kind not in "iu"):
+            raise KVForgeError(f"input_ids: expected {len(view.positions)} integer token ids, "
+                               f"got {ids.dtype} of shape {ids.shape}")
+    if ids is None:
+        raise KVForgeError("prepare_step(): the token ids of some of these tokens are unknown to the cache "
+                           "(appended without ids); pass input_ids=")
+    slots = view.slot_mapping.astype(slot_dtype, copy=False)
+    ids32, pos32 = ids.astype(np.int32, copy=False), view.positions.astype(np.int32, copy=False)
+    nd = int(num_decodes)
+    if nd == batch:  # a pure decode step
+        if logits_indices is not None:
+            raise KVForgeError("logits_indices: a pure decode step samples every row")
+        ctx, tables = view.context_lens, view.block_tables
+        staging = stage("eager")
+        if pad_to is not None:
+            rows, width = pad_to
+            if batch > rows or tables.shape[1] > width:
+                raise KVForgeError(f"pad_to={pad_to}: the step has {batch} sequences and tables of "
+                                   f"{tables.shape[1]} blocks")
+            ids32, pos32 = pad_rows(ids32, rows, 0), pad_rows(pos32, rows, 0)
+            slots, ctx = pad_rows(slots, rows, -1), pad_rows(ctx, rows, 0)
+            tables = pad_rows(pad_width(tables, width), rows, -1)
+            staging = stage("fixed", 4 * (-(-rows // 16) * 16) * 2 + rows * width + 64)
+        d_ids, d_pos, d_slots, d_ctx, d_tab = staging.upload([ids32, pos32, slots, ctx, tables])
+        return StepBatch(d_ids, d_pos, d_slots, d_tab, d_ctx, num_decodes=len(ctx))
+    if pad_to is not None:
+        raise KVForgeError("pad_to: only a pure decode step has a fixed layout")
+    if logits_indices is None:
+        rows_idx = view.query_start_loc[1:].astype(np.int32) - 1
+    else:
+        rows_idx = np.asarray(logits_indices, dtype=np.int64)
+        if rows_idx.ndim != 1 or (rows_idx.size and (rows_idx.min() < 0 or rows_idx.max() >= len(ids32))):
+            raise KVForgeError(f"logits_indices: expected row numbers in [0, {len(ids32)}), got {logits_indices!r}")
+        rows_idx = rows_idx.astype(np.int32)
+    cu = (view.query_start_loc[nd:] - view.query_start_loc[nd]).astype(np.int32)
+    ctx, tables = view.context_lens, view.block_tables
+    parts = [ids32, pos32, slots, rows_idx, cu, ctx[nd:], tables[nd:], ctx[:nd], tables[:nd]]
+    d_ids, d_pos, d_slots, d_idx, d_cu, d_ctx_p, d_tab_p, d_ctx_d, d_tab_d = stage("eager").upload(parts)
+    return StepBatch(d_ids, d_pos, d_slots, d_tab_d if nd else None, d_ctx_d if nd else None,
+                     d_tab_p, d_ctx_p, d_cu, d_idx, num_decodes=nd, num_prefills=batch - nd)

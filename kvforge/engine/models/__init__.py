@@ -1,6 +1,6 @@
 """Model implementations of the engine (one Llama-family decoder)."""
 from __future__ import annotations
 
-from kvforge.engine.models.llama import AttentionInputs, LayerWeights, LlamaModel
+from kvforge.engine.models.llama import LayerWeights, LlamaModel
 
-__all__ = ["AttentionInputs", "LayerWeights", "LlamaModel"]
+__all__ = ["LayerWeights", "LlamaModel"]

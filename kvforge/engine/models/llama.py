@@ -7,9 +7,11 @@ sliding window are switches of :class:`~kvforge.engine.model_config.ModelConfig`
 The q, k and v projections are fused into one matrix, and the gate and up
 projections into another, so a layer is four matrix products.
 
-The model owns no KV storage: every forward writes the new tokens' keys and
-values into the :class:`~kvforge.storage.cache.KVCache` at ``slot_mapping`` and
-reads the context through the block tables. Every tensor operation is
+The model owns no KV storage: every forward takes a
+:class:`~kvforge.storage.StepBatch` (built by the cache's ``prepare_step``),
+writes the new tokens' keys and values into the
+:class:`~kvforge.storage.KVCache` at its ``slot_mapping`` and reads the
+context through its block tables. Every tensor operation is
 static in shape given its inputs, so the decode forward can be captured in
 a CUDA graph.
 """
@@ -22,39 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvforge import kernels
-from kvforge.storage.cache import KVCache
-from kvforge.engine.model_config import ModelConfig
+from kvforge.storage import KVCache, StepBatch
+from kvforge.engine.model_config import WEIGHT_DTYPES, ModelConfig, TensorSpec, check_tensors
 from kvforge.engine.models.layers import RotaryEmbedding, rms_norm
 from kvforge.errors import ModelError
 
-__all__ = ["AttentionInputs", "LlamaModel", "LayerWeights"]
-
-
-class AttentionInputs(NamedTuple):
-    """Where one forward's tokens sit in the paged cache.
-
-    ``slot_mapping`` int32/int64 ``[T]`` (-1 = padding, not stored). Rows
-    come in two groups, each with int32 block tables ``[n, max_blocks]`` and
-    context lengths ``[n]`` (all tokens of each sequence including this
-    step's): first ``D`` decodes, one new token each (rows ``0..D-1``,
-    through the decode kernel), then ``P`` ragged prefill chunks described by
-    ``cu_query_lens`` int32 ``[P + 1]`` (from 0, at row ``D``). A group that
-    is absent has None tensors. Each tensor is its own allocation (or
-    aligned view), never a misaligned slice, so Triton sees the same pointer
-    alignment every step and compiles nothing new.
-    """
-
-    slot_mapping: Tensor
-    decode_tables: Tensor | None
-    decode_context_lens: Tensor | None
-    prefill_tables: Tensor | None = None
-    prefill_context_lens: Tensor | None = None
-    cu_query_lens: Tensor | None = None
-
-    @property
-    def num_decodes(self) -> int:
-        """Rows at the front that are decodes."""
-        return 0 if self.decode_context_lens is None else int(self.decode_context_lens.shape[0])
+__all__ = ["LlamaModel", "LayerWeights"]
 
 
 class LayerWeights(NamedTuple):
@@ -125,64 +100,58 @@ class LlamaModel:
                         device: torch.device, max_positions: int | None = None) -> LlamaModel:
         """Fuse and place Hugging Face tensors (``model.layers.{i}.self_attn.q_proj.weight``, ...).
 
-        Raises :class:`ModelError` naming the first missing tensor, or a few of
-        the tensors the model would not use (a checkpoint option the engine
-        does not implement must not be ignored silently)."""
-        used: set[str] = set()
-
-        def get(name: str, optional: bool = False) -> Tensor | None:
-            used.add(name)
-            t = tensors.get(name)
-            if t is None and not optional:
-                raise ModelError(f"{config.architecture} checkpoint has no tensor {name!r}")
-            return None if t is None else t.to(device=device, dtype=dtype)
+        Before any tensor is cast or moved, every name, shape and dtype is held
+        against the config (:func:`~kvforge.engine.model_config.check_tensors`,
+        through ``tensors.specs`` when the mapping has them, as the loader's
+        lazy safetensors weights do, so nothing is read twice). Raises
+        :class:`ModelError` naming the first missing tensor, a few of the
+        tensors the model would not use (a checkpoint option the engine does
+        not implement must not be ignored silently), a tensor of the wrong
+        shape, or an integer / quantized tensor."""
+        specs: Mapping[str, TensorSpec] | None = getattr(tensors, "specs", None)
+        if specs is None:
+            for name, t in tensors.items():
+                if not isinstance(t, Tensor):
+                    raise ModelError(f"{config.architecture} checkpoint: {name!r} is a {type(t).__name__}, "
+                                     f"not a tensor")
+            specs = {name: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                     for name, t in tensors.items()}
+        check_tensors(config, specs)
+        expected = config.expected_tensors()
 
         def need(name: str) -> Tensor:
-            t = get(name)
-            assert t is not None
-            return t
+            t = tensors[name]
+            _check_shape(name, t, expected[name].shape)  # the tensor read is the one its header announced
+            return t.to(device=device, dtype=dtype)
 
         layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            q, k, v = need(a + "q_proj.weight"), need(a + "k_proj.weight"), need(a + "v_proj.weight")
-            _check_shape(a + "q_proj.weight", q, (config.q_size, config.hidden_size))
-            _check_shape(a + "k_proj.weight", k, (config.kv_size, config.hidden_size))
-            # a bias the config does not declare is left unused (and refused below), as transformers ignores it
-            bias = torch.cat([need(a + f"{n}_proj.bias") for n in "qkv"]) if config.qkv_bias else None
             m = p + "mlp."
+            q, k, v = need(a + "q_proj.weight"), need(a + "k_proj.weight"), need(a + "v_proj.weight")
+            # a bias the config does not declare was refused by check_tensors, as an unused tensor
+            bias = torch.cat([need(a + f"{n}_proj.bias") for n in "qkv"]) if config.qkv_bias else None
             gate_up_bias = torch.cat([need(m + "gate_proj.bias"), need(m + "up_proj.bias")]) \
                 if config.mlp_bias else None
             layers.append(LayerWeights(
                 input_norm=need(p + "input_layernorm.weight"),
                 qkv=torch.cat([q, k, v]).contiguous(), qkv_bias=bias,
-                q_norm=get(a + "q_norm.weight") if config.qk_norm else None,
-                k_norm=get(a + "k_norm.weight") if config.qk_norm else None,
+                q_norm=need(a + "q_norm.weight") if config.qk_norm else None,
+                k_norm=need(a + "k_norm.weight") if config.qk_norm else None,
                 o_proj=need(a + "o_proj.weight"),
                 post_norm=need(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")]).contiguous(),
-                down=need(p + "mlp.down_proj.weight"),
+                gate_up=torch.cat([need(m + "gate_proj.weight"), need(m + "up_proj.weight")]).contiguous(),
+                down=need(m + "down_proj.weight"),
                 o_bias=need(a + "o_proj.bias") if config.o_bias else None,
                 gate_up_bias=gate_up_bias,
                 down_bias=need(m + "down_proj.bias") if config.mlp_bias else None,
             ))
             del q, k, v
         embed = need("model.embed_tokens.weight")
-        _check_shape("model.embed_tokens.weight", embed, (config.vocab_size, config.hidden_size))
-        head = get("lm_head.weight", optional=True)
-        if head is None:
-            if not config.tie_word_embeddings:
-                raise ModelError(f"{config.architecture} checkpoint has no tensor 'lm_head.weight' "
-                                 f"and tie_word_embeddings is false")
-            head = embed
+        # check_tensors: lm_head.weight is there unless the embeddings are tied
+        head = need("lm_head.weight") if "lm_head.weight" in specs else embed
         final_norm = need("model.norm.weight")
-        unused = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq"))
-        if unused:
-            more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""
-            raise ModelError(f"{config.architecture} checkpoint has {len(unused)} tensor(s) the engine would not "
-                             f"use: {', '.join(unused[:4])}{more} (an unsupported option; refusing to run "
-                             f"without them)")
         return cls(config, embed, layers, final_norm, head,
                    max_positions=max_positions or config.max_position_embeddings)
 
@@ -225,19 +194,21 @@ class LlamaModel:
         return sum(seen.values())
 
     # -------------------------------------------------------------- forward
-    def forward(self, input_ids: Tensor, positions: Tensor, attn: AttentionInputs, cache: KVCache) -> Tensor:
-        """Final hidden states ``[T, hidden]`` of tokens ``input_ids`` ``[T]`` at ``positions`` ``[T]``.
+    def forward(self, batch: StepBatch, cache: KVCache) -> Tensor:
+        """Final hidden states ``[T, hidden]`` of the step's tokens (``batch.input_ids``
+        at ``batch.positions``).
 
-        Writes every token's keys/values into ``cache`` at ``attn.slot_mapping``
+        Writes every token's keys/values into ``cache`` at ``batch.slot_mapping``
         before attending, layer by layer."""
         c = self.config
-        x = F.embedding(input_ids, self.embed)
+        positions = batch.positions
+        x = F.embedding(batch.input_ids, self.embed)
         fz = self._fused
         if fz is not None:
             # F.embedding returned a fresh tensor: it becomes the residual stream, updated in place
             h, residual = fz.add_rms_norm(x, None, self.layers[0].input_norm, c.rms_norm_eps)
             for i, lw in enumerate(self.layers):
-                a = self._attention(i, lw, h, positions, attn, cache)
+                a = self._attention(i, lw, h, positions, batch, cache)
                 h, residual = fz.add_rms_norm(a, residual, lw.post_norm, c.rms_norm_eps)
                 m = F.linear(fz.silu_mul(F.linear(h, lw.gate_up, lw.gate_up_bias)), lw.down, lw.down_bias)
                 nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
@@ -245,13 +216,13 @@ class LlamaModel:
             return h
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
-            x = x + self._attention(i, lw, h, positions, attn, cache)
+            x = x + self._attention(i, lw, h, positions, batch, cache)
             h = rms_norm(x, lw.post_norm, c.rms_norm_eps)
             gate, up = F.linear(h, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, lw.down, lw.down_bias)
         return rms_norm(x, self.norm, c.rms_norm_eps)
 
-    def _attention(self, layer: int, lw: LayerWeights, h: Tensor, positions: Tensor, attn: AttentionInputs,
+    def _attention(self, layer: int, lw: LayerWeights, h: Tensor, positions: Tensor, batch: StepBatch,
                    cache: KVCache) -> Tensor:
         c = self.config
         t = h.shape[0]
@@ -266,28 +237,29 @@ class LlamaModel:
             self._fused.rope_(q, k, self.rope.cos, self.rope.sin, positions)
         else:
             q, k = self.rope.apply(q, k, positions)
-        cache.write(layer, attn.slot_mapping, k, v)
-        kc, vc = cache.layer_kv(layer)
+        cache.write(layer, batch.slot_mapping, k, v)
+        view = cache.layer_view(layer)
         window = c.sliding_windows[layer]
-        offsets, backend = cache.chunk_offsets, cache.backend
-        nd = attn.num_decodes
-        if attn.cu_query_lens is None:
-            assert attn.decode_tables is not None and attn.decode_context_lens is not None
+        backend = cache.backend
+        nd = batch.num_decodes
+        if batch.is_decode:
+            assert batch.decode_block_tables is not None and batch.decode_context_lens is not None
             o = kernels.paged_decode_attention(
-                q, kc, vc, attn.decode_tables, attn.decode_context_lens, scale=self.scale, sliding_window=window,
-                chunk_offsets=offsets, backend=backend)
+                q, view, None, batch.decode_block_tables, batch.decode_context_lens, scale=self.scale,
+                sliding_window=window, backend=backend)
         else:
             # decodes and prefill chunks in separate kernels: each gets tiles shaped for its rows
-            assert attn.prefill_tables is not None and attn.prefill_context_lens is not None
+            assert batch.prefill_block_tables is not None and batch.prefill_context_lens is not None
+            assert batch.cu_query_lens is not None
             o = q.new_empty(q.shape)
             if nd:
-                assert attn.decode_tables is not None and attn.decode_context_lens is not None
+                assert batch.decode_block_tables is not None and batch.decode_context_lens is not None
                 kernels.paged_decode_attention(
-                    q[:nd], kc, vc, attn.decode_tables, attn.decode_context_lens, scale=self.scale,
-                    sliding_window=window, out=o[:nd], chunk_offsets=offsets, backend=backend)
+                    q[:nd], view, None, batch.decode_block_tables, batch.decode_context_lens, scale=self.scale,
+                    sliding_window=window, out=o[:nd], backend=backend)
             kernels.paged_prefill_attention(
-                q[nd:], kc, vc, attn.prefill_tables, attn.cu_query_lens, attn.prefill_context_lens,
-                scale=self.scale, sliding_window=window, out=o[nd:], chunk_offsets=offsets, backend=backend)
+                q[nd:], view, None, batch.prefill_block_tables, batch.cu_query_lens, batch.prefill_context_lens,
+                scale=self.scale, sliding_window=window, out=o[nd:], backend=backend)
         return F.linear(o.view(t, c.q_size), lw.o_proj, lw.o_bias)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
@@ -296,5 +268,10 @@ class LlamaModel:
 
 
 def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    """``t`` is a float tensor of ``shape`` (what the config says ``name`` is), else :class:`ModelError`."""
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in WEIGHT_DTYPES:
+        raise ModelError(f"tensor {name!r} has dtype {dtype}; the engine loads {'/'.join(WEIGHT_DTYPES)} "
+                         f"weights and refuses integer and quantized tensors (no quantized format is supported)")
     if tuple(t.shape) != shape:
         raise ModelError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from config.json")

@@ -1,0 +1,136 @@
+"""Building an engine: its config, device and dtype, KV budget and cache config, prompt limits.
+
+Everything here runs before a request is queued or a tensor is allocated,
+so a bad argument is refused with a clear error and nothing to undo.
+Cache sizing itself is :class:`~kvforge.config.CacheConfig`'s
+(:meth:`~kvforge.config.CacheConfig.for_memory`); this module only picks
+the budget.
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvforge.config import CacheConfig, parse_bytes, resolve_dtype
+from kvforge.engine.config import EngineConfig
+from kvforge.engine.model_config import ModelConfig
+from kvforge.errors import ConfigError, ModelError, OutOfBlocksError
+from kvforge.storage import resolve_device
+
+if TYPE_CHECKING:
+    from kvforge.engine.engine import Engine
+    from kvforge.engine.models.llama import LlamaModel
+
+__all__ = ["MODEL_DTYPES", "cache_config_for", "check_prompt", "engine_config", "kv_budget", "max_len",
+           "resolve_placement"]
+
+log = logging.getLogger(__name__)
+
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: a GPU's KV budget leaves this much of the free memory to activations and graphs
+GPU_HEADROOM_BYTES = 2 * 2**30
+#: the CPU's default KV budget
+CPU_DEFAULT_KV_BYTES = 512 * 2**20
+
+
+def kv_budget(cache_config: Any, kv_memory: int | str | None,
+              num_blocks: int | None) -> tuple[CacheConfig | None, int | str | None]:
+    """Split the second positional argument into (CacheConfig, KV budget); check the budget early."""
+    if cache_config is not None and not isinstance(cache_config, CacheConfig):
+        if isinstance(cache_config, bool) or not isinstance(cache_config, (numbers.Integral, str)):
+            raise ConfigError(f"the second argument must be a CacheConfig or a KV memory budget (bytes or "
+                              f"'4GiB'), got {type(cache_config).__name__} {cache_config!r:.60}")
+        if kv_memory is not None or num_blocks is not None:
+            given = "kv_memory" if kv_memory is not None else "num_blocks"
+            raise ConfigError(f"the KV cache size is given twice: {cache_config!r} and {given}=")
+        cache_config, kv_memory = None, cache_config
+    if kv_memory is not None:
+        if cache_config is not None:
+            raise ConfigError("give a CacheConfig or kv_memory=, not both")
+        if parse_bytes(kv_memory) <= 0:
+            raise ConfigError(f"the KV memory budget must be positive, got {kv_memory!r}")
+    return cache_config, kv_memory
+
+
+def engine_config(config: EngineConfig | None, options: dict[str, Any]) -> EngineConfig:
+    """``config`` with ``options`` applied, or an EngineConfig of the options alone."""
+    if config is not None and not isinstance(config, EngineConfig):
+        raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__}")
+    if config is None:
+        return EngineConfig.from_options(**options)
+    return replace(config, **options) if options else config
+
+
+def resolve_placement(device: str, dtype: Any, mconf: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and the model dtype (default: the checkpoint's on GPUs, float32 on the CPU)."""
+    dev = resolve_device(device)
+    dt = (mconf.dtype if dev.type == "cuda" else torch.float32) if dtype is None else resolve_dtype(dtype)
+    if dt not in MODEL_DTYPES:
+        raise ConfigError(f"dtype {dt} is not supported by the engine (float32, float16, bfloat16)")
+    return dev, dt
+
+
+def max_len(econf: EngineConfig, mconf: ModelConfig) -> int:
+    """The longest sequence the model allows under the engine's ``max_model_len``."""
+    return min(econf.max_model_len or mconf.max_position_embeddings, mconf.max_position_embeddings)
+
+
+def cache_config_for(model: LlamaModel, econf: EngineConfig, given: CacheConfig | None,
+                     kv_memory: int | str | None, num_blocks: int | None) -> CacheConfig:
+    """The cache config of an engine: ``given`` (set to the model's dtype and device),
+    ``num_blocks`` blocks, or as many as the KV budget holds (``kv_memory``, else a
+    share of the free GPU memory, else 512 MiB on the CPU)."""
+    m, dtype, device = model.config, model.dtype, model.device
+    shape = (m.num_layers, m.num_kv_heads, m.head_dim)
+    if given is not None:
+        if not isinstance(given, CacheConfig):
+            raise ConfigError(f"cache_config must be a CacheConfig, got {type(given).__name__}")
+        got = (given.num_layers, given.num_kv_heads, given.head_dim)
+        if got != shape:
+            raise ConfigError(f"cache_config has (layers, kv heads, head_dim) = {got}, the model needs {shape}")
+        if given.dtype != dtype or resolve_device(given.device) != device:
+            log.info("cache_config dtype/device set to the model's (%s on %s)", dtype, device)
+        return given.replace(dtype=dtype, device=str(device))
+    options = dict(block_size=econf.block_size, dtype=dtype, device=str(device),
+                   enable_prefix_caching=econf.enable_prefix_caching, enable_compaction=econf.enable_compaction)
+    if num_blocks is not None:
+        cfg = CacheConfig(num_blocks=num_blocks, num_layers=shape[0], num_kv_heads=shape[1], head_dim=shape[2],
+                          **options)
+    else:
+        if kv_memory is not None:
+            budget = parse_bytes(kv_memory)
+        elif device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * econf.kv_memory_fraction) - GPU_HEADROOM_BYTES
+        else:
+            budget = CPU_DEFAULT_KV_BYTES
+        cfg = CacheConfig.for_memory(budget, *shape, **options)
+    # without compaction the pool is one allocation (the kernels skip the chunk table)
+    return cfg if econf.enable_compaction else cfg.replace(chunk_blocks=cfg.num_blocks)
+
+
+def check_prompt(engine: Engine, rid: str, ids: list[int]) -> None:
+    """Refuse a prompt that is empty, leaves the vocabulary, or can never fit."""
+    vocab = engine.model_config.vocab_size
+    if not ids:
+        raise ConfigError(f"request {rid!r}: empty prompt")
+    if min(ids) < 0 or max(ids) >= vocab:
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise ConfigError(f"request {rid!r}: token id {bad} is outside the vocabulary [0, {vocab})")
+    if len(ids) < engine.max_model_len:
+        return
+    bs, nb = engine.cache.config.block_size, engine.cache.config.num_blocks
+    model_limit = max_len(engine.config, engine.model_config)
+    cache_bound = nb * bs <= model_limit
+    limit = (f"the whole cache is {nb} blocks of {bs} tokens" if cache_bound
+             else f"the model allows {model_limit} positions")
+    msg = (f"request {rid!r}: a prompt of {len(ids)} tokens can never run: a sequence holds at most "
+           f"{engine.max_model_len} tokens, prompt and output ({limit})")
+    if cache_bound:
+        raise OutOfBlocksError(msg, requested=-(-(len(ids) + 1) // bs), available=nb)
+    raise ModelError(msg)
