@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvforge.core.manager import AddSequenceResult, BlockManager, SequenceBlockTable, blocks_for_tokens
+from kvforge.core import BlockUsage, StepView, blocks_for_tokens
+from kvforge.core.manager import AddSequenceResult, BlockManager, SequenceBlockTable
 from kvforge.errors import KVForgeError, OutOfBlocksError, SequenceError
 
 
@@ -497,6 +498,21 @@ def test_sequence_block_table_tuple():
     t = SequenceBlockTable("s", [1, 2], 7)
     assert (t.seq_id, t.block_ids, t.num_tokens) == ("s", [1, 2], 7)
     assert blocks_for_tokens(0, 4) == 0 and blocks_for_tokens(9, 4) == 3
+    assert blocks_for_tokens(2**62 + 1, 4) == 2**60 + 1   # exact, no float rounding
+
+
+def test_sequence_table_reads_ids_and_count_together():
+    m = BlockManager(8, 4)
+    m.add_sequence("a", num_tokens=4)          # [0]
+    m.add_sequence("s", num_tokens=7)          # [1, 2]
+    t = m.sequence_table("s")
+    assert isinstance(t, SequenceBlockTable)
+    assert t == SequenceBlockTable("s", [1, 2], 7)
+    assert len(t.block_ids) == blocks_for_tokens(t.num_tokens, m.block_size)
+    m.append_tokens("s", 2)
+    assert m.sequence_table("s") == ("s", [1, 2, 3], 9)
+    with pytest.raises(SequenceError, match="unknown sequence 'x'"):
+        m.sequence_table("x")
 
 
 def test_bad_block_size():
@@ -524,4 +540,172 @@ def test_batch_views_follow_freed_and_reused_ids():
     eq(m.block_table_array(["a", "a"]), [[3], [3]])   # views allow repeats; appends never do
     with pytest.raises(SequenceError):
         m.append_tokens_batch(["a", "a"])
+    ok(m)
+
+
+# ----------------------------------------------------------------- step_view
+def test_step_view_exact():
+    m = BlockManager(16, 4, enable_prefix_caching=False)
+    m.add_sequence("a", [10, 11, 12, 13, 14, 15])   # [0, 1], 6 tokens
+    m.add_sequence("b", num_tokens=3)                # [2], ids unknown
+    m.add_sequence("c", [20, 21, 22, 23, 24, 25, 26, 27, 28])  # [3, 4, 5], 9 tokens
+    v = m.step_view(["a", "c"], [2, 1])
+    assert isinstance(v, StepView)
+    eq(v.positions, [4, 5, 8])
+    assert v.positions.dtype == np.int64
+    eq(v.slot_mapping, [1 * 4 + 0, 1 * 4 + 1, 5 * 4 + 0])
+    assert v.slot_mapping.dtype == np.int64
+    eq(v.context_lens, [6, 9])
+    assert v.context_lens.dtype == np.int32
+    eq(v.block_tables, [[0, 1, -1], [3, 4, 5]])
+    assert v.block_tables.dtype == np.int32
+    eq(v.query_start_loc, [0, 2, 3])
+    assert v.query_start_loc.dtype == np.int32
+    eq(v.input_ids, [14, 15, 28])
+    assert v.input_ids.dtype == np.int64
+    # decode step: one token each, tables padded to a multiple of 4
+    v = m.step_view(["c", "a", "b"], 1, width_multiple=4)
+    eq(v.positions, [8, 5, 2])
+    eq(v.slot_mapping, [20, 5, 10])
+    eq(v.context_lens, [9, 6, 3])
+    eq(v.block_tables, [[3, 4, 5, -1], [0, 1, -1, -1], [2, -1, -1, -1]])
+    eq(v.query_start_loc, [0, 1, 2, 3])
+    assert v.input_ids is None                 # b's ids are unknown
+    eq(m.step_view(["c", "a", "b"], [1, 1, 0]).input_ids, [28, 15])   # b computes nothing: known
+    # wider than the table matrix: padded, the matrix does not grow
+    v = m.step_view(["a"], 0, width_multiple=64)
+    assert v.block_tables.shape == (1, 64) and v.block_tables[0, :3].tolist() == [0, 1, -1]
+    assert (len(v.positions), len(v.slot_mapping), len(v.input_ids)) == (0, 0, 0)
+    eq(v.query_start_loc, [0, 0])
+    v = m.step_view([], 1, width_multiple=8)
+    assert v.block_tables.shape == (0, 8) and v.query_start_loc.tolist() == [0]
+    ok(m)
+
+
+def test_step_view_follows_appends_and_copy_on_write():
+    m = BlockManager(16, 4)
+    m.add_sequence("p", [1, 2, 3, 4, 5, 6])        # [0, 1]
+    m.fork("p", "c")
+    slots = m.append_tokens_batch(["p", "c"], 1, token_ids=[7, 9])
+    eq(slots, [2 * 4 + 2, 1 * 4 + 2])              # p copies block 1 into block 2
+    v = m.step_view(["p", "c"], 1)
+    eq(v.slot_mapping, slots)
+    eq(v.input_ids, [7, 9])
+    eq(v.block_tables, [[0, 2], [0, 1]])
+    assert m.token_ids("p") == [1, 2, 3, 4, 5, 6, 7] and m.token_ids("c") == [1, 2, 3, 4, 5, 6, 9]
+    v = m.step_view(["c", "p"], 7)                 # the whole sequences: prefill layout
+    eq(v.input_ids, [1, 2, 3, 4, 5, 6, 9, 1, 2, 3, 4, 5, 6, 7])
+    eq(v.positions, list(range(7)) * 2)
+    eq(v.query_start_loc, [0, 7, 14])
+    ok(m)
+
+
+def test_step_view_bad_input_changes_nothing():
+    m = BlockManager(8, 4)
+    m.add_sequence("a", [1, 2, 3])
+    m.add_sequence("e")                            # no tokens
+    before = state(m)
+    for bad, match in [(((["a", "e"], 1), {}), "sequence 'e' has only 0 tokens"),
+                       (((["a"], 4), {}), "num_new_tokens=4: sequence 'a' has only 3 tokens"),
+                       (((["a"], -1), {}), "num_new_tokens must be >= 0"),
+                       (((["a"], [1, 1]), {}), "one per sequence"),
+                       (((["a"], [True]), {}), "integers"),
+                       (((["a"], 1.0), {}), "integers"),
+                       (((["a"], 1), {"width_multiple": 0}), "width_multiple"),
+                       (((["a"], 1), {"width_multiple": True}), "width_multiple"),
+                       (((["zz"], 1), {}), "unknown sequence 'zz'"),
+                       (((["a", ["x"]], 1), {}), "not hashable")]:
+        (args, kwargs) = bad
+        with pytest.raises(SequenceError, match=match):
+            m.step_view(*args, **kwargs)
+        assert state(m) == before
+    ok(m)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_step_view_agrees_with_the_other_views_on_random_batches(prefix):
+    rng = np.random.default_rng(3)
+    m = BlockManager(256, 4, enable_prefix_caching=prefix)
+    for i in range(24):
+        if i % 5 == 4:
+            m.add_sequence(i, num_tokens=int(rng.integers(0, 9)))
+        else:
+            m.add_sequence(i, rng.integers(0, 3, size=int(rng.integers(1, 12))).tolist())
+    for step in range(40):
+        ids = rng.permutation(m.seq_ids)[: int(rng.integers(0, 12))].tolist()
+        if step % 3 == 0 and ids:
+            m.append_tokens_batch(ids, 1, token_ids=rng.integers(0, 3, size=len(ids)))
+        elif step % 3 == 1 and ids:
+            m.fork(ids[0], 100 + step)
+        lens = m.context_lens(ids)
+        q = [int(rng.integers(0, n + 1)) for n in lens.tolist()]
+        wm = int(rng.integers(1, 5))
+        v = m.step_view(ids, q, width_multiple=wm)
+        eq(v.context_lens, lens)
+        eq(v.slot_mapping, m.slot_mapping(ids, q))
+        eq(v.query_start_loc, np.concatenate([[0], np.cumsum(q)]).astype(np.int32))
+        eq(v.positions, np.concatenate([np.arange(n - k, n) for n, k in zip(lens.tolist(), q)] + [[]]))
+        tables = m.block_table_array(ids)
+        w = max(1, tables.shape[1] if ids else 0)
+        assert v.block_tables.shape == (len(ids), -(-w // wm) * wm)
+        eq(v.block_tables[:, : tables.shape[1]], tables)
+        assert (v.block_tables[:, tables.shape[1]:] == -1).all()
+        known = [m.token_ids(s) for s, k in zip(ids, q) if k]
+        if all(t is not None for t in known):
+            eq(v.input_ids, [t for s, k in zip(ids, q) if k for t in m.token_ids(s)[m.num_tokens(s) - k:m.num_tokens(s)]])
+        else:
+            assert v.input_ids is None
+        if all(k == 1 for k in q):
+            eq(m.step_view(ids, 1, width_multiple=wm).slot_mapping, v.slot_mapping)
+        ok(m)
+
+
+def test_append_batch_with_ids_for_several_tokens_each():
+    m = BlockManager(16, 4)
+    m.add_sequence("a", [1, 2])
+    m.add_sequence("b", [5])
+    eq(m.append_tokens_batch(["a", "b"], [3, 2], token_ids=[3, 4, 9, 6, 7]), [2, 3, 8, 5, 6])
+    assert (m.token_ids("a"), m.token_ids("b")) == ([1, 2, 3, 4, 9], [5, 6, 7])
+    assert m.prefix.key_of(0) == m.prefix.block_keys([1, 2, 3, 4])[0]   # a's block 0 filled and registered
+    before = state(m)
+    with pytest.raises(SequenceError, match="one id per new token"):
+        m.append_tokens_batch(["a", "b"], [1, 2], token_ids=[1, 2])
+    with pytest.raises(SequenceError, match="token ids must be integers"):
+        m.append_tokens_batch(["a", "b"], 1, token_ids=["x", "y"])
+    assert state(m) == before
+    ok(m)
+
+
+def test_usage_and_metadata_bytes():
+    m = BlockManager(16, 4)
+    assert m.usage() == BlockUsage(0, 0, 0, 0, 0, 4)
+    assert m.usage().internal_fragmentation == 0.0
+    m.add_sequence("a", num_tokens=5)          # [0, 1]
+    m.fork("a", "b")                           # shares both
+    m.append_token("b")                        # b copies block 1 into block 2
+    u = m.usage()
+    assert (u.num_sequences, u.num_live_tokens, u.num_logical_blocks) == (2, 11, 4)
+    assert (u.num_distinct_blocks, u.num_used_slots, u.num_reserved_slots) == (3, 4 + 1 + 2, 12)
+    assert u.internal_fragmentation == m.internal_fragmentation() == 1 - 7 / 12
+    assert m.live_token_slots() == 7 and m.num_live_tokens() == 11
+    small = m.metadata_bytes()
+    assert small >= m.tables.metadata_bytes() + m.pool.metadata_bytes() + m.prefix.metadata_bytes()
+    m.add_sequence("long", list(range(3 * 4 + 1)))
+    assert m.metadata_bytes() > small
+    ok(m)
+
+
+def test_token_ids_follow_compaction():
+    m = BlockManager(16, 4)
+    m.add_sequence("x", num_tokens=8)          # [0, 1]
+    m.add_sequence("a", [1, 2, 3, 4, 5, 6])    # [2, 3]
+    m.free_sequence("x")
+    plan = m.plan_compaction()
+    assert plan.moves == [(3, 0), (2, 1)]
+    m.apply_compaction(plan)
+    assert m.block_table("a") == [1, 0] and m.token_ids("a") == [1, 2, 3, 4, 5, 6]
+    assert m.prefix.key_of(1) == m.prefix.block_keys([1, 2, 3, 4])[0]
+    eq(m.step_view(["a"], 6).input_ids, [1, 2, 3, 4, 5, 6])
+    r = m.add_sequence("b", [1, 2, 3, 4, 9])   # hits the moved block
+    assert (r.num_cached_tokens, r.block_ids[0]) == (4, 1)
     ok(m)

@@ -401,6 +401,7 @@ class ManagerMachine(RuleBasedStateMachine):
             return
         tables = m.block_table_array(ids)
         lens = m.context_lens(ids)
+        all_slots = []
         for i, sid in enumerate(ids):
             seq = self.seqs[sid]
             table = m.block_table(sid)
@@ -409,6 +410,20 @@ class ManagerMachine(RuleBasedStateMachine):
             assert tables[i, :len(table)].tolist() == table and (tables[i, len(table):] == -1).all()
             slots = np.array([table[p // BS] * BS + p % BS for p in range(seq.reserved)], dtype=np.int64)
             assert self.store[slots].tolist() == seq.values[:seq.reserved], f"sequence {sid} reads wrong K/V"
+            known = m.token_ids(sid)
+            assert known is None or known == seq.tokens, f"sequence {sid} knows the wrong token ids"
+            all_slots += slots.tolist()
+        # a step computing every token of every sequence: the prefill layout
+        view = m.step_view(ids, [self.seqs[s].reserved for s in ids], width_multiple=3)
+        assert view.positions.tolist() == [p for s in ids for p in range(self.seqs[s].reserved)]
+        assert view.slot_mapping.tolist() == all_slots
+        assert view.context_lens.tolist() == lens.tolist()
+        assert view.block_tables.shape[1] % 3 == 0
+        assert view.block_tables[:, :tables.shape[1]].tolist() == tables.tolist()
+        if all(m.token_ids(s) is not None or not self.seqs[s].reserved for s in ids):
+            assert view.input_ids.tolist() == [t for s in ids for t in self.seqs[s].tokens[:self.seqs[s].reserved]]
+        else:
+            assert view.input_ids is None
         nonempty = [s for s in ids if self.seqs[s].reserved]
         if nonempty:
             last = m.slot_mapping(nonempty)

@@ -511,3 +511,37 @@ def test_ids_from_numpy_tensors_and_tuples_are_plain_ints():
     with pytest.raises(InvalidBlockError):
         pool.can_allocate("x")
     pool.check_invariants()
+
+
+def test_held_and_live_blocks():
+    pool = BlockPool(8, capacity=6)
+    assert pool.held_blocks() == [] and pool.live_blocks() == []
+    ids = pool.allocate(4)                      # [0, 1, 2, 3]
+    pool.mark_cached(ids[1])
+    pool.free([ids[1], ids[2]])                 # 1 evictable (cached), 2 free
+    assert pool.held_blocks() == [0, 1, 3]      # referenced or cached, ascending
+    assert pool.live_blocks() == [0, 3]         # referenced only
+    pool.reclaim_unused_blocks()
+    assert pool.held_blocks() == pool.live_blocks() == [0, 3]
+    pool.check_invariants()
+
+
+def test_mark_cached_many_is_all_or_nothing():
+    pool = BlockPool(8)
+    ids = pool.allocate(3)
+    with pytest.raises(InvalidBlockError, match="cannot cache block 5: it is not held"):
+        pool.mark_cached_many([ids[0], 5])
+    assert not any(pool.is_cached(b) for b in range(8)) and pool.stats.cached_blocks == 0
+    with pytest.raises(InvalidBlockError):
+        pool.mark_cached_many([ids[0], 99])
+    pool.mark_cached_many([ids[0], ids[2], ids[0]])
+    assert [pool.is_cached(b) for b in ids] == [True, False, True]
+    assert pool.stats.cached_blocks == 2
+    pool.free(ids)
+    assert pool.evictable_blocks() == [ids[0], ids[2]]
+    pool.check_invariants()
+
+
+def test_metadata_bytes_grows_with_the_pool():
+    small, big = BlockPool(16), BlockPool(4096)
+    assert 0 < small.metadata_bytes() < big.metadata_bytes()

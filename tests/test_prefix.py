@@ -345,3 +345,45 @@ def test_allocate_rejects_bools_and_floats():
         with pytest.raises(InvalidBlockError):
             pool.allocate(bad)
     assert pool.num_free_blocks == 4
+
+
+def test_register_many_in_order_first_wins():
+    m = BlockManager(16, 4)
+    ids = m.pool.allocate(4)
+    k = m.prefix.block_keys(list(range(12)))  # three distinct keys
+    stored = []
+    m.prefix.on_stored = lambda b, key: stored.append((b, key))
+    # block 1 twice and key k[0] twice in one call: the first of each wins, as register() would
+    assert m.prefix.register_many([ids[0], ids[1], ids[1], ids[2]], [k[0], k[1], k[2], k[0]]) == 2
+    assert [m.prefix.key_of(b) for b in ids] == [k[0], k[1], None, None]
+    assert stored == [(ids[0], k[0]), (ids[1], k[1])]
+    assert m.prefix.register_many([ids[3]], [k[1]]) == 0   # key taken
+    assert m.prefix.register_many([], []) == 0
+    assert m.prefix.stats().registered_blocks == 2
+    m.prefix.check_invariants()
+
+
+def test_extend_chain_keys_follow_the_tokens():
+    m = BlockManager(16, 4)
+    idx = m.prefix
+    tokens = np.arange(12, dtype=np.int64)
+    blocks = m.pool.allocate(3)
+    keys: list[bytes] = []
+    idx.extend_chain(keys, "s", tokens[:8].tobytes(), blocks[:2])
+    idx.extend_chains([keys], ["s"], tokens[8:].tobytes(), blocks[2:])
+    assert keys == idx.block_keys(tokens, salt="s")
+    assert [idx.key_of(b) for b in blocks] == keys
+    other: list[bytes] = []                     # a second chain from the root, in the same call
+    more = m.pool.allocate(2)
+    idx.extend_chains([other, []], [None, "s"], np.r_[tokens[4:8], tokens[:4]].tobytes(), more)
+    assert other == idx.block_keys(tokens[4:8]) and idx.key_of(more[1]) is None   # key of block 0 is taken
+    idx.check_invariants()
+
+
+def test_null_index_metadata_and_chains():
+    m = BlockManager(8, 4, enable_prefix_caching=False)
+    keys: list[bytes] = []
+    m.prefix.extend_chain(keys, None, np.arange(4).tobytes(), [0])
+    m.prefix.extend_chains([keys], [None], np.arange(4).tobytes(), [0])
+    assert keys == [] and m.prefix.register_many([0], [b"k" * 16]) == 0
+    assert m.prefix.metadata_bytes() > 0
