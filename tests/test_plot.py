@@ -113,3 +113,35 @@ def test_simulation_plots(tmp_path):
     peak = result.peak_map
     assert peak is not None and int(np.sum(peak.states >= 0) + np.sum(peak.states == SHARED)) \
         == result.paged.peak_blocks
+
+
+def test_simulation_plots_of_a_jumped_idle_stretch(tmp_path):
+    from kvforge.tools.workload import parse_trace_lines
+
+    # too long to expand: the idle stretch is one sample the plots hold until the next step
+    w = parse_trace_lines(['{"arrival": 0, "prompt_len": 40, "output_len": 20}',
+                           '{"arrival": 4e8, "prompt_len": 40, "output_len": 20}'])
+    r = simulate(w, SimulationConfig(block_size=16, num_blocks=64))
+    assert len(r.timeline.step) == r.paged.steps_executed == 41 and r.paged.steps == 400_000_020
+    paths = plot_simulation(r, tmp_path)
+    assert len(paths) == 3 and all(_is_png(p) for p in paths)
+
+
+def test_plot_needs_matplotlib_and_names_the_extra(monkeypatch):
+    import builtins
+
+    from kvforge.errors import MissingExtraError
+    from kvforge.tools import plot
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(MissingExtraError, match=r"pip install 'kvforge\[plot\]'"):
+        plot.require_matplotlib()
+    with pytest.raises(ImportError):  # a MissingExtraError is an ImportError too
+        plot.block_map(None, "x.png", snapshot=block_map_of(BlockManager(4, 2)))

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+
+import numpy as np
 
 import pytest
 
@@ -347,3 +350,77 @@ def test_progress_off_a_terminal_has_no_carriage_returns():
     lines = text.splitlines()
     assert len(lines) >= 2 and all(line.startswith("simulate sharegpt: ") for line in lines)
     assert lines[-1].startswith("simulate sharegpt: 50/50 requests (100%) ")
+
+
+# ------------------------------------------------------------ idle time jumped
+def test_a_late_arrival_is_jumped_to_not_stepped_to():
+    from kvforge.tools.workload import parse_trace_lines
+
+    # one request 1e6 s in: 5e7 steps of 20 ms, all idle but the last three
+    w = parse_trace_lines(['{"arrival_s": 1e6, "prompt_len": 5, "output_len": 3}'])
+    r = simulate(w, _cfg(), check=True)
+    p, s = r.paged, r.static
+    assert p.steps == s.steps == 50_000_000 + 3
+    assert p.steps_executed == s.steps_executed == 1 + 3       # one idle step stands for the 5e7
+    assert (p.max_concurrency, p.peak_blocks, p.peak_step, p.mean_wait_steps) == (1, 2, 50_000_000, 0)
+    tl = r.timeline                                             # too long to expand: one sample per step run
+    assert tl.step.tolist() == [0, 50_000_000, 50_000_001, 50_000_002]
+    assert tl.num_steps.tolist() == [50_000_000, 1, 1, 1] and int(tl.num_steps.sum()) == p.steps
+    assert tl.running.tolist() == [0, 1, 1, 1]
+    assert p.mean_concurrency == pytest.approx(3 / p.steps)
+    assert p.mean_blocks == pytest.approx(6 / p.steps)          # 2 blocks for 3 steps
+    assert p.waste == pytest.approx(1 - (5 + 6 + 7) / 24)       # idle steps reserve nothing
+    assert r.static_timeline.num_steps.tolist() == [50_000_000, 1, 1, 1]
+    assert s.mean_concurrency == pytest.approx(3 / s.steps)
+
+
+def test_the_largest_arrivals_a_trace_may_give_finish_in_a_few_steps():
+    from kvforge.tools.workload import parse_trace_lines
+
+    w = parse_trace_lines(['{"arrival": 500000000, "prompt_len": 4, "output_len": 2}',
+                           '{"arrival_s": 1e7, "prompt_len": 4, "output_len": 2}',
+                           '{"arrival": 0, "prompt_len": 4, "output_len": 2}'])
+    r = simulate(w, _cfg())
+    # 1e7 s at 20 ms is step 5e8 too: steps 0-1 run the first request, step 2 is idle
+    # and stands for the rest up to 5e8, where the other two run together for 2 steps
+    assert r.paged.steps == 500_000_000 + 2 and r.paged.steps_executed == 2 + 1 + 2
+    assert r.timeline.num_steps.tolist() == [1, 1, 500_000_000 - 2, 1, 1]
+    assert r.static.steps_executed == r.paged.steps_executed
+
+
+def test_short_idle_stretches_still_give_one_sample_per_step():
+    w = make_workload("sharegpt", 30, seed=1, rate=0.001)      # long quiet gaps between requests
+    r = simulate(w, SimulationConfig(block_size=16, num_blocks=600))
+    p, tl = r.paged, r.timeline
+    assert p.steps_executed < p.steps / 2                       # most of the run was jumped
+    assert tl.step.tolist() == list(range(p.steps)) and (tl.num_steps == 1).all()
+    assert r.static_timeline.step.tolist() == list(range(r.static.steps))
+    assert (tl.running == 0).sum() > p.steps / 2
+
+
+def test_a_compressed_timeline_gives_the_same_summary(monkeypatch):
+    import kvforge.tools.simulate.records as records
+
+    w = make_workload("shared-prefix", 40, seed=2, rate=0.01)
+    cfg = SimulationConfig(block_size=16, num_blocks=400, eviction_policy="eager")
+    full = simulate(w, cfg)
+    monkeypatch.setattr(records, "MAX_TIMELINE_STEPS", 0)      # never expand
+    short = simulate(w, cfg)
+    assert len(short.timeline.step) == short.paged.steps_executed < len(full.timeline.step) == full.paged.steps
+    assert int(short.timeline.num_steps.sum()) == full.paged.steps
+    for a, b in ((full.paged, short.paged), (full.static, short.static)):
+        for name, value in dataclasses.asdict(a).items():
+            if name not in ("wall_s", "steps_per_s", "block_ops_per_s"):
+                assert getattr(b, name) == pytest.approx(value), name
+    # expanding the compressed samples gives the per-step timeline back
+    for name, column in full.timeline._asdict().items():
+        if name not in ("step", "num_steps"):
+            assert (np.repeat(getattr(short.timeline, name), short.timeline.num_steps) == column).all(), name
+
+
+def test_report_says_how_many_steps_ran():
+    w = _workload((100.5, 4, 2), max_model_len=6)
+    r = simulate(w, _cfg())
+    assert (r.paged.steps, r.paged.steps_executed) == (103, 3)
+    assert "(3 run, idle time jumped)" in r.report()
+    assert r.to_dict()["paged"]["steps_executed"] == 3

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple
 import numpy as np
 
 from kvforge.core.compaction import plan_compaction
+from kvforge.errors import MissingExtraError
 
 if TYPE_CHECKING:
     from kvforge.core.manager import BlockManager
@@ -33,6 +34,7 @@ __all__ = [
     "block_map",
     "compaction_maps",
     "plot_simulation",
+    "require_matplotlib",
     "FREE",
     "CACHED",
     "SHARED",
@@ -110,12 +112,18 @@ def block_map_of(target: Any) -> BlockMap:
 
 
 # ------------------------------------------------------------------ drawing
+def require_matplotlib() -> None:
+    """Raise :class:`~kvforge.errors.MissingExtraError` (an ``ImportError``) naming
+    the extra to install unless matplotlib imports: tools call it before long work."""
+    _mpl()
+
+
 def _mpl() -> tuple[Any, Any]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("kvforge.tools.plot needs matplotlib: pip install 'kvforge[plot]'") from exc
+    except ImportError as exc:
+        raise MissingExtraError(f"the plots need matplotlib ({exc}): pip install 'kvforge[plot]'") from exc
     return Figure, FigureCanvasAgg
 
 

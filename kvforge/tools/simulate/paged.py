@@ -6,10 +6,17 @@ them through the model of :mod:`kvforge.tools.simulate`: decode (preempting
 the most recent request while the pool is short), admit, sample, finish,
 evict (``eager``), then compact when :func:`~kvforge.core.compaction.should_compact`
 (the cache's own trigger) says so. :func:`simulate_paged` runs one and sums it up.
+
+Idle time is jumped, not stepped: after a step that began with nothing
+running or waiting and changed nothing (no eviction, no compaction), every
+step until the next arrival would repeat it, so the replay goes straight to
+that arrival's step and the step's sample stands for all of them. A trace
+whose one request arrives after a billion steps takes two steps of work.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from typing import Callable, NamedTuple
@@ -21,7 +28,7 @@ from kvforge.core.manager import BlockManager
 from kvforge.errors import ConfigError
 from kvforge.tools.plot import BlockMap, block_map_of
 from kvforge.tools.simulate.config import SimulationConfig
-from kvforge.tools.simulate.records import CompactionEvent, PagedSummary, Timeline
+from kvforge.tools.simulate.records import CompactionEvent, PagedSummary, Timeline, timeline_arrays, weighted_mean
 from kvforge.tools.workload import Workload, synthetic_token_ids
 
 __all__ = ["PagedRun", "PagedOutcome", "simulate_paged"]
@@ -62,6 +69,8 @@ class PagedRun:
         self.preemptions = 0
         self.compactions: list[CompactionEvent] = []
         self.samples: list[list[float]] = []
+        self.sample_steps: list[int] = []  # how many steps each sample stands for (idle time jumped)
+        self.steps_executed = 0
         self.peak_blocks = -1
         self.peak_step = 0
         self.peak_map: BlockMap | None = None
@@ -125,6 +134,7 @@ class PagedRun:
         # external fragmentation is filled in between steps (see run())
         self.samples.append([t, held, pool.num_evictable_blocks, held * bs - wasted, wasted,
                              0.0, 0, len(self.running), len(self.waiting)])
+        self.sample_steps.append(1)
         if self.check:
             self._check(held, wasted)
         if held > self.peak_blocks:
@@ -179,22 +189,32 @@ class PagedRun:
             while nxt < n and reqs[nxt].arrival <= t:
                 self.waiting.append(nxt)
                 nxt += 1
+            idle = not self.running and not self.waiting
+            num_compactions = len(self.compactions)
+            evicted = 0
             self._decode()
             self._admit(t)
             self._sample(t)
             finished += self._finish()
             if self.c.eviction_policy == "eager":
-                self.mgr.pool.reclaim_unused_blocks()
+                evicted = self.mgr.pool.reclaim_unused_blocks()
             # sampled between steps, before any compaction: the value the trigger sees
             pool = self.mgr.pool
             frag = pool.fragmentation_ratio()
             self.samples[-1][5] = frag
             self.samples[-1][6] = pool.high_water_mark() - pool.num_allocated_blocks - pool.num_evictable_blocks
             self._maybe_compact(t, frag)
+            self.steps_executed += 1
             if progress is not None and finished - last_report >= report_every:
                 progress(finished, n)
                 last_report = finished
             t += 1
+            if idle and not evicted and len(self.compactions) == num_compactions and nxt < n:
+                # the step found nothing to do and changed nothing: so would every step
+                # before the next arrival; this step's sample stands for them all
+                resume = max(t, math.ceil(reqs[nxt].arrival))
+                self.sample_steps[-1] += resume - t
+                t = resume
         if progress is not None:
             progress(finished, n)
         return t
@@ -210,37 +230,41 @@ def simulate_paged(workload: Workload, config: SimulationConfig, *,
     start = time.perf_counter()
     steps = sim.run(progress)
     wall = time.perf_counter() - start
-    arr = np.array(sim.samples, dtype=np.float64)
+    arr, num_steps, expanded = timeline_arrays(sim.samples, sim.sample_steps, np.float64)
     tl = Timeline(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.int64),
                   arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64), arr[:, 5],
-                  arr[:, 6].astype(np.int64), arr[:, 7].astype(np.int64), arr[:, 8].astype(np.int64))
+                  arr[:, 6].astype(np.int64), arr[:, 7].astype(np.int64), arr[:, 8].astype(np.int64), num_steps)
+    w = None if expanded else num_steps  # weights of the means over steps
     pool, bs = sim.mgr.pool, config.block_size
     stats = pool.stats
     reserved = tl.held_blocks * bs
-    total_reserved = int(reserved.sum())
+    total_reserved = int((reserved * num_steps).sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         internal = np.where(reserved > 0, tl.wasted_slots / np.maximum(reserved, 1), 0.0)
     efficiency = tl.live_slots / (pool.capacity * bs)
     prefix = sim.mgr.prefix.stats()
     ops = stats.total_allocations + stats.total_deallocations
     arrival = np.array([r.arrival for r in workload.requests])
+    executed = sim.steps_executed
     paged = PagedSummary(
         steps=steps, requests_finished=len(workload), wall_s=wall,
-        steps_per_s=steps / wall if wall > 0 else float("inf"),
+        steps_per_s=executed / wall if wall > 0 else float("inf"),
         block_ops=ops, block_ops_per_s=ops / wall if wall > 0 else float("inf"),
         peak_blocks=sim.peak_blocks, peak_step=sim.peak_step, peak_bytes=sim.peak_blocks * config.bytes_per_block,
-        mean_blocks=float(tl.held_blocks.mean()),
-        waste=1.0 - int(tl.live_slots.sum()) / total_reserved if total_reserved else 0.0,
+        mean_blocks=weighted_mean(tl.held_blocks, w),
+        waste=1.0 - int((tl.live_slots * num_steps).sum()) / total_reserved if total_reserved else 0.0,
         internal_fragmentation_max=float(internal.max()),
-        external_fragmentation_mean=float(tl.external_fragmentation.mean()),
+        external_fragmentation_mean=weighted_mean(tl.external_fragmentation, w),
         external_fragmentation_max=float(tl.external_fragmentation.max()),
-        memory_efficiency_mean=float(efficiency.mean()), memory_efficiency_max=float(efficiency.max()),
+        memory_efficiency_mean=weighted_mean(efficiency, w), memory_efficiency_max=float(efficiency.max()),
         preemptions=sim.preemptions, prefix_hit_rate=prefix.hit_rate, prefix_hit_tokens=prefix.hit_tokens,
         evictions=stats.num_evictions, compactions=len(sim.compactions),
         blocks_moved=sum(e.blocks_moved for e in sim.compactions),
-        max_concurrency=int(tl.running.max()), mean_concurrency=float(tl.running.mean()),
+        max_concurrency=int(tl.running.max()), mean_concurrency=weighted_mean(tl.running, w),
         mean_wait_steps=float(np.mean(sim.first_admit - np.ceil(arrival))),
+        steps_executed=executed,
     )
-    log.info("simulated %s: %d steps in %.2f s (%.0f steps/s, %.0f block-ops/s), waste %.2f%%",
-             workload.name, steps, wall, paged.steps_per_s, paged.block_ops_per_s, 100 * paged.waste)
+    log.info("simulated %s: %d steps (%d run, idle time jumped) in %.2f s (%.0f steps/s, %.0f block-ops/s), "
+             "waste %.2f%%", workload.name, steps, executed, wall, paged.steps_per_s, paged.block_ops_per_s,
+             100 * paged.waste)
     return PagedOutcome(paged, tl, sim.compactions, sim.peak_map)

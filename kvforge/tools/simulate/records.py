@@ -17,10 +17,14 @@ from kvforge.tools.plot import BlockMap
 from kvforge.tools.simulate.config import SimulationConfig
 
 __all__ = ["Timeline", "StaticTimeline", "CompactionEvent", "PagedSummary", "StaticSummary", "SimulationResult",
-           "REPORT_HEADERS"]
+           "REPORT_HEADERS", "MAX_TIMELINE_STEPS", "timeline_arrays", "weighted_mean"]
 
 #: the columns of :meth:`SimulationResult.report` (metric names left, values right)
 REPORT_HEADERS = ("metric", "paged (kvforge)", "static (contiguous)")
+
+#: Runs of at most this many steps get one timeline sample per step; longer runs keep
+#: one sample per step executed, an idle stretch jumped over being one sample.
+MAX_TIMELINE_STEPS = 1_000_000
 
 
 class Timeline(NamedTuple):
@@ -29,6 +33,14 @@ class Timeline(NamedTuple):
     ``external_fragmentation`` and ``trapped_blocks`` (free blocks below the
     highest block in use: what compaction would hand back) are sampled between
     steps, before any compaction; the rest during the step's forward pass.
+
+    The simulator jumps over idle time (nothing running, nothing waiting, no
+    arrival) instead of stepping through it. A run of at most
+    :data:`MAX_TIMELINE_STEPS` steps still has one sample per step
+    (``step`` is ``0, 1, 2, ...`` and ``num_steps`` all ones); in a longer run an
+    idle stretch is one sample at its first step whose ``num_steps`` is the
+    stretch's length (so the samples hold until the next ``step``, and every
+    mean over steps is weighted by ``num_steps``).
     """
 
     step: np.ndarray
@@ -40,15 +52,38 @@ class Timeline(NamedTuple):
     trapped_blocks: np.ndarray
     running: np.ndarray
     waiting: np.ndarray
+    num_steps: np.ndarray
 
 
 class StaticTimeline(NamedTuple):
-    """Per-step samples of the static run."""
+    """Per-step samples of the static run (``num_steps`` as in :class:`Timeline`)."""
 
     step: np.ndarray
     reserved_slots: np.ndarray
     live_slots: np.ndarray
     running: np.ndarray
+    num_steps: np.ndarray
+
+
+def timeline_arrays(samples: list, num_steps: list[int], dtype: type) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(rows, num_steps, expanded)`` of a run's samples (column 0 the step), each
+    standing for ``num_steps`` steps: one row per step when the run has at most
+    :data:`MAX_TIMELINE_STEPS` steps (``expanded``), else as given."""
+    arr = np.array(samples, dtype=dtype)
+    weights = np.array(num_steps, dtype=np.int64)
+    total = int(weights.sum())
+    if total > MAX_TIMELINE_STEPS or (weights == 1).all():
+        return arr, weights, total <= MAX_TIMELINE_STEPS
+    arr = np.repeat(arr, weights, axis=0)
+    arr[:, 0] = np.arange(total)
+    return arr, np.ones(total, dtype=np.int64), True
+
+
+def weighted_mean(values: np.ndarray, num_steps: np.ndarray | None) -> float:
+    """Mean over steps of per-sample ``values`` (``num_steps`` None: one step each)."""
+    if num_steps is None:
+        return float(values.mean())
+    return float(np.average(values, weights=num_steps))
 
 
 class CompactionEvent(NamedTuple):
@@ -89,6 +124,7 @@ class PagedSummary:
     max_concurrency: int
     mean_concurrency: float
     mean_wait_steps: float
+    steps_executed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +139,7 @@ class StaticSummary:
     max_concurrency: int
     mean_concurrency: float
     mean_wait_steps: float
+    steps_executed: int
 
 
 @dataclass(frozen=True)
@@ -125,7 +162,8 @@ class SimulationResult:
 
     def to_dict(self, timeline_points: int = 0) -> dict[str, Any]:
         """Summaries and config as plain values (for ``--json``); with ``timeline_points``
-        the paged time series too, every k-th step so that at most that many remain."""
+        the paged time series too, every k-th sample so that at most that many remain
+        (``num_steps``: the steps each sample stands for, see :class:`Timeline`)."""
         out = {
             "workload": {"name": self.workload_name, "num_requests": self.num_requests,
                          "mean_prompt_len": self.mean_prompt_len, "mean_output_len": self.mean_output_len,
@@ -172,7 +210,7 @@ class SimulationResult:
             ("cached-block evictions", f"{p.evictions:,}", na),
             ("compactions / blocks moved", f"{p.compactions} / {p.blocks_moved:,}"
              if c.enable_compaction else "off", na),
-            ("simulated steps/s", f"{p.steps_per_s:,.0f}", na),
+            ("simulated steps/s", f"{p.steps_per_s:,.0f} ({p.steps_executed:,} run, idle time jumped)", na),
             ("block-ops/s", f"{p.block_ops_per_s:,.0f} ({p.block_ops:,} ops)", na),
         ]
         return rows

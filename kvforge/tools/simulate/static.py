@@ -5,17 +5,19 @@ under the same step model as the paged run. What a request reserves is the
 config's ``static_reserve``: ``max_model_len`` tokens (``max-model-len``),
 ``prompt + max_output_len`` (``max-output``: the request's ``max_tokens``),
 or exactly what it will use (``oracle``, a lower bound no real static cache
-reaches).
+reaches). Idle time (nothing running or waiting) is jumped to the next
+arrival, as in the paged run.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
 
 from kvforge.errors import ConfigError
 from kvforge.tools.simulate.config import SimulationConfig
-from kvforge.tools.simulate.records import StaticSummary, StaticTimeline
+from kvforge.tools.simulate.records import StaticSummary, StaticTimeline, timeline_arrays, weighted_mean
 from kvforge.tools.workload import Workload
 
 __all__ = ["simulate_static"]
@@ -51,12 +53,14 @@ def simulate_static(workload: Workload, config: SimulationConfig) -> tuple[Stati
     running: list[int] = []
     waiting: deque[int] = deque()
     samples: list[tuple[int, int, int, int]] = []
-    t = nxt = finished = 0
+    sample_steps: list[int] = []  # steps each sample stands for (idle time jumped)
+    t = nxt = finished = executed = 0
     reserved = 0
     while finished < n:
         while nxt < n and reqs[nxt].arrival <= t:
             waiting.append(nxt)
             nxt += 1
+        idle = not running and not waiting
         if running:
             run = np.asarray(running, dtype=np.int64)
             ntok[run] += 1
@@ -79,6 +83,7 @@ def simulate_static(workload: Workload, config: SimulationConfig) -> tuple[Stati
             first_admit[i] = t
         run = np.asarray(running, dtype=np.int64)
         samples.append((t, reserved, int(ntok[run].sum()) if running else 0, len(running)))
+        sample_steps.append(1)
         if running:
             done = generated[run] >= output[run]
             for i in run[done].tolist():
@@ -87,14 +92,20 @@ def simulate_static(workload: Workload, config: SimulationConfig) -> tuple[Stati
                 finished += 1
             running = run[~done].tolist()
         t += 1
-    arr = np.array(samples, dtype=np.int64)
-    tl = StaticTimeline(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
-    total_reserved = int(tl.reserved_slots.sum())
-    waste = 1.0 - int(tl.live_slots.sum()) / total_reserved if total_reserved else 0.0
+        executed += 1
+        if idle and nxt < n:  # an empty cache stays empty until the next arrival
+            resume = max(t, math.ceil(reqs[nxt].arrival))
+            sample_steps[-1] += resume - t
+            t = resume
+    arr, num_steps, expanded = timeline_arrays(samples, sample_steps, np.int64)
+    tl = StaticTimeline(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], num_steps)
+    total_reserved = int((tl.reserved_slots * num_steps).sum())
+    waste = 1.0 - int((tl.live_slots * num_steps).sum()) / total_reserved if total_reserved else 0.0
     arrival = np.array([r.arrival for r in reqs])
     summary = StaticSummary(config.static_reserve, float(reserve.mean()), t, waste,
-                            int(tl.reserved_slots.max()), int(tl.running.max()), float(tl.running.mean()),
-                            float(np.mean(first_admit - np.ceil(arrival))))
+                            int(tl.reserved_slots.max()), int(tl.running.max()),
+                            weighted_mean(tl.running, None if expanded else num_steps),
+                            float(np.mean(first_admit - np.ceil(arrival))), executed)
     return summary, tl
 
 
