@@ -18,8 +18,9 @@ from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor
 
-from kvforge.engine.model_config import ModelConfig, read_config
-from kvforge.errors import ModelError
+from kvforge.engine.model_config import ModelConfig, ModelConfigError, read_config
+from kvforge.errors import ConfigError, ModelError
+from kvforge.model_shapes import read_json_object
 
 __all__ = ["Checkpoint", "Tokenizer", "load_checkpoint", "load_tokenizer", "SafetensorsWeights"]
 
@@ -169,10 +170,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer: bool = True) -> 
     gen = None
     if os.path.isfile(gen_path):
         try:
-            with open(gen_path, encoding="utf-8") as fh:
-                gen = json.load(fh)
-        except json.JSONDecodeError:
-            log.warning("%s is not valid JSON; ignored", gen_path)
-    config = ModelConfig.from_hf(raw, gen)
+            gen = read_json_object(gen_path)
+        except ConfigError as exc:
+            raise ModelConfigError(str(exc)) from None
+    try:
+        config = ModelConfig.from_hf(raw, gen)
+    except ModelConfigError as exc:
+        raise ModelConfigError(f"checkpoint {folder}: {exc}") from None
     weights = SafetensorsWeights(folder)
     return Checkpoint(folder, config, weights, load_tokenizer(folder) if tokenizer else None)
