@@ -10,8 +10,11 @@ decode step, and prefix caching on a shared-prefix trace.
    distributions; every step frees the finished sequences, admits new ones with
    their prompts, appends one token (with its id) to every running sequence and
    builds the slot mapping and the padded block-table array. Batched calls
-   (``append_tokens_batch`` + ``block_table_array``) against the per-call path
-   (``append_token`` + ``block_table`` per sequence), prefix caching off and on.
+   (``append_tokens_batch`` + ``block_table_array``), the same append followed by
+   ``step_view`` (every input of the step: positions, slots, context lengths,
+   tables, query offsets, input ids), and the per-call path (``append_token`` +
+   ``block_table`` per sequence; ``append_token`` is a batch of one through the
+   same append), prefix caching off and on.
 3. Shared prefix: 10 system prompts of 512 tokens under 1,000 requests with
    unique 50-200-token suffixes: hit rate, admission cost, and the cost of
    ``PrefixIndex.block_keys`` per token.
@@ -263,8 +266,12 @@ class DecodeWorkload:
 
 
 def run_decode(batched: bool, prefix: bool, warmup: int, steps: int, running: int = 256,
-               block_size: int = 16, num_blocks: int = 20000, seed: int = 0, profiler=None) -> dict:
-    """Simulate ``warmup + steps`` decode steps; time (and profile) the last ``steps``."""
+               block_size: int = 16, num_blocks: int = 20000, seed: int = 0, profiler=None,
+               step_view: bool = False) -> dict:
+    """Simulate ``warmup + steps`` decode steps; time (and profile) the last ``steps``.
+
+    ``batched``: append_tokens_batch, then block_table_array (or, with
+    ``step_view``, BlockManager.step_view); else the per-call path."""
     wl = DecodeWorkload(seed)
     total = warmup + steps
     # every request and sampled token is made before the clock starts
@@ -302,7 +309,10 @@ def run_decode(batched: bool, prefix: bool, warmup: int, steps: int, running: in
             seq_ids[i] = next_req
             remaining[i] = out
             next_req += 1
-        if batched:
+        if batched and step_view:
+            slot_mapping = bm.append_tokens_batch(seq_ids, 1, token_ids=sampled[step])
+            block_tables = bm.step_view(seq_ids, 1).block_tables
+        elif batched:
             slot_mapping = bm.append_tokens_batch(seq_ids, 1, token_ids=sampled[step])
             block_tables = bm.block_table_array(seq_ids)
         else:
@@ -330,11 +340,12 @@ def run_decode(batched: bool, prefix: bool, warmup: int, steps: int, running: in
 def bench_decode(warmup: int, steps: int, per_call_steps: int, repeats: int) -> dict:
     results = {}
     rows = []
+    paths = {"batched": (True, False), "batched + step_view": (True, True), "per-call": (False, False)}
     for prefix in (False, True):
-        for batched in (True, False):
-            name = f"{'batched' if batched else 'per-call'}, prefix caching {'on' if prefix else 'off'}"
+        for path, (batched, view) in paths.items():
+            name = f"{path}, prefix caching {'on' if prefix else 'off'}"
             # the run with the lowest mean of ``repeats`` (other load on the machine only adds time)
-            r = min((run_decode(batched, prefix, warmup, steps if batched else per_call_steps)
+            r = min((run_decode(batched, prefix, warmup, steps if batched else per_call_steps, step_view=view)
                      for _ in range(repeats if batched else 1)), key=lambda x: x["mean_us"])
             r["repeats"] = repeats if batched else 1
             results[name] = r

@@ -73,8 +73,6 @@ def token_array(token_ids: Sequence[int] | np.ndarray) -> array[int]:
     """Token ids as an int64 ``array`` (compact, and hashed without conversion).
 
     Raises :class:`SequenceError` for anything but a flat sequence of integers."""
-    if isinstance(token_ids, array) and token_ids.typecode == "q":
-        return token_ids
     if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
         raise SequenceError(f"token ids must be a sequence of integers, got {type(token_ids).__name__}")
     if isinstance(token_ids, np.ndarray):

@@ -26,49 +26,15 @@ from __future__ import annotations
 import sys
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from kvforge.core.ids import block_id_list, is_int
+from kvforge.core.usage import AllocationStats
 from kvforge.errors import InvalidBlockError, OutOfBlocksError
 
 __all__ = ["AllocationStats", "BlockPool", "PhysicalBlockPool"]
-
-
-@dataclass(frozen=True, slots=True)
-class AllocationStats:
-    """A snapshot of a pool's counters (block counts unless named otherwise).
-
-    ``total_allocations`` / ``total_deallocations`` count blocks handed out and
-    blocks whose reference count returned to zero; ``current_allocations`` are
-    blocks with a positive reference count and ``peak_allocations`` the most
-    there ever were at once. ``high_water_mark`` is one past the highest id in
-    use now. Compaction fields are filled in by the storage layer.
-    """
-
-    num_blocks: int
-    capacity_blocks: int
-    total_allocations: int
-    total_deallocations: int
-    current_allocations: int
-    peak_allocations: int
-    free_blocks: int
-    evictable_blocks: int
-    cached_blocks: int
-    num_evictions: int
-    failed_allocations: int
-    high_water_mark: int
-    compaction_count: int
-    last_compaction_ms: float
-    last_compaction_duration_ms: float
-    total_blocks_moved: int
-    total_bytes_returned: int
-
-    def to_dict(self) -> dict[str, float]:
-        """The snapshot as a plain dict (for JSON)."""
-        return asdict(self)
 
 
 class BlockPool:

@@ -134,7 +134,7 @@ class BlockTables:
             self._slot_tokens[slots] = token_ids[num_cached:num_tokens]
             self._npending[row] = len(token_ids) - num_tokens
             if len(token_ids) > num_tokens:
-                self._pending_ids[row] = token_ids[num_tokens:]
+                self._pending_ids[row] = token_ids[num_tokens:].copy()
         return slots
 
     def fork_row(self, parent: int) -> int:
@@ -210,10 +210,6 @@ class BlockTables:
         return old
 
     # ---------------------------------------------------------- token ids
-    def write_tokens(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
-        """Record the ids of the tokens stored at ``slots``."""
-        self._slot_tokens[slots] = token_ids
-
     def token_ids(self, row: int) -> np.ndarray:
         """The row's token ids (int64), reserved then pending; meaningful when the row is known."""
         ids = self._slot_tokens[self.row_slots(row, 0, int(self._ntok[row]))]

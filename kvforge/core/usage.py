@@ -1,13 +1,15 @@
-"""Usage metrics of the block tables and the host bytes of the bookkeeping.
+"""Usage metrics: the pool's counters, the tables' token and block counts, host bytes.
 
-Computed from the public reads of :class:`~kvforge.core.tables.BlockTables`,
-:class:`~kvforge.core.pool.BlockPool` and :class:`~kvforge.core.prefix.PrefixIndex`,
-vectorised over every live row. Shared blocks are counted once where the
-name says *distinct* and once per sequence where it says *logical*
-(ARCHITECTURE.md, "Metrics that mean what they say").
+:class:`AllocationStats` is the pool's counters at one moment
+(:attr:`~kvforge.core.pool.BlockPool.stats`); :class:`BlockUsage` is computed
+from the public reads of :class:`~kvforge.core.tables.BlockTables`, vectorised
+over every live row. Shared blocks are counted once where a name says
+*distinct* and once per sequence where it says *logical* (ARCHITECTURE.md,
+"Metrics that mean what they say").
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -18,7 +20,41 @@ if TYPE_CHECKING:
     from kvforge.core.prefix import PrefixIndex
     from kvforge.core.tables import BlockTables
 
-__all__ = ["BlockUsage", "block_usage", "metadata_bytes", "num_live_tokens"]
+__all__ = ["AllocationStats", "BlockUsage", "block_usage", "metadata_bytes", "num_live_tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationStats:
+    """A snapshot of a pool's counters (block counts unless named otherwise).
+
+    ``total_allocations`` / ``total_deallocations`` count blocks handed out and
+    blocks whose reference count returned to zero; ``current_allocations`` are
+    blocks with a positive reference count and ``peak_allocations`` the most
+    there ever were at once. ``high_water_mark`` is one past the highest id in
+    use now. Compaction fields are filled in by the storage layer.
+    """
+
+    num_blocks: int
+    capacity_blocks: int
+    total_allocations: int
+    total_deallocations: int
+    current_allocations: int
+    peak_allocations: int
+    free_blocks: int
+    evictable_blocks: int
+    cached_blocks: int
+    num_evictions: int
+    failed_allocations: int
+    high_water_mark: int
+    compaction_count: int
+    last_compaction_ms: float
+    last_compaction_duration_ms: float
+    total_blocks_moved: int
+    total_bytes_returned: int
+
+    def to_dict(self) -> dict[str, float]:
+        """The snapshot as a plain dict (for JSON)."""
+        return asdict(self)
 
 
 class BlockUsage(NamedTuple):
