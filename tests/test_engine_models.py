@@ -111,3 +111,30 @@ def test_llama_biases_match_transformers(options: dict, tmp_path_factory: pytest
         want = hf_greedy(model, prompt, 8)
         assert out.token_ids[:len(want)] == want
     engine.check_invariants()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_matches_transformers(ref: Reference, dtype: str,
+                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A checkpoint saved in bf16/fp16 loads (cast to the engine's float32) and equals transformers
+    run on the same rounded weights: the float dtypes are accepted, not refused or mangled."""
+    import copy
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    half = getattr(torch, dtype)
+    folder = str(tmp_path_factory.mktemp(f"{ref.arch}-{dtype}"))
+    shutil.copytree(ref.folder, folder, dirs_exist_ok=True)
+    path = f"{folder}/model.safetensors"
+    save_file({n: t.to(half) for n, t in load_file(path).items()}, path, metadata={"format": "pt"})
+    rounded = copy.deepcopy(ref.model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(half).float())
+    engine = Engine(folder, num_blocks=64, block_size=8, dtype="float32")
+    got = engine.generate(MIXED[:2], SamplingParams(max_tokens=8, ignore_eos=True))
+    for prompt, out in zip(MIXED[:2], got):
+        want = hf_greedy(rounded, prompt, 8)
+        assert out.token_ids[:len(want)] == want
