@@ -206,3 +206,60 @@ def test_demo_progress_off_a_terminal(tmp_path, capsys, monkeypatch):
     lines = err.splitlines()
     assert lines and all(line.startswith("demo: ") for line in lines)
     assert lines[-1].startswith("demo: 6/6 requests (100%) ") and lines[-1].endswith("tok/s")
+
+
+# ----------------------------------------------------------- errors: one line
+def test_os_errors_and_interrupts_are_one_line(monkeypatch, capsys):
+    import kvforge.tools.plan as plan
+
+    def unreadable(args):
+        raise PermissionError(13, "Permission denied", "/data/model/config.json")
+
+    monkeypatch.setattr(plan, "run", unreadable)
+    assert main(["plan"]) == 2
+    assert capsys.readouterr().err == "kvforge plan: error: '/data/model/config.json': Permission denied\n"
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "run", interrupted)
+    assert main(["plan"]) == 130
+    assert capsys.readouterr().err == "kvforge plan: interrupted\n"
+
+
+def test_multi_line_messages_are_printed_on_one_line(monkeypatch, capsys):
+    import kvforge.tools.plan as plan
+    from kvforge.errors import ConfigError
+
+    def fail(args):
+        raise ConfigError("first line\n  second line")
+
+    monkeypatch.setattr(plan, "run", fail)
+    assert main(["plan"]) == 2
+    assert capsys.readouterr().err == "kvforge plan: error: first line second line\n"
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "--context", "many"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "kvforge plan: error: argument --context: invalid int value: 'many' (see kvforge plan --help)\n"
+
+
+def test_demo_peak_blocks_in_the_summary_equal_the_profile_at_peak(tmp_path, capsys):
+    # On this workload the pool peaks inside a step in which requests finish: a look
+    # between steps saw one or two blocks fewer than the summary's peak.
+    pytest.importorskip("matplotlib")
+    import re
+
+    rc = main(["demo", "--requests", "32", "--long-requests", "2", "--max-tokens", "32", "--max-num-seqs", "16",
+               "--kv-memory", "4MiB", "--device", "cpu", "--quiet", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    summary = int(re.search(r"^peak blocks in use\s+(\d+)$", out, re.M).group(1))
+    at_peak = out.split("at peak use:")[1].split("now (all requests finished")[0]
+    physical = int(re.search(r"physical / logical blocks\s+(\d+) /", at_peak).group(1))
+    profile_peak = int(re.search(r"^peak blocks\s+(\d+)$", at_peak, re.M).group(1))
+    final_peak = int(re.search(r"^peak blocks\s+(\d+)$", out.split("now (all requests finished")[1], re.M).group(1))
+    assert summary == physical == profile_peak == final_peak

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 
 import numpy as np
 
@@ -422,5 +423,21 @@ def test_report_says_how_many_steps_ran():
     w = _workload((100.5, 4, 2), max_model_len=6)
     r = simulate(w, _cfg())
     assert (r.paged.steps, r.paged.steps_executed) == (103, 3)
-    assert "(3 run, idle time jumped)" in r.report()
+    row = next(line for line in r.report().splitlines() if line.startswith("steps run (idle time jumped)"))
+    assert row.split()[-2:] == ["3", "3"]
     assert r.to_dict()["paged"]["steps_executed"] == 3
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("num_blocks", 2**24 + 1, "num_blocks=16777217 exceeds the limit of 16777216"),
+    ("num_blocks", 2**63, "num_blocks=9223372036854775808 exceeds the limit"),
+    ("block_size", 2**40, "block_size=1099511627776 exceeds the limit of 1048576"),
+    ("max_num_seqs", 2**21, "max_num_seqs=2097152 exceeds the limit"),
+    ("num_blocks", 16.0, "num_blocks must be a positive integer, got 16.0"),
+    ("block_size", True, "block_size must be a positive integer, got True"),
+    ("compaction_threshold", float("nan"), "compaction_threshold must be a number in"),
+    ("bytes_per_token", 2**61, "bytes_per_token must be an integer in"),
+])
+def test_simulation_config_limits(field, value, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        SimulationConfig(**{field: value})

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from kvforge.config import format_bytes
-from kvforge.errors import ConfigError
+from kvforge.config import MAX_BLOCK_SIZE, format_bytes
+from kvforge.errors import ConfigError, MissingExtraError
+from kvforge.tools.checks import check_bytes, check_int, check_out_dir
 
 __all__ = ["DEMO_MODEL", "register", "run", "demo_prompts"]
 
@@ -44,8 +45,60 @@ def demo_prompts(num_requests: int, vocab: int, seed: int, *, num_groups: int = 
     return prompts
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag in range, matplotlib importable and ``--out`` writable, before the
+    engine is built: a mistake fails in a second, not after the workload ran."""
+    from kvforge.tools import plot
+
+    check_int("--requests", args.requests, 1)
+    if not 0 <= args.long_requests < args.requests:
+        raise ConfigError(f"--long-requests must lie in [0, --requests) = [0, {args.requests}), "
+                          f"got {args.long_requests}")
+    check_int("--max-tokens", args.max_tokens, 1)
+    check_int("--max-num-seqs", args.max_num_seqs, 1)
+    check_int("--block-size", args.block_size, 1, MAX_BLOCK_SIZE)
+    check_int("--seed", args.seed, 0)
+    check_bytes("--kv-memory", args.kv_memory)
+    try:
+        plot.require_matplotlib()
+    except MissingExtraError as exc:
+        raise MissingExtraError(f"the demo draws its block maps with matplotlib, which does not import: "
+                                f"pip install 'kvforge[plot]' ({exc.__cause__ or exc})") from None
+    check_out_dir("--out", args.out)
+
+
+class _PeakWatch:
+    """The cache at its peak use: the block map and memory profile taken when the
+    pool's peak (``peak_allocations``) last rose.
+
+    The peak is reached inside a step, after the scheduler reserved the step's
+    blocks and before finished sequences are freed; a look between steps sees
+    it only when nothing finished. So the watch looks right after each
+    ``schedule()`` (it wraps the engine's scheduler) and between steps."""
+
+    def __init__(self, engine: Any, plot: Any) -> None:
+        self.cache, self.plot = engine.cache, plot
+        self.peak = -1
+        self.snapshot: Any = None
+        self.profile: Any = None
+        schedule = engine.scheduler.schedule
+
+        def schedule_and_look() -> Any:
+            out = schedule()
+            self.look()
+            return out
+
+        engine.scheduler.schedule = schedule_and_look
+
+    def look(self) -> None:
+        peak = self.cache.pool.stats.peak_allocations
+        if peak > self.peak:
+            self.peak, self.snapshot, self.profile = peak, self.plot.block_map_of(self.cache), self.cache.memory_profile()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
+    _check_args(args)
     import torch
 
     from kvforge.tools import plot
@@ -53,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
     from kvforge.engine import Engine, SamplingParams
 
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     opts = dict(block_size=args.block_size, enable_compaction=True, seed=args.seed,
                 max_num_seqs=args.max_num_seqs)
     if args.model:
@@ -69,8 +121,6 @@ def run(args: argparse.Namespace) -> int:
           f"{str(engine.dtype).removeprefix('torch.')}")
     print(f"KV cache: {cache.config.num_blocks} blocks of {cache.config.block_size} tokens, "
           f"{format_bytes(cache.storage_bytes)} in {cache.num_chunks} chunks")
-    if not 0 <= args.long_requests < args.requests:
-        raise ConfigError(f"--long-requests must lie in [0, --requests), got {args.long_requests}")
     prompts = demo_prompts(args.requests, mc.vocab_size, args.seed)
     short = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     long = SamplingParams(max_tokens=4 * args.max_tokens, ignore_eos=True)
@@ -82,17 +132,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     done = tokens = compactions = moved = 0
     released = 0
-    peak_used = -1
-    peak_snapshot = None
-    peak_profile = None
+    peak = _PeakWatch(engine, plot)
     maps = None
     while engine.has_unfinished_requests():
         for o in engine.step():
             tokens += len(o.outputs[0].new_token_ids)
             done += int(o.finished)
-        used = cache.pool.num_allocated_blocks
-        if used > peak_used:
-            peak_used, peak_snapshot, peak_profile = used, plot.block_map_of(cache), cache.memory_profile()
+        peak.look()
         if cache.should_compact():
             before = cache.stats.total_blocks_moved
             released += cache.compact_cache()
@@ -122,16 +168,16 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(format_table(["metric", "value"], rows))
     print()
-    if peak_profile is not None:
+    if peak.profile is not None:
         print("at peak use:")
-        peak_profile.report()
+        peak.profile.report()
         print()
     print("now (all requests finished; their prompts stay cached):")
     cache.memory_profile().report()
     paths = []
-    if peak_snapshot is not None:
+    if peak.snapshot is not None:
         paths.append(plot.block_map(None, out_dir / "block_map_peak.png", title="block map at peak use",
-                                    snapshot=peak_snapshot))
+                                    snapshot=peak.snapshot))
     if maps is not None:
         print()
         print(f"compaction with {args.long_requests} long conversations left: {maps.blocks_moved} blocks moved, "

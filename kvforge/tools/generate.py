@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.tools.output import Progress
+from kvforge.tools.output import Progress, error_line
 
 __all__ = ["register", "run_generate", "main"]
 
@@ -69,37 +69,41 @@ def _read_prompts(args: argparse.Namespace) -> tuple[list[Any], list[int | None]
     prompts: list[Any] = []
     limits: list[int | None] = []
     try:
-        fh = open(args.prompts, encoding="utf-8")
+        with open(args.prompts, encoding="utf-8") as fh:
+            lines = fh.readlines()
     except OSError as exc:
-        raise ConfigError(f"cannot read --prompts {args.prompts!r}: {exc.strerror}") from None
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{args.prompts}:{lineno}: not JSON ({exc.msg})") from None
-            if isinstance(obj, str):
-                obj = {"prompt": obj}
-            if not isinstance(obj, dict) or not ("prompt" in obj or "prompt_token_ids" in obj):
-                raise ConfigError(f'{args.prompts}:{lineno}: expected {{"prompt": ...}} or {{"prompt_token_ids": ...}}')
-            where = f"{args.prompts}:{lineno}"
-            if "prompt_token_ids" in obj:
-                ids = obj["prompt_token_ids"]
-                if not isinstance(ids, list) or not ids or not all(
-                        isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise ConfigError(f"{where}: 'prompt_token_ids' must be a non-empty list of integers, "
-                                      f"got {ids!r:.60}")
-                prompts.append(ids)
-            else:
-                if not isinstance(obj["prompt"], str):
-                    raise ConfigError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.60}")
-                prompts.append(obj["prompt"])
-            limit = obj.get("max_tokens")
-            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-                raise ConfigError(f"{where}: 'max_tokens' must be an integer >= 1, got {limit!r:.60}")
-            limits.append(limit)
+        raise ConfigError(f"cannot read --prompts {args.prompts!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--prompts {args.prompts!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{args.prompts}:{lineno}: not JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting too deep
+            raise ConfigError(f"{args.prompts}:{lineno}: not readable JSON ({type(exc).__name__})") from None
+        if isinstance(obj, str):
+            obj = {"prompt": obj}
+        if not isinstance(obj, dict) or not ("prompt" in obj or "prompt_token_ids" in obj):
+            raise ConfigError(f'{args.prompts}:{lineno}: expected {{"prompt": ...}} or {{"prompt_token_ids": ...}}')
+        where = f"{args.prompts}:{lineno}"
+        if "prompt_token_ids" in obj:
+            ids = obj["prompt_token_ids"]
+            if not isinstance(ids, list) or not ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ConfigError(f"{where}: 'prompt_token_ids' must be a non-empty list of integers, "
+                                  f"got {ids!r:.60}")
+            prompts.append(ids)
+        else:
+            if not isinstance(obj["prompt"], str):
+                raise ConfigError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.60}")
+            prompts.append(obj["prompt"])
+        limit = obj.get("max_tokens")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"{where}: 'max_tokens' must be an integer >= 1, got {limit!r:.60}")
+        limits.append(limit)
     if not prompts:
         raise ConfigError(f"{args.prompts}: no prompts")
     return prompts, limits
@@ -141,8 +145,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from kvforge.engine.loader import load_tokenizer
     from kvforge.engine.model_config import read_config
 
+    server = None
     try:
         prompts, limits = _read_prompts(args)
+        base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos)
+        params = [base if m is None else replace(base, max_tokens=int(m)) for m in limits]
+        if args.metrics_port is not None:
+            # bound before the model loads, so that a bad or taken port fails at once
+            from kvforge.tools.metrics import check_port, serve
+            server = serve(check_port(args.metrics_port, "--metrics-port"))
         options = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                        enable_prefix_caching=not args.no_prefix_caching, use_cuda_graphs=not args.no_cuda_graphs)
@@ -155,14 +167,9 @@ def run_generate(args: argparse.Namespace) -> int:
             engine = Engine(args.model, kv_memory=args.kv_memory, num_blocks=args.num_blocks, device=args.device,
                             dtype=args.dtype, **options)
         load_s = time.perf_counter() - start
-        server = None
-        if args.metrics_port is not None:
-            from kvforge.tools.metrics import serve
-            server = serve(args.metrics_port, engine.cache, engine, lock=engine.step_lock)
+        if server is not None:
+            server.attach(engine.cache, engine, lock=engine.step_lock)
             print(f"serving metrics on {server.url}", flush=True)
-        base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos)
-        params = [base if m is None else replace(base, max_tokens=int(m)) for m in limits]
         progress = _StepProgress(engine, enabled=not args.no_progress)
         start = time.perf_counter()
         try:
@@ -170,12 +177,13 @@ def run_generate(args: argparse.Namespace) -> int:
             progress.finish()
         finally:
             progress.close()
-            if server is not None:
-                server.stop()
         elapsed = time.perf_counter() - start
     except KVForgeError as exc:
-        print(f"kvforge generate: error: {exc}", file=sys.stderr)
+        print(error_line("generate", exc), file=sys.stderr)
         return 2
+    finally:
+        if server is not None:
+            server.stop()
     for i, out in enumerate(outputs):
         shown = out.prompt if out.prompt is not None else out.prompt_token_ids
         print(f"[{i}] prompt: {shown!r}")

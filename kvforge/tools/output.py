@@ -7,11 +7,31 @@ plain line now and then instead, so that logs never hold a ``\\r``.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Sequence, TextIO
 
-__all__ = ["format_table", "Progress"]
+__all__ = ["format_table", "Progress", "error_line", "one_line"]
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space."""
+    return " ".join(str(text).split())
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """The one line a failed ``kvforge <command>`` prints for ``exc``: a kvforge
+    error's message, or an ``OSError``'s reason and the path(s) it names."""
+    from kvforge.errors import KVForgeError
+
+    if isinstance(exc, OSError) and not isinstance(exc, KVForgeError):
+        what = exc.strerror or str(exc)
+        where = " -> ".join(repr(os.fsdecode(f)) for f in (exc.filename, exc.filename2) if f is not None)
+        text = f"{where}: {what}" if where else what
+    else:
+        text = str(exc)
+    return f"kvforge {command}: error: {one_line(text) or type(exc).__name__}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:

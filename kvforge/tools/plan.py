@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvforge.config import CacheConfig, CachePreset, format_bytes, parse_bytes
+from kvforge.config import CacheConfig, CachePreset, format_bytes
 from kvforge.errors import ConfigError, KVForgeError
 from kvforge.model_shapes import MODEL_SHAPES, model_shape, resolve_model
+from kvforge.tools.checks import check_bytes
 from kvforge.tools.output import format_table
 
 __all__ = ["PLAN_HEADERS", "plan_rows", "register", "run"]
+
+#: longest ``--context``: context lengths are int32 in the kernels' inputs
+MAX_CONTEXT = 2**31 - 1
 
 #: the table's columns (the ``seqs of N`` column names the context)
 PLAN_HEADERS = ("sizing", "block size", "blocks", "tokens", "seqs of {context}", "memory")
@@ -26,8 +30,12 @@ def plan_rows(model: str, vram: int, context: int) -> tuple[str, list[list[objec
     a built-in name or a checkpoint folder / ``config.json``."""
     if context <= 0:
         raise ConfigError(f"--context must be a positive number of tokens, got {context}")
+    if context > MAX_CONTEXT:
+        raise ConfigError(f"--context must be at most {MAX_CONTEXT} tokens (context lengths are int32), got {context}")
+    if vram <= 0:
+        raise ConfigError(f"--vram must be a positive byte size such as 24GiB, got {vram}")
     label, cfg_json = resolve_model(model)
-    shape = model_shape(cfg_json)
+    shape = model_shape(model)  # from the name or path, so that a bad field's message names the file
     h, d, l, dt = shape["num_kv_heads"], shape["head_dim"], shape["num_layers"], shape["dtype"]
     rows: list[list[object]] = []
 
@@ -52,7 +60,7 @@ def plan_rows(model: str, vram: int, context: int) -> tuple[str, list[list[objec
 def run(args: argparse.Namespace) -> int:
     """Run ``kvforge plan``: print the title and the table; exit status 0
     (errors propagate to the entry point, which prints one line)."""
-    title, rows = plan_rows(args.model, parse_bytes(args.vram), args.context)
+    title, rows = plan_rows(args.model, check_bytes("--vram", args.vram), args.context)
     print(title)
     print(format_table([h.format(context=args.context) for h in PLAN_HEADERS], rows))
     return 0

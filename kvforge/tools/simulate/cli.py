@@ -3,17 +3,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from kvforge.config import CacheConfig, format_bytes, parse_bytes
+from kvforge.config import MAX_BLOCK_SIZE, CacheConfig, format_bytes
 from kvforge.errors import ConfigError, KVForgeError
 from kvforge.model_shapes import MODEL_SHAPES, model_shape, resolve_model
-from kvforge.tools.output import Progress
-from kvforge.tools.simulate.config import EVICTION_POLICIES, STATIC_RESERVE_MODES, SimulationConfig
+from kvforge.tools.checks import check_bytes, check_float, check_int, check_out_dir
+from kvforge.tools.output import Progress, error_line
+from kvforge.tools.simulate.config import (
+    EVICTION_POLICIES,
+    MAX_NUM_SEQS,
+    MAX_SIMULATED_BLOCKS,
+    STATIC_RESERVE_MODES,
+    SimulationConfig,
+)
 from kvforge.tools.simulate.driver import simulate
 from kvforge.tools.workload import BUILTIN_WORKLOADS, load_trace, make_workload
+from kvforge.tools.workload.builtin import MAX_RATE, MAX_REQUESTS, MIN_RATE
+from kvforge.tools.workload.trace import MAX_TRACE_TOKENS
 
 __all__ = ["register", "run"]
 
@@ -60,18 +68,38 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag in range, before the model shape is read or a workload is made."""
+    check_int("--requests", args.requests, 1, MAX_REQUESTS)
+    check_float("--rate", args.rate, MIN_RATE, MAX_RATE)
+    check_int("--seed", args.seed, 0)
+    check_int("--block-size", args.block_size, 1, MAX_BLOCK_SIZE)
+    check_int("--num-blocks", args.num_blocks, 1, MAX_SIMULATED_BLOCKS)
+    check_float("--compaction-threshold", args.compaction_threshold, 0.0, 1.0)
+    check_int("--max-num-seqs", args.max_num_seqs, 1, MAX_NUM_SEQS)
+    check_int("--max-model-len", args.max_model_len, 1, MAX_TRACE_TOKENS)
+    check_float("--step-ms", args.step_ms, 0.0, lo_open=True)
+    if args.trace and (args.requests is not None or args.rate is not None):
+        raise ConfigError("--requests and --rate apply to built-in workloads, not to --trace")
+    if not args.trace and args.max_model_len is not None:
+        raise ConfigError("--max-model-len applies to --trace (built-in workloads set their own)")
+
+
 def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
     try:
-        label, cfg_json = resolve_model(args.model)
+        label, _ = resolve_model(args.model)
+        shape = model_shape(args.model)  # from the name or path: a bad field's message names the file
     except ConfigError as exc:
         raise ConfigError(f"--model {exc}") from None
-    shape = model_shape(cfg_json)
     probe = CacheConfig(block_size=args.block_size, num_blocks=1, num_layers=shape["num_layers"],
                         num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=shape["dtype"])
     if args.vram is not None:
-        num_blocks = parse_bytes(args.vram) // probe.bytes_per_block
+        num_blocks = check_bytes("--vram", args.vram) // probe.bytes_per_block
         if num_blocks < 1:
             raise ConfigError(f"--vram {args.vram} holds no block of {format_bytes(probe.bytes_per_block)}")
+        if num_blocks > MAX_SIMULATED_BLOCKS:
+            raise ConfigError(f"--vram {args.vram} holds {num_blocks:,} blocks of {format_bytes(probe.bytes_per_block)}, "
+                              f"more than the simulator takes ({MAX_SIMULATED_BLOCKS:,}: its pool lives in host memory)")
     else:
         num_blocks = args.num_blocks if args.num_blocks is not None else 4096
     return SimulationConfig(
@@ -81,26 +109,13 @@ def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
         static_reserve=args.static_reserve, bytes_per_token=probe.bytes_per_token, model=label)
 
 
-def _check_out_dir(out: str) -> None:
-    """Fail before simulating when ``--out`` cannot take the plots."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out!r}: cannot create the folder ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out!r}: the folder is not writable")
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``kvforge simulate``: print the table (or JSON) and the PNG paths; exit status."""
     try:
+        _check_args(args)
         config = _config_from_args(args)
         if not args.no_plots:
-            _check_out_dir(args.out)
-        if args.trace and (args.requests is not None or args.rate is not None):
-            raise ConfigError("--requests and --rate apply to built-in workloads, not to --trace")
-        if not args.trace and args.max_model_len is not None:
-            raise ConfigError("--max-model-len applies to --trace (built-in workloads set their own)")
+            check_out_dir("--out", args.out)
         if args.trace:
             workload = load_trace(args.trace, step_ms=args.step_ms, max_model_len=args.max_model_len)
         else:
@@ -112,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             progress.close()  # a bar cut short by an error ends its line
     except KVForgeError as exc:
-        print(f"kvforge simulate: error: {exc}", file=sys.stderr)
+        print(error_line("simulate", exc), file=sys.stderr)
         return 2
     paths: list[str] = []
     if not args.no_plots:
@@ -122,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"kvforge simulate: no plots ({exc})", file=sys.stderr)
         except OSError as exc:
-            print(f"kvforge simulate: error: cannot write plots to {args.out!r}: {exc.strerror or exc}",
+            print(error_line("simulate", ConfigError(f"cannot write plots to {args.out!r}: {exc.strerror or exc}")),
                   file=sys.stderr)
             return 2
     if args.json:

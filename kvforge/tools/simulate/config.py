@@ -4,10 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvforge.config import CacheConfig
+from kvforge.config import MAX_BLOCK_SIZE, MAX_BYTES, CacheConfig
 from kvforge.errors import ConfigError
 
-__all__ = ["SimulationConfig", "EVICTION_POLICIES", "STATIC_RESERVE_MODES"]
+__all__ = ["SimulationConfig", "EVICTION_POLICIES", "STATIC_RESERVE_MODES", "MAX_SIMULATED_BLOCKS", "MAX_NUM_SEQS"]
+
+#: Most blocks a simulated pool may have: its bookkeeping lives in host memory
+#: (about 50 bytes a block: 2**24 blocks take some 800 MiB).
+MAX_SIMULATED_BLOCKS = 2**24
+#: Most requests running at once.
+MAX_NUM_SEQS = 2**20
 
 #: ``lru``: cached blocks nobody references stay until space is needed, least recently
 #: released first (the pool's policy). ``eager``: they are evicted at the end of every step.
@@ -22,6 +28,11 @@ class SimulationConfig:
 
     ``bytes_per_token`` (0: unknown) only turns block counts into bytes in
     the report; ``model`` names where it came from.
+
+    Limits (a :class:`~kvforge.errors.ConfigError` naming the field beyond
+    them): ``block_size`` <= 2**20 as in :class:`~kvforge.config.CacheConfig`,
+    ``num_blocks`` <= :data:`MAX_SIMULATED_BLOCKS` (2**24), ``max_num_seqs``
+    <= 2**20, ``bytes_per_token`` <= 2**60.
     """
 
     block_size: int = 16
@@ -36,20 +47,24 @@ class SimulationConfig:
     model: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "num_blocks", "max_num_seqs"):
+        for name, limit, why in (("block_size", MAX_BLOCK_SIZE, "2**20"),
+                                 ("num_blocks", MAX_SIMULATED_BLOCKS, "2**24: the simulated pool lives in host memory"),
+                                 ("max_num_seqs", MAX_NUM_SEQS, "2**20")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {v!r:.40}")
+            if v > limit:
+                raise ConfigError(f"{name}={v} exceeds the limit of {limit} ({why})")
         t = self.compaction_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-            raise ConfigError(f"compaction_threshold must be a number in [0, 1], got {t!r}")
+            raise ConfigError(f"compaction_threshold must be a number in [0, 1], got {t!r:.40}")
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ConfigError(f"eviction_policy {self.eviction_policy!r} is not one of {EVICTION_POLICIES}")
         if self.static_reserve not in STATIC_RESERVE_MODES:
             raise ConfigError(f"static_reserve {self.static_reserve!r} is not one of {STATIC_RESERVE_MODES}")
         if isinstance(self.bytes_per_token, bool) or not isinstance(self.bytes_per_token, int) \
-                or self.bytes_per_token < 0:
-            raise ConfigError(f"bytes_per_token must be an integer >= 0, got {self.bytes_per_token!r}")
+                or not 0 <= self.bytes_per_token <= MAX_BYTES:
+            raise ConfigError(f"bytes_per_token must be an integer in [0, 2**60], got {self.bytes_per_token!r:.40}")
 
     @classmethod
     def from_cache_config(cls, config: CacheConfig, **kwargs: Any) -> SimulationConfig:

@@ -210,7 +210,8 @@ class SimulationResult:
             ("cached-block evictions", f"{p.evictions:,}", na),
             ("compactions / blocks moved", f"{p.compactions} / {p.blocks_moved:,}"
              if c.enable_compaction else "off", na),
-            ("simulated steps/s", f"{p.steps_per_s:,.0f} ({p.steps_executed:,} run, idle time jumped)", na),
+            ("steps run (idle time jumped)", f"{p.steps_executed:,}", f"{s.steps_executed:,}" if s else na),
+            ("simulated steps/s", f"{p.steps_per_s:,.0f}", na),
             ("block-ops/s", f"{p.block_ops_per_s:,.0f} ({p.block_ops:,} ops)", na),
         ]
         return rows
