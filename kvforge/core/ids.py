@@ -6,12 +6,13 @@ gets the same kvforge error everywhere and nothing is changed before the check:
 
 - sequence ids are any hashable; :class:`SequenceRows` maps the live ones to
   their rows and names the id in every error (unknown, taken, unhashable);
-
 - counts and positions are Python or numpy integers, never ``bool`` (a
   ``True`` that slipped through as ``1`` is a caller bug worth reporting);
 - block ids become a list of Python ints (:func:`block_id_list`);
-- token ids become an int64 :class:`array.array` (:func:`token_array`),
-  compact and hashed by :mod:`kvforge.core.prefix` without conversion.
+- token ids become an int64 :class:`array.array` (:func:`token_array`), a
+  copy the caller cannot change afterwards;
+- per-sequence counts become an int64 array (:func:`count_array`,
+  :func:`last_counts`).
 """
 from __future__ import annotations
 

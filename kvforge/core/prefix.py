@@ -105,16 +105,18 @@ class PrefixIndex:
 
         ``parent`` continues a chain (the key of the block before the first).
         """
-        bs = self.block_size
-        n = len(token_ids) // bs
+        n = len(token_ids) // self.block_size
         if n == 0:
             return []
-        data = _int64_bytes(token_ids, n * bs)
-        step = bs * 8
+        return self._chain(_int64_bytes(token_ids, n * self.block_size), salt, parent, extra)
+
+    def _chain(self, data: bytes, salt: Hashable | None, parent: BlockKey | None, extra: bytes = b"") -> list[BlockKey]:
+        """Keys of the full blocks whose int64 token ids are ``data``, chained after ``parent``."""
+        step = self.block_size * 8
         key = _root_key(salt) if parent is None else parent
         keys = []
         new_hash = _EMPTY_BLAKE.copy
-        for start in range(0, n * step, step):
+        for start in range(0, len(data) - step + 1, step):
             h = new_hash()
             h.update(key + extra + data[start:start + step])
             key = h.digest()
@@ -135,7 +137,7 @@ class PrefixIndex:
                      block_ids: Sequence[int]) -> None:
         """Continue a sequence's chain of block ``keys`` over its next full blocks, held in
         ``block_ids`` with token ids ``data`` (int64 bytes, block after block), and register them."""
-        new_keys = self.block_keys(np.frombuffer(data, dtype=np.int64), salt, keys[-1] if keys else None)
+        new_keys = self._chain(data, salt, keys[-1] if keys else None)
         keys.extend(new_keys)
         self.register_many(block_ids, new_keys)
 

@@ -246,8 +246,11 @@ class BlockTables:
     @staticmethod
     def _positions(rows: np.ndarray, start: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows repeated ``counts`` times and positions ``start[i] .. start[i] + counts[i] - 1``."""
-        begin = np.cumsum(counts) - counts
-        return np.repeat(rows, counts), np.repeat(start - begin, counts) + np.arange(int(counts.sum()))
+        if len(counts) == 1:  # one row (append_tokens): no repeat needed
+            n, first = int(counts[0]), int(start[0])
+            return rows.repeat(n), np.arange(first, first + n)
+        begin = counts.cumsum() - counts
+        return rows.repeat(counts), (start - begin).repeat(counts) + np.arange(_total(counts))
 
     def _slots_at(self, tok_rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
         bs = self.block_size
@@ -297,7 +300,7 @@ class BlockTables:
         else:
             new = old + counts
             need = (new + bs - 1) // bs - self._nblk[rows]
-            total = int(need.sum())
+            total = _total(need)
         cow: list[int] = []
         flagged = bool(np.count_nonzero(self._shared_tail[rows]))  # count_nonzero: cheaper than any()
         if flagged:
@@ -326,14 +329,14 @@ class BlockTables:
             if counts is None:
                 g_rows = rows[plan.offset == 0]
                 start = self._nblk[g_rows]
-                self._ensure_width(int(start.max()) + 1)
+                self._ensure_width(_largest(start) + 1)
                 self._tables[g_rows, start] = block_ids
                 self._nblk[g_rows] = start + 1
             else:
                 grow = plan.need > 0  # type: ignore[operator]
                 g_rows, g_need = rows[grow], plan.need[grow]  # type: ignore[index]
                 start = self._nblk[g_rows]
-                self._ensure_width(int((start + g_need).max()))
+                self._ensure_width(_largest(start + g_need))
                 self._tables[self._positions(g_rows, start, g_need)] = block_ids
                 self._nblk[g_rows] = start + g_need
         self._ntok[rows] = plan.new
@@ -404,3 +407,12 @@ class BlockTables:
         assert self._known[:n][pend > 0].all(), "a row with pending prompt ids is not known"
         assert {r: len(a) for r, a in self._pending_ids.items()} == \
             {r: int(pend[r]) for r in np.flatnonzero(pend).tolist()}, "pending ids do not match the counts"
+
+
+# numpy reductions cost microseconds each; a one-row batch (append_tokens) reads its element
+def _total(a: np.ndarray) -> int:
+    return int(a[0]) if len(a) == 1 else int(a.sum())
+
+
+def _largest(a: np.ndarray) -> int:
+    return int(a[0]) if len(a) == 1 else int(a.max())
