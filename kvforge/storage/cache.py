@@ -35,7 +35,7 @@ from kvforge.core.prefix import PrefixIndex, PrefixStats
 from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
 from kvforge.storage import compaction
 from kvforge.storage.device import DeviceStorage, resolve_device
-from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, Staging, StepBatch, build_step
+from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, FixedLayout, Staging, StepBatch, build_step
 
 if TYPE_CHECKING:
     from kvforge.storage.profile import MemoryProfile
@@ -68,7 +68,8 @@ class KVCache:
         self.min_chunks = 1
         n_chunks = math.ceil(initial / self.chunk_blocks)
         self.storage = DeviceStorage(config, self.device, self.chunk_blocks, backend)
-        self._staging: dict[str, Staging] = {}
+        self._staging: Staging | None = None  # the eager step buffer
+        self._fixed: tuple[Staging, FixedLayout] | None = None  # the padded decode layout graphs read
         self.manager = BlockManager(config.num_blocks, config.block_size,
                                     enable_prefix_caching=config.enable_prefix_caching, capacity=0)
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
@@ -125,8 +126,7 @@ class KVCache:
     def address_signature(self) -> tuple[int, int]:
         """Changes whenever device addresses a captured CUDA graph holds may have moved:
         the chunk set (grow, release) or the fixed step buffer (``prepare_step(pad_to=)``)."""
-        fixed = self._staging.get("fixed")
-        return self.storage.version, 0 if fixed is None else fixed.generation_id
+        return self.storage.version, 0 if self._fixed is None else self._fixed[0].generation_id
 
     def _grow_to(self, n_chunks: int) -> None:
         """Allocate chunks until there are ``n_chunks``; on device OOM nothing changes."""
@@ -269,14 +269,23 @@ class KVCache:
         slot -1 and context length 0 (they store and read nothing).
         """
         view = self.manager.step_view(seq_ids, num_new_tokens, width_multiple=TABLE_WIDTH_MULTIPLE)
-        return build_step(view, self._slot_dtype, self._stage, num_decodes=num_decodes,
+        return build_step(view, self._slot_dtype, self._stage, self._stage_fixed, num_decodes=num_decodes,
                           logits_indices=logits_indices, input_ids=input_ids, pad_to=pad_to)
 
-    def _stage(self, name: str, size: int = 1 << 16) -> Staging:
-        staging = self._staging.get(name)
-        if staging is None or staging.host_np.size < size:
-            staging = self._staging[name] = Staging(self.device, size)
-        return staging
+    def _stage(self) -> Staging:
+        if self._staging is None:
+            self._staging = Staging(self.device)
+        return self._staging
+
+    def _stage_fixed(self, rows: int, width: int) -> tuple[Staging, FixedLayout]:
+        """The fixed step buffer for buckets of up to ``rows`` sequences; a bigger
+        bucket or another width moves it (:attr:`address_signature` changes)."""
+        fixed = self._fixed
+        if fixed is None or rows > fixed[1].rows or width != fixed[1].width:
+            keep = fixed[1].rows if fixed is not None and width == fixed[1].width else 0
+            layout = FixedLayout(max(rows, keep), width)
+            fixed = self._fixed = (Staging(self.device, layout.size), layout)
+        return fixed
 
     def block_tables(self, seq_ids: Sequence[SeqId], width: int | None = None) -> Tensor:
         """Padded ``[len(seq_ids), width]`` int32 block tables on the device (-1 = padding)."""

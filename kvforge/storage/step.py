@@ -29,7 +29,7 @@ from kvforge.errors import KVForgeError
 if TYPE_CHECKING:
     from kvforge.core import StepView
 
-__all__ = ["StepBatch", "Staging", "build_step"]
+__all__ = ["FixedLayout", "StepBatch", "Staging", "build_step"]
 
 #: block-table rows are padded to a multiple of this (one Triton specialisation)
 TABLE_WIDTH_MULTIPLE = 16
@@ -94,14 +94,19 @@ class Staging:
         Staging._ids += 1
         self.generation_id = Staging._ids  # unique per allocation: a moved buffer is never mistaken
 
-    def upload(self, parts: Sequence[np.ndarray]) -> list[Tensor]:
-        """Device views of ``parts`` (each int32 or int64, copied into the buffer)."""
+    def upload(self, parts: Sequence[np.ndarray], starts: Sequence[int] | None = None) -> list[Tensor]:
+        """Device views of ``parts`` (each int32 or int64, copied into the buffer).
+
+        ``starts``: each part's word offset (multiples of 16); by default the
+        parts are packed, each 64-byte aligned."""
         words = [p.view(np.int32).reshape(-1) if p.dtype == np.int64 else p.reshape(-1) for p in parts]
-        starts = []
-        total = 0
-        for w in words:
-            starts.append(total)
-            total += -(-w.size // 16) * 16
+        if starts is None:
+            starts, total = [], 0
+            for w in words:
+                starts.append(total)
+                total += -(-w.size // 16) * 16
+        else:
+            total = max(off + w.size for off, w in zip(starts, words)) if words else 0
         if total > self.host_np.size:
             self._alloc(max(total, 2 * self.host_np.size))
         h = self.host_np
@@ -117,6 +122,32 @@ class Staging:
             t = t.view(p.shape)
             out.append(t.clone() if self.device.type == "cpu" else t)  # CPU: detach from buffer reuse
         return out
+
+
+class FixedLayout(NamedTuple):
+    """Where a padded decode step's parts sit in the fixed step buffer.
+
+    The same for every bucket of up to ``rows`` sequences, so a captured graph
+    of any bucket reads token ids where token ids are (and so on), whichever
+    bucket wrote the buffer last: ids at 0, positions at ``stride``, slots at
+    ``2 * stride`` (room for int64), context lengths at ``4 * stride``, block
+    tables ``[bucket, width]`` from ``5 * stride``."""
+
+    rows: int
+    width: int
+
+    @property
+    def stride(self) -> int:
+        return -(-self.rows // 16) * 16
+
+    @property
+    def size(self) -> int:
+        return 5 * self.stride + self.rows * self.width
+
+    @property
+    def starts(self) -> list[int]:
+        m = self.stride
+        return [0, m, 2 * m, 4 * m, 5 * m]
 
 
 def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
@@ -137,14 +168,15 @@ def pad_width(tables: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def build_step(view: StepView, slot_dtype: type, stage: Callable[..., Staging], *, num_decodes: int | None,
+def build_step(view: StepView, slot_dtype: type, stage: Callable[[], Staging],
+               stage_fixed: Callable[[int, int], tuple[Staging, FixedLayout]], *, num_decodes: int | None,
                logits_indices: np.ndarray | Sequence[int] | None, input_ids: np.ndarray | Sequence[int] | None,
                pad_to: tuple[int, int] | None) -> StepBatch:
     """A :class:`StepBatch` of a manager's :class:`~kvforge.core.StepView`, uploaded in one copy.
 
-    ``stage(name, size=...)`` returns the staging buffer to use: ``"eager"``
-    (grown on demand) or ``"fixed"`` (the padded decode layout a CUDA graph
-    reads). See :meth:`kvforge.storage.KVCache.prepare_step` for the arguments."""
+    ``stage()`` returns the eager staging buffer (grown on demand),
+    ``stage_fixed(rows, width)`` the fixed one a CUDA graph reads and its
+    :class:`FixedLayout`. See :meth:`kvforge.storage.KVCache.prepare_step`."""
     batch = len(view.context_lens)
     q_lens = np.diff(view.query_start_loc)
     if num_decodes is None:
@@ -169,7 +201,7 @@ def build_step(view: StepView, slot_dtype: type, stage: Callable[..., Staging], 
         if logits_indices is not None:
             raise KVForgeError("logits_indices: a pure decode step samples every row")
         ctx, tables = view.context_lens, view.block_tables
-        staging = stage("eager")
+        staging = stage()
         if pad_to is not None:
             rows, width = pad_to
             if batch > rows or tables.shape[1] > width:
@@ -178,7 +210,9 @@ def build_step(view: StepView, slot_dtype: type, stage: Callable[..., Staging], 
             ids32, pos32 = pad_rows(ids32, rows, 0), pad_rows(pos32, rows, 0)
             slots, ctx = pad_rows(slots, rows, -1), pad_rows(ctx, rows, 0)
             tables = pad_rows(pad_width(tables, width), rows, -1)
-            staging = stage("fixed", 4 * (-(-rows // 16) * 16) * 2 + rows * width + 64)
+            staging, layout = stage_fixed(rows, width)
+            d_ids, d_pos, d_slots, d_ctx, d_tab = staging.upload([ids32, pos32, slots, ctx, tables], layout.starts)
+            return StepBatch(d_ids, d_pos, d_slots, d_tab, d_ctx, num_decodes=rows)
         d_ids, d_pos, d_slots, d_ctx, d_tab = staging.upload([ids32, pos32, slots, ctx, tables])
         return StepBatch(d_ids, d_pos, d_slots, d_tab, d_ctx, num_decodes=len(ctx))
     if pad_to is not None:
@@ -193,6 +227,6 @@ def build_step(view: StepView, slot_dtype: type, stage: Callable[..., Staging], 
     cu = (view.query_start_loc[nd:] - view.query_start_loc[nd]).astype(np.int32)
     ctx, tables = view.context_lens, view.block_tables
     parts = [ids32, pos32, slots, rows_idx, cu, ctx[nd:], tables[nd:], ctx[:nd], tables[:nd]]
-    d_ids, d_pos, d_slots, d_idx, d_cu, d_ctx_p, d_tab_p, d_ctx_d, d_tab_d = stage("eager").upload(parts)
+    d_ids, d_pos, d_slots, d_idx, d_cu, d_ctx_p, d_tab_p, d_ctx_d, d_tab_d = stage().upload(parts)
     return StepBatch(d_ids, d_pos, d_slots, d_tab_d if nd else None, d_ctx_d if nd else None,
                      d_tab_p, d_ctx_p, d_cu, d_idx, num_decodes=nd, num_prefills=batch - nd)
