@@ -57,7 +57,7 @@ _EMPTY_BLAKE = hashlib.blake2b(digest_size=_DIGEST)
 
 def _int64_bytes(token_ids: Sequence[int] | np.ndarray, count: int) -> bytes:
     """The first ``count`` token ids as native int64 bytes (the hashed representation)."""
-    if isinstance(token_ids, array) and token_ids.typecode == "q":  # BlockManager keeps ids so
+    if isinstance(token_ids, array) and token_ids.typecode == "q":  # prompts reach the manager so
         return (token_ids if len(token_ids) == count else token_ids[:count]).tobytes()
     if not isinstance(token_ids, np.ndarray):
         try:  # array() converts a list of ints without numpy's per-call overhead
@@ -126,12 +126,11 @@ class PrefixIndex:
     def next_key(self, parent: BlockKey | None, token_ids: Sequence[int] | np.ndarray,
                  salt: Hashable | None = None, extra: bytes = b"") -> BlockKey:
         """The key of one full block (exactly ``block_size`` ids) after ``parent``:
-        ``block_keys(token_ids, salt, parent, extra)[0]`` without the list."""
+        ``block_keys(token_ids, salt, parent, extra)[0]``, for an external index (a
+        router, an offload tier) that follows a sequence one block at a time."""
         if len(token_ids) != self.block_size:
             raise ValueError(f"next_key() needs {self.block_size} token ids, got {len(token_ids)}")
-        h = _EMPTY_BLAKE.copy()
-        h.update((_root_key(salt) if parent is None else parent) + extra + _int64_bytes(token_ids, self.block_size))
-        return h.digest()
+        return self._chain(_int64_bytes(token_ids, self.block_size), salt, parent, extra)[0]
 
     def extend_chain(self, keys: list[BlockKey], salt: Hashable | None, data: bytes,
                      block_ids: Sequence[int]) -> None:
