@@ -67,8 +67,9 @@ def _cases(root: Path, busy_port: int) -> dict[str, Case]:
                                                 ("--model", path, *needles))
     for vram, needle in (("0", "--vram must be a positive"), ("-1", "'-1'"), ("12XB", "'12XB'"),
                          ("1e400GiB", "'1e400GiB'"), ("99999999999999999999999PiB", "exceeds the limit"),
-                         ("nan", "'nan'"), ("inf", "'inf'")):
+                         ("nan", "'nan'"), ("inf", "'inf'"), ("1KiB", "holds no block")):
         cases[f"plan-vram-{vram}"] = Case(("plan", "--vram", vram), ("--vram", needle))
+    cases["plan-vram-1EiB"] = Case(("plan", "--vram", "1EiB"), ("--vram", "num_blocks=", "exceeds the limit"))
     cases["plan-context-0"] = Case(("plan", "--context", "0"), ("--context", "got 0"))
     cases["plan-context-huge"] = Case(("plan", "--context", str(2**40)), ("--context", str(2**40)))
     cases["plan-model-missing"] = Case(("plan", "--model", "/nonexistent"), ("'/nonexistent'",))

@@ -4,6 +4,7 @@
 :mod:`~kvforge.tools.simulate`, :mod:`~kvforge.tools.workload`,
 :mod:`~kvforge.tools.plot`, :mod:`~kvforge.tools.metrics`,
 :mod:`~kvforge.tools.demo`, :mod:`~kvforge.tools.generate`, and the shared
-table and progress output (:mod:`~kvforge.tools.output`). Tools may import
+table, progress and error-line output (:mod:`~kvforge.tools.output`) and
+checks of command-line values (:mod:`~kvforge.tools.checks`). Tools may import
 every layer; nothing below imports them.
 """

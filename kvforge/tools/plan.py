@@ -51,7 +51,10 @@ def plan_rows(model: str, vram: int, context: int) -> tuple[str, list[list[objec
         add(f"for_context_length({context})", CacheConfig.for_context_length(context, h, d, l, vram, dtype=dt))
     except KVForgeError as exc:
         rows.append([f"for_context_length({context})", "-", "-", "-", 0, str(exc)])
-    add(f"for_model(vram={format_bytes(vram)})", CacheConfig.for_model(cfg_json, vram, dtype=dt))
+    try:
+        add(f"for_model(vram={format_bytes(vram)})", CacheConfig.for_model(cfg_json, vram, dtype=dt))
+    except ConfigError as exc:  # too small for one block, or more blocks than block ids
+        raise ConfigError(f"--vram {format_bytes(vram)}: {exc}") from None
     title = (f"{label}: {l} layers, {h} KV heads, head dim {d}, {str(dt).removeprefix('torch.')}; "
              f"{format_bytes(CacheConfig(16, 1, l, h, d, dt).bytes_per_token)} per token; context {context}")
     return title, rows
