@@ -334,7 +334,9 @@ def test_a_failing_step_leaves_the_engine_consistent(ckpt: tuple[str, object],
         engine.step()
     engine.check_invariants()
     assert engine.cache.seq_ids == [] and engine.stats().used_blocks == 0  # everything went back to waiting
-    assert engine.cache.prefix_stats().cached_blocks == 0  # no block registered for never-computed tokens
+    # the prompts' full blocks computed before the failed step stay cached (1 of prompt 2, 3 of
+    # prompt 3); the failed step's tokens filled no block, so nothing else is cached
+    assert engine.cache.prefix_stats().cached_blocks == 4
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -484,3 +486,39 @@ def test_tensor_and_array_prompts(ckpt: tuple[str, object]) -> None:
         with pytest.raises(ConfigError, match="1-D integer"):
             engine.generate(bad, params)
     assert not engine._requests
+
+
+def test_a_failed_step_drops_only_the_blocks_it_never_computed(ckpt: tuple[str, object],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery keeps what is good: the step's own sequences are preempted, the block its
+    decode filled (registered, never written) leaves the prefix cache, the computed block
+    stays, and every request still completes with the right tokens."""
+    folder, model = ckpt
+    engine = small(folder, max_num_batched_tokens=16)
+    prompt = list(range(10, 25))                      # 15 tokens: block 0 full, block 1 holds 7
+    other = list(range(40, 60))                       # 20 tokens: a second chunk waits for a later step
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=4))
+    engine.step()                                     # prompt computed (15 tokens), first token sampled
+    other_rid = engine.add_request(other, SamplingParams(max_tokens=4))
+    assert engine.cache.prefix_stats().cached_blocks == 1
+    execute = engine.runner.execute
+
+    def failing(out):  # type: ignore[no-untyped-def]
+        raise RuntimeError("injected kernel failure")
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()                                 # the decode fills block 1; the other prompt's first chunk
+    engine.check_invariants()
+    # block 1 (filled by the failed decode) is gone; block 0 and nothing of the failed chunk stays
+    stats = engine.cache.prefix_stats()
+    assert stats.cached_blocks == 1 and engine.cache.seq_ids == []
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        engine.check_invariants()
+    assert done[rid] == hf_greedy(model, prompt, 4) and done[other_rid] == hf_greedy(model, other, 4)
+

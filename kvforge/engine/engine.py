@@ -230,6 +230,7 @@ class Engine:
 
     def _step_locked(self, want_touched: bool) -> list[Request]:
         self._forked = []
+        out: SchedulerOutput | None = None
         try:
             out = self.scheduler.schedule()
             if not out.is_empty:
@@ -239,7 +240,7 @@ class Engine:
                     logits = logits[torch.as_tensor(rows, device=logits.device)]
                 tokens = sample(logits, self._sampling_batch(targets)).tolist()
         except BaseException:
-            self._recover()
+            self._recover(out)
             raise
         if out.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -263,23 +264,47 @@ class Engine:
             return list({s.request.request_id: s.request for s in targets}.values())
         return done
 
-    def _recover(self) -> None:
+    def _recover(self, out: SchedulerOutput | None) -> None:
         """Undo a step that raised after reserving slots (a kernel error, an
         interrupt): slots were reserved, and full blocks registered in the
-        prefix index, for tokens that were never computed. Every running
-        sequence is preempted (it recomputes on a later step), the never
-        computed cached blocks are evicted, and forks made for the step are
-        dropped, so :meth:`check_invariants` holds and later steps are correct."""
+        prefix index, for tokens that were never computed.
+
+        The step's own sequences are preempted (they recompute on a later step),
+        the cached blocks holding its never computed tokens are dropped, and
+        forks made for it are undone; every other running sequence and every
+        other cached block is kept, so one bad step does not empty the prefix
+        cache. When the scheduler itself failed (``out`` is None) it is unknown
+        which slots it reserved: then every running sequence is preempted and
+        every unreferenced cached block dropped."""
         for req in {id(s.request): s.request for s in self._forked}.values():
             del req.seqs[1:]
             self._num_unforked += 1
         self._forked = []
-        num = len(self.scheduler.preempt_all())
-        for seq_id in self.cache.seq_ids:  # reserved but never adopted as running
-            self.cache.free_sequence(seq_id)
-        evicted = self.cache.reclaim_unused_blocks()  # blocks registered this step hold no keys/values
-        log.warning("a step failed: %d running sequence(s) preempted to recompute, %d cached block(s) dropped",
-                    num, evicted)
+        if out is None:
+            num = len(self.scheduler.preempt_all())
+            for seq_id in self.cache.seq_ids:  # reserved but never adopted as running
+                self.cache.free_sequence(seq_id)
+            dropped = self.cache.reclaim_unused_blocks()
+        else:
+            uncomputed = self._uncomputed_blocks(out)
+            num = len(self.scheduler.preempt(out.decodes + [c.seq for c in out.chunks]))
+            dropped = self.cache.drop_cached_blocks(uncomputed)
+        log.warning("a step failed: %d sequence(s) preempted to recompute, %d cached block(s) dropped",
+                    num, dropped)
+
+    def _uncomputed_blocks(self, out: SchedulerOutput) -> list[int]:
+        """The blocks holding tokens that ``out`` reserved (and so registered, when
+        they filled) but whose keys/values the failed step never wrote."""
+        cache, bs = self.cache, self.cache.config.block_size
+        blocks: list[int] = []
+        for s in out.decodes:
+            n = cache.seq_len(s.seq_id)
+            blocks.append(cache.block_table(s.seq_id)[(n - 1) // bs])
+        for c in out.chunks:
+            if c.num_tokens:
+                table = cache.block_table(c.seq.seq_id)
+                blocks += table[c.start // bs: (c.start + c.num_tokens - 1) // bs + 1]
+        return blocks
 
     def _targets(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int] | None, list[Sequence]]:
         """The sequences that sample this step, in logits-row order (decodes, then

@@ -258,6 +258,15 @@ class Scheduler:
             budget -= reserved - cached
         return chunks
 
+    def preempt(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Preempt those of ``seqs`` that are running, newest first; return them."""
+        running = {id(s) for s in self.running}
+        victims = sorted((s for s in seqs if id(s) in running), key=lambda s: s.admit_order, reverse=True)
+        preempted: list[Sequence] = []
+        for victim in victims:
+            self._preempt(victim, preempted)
+        return preempted
+
     def preempt_all(self) -> list[Sequence]:
         """Preempt every running sequence, newest first (so the oldest ends at the
         head of the waiting queue); return them. The engine's recovery from a

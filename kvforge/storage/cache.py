@@ -34,7 +34,7 @@ from kvforge.core.pool import AllocationStats, BlockPool
 from kvforge.core.prefix import PrefixIndex, PrefixStats
 from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
 from kvforge.storage import compaction
-from kvforge.storage.device import DeviceStorage, resolve_device
+from kvforge.storage.device import DeviceStorage, resolve_device, slot_array
 from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, FixedLayout, Staging, StepBatch, build_step
 
 if TYPE_CHECKING:
@@ -322,7 +322,7 @@ class KVCache:
         """Store keys and values ``[num_tokens, num_kv_heads, head_dim]`` at their slots (-1 skipped)."""
         view = self.layer_view(layer)
         if not isinstance(slot_mapping, Tensor):
-            slot_mapping = self.storage.upload(np.asarray(slot_mapping, dtype=np.int64))
+            slot_mapping = self.storage.upload(slot_array(slot_mapping, "slot_mapping"))
         kernels.store_kv(k, v, view, None, slot_mapping, backend=self.backend)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -413,6 +413,15 @@ class KVCache:
         """Drop the chunks above the highest block in use (keeping ``min_chunks``);
         return the bytes handed back to the device."""
         return compaction.release_unused_chunks(self)
+
+    def drop_cached_blocks(self, block_ids: Sequence[int]) -> int:
+        """Forget the prefix-cache entries of those of ``block_ids`` that nobody
+        references (their keys/values are not to be trusted, e.g. a failed step
+        never wrote them); they go back to the free list. Return how many."""
+        evictable = set(self.pool.evictable_blocks())
+        drop = [b for b in dict.fromkeys(block_ids) if b in evictable]
+        self.pool.evict_blocks(drop)
+        return len(drop)
 
     def reclaim_unused_blocks(self) -> int:
         """Evict every cached block nobody references back to the free list; return how many."""

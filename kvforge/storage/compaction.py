@@ -29,24 +29,43 @@ log = logging.getLogger(__name__)
 def compact(cache: KVCache, *, release: bool = True, keep_cached: bool = True) -> int:
     """Compact ``cache`` (see :meth:`KVCache.compact_cache`); return the bytes released.
 
-    If a copy fails, no live data was touched: the tables still point at the
-    source blocks (only the planned evictions of cached blocks have happened).
+    Copies never lose data: no block a live table points to is written before
+    the move that vacates it is committed. If the first copy (live blocks) fails,
+    the tables still point at the sources and only the planned evictions of
+    cached blocks have happened; if the second (cached blocks) fails, the live
+    blocks are packed and the cached ones stay where they were. Either way the
+    error is re-raised and every sequence's keys and values are intact.
     """
     start = time.perf_counter()
     pool = cache.pool
     keep = None
     if not keep_cached:
         keep = max(cache.min_chunks, math.ceil(pool.num_allocated_blocks / cache.chunk_blocks)) * cache.chunk_blocks
-    plan = cache.manager.plan_compaction(keep_blocks=keep)
-    # evicting first is safe (it drops cache entries, never live data), and it means a
-    # copy that raises below leaves no cache entry pointing at an overwritten block
+    manager = cache.manager
+    plan = manager.plan_compaction(keep_blocks=keep)
+    # Evicting first is safe (it drops cache entries, never live data), and it means a
+    # copy that raises leaves no cache entry pointing at an overwritten block.
     pool.evict_blocks(plan.evict)
-    for phase in (plan.moves, plan.cached_moves):
-        if phase:
-            cache.copy_blocks(phase)  # may raise: the tables still point at the sources
-    cache.manager.apply_compaction(plan, evicted=True)
-    if plan.num_moves:
-        cache.notify_relocation(dict(plan.all_moves))
+    # Phase 1 copies live blocks into holes (free or just evicted ids): if it raises
+    # partway, only holes were written and every table still points at its sources.
+    if plan.moves:
+        cache.copy_blocks(plan.moves)
+    # The live moves are committed before phase 2 copies cached blocks into ids that
+    # phase 1 vacated, so no id a live table points to is ever overwritten. If phase 2
+    # raises, the cached blocks stay where they were (their sources are never
+    # destinations), the vacated ids were free, and the cache is consistent, only
+    # less packed.
+    manager.relocate(plan.moves)
+    moved = dict(plan.moves)
+    try:
+        if plan.cached_moves:
+            cache.copy_blocks(plan.cached_moves)
+        manager.relocate(plan.cached_moves)
+        moved.update(plan.cached_moves)
+    finally:
+        pool.sort_free_list()
+        if moved:
+            cache.notify_relocation(moved)
     released = release_unused_chunks(cache) if release else 0
     if cache.device.type == "cuda":
         torch.cuda.synchronize(cache.device)

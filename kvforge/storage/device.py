@@ -28,7 +28,7 @@ from kvforge import kernels
 from kvforge.config import CacheConfig
 from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError
 
-__all__ = ["DeviceStorage", "resolve_device"]
+__all__ = ["DeviceStorage", "resolve_device", "slot_array"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: kvforge runs on 'cpu' and 'cuda' (CUDA or ROCm) devices")
     return dev
+
+
+def slot_array(values: object, name: str, ndim: int = 1) -> np.ndarray:
+    """``values`` (slot or block ids: a sequence or array of integers) as int64, ``ndim`` dims.
+
+    Floats, bools, strings and integers outside int64 are refused with a
+    :class:`KVForgeError` naming ``name`` (numpy would truncate or wrap them)."""
+    if isinstance(values, (str, bytes)):
+        raise KVForgeError(f"{name}: expected integer ids, got {type(values).__name__}")
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError, OverflowError):
+        raise KVForgeError(f"{name}: expected integer ids, got {values!r:.80}") from None
+    if arr.dtype == object:  # Python ints beyond int64, or mixed contents
+        raise KVForgeError(f"{name}: expected integer ids that fit int64, got {values!r:.80}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise KVForgeError(f"{name}: expected integer ids, got {arr.dtype} values {values!r:.80}")
+    if arr.ndim != ndim and arr.size:
+        raise KVForgeError(f"{name}: expected {ndim} dims, got shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 2**63:
+        raise KVForgeError(f"{name}: id {int(arr.max())} does not fit int64")
+    return arr.astype(np.int64).reshape((0,) * ndim if not arr.size else arr.shape)
 
 
 class DeviceStorage:
@@ -166,11 +188,8 @@ class DeviceStorage:
         Ids must lie in ``[0, num_blocks)`` (the backed blocks)."""
         if len(pairs) == 0:
             return
-        try:
-            arr = np.asarray(pairs, dtype=np.int64)
-        except (TypeError, ValueError, OverflowError):
-            raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got {pairs!r}") from None
-        if arr.ndim != 2 or arr.shape[1] != 2:
+        arr = slot_array(pairs, "copy_blocks() pairs", ndim=2)
+        if arr.shape[1] != 2:
             raise KVForgeError(f"copy_blocks() needs (src, dst) pairs of block ids, got shape {arr.shape}")
         if arr.min() < 0 or arr.max() >= num_blocks:
             raise KVForgeError(f"copy_blocks(): block ids must lie in [0, {num_blocks}), "
