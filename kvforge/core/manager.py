@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import Hashable, NamedTuple, Sequence
+from typing import Callable, Hashable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -85,6 +85,9 @@ class BlockManager:
         self.tables = BlockTables(self.block_size, self.pool.num_blocks)
         self._seqs: SequenceRows[_Chain] = SequenceRows()
         self.pending_copies: list[tuple[int, int]] = []
+        #: the storage layer's block copy ``fn([(src, dst), ...])``; when set, copy-on-write
+        #: copies through it before any table changes (see :meth:`_copy_on_write`)
+        self.copy_blocks: Callable[[list[tuple[int, int]]], None] | None = None
         self.num_cow_copies = 0
 
     # ------------------------------------------------------------- queries
@@ -275,12 +278,8 @@ class BlockManager:
                        f"{1 if counts is None else int(counts[0])} tokens") if single else \
                 f"the batch needs {need} more blocks"
             raise OutOfBlocksError(f"{subject}; {avail} available", requested=need, available=avail)
-        for row in plan.cow_rows:
-            (new_block,) = pool.allocate(1)
-            old_block = tables.copy_on_write(row, new_block)
-            pool.free([old_block])
-            self.pending_copies.append((old_block, new_block))
-        self.num_cow_copies += len(plan.cow_rows)
+        if plan.cow_rows:
+            self._copy_on_write(plan.cow_rows)
         new_blocks = pool.allocate(plan.num_new_blocks) if plan.num_new_blocks else []
         slots = tables.commit_append(plan, new_blocks, None if ids is None else np.frombuffer(ids, np.int64))
         filled = tables.filled_rows(plan) if self.prefix.enabled else None
@@ -294,6 +293,29 @@ class BlockManager:
                 for i, chain in zip(filled, chains):
                     self._register_full_blocks(int(rows[i]), chain)
         return slots
+
+    def _copy_on_write(self, rows: list[int]) -> None:
+        """Give each row a private copy of its shared, partially filled last block.
+
+        With :attr:`copy_blocks` set, the data is copied first and the tables
+        change only after the copy succeeded: a copy that raises frees the new
+        blocks and leaves every row as it was. Without it the pairs are queued
+        in :attr:`pending_copies` for the caller to copy before anything reads
+        the new blocks."""
+        tables, pool = self.tables, self.pool
+        fresh = pool.allocate(len(rows))
+        pairs = list(zip(tables.last_blocks(rows), fresh))
+        if self.copy_blocks is not None:
+            try:
+                self.copy_blocks(pairs)
+            except BaseException:
+                pool.free(fresh)
+                raise
+        for row, new_block in zip(rows, fresh):
+            pool.free([tables.copy_on_write(row, new_block)])
+        if self.copy_blocks is None:
+            self.pending_copies += pairs
+        self.num_cow_copies += len(rows)
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """Start ``child_id`` sharing every block of ``parent_id`` (no data copied).

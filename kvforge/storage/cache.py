@@ -72,6 +72,8 @@ class KVCache:
         self._fixed: tuple[Staging, FixedLayout] | None = None  # the padded decode layout graphs read
         self.manager = BlockManager(config.num_blocks, config.block_size,
                                     enable_prefix_caching=config.enable_prefix_caching, capacity=0)
+        # copy-on-write copies the data before the tables change (a failed copy changes nothing)
+        self.manager.copy_blocks = self.copy_blocks
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
         self._slot_dtype = np.int32 if config.num_blocks * config.block_size < 2**31 else np.int64
         self._check_layout()
@@ -189,10 +191,9 @@ class KVCache:
         return self._growing(self.manager.add_sequence, seq_id, prompt_token_ids, salt, num_tokens=num_tokens)
 
     def append_tokens(self, seq_id: SeqId, n: int, token_ids: Sequence[int] | None = None) -> np.ndarray:
-        """Slot ids (int64) for ``n`` new tokens of a sequence; copy-on-write applied."""
-        slots = self._growing(self.manager.append_tokens, seq_id, n, token_ids)
-        self._apply_pending_copies()
-        return slots
+        """Slot ids (int64) for ``n`` new tokens of a sequence, all or nothing; a shared
+        partial last block is copied first (copy-on-write: a failed copy changes nothing)."""
+        return self._growing(self.manager.append_tokens, seq_id, n, token_ids)
 
     def append_token(self, seq_id: SeqId, token_id: int | None = None) -> int:
         """Slot id for one new token."""
@@ -201,9 +202,7 @@ class KVCache:
     def append_tokens_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] = 1,
                             token_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Slot mapping (int64) for new tokens of many sequences, all or nothing."""
-        slots = self._growing(self.manager.append_tokens_batch, seq_ids, num_tokens, token_ids)
-        self._apply_pending_copies()
-        return slots
+        return self._growing(self.manager.append_tokens_batch, seq_ids, num_tokens, token_ids)
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """``child_id`` shares all of ``parent_id``'s blocks; no data is copied."""
@@ -241,11 +240,6 @@ class KVCache:
     def num_cow_copies(self) -> int:
         """Blocks copied by copy-on-write so far."""
         return self.manager.num_cow_copies
-
-    def _apply_pending_copies(self) -> None:
-        pairs = self.manager.take_pending_copies()
-        if pairs:
-            self.copy_blocks(pairs)
 
     # ------------------------------------------------------------- steps
     def prepare_step(self, seq_ids: Sequence[SeqId], num_new_tokens: int | Sequence[int] = 1, *,
