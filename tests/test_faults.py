@@ -232,3 +232,25 @@ def test_a_failed_cached_block_copy_in_compaction_keeps_live_data(monkeypatch: p
     h.check()
     with pytest.raises(KVForgeError):
         h.cache.copy_blocks([(0.5, 1)])
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.grow(True), lambda c: c.grow(2.5), lambda c: c.grow(-1), lambda c: c.grow("4"),
+    lambda c: c.compact_cache(release=1), lambda c: c.compact_cache(keep_cached=None),
+    lambda c: c.write(0, [0.0, 1.0], torch.zeros(2, HEADS, DIM), torch.zeros(2, HEADS, DIM)),
+    lambda c: c.write(0, [True, False], torch.zeros(2, HEADS, DIM), torch.zeros(2, HEADS, DIM)),
+    lambda c: c.write(0, [2**70], torch.zeros(1, HEADS, DIM), torch.zeros(1, HEADS, DIM)),
+    lambda c: c.write(LAYERS, [0], torch.zeros(1, HEADS, DIM), torch.zeros(1, HEADS, DIM)),
+    lambda c: c.copy_blocks([(1.0, 2.0)]), lambda c: c.copy_blocks([(True, 2)]), lambda c: c.copy_blocks("01"),
+    lambda c: c.copy_blocks([(0, 99)]), lambda c: c.layer_view(True), lambda c: c.layer_view(-1),
+])
+def test_bad_storage_calls_change_nothing(call) -> None:  # type: ignore[no-untyped-def]
+    h = Harness()
+    h.tokens["a"] = list(range(13))
+    h.cache.add_sequence("a", h.tokens["a"])
+    h.write("a", 0)
+    before = (h.cache.capacity_blocks, h.cache.stats, h.cache.block_table("a"), h.cache.prefix_stats())
+    with pytest.raises(KVForgeError):
+        call(h.cache)
+    assert (h.cache.capacity_blocks, h.cache.stats, h.cache.block_table("a"), h.cache.prefix_stats()) == before
+    h.check()

@@ -157,6 +157,9 @@ class KVCache:
 
     def grow(self, num_blocks: int) -> None:
         """Back at least ``num_blocks`` more blocks with device memory (up to ``num_blocks`` of the config)."""
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 0:
+            raise KVForgeError(f"grow() needs a block count >= 0, got {num_blocks!r}")
+        num_blocks = int(num_blocks)
         if num_blocks > self.config.num_blocks - self.capacity_blocks:
             raise OutOfBlocksError(
                 f"cannot grow by {num_blocks} blocks: {self.capacity_blocks} of at most "
@@ -401,6 +404,9 @@ class KVCache:
         chunks the live blocks need; the rest are evicted). See
         :func:`kvforge.storage.compaction.compact` for the copy order and what a
         failed copy leaves."""
+        for name, flag in (("release", release), ("keep_cached", keep_cached)):
+            if not isinstance(flag, bool):
+                raise KVForgeError(f"compact_cache(): {name} must be True or False, got {flag!r}")
         return compaction.compact(self, release=release, keep_cached=keep_cached)
 
     def release_unused_chunks(self) -> int:

@@ -63,6 +63,10 @@ def slot_array(values: object, name: str, ndim: int = 1) -> np.ndarray:
         arr = np.asarray(values)
     except (TypeError, ValueError, OverflowError):
         raise KVForgeError(f"{name}: expected integer ids, got {values!r:.80}") from None
+    if isinstance(values, (list, tuple)):  # numpy turns True into 1: refuse bools by value
+        flat = [x for row in values for x in (row if isinstance(row, (list, tuple)) else (row,))]
+        if any(isinstance(x, (bool, np.bool_)) for x in flat):
+            raise KVForgeError(f"{name}: expected integer ids, got a bool in {values!r:.80}")
     if arr.dtype == object:  # Python ints beyond int64, or mixed contents
         raise KVForgeError(f"{name}: expected integer ids that fit int64, got {values!r:.80}")
     if arr.size and arr.dtype.kind not in "iu":
