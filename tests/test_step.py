@@ -102,3 +102,19 @@ def test_bad_arguments_are_refused(bad: dict) -> None:
     with pytest.raises(KVForgeError):
         cache.prepare_step(["a", "b"], [3, 2], **({"num_decodes": 0} | bad))
     assert (cache.seq_len("a"), cache.seq_len("b"), cache.pool.stats) == before
+
+
+def test_a_large_cpu_pool_starts_small_and_grows() -> None:
+    """A 4 GiB CPU cache backs one chunk at first (nothing else is zeroed) and grows on demand."""
+    from kvforge.storage.cache import CPU_EAGER_BYTES
+
+    cfg = CacheConfig.for_memory("4GiB", 2, 2, 64, block_size=16, dtype=torch.float32, device="cpu")
+    cache = KVCache(cfg, backend="torch")
+    assert cache.storage_bytes <= max(CPU_EAGER_BYTES, cache.chunk_blocks * cfg.bytes_per_block)
+    assert cache.storage_bytes < cfg.estimated_memory_bytes() // 8
+    before = cache.capacity_blocks
+    cache.add_sequence("long", num_tokens=(before + 1) * cfg.block_size)  # more than is backed
+    assert cache.capacity_blocks > before and cache.seq_len("long") == (before + 1) * cfg.block_size
+    cache.check_invariants()
+    small = make_cache()  # a small pool is backed in full at once, as before
+    assert small.storage_bytes == small.config.estimated_memory_bytes()

@@ -110,8 +110,12 @@ def cache_config_for(model: LlamaModel, econf: EngineConfig, given: CacheConfig 
         else:
             budget = CPU_DEFAULT_KV_BYTES
         cfg = CacheConfig.for_memory(budget, *shape, **options)
-    # without compaction the pool is one allocation (the kernels skip the chunk table)
-    return cfg if econf.enable_compaction else cfg.replace(chunk_blocks=cfg.num_blocks)
+    # Without compaction a GPU pool is one allocation (the kernels skip the chunk table and
+    # graph addresses never move); on the CPU the pool stays chunked so that it can start
+    # small and grow as blocks are needed (KVCache zeroes only what it backs).
+    if econf.enable_compaction or device.type == "cpu":
+        return cfg
+    return cfg.replace(chunk_blocks=cfg.num_blocks)
 
 
 def check_prompt(engine: Engine, rid: str, ids: list[int]) -> None:
