@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from kvforge import CacheConfig, KVCache
 from kvforge.core import BlockUsage, StepView, blocks_for_tokens
 from kvforge.core.manager import AddSequenceResult, BlockManager, SequenceBlockTable
+from kvforge.core.slots import UNKNOWN, SlotTokens
 from kvforge.errors import KVForgeError, OutOfBlocksError, SequenceError
 
 
@@ -709,3 +712,53 @@ def test_token_ids_follow_compaction():
     r = m.add_sequence("b", [1, 2, 3, 4, 9])   # hits the moved block
     assert (r.num_cached_tokens, r.block_ids[0]) == (4, 1)
     ok(m)
+
+
+# ------------------------------------------------- slot token storage grows with use
+def test_slot_tokens_grow_on_write_and_read_unwritten_slots_as_unknown():
+    st = SlotTokens(4, 1000)
+    assert st.num_stored_blocks == 0 and st.nbytes == 0
+    eq(st.read(np.array([0, 3999], dtype=np.int64)), [UNKNOWN, UNKNOWN])
+    st.write(np.array([41], dtype=np.int64), np.array([7], dtype=np.int64))   # block 10
+    assert st.num_stored_blocks == 11 and st.nbytes == 11 * 4 * 8
+    eq(st.read(np.array([40, 41, 44, 3999], dtype=np.int64)), [UNKNOWN, 7, UNKNOWN, UNKNOWN])
+    st.write(np.array([48], dtype=np.int64), np.array([8], dtype=np.int64))   # block 12: doubles
+    assert st.num_stored_blocks == 22
+    st.copy_blocks([10, 900], [500, 12])    # a stored block up, an unwritten one over block 12
+    assert st.num_stored_blocks == 501
+    eq(st.read(np.array([2001, 48], dtype=np.int64)), [7, UNKNOWN])
+    assert st.block_bytes([999]) == np.full(4, UNKNOWN, dtype=np.int64).tobytes()
+    st.write(np.array([3999], dtype=np.int64), np.array([9], dtype=np.int64))
+    assert st.num_stored_blocks == 1000                 # never more than the pool
+
+
+def test_large_pool_manager_keeps_host_arrays_small():
+    # 2**32 slots: a slot-token array sized for the pool would be 32 GiB
+    m = BlockManager(2**16, 2**16)
+    r = m.add_sequence("a", [1, 2, 3])
+    assert r.block_ids == [0] and r.slots.tolist() == [0, 1, 2]
+    assert m.append_tokens("a", 2, token_ids=[4, 5]).tolist() == [3, 4]
+    m.add_sequence("b", num_tokens=2**16 + 1)              # blocks 1, 2; ids unknown
+    m.fork("a", "c")
+    slots = m.append_tokens_batch(["a", "c", "b"], 1, token_ids=[6, 60, 7])   # a copies block 0 to 3
+    assert slots.tolist() == [3 * 2**16 + 5, 5, 2 * 2**16 + 1] and m.take_pending_copies() == [(0, 3)]
+    view = m.step_view(["a", "c"], [6, 1])
+    eq(view.input_ids, [1, 2, 3, 4, 5, 6, 60])
+    assert view.slot_mapping.dtype == np.int64 and view.slot_mapping[0] == 3 * 2**16
+    assert m.step_view(["b"], 1).input_ids is None
+    assert m.token_ids("c") == [1, 2, 3, 4, 5, 60] and m.token_ids("a") == [1, 2, 3, 4, 5, 6]
+    m.free_sequence("b")                                   # blocks 1, 2 free: compaction moves 3 -> 1
+    plan = m.plan_compaction()
+    assert plan.moves == [(3, 1)]
+    m.apply_compaction(plan)
+    assert m.block_table("a") == [1] and m.token_ids("a") == [1, 2, 3, 4, 5, 6]
+    eq(m.step_view(["a"], 6).input_ids, [1, 2, 3, 4, 5, 6])
+    ok(m)
+    assert m.tables._slot_tokens.num_stored_blocks <= 4
+    assert m.metadata_bytes() < 4 * 2**20
+
+
+def test_large_pools_keep_int64_slots():  # (storage-level; it lives in tests/test_step.py once you are done — just make sure it passes)
+    cfg = CacheConfig(block_size=2**16, num_blocks=2**16, num_layers=1, num_kv_heads=1, head_dim=16, dtype=torch.float16, device="cpu", initial_blocks=1, chunk_blocks=1)
+    cache = KVCache(cfg, backend="torch"); cache.add_sequence("a", [1, 2])
+    assert cache.prepare_step(["a"], 2, num_decodes=0).slot_mapping.dtype == torch.int64

@@ -5,10 +5,10 @@ and the batched views.
 table (a row of an int32 matrix padded with -1), its token and block counts,
 its pending prompt tokens (ids known, no slot yet), whether its partially
 filled last block may be shared, and whether every one of its token ids is
-*known*. It also keeps the token id held in each slot of the pool
-(``[num_blocks * block_size]`` int64), so a decode step stores its ids with
-one scatter, a filled block's prefix key hashes its slots, and a step's
-``input_ids`` are one gather. Rows are created once and reused; the arrays
+*known*. It also keeps the token id held in each slot of the pool (a
+:class:`~kvforge.core.slots.SlotTokens`, host memory only for the blocks
+written so far), so a decode step stores its ids with one scatter, a filled
+block's prefix key hashes its slots, and a step's ``input_ids`` are one gather. Rows are created once and reused; the arrays
 grow by doubling. No Python object is touched per sequence on the decode path.
 
 It knows nothing of pools, prefixes or sequence ids: the
@@ -29,6 +29,8 @@ import sys
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
+
+from kvforge.core.slots import SlotTokens
 
 __all__ = ["AppendPlan", "BlockTables", "StepView", "blocks_for_tokens"]
 
@@ -98,7 +100,7 @@ class BlockTables:
         self._shared_tail = np.zeros(rows, dtype=bool)   # last block partial and possibly shared
         self._known = np.zeros(rows, dtype=bool)         # every token id of the row is known
         self._live = np.zeros(rows, dtype=bool)
-        self._slot_tokens = np.zeros(int(num_blocks) * self.block_size, dtype=np.int64)
+        self._slot_tokens = SlotTokens(self.block_size, num_blocks)  # grows with use
         self._pending_ids: dict[int, np.ndarray] = {}  # row -> ids of its pending prompt tokens
         self._free_rows: list[int] = []
         self._next_row = 0
@@ -131,7 +133,7 @@ class BlockTables:
         slots = self.row_slots(row, num_cached, num_tokens)
         self._known[row] = token_ids is not None
         if token_ids is not None:
-            self._slot_tokens[slots] = token_ids[num_cached:num_tokens]
+            self._slot_tokens.write(slots, token_ids[num_cached:num_tokens])
             self._npending[row] = len(token_ids) - num_tokens
             if len(token_ids) > num_tokens:
                 self._pending_ids[row] = token_ids[num_tokens:].copy()
@@ -205,20 +207,19 @@ class BlockTables:
         last = int(self._nblk[row]) - 1
         old = int(self._tables[row, last])
         self._tables[row, last] = block_id
-        tokens = self._slot_tokens.reshape(-1, self.block_size)
-        tokens[block_id] = tokens[old]
+        self._slot_tokens.copy_blocks([old], [block_id])
         return old
 
     # ---------------------------------------------------------- token ids
     def token_ids(self, row: int) -> np.ndarray:
         """The row's token ids (int64), reserved then pending; meaningful when the row is known."""
-        ids = self._slot_tokens[self.row_slots(row, 0, int(self._ntok[row]))]
+        ids = self._slot_tokens.read(self.row_slots(row, 0, int(self._ntok[row])))
         pending = self._pending_ids.get(row)
         return ids if pending is None else np.concatenate([ids, pending])
 
     def block_tokens(self, block_ids: Sequence[int]) -> bytes:
         """The token ids held by these blocks, int64 bytes, block after block (what a key hashes)."""
-        return self._slot_tokens.reshape(-1, self.block_size)[block_ids].tobytes()
+        return self._slot_tokens.block_bytes(block_ids)
 
     # ------------------------------------------------------------- batches
     def num_tokens_of(self, rows: np.ndarray) -> np.ndarray:
@@ -279,7 +280,7 @@ class BlockTables:
         qsl = np.zeros(len(rows) + 1, dtype=np.int32)
         np.cumsum(np.ones(len(rows), dtype=np.int32) if counts is None else counts, out=qsl[1:])
         known = self._known[rows] if counts is None else self._known[rows] | (counts == 0)
-        ids = self._slot_tokens[slots] if np.count_nonzero(known) == len(rows) else None
+        ids = self._slot_tokens.read(slots) if np.count_nonzero(known) == len(rows) else None
         return StepView(pos, slots, self._ntok[rows].astype(np.int32), tables, qsl, ids)
 
     # -------------------------------------------------------------- append
@@ -345,7 +346,7 @@ class BlockTables:
         else:
             slots = self._slots_at(*self._positions(rows, plan.old, counts))
         if token_ids is not None:
-            self._slot_tokens[slots] = token_ids
+            self._slot_tokens.write(slots, token_ids)
         elif plan.pending is None:
             self._known[rows if counts is None else rows[counts > 0]] = False
         if plan.pending is not None:
@@ -363,7 +364,7 @@ class BlockTables:
         for i in ((pend > 0) & (ks > 0)).nonzero()[0].tolist():  # type: ignore[operator]
             row, take, start = int(plan.rows[i]), min(int(ks[i]), int(pend[i])), int(starts[i])  # type: ignore[index]
             ids = self._pending_ids.pop(row)
-            self._slot_tokens[slots[start:start + take]] = ids[:take]
+            self._slot_tokens.write(slots[start:start + take], ids[:take])
             if take < len(ids):
                 self._pending_ids[row] = ids[take:]
 
@@ -381,14 +382,14 @@ class BlockTables:
         remap[src] = dst
         live = self._tables >= 0
         self._tables[live] = remap[self._tables[live]]
-        tokens = self._slot_tokens.reshape(-1, self.block_size)
-        tokens[dst] = tokens[src]
+        self._slot_tokens.copy_blocks(src, dst)
 
     def metadata_bytes(self) -> int:
         """Host bytes of the row arrays, the slot token ids and the free-row list."""
         arrays = (self._tables, self._nblk, self._ntok, self._npending, self._shared_tail, self._known,
-                  self._live, self._slot_tokens)
-        return int(sum(a.nbytes for a in arrays) + sum(a.nbytes for a in self._pending_ids.values())
+                  self._live)
+        return int(sum(a.nbytes for a in arrays) + self._slot_tokens.nbytes
+                   + sum(a.nbytes for a in self._pending_ids.values())
                    + sys.getsizeof(self._free_rows) + sys.getsizeof(self._pending_ids))
 
     def check_invariants(self, num_block_ids: int) -> None:
@@ -407,6 +408,9 @@ class BlockTables:
         assert self._known[:n][pend > 0].all(), "a row with pending prompt ids is not known"
         assert {r: len(a) for r, a in self._pending_ids.items()} == \
             {r: int(pend[r]) for r in np.flatnonzero(pend).tolist()}, "pending ids do not match the counts"
+        for row in np.flatnonzero(self._known[:n]).tolist():
+            assert self._slot_tokens.is_stored(self.row_slots(row, 0, int(nt[row]))), \
+                f"row {row} is known but some of its slots were never written"
 
 
 # numpy reductions cost microseconds each; a one-row batch (append_tokens) reads its element
