@@ -33,7 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvforge.engine import Engine, SamplingParams  # noqa: E402
-import kvforge.engine.engine as engine_module  # noqa: E402
+try:  # the module whose `sample` the step loop calls (kvforge.engine.engine before the redesign)
+    import kvforge.engine.step_loop as engine_module  # noqa: E402
+except ImportError:  # pragma: no cover - the code before the redesign
+    import kvforge.engine.engine as engine_module  # noqa: E402
 
 TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
                  intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,

@@ -1,0 +1,215 @@
+"""The engine's step loop: schedule, run, sample, update; and recovery from a failed step.
+
+:class:`StepLoop` is the part of :class:`~kvforge.engine.Engine` that runs one
+step: the scheduler reserves the step's slots in the cache, the runner builds
+the step's inputs in one call of the cache and runs the model, the sampler
+picks tokens on the device and the engine reads them back (the step's one
+sync), then appends them to their sequences, forks ``n > 1`` completions,
+frees finished sequences and, with ``auto_compact``, compacts. A step that
+raises is undone by :meth:`StepLoop._recover`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from kvforge.engine.outputs import request_output
+from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
+from kvforge.engine.sampling import SamplingBatch, sample
+from kvforge.engine.scheduler import Scheduler, SchedulerOutput
+from kvforge.errors import KVForgeError
+from kvforge.storage import KVCache
+
+if TYPE_CHECKING:
+    from kvforge.engine.loader import Tokenizer
+    from kvforge.engine.model_runner import ModelRunner
+
+__all__ = ["StepLoop"]
+
+log = logging.getLogger("kvforge.engine.engine")
+
+
+class StepLoop:
+    """One engine step and its recovery (mixed into :class:`~kvforge.engine.Engine`,
+    whose constructor sets every attribute below)."""
+
+    cache: KVCache
+    scheduler: Scheduler
+    runner: ModelRunner
+    tokenizer: Tokenizer | None
+    step_lock: threading.Lock
+    _requests: dict[str, Request]
+    _counters: dict[str, int]
+    _forked: list[Sequence]
+    _num_unforked: int
+    _num_random: int
+
+    _new_sequence: Callable[[Request, int, int], Sequence]
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; snapshots of the requests that got tokens or finished."""
+        outputs = [request_output(self.tokenizer, r, detokenize=True) for r in self._step(want_touched=True)]
+        for o in outputs:
+            if o.finished:
+                self._requests.pop(o.request_id, None)
+        return outputs
+
+    def _step(self, want_touched: bool = False) -> list[Request]:
+        """One step; returns the requests that got tokens (``want_touched``) or else
+        only those that finished. Holds :attr:`step_lock`, so that a metrics
+        scrape from another thread sees the cache between steps."""
+        with self.step_lock:
+            return self._step_locked(want_touched)
+
+    def _step_locked(self, want_touched: bool) -> list[Request]:
+        self._forked = []
+        out: SchedulerOutput | None = None
+        try:
+            out = self.scheduler.schedule()
+            if not out.is_empty:
+                targets, rows, forks = self._targets(out)
+                logits = self.runner.execute(out)
+                if rows is not None:
+                    logits = logits[torch.as_tensor(rows, device=logits.device)]
+                tokens = sample(logits, self._sampling_batch(targets)).tolist()
+        except BaseException:
+            self._recover(out)
+            raise
+        if out.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                head = self.scheduler.waiting[0]
+                raise KVForgeError(f"sequence {head.seq_id} of {head.num_tokens} tokens cannot be admitted into an "
+                                   f"idle cache of {self.cache.num_available_blocks} available blocks")
+            return []
+        now = time.perf_counter()
+        c = self._counters
+        c["steps"] += 1
+        if not out.chunks:
+            c["decode_steps"] += 1
+            if self.runner.uses_graph(out):
+                c["graph_steps"] += 1
+        else:
+            c["prompt_tokens"] += sum(ch.num_tokens for ch in out.chunks)
+        c["generated"] += len(tokens)
+        done = self._postprocess(targets, tokens, now, forks)
+        self.cache.maybe_compact()
+        if want_touched:
+            return list({s.request.request_id: s.request for s in targets}.values())
+        return done
+
+    def _recover(self, out: SchedulerOutput | None) -> None:
+        """Undo a step that raised after reserving slots (a kernel error, an
+        interrupt): slots were reserved, and full blocks registered in the
+        prefix index, for tokens that were never computed.
+
+        The step's own sequences are preempted (they recompute on a later step),
+        the cached blocks holding its never computed tokens are dropped, and
+        forks made for it are undone; every other running sequence and every
+        other cached block is kept, so one bad step does not empty the prefix
+        cache. When the scheduler itself failed (``out`` is None) it is unknown
+        which slots it reserved: then every running sequence is preempted and
+        every unreferenced cached block dropped."""
+        for req in {id(s.request): s.request for s in self._forked}.values():
+            del req.seqs[1:]
+            self._num_unforked += 1
+        self._forked = []
+        if out is None:
+            num = len(self.scheduler.preempt_all())
+            for seq_id in self.cache.seq_ids:  # reserved but never adopted as running
+                self.cache.free_sequence(seq_id)
+            dropped = self.cache.reclaim_unused_blocks()
+        else:
+            uncomputed = self._uncomputed_blocks(out)
+            num = len(self.scheduler.preempt(out.decodes + [c.seq for c in out.chunks]))
+            dropped = self.cache.drop_cached_blocks(uncomputed)
+        log.warning("a step failed: %d sequence(s) preempted to recompute, %d cached block(s) dropped",
+                    num, dropped)
+
+    def _uncomputed_blocks(self, out: SchedulerOutput) -> list[int]:
+        """The blocks holding tokens that ``out`` reserved (and so registered, when
+        they filled) but whose keys/values the failed step never wrote."""
+        cache, bs = self.cache, self.cache.config.block_size
+        blocks: list[int] = []
+        for s in out.decodes:
+            n = cache.seq_len(s.seq_id)
+            blocks.append(cache.block_table(s.seq_id)[(n - 1) // bs])
+        for c in out.chunks:
+            if c.num_tokens:
+                table = cache.block_table(c.seq.seq_id)
+                blocks += table[c.start // bs: (c.start + c.num_tokens - 1) // bs + 1]
+        return blocks
+
+    def _targets(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int] | None, list[Sequence]]:
+        """The sequences that sample this step, in logits-row order (decodes, then
+        prefill chunks that end their prompt), with the ``n - 1`` siblings of a
+        request's first sample appended: they share its logits row (``rows``
+        maps each target to one, None when no row is shared) and are forked from
+        it once the step is done (``forks``)."""
+        targets = list(out.decodes)
+        targets += [c.seq for c in out.chunks if c.samples]
+        rows: list[int] | None = None
+        forks: list[Sequence] = []
+        if not self._num_unforked:
+            return targets, rows, forks
+        for i, s in enumerate(list(targets)):
+            req = s.request
+            if req.params.n > 1 and len(req.seqs) == 1:
+                if rows is None:
+                    rows = list(range(len(targets)))
+                self._num_unforked -= 1
+                for j in range(1, req.params.n):
+                    child = self._new_sequence(req, j, s.seed)
+                    req.seqs.append(child)
+                    self._forked.append(child)
+                    targets.append(child)
+                    forks.append(child)
+                    rows.append(i)
+        return targets, rows, forks
+
+    def _sampling_batch(self, targets: list[Sequence]) -> SamplingBatch | None:
+        if not self._num_random or all(s.request.params.temperature == 0.0 for s in targets):
+            return None
+        ps = [s.request.params for s in targets]
+        return SamplingBatch([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
+                             [s.seed for s in targets], [s.num_output_tokens for s in targets])
+
+    def _postprocess(self, targets: list[Sequence], tokens: list[int], now: float,
+                     forks: list[Sequence]) -> list[Request]:
+        for s in forks:  # before the parent can finish and free its blocks
+            parent = s.request.seqs[0]
+            self.cache.fork(parent.seq_id, s.seq_id)
+            s.num_cached_tokens = parent.num_cached_tokens
+            self.scheduler.add_running(s)
+        finished: list[Sequence] = []
+        for s, tok in zip(targets, tokens):
+            ids = s.token_ids
+            ids.append(tok)
+            s.token_times.append(now)
+            req = s.request
+            if tok in req.stop_ids:
+                s.finish_reason = "stop"
+            elif len(ids) >= req.max_total_tokens:
+                s.finish_reason = "length"
+            else:
+                continue
+            s.status = SequenceStatus.FINISHED
+            finished.append(s)
+        done: list[Request] = []
+        if finished:
+            self.scheduler.finish(finished)
+            for s in finished:
+                if s.request.params.temperature > 0.0:
+                    self._num_random -= 1
+                if s.request.finish_time is None and s.request.is_finished:
+                    self._finish_request(s.request, now)
+                    done.append(s.request)
+        return done
+
+    def _finish_request(self, req: Request, now: float | None = None) -> None:
+        if req.finish_time is None:
+            req.finish_time = now if now is not None else time.perf_counter()
+            self._counters["finished"] += 1
