@@ -118,3 +118,11 @@ def test_a_large_cpu_pool_starts_small_and_grows() -> None:
     cache.check_invariants()
     small = make_cache()  # a small pool is backed in full at once, as before
     assert small.storage_bytes == small.config.estimated_memory_bytes()
+
+
+def test_large_pools_keep_int64_slots() -> None:
+    cfg = CacheConfig(block_size=2**16, num_blocks=2**16, num_layers=1, num_kv_heads=1, head_dim=16,
+                      dtype=torch.float16, device="cpu", initial_blocks=1, chunk_blocks=1)
+    cache = KVCache(cfg, backend="torch")   # 2**32 slot ids: more than int32 holds
+    cache.add_sequence("a", [1, 2])
+    assert cache.prepare_step(["a"], 2, num_decodes=0).slot_mapping.dtype == torch.int64
