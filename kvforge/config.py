@@ -14,14 +14,18 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from kvforge.errors import ConfigError
+from kvforge.presets import KV_SHARE_OF_VRAM, CachePreset, page_size_for_context
+from kvforge.units import (
+    _FIELD_LIMITS, MAX_BLOCK_SIZE, MAX_BYTES, MAX_HEAD_DIM, MAX_NUM_BLOCKS, MAX_NUM_KV_HEADS, MAX_NUM_LAYERS,
+    format_bytes, parse_bytes, resolve_dtype,
+)
+from kvforge.units import positive_int as _positive_int
 
 __all__ = [
     "CacheConfig",
@@ -37,160 +41,6 @@ __all__ = [
     "MAX_NUM_KV_HEADS",
     "MAX_HEAD_DIM",
 ]
-
-#: Share of a preset's VRAM target given to the KV cache (the rest holds
-#: weights and activations). ROCmForge uses one half.
-KV_SHARE_OF_VRAM = 0.5
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
-#: The largest byte size :func:`parse_bytes` reads and a :class:`CacheConfig` may take
-#: (``estimated_memory_bytes()``): 2**60 bytes (1 EiB), far beyond any device, well
-#: inside int64 (so sizes stay exact in numpy and torch).
-MAX_BYTES = 2**60
-#: Per-field upper bounds of :class:`CacheConfig` (far above any real model; a value
-#: above them is a mistake, not a model). Block ids are int32 in the block tables,
-#: hence ``MAX_NUM_BLOCKS``.
-MAX_BLOCK_SIZE = 2**20
-MAX_NUM_BLOCKS = 2**31 - 1
-MAX_NUM_LAYERS = 2**16
-MAX_NUM_KV_HEADS = 2**16
-MAX_HEAD_DIM = 2**16
-_FIELD_LIMITS = {"block_size": (MAX_BLOCK_SIZE, "2**20"), "num_blocks": (MAX_NUM_BLOCKS, "2**31 - 1: block ids are int32"),
-                 "num_layers": (MAX_NUM_LAYERS, "2**16"), "num_kv_heads": (MAX_NUM_KV_HEADS, "2**16"),
-                 "head_dim": (MAX_HEAD_DIM, "2**16")}
-
-
-def resolve_dtype(value: Any, field_name: str = "dtype") -> torch.dtype:
-    """A torch dtype from a dtype or its name (``"bfloat16"``, ``"bf16"``, ``"torch.float16"``)."""
-    if isinstance(value, torch.dtype):
-        if value in _DTYPES.values():
-            return value
-        raise ConfigError(f"{field_name}={value!r} is not a supported KV cache dtype "
-                          f"(supported: {sorted({str(d).removeprefix('torch.') for d in _DTYPES.values()})})")
-    if isinstance(value, str):
-        key = value.strip().lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise ConfigError(f"{field_name}={value!r} is not a known dtype "
-                      f"(use one of {sorted(_DTYPES)})")
-
-
-def format_bytes(num_bytes: int | float) -> str:
-    """``3 * 2**30`` -> ``'3.00 GiB'``; plain bytes print without decimals."""
-    value = float(num_bytes)
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    for unit in _UNITS:
-        if value < 1024 or unit == _UNITS[-1]:
-            return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6,
-               "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40,
-               "p": 2**50, "pb": 10**15, "pib": 2**50, "e": 2**60, "eb": 10**18, "eib": 2**60}
-
-
-def parse_bytes(text: str | int) -> int:
-    """``'24GiB'`` -> ``25769803776``; ``'512 MB'`` uses powers of ten, ``'G'`` powers of two.
-
-    Integers pass through unchanged (callers check the sign: a computed budget may be
-    negative). A string is a non-negative decimal number and a unit (B, K/KiB/KB, M,
-    G, T, P, E); the result is exact (no float rounding) and at most
-    :data:`MAX_BYTES`. Anything else (``'-1GiB'``, ``'nan'``, ``'inf'``, ``'1e400GiB'``,
-    a bool, a size above 1 EiB) raises :class:`ConfigError` naming the value."""
-    if isinstance(text, numbers.Integral) and not isinstance(text, bool):
-        return int(text)
-    match = _BYTES_RE.match(str(text))
-    if not match or match.group(2).lower() not in _BYTE_UNITS:
-        raise ConfigError(f"cannot read a byte size from {text!r} (examples: '24GiB', '512MiB', '8G')")
-    value = int(Fraction(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
-    if value > MAX_BYTES:
-        raise ConfigError(f"byte size {text!r} exceeds the limit of 1 EiB (2**60 bytes)")
-    return value
-
-
-def _positive_int(name: str, value: Any, limit: int | None = None, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{name} must be a positive integer, got {value!r:.60}")
-    if value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if limit is not None and value > limit:
-        raise ConfigError(f"{name}={value} exceeds the limit of {limit}" + (f" ({why})" if why else ""))
-    return int(value)
-
-
-def _page_size_for_context(context_len: int) -> int:
-    # ROCmForge's rule: short contexts get small pages (less internal waste),
-    # long ones larger pages (fewer table entries, longer kernel tiles).
-    if context_len < 1024:
-        return 16
-    if context_len < 4096:
-        return 32
-    return 64
-
-
-@dataclass(frozen=True, slots=True)
-class CachePreset:
-    """A named sizing preset: page size and a VRAM target (or a page count).
-
-    ``SMALL`` (16-token pages, 4 GiB, 1B-3B models), ``MEDIUM`` (32, 12 GiB,
-    7B-13B), ``LARGE`` (64, 40 GiB, 30B-70B). :meth:`custom` fixes the page
-    size and the number of pages directly. The KV cache gets
-    ``KV_SHARE_OF_VRAM`` (half) of a preset's VRAM target.
-    """
-
-    name: str
-    page_size: int
-    vram_target_bytes: int | None = None
-    max_pages: int | None = None
-    model_sizes: str = ""
-
-    SMALL: ClassVar[CachePreset]
-    MEDIUM: ClassVar[CachePreset]
-    LARGE: ClassVar[CachePreset]
-
-    def __post_init__(self) -> None:
-        _positive_int("page_size", self.page_size)
-        if self.vram_target_bytes is None and self.max_pages is None:
-            raise ConfigError(f"preset {self.name!r} needs a vram_target_bytes or a max_pages")
-        if self.vram_target_bytes is not None:
-            _positive_int("vram_target_bytes", self.vram_target_bytes)
-        if self.max_pages is not None:
-            _positive_int("max_pages", self.max_pages)
-
-    @classmethod
-    def custom(cls, page_size: int, max_pages: int) -> CachePreset:
-        """A preset of exactly ``max_pages`` pages of ``page_size`` tokens."""
-        return cls("custom", _positive_int("page_size", page_size), None,
-                   _positive_int("max_pages", max_pages), "any")
-
-    @classmethod
-    def builtin(cls) -> tuple[CachePreset, ...]:
-        """The three built-in presets, smallest first."""
-        return (cls.SMALL, cls.MEDIUM, cls.LARGE)
-
-    @property
-    def kv_budget_bytes(self) -> int | None:
-        """Bytes of the VRAM target given to the KV cache (None for custom presets)."""
-        if self.vram_target_bytes is None:
-            return None
-        return int(self.vram_target_bytes * KV_SHARE_OF_VRAM)
-
-
-CachePreset.SMALL = CachePreset("small", 16, 4 * 2**30, None, "1B-3B")
-CachePreset.MEDIUM = CachePreset("medium", 32, 12 * 2**30, None, "7B-13B")
-CachePreset.LARGE = CachePreset("large", 64, 40 * 2**30, None, "30B-70B")
-
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
@@ -311,7 +161,7 @@ class CacheConfig:
         """
         target = _positive_int("target_context_len", target_context_len)
         num_sequences = _positive_int("num_sequences", num_sequences)
-        page = kwargs.pop("block_size", None) or _page_size_for_context(target)
+        page = kwargs.pop("block_size", None) or page_size_for_context(target)
         needed = math.ceil(target / page) * num_sequences
         cfg = cls(block_size=page, num_blocks=needed, num_layers=num_layers,
                   num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, **kwargs)

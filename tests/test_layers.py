@@ -19,7 +19,7 @@ PACKAGE = ROOT / "kvforge"
 #: layer -> rank; a module may import its own layer and layers of lower rank,
 #: except that core and kernels are side by side and never import each other
 RANK = {"config": 0, "core": 1, "kernels": 1, "storage": 2, "engine": 3, "integrations": 4, "tools": 5}
-CONFIG_MODULES = {"kvforge.errors", "kvforge.config", "kvforge.model_shapes"}
+CONFIG_MODULES = {"kvforge.errors", "kvforge.config", "kvforge.model_shapes", "kvforge.units", "kvforge.presets"}
 #: third-party imports a layer must never make
 FORBIDDEN_EXTERNAL = {"core": {"torch", "triton"}, "config": {"triton"}}
 
