@@ -234,3 +234,18 @@ def test_decode_scratch_is_fresh_under_cuda_graph_capture() -> None:
     torch.cuda.synchronize()
     _close(out, want, BF16)
     del junk, graph
+
+
+@pytest.mark.parametrize("validate", [None, True])
+def test_prefill_with_only_empty_queries_returns_empty(validate) -> None:
+    """A batch whose query lengths are all zero gives an empty result (no launch, no error)."""
+    k = torch.randn(8, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.empty(0, 4, 64, device="cuda", dtype=torch.bfloat16)
+    tables = torch.zeros(3, 4, dtype=torch.int32, device="cuda")
+    cu = torch.zeros(4, dtype=torch.int32, device="cuda")
+    ctx = torch.tensor([5, 0, 17], dtype=torch.int32, device="cuda")
+    out = paged_prefill_attention(q, k, v, tables, cu, ctx, validate=validate)
+    assert out.shape == (0, 4, 64)
+    empty = paged_prefill_attention(q, k, v, tables[:0], cu[:1], ctx[:0], validate=validate)
+    assert empty.shape == (0, 4, 64)
