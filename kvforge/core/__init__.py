@@ -3,12 +3,16 @@
 Pure Python and numpy: it never imports torch or triton, so it loads fast,
 tests without a device, and serves engines that bring their own kernels.
 
-- :class:`BlockPool` (``pool``): reference-counted block ids, free stack, LRU of cached blocks;
+- :class:`BlockPool` (``pool``): reference-counted block ids and the free stack; its
+  cached blocks and LRU (``pool_cache``), capacity line and moves (``pool_elastic``),
+  counters (``pool_stats``);
 - :class:`PrefixIndex` (``prefix``): full blocks keyed by a chained hash of their tokens;
-- :class:`BlockTables` (``tables``): per-sequence rows of block ids and token counts,
-  the batched views (:class:`StepView`);
-- :class:`BlockManager` (``manager``): sequences over the three, prefix reuse, fork,
-  copy-on-write, one append for one sequence or a batch;
+- :class:`BlockTables` (``tables``): per-sequence rows of block ids and token counts
+  (``rows``), the token id of every written slot (``slots``), the batched views
+  (``steps``: :class:`StepView`) and the append path (``append_plan``);
+- :class:`BlockManager` (``manager``): sequences over the three, fork, free, views;
+  admission with prefix reuse (``admission``), appends with copy-on-write (``appends``),
+  each sequence's key chain (``chains``);
 - :class:`BlockUsage` (``usage``): token and block counts, internal fragmentation;
 - :func:`plan_compaction` (``compaction``): the fewest moves that pack the pool;
 - ``ids``: the validation of counts, block ids and token ids every call shares.

@@ -19,13 +19,14 @@ from __future__ import annotations
 import operator
 import sys
 from array import array
-from typing import Generic, Hashable, Sequence, TypeVar
+from typing import Generic, Hashable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
 from kvforge.errors import InvalidBlockError, SequenceError
 
-__all__ = ["SequenceRows", "block_id_list", "count_array", "is_index", "is_int", "last_counts", "token_array"]
+__all__ = ["SequenceRows", "block_id_list", "check_block_ids", "count_array", "indexable", "is_index", "is_int", "last_counts",
+           "token_array"]
 
 SeqId = Hashable
 State = TypeVar("State")
@@ -68,6 +69,18 @@ def block_id_list(ids: object) -> list[int]:
                 raise InvalidBlockError(f"block ids must be integers, got {b!r}") from None
         out.append(b)
     return out
+
+
+def indexable(seq_ids: Sequence[SeqId] | Iterable[SeqId]) -> Sequence[SeqId]:
+    """A batch's ids as an indexable sequence (any iterable is accepted)."""
+    return seq_ids if isinstance(seq_ids, (list, tuple)) else list(seq_ids)
+
+
+def check_block_ids(ids: Iterable[object], num_blocks: int) -> None:
+    """Raise :class:`InvalidBlockError` naming the first id that is not an int in ``[0, num_blocks)``."""
+    for b in ids:
+        if not is_int(b) or not 0 <= b < num_blocks:  # type: ignore[operator]
+            raise InvalidBlockError(f"block id {b!r} is not in this pool (ids 0..{num_blocks - 1})")
 
 
 def token_array(token_ids: Sequence[int] | np.ndarray) -> array[int]:
