@@ -1,10 +1,14 @@
-"""The command line: plan, simulate and the demo, end to end on tiny settings."""
+"""The command line: plan, simulate and the demo, end to end on tiny settings; the
+conventions every subcommand keeps (--version, help with defaults, no torch for --help)."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -263,3 +267,200 @@ def test_demo_peak_blocks_in_the_summary_equal_the_profile_at_peak(tmp_path, cap
     profile_peak = int(re.search(r"^peak blocks\s+(\d+)$", at_peak, re.M).group(1))
     final_peak = int(re.search(r"^peak blocks\s+(\d+)$", out.split("now (all requests finished")[1], re.M).group(1))
     assert summary == physical == profile_peak == final_peak
+
+
+# ---------------------------------------------------------------- conventions
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_version_is_the_package_version(capsys):
+    import kvforge
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"kvforge {kvforge.__version__}\n"
+    assert kvforge.__version__.count(".") == 2 and all(p.isdigit() for p in kvforge.__version__.split("."))
+
+
+def test_every_option_has_help_that_shows_its_default():
+    parser = build_parser()
+    commands = _subcommands(parser)
+    assert set(commands) == {"plan", "simulate", "generate", "demo"}
+    checked = 0
+    for name, sub in [("kvforge", parser), *commands.items()]:
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            text = formatter._expand_help(action)  # the help as printed, defaults filled in
+            assert text.strip(), f"{name} {action.option_strings[0]} has no help"
+            if action.default is not None:
+                assert f"(default: {action.default})" in text or str(action.default) in text, \
+                    f"{name} {action.option_strings[0]}: default {action.default!r} not in {text!r}"
+            checked += 1
+    assert checked >= 50
+    # the options the issue named
+    gen, demo = commands["generate"].format_help(), commands["demo"].format_help()
+    for needle in ("--top-p", "--block-size", "(default: 1.0)", "(default: 16)"):
+        assert needle in gen
+    for needle in ("requests in the workload (default: 96)", "tokens each request generates (default: 64)"):
+        assert needle in " ".join(demo.split())
+
+
+def test_help_texts_agree_with_the_tables_they_describe():
+    from kvforge.engine import EngineConfig
+    from kvforge.tools.args import MODEL_NAMES
+    from kvforge.tools.generate import DEFAULT_KV_MEMORY_FRACTION
+
+    assert MODEL_NAMES == tuple(MODEL_SHAPES)
+    assert DEFAULT_KV_MEMORY_FRACTION == EngineConfig().kv_memory_fraction
+
+
+#: ``python -c`` program: with torch and triton unimportable, print every help and
+#: then which heavy modules were imported
+HELP_WITHOUT_TORCH = """
+import contextlib, io, sys
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "triton"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocker())
+from kvforge.tools.cli import main
+for argv in (["--help"], ["plan", "--help"], ["simulate", "--help"], ["generate", "--help"], ["demo", "--help"]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            assert exc.code == 0, (argv, exc.code)
+    print("HELP", " ".join(argv), len(out.getvalue().splitlines()))
+    print(out.getvalue())
+heavy = ("torch", "triton", "matplotlib", "safetensors", "tokenizers", "transformers", "prometheus_client")
+print("LOADED", sorted({m.partition(".")[0] for m in sys.modules} & set(heavy)))
+"""
+
+
+def test_help_runs_without_importing_torch():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    for cmd in ("", " plan", " simulate", " generate", " demo"):
+        assert f"HELP{cmd} --help" in r.stdout
+        assert f"usage: kvforge{cmd} " in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1] == "LOADED []"
+
+
+def test_plan_documented_output_is_unchanged(capsys):
+    # the README's `kvforge plan --model llama-3-8b --vram 24GiB --context 8192`, byte for byte
+    assert main(["plan", "--model", "llama-3-8b", "--vram", "24GiB", "--context", "8192"]) == 0
+    assert capsys.readouterr().out == (
+        "llama-3-8b: 32 layers, 8 KV heads, head dim 128, bfloat16; 128.00 KiB per token; context 8192\n"
+        "sizing                     block size  blocks  tokens  seqs of 8192  memory\n"
+        "-------------------------  ----------  ------  ------  ------------  ---------\n"
+        "preset small (4.00 GiB)            16    1024   16384             2  2.00 GiB\n"
+        "preset medium (12.00 GiB)          32    1536   49152             6  6.00 GiB\n"
+        "preset large (40.00 GiB)           64    2560  163840            20  20.00 GiB\n"
+        "for_context_length(8192)           64     128    8192             1  1.00 GiB\n"
+        "for_model(vram=24.00 GiB)          16   12288  196608            24  24.00 GiB\n")
+
+
+PRESET_ROWS = (
+    "preset small (4.00 GiB)            16    1024   16384             2  2.00 GiB\n"
+    "preset medium (12.00 GiB)          32    1536   49152             6  6.00 GiB\n"
+    "preset large (40.00 GiB)           64    2560  163840            20  20.00 GiB\n")
+
+
+def test_plan_rows_are_independent_of_a_budget_that_holds_nothing(capsys):
+    assert main(["plan", "--vram", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.split("\n", 1)[1] == (
+        "sizing                     block size  blocks  tokens  seqs of 8192  memory\n"
+        "-------------------------  ----------  ------  ------  ------------  -------------\n"
+        + PRESET_ROWS +
+        "for_context_length(8192)           64       -       -             -  no block fits\n"
+        "for_model(vram=0 B)                16       -       -             -  no block fits\n")
+    assert main(["plan", "--vram", "1KiB"]) == 0
+    assert PRESET_ROWS in capsys.readouterr().out
+
+
+def test_plan_notes_are_short_and_the_table_stays_aligned(capsys):
+    assert main(["plan", "--vram", "1GiB", "--context", "100000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[6] == ("for_context_length(100000)          64       -       -               -  "
+                        "context too long: 8192 tokens fit")
+    assert lines[7] == "for_model(vram=1.00 GiB)            16     512    8192               0  1.00 GiB"
+    assert main(["plan", "--vram", "1EiB"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[6].startswith("for_context_length(8192)  ") and lines[6].endswith("  1.00 GiB")
+    assert lines[7].endswith("  16       -       -             -  over 2**31 - 1 blocks")
+    # the number columns (dashes too) end where the rule's dashes do
+    rule = lines[2]
+    starts = [i for i, ch in enumerate(rule) if ch == "-" and (i == 0 or rule[i - 1] == " ")]
+    ends = [i + 1 for i, ch in enumerate(rule) if ch == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")]
+    assert len(starts) == len(ends) == 6
+    for row in lines[3:]:
+        for start, end in zip(starts[1:5], ends[1:5]):
+            assert row[end - 1] != " " and row[start - 1] == " " and row[end] == " ", (row, start, end)
+
+
+def test_plan_refuses_a_negative_budget_in_the_library():
+    from kvforge.errors import ConfigError
+    from kvforge.tools.plan import plan_rows
+
+    with pytest.raises(ConfigError, match="--vram must be a byte size >= 0"):
+        plan_rows("llama-3-8b", -1, 8192)
+
+
+def test_generate_kv_memory_fraction_reaches_the_engine_config(tmp_path, capsys, monkeypatch):
+    from kvforge.engine import Engine
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=64,
+        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, torch_dtype="float32")))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2, 3]}) + "\n")
+    built = []
+    from_config = Engine.from_config.__func__
+
+    def spy(cls, *args, **kwargs):
+        engine = from_config(cls, *args, **kwargs)
+        built.append(engine)
+        return engine
+
+    monkeypatch.setattr(Engine, "from_config", classmethod(spy))
+    argv = ["generate", "--model", str(tmp_path), "--random-weights", "--prompts", str(prompts), "--max-tokens", "2",
+            "--device", "cpu", "--no-progress"]
+    assert main(argv + ["--kv-memory-fraction", "0.5"]) == 0
+    assert main(argv) == 0
+    assert "1 requests, 2 tokens" in capsys.readouterr().out
+    assert [e.config.kv_memory_fraction for e in built] == [0.5, 0.85]
+
+
+def test_generate_text_prompts_through_the_checkpoint_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, **{f"w{i}": i for i in range(3, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=64,
+        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, torch_dtype="float32")))
+    assert main(["generate", "--model", str(tmp_path), "--random-weights", "--prompt", "hello world",
+                 "--max-tokens", "3", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] prompt: 'hello world'" in out and "[0] completion (3 tokens, length): '" in out

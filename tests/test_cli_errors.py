@@ -1,8 +1,10 @@
 """Every documented user mistake: exit status 2 and one line ``kvforge <cmd>: error: ...``, no traceback.
 
-Each mistake runs ``python -m kvforge.tools.cli ...`` in its own process, as a
-user would. The processes of all cases start together (a module fixture, a
-few at a time) and each case then checks its own result.
+Each mistake runs the ``kvforge`` entry point in its own process, as a user
+would. The processes of all cases start together (a module fixture, a few at
+a time) and each case then checks its own result. A missing extra is made by
+an import blocker: a ``sys.meta_path`` finder, installed before kvforge is
+imported, that raises ImportError for the blocked top-level packages.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class Case(NamedTuple):
     needles: tuple[str, ...]        # every one must be in the error line
     absent: tuple[str, ...] = ()    # none may be
     quiet_stdout: bool = False      # failed before any work: nothing on stdout
-    block_matplotlib: bool = False
+    blocked: tuple[str, ...] = ()   # top-level packages whose import fails
 
 
 class Result(NamedTuple):
@@ -65,11 +67,10 @@ def _cases(root: Path, busy_port: int) -> dict[str, Case]:
         cases[f"plan-config-{name}"] = Case(("plan", "--model", path), (path, *needles))
         cases[f"simulate-config-{name}"] = Case(("simulate", "--model", path, "--no-plots"),
                                                 ("--model", path, *needles))
-    for vram, needle in (("0", "--vram must be a positive"), ("-1", "'-1'"), ("12XB", "'12XB'"),
-                         ("1e400GiB", "'1e400GiB'"), ("99999999999999999999999PiB", "exceeds the limit"),
-                         ("nan", "'nan'"), ("inf", "'inf'"), ("1KiB", "holds no block")):
+    # (--vram 0, 1KiB and 1EiB are not mistakes: the preset rows print, the budget rows say why they do not fit)
+    for vram, needle in (("-1", "'-1'"), ("12XB", "'12XB'"), ("1e400GiB", "'1e400GiB'"),
+                         ("99999999999999999999999PiB", "exceeds the limit"), ("nan", "'nan'"), ("inf", "'inf'")):
         cases[f"plan-vram-{vram}"] = Case(("plan", "--vram", vram), ("--vram", needle))
-    cases["plan-vram-1EiB"] = Case(("plan", "--vram", "1EiB"), ("--vram", "num_blocks=", "exceeds the limit"))
     cases["plan-context-0"] = Case(("plan", "--context", "0"), ("--context", "got 0"))
     cases["plan-context-huge"] = Case(("plan", "--context", str(2**40)), ("--context", str(2**40)))
     cases["plan-model-missing"] = Case(("plan", "--model", "/nonexistent"), ("'/nonexistent'",))
@@ -88,6 +89,42 @@ def _cases(root: Path, busy_port: int) -> dict[str, Case]:
         ("generate", "--model", "/nonexistent", "--prompts", str(root / "prompts-binary.jsonl")), ("--prompts", "UTF-8"))
     cases["generate-prompts-missing"] = Case(
         ("generate", "--model", "/nonexistent", "--prompts", str(root / "none.jsonl")), ("--prompts", "none.jsonl"))
+    for value in ("0", "1.5", "nan", "-0.2"):
+        cases[f"generate-kv-memory-fraction-{value}"] = Case(
+            (*gen, "--kv-memory-fraction", value), ("--kv-memory-fraction must be a finite number in (0, 1]", value),
+            absent=("/nonexistent",), quiet_stdout=True)
+    cases["generate-kv-memory-fraction-and-vram"] = Case(
+        (*gen, "--kv-memory-fraction", "0.5", "--vram", "4GiB"),
+        ("argument --vram/--kv-memory: not allowed with argument --kv-memory-fraction",), quiet_stdout=True)
+    cases["generate-kv-memory-fraction-and-num-blocks"] = Case(
+        (*gen, "--num-blocks", "8", "--kv-memory-fraction", "0.5"),
+        ("argument --kv-memory-fraction: not allowed with argument --num-blocks",), quiet_stdout=True)
+
+    # missing extras: one line naming the extra, before the work starts
+    ckpt = _tiny_checkpoint_folder(root / "ckpt-tokenizer-json", tokenizer_files=("tokenizer.json",))
+    spm = _tiny_checkpoint_folder(root / "ckpt-tokenizer-model", tokenizer_files=("tokenizer.model",))
+    bare = _tiny_checkpoint_folder(root / "ckpt-no-tokenizer", tokenizer_files=())
+    ids = root / "ids.jsonl"
+    ids.write_text('{"prompt_token_ids": [1, 2, 3]}\n')
+    cases["generate-no-safetensors"] = Case(
+        ("generate", "--model", str(ckpt), "--prompts", str(ids)),
+        ('loading a checkpoint needs safetensors: pip install "kvforge[engine]"',), quiet_stdout=True,
+        blocked=("safetensors",))
+    cases["generate-random-weights-no-tokenizers"] = Case(
+        ("generate", "--model", str(ckpt), "--random-weights", "--prompt", "hello", "--device", "cpu"),
+        ("text prompts need the tokenizers package", "tokenizer.json", 'pip install "kvforge[engine]"'),
+        absent=("has no tokenizer",), quiet_stdout=True, blocked=("tokenizers", "transformers"))
+    cases["generate-tokenizer-model-no-transformers"] = Case(
+        ("generate", "--model", str(spm), "--random-weights", "--prompt", "hello", "--device", "cpu"),
+        ("text prompts need transformers", "tokenizer.model", "pip install transformers"), quiet_stdout=True,
+        blocked=("tokenizers", "transformers"))
+    cases["generate-text-prompt-no-tokenizer-files"] = Case(
+        ("generate", "--model", str(bare), "--random-weights", "--prompt", "hello", "--device", "cpu"),
+        (f"--model '{bare}' has no tokenizer", "prompt_token_ids"), quiet_stdout=True)
+    cases["generate-metrics-no-prometheus"] = Case(
+        ("generate", "--model", str(ckpt), "--random-weights", "--prompts", str(ids), "--metrics-port", "0"),
+        ('--metrics-port needs prometheus-client: pip install "kvforge[metrics]"',), quiet_stdout=True,
+        blocked=("prometheus_client",))
 
     demo = ("demo", "--device", "cpu", "--quiet", "--out", str(root / "demo-out"))
     cases["demo-out-unwritable"] = Case(("demo", "--device", "cpu", "--quiet", "--out", "/proc/x"),
@@ -99,8 +136,13 @@ def _cases(root: Path, busy_port: int) -> dict[str, Case]:
     cases["demo-long-requests"] = Case((*demo, "--requests", "5", "--long-requests", "5"),
                                        ("--long-requests", "[0, 5)"), quiet_stdout=True)
     cases["demo-kv-memory"] = Case((*demo, "--kv-memory", "lots"), ("--kv-memory", "'lots'"), quiet_stdout=True)
-    cases["demo-no-matplotlib"] = Case(demo, ("matplotlib", "pip install 'kvforge[plot]'"), quiet_stdout=True,
-                                       block_matplotlib=True)
+    cases["demo-no-matplotlib"] = Case(
+        demo, ("kvforge demo: error: the demo's block maps need matplotlib: pip install \"kvforge[plot]\"",),
+        quiet_stdout=True, blocked=("matplotlib",))
+    cases["demo-model-no-safetensors"] = Case(
+        (*demo, "--model", str(ckpt)),
+        ('--model needs safetensors to load the checkpoint: pip install "kvforge[engine]"',),
+        quiet_stdout=True, blocked=("safetensors",))
 
     def trace(name: str, *lines: str) -> str:
         path = root / f"{name}.jsonl"
@@ -133,28 +175,61 @@ def _cases(root: Path, busy_port: int) -> dict[str, Case]:
                                        ("--rate", "1e+308"))
     cases["simulate-requests-huge"] = Case(("simulate", "--no-plots", "--requests", str(10**11)), ("--requests",))
     cases["simulate-vram-huge"] = Case(("simulate", "--no-plots", "--vram", "1PiB"), ("--vram 1PiB", "blocks"))
+    cases["simulate-no-matplotlib"] = Case(
+        ("simulate", "--requests", "3"),
+        ('the plots need matplotlib: pip install "kvforge[plot]" (or pass --no-plots)',), quiet_stdout=True,
+        blocked=("matplotlib",))
     cases["simulate-out-unwritable"] = Case(("simulate", "--out", "/proc/x", "--requests", "3"), ("--out", "'/proc/x'"),
                                             quiet_stdout=True)
     return cases
 
 
+#: ``python -c`` program: block the packages named in argv[1] (comma-separated), then run the
+#: entry point on the rest of argv, as the console script does
+BLOCKED_CLI = """
+import sys
+
+class _Blocker:
+    def __init__(self, names):
+        self.names = set(names)
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)", name=name)
+        return None
+
+blocked = [n for n in sys.argv[1].split(",") if n]
+sys.meta_path.insert(0, _Blocker(blocked))
+sys.argv = ["kvforge", *sys.argv[2:]]
+from kvforge.tools.cli import main
+assert not {m.partition(".")[0] for m in sys.modules} & set(blocked)
+sys.exit(main())
+"""
+
+
+def _tiny_checkpoint_folder(folder: Path, tokenizer_files: tuple[str, ...]) -> Path:
+    """A checkpoint folder with a tiny Llama config.json and the named tokenizer files (their
+    content is never read: every case fails before loading)."""
+    folder.mkdir()
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=64,
+                  intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, torch_dtype="float32")
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in tokenizer_files:
+        (folder / name).write_text("{}")
+    return folder
+
+
 def _run(case: Case, root: Path) -> Result:
     env = dict(os.environ)
-    paths = [str(REPO)]
-    if case.block_matplotlib:
-        paths.insert(0, str(root / "blocker"))  # a `matplotlib` package whose import fails
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    r = subprocess.run([sys.executable, "-m", "kvforge.tools.cli", *case.argv], capture_output=True, text=True,
-                       timeout=300, cwd=root, env=env)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    r = subprocess.run([sys.executable, "-c", BLOCKED_CLI, ",".join(case.blocked), *case.argv], capture_output=True,
+                       text=True, timeout=300, cwd=root, env=env)
     return Result(r.returncode, r.stdout, r.stderr)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Case], dict[str, Result]]]:
     root = tmp_path_factory.mktemp("cli-errors")
-    blocker = root / "blocker" / "matplotlib"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text('raise ImportError("matplotlib is blocked for this test")\n')
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)

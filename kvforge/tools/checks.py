@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 
-from kvforge.config import parse_bytes
 from kvforge.errors import ConfigError
 
 __all__ = ["check_int", "check_float", "check_bytes", "check_out_dir"]
@@ -44,6 +43,8 @@ def check_float(flag: str, value: float | None, lo: float, hi: float = math.inf,
 
 def check_bytes(flag: str, text: str | None, *, positive: bool = True) -> int | None:
     """A byte size (``'24GiB'``) read with :func:`~kvforge.config.parse_bytes`, named by its flag."""
+    from kvforge.config import parse_bytes  # imports torch: not at module level (parsers import this module)
+
     if text is None:
         return None
     try:

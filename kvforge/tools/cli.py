@@ -2,8 +2,12 @@
 
 Each subcommand lives in its own module with a ``register(subparsers)``
 that sets its handler as ``func``: :mod:`~kvforge.tools.plan`,
-:mod:`~kvforge.tools.simulate`, :mod:`~kvforge.tools.generate`,
-:mod:`~kvforge.tools.demo`.
+:mod:`~kvforge.tools.simulate.cli`, :mod:`~kvforge.tools.generate`,
+:mod:`~kvforge.tools.demo`. Those modules import nothing heavy at module
+level (torch, triton, matplotlib, the engine), so ``kvforge --help`` and
+``kvforge <cmd> --help`` answer at once and work whatever extras are
+installed; every command checks the extras it needs first thing
+(:mod:`~kvforge.tools.extras`).
 
 User errors never show a traceback: a kvforge error a handler raises, and an
 ``OSError`` (a path that cannot be read or written), print one line
@@ -15,50 +19,46 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
+from kvforge import __version__
 from kvforge.errors import KVForgeError
-from kvforge.tools import plan
+from kvforge.tools import demo, generate, plan
+from kvforge.tools.args import HelpFormatter
 from kvforge.tools.output import error_line, format_table, one_line
+from kvforge.tools.simulate import cli as simulate_cli
 
 __all__ = ["main", "build_parser", "error_line", "format_table"]
 
 log = logging.getLogger(__name__)
 
-#: subcommand modules that need optional extras (torch models, plotting): skipped when they do not import
-_OPTIONAL_COMMANDS = ("kvforge.tools.simulate", "kvforge.tools.generate", "kvforge.tools.demo")
-
-
-def _optional_registrars() -> list[Callable[[argparse._SubParsersAction], object]]:
-    regs = []
-    for module in _OPTIONAL_COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as exc:  # optional extras missing: the command says so when used
-            log.debug("subcommand module %s unavailable: %s", module, exc)
-            continue
-        regs.append(mod.register)
-    return regs
+#: the subcommands' modules, in the order ``kvforge --help`` lists them
+_COMMANDS = (plan, simulate_cli, generate, demo)
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line (subcommands inherit it)."""
+    """An argument parser whose usage errors are one line and whose help shows
+    every option's default (subcommands inherit both)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``kvforge`` argument parser with every subcommand."""
+    """The ``kvforge`` argument parser with every subcommand (imports no torch)."""
     parser = _Parser(prog="kvforge", description="A paged KV cache for LLM inference.")
+    parser.add_argument("--version", action="version", version=f"kvforge {__version__}",
+                        help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    plan.register(sub)
-    for register in _optional_registrars():
-        register(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _COMMANDS:
+        module.register(sub)
     return parser
 
 

@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from kvforge.config import MAX_BLOCK_SIZE, format_bytes
-from kvforge.errors import ConfigError, MissingExtraError
+from kvforge.errors import ConfigError
 from kvforge.tools.checks import check_bytes, check_int, check_out_dir
+from kvforge.tools.extras import require
 
 __all__ = ["DEMO_MODEL", "register", "run", "demo_prompts"]
 
@@ -36,6 +34,8 @@ DEMO_MODEL: dict[str, Any] = dict(
 def demo_prompts(num_requests: int, vocab: int, seed: int, *, num_groups: int = 4, system_len: int = 96,
                  user_len: tuple[int, int] = (8, 64)) -> list[list[int]]:
     """Token-id prompts: each request is one of ``num_groups`` system prompts plus a user part."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     systems = [rng.integers(1, vocab, system_len).tolist() for _ in range(num_groups)]
     prompts = []
@@ -45,25 +45,28 @@ def demo_prompts(num_requests: int, vocab: int, seed: int, *, num_groups: int = 
     return prompts
 
 
+def _num_long_requests(args: argparse.Namespace) -> int:
+    """``--long-requests``, or by default 4 but at most a quarter of ``--requests``."""
+    return args.long_requests if args.long_requests is not None else min(4, args.requests // 4)
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    """Every flag in range, matplotlib importable and ``--out`` writable, before the
+    """Every flag in range, the extras importable and ``--out`` writable, before the
     engine is built: a mistake fails in a second, not after the workload ran."""
-    from kvforge.tools import plot
+    from kvforge.config import MAX_BLOCK_SIZE
 
     check_int("--requests", args.requests, 1)
-    if not 0 <= args.long_requests < args.requests:
-        raise ConfigError(f"--long-requests must lie in [0, --requests) = [0, {args.requests}), "
-                          f"got {args.long_requests}")
+    num_long = _num_long_requests(args)
+    if not 0 <= num_long < args.requests:
+        raise ConfigError(f"--long-requests must lie in [0, --requests) = [0, {args.requests}), got {num_long}")
     check_int("--max-tokens", args.max_tokens, 1)
     check_int("--max-num-seqs", args.max_num_seqs, 1)
     check_int("--block-size", args.block_size, 1, MAX_BLOCK_SIZE)
     check_int("--seed", args.seed, 0)
     check_bytes("--kv-memory", args.kv_memory)
-    try:
-        plot.require_matplotlib()
-    except MissingExtraError as exc:
-        raise MissingExtraError(f"the demo draws its block maps with matplotlib, which does not import: "
-                                f"pip install 'kvforge[plot]' ({exc.__cause__ or exc})") from None
+    require("matplotlib", "plot", "the demo's block maps need matplotlib")
+    if args.model:  # the built-in model has random weights and token-id prompts: no extra
+        require("safetensors", "engine", "--model needs safetensors to load the checkpoint")
     check_out_dir("--out", args.out)
 
 
@@ -99,8 +102,10 @@ class _PeakWatch:
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
     _check_args(args)
+    num_long = _num_long_requests(args)
     import torch
 
+    from kvforge.config import format_bytes
     from kvforge.tools import plot
     from kvforge.tools.output import Progress, format_table
     from kvforge.engine import Engine, SamplingParams
@@ -125,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
     short = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     long = SamplingParams(max_tokens=4 * args.max_tokens, ignore_eos=True)
     # a few long conversations join mid-queue: they outlive the rest, scattered over the pool
-    middle = (args.requests - args.long_requests) // 2
+    middle = (args.requests - num_long) // 2
     for i, p in enumerate(prompts):
-        engine.add_request(p, long if middle <= i < middle + args.long_requests else short)
+        engine.add_request(p, long if middle <= i < middle + num_long else short)
     progress = Progress("demo", len(prompts), enabled=not args.quiet)
     start = time.perf_counter()
     done = tokens = compactions = moved = 0
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             released += cache.compact_cache()
             compactions += 1
             moved += cache.stats.total_blocks_moved - before
-        if maps is None and done >= args.requests - args.long_requests and engine.has_unfinished_requests():
+        if maps is None and done >= args.requests - num_long and engine.has_unfinished_requests():
             # only the long conversations remain: drop the idle cached prefixes and pack the pool
             cache.reclaim_unused_blocks()
             maps = plot.compaction_maps(cache, out_dir / "compaction")
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                                     snapshot=peak.snapshot))
     if maps is not None:
         print()
-        print(f"compaction with {args.long_requests} long conversations left: {maps.blocks_moved} blocks moved, "
+        print(f"compaction with {num_long} long conversations left: {maps.blocks_moved} blocks moved, "
               f"{format_bytes(maps.bytes_returned)} returned to the device")
         paths += [maps.before, maps.after, maps.combined]
     for p in paths:
@@ -190,17 +195,26 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``kvforge demo`` to the command line."""
-    p = subparsers.add_parser("demo", help="run the engine on a tiny model over a shared-prefix workload")
-    p.add_argument("--model", default=None, help="a local Hugging Face checkpoint folder (default: built-in tiny model)")
-    p.add_argument("--requests", type=int, default=96)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--long-requests", type=int, default=4, help="how many of the requests run 4x longer")
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=16)
+    p = subparsers.add_parser(
+        "demo", help="run the engine on a tiny model over a shared-prefix workload",
+        description="The main job in about a minute on two CPU cores: the engine runs a tiny built-in "
+                    "Llama-shaped model (random weights) over requests that share four system prompts, "
+                    "compacts the cache, prints throughput, prefix hits and the memory profile, and draws "
+                    'block maps into --out (they need matplotlib: pip install "kvforge[plot]").')
+    p.add_argument("--model", default=None,
+                   help="a local Hugging Face checkpoint folder (default: the built-in tiny model)")
+    p.add_argument("--requests", type=int, default=96, help="requests in the workload")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
+    p.add_argument("--long-requests", type=int, default=None,
+                   help="how many of the requests generate 4x --max-tokens (default: 4, at most a quarter of "
+                        "--requests)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="most sequences running at once")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--kv-memory", default="8MiB", help="KV cache budget, e.g. 8MiB (small, so that memory matters)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (a GPU when there is one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
     p.add_argument("--out", default=os.path.join("out", "demo"), help="folder for the PNGs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress display (on a terminal a bar, otherwise a line every 10 s)")
     p.set_defaults(func=run)
     return p

@@ -8,57 +8,88 @@ Completions print in prompt order, then one summary line: tokens/s, cache
 use, prefix hit rate, preemptions. While requests run, a progress bar
 (requests finished, tokens/s) goes to stderr (``--no-progress``: none).
 
+Before anything loads, the packages the run needs are checked, each a
+one-line error naming the extra when missing: safetensors (unless
+``--random-weights``), the tokenizer library when a prompt is text, and
+prometheus-client for ``--metrics-port``.
+
 Also runnable alone: ``python -m kvforge.tools.generate generate --model DIR ...``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
 from typing import Any, Sequence
 
-from kvforge.errors import ConfigError, KVForgeError
+from kvforge.errors import ConfigError, KVForgeError, MissingExtraError
+from kvforge.tools.checks import check_float
+from kvforge.tools.extras import require
 from kvforge.tools.output import Progress, error_line
 
-__all__ = ["register", "run_generate", "main"]
+__all__ = ["register", "run_generate", "main", "DEFAULT_KV_MEMORY_FRACTION"]
+
+#: :attr:`EngineConfig.kv_memory_fraction`'s default, for the help (the engine is not
+#: imported to build the parser; a test holds the two equal)
+DEFAULT_KV_MEMORY_FRACTION = 0.85
+
+#: files a Hugging Face tokenizer may come in
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``generate`` subcommand to an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "generate", help="generate text with the reference engine from a local Hugging Face checkpoint",
-        description="Continuous-batching generation on kvforge's paged KV cache (Llama, Mistral, Qwen2, Qwen3).")
+        description="Continuous-batching generation on kvforge's paged KV cache (Llama, Mistral, Qwen2, Qwen3). "
+                    'Needs the engine extra: pip install "kvforge[engine]".')
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
+    src.add_argument("--prompt", action="append",
+                     help="prompt text (repeat for several prompts; needs the checkpoint's tokenizer)")
     src.add_argument("--prompts", metavar="FILE.jsonl",
-                     help='one JSON object per line: {"prompt": "..."} or {"prompt_token_ids": [...]}')
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None, help="per-request seed (reproducible sampling)")
+                     help='one JSON object per line: {"prompt": "..."} or {"prompt_token_ids": [...]}, '
+                          'optionally with "max_tokens"')
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                   "whose probabilities sum to P; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens; 0 = off")
+    p.add_argument("--seed", type=int, default=None,
+                   help="per-request seed for reproducible sampling (default: one from the engine's seeded generator)")
     p.add_argument("--n", type=int, default=1, help="completions per prompt (forked from the prompt's blocks)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     mem = p.add_mutually_exclusive_group()
-    mem.add_argument("--vram", "--kv-memory", dest="kv_memory", help="KV cache budget, e.g. 4GiB")
-    mem.add_argument("--num-blocks", type=int, help="KV cache size in blocks")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: checkpoint's on GPU, "
-                   "float32 on CPU)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--no-cuda-graphs", action="store_true")
+    mem.add_argument("--vram", "--kv-memory", dest="kv_memory", metavar="BYTES",
+                     help="KV cache budget, e.g. 4GiB (default: --kv-memory-fraction of the free GPU memory; "
+                          "512 MiB on the CPU)")
+    mem.add_argument("--kv-memory-fraction", type=float, metavar="F",
+                     help="share of the free GPU memory, after the weights, the KV cache takes, 0 < F <= 1, like "
+                          f"vLLM's --gpu-memory-utilization (default: {DEFAULT_KV_MEMORY_FRACTION:g} on a GPU; "
+                          "the CPU takes 512 MiB)")
+    mem.add_argument("--num-blocks", type=int, metavar="N",
+                     help="KV cache size in blocks (default: what --vram or --kv-memory-fraction gives)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (a GPU when there is one)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the checkpoint's on a "
+                   "GPU, float32 on the CPU)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                   help="most tokens computed per step (long prompts are prefilled in chunks of it)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence, prompt and output (default: the model's max_position_embeddings)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the blocks of shared prefixes")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
     p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on 127.0.0.1:PORT while generating (0 = any free port)")
+                   help="serve Prometheus metrics on 127.0.0.1:PORT while generating, 0 = any free port "
+                        '(default: none; needs pip install "kvforge[metrics]")')
     p.add_argument("--random-weights", action="store_true",
                    help="ignore the checkpoint's weights: random ones for its config.json (demos, benchmarks)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display on stderr (on a terminal a bar, otherwise a line every 10 s)")
     p.set_defaults(func=run_generate)
     return p
 
@@ -139,15 +170,48 @@ class _StepProgress:
         self.progress.close()
 
 
+def _check_tokenizer(model: str, prompts: list[Any]) -> None:
+    """Text prompts need the checkpoint's tokenizer and a library that reads it:
+    ``tokenizers`` for ``tokenizer.json`` (transformers reads it with ``tokenizers``
+    too), transformers for a ``tokenizer.model`` alone. Checked before the model
+    loads; a folder that does not exist is left to the loader's message."""
+    if all(isinstance(p, list) for p in prompts) or not os.path.isdir(model):
+        return
+    present = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(model, f))]
+    if not present:
+        raise ConfigError(f"--model {model!r} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): give the prompts "
+                          f'as token ids, --prompts FILE.jsonl with {{"prompt_token_ids": [...]}}')
+    if "tokenizer.json" in present:
+        require("tokenizers", "engine", "text prompts need the tokenizers package to read the model's "
+                "tokenizer.json")
+        return
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(f"text prompts need transformers to read the model's {' and '.join(present)} "
+                                f"(it has no tokenizer.json): pip install transformers sentencepiece") from exc
+
+
+def _check_args(args: argparse.Namespace, prompts: list[Any]) -> None:
+    """Flags in range and the packages this run needs importable, before any work."""
+    check_float("--kv-memory-fraction", args.kv_memory_fraction, 0.0, 1.0, lo_open=True)
+    if not args.random_weights:
+        require("safetensors", "engine", "loading a checkpoint needs safetensors")
+    _check_tokenizer(args.model, prompts)
+    if args.metrics_port is not None:
+        require("prometheus_client", "metrics", "--metrics-port needs prometheus-client")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run the ``generate`` subcommand; print completions and a summary; return the exit code."""
-    from kvforge.engine import Engine, SamplingParams
-    from kvforge.engine.loader import load_tokenizer
-    from kvforge.engine.model_config import read_config
-
     server = None
     try:
         prompts, limits = _read_prompts(args)
+        _check_args(args, prompts)
+        from kvforge.engine import Engine, SamplingParams
+        from kvforge.engine.loader import load_tokenizer
+        from kvforge.engine.model_config import read_config
+
         base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos)
         params = [base if m is None else replace(base, max_tokens=int(m)) for m in limits]
@@ -158,6 +222,8 @@ def run_generate(args: argparse.Namespace) -> int:
         options = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                        enable_prefix_caching=not args.no_prefix_caching, use_cuda_graphs=not args.no_cuda_graphs)
+        if args.kv_memory_fraction is not None:
+            options["kv_memory_fraction"] = args.kv_memory_fraction
         start = time.perf_counter()
         if args.random_weights:
             engine = Engine.from_config(read_config(args.model), kv_memory=args.kv_memory,

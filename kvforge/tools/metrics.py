@@ -32,7 +32,7 @@ Threads: the scrape runs on the HTTP server's thread while the engine keeps
 mutating the cache. Pass the ``lock`` the engine holds around a step to get
 consistent snapshots; without one, a read that races a mutation is retried.
 
-``prometheus-client`` is needed (``pip install 'kvforge[metrics]'``); it is
+``prometheus-client`` is needed (``pip install "kvforge[metrics]"``); it is
 imported on first use, so importing this module never fails.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from kvforge.errors import AddressInUseError, ConfigError, MissingExtraError, ServeError
+from kvforge.tools.extras import install_hint
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -102,7 +103,7 @@ def _prometheus() -> Any:
         import prometheus_client
         import prometheus_client.core
     except ImportError as exc:
-        raise MissingExtraError("metrics need prometheus-client: pip install 'kvforge[metrics]'") from exc
+        raise MissingExtraError(f"metrics need prometheus-client: {install_hint('metrics')}") from exc
     return prometheus_client
 
 

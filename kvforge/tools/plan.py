@@ -4,36 +4,56 @@ For a built-in model name (:data:`~kvforge.model_shapes.MODEL_SHAPES`) or a
 checkpoint's ``config.json``, one table row per way of sizing the cache:
 each preset, :meth:`~kvforge.config.CacheConfig.for_context_length` and
 :meth:`~kvforge.config.CacheConfig.for_model` under a VRAM budget.
+
+The rows are independent: the presets do not depend on ``--vram``, and a
+sizing the budget cannot give (not one block fits, a context longer than
+the budget holds, more blocks than block ids) shows dashes and a short note
+in the memory column instead of numbers, so ``plan --vram 0`` still prints
+every preset. Planning is arithmetic on a handful of configs: it never
+takes long enough for a progress display.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvforge.config import CacheConfig, CachePreset, format_bytes
-from kvforge.errors import ConfigError, KVForgeError
-from kvforge.model_shapes import MODEL_SHAPES, model_shape, resolve_model
-from kvforge.tools.checks import check_bytes
-from kvforge.tools.output import format_table
+from kvforge.errors import ConfigError
+from kvforge.tools.args import MODEL_NAMES
 
-__all__ = ["PLAN_HEADERS", "plan_rows", "register", "run"]
+if TYPE_CHECKING:
+    from kvforge.config import CacheConfig
+
+__all__ = ["PLAN_HEADERS", "PLAN_ALIGN", "plan_rows", "register", "run"]
 
 #: longest ``--context``: context lengths are int32 in the kernels' inputs
 MAX_CONTEXT = 2**31 - 1
 
 #: the table's columns (the ``seqs of N`` column names the context)
 PLAN_HEADERS = ("sizing", "block size", "blocks", "tokens", "seqs of {context}", "memory")
+#: numbers right-aligned, dashes of a row that does not fit too
+PLAN_ALIGN = "lrrrrl"
+
+NO_BLOCK = "no block fits"
+TOO_MANY_BLOCKS = "over 2**31 - 1 blocks"
+
+
+def _too_long(tokens: int) -> str:
+    return f"context too long: {tokens} tokens fit"
 
 
 def plan_rows(model: str, vram: int, context: int) -> tuple[str, list[list[object]]]:
     """The title line and one row per sizing (:data:`PLAN_HEADERS`) for ``model``:
-    a built-in name or a checkpoint folder / ``config.json``."""
+    a built-in name or a checkpoint folder / ``config.json``. ``vram`` (bytes,
+    >= 0) only affects the last two rows."""
+    from kvforge.config import MAX_NUM_BLOCKS, CacheConfig, CachePreset, format_bytes
+    from kvforge.model_shapes import model_shape, resolve_model
+
     if context <= 0:
         raise ConfigError(f"--context must be a positive number of tokens, got {context}")
     if context > MAX_CONTEXT:
         raise ConfigError(f"--context must be at most {MAX_CONTEXT} tokens (context lengths are int32), got {context}")
-    if vram <= 0:
-        raise ConfigError(f"--vram must be a positive byte size such as 24GiB, got {vram}")
+    if vram < 0:
+        raise ConfigError(f"--vram must be a byte size >= 0 such as 24GiB, got {vram}")
     label, cfg_json = resolve_model(model)
     shape = model_shape(model)  # from the name or path, so that a bad field's message names the file
     h, d, l, dt = shape["num_kv_heads"], shape["head_dim"], shape["num_layers"], shape["dtype"]
@@ -44,37 +64,68 @@ def plan_rows(model: str, vram: int, context: int) -> tuple[str, list[list[objec
         rows.append([name, cfg.block_size, cfg.num_blocks, cfg.max_context_length(),
                      cfg.num_blocks // per_seq, cfg.estimated_memory_human()])
 
+    def note(name: str, block_size: int, text: str) -> None:
+        rows.append([name, block_size, "-", "-", "-", text])
+
     for preset in CachePreset.builtin():
-        add(f"preset {preset.name} ({format_bytes(preset.vram_target_bytes or 0)})",
-            CacheConfig.from_preset(preset, h, d, l, dtype=dt))
-    try:
-        add(f"for_context_length({context})", CacheConfig.for_context_length(context, h, d, l, vram, dtype=dt))
-    except KVForgeError as exc:
-        rows.append([f"for_context_length({context})", "-", "-", "-", 0, str(exc)])
-    try:
-        add(f"for_model(vram={format_bytes(vram)})", CacheConfig.for_model(cfg_json, vram, dtype=dt))
-    except ConfigError as exc:  # too small for one block, or more blocks than block ids
-        raise ConfigError(f"--vram {format_bytes(vram)}: {exc}") from None
+        name = f"preset {preset.name} ({format_bytes(preset.vram_target_bytes or 0)})"
+        one = CacheConfig(preset.page_size, 1, l, h, d, dt)
+        if (preset.kv_budget_bytes or 0) < one.bytes_per_block:
+            note(name, preset.page_size, NO_BLOCK)
+        else:
+            add(name, CacheConfig.from_preset(preset, h, d, l, dtype=dt))
+
+    # the page size for_context_length picks, and the blocks one sequence needs
+    name = f"for_context_length({context})"
+    unbounded = CacheConfig.for_context_length(context, h, d, l, dtype=dt)
+    fit = vram // unbounded.bytes_per_block
+    if fit < 1:
+        note(name, unbounded.block_size, NO_BLOCK)
+    elif fit < unbounded.num_blocks:
+        note(name, unbounded.block_size, _too_long(fit * unbounded.block_size))
+    else:
+        add(name, CacheConfig.for_context_length(context, h, d, l, vram, dtype=dt))
+
+    name = f"for_model(vram={format_bytes(vram)})"
+    one = CacheConfig(16, 1, l, h, d, dt)
+    fit = vram // one.bytes_per_block
+    if fit < 1:
+        note(name, one.block_size, NO_BLOCK)
+    elif fit > MAX_NUM_BLOCKS:
+        note(name, one.block_size, TOO_MANY_BLOCKS)
+    else:
+        add(name, CacheConfig.for_model(cfg_json, vram, dtype=dt))
     title = (f"{label}: {l} layers, {h} KV heads, head dim {d}, {str(dt).removeprefix('torch.')}; "
-             f"{format_bytes(CacheConfig(16, 1, l, h, d, dt).bytes_per_token)} per token; context {context}")
+             f"{format_bytes(one.bytes_per_token)} per token; context {context}")
     return title, rows
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``kvforge plan``: print the title and the table; exit status 0
     (errors propagate to the entry point, which prints one line)."""
-    title, rows = plan_rows(args.model, check_bytes("--vram", args.vram), args.context)
+    from kvforge.tools.checks import check_bytes
+    from kvforge.tools.output import format_table
+
+    vram = check_bytes("--vram", args.vram, positive=False)
+    assert vram is not None
+    title, rows = plan_rows(args.model, vram, args.context)
     print(title)
-    print(format_table([h.format(context=args.context) for h in PLAN_HEADERS], rows))
+    print(format_table([h.format(context=args.context) for h in PLAN_HEADERS], rows, align=PLAN_ALIGN))
     return 0
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``plan`` subcommand to an ``argparse`` subparsers object; its handler is :func:`run`."""
-    p = subparsers.add_parser("plan", help="size a KV cache for a model: presets, context length, VRAM budget")
+    p = subparsers.add_parser(
+        "plan", help="size a KV cache for a model: presets, context length, VRAM budget",
+        description="One row per way of sizing the KV cache of a model: the presets (independent of "
+                    "--vram), for_context_length and for_model under the --vram budget. A sizing that "
+                    "does not fit shows a short note in the memory column.")
     p.add_argument("--model", default="llama-3-8b",
-                   help=f"built-in shape ({', '.join(MODEL_SHAPES)}) or HF checkpoint folder/config.json")
-    p.add_argument("--vram", default="24GiB", help="VRAM budget for the KV cache, e.g. 24GiB")
+                   help=f"built-in shape ({', '.join(MODEL_NAMES)}) or a Hugging Face checkpoint folder "
+                        f"or config.json")
+    p.add_argument("--vram", default="24GiB",
+                   help="VRAM budget for the KV cache, e.g. 24GiB (the preset rows do not depend on it)")
     p.add_argument("--context", type=int, default=8192, help="target context length in tokens")
     p.set_defaults(func=run)
     return p

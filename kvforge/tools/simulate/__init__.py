@@ -39,36 +39,56 @@ The package, one concept per module: :mod:`.config` (:class:`SimulationConfig`),
 (the replay through the block manager), :mod:`.static` (the contiguous
 comparison), :mod:`.driver` (:func:`simulate`), :mod:`.cli` (``kvforge simulate``).
 Model shapes for ``--model`` come from :mod:`kvforge.model_shapes`.
+
+The names below are imported on first use (a module ``__getattr__``, as the
+package face does), so that importing :mod:`.cli` to build the ``simulate``
+parser loads neither torch nor the replay.
 """
 from __future__ import annotations
 
-from kvforge.model_shapes import MODEL_SHAPES
-from kvforge.tools.simulate.cli import register, run
-from kvforge.tools.simulate.config import EVICTION_POLICIES, STATIC_RESERVE_MODES, SimulationConfig
-from kvforge.tools.simulate.driver import simulate
-from kvforge.tools.simulate.records import (
-    CompactionEvent,
-    PagedSummary,
-    SimulationResult,
-    StaticSummary,
-    StaticTimeline,
-    Timeline,
-)
-from kvforge.tools.simulate.static import simulate_static
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "SimulationConfig",
-    "SimulationResult",
-    "PagedSummary",
-    "StaticSummary",
-    "Timeline",
-    "StaticTimeline",
-    "CompactionEvent",
-    "MODEL_SHAPES",
-    "EVICTION_POLICIES",
-    "STATIC_RESERVE_MODES",
-    "simulate",
-    "simulate_static",
-    "register",
-    "run",
-]
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "SimulationConfig": "kvforge.tools.simulate.config",
+    "SimulationResult": "kvforge.tools.simulate.records",
+    "PagedSummary": "kvforge.tools.simulate.records",
+    "StaticSummary": "kvforge.tools.simulate.records",
+    "Timeline": "kvforge.tools.simulate.records",
+    "StaticTimeline": "kvforge.tools.simulate.records",
+    "CompactionEvent": "kvforge.tools.simulate.records",
+    "MODEL_SHAPES": "kvforge.model_shapes",
+    "EVICTION_POLICIES": "kvforge.tools.simulate.config",
+    "STATIC_RESERVE_MODES": "kvforge.tools.simulate.config",
+    "simulate": "kvforge.tools.simulate.driver",
+    "simulate_static": "kvforge.tools.simulate.static",
+    "register": "kvforge.tools.simulate.cli",
+    "run": "kvforge.tools.simulate.cli",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static analysers see the names without importing anything at run time
+    from kvforge.model_shapes import MODEL_SHAPES
+    from kvforge.tools.simulate.cli import register, run
+    from kvforge.tools.simulate.config import EVICTION_POLICIES, STATIC_RESERVE_MODES, SimulationConfig
+    from kvforge.tools.simulate.driver import simulate
+    from kvforge.tools.simulate.records import (
+        CompactionEvent, PagedSummary, SimulationResult, StaticSummary, StaticTimeline, Timeline,
+    )
+    from kvforge.tools.simulate.static import simulate_static

@@ -1,29 +1,39 @@
-"""``kvforge simulate``: the command line of the simulator (see ``docs/simulate.md``)."""
+"""``kvforge simulate``: the command line of the simulator (see ``docs/simulate.md``).
+
+The parser imports no torch (``kvforge simulate --help`` is instant); the
+replay, the model shapes and the plots are imported when the command runs.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvforge.config import MAX_BLOCK_SIZE, CacheConfig, format_bytes
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.model_shapes import MODEL_SHAPES, model_shape, resolve_model
+from kvforge.tools.args import MODEL_NAMES
 from kvforge.tools.checks import check_bytes, check_float, check_int, check_out_dir
+from kvforge.tools.extras import require
 from kvforge.tools.output import Progress, error_line
 from kvforge.tools.simulate.config import (
     EVICTION_POLICIES,
     MAX_NUM_SEQS,
     MAX_SIMULATED_BLOCKS,
     STATIC_RESERVE_MODES,
-    SimulationConfig,
 )
-from kvforge.tools.simulate.driver import simulate
-from kvforge.tools.workload import BUILTIN_WORKLOADS, load_trace, make_workload
+from kvforge.tools.workload import BUILTIN_WORKLOADS
 from kvforge.tools.workload.builtin import MAX_RATE, MAX_REQUESTS, MIN_RATE
 from kvforge.tools.workload.trace import MAX_TRACE_TOKENS
 
+if TYPE_CHECKING:
+    from kvforge.tools.simulate.config import SimulationConfig
+
 __all__ = ["register", "run"]
+
+
+def _workload_defaults(field: str) -> str:
+    """``sharegpt 1000, shared-prefix 1000, ...``: each built-in workload's own value of ``field``."""
+    return ", ".join(f"{name} {getattr(w, field):g}" for name, w in BUILTIN_WORKLOADS.items())
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,42 +44,51 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description="Replay a request workload through kvforge's bookkeeping and compare it with a "
                     "contiguous max-length reservation. See docs/simulate.md.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--workload", choices=sorted(BUILTIN_WORKLOADS), default="sharegpt",
-                     help="built-in workload (default: sharegpt)")
-    src.add_argument("--trace", metavar="FILE.jsonl", help="replay a JSONL trace (format in docs/simulate.md)")
-    p.add_argument("--requests", type=int, metavar="N", help="requests of a built-in workload")
-    p.add_argument("--rate", type=float, metavar="R", help="mean arrivals per decode step (built-in workloads)")
-    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    src.add_argument("--workload", choices=sorted(BUILTIN_WORKLOADS), default="sharegpt", help="built-in workload")
+    src.add_argument("--trace", metavar="FILE.jsonl",
+                     help="replay a JSONL trace instead of a built-in workload (format in docs/simulate.md)")
+    p.add_argument("--requests", type=int, metavar="N",
+                   help=f"requests of a built-in workload (default: the workload's own: "
+                        f"{_workload_defaults('num_requests')})")
+    p.add_argument("--rate", type=float, metavar="R",
+                   help=f"mean arrivals per decode step of a built-in workload (default: the workload's own: "
+                        f"{_workload_defaults('rate')})")
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--num-blocks", type=int, metavar="N", help="blocks in the pool (default 4096)")
-    size.add_argument("--vram", metavar="BYTES", help="KV memory budget, e.g. 16GiB (sized with --model)")
+    size.add_argument("--num-blocks", type=int, metavar="N", help="blocks in the pool (default: 4096)")
+    size.add_argument("--vram", metavar="BYTES",
+                      help="KV memory budget, e.g. 16GiB, sized for --model (default: --num-blocks 4096)")
     p.add_argument("--model", default="llama-3-8b",
-                   help=f"model shape: {', '.join(MODEL_SHAPES)} or a Hugging Face config path (default llama-3-8b)")
+                   help=f"model shape: {', '.join(MODEL_NAMES)} or a Hugging Face config path")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse cached prefix blocks (default on)")
+                   help="reuse cached prefix blocks")
     p.add_argument("--compaction", action=argparse.BooleanOptionalAction, default=True,
-                   help="compact when fragmentation exceeds the threshold (default on)")
+                   help="compact when fragmentation exceeds the threshold")
     p.add_argument("--compaction-threshold", type=float, default=0.3, metavar="F",
-                   help="external fragmentation that triggers compaction (default 0.3)")
+                   help="external fragmentation that triggers compaction")
     p.add_argument("--eviction-policy", choices=EVICTION_POLICIES, default="lru",
                    help="lru: keep unreferenced cached blocks until space is needed; eager: drop them at once")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="most running requests (default 256)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most running requests")
     p.add_argument("--static-reserve", choices=STATIC_RESERVE_MODES, default="max-model-len",
-                   help="what each request reserves in the static comparison (default max-model-len)")
+                   help="what each request reserves in the static comparison")
     p.add_argument("--max-model-len", type=int, help="context limit of a trace (default: its longest request)")
-    p.add_argument("--step-ms", type=float, default=20.0, help="ms per decode step for 'arrival_s' (default 20)")
-    p.add_argument("--out", default="kvforge-simulate", metavar="DIR", help="where the PNG plots go")
+    p.add_argument("--step-ms", type=float, default=20.0, help="ms per decode step for a trace's 'arrival_s'")
+    p.add_argument("--out", default="kvforge-simulate", metavar="DIR",
+                   help="folder for the PNG plots (they need matplotlib: pip install \"kvforge[plot]\")")
     p.add_argument("--no-plots", action="store_true", help="write no plots")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON instead of a table (with a time series of <= 1000 points)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (on a terminal a bar, otherwise a line every 10 s)")
     p.set_defaults(func=run)
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every flag in range, before the model shape is read or a workload is made."""
+    from kvforge.config import MAX_BLOCK_SIZE
+
     check_int("--requests", args.requests, 1, MAX_REQUESTS)
     check_float("--rate", args.rate, MIN_RATE, MAX_RATE)
     check_int("--seed", args.seed, 0)
@@ -86,6 +105,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    from kvforge.config import CacheConfig, format_bytes
+    from kvforge.model_shapes import model_shape, resolve_model
+    from kvforge.tools.simulate.config import SimulationConfig
+
     try:
         label, _ = resolve_model(args.model)
         shape = model_shape(args.model)  # from the name or path: a bad field's message names the file
@@ -113,9 +136,14 @@ def run(args: argparse.Namespace) -> int:
     """Run ``kvforge simulate``: print the table (or JSON) and the PNG paths; exit status."""
     try:
         _check_args(args)
+        if not args.no_plots:  # before any work: a missing extra is one line, not a table without plots
+            require("matplotlib", "plot", "the plots need matplotlib", alternative="pass --no-plots")
         config = _config_from_args(args)
         if not args.no_plots:
             check_out_dir("--out", args.out)
+        from kvforge.tools.simulate.driver import simulate
+        from kvforge.tools.workload import load_trace, make_workload
+
         if args.trace:
             workload = load_trace(args.trace, step_ms=args.step_ms, max_model_len=args.max_model_len)
         else:
@@ -131,11 +159,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     paths: list[str] = []
     if not args.no_plots:
+        from kvforge.tools.plot import plot_simulation
+
         try:
-            from kvforge.tools.plot import plot_simulation
             paths = [str(p) for p in plot_simulation(result, args.out)]
-        except ImportError as exc:
-            print(f"kvforge simulate: no plots ({exc})", file=sys.stderr)
         except OSError as exc:
             print(error_line("simulate", ConfigError(f"cannot write plots to {args.out!r}: {exc.strerror or exc}")),
                   file=sys.stderr)

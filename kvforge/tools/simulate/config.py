@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvforge.config import MAX_BLOCK_SIZE, MAX_BYTES, CacheConfig
 from kvforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvforge.config import CacheConfig
 
 __all__ = ["SimulationConfig", "EVICTION_POLICIES", "STATIC_RESERVE_MODES", "MAX_SIMULATED_BLOCKS", "MAX_NUM_SEQS"]
 
@@ -47,6 +49,10 @@ class SimulationConfig:
     model: str = ""
 
     def __post_init__(self) -> None:
+        # kvforge.config imports torch: here, not at module level, so that the
+        # ``simulate`` parser (which reads this module's choices) imports no torch
+        from kvforge.config import MAX_BLOCK_SIZE, MAX_BYTES
+
         for name, limit, why in (("block_size", MAX_BLOCK_SIZE, "2**20"),
                                  ("num_blocks", MAX_SIMULATED_BLOCKS, "2**24: the simulated pool lives in host memory"),
                                  ("max_num_seqs", MAX_NUM_SEQS, "2**20")):
