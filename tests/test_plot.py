@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from kvforge import BlockManager, CacheConfig, KVCache  # noqa: E402
+from kvforge.tools import plot  # noqa: E402
 from kvforge.tools.plot import (  # noqa: E402
     CACHED,
     FREE,
@@ -17,6 +18,8 @@ from kvforge.tools.plot import (  # noqa: E402
     block_map,
     block_map_of,
     compaction_maps,
+    fragmentation_figure,
+    memory_figure,
     plot_simulation,
 )
 from kvforge.tools.simulate import SimulationConfig, simulate  # noqa: E402
@@ -141,7 +144,97 @@ def test_plot_needs_matplotlib_and_names_the_extra(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(MissingExtraError, match=r"pip install 'kvforge\[plot\]'"):
+    with pytest.raises(MissingExtraError, match=r'pip install "kvforge\[plot\]"'):
         plot.require_matplotlib()
     with pytest.raises(ImportError):  # a MissingExtraError is an ImportError too
         plot.block_map(None, "x.png", snapshot=block_map_of(BlockManager(4, 2)))
+
+
+# ------------------------------------------------------ pictures that explain themselves
+def _rgb_set(colors) -> set[tuple[float, float, float]]:
+    return {tuple(round(float(c), 3) for c in color[:3]) for color in colors}
+
+
+def _drawn_map(bm):
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot(1, 1, 1)
+    plot._draw_map(ax, bm, "map")
+    return ax
+
+
+def test_block_map_legend_shows_the_sequence_colours_and_every_state():
+    from matplotlib.patches import Rectangle
+
+    m = BlockManager(num_blocks=12, block_size=4)
+    m.add_sequence("a", list(range(10)))
+    ax = _drawn_map(block_map_of(m))
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["held by one sequence (colour = sequence)", "the same, partly filled (paler = emptier)",
+                      "shared by several sequences", "cached, evictable (no owner; kept for prefix reuse)", "free",
+                      "not backed by device memory (released)"]
+    # the first entry is a row of several sequence colours, as the map draws them
+    drawn = _rgb_set(r.get_facecolor() for r in legend.findobj(Rectangle))
+    palette = _rgb_set(plot._palette())
+    assert len(drawn & palette) == 6
+    # every state has its own colour, none of them a sequence colour, and no sequence colour is grey
+    states = _rgb_set(plot._COLORS.values())
+    assert len(states) == 4 and not states & palette
+    assert all(not (r == g == b) for r, g, b in palette)
+    assert len(palette) == 18
+
+
+def test_first_sequences_get_distinct_hues_not_light_twins():
+    # a light twin of a dark hue would read as a partly filled block of the same sequence
+    import colorsys
+
+    hues = [round(colorsys.rgb_to_hsv(*c)[0], 2) for c in plot._palette()[:9]]
+    assert len(set(hues)) == 9
+
+
+def test_unbacked_blocks_are_hatched_and_padding_is_not():
+    cache = _fragmented_cache()
+    cache.compact_cache()  # releases the tail: unbacked blocks
+    bm = block_map_of(cache)
+    n_unbacked = int((bm.states == UNBACKED).sum())
+    assert n_unbacked > 0
+    ax = _drawn_map(bm)
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert sum(int(p.get_width()) for p in hatched) == n_unbacked
+    # each run lies within one row of the grid, over unbacked ids only
+    cols = ax.images[0].get_array().shape[1]
+    for p in hatched:
+        row, col = int(p.get_y() + 0.5), int(p.get_x() + 0.5)
+        ids = np.arange(row * cols + col, row * cols + col + int(p.get_width()))
+        assert col + int(p.get_width()) <= cols and (bm.states[ids] == UNBACKED).all()
+
+
+def _simulation():
+    w = make_workload("bursty", 60, seed=1, rate=2.0)
+    return simulate(w, SimulationConfig(num_blocks=200, bytes_per_token=1024, model="toy"))
+
+
+def test_every_line_of_the_simulation_plots_is_readable_and_labelled():
+    result = _simulation()
+    assert result.compactions  # so the compaction markers are drawn
+    for fig in (memory_figure(result), fragmentation_figure(result)):
+        for ax in fig.axes:
+            assert ax.get_ylabel() and "%" in ax.get_ylabel()
+            lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+            assert lines
+            for ln in lines:
+                assert ln.get_alpha() is None or ln.get_alpha() >= 0.8, ln.get_label()
+                if ln.get_linestyle() not in ("None", ""):
+                    assert ln.get_linewidth() >= 1.0, ln.get_label()
+            colors = [ln.get_color() for ln in lines]
+            assert len(set(colors)) == len(colors), colors  # one colour per series
+            legend = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert {ln.get_label() for ln in lines} <= set(legend)
+        assert fig.axes[-1].get_xlabel() == "decode step"
+    frag = fragmentation_figure(result)
+    labels = [t.get_text() for ax in frag.axes for t in ax.get_legend().get_texts()]
+    assert any(label.startswith("external fragmentation") for label in labels)
+    assert "compaction" in labels and any(label.startswith("compaction threshold") for label in labels)
+    memory = memory_figure(result)
+    assert "blocks x 16 tokens" in memory.axes[0].get_ylabel()

@@ -6,11 +6,16 @@ changes the global backend of an interactive session. Every function writes
 a PNG and returns its path.
 
 :func:`block_map_of` (no matplotlib) snapshots which sequence owns each
-block; :func:`block_map` draws it. Block states: owned by one sequence
-(coloured by the owner, lighter when the block is only partly filled),
-shared by several sequences (dark), cached-evictable (grey: no reference,
-kept for prefix reuse), free (light) and not backed by device memory (white,
-for an elastic pool that has shrunk).
+block; :func:`block_map` draws it. Block states: held by one sequence
+(each sequence its own colour, paler when the block is only partly filled;
+the legend's swatch shows several colours, as the map does), shared by
+several sequences (near black), cached-evictable (mid grey: no reference,
+kept for prefix reuse), free (light grey) and not backed by device memory
+(white, hatched: an elastic pool that has shrunk). Cells past the last
+block id, which fill the last row, are plain white.
+
+The simulation plots give every series its own colour and a legend entry,
+and every axis its unit.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import numpy as np
 
 from kvforge.core.compaction import plan_compaction
 from kvforge.errors import MissingExtraError
+from kvforge.tools.extras import install_hint
 
 if TYPE_CHECKING:
     from kvforge.core.manager import BlockManager
@@ -34,6 +40,8 @@ __all__ = [
     "block_map",
     "compaction_maps",
     "plot_simulation",
+    "memory_figure",
+    "fragmentation_figure",
     "require_matplotlib",
     "FREE",
     "CACHED",
@@ -44,8 +52,12 @@ __all__ = [
 #: Codes in :attr:`BlockMap.states` (values >= 0 are owner indices).
 FREE, CACHED, SHARED, UNBACKED = -1, -2, -3, -4
 
-_COLORS = {FREE: (0.93, 0.93, 0.93), CACHED: (0.60, 0.60, 0.60), SHARED: (0.13, 0.13, 0.13),
+_COLORS = {FREE: (0.86, 0.86, 0.86), CACHED: (0.55, 0.55, 0.55), SHARED: (0.10, 0.10, 0.10),
            UNBACKED: (1.0, 1.0, 1.0)}
+#: the hatch and its colour over blocks not backed by device memory
+_UNBACKED_HATCH, _HATCH_COLOR = "////", (0.62, 0.62, 0.62)
+#: colour weight of a block holding no token yet (a full block has weight 1)
+_PALE = 0.45
 
 
 class BlockMap(NamedTuple):
@@ -123,7 +135,7 @@ def _mpl() -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise MissingExtraError(f"the plots need matplotlib ({exc}): pip install 'kvforge[plot]'") from exc
+        raise MissingExtraError(f"the plots need matplotlib ({exc}): {install_hint('plot')}") from exc
     return Figure, FigureCanvasAgg
 
 
@@ -136,47 +148,114 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _rgb(bm: BlockMap) -> np.ndarray:
+#: tab20's saturated hues first, then its light ones (a light hue next to its dark twin
+#: would read as a partly filled block of the same sequence); its two greys left out
+#: (they would read as cached or free)
+_PALETTE_ORDER = (0, 2, 4, 6, 8, 10, 12, 16, 18, 1, 3, 5, 7, 9, 11, 13, 17, 19)
+
+
+def _palette() -> np.ndarray:
+    """The sequences' colours (sequence ``i`` gets colour ``i % 18``)."""
     from matplotlib import colormaps
 
-    palette = np.asarray(colormaps["tab20"].colors)[:, :3]
-    palette = np.delete(palette, [14, 15], axis=0)  # tab20's greys read as cached/free
+    return np.asarray(colormaps["tab20"].colors)[list(_PALETTE_ORDER), :3]
+
+
+def _paler(rgb: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """``rgb`` blended towards white by how empty the block is (``frac`` of its slots filled)."""
+    w = (_PALE + (1 - _PALE) * frac)[:, None]
+    return rgb * w + (1 - w)
+
+
+def _rgb(bm: BlockMap) -> np.ndarray:
+    palette = _palette()
     s = bm.states
     rgb = np.empty((len(s), 3))
     owned = s >= 0
-    rgb[owned] = palette[s[owned] % len(palette)]
-    # lighter when partly filled: internal fragmentation shows as pale blocks
-    frac = np.clip(bm.fill[owned] / bm.block_size, 0.0, 1.0)[:, None]
-    rgb[owned] = rgb[owned] * (0.45 + 0.55 * frac) + (1 - (0.45 + 0.55 * frac))
+    # paler when partly filled: internal fragmentation shows as pale blocks
+    frac = np.clip(bm.fill[owned] / bm.block_size, 0.0, 1.0)
+    rgb[owned] = _paler(palette[s[owned] % len(palette)], frac)
     for code, color in _COLORS.items():
         rgb[s == code] = color
     return rgb
 
 
-def _draw_map(ax: Any, bm: BlockMap, title: str, cols: int | None = None) -> None:
+class _Swatches:
+    """A legend entry drawn as a row of small squares, one per colour (the
+    sequences' colours: the map gives each sequence its own)."""
+
+    def __init__(self, colors: np.ndarray) -> None:
+        self.colors = colors
+
+
+def _swatch_handler() -> Any:
+    from matplotlib.legend_handler import HandlerBase
+    from matplotlib.patches import Rectangle
+
+    class SwatchHandler(HandlerBase):
+        def create_artists(self, legend: Any, orig_handle: Any, xdescent: float, ydescent: float, width: float,
+                           height: float, fontsize: float, trans: Any) -> list[Any]:
+            colors = orig_handle.colors
+            w = width / len(colors)
+            return [Rectangle((-xdescent + i * w, -ydescent), w, height, facecolor=c, edgecolor="none",
+                              transform=trans) for i, c in enumerate(colors)]
+
+    return SwatchHandler()
+
+
+def _legend(ax: Any) -> None:
     from matplotlib.patches import Patch
 
+    colors = _palette()[:6]
+    handles = [
+        _Swatches(colors),
+        _Swatches(_paler(colors, np.full(len(colors), 0.25))),
+        Patch(color=_COLORS[SHARED], label="shared by several sequences"),
+        Patch(color=_COLORS[CACHED], label="cached, evictable (no owner; kept for prefix reuse)"),
+        Patch(facecolor=_COLORS[FREE], edgecolor="0.6", label="free"),
+        Patch(facecolor=_COLORS[UNBACKED], edgecolor=_HATCH_COLOR, hatch=_UNBACKED_HATCH,
+              label="not backed by device memory (released)"),
+    ]
+    labels = ["held by one sequence (colour = sequence)", "the same, partly filled (paler = emptier)"]
+    labels += [h.get_label() for h in handles[2:]]
+    ax.legend(handles=handles, labels=labels, handler_map={_Swatches: _swatch_handler()}, loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=7, frameon=False, handlelength=3.0)
+
+
+def _hatch_unbacked(ax: Any, states: np.ndarray, cols: int) -> None:
+    """Hatch the runs of blocks not backed by device memory, row by row (white
+    alone would read as the padding past the last block)."""
+    from matplotlib.patches import Rectangle
+
+    ids = np.flatnonzero(states == UNBACKED)
+    if not len(ids):
+        return
+    # runs of consecutive ids, cut where a row ends
+    cuts = np.flatnonzero((np.diff(ids) != 1) | (ids[1:] % cols == 0)) + 1
+    for run in np.split(ids, cuts):
+        row, col = divmod(int(run[0]), cols)
+        ax.add_patch(Rectangle((col - 0.5, row - 0.5), len(run), 1, fill=False, hatch=_UNBACKED_HATCH,
+                               edgecolor=_HATCH_COLOR, linewidth=0))
+
+
+def _draw_map(ax: Any, bm: BlockMap, title: str, cols: int | None = None) -> None:
     n = len(bm.states)
     cols = cols or max(8, min(512, int(np.ceil(np.sqrt(n * 2)))))
     rows = -(-n // cols)
     grid = np.ones((rows * cols, 3))
     grid[:n] = _rgb(bm)
     ax.imshow(grid.reshape(rows, cols, 3), interpolation="nearest", aspect="equal")
+    _hatch_unbacked(ax, bm.states, cols)
     ax.set_xticks([])
+    ax.set_xlabel(f"block ids in order, {cols} per row", fontsize=7)
     ax.set_yticks([0, rows - 1])
     ax.set_yticklabels(["block 0", f"block {(rows - 1) * cols}"], fontsize=7)
     c = bm.counts()
-    ax.set_title(f"{title}\n{c['owned'] + c['shared']} held by {len(bm.owners)} seqs "
+    ax.set_title(f"{title}\n{n} blocks: {c['owned'] + c['shared']} held by {len(bm.owners)} sequences "
                  f"({c['shared']} shared), {c['cached']} cached, {c['free']} free"
                  + (f", {c['unbacked']} released" if c["unbacked"] else "")
-                 + f"; external frag {bm.external_fragmentation:.0%}", fontsize=8)
-    handles = [Patch(color=_COLORS[SHARED], label="shared"), Patch(color=_COLORS[CACHED], label="cached, evictable"),
-               Patch(facecolor=_COLORS[FREE], edgecolor="0.7", label="free")]
-    if c["unbacked"]:
-        handles.append(Patch(facecolor=_COLORS[UNBACKED], edgecolor="0.7", label="not backed (released)"))
-    handles.insert(0, Patch(color=(0.12, 0.47, 0.71), label="one sequence (pale: partly filled)"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, fontsize=7,
-              frameon=False)
+                 + f"\nexternal fragmentation {bm.external_fragmentation:.0%}", fontsize=8)
+    _legend(ax)
 
 
 def block_map(target: Any, path: str | os.PathLike[str], *, title: str = "KV cache block map",
@@ -248,67 +327,107 @@ def _fmt_bytes(n: int) -> str:
 
 
 # ------------------------------------------------------------ simulations
+#: one colour per series of the simulation plots (colour-blind-safe Okabe-Ito hues)
+_SERIES = {
+    "paged_live": "#0072B2", "paged_reserved": "#0072B2", "paged_cached": "#56B4E9",
+    "static_reserved": "#D55E00", "static_live": "#E69F00",
+    "internal": "#E69F00", "efficiency": "#009E73", "external": "#7B3294", "free": "#999999",
+    "threshold": "#444444", "compaction": "#000000",
+}
+
+
+def _pool_label(cfg: Any) -> str:
+    size = f"{cfg.num_blocks} blocks x {cfg.block_size} tokens"
+    if cfg.bytes_per_token:
+        size += f" = {_fmt_bytes(cfg.num_blocks * cfg.block_size * cfg.bytes_per_token)}"
+    return size
+
+
+def memory_figure(result: SimulationResult) -> Any:
+    """The memory-over-time figure of a simulation (a matplotlib ``Figure``):
+    paged live tokens, reserved blocks and cached blocks beside the static
+    reservation, in % of the pool's token slots."""
+    figure_cls, _ = _mpl()
+    tl, st, cfg = result.timeline, result.static_timeline, result.config
+    cap_tokens = cfg.num_blocks * cfg.block_size
+    pct = 100 / cap_tokens
+    bs = cfg.block_size
+    fig = figure_cls(figsize=(9.5, 5.4))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.fill_between(tl.step, 0, tl.live_slots * pct, color=_SERIES["paged_live"], alpha=0.25, linewidth=0,
+                    label="paged: live tokens", step="post")
+    ax.plot(tl.step, tl.held_blocks * bs * pct, color=_SERIES["paged_reserved"], lw=1.6,
+            label="paged: reserved blocks", drawstyle="steps-post")
+    ax.plot(tl.step, (tl.held_blocks + tl.evictable_blocks) * bs * pct, color=_SERIES["paged_cached"], lw=1.4,
+            ls="--", label="paged: reserved + cached evictable blocks", drawstyle="steps-post")
+    if st is not None and result.static is not None:
+        ax.plot(st.step, st.reserved_slots * pct, color=_SERIES["static_reserved"], lw=1.6,
+                label=f"static ({result.static.reserve_mode}): reserved", drawstyle="steps-post")
+        ax.plot(st.step, st.live_slots * pct, color=_SERIES["static_live"], lw=1.2, ls="--",
+                label="static: live tokens", drawstyle="steps-post")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel(f"% of the pool's token slots\n({_pool_label(cfg)})")
+    ax.set_ylim(0, 105)
+    ax.set_xlim(left=0)
+    ax.set_title(f"{result.workload_name}: memory over time (paged waste {result.paged.waste:.1%}"
+                 + (f", static waste {result.static.waste:.1%}" if result.static is not None else "") + ")")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def fragmentation_figure(result: SimulationResult) -> Any:
+    """The fragmentation figure of a simulation (a matplotlib ``Figure``): memory
+    efficiency and internal fragmentation above; external fragmentation, the
+    free share of the pool, the compaction threshold and the compactions below."""
+    # Two panels: the external fragmentation ratio swings between 0 and 100%, which
+    # would bury efficiency and internal fragmentation in one panel.
+    figure_cls, _ = _mpl()
+    tl, cfg = result.timeline, result.config
+    bs = cfg.block_size
+    fig = figure_cls(figsize=(9.5, 7.0))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"hspace": 0.12})
+    reserved = np.maximum(tl.held_blocks * bs, 1)
+    top.plot(tl.step, tl.live_slots / (cfg.num_blocks * bs) * 100, lw=1.5, color=_SERIES["efficiency"],
+             label="memory efficiency (live tokens / pool)")
+    top.plot(tl.step, np.where(tl.held_blocks > 0, tl.wasted_slots / reserved, 0) * 100, lw=1.5,
+             color=_SERIES["internal"], label="internal fragmentation (empty slots / reserved slots)")
+    top.set_ylabel("%")
+    top.set_ylim(0, 105)
+    top.set_title(f"{result.workload_name}: fragmentation and efficiency "
+                  f"({result.paged.compactions} compactions, {result.paged.blocks_moved} blocks moved; "
+                  f"pool {_pool_label(cfg)})", fontsize=10)
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    # the ratio reads 100% when the few blocks left free sit below live ones: the
+    # free share of the pool, drawn beside it, shows when that is a handful of blocks
+    bottom.plot(tl.step, (cfg.num_blocks - tl.held_blocks) / cfg.num_blocks * 100, lw=1.4,
+                color=_SERIES["free"], label="free blocks, cached evictable included (% of the pool)")
+    bottom.plot(tl.step, tl.external_fragmentation * 100, lw=1.2, color=_SERIES["external"],
+                label="external fragmentation (free blocks below a live one / free blocks)")
+    bottom.axhline(cfg.compaction_threshold * 100, color=_SERIES["threshold"], lw=1.2, ls="--",
+                   label=f"compaction threshold ({cfg.compaction_threshold:.0%})")
+    if result.compactions:
+        steps = [ev.step for ev in result.compactions]
+        bottom.plot(steps, [2.0] * len(steps), "|", color=_SERIES["compaction"], ms=10, mew=1.5,
+                    label="compaction")
+    bottom.set_ylabel("%")
+    bottom.set_ylim(0, 105)
+    bottom.set_xlabel("decode step")
+    bottom.set_xlim(left=0)
+    bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    return fig
+
+
 def plot_simulation(result: SimulationResult, out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write a simulation's plots into ``out_dir``: memory over time, fragmentation
     and efficiency over time, and the block map at the peak. Returns the paths."""
-    figure_cls, _ = _mpl()
+    _mpl()  # before anything is drawn: a missing matplotlib names its extra
     out = Path(out_dir)
     name = result.workload_name.replace(os.sep, "_").replace(" ", "_")
-    tl, st, cfg = result.timeline, result.static_timeline, result.config
-    cap_tokens = cfg.num_blocks * cfg.block_size
-    paths = []
-
-    fig = figure_cls(figsize=(9, 4.8))
-    ax = fig.add_subplot(1, 1, 1)
-    bs = cfg.block_size
-    held = tl.held_blocks * bs / cap_tokens * 100
-    ax.fill_between(tl.step, 0, tl.live_slots / cap_tokens * 100, color="tab:blue", alpha=0.35,
-                    label="paged: live tokens", step="post")
-    ax.plot(tl.step, held, color="tab:blue", lw=1.2, label="paged: reserved blocks", drawstyle="steps-post")
-    ax.plot(tl.step, (tl.held_blocks + tl.evictable_blocks) * bs / cap_tokens * 100, color="tab:blue", lw=0.8,
-            ls=":", label="paged: + cached evictable", drawstyle="steps-post")
-    if st is not None:
-        ax.plot(st.step, st.reserved_slots / cap_tokens * 100, color="tab:red", lw=1.2,
-                label=f"static ({result.static.reserve_mode}): reserved", drawstyle="steps-post")
-        ax.plot(st.step, st.live_slots / cap_tokens * 100, color="tab:red", lw=0.8, ls="--",
-                label="static: live tokens", drawstyle="steps-post")
-    ax.set_xlabel("decode step")
-    ax.set_ylabel(f"% of pool ({cfg.num_blocks} blocks x {bs} tokens"
-                  + (f", {_fmt_bytes(cfg.num_blocks * bs * cfg.bytes_per_token)}" if cfg.bytes_per_token else "")
-                  + ")")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{result.workload_name}: memory over time (paged waste {result.paged.waste:.1%}"
-                 + (f", static waste {result.static.waste:.1%}" if result.static is not None else "") + ")")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(alpha=0.3)
-    paths.append(_save(fig, out / f"{name}_memory.png"))
-
-    fig = figure_cls(figsize=(9, 4.8))
-    ax = fig.add_subplot(1, 1, 1)
-    reserved = np.maximum(tl.held_blocks * bs, 1)
-    ax.plot(tl.step, np.where(tl.held_blocks > 0, tl.wasted_slots / reserved, 0) * 100, lw=1,
-            label="internal fragmentation", color="tab:orange")
-    # the ratio swings between 0 and 100% when only a few blocks are free, so the
-    # trapped blocks themselves (what compaction would hand back) are drawn too
-    ax.plot(tl.step, tl.external_fragmentation * 100, lw=0.5, alpha=0.35, color="tab:purple",
-            label="external fragmentation (trapped / free blocks)")
-    ax.plot(tl.step, tl.trapped_blocks / cfg.num_blocks * 100, lw=1.2, color="tab:purple",
-            label="trapped free blocks (% of pool)")
-    ax.plot(tl.step, tl.live_slots / cap_tokens * 100, lw=1, label="memory efficiency", color="tab:green")
-    if result.compactions:
-        steps = [ev.step for ev in result.compactions]
-        ax.plot(steps, [1.5] * len(steps), "|", color="k", ms=8, label="compaction")
-    ax.axhline(cfg.compaction_threshold * 100, color="tab:purple", lw=0.6, ls=":",
-               label="compaction threshold")
-    ax.set_xlabel("decode step")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{result.workload_name}: fragmentation and efficiency "
-                 f"({result.paged.compactions} compactions, {result.paged.blocks_moved} blocks moved)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(alpha=0.3)
-    paths.append(_save(fig, out / f"{name}_fragmentation.png"))
-
+    paths = [_save(memory_figure(result), out / f"{name}_memory.png"),
+             _save(fragmentation_figure(result), out / f"{name}_fragmentation.png")]
     if result.peak_map is not None:
         paths.append(block_map(None, out / f"{name}_block_map_peak.png", snapshot=result.peak_map,
                                title=f"{result.workload_name}: block map at the peak (step {result.paged.peak_step})"))
