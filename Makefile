@@ -1,18 +1,25 @@
 # kvforge: `make demo` runs the main job, `make test` runs the tests.
 # Both create .venv when missing and install what they need.
+# TORCH and TRITON are honoured on every run: the install stamp records them,
+# and a run with other values installs those (make test TORCH=torch==2.11.0).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 PY     := $(VENV)/bin/python
+# what was installed: rewritten only when TORCH or TRITON differ from the last run
+SPEC   := $(VENV)/.kvforge-spec
 STAMP  := $(VENV)/.kvforge-installed
 
-.PHONY: demo test bench-cpu clean
+.PHONY: demo test bench-cpu wheel clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml Makefile
+$(SPEC): FORCE | $(PY)
+	@echo '$(TORCH) $(TRITON)' | cmp -s - $@ || echo '$(TORCH) $(TRITON)' > $@
+
+$(STAMP): $(SPEC) pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q "$(TRITON)" "numpy<2.5"
@@ -28,5 +35,9 @@ test: $(STAMP)
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_alloc.py
 
+wheel: $(STAMP)
+	rm -rf build  # no stale files from an earlier build in the wheel
+	$(PY) -m build --wheel --no-isolation --outdir dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
