@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 SPEC   := $(VENV)/.kvforge-spec
 STAMP  := $(VENV)/.kvforge-installed
 
-.PHONY: demo test bench-cpu wheel clean FORCE
+.PHONY: demo test docs docs-check bench-cpu wheel clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x -p no:cacheprovider tests
+
+# rewrite the sample outputs in README.md and docs/ from what the commands print now
+docs: $(STAMP)
+	$(PY) scripts/make_docs.py
+
+docs-check: $(STAMP)
+	$(PY) scripts/make_docs.py --check
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_alloc.py

@@ -1,4 +1,4 @@
-"""``kvforge demo``: the main job, end to end, in about a minute on two CPU cores.
+"""``kvforge demo``: the main job, end to end, in about 15-20 s on two CPU cores.
 
 Runs the reference engine on a tiny Llama-shaped model with random weights
 (fixed seed) over a synthetic workload in which groups of requests share a
@@ -197,7 +197,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``kvforge demo`` to the command line."""
     p = subparsers.add_parser(
         "demo", help="run the engine on a tiny model over a shared-prefix workload",
-        description="The main job in about a minute on two CPU cores: the engine runs a tiny built-in "
+        description="The main job in about 15-20 s on two CPU cores: the engine runs a tiny built-in "
                     "Llama-shaped model (random weights) over requests that share four system prompts, "
                     "compacts the cache, prints throughput, prefix hits and the memory profile, and draws "
                     'block maps into --out (they need matplotlib: pip install "kvforge[plot]").')
