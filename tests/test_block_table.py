@@ -612,8 +612,8 @@ def test_step_view_bad_input_changes_nothing():
                        (((["a"], 4), {}), "num_new_tokens=4: sequence 'a' has only 3 tokens"),
                        (((["a"], -1), {}), "num_new_tokens must be >= 0"),
                        (((["a"], [1, 1]), {}), "one per sequence"),
-                       (((["a"], [True]), {}), "integers"),
-                       (((["a"], 1.0), {}), "integers"),
+                       (((["a"], [True]), {}), r"num_new_tokens\[0\] must be an integer, got True \(bool\)"),
+                       (((["a"], 1.0), {}), r"num_new_tokens must be an integer, got 1.0 \(float\)"),
                        (((["a"], 1), {"width_multiple": 0}), "width_multiple"),
                        (((["a"], 1), {"width_multiple": True}), "width_multiple"),
                        (((["zz"], 1), {}), "unknown sequence 'zz'"),
@@ -673,7 +673,7 @@ def test_append_batch_with_ids_for_several_tokens_each():
     before = state(m)
     with pytest.raises(SequenceError, match="one id per new token"):
         m.append_tokens_batch(["a", "b"], [1, 2], token_ids=[1, 2])
-    with pytest.raises(SequenceError, match="token ids must be integers"):
+    with pytest.raises(SequenceError, match=r"token_ids\[0\] must be an integer token id, got 'x'"):
         m.append_tokens_batch(["a", "b"], 1, token_ids=["x", "y"])
     assert state(m) == before
     ok(m)

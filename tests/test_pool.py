@@ -40,7 +40,9 @@ def test_allocate():
     assert (pool.num_free_blocks, pool.num_allocated_blocks, pool.num_available_blocks) == (7, 3, 7)
     assert pool.allocate(1) == [3]
     assert pool.allocate(0) == []
-    assert pool.can_allocate(6) and not pool.can_allocate(7) and not pool.can_allocate(-1)
+    assert pool.can_allocate(6) and not pool.can_allocate(7)
+    with pytest.raises(InvalidBlockError, match="count n must be >= 0, got -1"):
+        pool.can_allocate(-1)                   # a negative count is a caller bug, not a "no"
     ok(pool)
 
 

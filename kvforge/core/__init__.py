@@ -6,16 +6,18 @@ tests without a device, and serves engines that bring their own kernels.
 - :class:`BlockPool` (``pool``): reference-counted block ids and the free stack; its
   cached blocks and LRU (``pool_cache``), capacity line and moves (``pool_elastic``),
   counters (``pool_stats``);
-- :class:`PrefixIndex` (``prefix``): full blocks keyed by a chained hash of their tokens;
+- :class:`PrefixIndex` (``prefix``): full blocks keyed by a chained hash of their tokens
+  (``keys``: the hash, salts, key checks);
 - :class:`BlockTables` (``tables``): per-sequence rows of block ids and token counts
   (``rows``), the token id of every written slot (``slots``), the batched views
   (``steps``: :class:`StepView`) and the append path (``append_plan``);
 - :class:`BlockManager` (``manager``): sequences over the three, fork, free, views;
   admission with prefix reuse (``admission``), appends with copy-on-write (``appends``),
-  each sequence's key chain (``chains``);
+  each sequence's key chain (``chains``), the live sequence ids and their rows (``sequences``);
 - :class:`BlockUsage` (``usage``): token and block counts, internal fragmentation;
 - :func:`plan_compaction` (``compaction``): the fewest moves that pack the pool;
-- ``ids``: the validation of counts, block ids and token ids every call shares.
+- ``ids``: the validation of counts, block ids and token ids every call shares: every
+  public call checks all of its arguments before it changes anything.
 """
 from __future__ import annotations
 

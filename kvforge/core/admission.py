@@ -6,18 +6,24 @@ token (its logits are needed), takes references on the hits (reviving
 evictable ones), allocates the rest, records the token ids and registers the
 full blocks it reserved. :meth:`SequenceAdmission.num_blocks_needed` counts
 the same blocks without changing anything, so a scheduler asks before it
-acts. :class:`SequenceAdmission` is that part of
+acts; both go through one :meth:`SequenceAdmission._plan_admission`, so they
+always agree, and it checks every argument before anything is looked up (the
+prefix index is then asked through its unchecked calls: the ids are checked).
+:class:`SequenceAdmission` is that part of
 :class:`~kvforge.core.manager.BlockManager`.
 """
 from __future__ import annotations
 
+from array import array
 from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
 
 from kvforge.core.chains import KeyChain
-from kvforge.core.ids import SequenceRows, is_int, token_array
+from kvforge.core.ids import as_int, token_array
+from kvforge.core.sequences import SequenceRows
 from kvforge.core.pool import BlockPool
+from kvforge.core.keys import root_key
 from kvforge.core.prefix import BlockKey, PrefixIndex
 from kvforge.core.tables import BlockTables, blocks_for_tokens
 from kvforge.errors import OutOfBlocksError, SequenceError
@@ -38,6 +44,19 @@ class AddSequenceResult(NamedTuple):
     block_ids: list[int]
 
 
+class _Admission(NamedTuple):
+    """What an admission would do (nothing changed yet): the prompt's ids (None: none
+    given), the tokens to reserve, the keys of the prompt's full blocks before its last
+    token, the cached blocks reused, and how many blocks it takes new / revives."""
+
+    tokens: array[int] | None
+    num_tokens: int
+    keys: list[BlockKey]
+    hits: list[int]
+    num_new: int
+    num_revived: int
+
+
 class SequenceAdmission:
     """``add_sequence`` and its sizing (a mixin of :class:`~kvforge.core.manager.BlockManager`)."""
 
@@ -49,28 +68,42 @@ class SequenceAdmission:
 
     def num_blocks_needed(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
                           salt: Hashable | None = None) -> int:
-        """Blocks :meth:`add_sequence` would take from the pool for a new sequence
-        (cached prefix blocks that are held by others cost nothing)."""
-        if not is_int(num_tokens) or num_tokens < 0:
-            raise SequenceError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
-        hits = self._prefix_hits(prompt_token_ids, salt)[1] if prompt_token_ids is not None else []
-        return blocks_for_tokens(num_tokens, self.block_size) - len(hits) + self._num_revived(hits)
+        """Blocks :meth:`add_sequence` of ``num_tokens`` tokens would take from the pool for a
+        new sequence (>= 0; cached prefix blocks held by others cost nothing, evictable ones
+        count: they are revived). Checks its arguments as :meth:`add_sequence` does."""
+        plan = self._plan_admission(as_int(num_tokens, "num_tokens"), prompt_token_ids, salt)
+        return plan.num_new + plan.num_revived
 
     def can_add_sequence(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
                          salt: Hashable | None = None) -> bool:
         """Whether :meth:`add_sequence` of that many tokens would find the blocks."""
         return self.num_blocks_needed(num_tokens, prompt_token_ids, salt) <= self.pool.num_available_blocks
 
-    def _prefix_hits(self, prompt: Sequence[int] | np.ndarray, salt: Hashable | None
-                     ) -> tuple[list[BlockKey], list[int]]:
-        """Keys of the prompt's full blocks before its last token, and the cached blocks
-        of their longest cached run (nothing recorded)."""
-        bs = self.block_size
-        keys = self.prefix.block_keys(prompt[: max(0, (len(prompt) - 1) // bs) * bs], salt)
-        return keys, self.prefix.lookup(keys, len(prompt), record=False)
+    def _plan_admission(self, num_tokens: int | None, prompt_token_ids: Sequence[int] | None,
+                        salt: Hashable | None) -> _Admission:
+        """Check every argument of an admission and size it; changes and records nothing.
 
-    def _num_revived(self, hits: list[int]) -> int:
-        return sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        A sequence reserves ``max(num_tokens, cached tokens)``: a cached prefix longer
+        than the first chunk is reused whole."""
+        bs = self.block_size
+        if num_tokens is not None:
+            num_tokens = as_int(num_tokens, "num_tokens")
+        tokens = token_array(prompt_token_ids, "prompt_token_ids") if prompt_token_ids is not None else None
+        root = root_key(salt)  # checks the salt, with or without a prompt
+        keys: list[BlockKey] = []
+        hits: list[int] = []
+        if tokens is not None:
+            num_tokens = len(tokens) if num_tokens is None else num_tokens
+            if num_tokens > len(tokens):
+                raise SequenceError(f"num_tokens={num_tokens} must lie in [0, {len(tokens)}] "
+                                    f"for a prompt of {len(tokens)} tokens")
+            full = max(0, (len(tokens) - 1) // bs) * bs  # never the block of the last token
+            if full and self.prefix.enabled:
+                keys = self.prefix._keys(tokens[:full].tobytes(), root)
+                hits = self.prefix._lookup(keys)
+        reserve = max(num_tokens or 0, len(hits) * bs)
+        revived = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        return _Admission(tokens, reserve, keys, hits, blocks_for_tokens(reserve, bs) - len(hits), revived)
 
     def add_sequence(self, seq_id: SeqId, prompt_token_ids: Sequence[int] | None = None,
                      salt: Hashable | None = None, *, num_tokens: int | None = None) -> AddSequenceResult:
@@ -79,39 +112,29 @@ class SequenceAdmission:
         Reserves slots for the first ``num_tokens`` prompt tokens (default:
         all; fewer for a chunked prefill, the rest follow through
         ``append_tokens``). Raises :class:`OutOfBlocksError` when the
-        blocks do not fit, :class:`SequenceError` on a duplicate id.
+        blocks do not fit, :class:`SequenceError` on a duplicate id or a bad
+        argument; either way nothing changed.
         """
         self._seqs.check_new(seq_id)
-        if num_tokens is not None and (not is_int(num_tokens) or num_tokens < 0):
-            raise SequenceError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
-        bs, pool = self.block_size, self.pool
-        tokens = token_array(prompt_token_ids) if prompt_token_ids is not None else None
-        keys: list[BlockKey] = []
-        hits: list[int] = []
-        if tokens is not None:
-            num_tokens = len(tokens) if num_tokens is None else num_tokens
-            if not 0 <= num_tokens <= len(tokens):
-                raise SequenceError(f"num_tokens={num_tokens} must lie in [0, {len(tokens)}] "
-                                    f"for a prompt of {len(tokens)} tokens")
-            keys, hits = self._prefix_hits(tokens, salt)
-        cached = len(hits) * bs
-        reserve = max(int(num_tokens or 0), cached)
-        need, revived = blocks_for_tokens(reserve, bs) - len(hits), self._num_revived(hits)
+        plan = self._plan_admission(num_tokens, prompt_token_ids, salt)
+        bs, pool, tokens, hits, keys = self.block_size, self.pool, plan.tokens, plan.hits, plan.keys
+        need, revived, reserve = plan.num_new, plan.num_revived, plan.num_tokens
         if need + revived > pool.num_available_blocks:
             raise OutOfBlocksError(
                 f"sequence {seq_id!r} needs {need} new blocks (+{revived} cached to revive) for "
                 f"{reserve} tokens; {pool.num_available_blocks} available",
                 requested=need + revived, available=pool.num_available_blocks)
         if tokens is not None:  # counted only now: a refused request queried nothing
-            self.prefix.record_query(len(tokens), len(hits))
+            self.prefix._record_query(len(tokens), len(hits))
         pool.incref(hits)
         ids = hits + pool.allocate(need)
         row = self.tables.new_row()
+        cached = len(hits) * bs
         slots = self.tables.assign(row, ids, reserve, None if tokens is None else np.frombuffer(tokens, np.int64),
                                    cached)
         known = min(reserve // bs, len(keys))  # keys of reserved full blocks: no hashing again
         chain = KeyChain(salt, keys[:known])
         self._seqs.add(seq_id, row, chain)
-        self.prefix.register_many(ids[len(hits):known], keys[len(hits):known])
+        self.prefix._register_many(ids[len(hits):known], keys[len(hits):known])
         chain.register_full_blocks(self.prefix, self.tables, row)
         return AddSequenceResult(seq_id, cached, slots, ids)

@@ -22,7 +22,8 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 from kvforge.core.chains import KeyChain
-from kvforge.core.ids import SequenceRows, count_array, indexable, is_int, token_array
+from kvforge.core.ids import MAX_COUNT, as_int, as_token_id, count_array, indexable, token_array
+from kvforge.core.sequences import SequenceRows
 from kvforge.core.pool import BlockPool
 from kvforge.core.prefix import PrefixIndex
 from kvforge.core.tables import BlockTables
@@ -49,46 +50,65 @@ class SequenceAppends:
         """Reserve slots for ``n`` more tokens; return their slot ids (int64), all or nothing.
 
         The batch of one of :meth:`append_tokens_batch`: pending prompt tokens
-        (see :meth:`add_sequence`) come first; ``token_ids`` (length ``n``) let
+        (see ``add_sequence``) come first; ``token_ids`` (length ``n``) let
         filled blocks enter the prefix cache; a shared, partially filled last
-        block is copied first (copy-on-write, queued in :attr:`pending_copies`).
+        block is copied first (copy-on-write).
         """
         row = self._seqs.row(seq_id)
-        if not is_int(n) or n < 0:
-            raise SequenceError(f"append_tokens() needs a token count >= 0, got {n!r}")
-        ids = token_array(token_ids) if token_ids is not None else None
+        if type(n) is not int or not 0 <= n <= MAX_COUNT:
+            n = as_int(n, "append_tokens() count n")
+        ids = token_array(token_ids, "token_ids") if token_ids is not None else None
         if ids is not None and len(ids) != n:
-            raise SequenceError(f"append_tokens({seq_id!r}, {n}) got {len(ids)} token ids")
+            raise SequenceError(f"append_tokens({seq_id!r}, n={n}) got {len(ids)} token_ids")
         if n == 0:
             return np.empty(0, dtype=np.int64)
+        if n > self._max_new_tokens:
+            self._refuse_beyond_pool(n, seq_id)
         counts = None if n == 1 else np.array([n], dtype=np.int64)
         return self._append((seq_id,), np.array([row], dtype=np.int64), counts, ids, True)
 
     def append_token(self, seq_id: SeqId, token_id: int | None = None) -> int:
         """Reserve one slot; return its slot id."""
-        return int(self.append_tokens(seq_id, 1, None if token_id is None else [token_id])[0])
+        row = self._seqs.row(seq_id)
+        ids = None if token_id is None else array("q", (as_token_id(token_id, "token_id"),))
+        return int(self._append((seq_id,), np.array([row], dtype=np.int64), None, ids, True)[0])
 
     def append_tokens_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] | np.ndarray = 1,
                             token_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Reserve ``num_tokens`` more slots for each sequence (an int: the same for all);
         return the slot mapping (int64): each sequence's new slots, sequence after sequence.
 
-        Vectorised, all or nothing. ``token_ids``: the new tokens' ids in that
-        order (one per sequence in a decode step); sequences with pending
+        Vectorised, all or nothing; every argument is checked first (a sequence
+        named twice is refused, naming it). ``token_ids``: the new tokens' ids in
+        that order (one per sequence in a decode step); sequences with pending
         prompt tokens take none. Copy-on-write as :meth:`append_tokens`, in
         batch order.
         """
         seq_ids = indexable(seq_ids)
-        rows = self._seqs.rows(seq_ids)
-        if not self.tables.are_distinct(rows):
-            raise SequenceError("append_tokens_batch() got the same sequence twice")
+        rows = self._seqs.distinct_rows(seq_ids, "append_tokens_batch() seq_ids")
         counts = None if type(num_tokens) is int and num_tokens == 1 else \
             count_array(num_tokens, len(rows), "num_tokens")
-        ids = token_array(token_ids) if token_ids is not None else None
-        want = len(rows) if counts is None else int(counts.sum())
+        ids = token_array(token_ids, "token_ids") if token_ids is not None else None
+        want = len(rows) if counts is None else sum(counts.tolist())  # exact: no int64 sum
         if ids is not None and len(ids) != want:
             raise SequenceError(f"token_ids: expected one id per new token ({want}), got {len(ids)}")
+        if counts is not None and want > self._max_new_tokens:
+            self._refuse_beyond_pool(want, None)
         return self._append(seq_ids, rows, counts, ids, False)
+
+    @property
+    def _max_new_tokens(self) -> int:
+        """The most tokens one append may ask for: the pool's slots (more never fit, and
+        refusing them first keeps the planning's int64 arithmetic exact)."""
+        return self.pool.num_blocks * self.block_size
+
+    def _refuse_beyond_pool(self, num_tokens: int, seq_id: SeqId | None) -> None:
+        avail = self.pool.num_available_blocks
+        need = -(-num_tokens // self.block_size)
+        subject = "the batch" if seq_id is None else f"sequence {seq_id!r}"
+        raise OutOfBlocksError(f"{subject} needs {need} more blocks for {num_tokens} tokens "
+                               f"(the pool has {self.pool.num_blocks}); {avail} available",
+                               requested=need, available=avail)
 
     def _append(self, seq_ids: Sequence[SeqId], rows: np.ndarray, counts: np.ndarray | None,
                 ids: array[int] | None, single: bool) -> np.ndarray:
@@ -116,8 +136,8 @@ class SequenceAppends:
             chains = [self._seqs.state(seq_ids[i]) for i in filled]
             if counts is None:  # a decode step: each filled the block its token went to
                 blocks = tables.last_blocks(rows[filled])
-                self.prefix.extend_chains([c.keys for c in chains], [c.salt for c in chains],
-                                          tables.block_tokens(blocks), blocks)
+                self.prefix._extend_chains([c.keys for c in chains], [c.salt for c in chains],
+                                           tables.block_tokens(blocks), blocks)  # made here: no checks
             else:
                 for i, chain in zip(filled, chains):
                     chain.register_full_blocks(self.prefix, tables, int(rows[i]))

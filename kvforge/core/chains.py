@@ -34,4 +34,4 @@ class KeyChain:
         done, full = len(self.keys), tables.num_tokens(row) // tables.block_size
         if full > done and prefix.enabled and tables.is_known(row):
             blocks = tables.blocks(row, done, full)
-            prefix.extend_chain(self.keys, self.salt, tables.block_tokens(blocks), blocks)
+            prefix._extend_chain(self.keys, self.salt, tables.block_tokens(blocks), blocks)  # made here

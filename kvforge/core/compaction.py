@@ -19,7 +19,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+from kvforge.core.ids import as_int, as_real, block_id_list
+from kvforge.errors import ConfigError, InvalidBlockError
+
 __all__ = ["COMPACTION_EFFICIENCY_LIMIT", "CompactionPlan", "plan_compaction", "should_compact"]
+
+MAX_BLOCKS = 2**31  # as the pool's (block tables are int32)
 
 
 class CompactionPlan(NamedTuple):
@@ -48,18 +53,25 @@ def plan_compaction(held: Sequence[int], capacity: int, *, evictable: Sequence[i
     """Plan moves that pack the ``held`` (live) ids into ``0..len(held)-1`` and the
     kept ``evictable`` ids (given oldest first) right above them, below ``keep_blocks``.
 
-    ``held`` and ``evictable`` must be distinct ids below ``capacity``.
+    ``held`` and ``evictable`` must be distinct ids below ``capacity``; anything else
+    raises :class:`~kvforge.errors.InvalidBlockError` (a ``ValueError``) naming the id.
     """
-    live = set(held)
+    capacity = as_int(capacity, "capacity", InvalidBlockError, high=MAX_BLOCKS)
+    held = block_id_list(held, "held", capacity)
+    cached = block_id_list(evictable, "evictable", capacity)
+    if keep_blocks is not None:
+        keep_blocks = as_int(keep_blocks, "keep_blocks", InvalidBlockError)
+    live: set[int] = set()
+    for b in held:
+        if b in live:
+            raise InvalidBlockError(f"held names block {b} twice")
+        live.add(b)
+    cached_set: set[int] = set()
+    for b in cached:
+        if b in cached_set or b in live:
+            raise InvalidBlockError(f"evictable names block {b} " + ("twice" if b in cached_set else "that is held"))
+        cached_set.add(b)
     k = len(live)
-    if k != len(held):
-        raise ValueError("held ids must be distinct")
-    cached = list(evictable)
-    cached_set = set(cached)
-    if len(cached_set) != len(cached) or cached_set & live:
-        raise ValueError("evictable ids must be distinct and not held")
-    if any(not 0 <= b < capacity for b in live | cached_set):
-        raise ValueError(f"ids must lie in [0, {capacity})")
     sources = sorted((b for b in live if b >= k), reverse=True)
     holes = [b for b in range(k) if b not in live]
     assert len(sources) == len(holes)
@@ -90,7 +102,14 @@ def should_compact(fragmentation: float, efficiency: float, threshold: float,
     Compact when external ``fragmentation`` exceeds ``threshold``, memory
     ``efficiency`` is below :data:`COMPACTION_EFFICIENCY_LIMIT`, and, where
     storage is released in chunks, packing would hand at least one back
-    (``releasable_chunks``; None when the caller has no chunks)."""
+    (``releasable_chunks``; None when the caller has no chunks). The ratios are numbers
+    in ``[0, 1]`` (a threshold may be any finite number); anything else raises
+    :class:`~kvforge.errors.ConfigError` naming the argument."""
+    fragmentation = as_real(fragmentation, "fragmentation", ConfigError, low=0.0, high=1.0)
+    efficiency = as_real(efficiency, "efficiency", ConfigError, low=0.0, high=1.0)
+    threshold = as_real(threshold, "threshold", ConfigError)
+    if releasable_chunks is not None:
+        releasable_chunks = as_int(releasable_chunks, "releasable_chunks", ConfigError)
     if not (fragmentation > threshold and fragmentation > 0.0 and efficiency < COMPACTION_EFFICIENCY_LIMIT):
         return False
     return releasable_chunks is None or releasable_chunks > 0

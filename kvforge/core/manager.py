@@ -32,15 +32,20 @@ from kvforge.core.admission import AddSequenceResult, SequenceAdmission
 from kvforge.core.appends import SequenceAppends
 from kvforge.core.chains import KeyChain
 from kvforge.core.compaction import CompactionPlan, plan_compaction
-from kvforge.core.ids import SequenceRows, indexable, is_int, last_counts
+from kvforge.core.ids import as_flag, as_int, block_id_list, indexable, is_int, last_counts
+from kvforge.core.sequences import SequenceRows
 from kvforge.core.pool import BlockPool
 from kvforge.core.prefix import NullPrefixIndex, PrefixIndex
 from kvforge.core.tables import BlockTables, StepView, blocks_for_tokens
-from kvforge.errors import SequenceError
+from kvforge.errors import InvalidBlockError, SequenceError
 
 __all__ = ["AddSequenceResult", "BlockManager", "SequenceBlockTable", "StepView", "blocks_for_tokens"]
 
 SeqId = Hashable
+#: the largest block size (tokens per block), as the config allows
+MAX_BLOCK_SIZE = 2**20
+#: the largest multiple a step view pads its table width to
+MAX_WIDTH_MULTIPLE = 2**16
 
 
 class SequenceBlockTable(NamedTuple):
@@ -61,10 +66,15 @@ class BlockManager(SequenceAdmission, SequenceAppends):
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
                  capacity: int | None = None, pool: BlockPool | None = None) -> None:
-        if not is_int(block_size) or block_size <= 0:
-            raise SequenceError(f"block_size must be a positive integer, got {block_size!r}")
-        self.block_size = int(block_size)
-        self.pool = pool if pool is not None else BlockPool(num_blocks, capacity)
+        self.block_size = as_int(block_size, "block_size", low=1, high=MAX_BLOCK_SIZE)
+        enable_prefix_caching = as_flag(enable_prefix_caching, "enable_prefix_caching")
+        if pool is None:
+            pool = BlockPool(num_blocks, capacity)
+        elif not isinstance(pool, BlockPool) or capacity is not None or \
+                as_int(num_blocks, "num_blocks", InvalidBlockError) != pool.num_blocks:
+            raise InvalidBlockError(f"pool must be a BlockPool of num_blocks={num_blocks!r} blocks (and no "
+                                    f"capacity given), got {pool!r} with capacity={capacity!r}")
+        self.pool = pool
         self.prefix: PrefixIndex = (PrefixIndex if enable_prefix_caching else NullPrefixIndex)(
             self.pool, self.block_size)
         self.tables = BlockTables(self.block_size, self.pool.num_blocks)
@@ -157,21 +167,29 @@ class BlockManager(SequenceAdmission, SequenceAppends):
         the same for all), each in ``[0, num_tokens]``, already reserved. The
         table width is a multiple of ``width_multiple``. Changes nothing.
         """
-        if not is_int(width_multiple) or width_multiple < 1:
-            raise SequenceError(f"width_multiple must be a positive integer, got {width_multiple!r}")
+        width_multiple = as_int(width_multiple, "width_multiple", low=1, high=MAX_WIDTH_MULTIPLE)
         seq_ids = indexable(seq_ids)
         rows = self._seqs.rows(seq_ids)
         counts = last_counts(num_new_tokens, self.tables.num_tokens_of(rows), seq_ids, "num_new_tokens")
-        return self.tables.step_view(rows, counts, int(width_multiple))
+        return self.tables.step_view(rows, counts, width_multiple)
 
     def block_table_array(self, seq_ids: Sequence[SeqId], width: int | None = None) -> np.ndarray:
         """``[len(seq_ids), width]`` int32 block tables padded with -1; ``width`` defaults
-        to the longest table among the sequences."""
-        return self.tables.block_table_array(self._seqs.rows(seq_ids), width)
+        to the longest table among the sequences, and is never narrower than it."""
+        seq_ids = indexable(seq_ids)
+        rows = self._seqs.rows(seq_ids)
+        if width is not None:
+            width = as_int(width, "width", high=self.pool.num_blocks)
+            over = self.tables.num_blocks_of(rows) > width
+            if np.count_nonzero(over):
+                i = int(np.flatnonzero(over)[0])
+                raise SequenceError(f"width={width} is narrower than the table of sequence {seq_ids[i]!r} "
+                                    f"({int(self.tables.num_blocks_of(rows[i:i + 1])[0])} blocks)")
+        return self.tables.block_table_array(rows, width)
 
     def context_lens(self, seq_ids: Sequence[SeqId]) -> np.ndarray:
         """Reserved tokens of each sequence (int32)."""
-        return self.tables.context_lens(self._seqs.rows(seq_ids))
+        return self.tables.context_lens(self._seqs.rows(indexable(seq_ids)))
 
     def slot_mapping(self, seq_ids: Sequence[SeqId], num_last_tokens: int | Sequence[int] = 1) -> np.ndarray:
         """Slots of the last ``num_last_tokens`` tokens of each sequence, concatenated (int64)."""
@@ -221,15 +239,30 @@ class BlockManager(SequenceAdmission, SequenceAppends):
     def apply_compaction(self, plan: CompactionPlan, *, evicted: bool = False) -> None:
         """Evict the plan's cached blocks (unless ``evicted``: done already), then move
         ownership of every moved block, phase by phase (the caller has copied the
-        data). Sorts the free list."""
+        data). Sorts the free list. The whole plan is checked against the pool first
+        (each phase as the earlier ones leave it): a bad plan changes nothing."""
+        if not isinstance(plan, CompactionPlan):
+            raise InvalidBlockError(f"plan must be a CompactionPlan, got {type(plan).__name__}")
+        evicted = as_flag(evicted, "evicted", InvalidBlockError)
+        pool = self.pool
+        evict = block_id_list(plan.evict, "plan.evict", pool.num_blocks)
         if not evicted:
-            self.pool.evict_blocks(plan.evict)
-        self.relocate(plan.moves)
-        self.relocate(plan.cached_moves)
-        self.pool.sort_free_list()
+            pool.check_evictable(evict)
+        freed = set() if evicted else set(evict)
+        first = pool.check_moves(plan.moves, freed=freed)
+        taken = {d for _, d in first}
+        second = pool.check_moves(plan.cached_moves, freed=(freed | {s for s, _ in first}) - taken, taken=taken)
+        if not evicted:
+            pool.evict_blocks(evict)
+        self._relocate(first)
+        self._relocate(second)
+        pool.sort_free_list()
 
     def relocate(self, moves: Sequence[tuple[int, int]]) -> None:
         """Apply compaction moves ``src -> dst`` to the pool, every table and the prefix index."""
+        self._relocate(self.pool.check_moves(moves))
+
+    def _relocate(self, moves: list[tuple[int, int]]) -> None:
         if not moves:
             return
         self.pool.relocate(moves)

@@ -33,14 +33,17 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from kvforge.core.ids import block_id_list, check_block_ids, is_int
+from kvforge.core.ids import as_block_id, as_int, block_id_list
 from kvforge.core.pool_cache import CachedBlocks
 from kvforge.core.pool_elastic import ElasticPool
 from kvforge.core.pool_stats import PoolMetrics
 from kvforge.core.usage import AllocationStats
 from kvforge.errors import InvalidBlockError, OutOfBlocksError
 
-__all__ = ["AllocationStats", "BlockPool", "PhysicalBlockPool"]
+__all__ = ["MAX_BLOCKS", "AllocationStats", "BlockPool", "PhysicalBlockPool"]
+
+#: the most blocks a pool holds: block tables are int32
+MAX_BLOCKS = 2**31
 
 
 class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
@@ -55,13 +58,11 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
     """
 
     def __init__(self, num_blocks: int, capacity: int | None = None) -> None:
-        if not is_int(num_blocks) or num_blocks <= 0:
-            raise InvalidBlockError(f"num_blocks must be a positive integer, got {num_blocks!r}")
-        capacity = num_blocks if capacity is None else capacity
-        if not 0 <= capacity <= num_blocks:
-            raise InvalidBlockError(f"capacity={capacity} must lie in [0, num_blocks={num_blocks}]")
-        self.num_blocks = int(num_blocks)
-        self._capacity = int(capacity)
+        num_blocks = as_int(num_blocks, "num_blocks", InvalidBlockError, low=1, high=MAX_BLOCKS)
+        capacity = num_blocks if capacity is None else \
+            as_int(capacity, "capacity", InvalidBlockError, high=num_blocks)
+        self.num_blocks = num_blocks
+        self._capacity = capacity
         # re-entrant: eviction callbacks (prefix index, on_removed hooks) may read the pool
         self._lock = threading.RLock()
         self._ref = [0] * self.num_blocks
@@ -78,31 +79,10 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
         """Blocks backed by storage now (ids ``0..capacity-1``)."""
         return self._capacity
 
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks on the free stack (not counting evictable cached blocks)."""
-        return len(self._free)
-
-    @property
-    def num_evictable_blocks(self) -> int:
-        """Cached blocks with reference count zero, reusable after eviction."""
-        return len(self._evictable)
-
-    @property
-    def num_available_blocks(self) -> int:
-        """Blocks an allocation may take now: free plus evictable."""
-        return len(self._free) + len(self._evictable)
-
-    @property
-    def num_allocated_blocks(self) -> int:
-        """Blocks with a positive reference count."""
-        return self._num_allocated
-
     def can_allocate(self, n: int) -> bool:
-        """Whether :meth:`allocate` of ``n`` blocks would succeed now."""
-        if not is_int(n):
-            raise InvalidBlockError(f"can_allocate() needs a block count, got {n!r}")
-        return 0 <= n <= len(self._free) + len(self._evictable)
+        """Whether :meth:`allocate` of ``n`` blocks (an int >= 0) would succeed now."""
+        n = as_int(n, "can_allocate() block count n", InvalidBlockError)
+        return n <= len(self._free) + len(self._evictable)
 
     def allocate(self, n: int) -> list[int]:
         """Hand out ``n`` blocks with reference count 1, all or nothing.
@@ -119,9 +99,7 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
                 if b >= self._high:
                     self._high = b + 1
             else:
-                if not is_int(n) or n < 0:
-                    raise InvalidBlockError(f"allocate() needs a block count >= 0, got {n!r}")
-                n = int(n)
+                n = as_int(n, "allocate() block count n", InvalidBlockError)
                 if n > len(free):
                     if n > len(free) + len(self._evictable):
                         self._failed += 1
@@ -152,8 +130,7 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
 
         Only truly free blocks count (no eviction). O(free blocks) per call.
         """
-        if not is_int(n) or n <= 0:
-            raise InvalidBlockError(f"allocate_consecutive() needs a block count > 0, got {n!r}")
+        n = as_int(n, "allocate_consecutive() block count n", InvalidBlockError, low=1)
         with self._lock:
             if n > len(self._free):
                 return None
@@ -178,8 +155,7 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
     def incref(self, ids: Iterable[int]) -> None:
         """Add one reference to each block (held or evictable; an evictable one is revived)."""
         with self._lock:
-            ids = block_id_list(ids)
-            self._check_ids(ids)
+            ids = block_id_list(ids, "incref() block ids", self.num_blocks)
             ref, cached = self._ref, self._cached
             for b in ids:
                 if ref[b] == 0 and not (cached[b] and b in self._evictable):
@@ -197,11 +173,12 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
         """Drop one reference from each block; return how many reached zero.
 
         A block at zero goes back to the free stack, or to the evictable queue
-        when it is cached. Freeing a free, unknown or negative id raises
-        :class:`InvalidBlockError` and changes nothing.
+        when it is cached. An id listed ``k`` times drops ``k`` references.
+        Freeing a free, unknown or negative id, or anything but an integer id,
+        raises :class:`InvalidBlockError` and changes nothing.
         """
         if type(ids) is not list:
-            ids = block_id_list(ids)
+            ids = block_id_list(ids, "free() block ids")
         with self._lock:
             ref, cached = self._ref, self._cached
             if not ids:
@@ -212,8 +189,8 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
             try:
                 if min(ids) >= 0:
                     checked = True
-                    for b in ids:
-                        if ref[b] != 1 or cached[b]:
+                    for b in ids:  # only Python ints take the fast paths (a bool would index)
+                        if type(b) is not int or ref[b] != 1 or cached[b]:
                             break
                         ref[b] = 0
                         done += 1
@@ -227,7 +204,7 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
             if checked:  # next most common: every block held once, some of them cached
                 try:
                     for b in ids[done:]:
-                        if ref[b] != 1:
+                        if type(b) is not int or ref[b] != 1:
                             break
                         ref[b] = 0
                         done += 1
@@ -248,7 +225,7 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
             return self._free_slow(list(ids))
 
     def _free_slow(self, ids: list[int]) -> int:
-        self._check_ids(ids)
+        ids = block_id_list(ids, "free() block ids", self.num_blocks)
         ref, cached = self._ref, self._cached
         drops: dict[int, int] = {}
         for b in ids:
@@ -271,13 +248,11 @@ class BlockPool(PoolMetrics, ElasticPool, CachedBlocks):
         self._total_dealloc += len(zero)
         return len(zero)
 
-    def _check_ids(self, ids: Iterable[int]) -> None:
-        check_block_ids(ids, self.num_blocks)
-
     def ref_count(self, block_id: int) -> int:
         """Current reference count of a block."""
-        self._check_ids([block_id])
-        return self._ref[block_id]
+        if type(block_id) is int and 0 <= block_id < self.num_blocks:
+            return self._ref[block_id]
+        return self._ref[as_block_id(block_id, self.num_blocks)]
 
     def free_blocks(self) -> list[int]:
         """Free ids in hand-out order (next handed out first)."""

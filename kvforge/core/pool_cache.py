@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Iterable, Sequence
 
-from kvforge.core.ids import block_id_list, check_block_ids
+from kvforge.core.ids import as_block_id, block_id_list, check_block_ids
 from kvforge.errors import InvalidBlockError
 
 __all__ = ["CachedBlocks"]
@@ -47,13 +47,13 @@ class CachedBlocks:
 
     def is_cached(self, block_id: int) -> bool:
         """Whether the block is registered in a prefix index."""
-        return bool(self._cached[block_id])
+        return bool(self._cached[as_block_id(block_id, self.num_blocks)])
 
     def mark_cached(self, block_id: int) -> None:
         """Mark a held block as cached: at zero references it becomes evictable."""
         with self._lock:
             if type(block_id) is not int or not 0 <= block_id < self.num_blocks:
-                check_block_ids([block_id], self.num_blocks)
+                block_id = as_block_id(block_id, self.num_blocks)
             if self._ref[block_id] <= 0:
                 raise InvalidBlockError(f"cannot cache block {block_id}: it is not held")
             if not self._cached[block_id]:
@@ -64,9 +64,11 @@ class CachedBlocks:
         """:meth:`mark_cached` for each block, under one lock; all or nothing."""
         with self._lock:
             ref, cached = self._ref, self._cached
+            if type(block_ids) is not list or not all(type(b) is int for b in block_ids):
+                block_ids = block_id_list(block_ids, "mark_cached_many() block ids")
             for b in block_ids:
-                if type(b) is not int or not 0 <= b < self.num_blocks:
-                    check_block_ids([b], self.num_blocks)
+                if not 0 <= b < self.num_blocks:
+                    check_block_ids([b], self.num_blocks, "mark_cached_many() block ids")
                 if ref[b] <= 0:
                     raise InvalidBlockError(f"cannot cache block {b}: it is not held")
             for b in block_ids:
@@ -77,6 +79,7 @@ class CachedBlocks:
     def unmark_cached(self, block_id: int) -> None:
         """Forget that a block is cached; an evictable one is freed."""
         with self._lock:
+            block_id = as_block_id(block_id, self.num_blocks)
             if not self._cached[block_id]:
                 return
             self._cached[block_id] = 0
@@ -93,12 +96,8 @@ class CachedBlocks:
     def evict_blocks(self, ids: Iterable[int]) -> None:
         """Evict these evictable blocks now (each must be cached with no reference)."""
         with self._lock:
-            ids = block_id_list(ids)
-            if len(set(ids)) != len(ids):
-                raise InvalidBlockError(f"evict_blocks() got a block twice: {ids!r}")
-            for b in ids:
-                if b not in self._evictable:
-                    raise InvalidBlockError(f"cannot evict block {b}: it is not evictable")
+            ids = block_id_list(ids, "evict_blocks() block ids", self.num_blocks)
+            self.check_evictable(ids)
             for b in ids:
                 del self._evictable[b]
                 self._cached[b] = 0
@@ -107,6 +106,17 @@ class CachedBlocks:
                 if self.on_evict is not None:
                     self.on_evict(b)
                 self._free.append(b)
+
+    def check_evictable(self, ids: list[int]) -> None:
+        """Raise unless these ids (Python ints of the pool) are distinct evictable blocks."""
+        seen: set[int] = set()
+        for b in ids:
+            if b in seen:
+                raise InvalidBlockError(f"evict_blocks() got block {b} twice")
+            seen.add(b)
+            if b not in self._evictable:
+                state = "held" if self._ref[b] else "free"
+                raise InvalidBlockError(f"cannot evict block {b}: it is {state}, not evictable")
 
     def reclaim_unused_blocks(self) -> int:
         """Evict every evictable block to the free stack; return how many."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from typing import Collection, Sequence
 
-from kvforge.core.ids import check_block_ids
+from kvforge.core.ids import as_int, move_list
 from kvforge.errors import InvalidBlockError
 
 __all__ = ["ElasticPool"]
@@ -57,9 +57,10 @@ class ElasticPool:
     def grow(self, new_capacity: int) -> None:
         """Back ids ``capacity..new_capacity-1`` and add them to the free stack (below older ones)."""
         with self._lock:
+            new_capacity = as_int(new_capacity, "grow() new_capacity", InvalidBlockError)
             if not self._capacity <= new_capacity <= self.num_blocks:
-                raise InvalidBlockError(f"cannot grow from {self._capacity} to {new_capacity} blocks "
-                                        f"(max {self.num_blocks})")
+                raise InvalidBlockError(f"cannot grow from {self._capacity} to new_capacity={new_capacity} "
+                                        f"blocks (max {self.num_blocks})")
             new = list(range(new_capacity - 1, self._capacity - 1, -1))
             self._free[:0] = new  # bottom of the stack: used after the older free blocks
             self._capacity = new_capacity
@@ -67,8 +68,9 @@ class ElasticPool:
     def shrink(self, new_capacity: int) -> None:
         """Stop backing ids ``new_capacity..capacity-1``; each must be free."""
         with self._lock:
-            if not 0 <= new_capacity <= self._capacity:
-                raise InvalidBlockError(f"cannot shrink from {self._capacity} to {new_capacity} blocks")
+            new_capacity = as_int(new_capacity, "shrink() new_capacity", InvalidBlockError)
+            if new_capacity > self._capacity:
+                raise InvalidBlockError(f"cannot shrink from {self._capacity} to new_capacity={new_capacity} blocks")
             held = [b for b in range(new_capacity, self._capacity) if self._ref[b] or self._cached[b]]
             if held:
                 raise InvalidBlockError(f"cannot shrink to {new_capacity} blocks: block {held[0]} "
@@ -77,19 +79,38 @@ class ElasticPool:
             self._capacity = new_capacity
             self._high = min(self._high, new_capacity)
 
+    def check_moves(self, moves: Sequence[tuple[int, int]], *, freed: Collection[int] = (),
+                    taken: Collection[int] = ()) -> list[tuple[int, int]]:
+        """The moves as ``(src, dst)`` pairs of Python ints, checked as :meth:`relocate`
+        checks them (each ``dst`` free and below the capacity, each ``src`` held or
+        cached, no id twice among the sources or the destinations); changes nothing.
+
+        A later phase of a compaction is checked against the pool as the earlier
+        phases leave it: ids in ``freed`` count as free, ids in ``taken`` as held."""
+        pairs = move_list(moves, self.num_blocks)
+        ref, cached = self._ref, self._cached
+        srcs: set[int] = set()
+        dsts: set[int] = set()
+        for src, dst in pairs:
+            if src in srcs or dst in dsts:
+                twice, role = (src, "source") if src in srcs else (dst, "destination")
+                raise InvalidBlockError(f"moves name block {twice} twice as a {role}")
+            srcs.add(src)
+            dsts.add(dst)
+            dst_held = (dst in taken or ref[dst] or cached[dst]) and dst not in freed
+            if dst_held or dst >= self._capacity:
+                why = "held" if dst_held else f"beyond the capacity {self._capacity}"
+                raise InvalidBlockError(f"cannot move block {src} to {dst}: {dst} is {why}, not free")
+            if not ((src in taken or ref[src] or cached[src]) and src not in freed):
+                raise InvalidBlockError(f"cannot move block {src} to {dst}: {src} is free")
+        return pairs
+
     def relocate(self, moves: Sequence[tuple[int, int]]) -> None:
         """Move ownership ``src -> dst`` for each pair (compaction): ``dst`` must be
         free and ``src`` held; reference counts and cached flags follow."""
         with self._lock:
-            for src, dst in moves:
-                check_block_ids([src, dst], self.num_blocks)
-                if self._ref[dst] or self._cached[dst] or dst >= self._capacity:
-                    raise InvalidBlockError(f"cannot move block {src} to {dst}: {dst} is not free")
-                if not (self._ref[src] or self._cached[src]):
-                    raise InvalidBlockError(f"cannot move block {src}: it is free")
+            moves = self.check_moves(moves)
             dsts = {d for _, d in moves}
-            if len(dsts) != len(moves) or len({s for s, _ in moves}) != len(moves):
-                raise InvalidBlockError(f"relocate() got a block twice among the moves {list(moves)!r}")
             if dsts:
                 self._high = max(self._high, max(dsts) + 1)
             evict_pos = {b: i for i, b in enumerate(self._evictable)}

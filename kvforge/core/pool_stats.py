@@ -2,11 +2,12 @@
 
 :class:`PoolMetrics` is the part of :class:`~kvforge.core.pool.BlockPool` that
 counts: blocks handed out and returned, the peak, evictions, refused
-allocations, compactions; and the metrics over the pool's state: high-water
-mark, external fragmentation, block-granular efficiency, host bytes. The
-allocation paths bump the counters in place (plain attributes: the decode
-step pays nothing for the split); :attr:`PoolMetrics.stats` reads them all at
-once, under the pool's lock, into an :class:`~kvforge.core.usage.AllocationStats`.
+allocations, compactions; the blocks free, evictable and held now; and the
+metrics over the pool's state: high-water mark, external fragmentation,
+block-granular efficiency, host bytes. The allocation paths bump the
+counters in place (plain attributes: the decode step pays nothing for the
+split); :attr:`PoolMetrics.stats` reads them all at once, under the pool's
+lock, into an :class:`~kvforge.core.usage.AllocationStats`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import sys
 import threading
 from collections import OrderedDict
 
+from kvforge.core.ids import as_int, as_real
 from kvforge.core.usage import AllocationStats
+from kvforge.errors import InvalidBlockError
 
 __all__ = ["PoolMetrics"]
 
@@ -45,6 +48,26 @@ class PoolMetrics:
         self._last_compaction_duration_ms = 0.0
         self._blocks_moved = 0
         self._bytes_returned = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks on the free stack (not counting evictable cached blocks)."""
+        return len(self._free)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Cached blocks with reference count zero, reusable after eviction."""
+        return len(self._evictable)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks an allocation may take now: free plus evictable."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_allocated_blocks(self) -> int:
+        """Blocks with a positive reference count."""
+        return self._num_allocated
 
     def high_water_mark(self) -> int:
         """One past the highest id that is held or evictable (0 when none is)."""
@@ -94,7 +117,12 @@ class PoolMetrics:
 
     def record_compaction(self, when_ms: float, duration_ms: float, blocks_moved: int,
                           bytes_returned: int) -> None:
-        """Count a compaction (called by the storage layer that performed it)."""
+        """Count a compaction (called by the storage layer that performed it): when
+        (ms since the epoch) and how long it took, blocks moved, device bytes handed back."""
+        when_ms = as_real(when_ms, "record_compaction() when_ms", InvalidBlockError, low=0.0)
+        duration_ms = as_real(duration_ms, "record_compaction() duration_ms", InvalidBlockError, low=0.0)
+        blocks_moved = as_int(blocks_moved, "record_compaction() blocks_moved", InvalidBlockError)
+        bytes_returned = as_int(bytes_returned, "record_compaction() bytes_returned", InvalidBlockError)
         with self._lock:
             self._compactions += 1
             self._last_compaction_ms = when_ms
@@ -104,6 +132,7 @@ class PoolMetrics:
 
     def record_bytes_returned(self, num_bytes: int) -> None:
         """Count device bytes handed back outside a compaction (e.g. a shrink)."""
+        num_bytes = as_int(num_bytes, "record_bytes_returned() num_bytes", InvalidBlockError)
         with self._lock:
             self._bytes_returned += num_bytes
 

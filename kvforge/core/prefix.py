@@ -1,77 +1,38 @@
 """Prefix index: full blocks keyed by a chained hash of their tokens.
 
-A full block's key is ``BLAKE2b(parent_key || extra || token_ids)``, where the
-first block's parent key is derived from the request's salt. The chain makes a
-key name the whole prefix, not just one block, and BLAKE2b (128-bit digest)
-makes a collision that would let one tenant read another's keys/values
-infeasible; a per-request salt isolates tenants completely because every key
-of a salted request differs from every unsalted or differently salted key.
+A full block's key is ``BLAKE2b(parent_key || extra || token_ids)``
+(:mod:`~kvforge.core.keys`), where the first block's parent key is derived
+from the request's salt. The chain makes a key name the whole prefix, not
+just one block, and BLAKE2b (128-bit digest) makes a collision that would let
+one tenant read another's keys/values infeasible; a per-request salt isolates
+tenants completely because every key of a salted request differs from every
+unsalted or differently salted key.
 
 Pure bookkeeping: blocks are ids of a :class:`~kvforge.core.pool.BlockPool`. The
 pool keeps cached blocks with zero references as *evictable* (LRU); when it
 evicts one it calls back :meth:`PrefixIndex.on_evict`, which forgets the key.
+Every call checks its arguments (token ids, keys, block ids, counts) before
+it changes anything and raises :class:`~kvforge.errors.InvalidBlockError` or
+:class:`~kvforge.errors.SequenceError` naming the bad one.
 
 :class:`NullPrefixIndex` has the same interface and caches nothing, so callers
 never branch on whether prefix caching is on.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
-from array import array
-from dataclasses import asdict, dataclass
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
+from kvforge.core.ids import as_block_id, as_flag, as_int, block_id_list, move_list, token_array
+from kvforge.core.keys import (BlockKey, chain_end, chain_keys, chain_start, check_extra, check_key, check_keys,
+                               check_parent, next_keys, root_key)
 from kvforge.core.pool import BlockPool
+from kvforge.core.usage import PrefixStats
+from kvforge.errors import InvalidBlockError
 
 __all__ = ["BlockKey", "NullPrefixIndex", "PrefixIndex", "PrefixStats"]
-
-BlockKey = bytes
-_DIGEST = 16
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixStats:
-    """Counters of a prefix index. ``hit_rate`` = hit tokens / queried tokens."""
-
-    queries: int
-    query_tokens: int
-    hit_tokens: int
-    hit_rate: float
-    cached_blocks: int
-    evictable_blocks: int
-    evictions: int
-    registered_blocks: int
-
-    def to_dict(self) -> dict[str, float]:
-        """The snapshot as a plain dict."""
-        return asdict(self)
-
-
-#: BLAKE2b with a 128-bit digest, nothing hashed yet: copying it is cheaper than
-#: building a new hash object for every block (same digests as ``blake2b(x, digest_size=16)``).
-_EMPTY_BLAKE = hashlib.blake2b(digest_size=_DIGEST)
-
-
-def _int64_bytes(token_ids: Sequence[int] | np.ndarray, count: int) -> bytes:
-    """The first ``count`` token ids as native int64 bytes (the hashed representation)."""
-    if isinstance(token_ids, array) and token_ids.typecode == "q":  # prompts reach the manager so
-        return (token_ids if len(token_ids) == count else token_ids[:count]).tobytes()
-    if not isinstance(token_ids, np.ndarray):
-        try:  # array() converts a list of ints without numpy's per-call overhead
-            return array("q", token_ids if len(token_ids) == count else token_ids[:count]).tobytes()
-        except (TypeError, OverflowError):
-            pass
-    return np.ascontiguousarray(np.asarray(token_ids[:count], dtype=np.int64)).tobytes()
-
-
-def _root_key(salt: Hashable | None) -> BlockKey:
-    if salt is None:
-        return b"\x00" * _DIGEST
-    return hashlib.blake2b(repr(salt).encode(), digest_size=_DIGEST, person=b"kvforge-salt").digest()
-
 
 
 class PrefixIndex:
@@ -84,8 +45,10 @@ class PrefixIndex:
     enabled = True
 
     def __init__(self, pool: BlockPool, block_size: int) -> None:
+        if not isinstance(pool, BlockPool):
+            raise InvalidBlockError(f"pool must be a BlockPool, got {type(pool).__name__}")
         self.pool = pool
-        self.block_size = block_size
+        self.block_size = as_int(block_size, "block_size", InvalidBlockError, low=1)
         self._blocks: dict[BlockKey, int] = {}
         self._block_key: dict[int, BlockKey] = {}
         self._queries = 0
@@ -103,66 +66,67 @@ class PrefixIndex:
                    parent: BlockKey | None = None, extra: bytes = b"") -> list[BlockKey]:
         """Keys of every full block of ``token_ids`` (a partial tail gets none).
 
-        ``parent`` continues a chain (the key of the block before the first).
+        ``parent`` continues a chain (the key of the block before the first);
+        ``extra`` (bytes) is hashed into every key (e.g. an adapter's name).
         """
-        n = len(token_ids) // self.block_size
-        if n == 0:
-            return []
-        return self._chain(_int64_bytes(token_ids, n * self.block_size), salt, parent, extra)
-
-    def _chain(self, data: bytes, salt: Hashable | None, parent: BlockKey | None, extra: bytes = b"") -> list[BlockKey]:
-        """Keys of the full blocks whose int64 token ids are ``data``, chained after ``parent``."""
-        step = self.block_size * 8
-        key = _root_key(salt) if parent is None else parent
-        keys = []
-        new_hash = _EMPTY_BLAKE.copy
-        for start in range(0, len(data) - step + 1, step):
-            h = new_hash()
-            h.update(key + extra + data[start:start + step])
-            key = h.digest()
-            keys.append(key)
-        return keys
+        tokens = token_array(token_ids, "token_ids")
+        root = chain_start(salt, check_parent(parent))
+        extra = check_extra(extra)
+        n = len(tokens) // self.block_size
+        return self._keys(tokens[: n * self.block_size].tobytes(), root, extra) if n else []
 
     def next_key(self, parent: BlockKey | None, token_ids: Sequence[int] | np.ndarray,
                  salt: Hashable | None = None, extra: bytes = b"") -> BlockKey:
         """The key of one full block (exactly ``block_size`` ids) after ``parent``:
         ``block_keys(token_ids, salt, parent, extra)[0]``, for an external index (a
-        router, an offload tier) that follows a sequence one block at a time."""
-        if len(token_ids) != self.block_size:
-            raise ValueError(f"next_key() needs {self.block_size} token ids, got {len(token_ids)}")
-        return self._chain(_int64_bytes(token_ids, self.block_size), salt, parent, extra)[0]
+        router, an offload tier) that follows a sequence one block at a time. It is
+        computed even when this index caches nothing."""
+        tokens = token_array(token_ids, "token_ids")
+        root = chain_start(salt, check_parent(parent))
+        extra = check_extra(extra)
+        if len(tokens) != self.block_size:
+            raise InvalidBlockError(f"next_key() needs one full block of token_ids ({self.block_size}), "
+                                    f"got {len(tokens)}")
+        return chain_keys(tokens.tobytes(), self.block_size, root, extra)[0]
 
     def extend_chain(self, keys: list[BlockKey], salt: Hashable | None, data: bytes,
                      block_ids: Sequence[int]) -> None:
         """Continue a sequence's chain of block ``keys`` over its next full blocks, held in
-        ``block_ids`` with token ids ``data`` (int64 bytes, block after block), and register them."""
-        new_keys = self._chain(data, salt, keys[-1] if keys else None)
-        keys.extend(new_keys)
-        self.register_many(block_ids, new_keys)
+        ``block_ids`` with token ids ``data`` (int64 bytes, block after block), and register them.
+        Checks everything first: a refused call leaves ``keys`` and the index as they were."""
+        block_ids = self._check_blocks_data(block_ids, data)
+        chain_start(salt, chain_end(keys, "keys"))
+        self._extend_chain(keys, salt, data, block_ids)
 
     def extend_chains(self, chains: Sequence[list[BlockKey]], salts: Sequence[Hashable | None], data: bytes,
                       block_ids: Sequence[int]) -> None:
         """:meth:`extend_chain` of one block each (a decode step's filled blocks): ``chains[i]``
-        gains the key of ``block_ids[i]``, whose ids are block ``i`` of ``data``."""
-        step = self.block_size * 8
-        new_hash = _EMPTY_BLAKE.copy
-        new_keys = []
+        gains the key of ``block_ids[i]``, whose ids are block ``i`` of ``data``. Checks
+        everything first: a refused call leaves the chains and the index as they were."""
+        block_ids = self._check_blocks_data(block_ids, data)
+        if len(chains) != len(block_ids) or len(salts) != len(block_ids):
+            raise InvalidBlockError(f"extend_chains() needs one chain and one salt per block: {len(chains)} "
+                                    f"chains, {len(salts)} salts, {len(block_ids)} block_ids")
         for i, (keys, salt) in enumerate(zip(chains, salts)):
-            h = new_hash()
-            h.update((keys[-1] if keys else _root_key(salt)) + data[i * step:(i + 1) * step])
-            key = h.digest()
-            keys.append(key)
-            new_keys.append(key)
-        self.register_many(block_ids, new_keys)
+            chain_start(salt, chain_end(keys, f"chains[{i}]"))
+        self._extend_chains(chains, salts, data, block_ids)
 
-    # -------------------------------------------------------------- lookup
-    def lookup(self, keys: Sequence[BlockKey], num_tokens: int, *, record: bool = True) -> list[int]:
-        """Cached blocks for the longest prefix of ``keys`` (a query of ``num_tokens``).
+    def _check_blocks_data(self, block_ids: Sequence[int], data: bytes) -> list[int]:
+        """Block ids of the pool (as Python ints) and ``data`` holding exactly their token ids."""
+        ids = block_id_list(block_ids, "block_ids", self.pool.num_blocks)
+        if type(data) is not bytes or len(data) != len(ids) * self.block_size * 8:
+            size = f"{len(data)} bytes" if type(data) is bytes else type(data).__name__
+            raise InvalidBlockError(f"data must be the int64 token ids of the {len(ids)} block(s), "
+                                    f"{len(ids) * self.block_size * 8} bytes, got {size}")
+        return ids
 
-        Counts the query unless ``record`` is false (then the caller calls
-        :meth:`record_query` once the request really went ahead); the caller
-        takes references on the result.
-        """
+    # --- unchecked: the manager's calls, whose arguments it has checked (or made) itself
+    def _keys(self, data: bytes, root: BlockKey, extra: bytes = b"") -> list[BlockKey]:
+        """Keys of the full blocks whose int64 token ids are ``data``, chained after ``root``."""
+        return chain_keys(data, self.block_size, root, extra)
+
+    def _lookup(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Cached blocks for the longest prefix of ``keys`` (nothing recorded)."""
         hits = []
         get = self._blocks.get
         for k in keys:
@@ -170,32 +134,23 @@ class PrefixIndex:
             if b is None:
                 break
             hits.append(b)
-        if record:
-            self.record_query(num_tokens, len(hits))
         return hits
 
-    def record_query(self, num_tokens: int, num_hit_blocks: int) -> None:
-        """Count a query of ``num_tokens`` that found ``num_hit_blocks`` cached blocks."""
-        self._queries += 1
-        self._query_tokens += num_tokens
-        self._hit_tokens += num_hit_blocks * self.block_size
+    def _extend_chain(self, keys: list[BlockKey], salt: Hashable | None, data: bytes, block_ids: list[int]) -> None:
+        new_keys = chain_keys(data, self.block_size, keys[-1] if keys else root_key(salt))
+        self._register_many(block_ids, new_keys)
+        keys.extend(new_keys)
 
-    def register(self, block_id: int, key: BlockKey) -> bool:
-        """Cache a held, full block under ``key``; False when the key is taken
-        by another block (the content is already cached) or the block has a key."""
-        if key in self._blocks or block_id in self._block_key:
-            return False
-        self.pool.mark_cached(block_id)
-        self._blocks[key] = block_id
-        self._block_key[block_id] = key
-        self._registered += 1
-        if self.on_stored is not None:
-            self.on_stored(block_id, key)
-        return True
+    def _extend_chains(self, chains: Sequence[list[BlockKey]], salts: Sequence[Hashable | None], data: bytes,
+                       block_ids: list[int]) -> None:
+        parents = [keys[-1] if keys else root_key(salt) for keys, salt in zip(chains, salts)]
+        new_keys = next_keys(parents, data, self.block_size)
+        self._register_many(block_ids, new_keys)
+        for keys, key in zip(chains, new_keys):
+            keys.append(key)
 
-    def register_many(self, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int:
-        """:meth:`register` each ``(block_ids[i], keys[i])`` in order (one pool call);
-        return how many were registered."""
+    def _register_many(self, block_ids: list[int], keys: Sequence[BlockKey]) -> int:
+        """:meth:`register_many` of checked ids (Python ints of the pool) and keys."""
         blocks, block_key = self._blocks, self._block_key
         fresh: dict[BlockKey, int] = {}
         taken: set[int] = set()
@@ -216,9 +171,51 @@ class PrefixIndex:
                 self.on_stored(block_id, key)
         return len(fresh)
 
+    # -------------------------------------------------------------- lookup
+    def lookup(self, keys: Sequence[BlockKey], num_tokens: int, *, record: bool = True) -> list[int]:
+        """Cached blocks for the longest prefix of ``keys`` (a query of ``num_tokens``).
+
+        Counts the query unless ``record`` is false (then the caller calls
+        :meth:`record_query` once the request really went ahead); the caller
+        takes references on the result.
+        """
+        keys = check_keys(keys)
+        num_tokens = as_int(num_tokens, "num_tokens", InvalidBlockError)
+        hits = self._lookup(keys)
+        if as_flag(record, "record", InvalidBlockError):
+            self.record_query(num_tokens, len(hits))
+        return hits
+
+    def record_query(self, num_tokens: int, num_hit_blocks: int) -> None:
+        """Count a query of ``num_tokens`` that found ``num_hit_blocks`` cached blocks."""
+        self._record_query(as_int(num_tokens, "num_tokens", InvalidBlockError),
+                           as_int(num_hit_blocks, "num_hit_blocks", InvalidBlockError))
+
+    def _record_query(self, num_tokens: int, num_hit_blocks: int) -> None:
+        self._queries += 1
+        self._query_tokens += num_tokens
+        self._hit_tokens += num_hit_blocks * self.block_size
+
+    def register(self, block_id: int, key: BlockKey) -> bool:
+        """Cache a held, full block under ``key``; False when the key is taken
+        by another block (the content is already cached) or the block has a key."""
+        block_id = as_block_id(block_id, self.pool.num_blocks)
+        key = check_key(key, "key")
+        return self._register_many([block_id], [key]) == 1
+
+    def register_many(self, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int:
+        """:meth:`register` each ``(block_ids[i], keys[i])`` in order (one pool call);
+        return how many were registered (all or nothing when an id or key is bad)."""
+        block_ids = block_id_list(block_ids, "block_ids", self.pool.num_blocks)
+        keys = check_keys(keys)
+        if len(block_ids) != len(keys):
+            raise InvalidBlockError(f"register_many() needs one key per block: {len(block_ids)} block_ids, "
+                                    f"{len(keys)} keys")
+        return self._register_many(block_ids, keys)
+
     def on_evict(self, block_id: int) -> None:
         """Forget an evicted block (called by the pool)."""
-        key = self._block_key.pop(block_id, None)
+        key = self._block_key.pop(as_block_id(block_id, self.pool.num_blocks), None)
         if key is not None:
             del self._blocks[key]
             self._evictions += 1
@@ -227,12 +224,18 @@ class PrefixIndex:
 
     def key_of(self, block_id: int) -> BlockKey | None:
         """The key a block is cached under, if any."""
-        return self._block_key.get(block_id)
+        return self._block_key.get(as_block_id(block_id, self.pool.num_blocks))
 
     def relocate(self, mapping: dict[int, int]) -> None:
         """Follow compaction moves ``old id -> new id`` (the keys stay; an external
         index fed by ``on_stored``/``on_removed`` learns of moves through
         :meth:`kvforge.storage.cache.KVCache.add_relocation_listener`)."""
+        if not isinstance(mapping, dict):
+            raise InvalidBlockError(f"mapping must be a dict of old -> new block ids, got {type(mapping).__name__}")
+        pairs = move_list(list(mapping.items()), self.pool.num_blocks, "mapping")
+        mapping = dict(pairs)
+        if len(set(mapping.values())) != len(mapping):
+            raise InvalidBlockError(f"mapping moves two blocks to one id: {mapping!r}")
         moved = {old: new for old, new in mapping.items() if old in self._block_key}
         keys = {old: self._block_key.pop(old) for old in moved}
         for old, new in moved.items():
@@ -264,7 +267,8 @@ class PrefixIndex:
 
 
 class NullPrefixIndex(PrefixIndex):
-    """Caches nothing: keys are not computed, lookups miss, registration is refused."""
+    """Caches nothing: keys are not computed, lookups miss, registration is refused
+    (every argument is still checked, as :class:`PrefixIndex` checks it)."""
 
     enabled = False
 
@@ -272,25 +276,18 @@ class NullPrefixIndex(PrefixIndex):
         super().__init__(pool, block_size)
         pool.on_evict = None
 
-    def block_keys(self, token_ids: Sequence[int] | np.ndarray, salt: Hashable | None = None,
-                   parent: BlockKey | None = None, extra: bytes = b"") -> list[BlockKey]:
+    def _keys(self, data: bytes, root: BlockKey, extra: bytes = b"") -> list[BlockKey]:
         return []
 
-    def lookup(self, keys: Sequence[BlockKey], num_tokens: int, *, record: bool = True) -> list[int]:
-        if record:
-            self.record_query(num_tokens, 0)
+    def _lookup(self, keys: Sequence[BlockKey]) -> list[int]:
         return []
 
-    def register(self, block_id: int, key: BlockKey) -> bool:
-        return False
+    def _extend_chain(self, keys: list[BlockKey], salt: Hashable | None, data: bytes, block_ids: list[int]) -> None:
+        return None
 
-    def register_many(self, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int:
+    def _extend_chains(self, chains: Sequence[list[BlockKey]], salts: Sequence[Hashable | None], data: bytes,
+                       block_ids: list[int]) -> None:
+        return None
+
+    def _register_many(self, block_ids: list[int], keys: Sequence[BlockKey]) -> int:
         return 0
-
-    def extend_chain(self, keys: list[BlockKey], salt: Hashable | None, data: bytes,
-                     block_ids: Sequence[int]) -> None:
-        return None
-
-    def extend_chains(self, chains: Sequence[list[BlockKey]], salts: Sequence[Hashable | None], data: bytes,
-                      block_ids: Sequence[int]) -> None:
-        return None

@@ -1,9 +1,10 @@
-"""Usage metrics: the pool's counters, the tables' token and block counts, host bytes.
+"""Usage metrics: the pool's and the prefix index's counters, the tables' token and
+block counts, host bytes.
 
 :class:`AllocationStats` is the pool's counters at one moment
-(:attr:`~kvforge.core.pool.BlockPool.stats`); :class:`BlockUsage` is computed
-from the public reads of :class:`~kvforge.core.tables.BlockTables`, vectorised
-over every live row. Shared blocks are counted once where a name says
+(:attr:`~kvforge.core.pool.BlockPool.stats`), :class:`PrefixStats` the prefix
+index's; :class:`BlockUsage` is computed from the public reads of
+:class:`~kvforge.core.tables.BlockTables`, vectorised over every live row. Shared blocks are counted once where a name says
 *distinct* and once per sequence where it says *logical* (ARCHITECTURE.md,
 "Metrics that mean what they say").
 """
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from kvforge.core.prefix import PrefixIndex
     from kvforge.core.tables import BlockTables
 
-__all__ = ["AllocationStats", "BlockUsage", "block_usage", "metadata_bytes", "num_live_tokens"]
+__all__ = ["AllocationStats", "BlockUsage", "PrefixStats", "block_usage", "metadata_bytes", "num_live_tokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,25 @@ class AllocationStats:
 
     def to_dict(self) -> dict[str, float]:
         """The snapshot as a plain dict (for JSON)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixStats:
+    """Counters of a prefix index (:meth:`~kvforge.core.prefix.PrefixIndex.stats`).
+    ``hit_rate`` = hit tokens / queried tokens."""
+
+    queries: int
+    query_tokens: int
+    hit_tokens: int
+    hit_rate: float
+    cached_blocks: int
+    evictable_blocks: int
+    evictions: int
+    registered_blocks: int
+
+    def to_dict(self) -> dict[str, float]:
+        """The snapshot as a plain dict."""
         return asdict(self)
 
 
