@@ -1,4 +1,4 @@
-"""Prefix caching: shared prompt blocks, salts, LRU eviction, stats, callbacks, the null index.
+"""Prefix caching: shared prompt blocks, salts (by value), LRU eviction, stats, callbacks, the null index.
 
 Block size 4 throughout; ids, reference counts and the eviction queue are
 asserted after every step. Eviction order (pool.py): least recently released
@@ -6,13 +6,18 @@ first; within one free_sequence the sequence's tail block goes first.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from array import array
+from enum import IntEnum
 
 import numpy as np
 import pytest
 
+from kvforge.core.keys import MAX_SALT_DEPTH, encode_salt, root_key
 from kvforge.core.manager import BlockManager
-from kvforge.errors import OutOfBlocksError
+from kvforge.errors import OutOfBlocksError, SequenceError
 from kvforge.core.prefix import NullPrefixIndex, PrefixIndex, PrefixStats
 
 SYS = [1, 2, 3, 4, 5, 6, 7, 8]                 # a two-block system prompt
@@ -387,3 +392,118 @@ def test_null_index_metadata_and_chains():
     m.prefix.extend_chains([keys], [None], np.arange(4).tobytes(), [0])
     assert keys == [] and m.prefix.register_many([0], [b"k" * 16]) == 0
     assert m.prefix.metadata_bytes() > 0
+
+
+# ------------------------------------------------------------- salts by value
+def _state(m: BlockManager):
+    seqs = {s: (m.block_table(s), m.num_tokens(s), m.token_ids(s)) for s in m.seq_ids}
+    return (seqs, m.pool.free_blocks(), m.pool.evictable_blocks(), m.pool.stats, m.prefix.stats(),
+            [m.prefix.key_of(b) for b in range(m.pool.num_blocks)])
+
+
+class _Tenant(IntEnum):
+    A = 1
+
+
+DISTINCT_SALTS = [
+    "1", b"1", 1, (1,), ("1",), (b"1",), ((1,),), (1, 1), ((1, 1),), ((1,), 1), (1, (1,)),
+    "", b"", 0, (), ((),), ("",), (b"",), (0,),
+    -1, 255, 256, -128, -129, 2**64, -2**64, 2**64 - 1,
+    "a", "ab", ("a", "b"), ("ab",), ("a", ("b",)), (("a",), "b"), ("a", "b", ""),
+    "é", "e\u0301", "\x00", b"\x00", "None", "1.0", "(1,)", "b'1'",
+    b"s\x00\x00\x00\x00\x00\x00\x00\x011",    # the bytes of the encoding of "1"
+]
+
+
+def test_distinct_salts_give_distinct_keys():
+    roots = [root_key(s) for s in DISTINCT_SALTS]
+    assert len(set(roots)) == len(roots)
+    assert root_key(None) not in roots
+    idx = BlockManager(8, 4).prefix
+    firsts = [idx.block_keys([1, 2, 3, 4], salt=s)[0] for s in DISTINCT_SALTS + [None]]
+    assert len(set(firsts)) == len(firsts)
+
+
+@pytest.mark.parametrize("a, b", [
+    (1, np.int64(1)), (1, np.uint8(1)), (1, _Tenant.A), (-5, np.int32(-5)), (2**64, 2**64),
+    ("tenant", "ten" + "ant"), ("x", np.str_("x")), (b"x", bytes([120])),
+    ((1, "a", b"b"), (np.int64(1), "a", b"b")), ((("n",),), (("n",),)),
+], ids=repr)
+def test_equal_salts_share_keys(a, b):
+    assert root_key(a) == root_key(b) and encode_salt(a) == encode_salt(b)
+    m = BlockManager(16, 4)
+    m.add_sequence("A", SYS + [9], salt=a)
+    r = m.add_sequence("B", SYS + [9], salt=b)
+    assert r.num_cached_tokens == 8             # equal salts share the cached prefix
+    ok(m)
+
+
+def test_salt_keys_are_fixed_digests():
+    # the same in every process, under every PYTHONHASHSEED: the encoding, not repr or hash()
+    assert root_key(None) == bytes(16)
+    assert encode_salt("tenant-a") == b"s" + (8).to_bytes(8, "big") + b"tenant-a"
+    assert encode_salt((1, b"x")) == b"t" + (2).to_bytes(8, "big") + b"i" + (1).to_bytes(8, "big") + b"\x01" \
+        + b"b" + (1).to_bytes(8, "big") + b"x"
+    assert encode_salt(-129) == b"i" + (2).to_bytes(8, "big") + b"\xff\x7f"
+    assert root_key("tenant-a").hex() == "4c902c0157cccf94e6a7434b226d67e4"
+    assert root_key(("tenant", 7, b"\x00")).hex() == "99f3925b387236ebd0e30ce5e036c7ff"
+    assert BlockManager(8, 4).prefix.block_keys([1, 2, 3, 4], salt="tenant-a")[0].hex() == \
+        "3ad9e10f4c2ab53370a5031a3cb07a58"
+    code = ("from kvforge.core.keys import root_key; "
+            "print(root_key('tenant-a').hex(), root_key(('tenant', 7, b'\\x00')).hex())")
+    for seed in ("0", "12345"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()
+        assert out == ["4c902c0157cccf94e6a7434b226d67e4", "99f3925b387236ebd0e30ce5e036c7ff"]
+
+
+BAD_SALTS = [
+    (1.5, "float"), (1.0, "float"), (np.float64(2.0), "float64"), (True, "bool"), (np.True_, "bool"),
+    ([1], "list"), ({"a": 1}, "dict"), ({1}, "set"), (frozenset({1}), "frozenset"), (object(), "object"),
+    (bytearray(b"x"), "bytearray"), ((1, None), "NoneType"), (("a", 1.5), "float"), ((("a",), [1]), "list"),
+    ((True,), "bool"), ("\ud800", "surrogate"),
+]
+
+
+@pytest.mark.parametrize("salt, needle", BAD_SALTS, ids=[repr(s) for s, _ in BAD_SALTS])
+@pytest.mark.parametrize("prefix", [True, False])
+def test_bad_salts_are_refused_and_change_nothing(salt, needle, prefix):
+    m = BlockManager(16, 4, enable_prefix_caching=prefix)
+    m.add_sequence("a", SYS + [9], salt="t")
+    m.add_sequence("gone", [5, 5, 5, 5, 5])
+    m.free_sequence("gone")
+    before = _state(m)
+    calls = [lambda: m.add_sequence("b", SYS + [9], salt=salt),
+             lambda: m.add_sequence("c", salt=salt),                       # no prompt: the salt is still checked
+             lambda: m.add_sequence("d", SYS, salt=salt, num_tokens=2),
+             lambda: m.num_blocks_needed(9, SYS + [9], salt=salt),
+             lambda: m.can_add_sequence(9, SYS + [9], salt),
+             lambda: m.prefix.block_keys(SYS, salt=salt),
+             lambda: m.prefix.next_key(None, SYS[:4], salt=salt)]
+    for call in calls:
+        with pytest.raises(SequenceError) as exc:
+            call()
+        assert type(exc.value) is SequenceError and needle in str(exc.value), str(exc.value)
+        assert _state(m) == before
+        ok(m)
+    assert "b" not in m and "c" not in m and "d" not in m
+
+
+def test_too_deep_salts_are_refused():
+    salt: object = "x"
+    for _ in range(MAX_SALT_DEPTH):
+        salt = (salt,)
+    root_key(salt)                              # 32 levels: fine
+    with pytest.raises(SequenceError, match="deeper than 32"):
+        root_key((salt,))
+
+
+def test_salt_of_a_fork_and_of_decode_filled_blocks():
+    m = BlockManager(16, 4)
+    m.add_sequence("a", [1, 2, 3], salt=("t", 1))
+    m.fork("a", "b")
+    m.append_tokens_batch(["a", "b"], 1, [4, 4])              # both fill block 0 (b copies it first)
+    assert m.prefix.key_of(m.block_table("a")[0]) == m.prefix.block_keys([1, 2, 3, 4], salt=("t", 1))[0]
+    r = m.add_sequence("c", [1, 2, 3, 4, 5], salt=("t", np.int64(1)))   # equal to ("t", 1)
+    assert r.num_cached_tokens == 4
+    ok(m)

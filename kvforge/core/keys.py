@@ -7,16 +7,39 @@ name the whole prefix, not just one block, and the 128-bit digest makes a
 collision that would let one tenant read another's keys/values infeasible.
 :class:`~kvforge.core.prefix.PrefixIndex` maps keys to cached blocks; this
 module only computes and checks them.
+
+Salts by value. A salt is None (no salt: the root key is 16 zero bytes), a
+``str``, ``bytes`` or ``int`` (numpy integers count as ints; ``bool`` does
+not), or a tuple of salts (nested tuples allowed, at most
+:data:`MAX_SALT_DEPTH` deep). Its root key is
+``BLAKE2b-128(encode(salt), person=b"kvforge-salt")`` over a type-tagged,
+length-prefixed canonical encoding (:func:`encode_salt`), where ``len`` is an
+8-byte big-endian unsigned count::
+
+    str    b"s" + len(utf8) + utf8        utf8 = salt.encode("utf-8"), strict
+    bytes  b"b" + len(salt) + salt
+    int    b"i" + len(data) + data        data: two's complement, big-endian, fewest bytes
+    tuple  b"t" + len(salt) + encode(salt[0]) + encode(salt[1]) + ...
+
+Every encoding is self-delimiting, so the encoding is injective: equal salts
+(``1`` and ``numpy.int64(1)``, two equal strings) give equal keys in every
+process, and distinct salts give distinct keys, whatever their ``repr`` (the
+string ``"1"``, the bytes ``b"1"``, the int ``1`` and the tuple ``(1,)`` all
+differ). Anything else (a float, None inside a tuple, a list, a dict, a bool,
+any other object) is refused with a :class:`~kvforge.errors.SequenceError`
+naming its type, before anything changes.
 """
 from __future__ import annotations
 
 import hashlib
 from typing import Hashable, Sequence
 
-from kvforge.errors import InvalidBlockError
+import numpy as np
 
-__all__ = ["DIGEST", "BlockKey", "chain_end", "chain_keys", "chain_start", "check_extra", "check_key", "check_keys",
-           "check_parent", "next_keys", "root_key"]
+from kvforge.errors import InvalidBlockError, SequenceError
+
+__all__ = ["DIGEST", "MAX_SALT_DEPTH", "BlockKey", "chain_end", "chain_keys", "chain_start", "check_extra",
+           "check_key", "check_keys", "check_parent", "encode_salt", "next_keys", "root_key"]
 
 BlockKey = bytes
 #: bytes of a key (BLAKE2b digest size)
@@ -27,11 +50,49 @@ DIGEST = 16
 _EMPTY_BLAKE = hashlib.blake2b(digest_size=DIGEST)
 
 
+#: how deep tuples may nest in a salt
+MAX_SALT_DEPTH = 32
+_NO_SALT = b"\x00" * DIGEST
+
+
 def root_key(salt: Hashable | None) -> BlockKey:
-    """The parent key of a request's first block: zeros without a salt."""
+    """The parent key of a request's first block: zeros without a salt, else the
+    BLAKE2b-128 digest of the salt's canonical encoding (:func:`encode_salt`).
+    Raises :class:`~kvforge.errors.SequenceError` for a salt of any other type."""
     if salt is None:
-        return b"\x00" * DIGEST
-    return hashlib.blake2b(repr(salt).encode(), digest_size=DIGEST, person=b"kvforge-salt").digest()
+        return _NO_SALT
+    return hashlib.blake2b(encode_salt(salt), digest_size=DIGEST, person=b"kvforge-salt").digest()
+
+
+def encode_salt(salt: object) -> bytes:
+    """The canonical, type-tagged encoding of a salt (see the module docstring)."""
+    out: list[bytes] = []
+    _encode(salt, out, "salt", 0)
+    return b"".join(out)
+
+
+def _encode(value: object, out: list[bytes], where: str, depth: int) -> None:
+    if isinstance(value, str):
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SequenceError(f"{where} must be valid unicode (it holds a lone surrogate): {value!r}") from None
+        out += (b"s", len(data).to_bytes(8, "big"), data)
+    elif isinstance(value, bytes):
+        out += (b"b", len(value).to_bytes(8, "big"), bytes(value))
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        v = int(value)
+        data = v.to_bytes((v + (v < 0)).bit_length() // 8 + 1, "big", signed=True)
+        out += (b"i", len(data).to_bytes(8, "big"), data)
+    elif isinstance(value, tuple):
+        if depth >= MAX_SALT_DEPTH:
+            raise SequenceError(f"{where} nests tuples deeper than {MAX_SALT_DEPTH}")
+        out += (b"t", len(value).to_bytes(8, "big"))
+        for i, item in enumerate(value):
+            _encode(item, out, f"{where}[{i}]", depth + 1)
+    else:
+        raise SequenceError(f"{where} must be a str, bytes, int or a tuple of those (or None for no salt), "
+                            f"got {type(value).__name__} {value!r}")
 
 
 def chain_keys(data: bytes, block_size: int, parent: BlockKey, extra: bytes = b"") -> list[BlockKey]:

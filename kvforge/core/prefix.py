@@ -8,6 +8,23 @@ one tenant read another's keys/values infeasible; a per-request salt isolates
 tenants completely because every key of a salted request differs from every
 unsalted or differently salted key.
 
+Salts are compared by value. A salt is None (no salt), a ``str``, ``bytes``
+or ``int`` (numpy integers too, never ``bool``), or a tuple of salts (nested
+up to 32 deep). Its root key is ``BLAKE2b-128(encode(salt),
+person=b"kvforge-salt")`` over a type-tagged, length-prefixed encoding
+(``len``: 8 bytes, big-endian)::
+
+    str    b"s" + len(utf8) + utf8        utf8 = salt.encode("utf-8"), strict
+    bytes  b"b" + len(salt) + salt
+    int    b"i" + len(data) + data        data: two's complement, big-endian, fewest bytes
+    tuple  b"t" + len(salt) + encode(salt[0]) + encode(salt[1]) + ...
+
+so equal salts share cached blocks in every process and distinct ones
+(``"1"``, ``b"1"``, ``1``, ``(1,)``) never do, whatever their ``repr``. Any
+other salt (a float, a list, None inside a tuple, a bool, an object) raises
+:class:`~kvforge.errors.SequenceError` naming its type, before anything
+changes (:func:`kvforge.core.keys.encode_salt`).
+
 Pure bookkeeping: blocks are ids of a :class:`~kvforge.core.pool.BlockPool`. The
 pool keeps cached blocks with zero references as *evictable* (LRU); when it
 evicts one it calls back :meth:`PrefixIndex.on_evict`, which forgets the key.
@@ -236,6 +253,9 @@ class PrefixIndex:
         mapping = dict(pairs)
         if len(set(mapping.values())) != len(mapping):
             raise InvalidBlockError(f"mapping moves two blocks to one id: {mapping!r}")
+        clash = next((new for new in mapping.values() if new in self._block_key and new not in mapping), None)
+        if clash is not None:
+            raise InvalidBlockError(f"mapping moves a block onto block {clash}, which holds a key and stays")
         moved = {old: new for old, new in mapping.items() if old in self._block_key}
         keys = {old: self._block_key.pop(old) for old in moved}
         for old, new in moved.items():
