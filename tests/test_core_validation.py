@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvforge.core import BlockManager, BlockPool, CompactionPlan, PrefixIndex, plan_compaction
+from kvforge.core import BlockManager, BlockPool, CompactionPlan, PrefixIndex, blocks_for_tokens, plan_compaction
 from kvforge.core.compaction import should_compact
 from kvforge.errors import ConfigError, InvalidBlockError, KVForgeError, OutOfBlocksError, SequenceError
 
@@ -250,6 +250,9 @@ BAD_CALLS = [
     ("position-float", lambda m: m.get_block_for_position("a", 1.0), SequenceError, "1.0"),
     ("position-bool", lambda m: m.get_block_for_position("a", True), SequenceError, "True"),
     ("token-ids-unhashable", lambda m: m.token_ids(["x"]), SequenceError, "['x']"),
+    ("contains-unhashable", lambda m: ["x"] in m, SequenceError, "['x']"),
+    ("blocks-for-tokens-float", lambda m: blocks_for_tokens(2.5, 4), SequenceError, "2.5"),
+    ("blocks-for-tokens-zero-size", lambda m: blocks_for_tokens(8, 0), SequenceError, "block_size"),
     ("view-width-multiple-zero", lambda m: m.step_view(["a"], 1, width_multiple=0), SequenceError,
      "width_multiple"),
     ("view-width-multiple-bool", lambda m: m.step_view(["a"], 1, width_multiple=True), SequenceError, "True"),
@@ -390,6 +393,7 @@ def test_apply_compaction_refuses_a_plan_whose_later_phase_is_bad():
 # ----------------------------------------------------------- random valid and invalid calls
 BAD_COUNTS = [-1, 2.5, True, None, "1", np.float64(1.0), 2**70, ["x"]]
 BAD_TOKENS = [[None], ["x"], [2**70], [2.5], [-1], [True], "ab", 5, np.array([0.5])]
+BAD_TOKEN_VALUES = [None, "x", 2**70, 2.5, -1, True, np.float64(3.0), [1]]
 BAD_BLOCKS = [-1, 10**6, True, 1.5, None, "0"]
 
 
@@ -457,6 +461,7 @@ class ValidThenInvalid(RuleBasedStateMachine):
         count = data.draw(st.sampled_from(BAD_COUNTS))
         bad_or_none = -1 if count is None else count  # for arguments where None means "default"
         tokens = data.draw(st.sampled_from(BAD_TOKENS))
+        bad_token = data.draw(st.sampled_from(BAD_TOKEN_VALUES))
         block = data.draw(st.sampled_from(BAD_BLOCKS))
         free_id = m.pool.free_blocks()[0] if m.pool.free_blocks() else 0
         calls = [
@@ -464,7 +469,7 @@ class ValidThenInvalid(RuleBasedStateMachine):
             lambda: m.append_tokens(sid, 1, tokens),
             lambda: m.append_tokens_batch(live + ["missing"], 1),
             lambda: m.append_tokens_batch(live + live[:1], 1) if live else m.free_sequence("missing"),
-            lambda: m.append_tokens_batch(live, 1, [0] * (len(live) - 1) + [tokens]) if live else
+            lambda: m.append_tokens_batch(live, 1, [0] * (len(live) - 1) + [bad_token]) if live else
             m.add_sequence("new", tokens),
             lambda: m.append_tokens_batch(live, [1] * (len(live) - 1) + [count]) if live else m.pool.grow(count),
             lambda: m.add_sequence("new", tokens),

@@ -102,7 +102,7 @@ class SequenceAdmission:
                 keys = self.prefix._keys(tokens[:full].tobytes(), root)
                 hits = self.prefix._lookup(keys)
         reserve = max(num_tokens or 0, len(hits) * bs)
-        revived = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        revived = sum(1 for b in hits if self.pool.ref_count(b) == 0) if hits else 0
         return _Admission(tokens, reserve, keys, hits, blocks_for_tokens(reserve, bs) - len(hits), revived)
 
     def add_sequence(self, seq_id: SeqId, prompt_token_ids: Sequence[int] | None = None,

@@ -32,7 +32,10 @@ class SequenceRows(Generic[State]):
         self._states: dict[SeqId, State] = {}
 
     def __contains__(self, seq_id: SeqId) -> bool:
-        return seq_id in self._rows
+        try:
+            return seq_id in self._rows
+        except TypeError:
+            raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -92,8 +95,8 @@ class SequenceRows(Generic[State]):
         rows = self.rows(seq_ids)
         if len(rows) > 1:
             seen = np.bincount(rows)
-            if int(seen.max()) > 1:
-                twice = int(seen.argmax())
+            twice = int(seen.argmax())  # argmax, not max(): no ufunc reduction on the decode path
+            if seen[twice] > 1:
                 sid = seq_ids[int(np.flatnonzero(rows == twice)[0])]
                 raise SequenceError(f"{what} names sequence {sid!r} {int(seen[twice])} times")
         return rows

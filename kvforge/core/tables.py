@@ -14,14 +14,19 @@ block ids from the pool; everything else reads through the methods here.
 from __future__ import annotations
 
 from kvforge.core.append_plan import AppendPlan, AppendPlanning
+from kvforge.core.ids import as_int
 from kvforge.core.steps import StepView, TableViews
 
 __all__ = ["AppendPlan", "BlockTables", "StepView", "blocks_for_tokens"]
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
-    """Blocks needed to hold ``num_tokens`` tokens (``ceil(num_tokens / block_size)``, exact)."""
-    return -(-int(num_tokens) // int(block_size))
+    """Blocks needed to hold ``num_tokens`` tokens (``ceil(num_tokens / block_size)``, exact);
+    both are integers (``num_tokens >= 0``, ``block_size >= 1``), else :class:`SequenceError`."""
+    if type(num_tokens) is not int or type(block_size) is not int or num_tokens < 0 or block_size < 1:
+        num_tokens = as_int(num_tokens, "num_tokens")
+        block_size = as_int(block_size, "block_size", low=1)
+    return -(-num_tokens // block_size)
 
 
 class BlockTables(TableViews, AppendPlanning):
