@@ -4,9 +4,10 @@ block counts, host bytes.
 :class:`AllocationStats` is the pool's counters at one moment
 (:attr:`~kvforge.core.pool.BlockPool.stats`), :class:`PrefixStats` the prefix
 index's; :class:`BlockUsage` is computed from the public reads of
-:class:`~kvforge.core.tables.BlockTables`, vectorised over every live row. Shared blocks are counted once where a name says
-*distinct* and once per sequence where it says *logical* (ARCHITECTURE.md,
-"Metrics that mean what they say").
+:class:`~kvforge.core.tables.BlockTables`, vectorised over every live row.
+Shared blocks are counted once where a name says *distinct* and once per
+sequence where it says *logical* (ARCHITECTURE.md, "Metrics that mean what
+they say").
 """
 from __future__ import annotations
 
