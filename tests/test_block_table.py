@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from kvforge import CacheConfig, KVCache
 from kvforge.core import BlockUsage, StepView, blocks_for_tokens
 from kvforge.core.manager import AddSequenceResult, BlockManager, SequenceBlockTable
 from kvforge.core.slots import UNKNOWN, SlotTokens
@@ -756,9 +754,3 @@ def test_large_pool_manager_keeps_host_arrays_small():
     ok(m)
     assert m.tables._slot_tokens.num_stored_blocks <= 4
     assert m.metadata_bytes() < 4 * 2**20
-
-
-def test_large_pools_keep_int64_slots():  # (storage-level; it lives in tests/test_step.py once you are done — just make sure it passes)
-    cfg = CacheConfig(block_size=2**16, num_blocks=2**16, num_layers=1, num_kv_heads=1, head_dim=16, dtype=torch.float16, device="cpu", initial_blocks=1, chunk_blocks=1)
-    cache = KVCache(cfg, backend="torch"); cache.add_sequence("a", [1, 2])
-    assert cache.prepare_step(["a"], 2, num_decodes=0).slot_mapping.dtype == torch.int64
