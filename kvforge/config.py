@@ -64,6 +64,11 @@ class CacheConfig:
     ``initial_blocks`` set, the device storage starts with that many blocks
     (rounded up to whole chunks of ``chunk_blocks``) and grows on demand up
     to ``num_blocks`` (an elastic pool); compaction hands emptied chunks back.
+
+    ``host_memory`` (bytes, or a size such as ``"64GiB"``; 0 = off) adds a host
+    tier: pinned CPU memory in blocks of the same size, allocated in chunks of
+    ``host_chunk_blocks`` as it is first used. Evicted prefix blocks spill
+    there and come back on a hit; ``KVCache.swap_out`` moves sequences there.
     """
 
     block_size: int
@@ -79,6 +84,8 @@ class CacheConfig:
     initial_blocks: int | None = None
     chunk_blocks: int | None = None
     auto_compact: bool = False
+    host_memory: int | str = 0
+    host_chunk_blocks: int | None = None
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -107,12 +114,29 @@ class CacheConfig:
                 raise ConfigError(f"initial_blocks={self.initial_blocks} exceeds num_blocks={self.num_blocks}")
         if self.chunk_blocks is not None:
             _positive_int("chunk_blocks", self.chunk_blocks, MAX_NUM_BLOCKS, "2**31 - 1: block ids are int32")
+        self._check_host_memory()
         total = self.estimated_memory_bytes()
         if total > MAX_BYTES:
             raise ConfigError(
                 f"num_blocks={self.num_blocks} blocks of {format_bytes(self.bytes_per_block)} ({self.num_layers} layers, "
                 f"{self.num_kv_heads} KV heads, head dim {self.head_dim}, block size {self.block_size}) make "
                 f"{format_bytes(total)}, beyond the limit of 1 EiB (2**60 bytes) for the whole pool")
+
+    def _check_host_memory(self) -> None:
+        value = self.host_memory
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
+            raise ConfigError(f"host_memory must be a byte count or a size such as '64GiB', got {value!r:.60}")
+        num_bytes = parse_bytes(value)
+        if num_bytes < 0:
+            raise ConfigError(f"host_memory must be >= 0 bytes (0 = no host tier), got {value!r}")
+        if num_bytes > MAX_BYTES:
+            raise ConfigError(f"host_memory={value!r} exceeds the limit of 1 EiB (2**60 bytes)")
+        object.__setattr__(self, "host_memory", num_bytes)
+        if self.host_chunk_blocks is not None:
+            _positive_int("host_chunk_blocks", self.host_chunk_blocks, MAX_NUM_BLOCKS, "2**31 - 1: block ids are int32")
+        if num_bytes and num_bytes // self.bytes_per_block > MAX_NUM_BLOCKS:
+            raise ConfigError(f"host_memory={format_bytes(num_bytes)} makes more than 2**31 - 1 host blocks of "
+                              f"{format_bytes(self.bytes_per_block)}")
 
     # ----------------------------------------------------------- constructors
     @classmethod
@@ -275,6 +299,23 @@ class CacheConfig:
         if self.chunk_blocks is not None:
             return min(self.chunk_blocks, self.num_blocks)
         return _chunk_divisor(self.num_blocks)
+
+    @property
+    def num_host_blocks(self) -> int:
+        """Blocks the host tier holds (``host_memory // bytes_per_block``; 0: no host tier)."""
+        return self.host_memory // self.bytes_per_block  # type: ignore[operator]
+
+    @property
+    def resolved_host_chunk_blocks(self) -> int:
+        """Blocks per pinned host chunk: ``host_chunk_blocks`` when set, else the blocks of
+        256 MiB (at least one, at most the tier). The host tier allocates chunk by chunk, as
+        its blocks are first used: a large budget costs nothing until it is needed."""
+        n = self.num_host_blocks
+        if not n:
+            return 0
+        if self.host_chunk_blocks is not None:
+            return min(self.host_chunk_blocks, n)
+        return max(1, min(n, (256 * 2**20) // self.bytes_per_block))
 
     def estimated_memory_bytes(self) -> int:
         """Bytes the full pool takes on the device (all layers, keys and values)."""

@@ -14,12 +14,14 @@ prefix index is then asked through its unchecked calls: the ids are checked).
 """
 from __future__ import annotations
 
+import logging
 from array import array
-from typing import Hashable, NamedTuple, Sequence
+from typing import Callable, Hashable, NamedTuple, Sequence
 
 import numpy as np
 
 from kvforge.core.chains import KeyChain
+from kvforge.core.host_tier import HostTier
 from kvforge.core.ids import as_int, token_array
 from kvforge.core.sequences import SequenceRows
 from kvforge.core.pool import BlockPool
@@ -27,6 +29,8 @@ from kvforge.core.keys import root_key
 from kvforge.core.prefix import BlockKey, PrefixIndex
 from kvforge.core.tables import BlockTables, blocks_for_tokens
 from kvforge.errors import OutOfBlocksError, SequenceError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AddSequenceResult", "SequenceAdmission"]
 
@@ -47,12 +51,14 @@ class AddSequenceResult(NamedTuple):
 class _Admission(NamedTuple):
     """What an admission would do (nothing changed yet): the prompt's ids (None: none
     given), the tokens to reserve, the keys of the prompt's full blocks before its last
-    token, the cached blocks reused, and how many blocks it takes new / revives."""
+    token, the cached device blocks reused, the host blocks that continue them (copied
+    into new device blocks), and how many blocks it takes new / revives."""
 
     tokens: array[int] | None
     num_tokens: int
     keys: list[BlockKey]
     hits: list[int]
+    host_hits: list[int]
     num_new: int
     num_revived: int
 
@@ -64,7 +70,11 @@ class SequenceAdmission:
     pool: BlockPool
     prefix: PrefixIndex
     tables: BlockTables
+    host: HostTier
     _seqs: SequenceRows[KeyChain]
+    copy_to_device: Callable[[list[tuple[int, int]]], None] | None
+    flush_spills: Callable[[], None]
+    _check_new: Callable[[SeqId], None]
 
     def num_blocks_needed(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
                           salt: Hashable | None = None) -> int:
@@ -92,6 +102,7 @@ class SequenceAdmission:
         root = root_key(salt)  # checks the salt, with or without a prompt
         keys: list[BlockKey] = []
         hits: list[int] = []
+        host_hits: list[int] = []
         if tokens is not None:
             num_tokens = len(tokens) if num_tokens is None else num_tokens
             if num_tokens > len(tokens):
@@ -101,9 +112,11 @@ class SequenceAdmission:
             if full and self.prefix.enabled:
                 keys = self.prefix._keys(tokens[:full].tobytes(), root)
                 hits = self.prefix._lookup(keys)
-        reserve = max(num_tokens or 0, len(hits) * bs)
+                host_hits = self.host.lookup(keys[len(hits):])
+        reserve = max(num_tokens or 0, (len(hits) + len(host_hits)) * bs)
         revived = sum(1 for b in hits if self.pool.ref_count(b) == 0) if hits else 0
-        return _Admission(tokens, reserve, keys, hits, blocks_for_tokens(reserve, bs) - len(hits), revived)
+        return _Admission(tokens, reserve, keys, hits, host_hits, blocks_for_tokens(reserve, bs) - len(hits),
+                          revived)
 
     def add_sequence(self, seq_id: SeqId, prompt_token_ids: Sequence[int] | None = None,
                      salt: Hashable | None = None, *, num_tokens: int | None = None) -> AddSequenceResult:
@@ -115,7 +128,7 @@ class SequenceAdmission:
         blocks do not fit, :class:`SequenceError` on a duplicate id or a bad
         argument; either way nothing changed.
         """
-        self._seqs.check_new(seq_id)
+        self._check_new(seq_id)
         plan = self._plan_admission(num_tokens, prompt_token_ids, salt)
         bs, pool, tokens, hits, keys = self.block_size, self.pool, plan.tokens, plan.hits, plan.keys
         need, revived, reserve = plan.num_new, plan.num_revived, plan.num_tokens
@@ -124,17 +137,52 @@ class SequenceAdmission:
                 f"sequence {seq_id!r} needs {need} new blocks (+{revived} cached to revive) for "
                 f"{reserve} tokens; {pool.num_available_blocks} available",
                 requested=need + revived, available=pool.num_available_blocks)
-        if tokens is not None:  # counted only now: a refused request queried nothing
-            self.prefix._record_query(len(tokens), len(hits))
         pool.incref(hits)
-        ids = hits + pool.allocate(need)
+        self.host.pool.incref(plan.host_hits)  # before allocating: no spill may drop them
+        new = pool.allocate(need)
+        host_hits = self._onboard(plan.host_hits, new, hits) if plan.host_hits else plan.host_hits
+        if len(host_hits) < len(plan.host_hits):  # the copy failed: those tokens are computed instead
+            reserve = max(num_tokens if num_tokens is not None else len(tokens or ()), len(hits) * bs)
+            surplus = len(hits) + len(new) - blocks_for_tokens(reserve, bs)
+            if surplus > 0:
+                pool.free(new[len(new) - surplus:])
+                del new[len(new) - surplus:]
+        if tokens is not None:  # counted only now: a refused request queried nothing
+            self.prefix._record_query(len(tokens), len(hits) + len(host_hits), len(host_hits))
+        ids = hits + new
         row = self.tables.new_row()
-        cached = len(hits) * bs
+        cached = (len(hits) + len(host_hits)) * bs
         slots = self.tables.assign(row, ids, reserve, None if tokens is None else np.frombuffer(tokens, np.int64),
-                                   cached)
+                                   len(hits) * bs)[len(host_hits) * bs:]
         known = min(reserve // bs, len(keys))  # keys of reserved full blocks: no hashing again
         chain = KeyChain(salt, keys[:known])
         self._seqs.add(seq_id, row, chain)
+        # the onboarded blocks take their keys back from the host tier, whose blocks stay as their copies
         self.prefix._register_many(ids[len(hits):known], keys[len(hits):known])
         chain.register_full_blocks(self.prefix, self.tables, row)
         return AddSequenceResult(seq_id, cached, slots, ids)
+
+    def _onboard(self, host_hits: list[int], new: list[int], hits: list[int]) -> list[int]:
+        """Copy the host hits into the first new device blocks (after the queued spills,
+        which may read those very blocks); return the host hits now on the device: all,
+        or none when the copy raised (the request then computes those tokens)."""
+        host = self.host  # the caller holds a reference on each host hit; released here
+        try:
+            self.flush_spills()
+            if self.copy_to_device is not None:
+                self.copy_to_device(list(zip(host_hits, new)))
+        except Exception as exc:
+            host.failed_copies += 1
+            log.warning("onboarding %d block(s) from the host tier failed (%s); they are recomputed",
+                        len(host_hits), exc)
+            for h in host_hits:  # the recomputed device blocks take over their keys
+                host.forget_key(h)
+            return []
+        except BaseException:
+            self.pool.free(new + hits)
+            raise
+        finally:
+            host.pool.free(host_hits)
+        host.onboarded += len(host_hits)
+        host.host_hit_tokens += len(host_hits) * self.block_size
+        return host_hits

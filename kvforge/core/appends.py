@@ -44,6 +44,7 @@ class SequenceAppends:
     _seqs: SequenceRows[KeyChain]
     pending_copies: list[tuple[int, int]]
     copy_blocks: Callable[[list[tuple[int, int]]], None] | None
+    flush_spills: Callable[[], None]
     num_cow_copies: int
 
     def append_tokens(self, seq_id: SeqId, n: int, token_ids: Sequence[int] | None = None) -> np.ndarray:
@@ -156,6 +157,7 @@ class SequenceAppends:
         pairs = list(zip(tables.last_blocks(rows), fresh))
         if self.copy_blocks is not None:
             try:
+                self.flush_spills()  # the fresh blocks may have been evicted just now: copied out first
                 self.copy_blocks(pairs)
             except BaseException:
                 pool.free(fresh)

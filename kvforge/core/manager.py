@@ -32,8 +32,10 @@ from kvforge.core.admission import AddSequenceResult, SequenceAdmission
 from kvforge.core.appends import SequenceAppends
 from kvforge.core.chains import KeyChain
 from kvforge.core.compaction import CompactionPlan, plan_compaction
+from kvforge.core.host_tier import HostTier, NullHostTier
 from kvforge.core.ids import as_flag, as_int, block_id_list, indexable, is_int, last_counts
 from kvforge.core.sequences import SequenceRows
+from kvforge.core.swap import SequenceSwap
 from kvforge.core.pool import BlockPool
 from kvforge.core.prefix import NullPrefixIndex, PrefixIndex
 from kvforge.core.tables import BlockTables, StepView, blocks_for_tokens
@@ -57,15 +59,18 @@ class SequenceBlockTable(NamedTuple):
     num_tokens: int
 
 
-class BlockManager(SequenceAdmission, SequenceAppends):
+class BlockManager(SequenceAdmission, SequenceAppends, SequenceSwap):
     """Block tables of many sequences over one pool, with prefix reuse and fork.
 
     ``seq_id`` may be any hashable. Every failing call raises (a
     :class:`~kvforge.errors.KVForgeError`) and changes nothing.
+    ``num_host_blocks`` > 0 adds a host tier (:mod:`~kvforge.core.host_tier`):
+    evicted prefix blocks spill there, prefix hits there come back, and
+    sequences swap out to it (:mod:`~kvforge.core.swap`).
     """
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 capacity: int | None = None, pool: BlockPool | None = None) -> None:
+                 capacity: int | None = None, pool: BlockPool | None = None, num_host_blocks: int = 0) -> None:
         self.block_size = as_int(block_size, "block_size", low=1, high=MAX_BLOCK_SIZE)
         enable_prefix_caching = as_flag(enable_prefix_caching, "enable_prefix_caching")
         if pool is None:
@@ -84,10 +89,18 @@ class BlockManager(SequenceAdmission, SequenceAppends):
         #: copies through it before any table changes (:mod:`~kvforge.core.appends`)
         self.copy_blocks: Callable[[list[tuple[int, int]]], None] | None = None
         self.num_cow_copies = 0
+        num_host_blocks = as_int(num_host_blocks, "num_host_blocks", InvalidBlockError, high=2**31 - 1)
+        self.host: HostTier = HostTier(num_host_blocks) if num_host_blocks else NullHostTier()
+        if self.host.enabled:
+            self.prefix.tier = self.host
+        self._seqs.swapped = self.host.swapped
+        self.copy_to_host: Callable[[list[tuple[int, int]]], None] | None = None
+        self.copy_to_device: Callable[[list[tuple[int, int]]], None] | None = None
 
     # ------------------------------------------------------------- queries
     def __contains__(self, seq_id: SeqId) -> bool:
-        return seq_id in self._seqs
+        """Whether the sequence exists: running, or swapped out to the host tier."""
+        return seq_id in self._seqs or seq_id in self.host.swapped
 
     def __len__(self) -> int:
         return len(self._seqs)
@@ -98,14 +111,16 @@ class BlockManager(SequenceAdmission, SequenceAppends):
         return self._seqs.ids()
 
     def num_tokens(self, seq_id: SeqId) -> int:
-        """Tokens with a reserved slot in the sequence."""
-        return self.tables.num_tokens(self._seqs.row(seq_id))
+        """Tokens with a reserved slot in the sequence (swapped out or not)."""
+        rec = self.host.swapped.get(seq_id) if self.host.swapped else None
+        return rec.num_tokens if rec is not None else self.tables.num_tokens(self._seqs.row(seq_id))
 
     seq_len = num_tokens
 
     def num_pending_tokens(self, seq_id: SeqId) -> int:
         """Prompt tokens given to :meth:`add_sequence` that have no slot yet."""
-        return self.tables.num_pending(self._seqs.row(seq_id))
+        rec = self.host.swapped.get(seq_id) if self.host.swapped else None
+        return rec.num_pending if rec is not None else self.tables.num_pending(self._seqs.row(seq_id))
 
     def token_ids(self, seq_id: SeqId) -> list[int] | None:
         """Known token ids, reserved then pending (None when some came without ids)."""
@@ -142,12 +157,20 @@ class BlockManager(SequenceAdmission, SequenceAppends):
         shared partially filled last block copies that block (copy-on-write).
         """
         parent_row, parent = self._seqs.get(parent_id)
-        self._seqs.check_new(child_id)
+        self._check_new(child_id)
         self.pool.incref(self.tables.blocks(parent_row))
         self._seqs.add(child_id, self.tables.fork_row(parent_row), parent.fork())
 
+    def _check_new(self, seq_id: SeqId) -> None:
+        self._seqs.check_new(seq_id)
+        if seq_id in self.host.swapped:
+            raise SequenceError(f"sequence {seq_id!r} already exists (swapped out)")
+
     def free_sequence(self, seq_id: SeqId) -> None:
-        """Drop the sequence and one reference from each of its blocks."""
+        """Drop the sequence (running or swapped out) and one reference from each of its blocks."""
+        if self.host.swapped and self.is_swapped(seq_id):
+            self._free_swapped(seq_id)
+            return
         row = self._seqs.row(seq_id)
         self.pool.free(self.tables.blocks(row)[::-1])  # tail first: eviction takes it first
         self._seqs.remove(seq_id)
@@ -270,11 +293,14 @@ class BlockManager(SequenceAdmission, SequenceAppends):
         mapping = dict(moves)
         self.pending_copies = [(mapping.get(a, a), mapping.get(b, b)) for a, b in self.pending_copies]
         self.prefix.relocate(mapping)
+        self.host.relocate(mapping)
 
     def check_invariants(self) -> None:
-        """Assert consistency of the pool, the prefix index, the tables and the key chains."""
+        """Assert consistency of the pool, the prefix index, the host tier, the tables and the key chains."""
         self.pool.check_invariants()
         self.prefix.check_invariants()
+        if self.host.enabled:
+            self.host.check_invariants(self.pool, self.prefix._blocks)
         self.tables.check_invariants(self.pool.capacity)
         live = self._seqs.items()
         assert sorted(row for _, row, _ in live) == self.tables.live_rows().tolist(), "rows differ from live rows"
@@ -287,6 +313,9 @@ class BlockManager(SequenceAdmission, SequenceAppends):
                 data = self.tables.block_tokens(blocks[: self.tables.num_tokens(row) // self.block_size])
                 assert chain.keys == self.prefix.block_keys(np.frombuffer(data, np.int64), chain.salt), \
                     f"sequence {sid!r}: keys do not name its tokens"
+        for rec in self.host.swapped.values():  # device blocks a swapped sequence shares with others
+            for b in rec.device_blocks():
+                refs[b] = refs.get(b, 0) + 1
         for b, k in refs.items():
             assert self.pool.ref_count(b) == k, f"block {b}: ref {self.pool.ref_count(b)} != {k} table entries"
         assert self.pool.num_allocated_blocks == len(refs), "held blocks not in any table"

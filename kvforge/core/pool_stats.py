@@ -65,6 +65,11 @@ class PoolMetrics:
         return len(self._free) + len(self._evictable)
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Blocks marked cached (registered in a prefix index), held or evictable."""
+        return self._num_cached
+
+    @property
     def num_allocated_blocks(self) -> int:
         """Blocks with a positive reference count."""
         return self._num_allocated

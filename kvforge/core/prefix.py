@@ -38,7 +38,7 @@ never branch on whether prefix caching is on.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from kvforge.core.keys import (BlockKey, chain_end, chain_keys, chain_start, che
 from kvforge.core.pool import BlockPool
 from kvforge.core.usage import PrefixStats
 from kvforge.errors import InvalidBlockError
+
+if TYPE_CHECKING:
+    from kvforge.core.host_tier import HostTier
 
 __all__ = ["BlockKey", "NullPrefixIndex", "PrefixIndex", "PrefixStats"]
 
@@ -76,6 +79,10 @@ class PrefixIndex:
         #: optional callbacks for an external index (router, offload tier)
         self.on_stored: Callable[[int, BlockKey], None] | None = None
         self.on_removed: Callable[[int, BlockKey], None] | None = None
+        #: the host tier (:class:`kvforge.core.host_tier.HostTier`), told of every device
+        #: eviction (it spills) and registration (a host-only key moves to the device)
+        self.tier: HostTier | None = None
+        self._host_hit_tokens = 0
         pool.on_evict = self.on_evict
 
     # ---------------------------------------------------------------- keys
@@ -183,6 +190,9 @@ class PrefixIndex:
             blocks[key] = block_id
             block_key[block_id] = key
         self._registered += len(fresh)
+        if self.tier is not None:
+            for key, block_id in fresh.items():
+                self.tier.on_device_register(block_id, key)
         if self.on_stored is not None:
             for key, block_id in fresh.items():
                 self.on_stored(block_id, key)
@@ -208,10 +218,11 @@ class PrefixIndex:
         self._record_query(as_int(num_tokens, "num_tokens", InvalidBlockError),
                            as_int(num_hit_blocks, "num_hit_blocks", InvalidBlockError))
 
-    def _record_query(self, num_tokens: int, num_hit_blocks: int) -> None:
+    def _record_query(self, num_tokens: int, num_hit_blocks: int, num_host_blocks: int = 0) -> None:
         self._queries += 1
         self._query_tokens += num_tokens
         self._hit_tokens += num_hit_blocks * self.block_size
+        self._host_hit_tokens += num_host_blocks * self.block_size
 
     def register(self, block_id: int, key: BlockKey) -> bool:
         """Cache a held, full block under ``key``; False when the key is taken
@@ -236,6 +247,8 @@ class PrefixIndex:
         if key is not None:
             del self._blocks[key]
             self._evictions += 1
+            if self.tier is not None:
+                self.tier.on_device_evict(block_id, key)
             if self.on_removed is not None:
                 self.on_removed(block_id, key)
 
@@ -276,7 +289,7 @@ class PrefixIndex:
         q = self._query_tokens
         return PrefixStats(self._queries, q, self._hit_tokens, self._hit_tokens / q if q else 0.0,
                            len(self._blocks), self.pool.num_evictable_blocks, self._evictions,
-                           self._registered)
+                           self._registered, self._host_hit_tokens)
 
     def check_invariants(self) -> None:
         """Assert index/pool consistency."""

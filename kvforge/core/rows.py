@@ -135,6 +135,15 @@ class TableRows:
         """Whether every token id of the row (reserved or pending) is known."""
         return bool(self._known[row])
 
+    def is_tail_shared(self, row: int) -> bool:
+        """Whether the row's partial last block may be shared (an append checks its references)."""
+        return bool(self._shared_tail[row])
+
+    def mark_tail_shared(self, row: int) -> None:
+        """Flag the row's last block as possibly shared (when it is partial)."""
+        if self._ntok[row] % self.block_size:
+            self._shared_tail[row] = True
+
     def blocks(self, row: int, start: int = 0, stop: int | None = None) -> list[int]:
         """Block ids ``start .. stop - 1`` of the row (default: all), in position order."""
         nb = int(self._nblk[row])

@@ -7,7 +7,7 @@ or listed twice in a batch that must name each sequence once.
 from __future__ import annotations
 
 import sys
-from typing import Generic, Hashable, Sequence, TypeVar
+from typing import Container, Generic, Hashable, Sequence, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,8 @@ class SequenceRows(Generic[State]):
     def __init__(self) -> None:
         self._rows: dict[SeqId, int] = {}
         self._states: dict[SeqId, State] = {}
+        #: ids that exist but have no row (swapped out): errors say so
+        self.swapped: Container[SeqId] = ()
 
     def __contains__(self, seq_id: SeqId) -> bool:
         try:
@@ -53,6 +55,9 @@ class SequenceRows(Generic[State]):
         try:
             return self._rows[seq_id], self._states[seq_id]
         except KeyError:
+            if seq_id in self.swapped:
+                raise SequenceError(f"sequence {seq_id!r} is swapped out to the host tier "
+                                    f"(swap_in() it first)") from None
             raise SequenceError(f"unknown sequence {seq_id!r}") from None
         except TypeError:
             raise SequenceError(f"sequence id {seq_id!r} is not hashable") from None

@@ -62,7 +62,8 @@ class AllocationStats:
 @dataclass(frozen=True, slots=True)
 class PrefixStats:
     """Counters of a prefix index (:meth:`~kvforge.core.prefix.PrefixIndex.stats`).
-    ``hit_rate`` = hit tokens / queried tokens."""
+    ``hit_rate`` = hit tokens / queried tokens; ``hit_tokens`` counts hits on either
+    tier, ``host_hit_tokens`` those served from the host tier."""
 
     queries: int
     query_tokens: int
@@ -72,6 +73,7 @@ class PrefixStats:
     evictable_blocks: int
     evictions: int
     registered_blocks: int
+    host_hit_tokens: int = 0
 
     def to_dict(self) -> dict[str, float]:
         """The snapshot as a plain dict."""

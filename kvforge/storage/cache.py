@@ -35,7 +35,9 @@ from kvforge.core.prefix import PrefixIndex, PrefixStats
 from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
 from kvforge.storage import compaction
 from kvforge.storage.device import DeviceStorage, resolve_device, slot_array
+from kvforge.storage.host import HostStorage
 from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, FixedLayout, Staging, StepBatch, build_step
+from kvforge.storage.tiers import TierMethods
 
 if TYPE_CHECKING:
     from kvforge.storage.profile import MemoryProfile
@@ -50,8 +52,10 @@ SeqId = Hashable
 T = TypeVar("T")
 
 
-class KVCache:
-    """A paged KV cache on one device: storage, block tables, prefix reuse, compaction.
+class KVCache(TierMethods):
+    """A paged KV cache on one device: storage, block tables, prefix reuse, compaction,
+    and with ``CacheConfig(host_memory=...)`` a pinned host tier (spills, swaps:
+    :mod:`kvforge.storage.tiers`).
 
     ``backend`` picks the kernels: ``"auto"`` (Triton on GPUs, torch on the
     CPU), ``"triton"`` or ``"torch"``.
@@ -74,9 +78,12 @@ class KVCache:
         self._staging: Staging | None = None  # the eager step buffer
         self._fixed: tuple[Staging, FixedLayout] | None = None  # the padded decode layout graphs read
         self.manager = BlockManager(config.num_blocks, config.block_size,
-                                    enable_prefix_caching=config.enable_prefix_caching, capacity=0)
+                                    enable_prefix_caching=config.enable_prefix_caching, capacity=0,
+                                    num_host_blocks=config.num_host_blocks)
         # copy-on-write copies the data before the tables change (a failed copy changes nothing)
         self.manager.copy_blocks = self.copy_blocks
+        self.host_storage = HostStorage(config, self.storage) if config.num_host_blocks else None
+        self._wire_host_tier()
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
         self._slot_dtype = np.int32 if config.num_blocks * config.block_size < 2**31 else np.int64
         self._check_layout()
@@ -162,14 +169,19 @@ class KVCache:
         """Run a bookkeeping operation; if it refused for lack of blocks (changing
         nothing) and the config allows more, back the missing blocks with new
         chunks and run it again. Nothing grows for any other refusal."""
+        manager = self.manager
         try:
+            try:
+                return op(*args, **kwargs)
+            except OutOfBlocksError as exc:
+                short = exc.requested - exc.available
+                if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
+                    raise
+                self._grow_to(self.storage.num_chunks + math.ceil(short / self.chunk_blocks))
             return op(*args, **kwargs)
-        except OutOfBlocksError as exc:
-            short = exc.requested - exc.available
-            if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
-                raise
-            self._grow_to(self.storage.num_chunks + math.ceil(short / self.chunk_blocks))
-        return op(*args, **kwargs)
+        finally:
+            if manager.host._pending:  # blocks evicted by this call are copied out before any write
+                manager.flush_spills()
 
     def grow(self, num_blocks: int) -> None:
         """Back at least ``num_blocks`` more blocks with device memory (up to ``num_blocks`` of the config)."""
@@ -436,12 +448,15 @@ class KVCache:
         never wrote them); they go back to the free list. Return how many."""
         evictable = set(self.pool.evictable_blocks())
         drop = [b for b in dict.fromkeys(block_ids) if b in evictable]
-        self.pool.evict_blocks(drop)
+        with self.manager.host.dropping():  # nothing of theirs spills to the host tier
+            self.pool.evict_blocks(drop)
         return len(drop)
 
     def reclaim_unused_blocks(self) -> int:
-        """Evict every cached block nobody references back to the free list; return how many."""
-        return self.pool.reclaim_unused_blocks()
+        """Evict every cached block nobody references back to the free list (without
+        spilling them to the host tier); return how many."""
+        with self.manager.host.dropping():
+            return self.pool.reclaim_unused_blocks()
 
     def sort_free_lists(self) -> None:
         """Order the free list so the next allocations take the lowest ids."""
@@ -450,6 +465,9 @@ class KVCache:
     def check_invariants(self) -> None:
         """Assert bookkeeping and storage agree."""
         self.manager.check_invariants()
+        if self.host_storage is not None:  # every host block holding data has memory behind it
+            hs = self.host_storage
+            assert min(hs.num_chunks * hs.chunk_blocks, hs.num_blocks) >= self.manager.host.pool.high_water_mark()
         assert self.pool.capacity == min(self.storage.num_chunks * self.chunk_blocks, self.config.num_blocks)
 
     def __repr__(self) -> str:

@@ -46,6 +46,7 @@ def compact(cache: KVCache, *, release: bool = True, keep_cached: bool = True) -
     # Evicting first is safe (it drops cache entries, never live data), and it means a
     # copy that raises leaves no cache entry pointing at an overwritten block.
     pool.evict_blocks(plan.evict)
+    manager.flush_spills()  # evicted blocks spill to the host tier before anything overwrites them
     # Phase 1 copies live blocks into holes (free or just evicted ids): if it raises
     # partway, only holes were written and every table still points at its sources.
     if plan.moves:

@@ -1,0 +1,258 @@
+"""The host tier's memory: pinned host blocks and the batched copies to and from the device.
+
+Layout. Host blocks are block-major: chunk tensors ``[chunk_blocks, num_layers,
+2, block_size, num_kv_heads, head_dim]`` (dim 2: keys, values), so one host
+block is one contiguous range and a run of consecutive host blocks is one
+copy. Chunks are allocated (pinned, not zeroed) the first time a block in
+them is used: a budget of 64 GiB costs nothing until it fills. The
+bookkeeping's host pool hands out the lowest ids first, so the chunks in use
+follow the tier's peak occupancy.
+
+Copies. Device chunks are layer-major (``[num_layers, 2, chunk_blocks, ...]``),
+so a device block is ``2 * num_layers`` strided pieces. A copy to the host
+gathers the blocks into a device staging buffer in block-major order (one
+``index_select`` per device chunk, at device bandwidth) and moves each run of
+consecutive host blocks with one ``copy_``; a copy to the device does the
+reverse. On a GPU every copy runs on the tier's side stream:
+
+- the side stream first waits for the work already queued on the compute
+  stream (the blocks it reads or overwrites were written or are read there);
+- after a copy to the host, the compute stream waits only for the *gather*
+  (device to device, microseconds): from then on the device blocks may be
+  overwritten, while the transfer to pinned memory runs on, off the critical
+  path; the staging buffer is reused in stream order;
+- after a copy to the device, the compute stream waits for the whole copy:
+  the next step reads those blocks. The host thread never waits.
+
+The staging buffer holds :attr:`HostStorage.staging_blocks` blocks; a larger
+batch goes in rounds (the side stream orders them). On the CPU the same code
+runs with synchronous copies. Every method that raises leaves the bookkeeping
+to undo its own change (see :mod:`kvforge.core.swap`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvforge.config import CacheConfig
+from kvforge.errors import KVForgeError, OutOfBlocksError
+from kvforge.storage.device import DeviceStorage
+
+__all__ = ["HostStorage", "STAGING_BYTES"]
+
+log = logging.getLogger(__name__)
+
+#: device bytes of the staging buffer a tier copy goes through (rounds beyond it)
+STAGING_BYTES = 256 * 2**20
+
+
+def _runs(ids: np.ndarray, chunk_blocks: int) -> list[tuple[int, int, int]]:
+    """``(first index, first id, length)`` of each run of consecutive ids in ``ids`` that
+    stays inside one chunk of ``chunk_blocks`` ids."""
+    if not len(ids):
+        return []
+    breaks = np.flatnonzero((np.diff(ids) != 1) | (ids[1:] % chunk_blocks == 0)) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(ids)]])
+    return [(int(s), int(ids[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+class HostStorage:
+    """Pinned host blocks of one cache and the copies between them and the device chunks.
+
+    Owns the host chunks, the device staging buffer and (on a GPU) the side
+    stream; knows nothing of which blocks hold what (the bookkeeping's
+    :class:`~kvforge.core.host_tier.HostTier` does)."""
+
+    def __init__(self, config: CacheConfig, device_storage: DeviceStorage) -> None:
+        self.config = config
+        self.device_storage = device_storage
+        self.device = device_storage.device
+        self.num_blocks = config.num_host_blocks
+        self.chunk_blocks = config.resolved_host_chunk_blocks
+        c = config
+        self.block_shape = (c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
+        self.staging_blocks = max(1, min(self.num_blocks, STAGING_BYTES // c.bytes_per_block))
+        self._chunks: list[Tensor] = []
+        self._staging: Tensor | None = None
+        self._cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._last: torch.cuda.Event | None = None  # the last copy's completion (side stream)
+        self.bytes_to_host = self.bytes_to_device = 0
+        self.num_copies = 0
+        self.seconds = 0.0  # host time spent issuing copies (or running them, on the CPU)
+
+    # ------------------------------------------------------------- memory
+    @property
+    def num_chunks(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def num_bytes(self) -> int:
+        """Host bytes allocated now (pinned on a GPU machine)."""
+        return sum(t.numel() * t.element_size() for t in self._chunks)
+
+    @property
+    def is_pinned(self) -> bool:
+        return self._cuda
+
+    def _ensure(self, max_block: int) -> None:
+        """Allocate host chunks up to the one holding ``max_block``; on failure nothing changes."""
+        need = max_block // self.chunk_blocks + 1
+        new: list[Tensor] = []
+        try:
+            while len(self._chunks) + len(new) < need:
+                first = (len(self._chunks) + len(new)) * self.chunk_blocks
+                n = min(self.chunk_blocks, self.num_blocks - first)
+                new.append(torch.empty((n, *self.block_shape), dtype=self.config.dtype, pin_memory=self._cuda))
+        except (RuntimeError, MemoryError) as exc:
+            raise OutOfBlocksError(f"cannot allocate host-tier memory for block {max_block} "
+                                   f"({self.chunk_blocks} blocks per chunk): {exc}",
+                                   requested=1, available=0) from None
+        self._chunks.extend(new)
+
+    def _stage(self) -> Tensor:
+        if self._staging is None:
+            self._staging = torch.empty((self.staging_blocks, *self.block_shape), dtype=self.config.dtype,
+                                        device=self.device)
+        return self._staging
+
+    def block(self, host_block: int) -> Tensor:
+        """Host block ``host_block``'s keys and values ``[num_layers, 2, block_size, kv_heads, head_dim]``
+        (a view; synchronize the tier before reading it on the host)."""
+        c = host_block // self.chunk_blocks
+        if not 0 <= host_block < self.num_blocks or c >= len(self._chunks):
+            raise KVForgeError(f"host block {host_block!r} is not allocated "
+                               f"({len(self._chunks)} chunk(s) of {self.chunk_blocks})")
+        return self._chunks[c][host_block % self.chunk_blocks]
+
+    def synchronize(self) -> None:
+        """Wait on the host until every issued tier copy has finished."""
+        if self._last is not None:
+            self._last.synchronize()
+
+    # ------------------------------------------------------------- copies
+    def _check(self, pairs: Sequence[tuple[int, int]], what: str, device_first: bool) -> tuple[np.ndarray, np.ndarray]:
+        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        dev, host = (arr[:, 0], arr[:, 1]) if device_first else (arr[:, 1], arr[:, 0])
+        cap = self.device_storage.num_chunks * self.device_storage.chunk_blocks
+        if len(arr) and (dev.min() < 0 or dev.max() >= cap or host.min() < 0 or host.max() >= self.num_blocks):
+            raise KVForgeError(f"{what}: device blocks must lie in [0, {cap}) and host blocks in "
+                               f"[0, {self.num_blocks}), got {pairs!r:.120}")
+        order = np.argsort(host, kind="stable")  # consecutive host blocks make one copy
+        return dev[order], host[order]
+
+    def to_host(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy device blocks to host blocks, ``[(device_block, host_block), ...]``."""
+        if not len(pairs):
+            return
+        dev, host = self._check(pairs, "to_host()", True)
+        self._ensure(int(host.max()))
+        start = time.perf_counter()
+        with self._on_side() as main:
+            gathered = None
+            for lo in range(0, len(dev), self.staging_blocks):
+                d, h = dev[lo: lo + self.staging_blocks], host[lo: lo + self.staging_blocks]
+                stage = self._stage()[: len(d)]
+                self._gather(d, stage)
+                gathered = self._record()
+                for i, first, n in _runs(h, self.chunk_blocks):
+                    self._host_range(first, n).copy_(stage[i: i + n], non_blocking=True)
+            if main is not None and gathered is not None:
+                main.wait_event(gathered)  # device blocks may be overwritten once gathered
+        self._finish(start)
+        self.bytes_to_host += len(dev) * self.config.bytes_per_block
+
+    def to_device(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy host blocks to device blocks, ``[(host_block, device_block), ...]``."""
+        if not len(pairs):
+            return
+        dev, host = self._check(pairs, "to_device()", False)
+        if int(host.max()) // self.chunk_blocks >= len(self._chunks):
+            raise KVForgeError(f"to_device(): host block {int(host.max())} was never written")
+        start = time.perf_counter()
+        with self._on_side() as main:
+            for lo in range(0, len(dev), self.staging_blocks):
+                d, h = dev[lo: lo + self.staging_blocks], host[lo: lo + self.staging_blocks]
+                stage = self._stage()[: len(d)]
+                for i, first, n in _runs(h, self.chunk_blocks):
+                    stage[i: i + n].copy_(self._host_range(first, n), non_blocking=True)
+                self._scatter(d, stage)
+            if main is not None:
+                main.wait_event(self._record())  # the next step reads these blocks
+        self._finish(start)
+        self.bytes_to_device += len(dev) * self.config.bytes_per_block
+
+    def _host_range(self, first: int, n: int) -> Tensor:
+        """Host blocks ``first .. first + n - 1`` (one chunk: a run never crosses chunks here)."""
+        c, off = divmod(first, self.chunk_blocks)
+        return self._chunks[c][off: off + n]
+
+    def _gather(self, dev: np.ndarray, stage: Tensor) -> None:
+        """Device blocks ``dev`` into ``stage`` ``[n, layers, 2, block_size, heads, dim]``."""
+        cb, chunks = self.device_storage.chunk_blocks, self.device_storage.chunks
+        for c in np.unique(dev // cb).tolist():
+            pos = np.flatnonzero(dev // cb == c)
+            local = self._index(dev[pos] % cb)
+            src = chunks[c].index_select(2, local).permute(2, 0, 1, 3, 4, 5)
+            if len(pos) == len(dev):
+                stage.copy_(src)
+            else:
+                stage.index_copy_(0, self._index(pos), src)
+
+    def _scatter(self, dev: np.ndarray, stage: Tensor) -> None:
+        """``stage`` into device blocks ``dev``."""
+        cb, chunks = self.device_storage.chunk_blocks, self.device_storage.chunks
+        for c in np.unique(dev // cb).tolist():
+            pos = np.flatnonzero(dev // cb == c)
+            src = stage if len(pos) == len(dev) else stage.index_select(0, self._index(pos))
+            chunks[c].index_copy_(2, self._index(dev[pos] % cb), src.permute(1, 2, 0, 3, 4, 5))
+
+    def _index(self, values: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        return t.to(self.device, non_blocking=True) if self._cuda else t
+
+    # ------------------------------------------------------------- streams
+    def _on_side(self) -> _SideStream:
+        return _SideStream(self)
+
+    def _record(self) -> torch.cuda.Event | None:
+        if not self._cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def _finish(self, start: float) -> None:
+        if self._cuda:
+            self._last = self._record()
+        self.num_copies += 1
+        self.seconds += time.perf_counter() - start
+
+
+class _SideStream:
+    """``with``: run on the tier's side stream after the compute stream's queued work;
+    yields the compute stream (None on the CPU)."""
+
+    def __init__(self, storage: HostStorage) -> None:
+        self.storage = storage
+        self._ctx: torch.cuda.StreamContext | None = None
+
+    def __enter__(self) -> torch.cuda.Stream | None:
+        s = self.storage
+        if not s._cuda:
+            return None
+        main = torch.cuda.current_stream(s.device)
+        s.stream.wait_stream(main)
+        self._ctx = torch.cuda.stream(s.stream)
+        self._ctx.__enter__()
+        return main
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
