@@ -213,10 +213,10 @@ def test_preemption_takes_the_most_recently_admitted(ckpt: tuple[str, object]) -
     victims = []
     preempt = sched._preempt
 
-    def spy(victim, preempted):  # type: ignore[no-untyped-def]
+    def spy(victim, preempted, **kw):  # type: ignore[no-untyped-def]
         assert victim.admit_order == max(s.admit_order for s in sched.running)
         victims.append(victim.seq_id)
-        preempt(victim, preempted)
+        preempt(victim, preempted, **kw)
 
     sched._preempt = spy  # type: ignore[method-assign]
     rids = [engine.add_request(p, SamplingParams(max_tokens=20)) for p in PROMPTS]

@@ -80,6 +80,34 @@ def test_preemption_keeps_outputs(ref: Reference) -> None:
     assert engine.stats().num_preemptions > 0
 
 
+def test_forced_swaps_keep_outputs(ref: Reference) -> None:
+    """Every preemption swaps to the host tier and back: outputs stay transformers'."""
+    engine = Engine(ref.folder, num_blocks=16, block_size=8, max_num_batched_tokens=24,
+                    host_memory="4MiB", preemption_mode="swap")
+    prompts = MIXED[1:] + [MIXED[2][::-1]]
+    got = run_steps(engine, prompts, [SamplingParams(max_tokens=MAX_NEW)] * len(prompts))
+    assert got == [ref.expected(p) for p in prompts]
+    stats = engine.stats()
+    assert stats.num_swaps_out > 0 and stats.num_swaps_in == stats.num_swaps_out
+    assert stats.host.swapped_out_blocks > 0 and stats.num_swapped == 0
+
+
+def test_spilled_prefixes_come_back_from_the_host(ref: Reference) -> None:
+    """A device pool too small for the shared prefixes: they spill to the host tier and
+    are onboarded on the next round; outputs stay transformers'."""
+    engine = Engine(ref.folder, num_blocks=12, block_size=8, max_num_seqs=1,
+                    host_memory="4MiB")
+    params = SamplingParams(max_tokens=MAX_NEW)
+    prompts = SHARED + [p[::-1] for p in SHARED]  # the reversed ones push the shared prefix out
+    for _ in range(2):
+        got = [o.token_ids for o in engine.generate(prompts, params)]
+        assert got == [ref.expected(p) for p in prompts]
+        engine.check_invariants()
+    stats = engine.stats()
+    assert stats.host.spilled_blocks > 0 and stats.host.onboarded_blocks > 0
+    assert stats.prefix_host_hit_tokens > 0
+
+
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_compaction_between_steps(ref: Reference, prefix_caching: bool) -> None:
     engine = Engine(ref.folder, num_blocks=64, block_size=8, enable_compaction=True,
@@ -138,3 +166,35 @@ def test_half_precision_checkpoint_matches_transformers(ref: Reference, dtype: s
     for prompt, out in zip(MIXED[:2], got):
         want = hf_greedy(rounded, prompt, 8)
         assert out.token_ids[:len(want)] == want
+
+
+@pytest.fixture(scope="module")
+def one_ref(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """One architecture: enough for the fault paths."""
+    return Reference(ARCHS[0], str(tmp_path_factory.mktemp("one")))
+
+
+@pytest.mark.parametrize("fail", ["to_host", "to_device"])
+def test_failing_tier_copies_lose_no_request(one_ref: Reference, fail: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other copy in one direction of the host tier raises: swaps fall back to
+    recompute, failed swap-ins recompute, failed onboards compute; outputs stay transformers'."""
+    ref = one_ref
+    from kvforge.storage.host import HostStorage
+    real = getattr(HostStorage, fail)
+    calls = {"n": 0}
+
+    def flaky(self, pairs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:
+            raise RuntimeError(f"injected {fail} failure #{calls['n']}")
+        return real(self, pairs)
+
+    engine = Engine(ref.folder, num_blocks=16, block_size=8, max_num_batched_tokens=24,
+                    host_memory="4MiB", preemption_mode="swap")
+    monkeypatch.setattr(HostStorage, fail, flaky)
+    prompts = MIXED[1:] + [MIXED[2][::-1]] + SHARED[:2]
+    got = run_steps(engine, prompts, [SamplingParams(max_tokens=MAX_NEW)] * len(prompts))
+    assert got == [ref.expected(p) for p in prompts]
+    assert calls["n"] >= 2  # at least one copy failed
+    stats = engine.stats()
+    assert stats.host.failed_copies > 0 and stats.num_preemptions > 0

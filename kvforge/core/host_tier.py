@@ -34,7 +34,8 @@ Pure bookkeeping: copying is the storage layer's (the manager calls its
 """
 from __future__ import annotations
 
-from typing import Hashable, NamedTuple, Sequence
+from dataclasses import asdict, dataclass
+from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -47,7 +48,8 @@ __all__ = ["HostTier", "HostTierStats", "NullHostTier", "SwappedSequence"]
 SeqId = Hashable
 
 
-class HostTierStats(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class HostTierStats:
     """Counters of a host tier (blocks unless named otherwise).
 
     ``spilled_blocks``: device evictions copied to the host; ``spill_reuses``:
@@ -72,7 +74,8 @@ class HostTierStats(NamedTuple):
     failed_copies: int
 
     def to_dict(self) -> dict[str, int]:
-        return self._asdict()
+        """The snapshot as a plain dict."""
+        return asdict(self)
 
 
 class SwappedSequence:

@@ -6,8 +6,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kvforge.errors import ConfigError
+from kvforge.units import parse_bytes
 
-__all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES"]
+__all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES", "PREEMPTION_MODES"]
+
+#: the values of ``EngineConfig.preemption_mode``
+PREEMPTION_MODES = ("auto", "swap", "recompute")
 
 #: Decode batch sizes captured as CUDA graphs (those up to ``max_num_seqs``, plus it).
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
@@ -34,7 +38,13 @@ class EngineConfig:
     - ``backend``: kernel backend passed to the cache (``auto``, ``triton``,
       ``torch``);
     - ``fused_ops``: the decoder's Triton RMSNorm/RoPE/SiLU kernels (None =
-      on CUDA only; True on the CPU needs ``TRITON_INTERPRET=1``).
+      on CUDA only; True on the CPU needs ``TRITON_INTERPRET=1``);
+    - ``host_memory``: the host tier's budget (bytes or ``"64GiB"``; 0 = none)
+      when the engine sizes the cache; a given cache config keeps its own;
+    - ``preemption_mode``: how a running sequence gives up its blocks:
+      ``"auto"`` swaps it to the host tier when moving its blocks out and
+      back costs less than recomputing its tokens (:mod:`kvforge.engine.preemption`),
+      ``"swap"`` swaps whenever the host tier has room, ``"recompute"`` never swaps.
     """
 
     max_num_seqs: int = 256
@@ -50,6 +60,8 @@ class EngineConfig:
     seed: int = 0
     backend: str = "auto"
     fused_ops: bool | None = None
+    host_memory: int | str = 0
+    preemption_mode: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -68,6 +80,13 @@ class EngineConfig:
                 raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
             raise ConfigError(f"EngineConfig.fused_ops must be True, False or None, got {self.fused_ops!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ConfigError(f"EngineConfig.preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                              f"got {self.preemption_mode!r}")
+        hm = self.host_memory
+        if isinstance(hm, bool) or not isinstance(hm, (numbers.Integral, str)) or parse_bytes(hm) < 0:
+            raise ConfigError(f"EngineConfig.host_memory must be a byte count >= 0 or a size such as '64GiB', "
+                              f"got {hm!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"EngineConfig.backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
 

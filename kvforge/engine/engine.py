@@ -29,6 +29,7 @@ from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.engine.outputs import request_output
+from kvforge.engine.preemption import PreemptionPolicy, measure_tier_bandwidth
 from kvforge.engine.prompts import Prompt, check_params, prompt_list, token_ids
 from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
 from kvforge.engine.sampling import SamplingParams
@@ -120,9 +121,11 @@ class Engine(StepLoop):
         self.cache = KVCache(ccfg, backend=econf.backend)
         self.max_model_len = min(max_len(econf, model.config), ccfg.num_blocks * ccfg.block_size,
                                  model.rope.max_positions)
+        bandwidth = measure_tier_bandwidth(self.cache) if self.cache.has_host_tier else 0.0
+        self.preemption = PreemptionPolicy(econf.preemption_mode, ccfg.bytes_per_block, bandwidth)
         self.scheduler = Scheduler(self.cache, max_num_seqs=econf.max_num_seqs,
                                    max_num_batched_tokens=econf.max_num_batched_tokens,
-                                   watermark_blocks=int(econf.watermark * ccfg.num_blocks))
+                                   watermark_blocks=int(econf.watermark * ccfg.num_blocks), policy=self.preemption)
         graphs = econf.graph_sizes() if econf.use_cuda_graphs and self.device.type == "cuda" else ()
         self.runner = ModelRunner(model, self.cache, max_model_len=self.max_model_len, graph_batch_sizes=graphs)
         self.runner.capture()
@@ -322,6 +325,10 @@ class Engine(StepLoop):
             num_compactions=alloc.compaction_count, num_blocks_moved=alloc.total_blocks_moved,
             bytes_returned=alloc.total_bytes_returned, memory_efficiency=cache.memory_efficiency(),
             num_evictions=pstats.evictions, allocation=alloc, prefix=pstats,
+            num_swapped=len(self.scheduler.swapped), num_swaps_out=self.scheduler.num_swaps_out,
+            num_swaps_in=self.scheduler.num_swaps_in, num_recompute_preemptions=self.scheduler.num_recomputes,
+            prefix_host_hit_tokens=pstats.host_hit_tokens,
+            host=cache.host_stats() if cache.has_host_tier else None,
         )
 
     def check_invariants(self) -> None:
@@ -333,6 +340,7 @@ class Engine(StepLoop):
         for s in self.scheduler.waiting:
             assert s.seq_id not in self.cache
         assert set(self.cache.seq_ids) == {s.seq_id for s in self.scheduler.running}
+        assert set(self.cache.swapped_seq_ids) == {s.seq_id for s in self.scheduler.swapped}
 
     def __repr__(self) -> str:
         return f"Engine({self.model_config.architecture}, device={self.device}, {self.cache})"

@@ -24,10 +24,12 @@ __all__ = ["SequenceStatus", "Sequence", "Request", "CompletionOutput", "Request
 
 
 class SequenceStatus(enum.Enum):
-    """Where a sequence is: waiting for admission, running (in the cache), or finished."""
+    """Where a sequence is: waiting for admission, running (in the cache), swapped out to
+    the host tier (its keys and values kept there), or finished."""
 
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"
     FINISHED = "finished"
 
 

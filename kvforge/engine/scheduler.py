@@ -31,6 +31,14 @@ cache's capacity), so preempting every newer one makes room. Prefill chunks
 that find no blocks preempt only newer sequences not already scheduled in
 this step, else wait a step.
 
+With a host tier, a decoding victim may be *swapped* instead
+(:mod:`kvforge.engine.preemption` decides): its blocks move to the host and
+it waits in ``swapped``, ahead of every waiting sequence; each step first
+swaps back in the oldest swapped sequences that fit (with ``watermark_blocks``
+to spare), and admits nothing new while any remain swapped. A swap that
+fails (no room on the host, a failed copy) falls back to recompute; a
+swap-in whose copy fails frees the sequence and recomputes it.
+
 Every token reserved in a step is computed in that step (the prefix index
 registers full blocks when they are reserved), and block ids are never kept
 across steps, so compaction between steps is safe.
@@ -43,8 +51,9 @@ from typing import NamedTuple
 
 
 from kvforge.storage import KVCache
+from kvforge.engine.preemption import PreemptionPolicy
 from kvforge.engine.request import Sequence, SequenceStatus
-from kvforge.errors import OutOfBlocksError
+from kvforge.errors import KVForgeError, OutOfBlocksError
 
 __all__ = ["Scheduler", "SchedulerOutput", "ScheduledChunk"]
 
@@ -88,8 +97,11 @@ class Scheduler:
     """
 
     def __init__(self, cache: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark_blocks: int = 0) -> None:
+                 watermark_blocks: int = 0, policy: PreemptionPolicy | None = None) -> None:
         self.cache = cache
+        self.policy = policy if policy is not None else PreemptionPolicy("recompute", cache.config.bytes_per_block, 0.0)
+        self.swapped: deque[Sequence] = deque()  # swapped out to the host tier, oldest first
+        self.num_swaps_out = self.num_swaps_in = self.num_recomputes = 0
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = watermark_blocks
@@ -121,6 +133,8 @@ class Scheduler:
             if s.seq_id in self.cache:
                 self.cache.free_sequence(s.seq_id)
         self.running = [s for s in self.running if id(s) not in done]
+        if self.swapped:
+            self.swapped = deque(s for s in self.swapped if id(s) not in done)
         if self.prefilling:
             self.prefilling = [s for s in self.prefilling if id(s) not in done]
         if any(s in self.waiting for s in seqs):
@@ -128,14 +142,16 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        """Whether any sequence waits or runs."""
-        return bool(self.waiting or self.running)
+        """Whether any sequence waits, runs or is swapped out."""
+        return bool(self.waiting or self.running or self.swapped)
 
     # ---------------------------------------------------------- scheduling
     def schedule(self) -> SchedulerOutput:
         """Reserve this step's slots; see the module docstring for the policy."""
         budget = self.max_num_batched_tokens
         preempted: list[Sequence] = []
+        if self.swapped:
+            self._swap_in()
         if self.prefilling:
             filling = {id(s) for s in self.prefilling}
             decodes = [s for s in self.running if id(s) not in filling]
@@ -151,7 +167,8 @@ class Scheduler:
         budget -= len(decodes)
         chunks = self._continue_prefills(budget, {s.seq_id for s in decodes}, preempted) if self.prefilling else []
         budget -= sum(c.num_tokens for c in chunks)
-        chunks += self._admit(budget)
+        if not self.swapped:  # swapped sequences come back before anything new is admitted
+            chunks += self._admit(budget)
         self.max_concurrent = max(self.max_concurrent, len(self.running))
         return SchedulerOutput(decodes, chunks, preempted)
 
@@ -159,6 +176,7 @@ class Scheduler:
         """Assert the queues agree with the sequences' states and the cache's lengths."""
         assert all(s.status is SequenceStatus.RUNNING for s in self.running)
         assert all(s.status is SequenceStatus.WAITING for s in self.waiting)
+        assert all(s.status is SequenceStatus.SWAPPED and self.cache.is_swapped(s.seq_id) for s in self.swapped)
         orders = [s.admit_order for s in self.running]
         assert orders == sorted(orders), "running is in admission order"
         cache = self.cache
@@ -181,7 +199,7 @@ class Scheduler:
                     appended = True
                 except OutOfBlocksError:
                     victim = self.running[-1]
-                    self._preempt(victim, preempted)
+                    self._preempt(victim, preempted, may_swap=True)
                     if victim is s:
                         break
             if not appended:
@@ -226,7 +244,7 @@ class Scheduler:
                         break
                 if victim is None:
                     return False  # wait for a later step
-                self._preempt(victim, preempted)
+                self._preempt(victim, preempted, may_swap=True)
 
     def _admit(self, budget: int) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
@@ -276,7 +294,18 @@ class Scheduler:
             self._preempt(victim, preempted)
         return preempted
 
-    def _preempt(self, victim: Sequence, preempted: list[Sequence]) -> None:
+    def _preempt(self, victim: Sequence, preempted: list[Sequence], may_swap: bool = False) -> None:
+        """Take ``victim``'s blocks: swap it out when ``may_swap`` and the policy says so
+        (it has no slot reserved this step), else free them to recompute it later."""
+        if may_swap and victim not in self.prefilling and self._try_swap_out(victim):
+            self.running.remove(victim)
+            victim.status = SequenceStatus.SWAPPED
+            victim.num_preemptions += 1
+            self.num_preemptions += 1
+            self.swapped.append(victim)
+            preempted.append(victim)
+            return
+        self.num_recomputes += 1
         self.cache.free_sequence(victim.seq_id)
         self.running.remove(victim)
         if victim in self.prefilling:
@@ -287,3 +316,50 @@ class Scheduler:
         self.waiting.appendleft(victim)
         preempted.append(victim)
         log.debug("preempted sequence %s (%d tokens)", victim.seq_id, victim.num_tokens)
+
+    # ------------------------------------------------------------- swapping
+    def _try_swap_out(self, victim: Sequence) -> bool:
+        cache = self.cache
+        if not cache.has_host_tier:
+            return False
+        n = cache.seq_len(victim.seq_id)
+        if not self.policy.should_swap(n, -(-n // cache.config.block_size)):
+            return False
+        try:
+            cache.swap_out([victim.seq_id])
+        except KVForgeError as exc:  # no room on the host: recompute instead
+            log.debug("swap-out of sequence %s refused (%s); recomputing", victim.seq_id, exc)
+            return False
+        except Exception as exc:  # a failed copy changed nothing: recompute instead
+            log.warning("swap-out of sequence %s failed (%s); recomputing", victim.seq_id, exc)
+            return False
+        self.num_swaps_out += 1
+        log.debug("swapped out sequence %s (%d tokens)", victim.seq_id, n)
+        return True
+
+    def _swap_in(self) -> None:
+        """Bring back the oldest swapped sequences that fit, as running decodes."""
+        cache = self.cache
+        while self.swapped and len(self.running) < self.max_num_seqs:
+            s = self.swapped[0]
+            need = cache.num_blocks_to_swap_in([s.seq_id]) + 1  # and a block for its next token
+            spare = self.watermark_blocks if self.running else 0
+            if need + spare > cache.num_available_blocks:
+                return
+            self.swapped.popleft()
+            try:
+                cache.swap_in([s.seq_id])
+            except OutOfBlocksError:  # pragma: no cover - checked above
+                self.swapped.appendleft(s)
+                return
+            except Exception as exc:  # the copy failed: the sequence recomputes
+                log.warning("swap-in of sequence %s failed (%s); recomputing it", s.seq_id, exc)
+                cache.free_sequence(s.seq_id)
+                self.num_recomputes += 1
+                s.status = SequenceStatus.WAITING
+                self.waiting.appendleft(s)
+                continue
+            self.num_swaps_in += 1
+            s.status = SequenceStatus.RUNNING
+            self.running.append(s)
+            self.running.sort(key=lambda q: q.admit_order)

@@ -96,7 +96,8 @@ def cache_config_for(model: LlamaModel, econf: EngineConfig, given: CacheConfig 
             log.info("cache_config dtype/device set to the model's (%s on %s)", dtype, device)
         return given.replace(dtype=dtype, device=str(device))
     options = dict(block_size=econf.block_size, dtype=dtype, device=str(device),
-                   enable_prefix_caching=econf.enable_prefix_caching, enable_compaction=econf.enable_compaction)
+                   enable_prefix_caching=econf.enable_prefix_caching, enable_compaction=econf.enable_compaction,
+                   host_memory=econf.host_memory)
     if num_blocks is not None:
         cfg = CacheConfig(num_blocks=num_blocks, num_layers=shape[0], num_kv_heads=shape[1], head_dim=shape[2],
                           **options)

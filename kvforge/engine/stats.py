@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from kvforge.errors import KVForgeError
+from kvforge.core.host_tier import HostTierStats
 from kvforge.core.pool import AllocationStats
 from kvforge.core.prefix import PrefixStats
 
@@ -37,7 +38,11 @@ class EngineStats(Mapping[str, Any]):
     reserved token slots holding no token, over reserved slots.
     ``memory_efficiency`` is bytes of live keys/values over bytes the cache
     holds on the device; ``num_evictions`` counts cached prefix blocks
-    evicted to make room.
+    evicted to make room. With a host tier, ``num_preemptions`` splits into
+    ``num_swaps_out`` (sequences swapped to the host; ``num_swaps_in`` came
+    back) and ``num_recompute_preemptions``; ``num_swapped`` are swapped out
+    now; ``prefix_host_hit_tokens`` of the prefix hits came from the host
+    tier, and ``host`` holds its counters (None without one).
     """
 
     num_steps: int
@@ -69,6 +74,12 @@ class EngineStats(Mapping[str, Any]):
     num_evictions: int
     allocation: AllocationStats
     prefix: PrefixStats
+    num_swapped: int = 0
+    num_swaps_out: int = 0
+    num_swaps_in: int = 0
+    num_recompute_preemptions: int = 0
+    prefix_host_hit_tokens: int = 0
+    host: HostTierStats | None = None
 
     def __getitem__(self, key: str) -> Any:
         if not isinstance(key, str) or key not in _FIELDS:

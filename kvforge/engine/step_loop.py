@@ -68,6 +68,7 @@ class StepLoop:
     def _step_locked(self, want_touched: bool) -> list[Request]:
         self._forked = []
         out: SchedulerOutput | None = None
+        start = time.perf_counter()
         try:
             out = self.scheduler.schedule()
             if not out.is_empty:
@@ -93,7 +94,9 @@ class StepLoop:
             if self.runner.uses_graph(out):
                 c["graph_steps"] += 1
         else:
-            c["prompt_tokens"] += sum(ch.num_tokens for ch in out.chunks)
+            num_prompt = sum(ch.num_tokens for ch in out.chunks)
+            c["prompt_tokens"] += num_prompt
+            self.scheduler.policy.record_prefill(num_prompt, now - start)
         c["generated"] += len(tokens)
         done = self._postprocess(targets, tokens, now, forks)
         self.cache.maybe_compact()

@@ -114,10 +114,15 @@ class TierMethods:
         return tiers
 
     def _wire_host_tier(self) -> None:
-        s = self.host_storage
-        if s is not None:
-            self.manager.copy_to_host = s.to_host
-            self.manager.copy_to_device = s.to_device
+        if self.host_storage is not None:
+            self.manager.copy_to_host = self._copy_to_host
+            self.manager.copy_to_device = self._copy_to_device
+
+    def _copy_to_host(self, pairs: list[tuple[int, int]]) -> None:
+        self.host_storage.to_host(pairs)  # type: ignore[union-attr]
+
+    def _copy_to_device(self, pairs: list[tuple[int, int]]) -> None:
+        self.host_storage.to_device(pairs)  # type: ignore[union-attr]
 
     def host_block(self, host_block: int) -> Any:
         """A host block's keys and values ``[num_layers, 2, block_size, kv_heads, head_dim]``
