@@ -37,13 +37,18 @@ _EXPORTS: dict[str, str] = {
     "BlockManager": "kvforge.core",
     "BlockPool": "kvforge.core",
     "CompactionPlan": "kvforge.core",
+    "HostTier": "kvforge.core",
+    "HostTierStats": "kvforge.core",
     "NullPrefixIndex": "kvforge.core",
     "PhysicalBlockPool": "kvforge.core",
     "plan_compaction": "kvforge.core",
     "PrefixIndex": "kvforge.core",
     "PrefixStats": "kvforge.core",
     "SequenceBlockTable": "kvforge.core",
+    "SwappedSequence": "kvforge.core",
     # storage
+    "HostStorage": "kvforge.storage",
+    "TierUsage": "kvforge.storage",
     "KVCache": "kvforge.storage",
     "KvCache": "kvforge.storage",
     "MemoryProfile": "kvforge.storage",
@@ -53,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "Engine": "kvforge.engine",
     "EngineConfig": "kvforge.engine",
     "EngineStats": "kvforge.engine",
+    "PreemptionPolicy": "kvforge.engine",
     "RequestOutput": "kvforge.engine",
     "SamplingParams": "kvforge.engine",
     # tools
@@ -84,15 +90,18 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the names without importing anything at run time
     from kvforge.config import CacheConfig, CachePreset, format_bytes, parse_bytes
     from kvforge.core import (
-        AddSequenceResult, AllocationStats, BlockManager, BlockPool, CompactionPlan, NullPrefixIndex,
-        PhysicalBlockPool, PrefixIndex, PrefixStats, SequenceBlockTable, plan_compaction,
+        AddSequenceResult, AllocationStats, BlockManager, BlockPool, CompactionPlan, HostTier, HostTierStats,
+        NullPrefixIndex, PhysicalBlockPool, PrefixIndex, PrefixStats, SequenceBlockTable, SwappedSequence,
+        plan_compaction,
     )
-    from kvforge.engine import CompletionOutput, Engine, EngineConfig, EngineStats, RequestOutput, SamplingParams
+    from kvforge.engine import (
+        CompletionOutput, Engine, EngineConfig, EngineStats, PreemptionPolicy, RequestOutput, SamplingParams,
+    )
     from kvforge.errors import (
         ConfigError, InvalidBlockError, KernelError, KVForgeError, ModelError, OutOfBlocksError, SequenceError,
         TraceError,
     )
     from kvforge.model_shapes import MODEL_SHAPES
-    from kvforge.storage import KVCache, KvCache, MemoryProfile, StepBatch
+    from kvforge.storage import HostStorage, KVCache, KvCache, MemoryProfile, StepBatch, TierUsage
     from kvforge.tools.simulate import SimulationConfig, SimulationResult, simulate
     from kvforge.tools.workload import Request, Workload, load_trace, make_workload

@@ -14,6 +14,8 @@ tests without a device, and serves engines that bring their own kernels.
 - :class:`BlockManager` (``manager``): sequences over the three, fork, free, views;
   admission with prefix reuse (``admission``), appends with copy-on-write (``appends``),
   each sequence's key chain (``chains``), the live sequence ids and their rows (``sequences``);
+- :class:`HostTier` (``host_tier``): which blocks live on the host, on the device or
+  both; spills, one LRU across tiers; swapping sequences out and in (``swap``);
 - :class:`BlockUsage` (``usage``): token and block counts, internal fragmentation;
 - :func:`plan_compaction` (``compaction``): the fewest moves that pack the pool;
 - ``ids``: the validation of counts, block ids and token ids every call shares: every
@@ -22,6 +24,7 @@ tests without a device, and serves engines that bring their own kernels.
 from __future__ import annotations
 
 from kvforge.core.compaction import CompactionPlan, plan_compaction
+from kvforge.core.host_tier import HostTier, HostTierStats, NullHostTier, SwappedSequence
 from kvforge.core.manager import AddSequenceResult, BlockManager, SequenceBlockTable
 from kvforge.core.pool import AllocationStats, BlockPool, PhysicalBlockPool
 from kvforge.core.prefix import BlockKey, NullPrefixIndex, PrefixIndex, PrefixStats
@@ -37,12 +40,16 @@ __all__ = [
     "BlockTables",
     "BlockUsage",
     "CompactionPlan",
+    "HostTier",
+    "HostTierStats",
+    "NullHostTier",
     "NullPrefixIndex",
     "PhysicalBlockPool",
     "PrefixIndex",
     "PrefixStats",
     "SequenceBlockTable",
     "StepView",
+    "SwappedSequence",
     "blocks_for_tokens",
     "plan_compaction",
 ]

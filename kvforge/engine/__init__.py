@@ -15,6 +15,7 @@ from kvforge.engine.config import EngineConfig
 from kvforge.engine.engine import Engine, Prompt
 from kvforge.engine.loader import Checkpoint, load_checkpoint
 from kvforge.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+from kvforge.engine.preemption import PreemptionPolicy
 from kvforge.engine.request import CompletionOutput, RequestMetrics, RequestOutput
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.stats import EngineStats
@@ -26,6 +27,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "ModelConfig",
+    "PreemptionPolicy",
     "Prompt",
     "RequestMetrics",
     "RequestOutput",

@@ -214,8 +214,14 @@ class HostStorage:
             chunks[c].index_copy_(2, self._index(dev[pos] % cb), src.permute(1, 2, 0, 3, 4, 5))
 
     def _index(self, values: np.ndarray) -> Tensor:
+        """Block indices on the device. Staged through pinned memory: a copy from pageable
+        memory would make the host wait for the side stream's earlier transfers."""
         t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-        return t.to(self.device, non_blocking=True) if self._cuda else t
+        if not self._cuda:
+            return t
+        pinned = torch.empty(t.shape, dtype=torch.int64, pin_memory=True)
+        pinned.copy_(t)
+        return pinned.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------- streams
     def _on_side(self) -> _SideStream:
