@@ -15,6 +15,39 @@ if TYPE_CHECKING:
 __all__ = ["MemoryProfile"]
 
 
+def _host_fields(cache: KVCache) -> dict[str, Any]:
+    """The ``host_*`` fields of a cache with a host tier (none without one: the defaults hold)."""
+    storage = cache.host_storage
+    if storage is None:
+        return {}
+    bpb = cache.config.bytes_per_block
+    st = cache.host_stats()
+    to_host, to_device = cache.host_bytes_moved
+    return dict(
+        has_host_tier=True,
+        host_pinned=storage.is_pinned,
+        host_capacity_blocks=st.num_blocks,
+        host_capacity_bytes=st.num_blocks * bpb,
+        host_allocated_bytes=storage.num_bytes,
+        host_used_blocks=st.used_blocks,
+        host_used_bytes=st.used_blocks * bpb,
+        host_cached_blocks=st.cached_blocks,
+        host_free_blocks=st.num_blocks - st.used_blocks,
+        host_use=st.used_blocks / st.num_blocks if st.num_blocks else 0.0,
+        swapped_sequences=st.swapped_sequences,
+        host_spilled_blocks=st.spilled_blocks,
+        host_spill_reuses=st.spill_reuses,
+        host_onboarded_blocks=st.onboarded_blocks,
+        host_hit_tokens=cache.prefix_stats().host_hit_tokens,
+        host_swapped_out_blocks=st.swapped_out_blocks,
+        host_swapped_in_blocks=st.swapped_in_blocks,
+        host_bytes_to_host=to_host,
+        host_bytes_to_device=to_device,
+        host_dropped_blocks=st.dropped_blocks,
+        host_failed_copies=st.failed_copies,
+    )
+
+
 def _metadata_bytes(cache: KVCache) -> int:
     """Host bytes of the bookkeeping (tables, pool lists, prefix maps, token ids) and the chunk offsets."""
     total = cache.manager.metadata_bytes()
@@ -36,6 +69,26 @@ class MemoryProfile:
     sequences (shared blocks count once per sequence).
     Ratios follow ARCHITECTURE.md: ``internal_fragmentation``,
     ``fragmentation_ratio`` (external) and ``memory_efficiency``.
+
+    Tiers. ``device_use`` is the share of backed device blocks in use.
+    With ``CacheConfig(host_memory=...)`` (``has_host_tier``) the ``host_*``
+    fields describe the host tier: ``host_capacity_blocks`` and
+    ``host_capacity_bytes`` its budget in whole blocks, ``host_allocated_bytes``
+    the host memory allocated for it now (pinned when ``host_pinned``, on a GPU; chunks
+    are allocated on first use), ``host_used_blocks`` / ``host_used_bytes``
+    the blocks holding data (held for swapped sequences, or cached),
+    ``host_cached_blocks`` those with a prefix key or a device copy,
+    ``host_free_blocks`` the rest and ``host_use`` the used share;
+    ``swapped_sequences`` the sequences swapped out to it. Counters since
+    the cache was made: ``host_spilled_blocks`` (device evictions copied to
+    the host), ``host_spill_reuses`` (evictions whose host copy existed),
+    ``host_onboarded_blocks`` (copied back for a prefix hit),
+    ``host_hit_tokens`` (prompt tokens served from the host),
+    ``host_swapped_out_blocks`` / ``host_swapped_in_blocks``,
+    ``host_bytes_to_host`` / ``host_bytes_to_device`` (bytes the tier's
+    copies moved each way), ``host_dropped_blocks`` (dropped when the tier
+    was full) and ``host_failed_copies`` (tier copies that raised). Without a
+    host tier they are all zero and the report shows none of them.
     """
 
     device: str
@@ -67,6 +120,29 @@ class MemoryProfile:
     total_bytes_returned: int
     prefix_hit_rate: float
     cow_copies: int
+    # tiers (defaults: no host tier)
+    device_use: float = 0.0
+    has_host_tier: bool = False
+    host_pinned: bool = False
+    host_capacity_blocks: int = 0
+    host_capacity_bytes: int = 0
+    host_allocated_bytes: int = 0
+    host_used_blocks: int = 0
+    host_used_bytes: int = 0
+    host_cached_blocks: int = 0
+    host_free_blocks: int = 0
+    host_use: float = 0.0
+    swapped_sequences: int = 0
+    host_spilled_blocks: int = 0
+    host_spill_reuses: int = 0
+    host_onboarded_blocks: int = 0
+    host_hit_tokens: int = 0
+    host_swapped_out_blocks: int = 0
+    host_swapped_in_blocks: int = 0
+    host_bytes_to_host: int = 0
+    host_bytes_to_device: int = 0
+    host_dropped_blocks: int = 0
+    host_failed_copies: int = 0
 
     @classmethod
     def of(cls, cache: KVCache) -> MemoryProfile:
@@ -109,6 +185,8 @@ class MemoryProfile:
             total_bytes_returned=stats.total_bytes_returned,
             prefix_hit_rate=cache.prefix.stats().hit_rate,
             cow_copies=cache.num_cow_copies,
+            device_use=in_use / pool.capacity if pool.capacity else 0.0,
+            **_host_fields(cache),
         )
 
     @staticmethod
@@ -149,7 +227,31 @@ class MemoryProfile:
         ]
         if self.device_free_bytes is not None and self.device_total_bytes is not None:
             rows.insert(1, ("device free / total", f"{fb(self.device_free_bytes)} / {fb(self.device_total_bytes)}"))
-        return rows
+        return rows + self.host_rows()
+
+    def host_rows(self) -> list[tuple[str, str]]:
+        """The report's host-tier rows (none without a host tier)."""
+        if not self.has_host_tier:
+            return []
+        fb = format_bytes
+        pinned = "pinned" if self.host_pinned else "pageable"
+        return [
+            ("host memory (tier)", f"{fb(self.host_allocated_bytes)} allocated ({pinned}), "
+                                   f"budget {fb(self.host_capacity_bytes)}"),
+            ("host used / free", f"{fb(self.host_used_bytes)} / "
+                                 f"{fb(self.host_capacity_bytes - self.host_used_bytes)}"),
+            ("host blocks used / max", f"{self.host_used_blocks} / {self.host_capacity_blocks} "
+                                       f"of {self.block_size} tokens"),
+            ("host cached / free blocks", f"{self.host_cached_blocks} / {self.host_free_blocks}"),
+            ("device / host use", f"{self.device_use:.1%} / {self.host_use:.1%}"),
+            ("swapped sequences", str(self.swapped_sequences)),
+            ("spilled / reused / dropped", f"{self.host_spilled_blocks} / {self.host_spill_reuses} / "
+                                           f"{self.host_dropped_blocks} blocks"),
+            ("host hits: blocks / tokens", f"{self.host_onboarded_blocks} / {self.host_hit_tokens}"),
+            ("swapped out / in blocks", f"{self.host_swapped_out_blocks} / {self.host_swapped_in_blocks}"),
+            ("bytes to host / to device", f"{fb(self.host_bytes_to_host)} / {fb(self.host_bytes_to_device)}"),
+            ("failed tier copies", str(self.host_failed_copies)),
+        ]
 
     def report(self, file: Any = None, *, echo: bool = True) -> str:
         """Print the profile as an aligned table (to ``file``, default stdout) and
