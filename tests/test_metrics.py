@@ -10,8 +10,10 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
+import torch  # noqa: E402
+
 from kvforge import BlockManager, CacheConfig, KVCache  # noqa: E402
-from kvforge.tools.metrics import METRIC_NAMES, KVForgeCollector, render, serve  # noqa: E402
+from kvforge.tools.metrics import HOST_TIER_METRIC_NAMES, METRIC_NAMES, KVForgeCollector, render, serve  # noqa: E402
 
 
 def _cache() -> KVCache:
@@ -28,7 +30,7 @@ def _cache() -> KVCache:
 def _values(text: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*) (\S+)$", line)
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$", line)  # labels kept in the key
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
@@ -214,3 +216,113 @@ def test_serve_first_attach_later():
 
         with pytest.raises(ConfigError, match="attach once"):
             server.attach(cache)
+
+
+# ------------------------------------------------------------ the host tier
+def _tiered() -> KVCache:
+    """A 4-block device pool (4 KiB blocks) and an 8-block host tier allocated 2 blocks at a time:
+    a's 2 full blocks spill, b (4 blocks) swaps out, c onboards a's prefix from the host."""
+    cfg = CacheConfig(block_size=8, num_blocks=4, num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32,
+                      device="cpu", host_memory="32KiB", host_chunk_blocks=2)
+    cache = KVCache(cfg, backend="torch")
+    cache.add_sequence("a", list(range(16)))
+    cache.free_sequence("a")
+    cache.add_sequence("b", list(range(100, 132)))  # evicts a's 2 cached blocks: spilled to host 0, 1
+    cache.swap_out(["b"])                           # host 2..5
+    cache.add_sequence("c", list(range(16)) + [5])  # onboards host 0, 1; evicts 3 of b's (copies exist)
+    cache.check_invariants()
+    return cache
+
+
+def test_tier_metrics_of_a_host_tier_are_exact():
+    cache = _tiered()
+    v = _values(render(cache))
+    for name in METRIC_NAMES + HOST_TIER_METRIC_NAMES:
+        assert name in v, name
+    kib = 1024
+    assert v['kvforge_tier_blocks_capacity{tier="device"}'] == 4 and v['kvforge_tier_blocks_capacity{tier="host"}'] == 8
+    assert v['kvforge_tier_blocks_used{tier="device"}'] == 4 and v['kvforge_tier_blocks_used{tier="host"}'] == 6
+    assert v['kvforge_tier_blocks_cached{tier="device"}'] == 3 and v['kvforge_tier_blocks_cached{tier="host"}'] == 6
+    assert v['kvforge_tier_usage_ratio{tier="device"}'] == 1.0 and v['kvforge_tier_usage_ratio{tier="host"}'] == 0.75
+    assert v['kvforge_tier_allocated_bytes{tier="device"}'] == 16 * kib == cache.storage_bytes
+    assert v['kvforge_tier_allocated_bytes{tier="host"}'] == 24 * kib  # 3 of 4 chunks touched
+    assert v['kvforge_tier_bytes_moved_total{direction="to_host"}'] == 24 * kib  # 2 spilled + 4 swapped
+    assert v['kvforge_tier_bytes_moved_total{direction="to_device"}'] == 8 * kib  # 2 onboarded
+    assert v['kvforge_swapped_blocks_total{direction="out"}'] == 4 and v['kvforge_swapped_blocks_total{direction="in"}'] == 0
+    assert v["kvforge_sequences_swapped"] == 1 and v["kvforge_sequences_active"] == 1
+    assert v["kvforge_host_spilled_blocks_total"] == 2 and v["kvforge_host_spill_reuses_total"] == 3
+    assert v["kvforge_host_onboarded_blocks_total"] == 2 and v["kvforge_host_dropped_blocks_total"] == 0
+    assert v["kvforge_prefix_cache_host_hit_tokens_total"] == 16 == v["kvforge_prefix_cache_hit_tokens_total"]
+    assert v["kvforge_failed_tier_copies_total"] == 0
+    text = render(cache)
+    assert "# TYPE kvforge_tier_blocks_used gauge" in text and "# TYPE kvforge_tier_bytes_moved_total counter" in text
+    # read at scrape time: swapping b back in moves 4 blocks to the device
+    cache.free_sequence("c")
+    assert cache.swap_in(["b"]) == 4
+    w = _values(render(cache))
+    assert w['kvforge_swapped_blocks_total{direction="in"}'] == 4 and w["kvforge_sequences_swapped"] == 0
+    assert w['kvforge_tier_bytes_moved_total{direction="to_device"}'] == (2 + 4) * 4 * kib
+
+
+def test_without_a_host_tier_the_counters_read_zero_and_only_the_device_tier_is_exported():
+    cache = _cache()
+    v = _values(render(cache))
+    for name in METRIC_NAMES:
+        assert name in v, name
+    for name in HOST_TIER_METRIC_NAMES:
+        assert name not in v, name
+    assert not any('tier="host"' in name for name in v)
+    # the device tier: 4 referenced + 2 cached-evictable of 16 backed (compaction's pool: all 16 backed here)
+    assert v['kvforge_tier_blocks_used{tier="device"}'] == 6 == v["kvforge_blocks_used"] + v["kvforge_blocks_evictable"]
+    assert v['kvforge_tier_blocks_capacity{tier="device"}'] == v["kvforge_blocks_capacity"]
+    assert v['kvforge_tier_allocated_bytes{tier="device"}'] == v["kvforge_cache_bytes"] == cache.storage_bytes
+    for name in ("kvforge_sequences_swapped", "kvforge_host_spilled_blocks_total", "kvforge_host_spill_reuses_total",
+                 "kvforge_host_onboarded_blocks_total", "kvforge_host_dropped_blocks_total",
+                 "kvforge_failed_tier_copies_total", "kvforge_prefix_cache_host_hit_tokens_total",
+                 'kvforge_tier_bytes_moved_total{direction="to_host"}',
+                 'kvforge_tier_bytes_moved_total{direction="to_device"}',
+                 'kvforge_swapped_blocks_total{direction="out"}', 'kvforge_swapped_blocks_total{direction="in"}'):
+        assert v[name] == 0, name
+
+
+def test_a_failed_spill_and_a_full_host_tier_are_counted():
+    cfg = CacheConfig(block_size=8, num_blocks=4, num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32,
+                      device="cpu", host_memory="8KiB")  # 2 host blocks
+    cache = KVCache(cfg, backend="torch")
+    cache.add_sequence("a", list(range(16)))
+    cache.free_sequence("a")
+    wired = cache.manager.copy_to_host
+
+    def failing(pairs):  # the device-to-host copy fails (injected at the cache's wiring point)
+        raise RuntimeError("injected copy failure")
+
+    cache.manager.copy_to_host = failing
+    cache.add_sequence("b", list(range(100, 132)))  # a's 2 blocks are evicted; their spill fails
+    cache.manager.copy_to_host = wired
+    cache.check_invariants()
+    v = _values(render(cache))
+    assert v["kvforge_failed_tier_copies_total"] == 1
+    assert v['kvforge_tier_blocks_used{tier="host"}'] == 0  # the failed spill's keys are forgotten
+    assert v['kvforge_tier_bytes_moved_total{direction="to_host"}'] == 0
+    cache.free_sequence("b")                        # b's 4 full blocks cached on the device
+    for i in range(2):                              # each evicts 2 of them: 4 spills into 2 host blocks
+        cache.add_sequence(f"x{i}", list(range(1000 + 100 * i, 1016 + 100 * i)))
+        cache.check_invariants()
+    v = _values(render(cache))
+    assert v['kvforge_tier_blocks_used{tier="host"}'] == 2 and v['kvforge_tier_usage_ratio{tier="host"}'] == 1.0
+    assert v["kvforge_host_spilled_blocks_total"] == 2 + 4  # the failed 2 were counted as spilled too
+    assert v["kvforge_host_dropped_blocks_total"] == 2      # the first 2 of b's, dropped for its last 2
+    assert v['kvforge_tier_bytes_moved_total{direction="to_host"}'] == 4 * cfg.bytes_per_block
+
+
+def test_a_block_manager_with_a_host_tier_has_blocks_and_no_bytes():
+    m = BlockManager(num_blocks=4, block_size=4, num_host_blocks=3)
+    m.add_sequence(1, list(range(8)))
+    m.free_sequence(1)
+    m.add_sequence(2, list(range(50, 66)))          # 4 blocks: 1's 2 cached blocks spill (no copy: no storage)
+    m.check_invariants()
+    v = _values(render(m))
+    assert v['kvforge_tier_blocks_capacity{tier="host"}'] == 3 and v['kvforge_tier_blocks_used{tier="host"}'] == 2
+    assert v['kvforge_tier_blocks_used{tier="device"}'] == 4 and v["kvforge_host_spilled_blocks_total"] == 2
+    assert v['kvforge_tier_allocated_bytes{tier="host"}'] == 0 == v['kvforge_tier_allocated_bytes{tier="device"}']
+    assert v['kvforge_tier_bytes_moved_total{direction="to_host"}'] == 0

@@ -13,6 +13,18 @@ its query/hit token counters, allocations, failed allocations, evictions,
 compactions, blocks moved, bytes returned, time and duration of the last
 compaction, active sequences and tokens.
 
+Tier metrics: per tier, with a ``tier`` label (``device``, and ``host`` when
+the cache has a host tier, ``CacheConfig(host_memory=...)``), the use, the
+capacity, used and cached blocks and the bytes allocated
+(:meth:`~kvforge.storage.KVCache.tier_usage`); the host tier's counters
+(:meth:`~kvforge.storage.KVCache.host_stats`): blocks spilled, spills that
+reused a host copy, blocks onboarded, blocks dropped, failed tier copies,
+prompt tokens served from the host, blocks swapped (``direction`` ``out`` /
+``in``) and bytes moved (``direction`` ``to_host`` / ``to_device``), and the
+swapped-out sequences. The counters exist, at 0, without a host tier (so do
+the device tier's series); the ``tier="host"`` series only with one. A bare
+BlockManager has no memory: its bytes read 0.
+
 Engine metrics: any object with a ``stats()`` method (or ``stats`` attribute)
 returning a mapping (or an object with ``to_dict()``, such as
 :class:`~kvforge.engine.EngineStats`). Its ``preemptions`` (or
@@ -51,7 +63,8 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import Metric
 
-__all__ = ["KVForgeCollector", "MetricsServer", "make_registry", "render", "serve", "check_port", "METRIC_NAMES"]
+__all__ = ["KVForgeCollector", "MetricsServer", "make_registry", "render", "serve", "check_port", "METRIC_NAMES",
+           "HOST_TIER_METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +102,59 @@ _CACHE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("kvforge_prefix_cache_hit_tokens", "counter", "Prompt tokens found in the prefix cache."),
 )
 
+# the host tier's unlabelled figures (0 without one), filled in by _host_values
+_HOST_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("kvforge_sequences_swapped", "gauge", "Sequences swapped out to the host tier."),
+    ("kvforge_host_spilled_blocks", "counter", "Cached device blocks evicted and copied to the host tier."),
+    ("kvforge_host_spill_reuses", "counter", "Evicted device blocks whose host copy existed (nothing copied)."),
+    ("kvforge_host_onboarded_blocks", "counter", "Host blocks copied back to the device for a prefix hit."),
+    ("kvforge_host_dropped_blocks", "counter", "Host blocks dropped for good because the host tier was full."),
+    ("kvforge_failed_tier_copies", "counter",
+     "Copies between the device and the host tier that raised (nothing live was lost)."),
+    ("kvforge_prefix_cache_host_hit_tokens", "counter",
+     "Prompt tokens served from the host tier (counted in the prefix cache hit tokens too)."),
+)
+
+# (name, type, help, label, label values); one sample per label value, filled in by _labelled_values.
+# The tier label's values are the tiers the cache has: "device", then "host" with a host tier.
+_LABELLED_METRICS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
+    ("kvforge_tier_usage_ratio", "gauge", "Blocks of the tier holding data (referenced or cached) over its "
+     "capacity blocks.", "tier", ("device", "host")),
+    ("kvforge_tier_blocks_capacity", "gauge", "Blocks the tier holds: the device's backed blocks, the host "
+     "tier's budget.", "tier", ("device", "host")),
+    ("kvforge_tier_blocks_used", "gauge", "Blocks of the tier holding data (referenced or cached).",
+     "tier", ("device", "host")),
+    ("kvforge_tier_blocks_cached", "gauge", "Blocks of the tier holding a prefix key (on the host also "
+     "copies of cached device blocks).", "tier", ("device", "host")),
+    ("kvforge_tier_allocated_bytes", "gauge", "Bytes allocated for the tier now (the host tier allocates "
+     "on first use, pinned on a GPU machine).", "tier", ("device", "host")),
+    ("kvforge_tier_bytes_moved", "counter", "Bytes copied between the device and the host tier.",
+     "direction", ("to_host", "to_device")),
+    ("kvforge_swapped_blocks", "counter", "Blocks copied by swaps: out to the host tier, in to the device.",
+     "direction", ("out", "in")),
+)
+
 _PREEMPTIONS = ("kvforge_preemptions", "counter", "Requests preempted (blocks freed, recomputed later).")
 
-#: Sample names a cache always exports, as they appear in the text format.
-METRIC_NAMES: tuple[str, ...] = tuple(name + "_total" if kind == "counter" else name
-                                      for name, kind, _ in _CACHE_METRICS) + ("kvforge_preemptions_total",)
+
+def _sample(name: str, kind: str, label: str | None = None, value: str | None = None) -> str:
+    base = name + "_total" if kind == "counter" else name
+    return base if label is None else f'{base}{{{label}="{value}"}}'
+
+
+#: Sample names a cache always exports, as they appear in the text format (labelled
+#: samples with their label, ``kvforge_tier_blocks_used{tier="device"}``).
+METRIC_NAMES: tuple[str, ...] = (
+    tuple(_sample(name, kind) for name, kind, _ in _CACHE_METRICS) + ("kvforge_preemptions_total",)
+    + tuple(_sample(name, kind) for name, kind, _ in _HOST_METRICS)
+    + tuple(_sample(name, kind, label, v) for name, kind, _, label, values in _LABELLED_METRICS
+            for v in values if v != "host")
+)
+
+#: Sample names a cache exports only when it has a host tier (its ``tier="host"`` series).
+HOST_TIER_METRIC_NAMES: tuple[str, ...] = tuple(_sample(name, kind, label, "host")
+                                                for name, kind, _, label, values in _LABELLED_METRICS
+                                                if "host" in values)
 
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -121,6 +182,16 @@ def _family(name: str, kind: str, doc: str, value: float | None = None) -> Metri
     fam = core.CounterMetricFamily(name, doc) if kind == "counter" else core.GaugeMetricFamily(name, doc)
     if value is not None:
         fam.add_metric([], float(value))
+    return fam
+
+
+def _labelled_family(name: str, kind: str, doc: str, label: str,
+                     samples: Mapping[str, float] | None = None) -> Metric:
+    core = _prometheus().core
+    cls = core.CounterMetricFamily if kind == "counter" else core.GaugeMetricFamily
+    fam = cls(name, doc, labels=[label])
+    for value, v in (samples or {}).items():
+        fam.add_metric([value], float(v))
     return fam
 
 
@@ -152,8 +223,10 @@ class KVForgeCollector:
     def describe(self) -> Iterator[Metric]:
         """The fixed cache families (engine entries are dynamic and not described)."""
         if self.cache is not None:
-            for name, kind, doc in _CACHE_METRICS:
+            for name, kind, doc in _CACHE_METRICS + _HOST_METRICS:
                 yield _family(name, kind, doc)
+            for name, kind, doc, label, _ in _LABELLED_METRICS:
+                yield _labelled_family(name, kind, doc, label)
         yield _family(*_PREEMPTIONS)
 
     def collect(self) -> Iterator[Metric]:
@@ -176,6 +249,11 @@ class KVForgeCollector:
         if self.cache is not None:
             values = _cache_values(self.cache)
             families += [_family(name, kind, doc, values[name]) for name, kind, doc in _CACHE_METRICS]
+            host = _host_values(self.cache)
+            families += [_family(name, kind, doc, host[name]) for name, kind, doc in _HOST_METRICS]
+            labelled = _labelled_values(self.cache)
+            families += [_labelled_family(name, kind, doc, label, labelled[name])
+                         for name, kind, doc, label, _ in _LABELLED_METRICS]
         engine = _engine_families(self.engine) if self.engine is not None else []
         if not any(f.name == _PREEMPTIONS[0] for f in engine):
             engine.insert(0, _family(*_PREEMPTIONS, 0))
@@ -223,6 +301,50 @@ def _cache_values(target: Any) -> dict[str, float]:
         "kvforge_prefix_cache_queries": ps.queries,
         "kvforge_prefix_cache_query_tokens": ps.query_tokens,
         "kvforge_prefix_cache_hit_tokens": ps.hit_tokens,
+    }
+
+
+def _host_values(target: Any) -> dict[str, float]:
+    manager = getattr(target, "manager", target)
+    hs = manager.host.stats()  # all zero without a host tier
+    return {
+        "kvforge_sequences_swapped": hs.swapped_sequences,
+        "kvforge_host_spilled_blocks": hs.spilled_blocks,
+        "kvforge_host_spill_reuses": hs.spill_reuses,
+        "kvforge_host_onboarded_blocks": hs.onboarded_blocks,
+        "kvforge_host_dropped_blocks": hs.dropped_blocks,
+        "kvforge_failed_tier_copies": hs.failed_copies,
+        "kvforge_prefix_cache_host_hit_tokens": manager.prefix.stats().host_hit_tokens,
+    }
+
+
+def _tiers(target: Any) -> list[tuple[str, int, int, int, int]]:
+    """``(tier, capacity_blocks, used_blocks, cached_blocks, allocated_bytes)`` per tier: a
+    KVCache's :meth:`~kvforge.storage.KVCache.tier_usage`, or a bare manager's blocks (no bytes)."""
+    if hasattr(target, "tier_usage"):
+        return [(t.tier, t.capacity_blocks, t.used_blocks, t.cached_blocks, t.allocated_bytes)
+                for t in target.tier_usage()]
+    pool, host = target.pool, target.host
+    tiers = [("device", pool.capacity, pool.num_allocated_blocks + pool.num_evictable_blocks,
+              pool.num_cached_blocks, 0)]
+    if host.enabled:
+        tiers.append(("host", host.num_blocks, host.num_used_blocks(), host.stats().cached_blocks, 0))
+    return tiers
+
+
+def _labelled_values(target: Any) -> dict[str, dict[str, float]]:
+    tiers = _tiers(target)
+    manager = getattr(target, "manager", target)
+    hs = manager.host.stats()
+    to_host, to_device = getattr(target, "host_bytes_moved", (0, 0))
+    return {
+        "kvforge_tier_usage_ratio": {t: used / cap if cap else 0.0 for t, cap, used, _, _ in tiers},
+        "kvforge_tier_blocks_capacity": {t[0]: t[1] for t in tiers},
+        "kvforge_tier_blocks_used": {t[0]: t[2] for t in tiers},
+        "kvforge_tier_blocks_cached": {t[0]: t[3] for t in tiers},
+        "kvforge_tier_allocated_bytes": {t[0]: t[4] for t in tiers},
+        "kvforge_tier_bytes_moved": {"to_host": to_host, "to_device": to_device},
+        "kvforge_swapped_blocks": {"out": hs.swapped_out_blocks, "in": hs.swapped_in_blocks},
     }
 
 
