@@ -464,3 +464,74 @@ def test_generate_text_prompts_through_the_checkpoint_tokenizer(tmp_path, capsys
                  "--max-tokens", "3", "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "[0] prompt: 'hello world'" in out and "[0] completion (3 tokens, length): '" in out
+
+
+# ------------------------------------------------------------ plan --host-memory
+def test_plan_host_memory_adds_the_host_tier_beside_every_row(capsys):
+    assert main(["plan", "--model", "llama-3-8b", "--vram", "24GiB", "--context", "8192", "--host-memory", "64GiB"]) == 0
+    # 64 GiB of 128 KiB tokens: 524288 tokens whatever the block size; blocks = tokens / block size
+    assert capsys.readouterr().out == (
+        "llama-3-8b: 32 layers, 8 KV heads, head dim 128, bfloat16; 128.00 KiB per token; context 8192; "
+        "host tier 64.00 GiB\n"
+        "sizing                     block size  blocks  tokens  seqs of 8192  memory     host blocks  host tokens"
+        "  host:device\n"
+        "-------------------------  ----------  ------  ------  ------------  ---------  -----------  -----------"
+        "  -----------\n"
+        "preset small (4.00 GiB)            16    1024   16384             2  2.00 GiB         32768       524288"
+        "         32:1\n"
+        "preset medium (12.00 GiB)          32    1536   49152             6  6.00 GiB         16384       524288"
+        "       10.7:1\n"
+        "preset large (40.00 GiB)           64    2560  163840            20  20.00 GiB         8192       524288"
+        "        3.2:1\n"
+        "for_context_length(8192)           64     128    8192             1  1.00 GiB          8192       524288"
+        "         64:1\n"
+        "for_model(vram=24.00 GiB)          16   12288  196608            24  24.00 GiB        32768       524288"
+        "       2.67:1\n")
+
+
+def test_plan_host_memory_of_a_tiny_checkpoint_and_rows_that_do_not_fit(tmp_path, capsys):
+    cfg = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+               torch_dtype="float32", max_position_embeddings=128)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    # 2 layers x K,V x 2 heads x 16 dims x 4 bytes = 512 B a token: 1 MiB of host memory holds 2048 tokens
+    assert main(["plan", "--model", str(tmp_path), "--vram", "0", "--context", "64", "--host-memory", "1MiB"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("; 512 B per token; context 64; host tier 1.00 MiB")
+    assert lines[1].endswith("  host blocks  host tokens  host:device")
+    # the presets' device pools hold 2048 (2 GiB), 6144 and 20480 times the host tier: the small side is 1
+    assert lines[3].endswith("  2.00 GiB               128         2048       1:2048")
+    assert lines[4].endswith("  6.00 GiB                64         2048       1:6144")
+    assert lines[5].endswith("  20.00 GiB               32         2048      1:20480")  # block size 64
+    # the device pool holds nothing: host blocks and tokens still show, the ratio is a dash
+    assert lines[6] == ("for_context_length(64)             16       -         -           -  no block fits"
+                        "          128         2048            -")
+    assert lines[7].startswith("for_model(vram=0 B)  ") and lines[7].endswith("no block fits          128         2048            -")
+
+
+def test_plan_host_memory_zero_is_the_plain_table(capsys):
+    assert main(["plan"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["plan", "--host-memory", "0"]) == 0
+    assert capsys.readouterr().out == plain and "host" not in plain
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-1", "--host-memory: cannot read a byte size from '-1'"),
+    ("lots", "--host-memory: cannot read a byte size from 'lots'"),
+    ("2EiB", "--host-memory: byte size '2EiB' exceeds the limit of 1 EiB"),
+    ("1EiB", "--host-memory: host_memory=1048576.00 TiB makes more than 2**31 - 1 host blocks of 2.00 MiB"),
+])
+def test_plan_refuses_a_bad_host_memory_in_one_line(value, message, capsys):
+    assert main(["plan", "--host-memory", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kvforge plan: error: {message}") and err.count("\n") == 1
+
+
+def test_plan_refuses_a_negative_host_memory_in_the_library():
+    from kvforge.errors import ConfigError
+    from kvforge.tools.plan import plan_headers, plan_rows
+
+    with pytest.raises(ConfigError, match=r"--host-memory must be a byte size >= 0"):
+        plan_rows("llama-3-8b", 2**30, 8192, -1)
+    assert plan_headers(4096) == (["sizing", "block size", "blocks", "tokens", "seqs of 4096", "memory"], "lrrrrl")
+    assert plan_headers(4096, 1)[1] == "lrrrrlrrr" and plan_headers(4096, 1)[0][-1] == "host:device"
