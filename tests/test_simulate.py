@@ -441,3 +441,182 @@ def test_report_says_how_many_steps_ran():
 def test_simulation_config_limits(field, value, match):
     with pytest.raises(ConfigError, match=re.escape(match)):
         SimulationConfig(**{field: value})
+
+
+# ------------------------------------------------------------------ host tier
+def _cycle_workload() -> Workload:
+    """6 prefix groups of 4 blocks (of 4 tokens) visited in turn: 24 prefix blocks, more
+    than a 12-block pool holds, so LRU evicts every prefix before it comes round again."""
+    reqs = tuple(Request(f"r{i}", i, i // 2, 18, 2, prefix_group=f"g{i % 6}", prefix_len=16) for i in range(36))
+    return Workload("cycle", reqs, 24, 24)
+
+
+def test_host_tier_serves_the_prefixes_the_device_pool_cannot_keep():
+    w = _cycle_workload()
+    off = simulate(w, _cfg(num_blocks=12, enable_prefix_caching=True), check=True).paged
+    on = simulate(w, _cfg(num_blocks=12, enable_prefix_caching=True, num_host_blocks=64), check=True).paged
+    assert off.prefix_hit_rate == 0 and off.host_hit_tokens == 0 and off.spilled_blocks == 0
+    assert on.host_hit_tokens > 0 and on.prefix_hit_rate > off.prefix_hit_rate
+    # the 30 requests after the first round each find their 16-token prefix on the host
+    assert (on.host_hit_tokens, on.device_hit_tokens, on.onboarded_blocks) == (30 * 16, 0, 120)
+    assert on.prefix_hit_rate == pytest.approx(480 / (36 * 18)) == on.device_hit_rate + on.host_hit_rate
+    assert (on.spilled_blocks, on.dropped_host_blocks, on.host_peak_blocks) == (24, 0, 24)
+    assert on.steps == off.steps  # hits save prefill compute, which the step model does not price
+    # a host tier too small to hold one round of prefixes drops them before they come back
+    small = simulate(w, _cfg(num_blocks=12, enable_prefix_caching=True, num_host_blocks=8), check=True).paged
+    assert small.host_hit_tokens == 0 and small.dropped_host_blocks > 0 and small.host_peak_blocks == 8
+
+
+def test_host_tier_exact_counters_and_copy_time():
+    # 4 blocks of 4; three prompts of 9 tokens (2 keyed blocks + 1), output 1, one a step: g0, g1, g0.
+    # t0: g0 takes 3 blocks, finishes: its 2 keyed blocks stay cached (its last one released first).
+    # t1: g1 needs 3: 2 free + g0's second block, evicted -> spilled (1 block to the host).
+    # t2: g0 again: its first block hits on the device, its second on the host (onboarded:
+    #     1 block to the device); the new block evicts g1's second one (spilled, flushed first).
+    reqs = tuple(Request(f"r{i}", i, i, 9, 1, prefix_group=g, prefix_len=8) for i, g in enumerate(["g0", "g1", "g0"]))
+    w = Workload("hand", reqs, 10, 10)
+    cfg = _cfg(num_blocks=4, enable_prefix_caching=True, num_host_blocks=8, bytes_per_token=1000,
+               host_bandwidth=4000.0)                               # 4000 bytes a block: 1 s a block
+    r = simulate(w, cfg, check=True)
+    p, tl = r.paged, r.timeline
+    assert (p.prefix_hit_tokens, p.device_hit_tokens, p.host_hit_tokens) == (8, 4, 4)
+    assert (p.prefix_hit_rate, p.device_hit_rate, p.host_hit_rate) == (pytest.approx(8 / 27), pytest.approx(4 / 27),
+                                                                       pytest.approx(4 / 27))
+    assert (p.spilled_blocks, p.onboarded_blocks, p.dropped_host_blocks, p.evictions) == (2, 1, 0, 2)
+    assert (p.bytes_to_host, p.bytes_to_device, p.copy_batches) == (8000, 4000, 3)
+    assert tl.host_used_blocks.tolist() == [0, 1, 2]   # the onboarded block's host copy stays
+    assert tl.blocks_to_host.tolist() == [0, 1, 1] and tl.blocks_to_device.tolist() == [0, 0, 1]
+    assert tl.copy_s.tolist() == [0.0, 1.0, 2.0]
+    assert (p.copy_s, p.copy_s_per_step_max, p.copy_s_per_step_mean) == (3.0, 2.0, 1.0)
+    assert (p.host_peak_blocks, p.host_mean_blocks) == (2, 1.0)
+    plain = simulate(w, dataclasses.replace(cfg, num_host_blocks=0), check=True).paged
+    assert (plain.prefix_hit_tokens, plain.host_hit_tokens, plain.copy_s, plain.host_peak_blocks) == (4, 0, 0.0, 0)
+    d = r.to_dict(timeline_points=10)
+    assert d["paged"]["host_hit_tokens"] == 4 and d["config"]["num_host_blocks"] == 8
+    assert d["timeline"]["host_used_blocks"] == [0, 1, 2] and d["timeline"]["copy_s"] == [0.0, 1.0, 2.0]
+    report = r.report()
+    assert "host tier: 8 blocks = 31.25 KiB, copies at 4e-06 GB/s, preemption recompute" in report
+    rows = {name.strip(): value for name, value, _ in r.rows()}
+    assert rows["prefix hits device / host"] == "14.8% / 14.8%"
+    assert rows["spills / onboards (blocks)"] == "2 / 1" and rows["host blocks dropped"] == "0"
+    assert rows["modelled copy time"] == "3.000 s in 3 batches"
+    assert "prefix hits device / host" not in simulate(w, dataclasses.replace(cfg, num_host_blocks=0)).report()
+
+
+def test_swap_preemption_exact():
+    # test_preemption_recompute_exact's trace, preempting by swap: B's one block goes to the
+    # host at step 1 and comes back at step 3, where B decodes on (5 tokens, none recomputed).
+    w = _workload((0, 4, 3), (0, 4, 3), max_model_len=7)
+    cfg = _cfg(num_blocks=3, num_host_blocks=4, preemption="swap", bytes_per_token=1000, host_bandwidth=4000.0)
+    r = simulate(w, cfg, check=True)
+    p, tl = r.paged, r.timeline
+    assert tl.running.tolist() == [2, 1, 1, 1, 1] and tl.waiting.tolist() == [0, 1, 1, 0, 0]
+    assert tl.held_blocks.tolist() == [2, 2, 2, 2, 2] and tl.live_slots.tolist() == [8, 5, 6, 5, 6]
+    assert tl.host_used_blocks.tolist() == [0, 1, 1, 0, 0]
+    assert tl.copy_s.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert (p.preemptions, p.swap_preemptions, p.swap_drops) == (1, 1, 0)
+    assert (p.swapped_out_blocks, p.swapped_in_blocks, p.copy_s, p.steps) == (1, 1, 2.0, 5)
+    rows = {name: value for name, value, _ in r.rows()}
+    assert rows["preemptions (swap / recompute)"] == "1 / 0" and rows["swapped out / in (blocks)"] == "1 / 1"
+    # no room on the host: the victim is recomputed, as without a host tier
+    full = simulate(w, dataclasses.replace(cfg, num_host_blocks=1), check=True).paged
+    tiny = simulate(w, dataclasses.replace(cfg, num_host_blocks=1, preemption="recompute"), check=True).paged
+    assert full.preemptions == 1 and full.steps == tiny.steps == 5
+
+
+@pytest.mark.parametrize("num_host_blocks", [64, 3])
+def test_swap_preemption_with_shared_prefixes_drains(num_host_blocks):
+    # 12 requests of two prefix groups in a pool of 9 blocks: victims share their prefix
+    # blocks with running requests (those stay on the device) or not (they move)
+    reqs = tuple(Request(f"r{i}", i, i // 4, 10, 12, prefix_group=f"g{i % 2}", prefix_len=8) for i in range(12))
+    w = Workload("shared", reqs, 22, 22)
+    cfg = SimulationConfig(block_size=4, num_blocks=9, num_host_blocks=num_host_blocks, preemption="swap")
+    p = simulate(w, cfg, check=True).paged
+    assert p.requests_finished == 12 and 0 < p.swap_preemptions <= p.preemptions
+    assert p.swapped_in_blocks >= p.swapped_out_blocks > 0  # a block with a host copy is not copied out again
+    if num_host_blocks == 3:                                   # too small for some victims: they recompute
+        assert p.swap_preemptions < p.preemptions
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("num_host_blocks", -1, "num_host_blocks must be an integer >= 0"),
+    ("num_host_blocks", 2**24 + 1, "num_host_blocks=16777217 exceeds the limit"),
+    ("host_bandwidth", 0.0, "host_bandwidth must be a finite number of bytes/s > 0"),
+    ("host_bandwidth", float("inf"), "host_bandwidth must be a finite number"),
+    ("preemption", "swap", "preemption='swap' needs a host tier"),
+    ("preemption", "kill", "preemption 'kill' is not one of"),
+])
+def test_host_tier_config_limits(field, value, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        SimulationConfig(**{field: value})
+
+
+def test_from_cache_config_takes_the_host_tier():
+    cfg = CacheConfig(block_size=16, num_blocks=64, num_layers=2, num_kv_heads=2, head_dim=32,
+                      host_memory="1MiB")                           # 8 KiB a block (fp16)
+    assert SimulationConfig.from_cache_config(cfg).num_host_blocks == cfg.num_host_blocks > 0
+
+
+def _cycle_trace(tmp_path) -> str:
+    trace = tmp_path / "cycle.jsonl"
+    trace.write_text("".join(json.dumps({"arrival": r.arrival, "prompt_len": r.prompt_len, "output_len": r.output_len,
+                                         "prefix_group": r.prefix_group, "prefix_len": r.prefix_len}) + "\n"
+                             for r in _cycle_workload().requests))
+    return str(trace)
+
+
+def test_cli_host_memory(capsys, tmp_path):
+    # tinyllama: 22 KiB a token, 88 KiB a block of 4: 5632 KiB = 64 host blocks
+    base = ["--trace", _cycle_trace(tmp_path), "--model", "tinyllama-1.1b", "--block-size", "4", "--num-blocks", "12",
+            "--no-plots"]
+    code, out, _ = _cli([*base, "--json"], capsys)
+    assert code == 0
+    off = json.loads(out)["paged"]
+    code, out, err = _cli([*base, "--host-memory", "5632KiB", "--host-bandwidth", "22.528", "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    on = data["paged"]
+    assert data["config"]["num_host_blocks"] == 64 and data["config"]["host_bandwidth"] == pytest.approx(22.528e9)
+    assert on["host_hit_tokens"] == 480 and on["prefix_hit_rate"] > off["prefix_hit_rate"] == 0
+    assert on["bytes_to_host"] == 24 * 90112 and on["bytes_to_device"] == 120 * 90112
+    assert on["copy_s"] == pytest.approx(144 * 90112 / 22.528e9)     # 144 blocks at 4 us each
+    assert max(data["timeline"]["host_used_blocks"]) == 24
+    code, out, _ = _cli([*base, "--host-memory", "5632KiB", "--preemption", "swap"], capsys)
+    assert code == 0
+    assert "host tier: 64 blocks = 5.50 MiB, copies at 55 GB/s, preemption swap" in out
+    assert "prefix hits device / host" in out and "preemptions (swap / recompute)" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--host-memory", "abc"], "--host-memory: cannot read a byte size from 'abc'"),
+    (["--host-memory", "-1"], "--host-memory: cannot read a byte size from '-1'"),
+    (["--host-memory=-1GiB"], "--host-memory: cannot read a byte size from '-1GiB'"),
+    (["--host-memory", "1KiB"], "--host-memory 1KiB holds no block of 2.00 MiB"),
+    (["--host-memory", "64GiB", "--host-bandwidth", "-5"], "--host-bandwidth must be a finite number in (0, "),
+    (["--host-memory", "64GiB", "--host-bandwidth", "nan"], "--host-bandwidth must be a finite number"),
+    (["--preemption", "swap"], "--preemption swap needs a host tier: give --host-memory"),
+])
+def test_cli_refuses_bad_host_values(argv, match, capsys):
+    code, out, err = _cli(["--requests", "5", "--rate", "1", "--no-plots", *argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("kvforge simulate: error: ") and match in err
+
+
+def test_cli_host_bandwidth_must_be_a_number(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli(["--host-bandwidth", "abc"], capsys)
+    assert exc.value.code == 2 and "--host-bandwidth: invalid float value: 'abc'" in capsys.readouterr().err
+
+
+def test_memory_plot_has_a_host_panel_when_on():
+    from kvforge.tools.plot_simulation import memory_figure
+
+    w = _cycle_workload()
+    off = simulate(w, _cfg(num_blocks=12, enable_prefix_caching=True))
+    on = simulate(w, _cfg(num_blocks=12, enable_prefix_caching=True, num_host_blocks=64))
+    assert len(memory_figure(off).axes) == 1
+    fig = memory_figure(on)
+    assert len(fig.axes) == 2
+    line = fig.axes[1].get_lines()[0]
+    assert line.get_label().startswith("host tier: blocks in use (24 spilled, 120 onboarded, 0 dropped)")
+    assert max(line.get_ydata()) == pytest.approx(24 / 64 * 100)

@@ -25,7 +25,7 @@ _SERIES = {
     "paged_live": "#0072B2", "paged_reserved": "#0072B2", "paged_cached": "#56B4E9",
     "static_reserved": "#D55E00", "static_live": "#E69F00",
     "internal": "#E69F00", "efficiency": "#009E73", "external": "#7B3294", "free": "#999999",
-    "threshold": "#444444", "compaction": "#000000",
+    "threshold": "#444444", "compaction": "#000000", "host_used": "#CC79A7",
 }
 
 
@@ -39,14 +39,19 @@ def _pool_label(cfg: Any) -> str:
 def memory_figure(result: SimulationResult) -> Any:
     """The memory-over-time figure of a simulation (a matplotlib ``Figure``):
     paged live tokens, reserved blocks and cached blocks beside the static
-    reservation, in % of the pool's token slots."""
+    reservation, in % of the pool's token slots; with a host tier, a second
+    panel below draws the host blocks in use, in % of the tier."""
     figure_cls, _ = _mpl()
     tl, st, cfg = result.timeline, result.static_timeline, result.config
     cap_tokens = cfg.num_blocks * cfg.block_size
     pct = 100 / cap_tokens
     bs = cfg.block_size
-    fig = figure_cls(figsize=(9.5, 5.4))
-    ax = fig.add_subplot(1, 1, 1)
+    if cfg.num_host_blocks:
+        fig = figure_cls(figsize=(9.5, 7.6))
+        ax, host_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1), "hspace": 0.1})
+    else:
+        fig = figure_cls(figsize=(9.5, 5.4))
+        ax, host_ax = fig.add_subplot(1, 1, 1), None
     ax.fill_between(tl.step, 0, tl.live_slots * pct, color=_SERIES["paged_live"], alpha=0.25, linewidth=0,
                     label="paged: live tokens", step="post")
     ax.plot(tl.step, tl.held_blocks * bs * pct, color=_SERIES["paged_reserved"], lw=1.6,
@@ -58,14 +63,32 @@ def memory_figure(result: SimulationResult) -> Any:
                 label=f"static ({result.static.reserve_mode}): reserved", drawstyle="steps-post")
         ax.plot(st.step, st.live_slots * pct, color=_SERIES["static_live"], lw=1.2, ls="--",
                 label="static: live tokens", drawstyle="steps-post")
-    ax.set_xlabel("decode step")
     ax.set_ylabel(f"% of the pool's token slots\n({_pool_label(cfg)})")
     ax.set_ylim(0, 105)
     ax.set_xlim(left=0)
     ax.set_title(f"{result.workload_name}: memory over time (paged waste {result.paged.waste:.1%}"
                  + (f", static waste {result.static.waste:.1%}" if result.static is not None else "") + ")")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     ax.grid(alpha=0.3)
+    if host_ax is None:
+        ax.set_xlabel("decode step")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+        return fig
+    p = result.paged
+    size = f"{cfg.num_host_blocks} blocks"
+    if cfg.bytes_per_block:
+        size += f" = {_format_bytes(cfg.num_host_blocks * cfg.bytes_per_block)}"
+    host_ax.plot(tl.step, tl.host_used_blocks / cfg.num_host_blocks * 100, color=_SERIES["host_used"], lw=1.5,
+                 drawstyle="steps-post",
+                 label=f"host tier: blocks in use ({p.spilled_blocks} spilled, {p.onboarded_blocks} onboarded, "
+                       f"{p.dropped_host_blocks} dropped)")
+    host_ax.set_ylabel(f"% of the host tier\n({size})")
+    host_ax.set_ylim(0, 105)
+    host_ax.set_xlabel("decode step")
+    handles, labels = ax.get_legend_handles_labels()
+    more = host_ax.get_legend_handles_labels()
+    host_ax.legend(handles + more[0], labels + more[1], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.38),
+                   ncol=3, frameon=False)
+    host_ax.grid(alpha=0.3)
     return fig
 
 

@@ -8,7 +8,8 @@ The step model (the same for the paged and the static cache, see
    back) and produces one output token. When the pool cannot give the blocks
    the batch needs, the most recently admitted request is preempted
    (*recompute*: its blocks are freed, it returns to the head of the queue
-   keeping its output so far) until it can;
+   keeping its output so far; with a host tier and ``preemption="swap"`` its
+   blocks are swapped out instead, and back in when it is readmitted) until it can;
 3. admission: waiting requests are admitted in order while their blocks fit
    and fewer than ``max_num_seqs`` run. Admission reserves the prompt (plus,
    after a preemption, the output so far) and produces one output token;
@@ -30,6 +31,11 @@ contiguous range (first fit) for its whole life: ``max_model_len`` tokens
 (``max-model-len``), ``prompt + max_output_len`` (``max-output``: the
 request's ``max_tokens``), or exactly what it will use (``oracle``, a lower
 bound no real static cache reaches).
+
+With ``num_host_blocks`` the manager has a host tier: evicted prefix blocks
+spill there and prefix hits there are onboarded; every copy batch is priced at
+``host_bandwidth`` (the hit rates by tier, the copies and their modelled time
+are in :class:`PagedSummary` and :class:`Timeline`).
 
 Waste is reserved-but-unused token slots over reserved token slots, summed
 over all steps (a time average weighted by reservation).
@@ -61,6 +67,8 @@ _EXPORTS: dict[str, str] = {
     "MODEL_SHAPES": "kvforge.model_shapes",
     "EVICTION_POLICIES": "kvforge.tools.simulate.config",
     "STATIC_RESERVE_MODES": "kvforge.tools.simulate.config",
+    "PREEMPTION_MODES": "kvforge.tools.simulate.config",
+    "DEFAULT_HOST_BANDWIDTH": "kvforge.tools.simulate.config",
     "simulate": "kvforge.tools.simulate.driver",
     "simulate_static": "kvforge.tools.simulate.static",
     "register": "kvforge.tools.simulate.cli",
@@ -86,7 +94,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the names without importing anything at run time
     from kvforge.model_shapes import MODEL_SHAPES
     from kvforge.tools.simulate.cli import register, run
-    from kvforge.tools.simulate.config import EVICTION_POLICIES, STATIC_RESERVE_MODES, SimulationConfig
+    from kvforge.tools.simulate.config import (
+        DEFAULT_HOST_BANDWIDTH, EVICTION_POLICIES, PREEMPTION_MODES, STATIC_RESERVE_MODES, SimulationConfig,
+    )
     from kvforge.tools.simulate.driver import simulate
     from kvforge.tools.simulate.records import (
         CompactionEvent, PagedSummary, SimulationResult, StaticSummary, StaticTimeline, Timeline,

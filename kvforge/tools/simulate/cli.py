@@ -16,9 +16,11 @@ from kvforge.tools.checks import check_bytes, check_float, check_int, check_out_
 from kvforge.tools.extras import require
 from kvforge.tools.output import Progress, error_line
 from kvforge.tools.simulate.config import (
+    DEFAULT_HOST_BANDWIDTH,
     EVICTION_POLICIES,
     MAX_NUM_SEQS,
     MAX_SIMULATED_BLOCKS,
+    PREEMPTION_MODES,
     STATIC_RESERVE_MODES,
 )
 from kvforge.tools.workload import BUILTIN_WORKLOADS
@@ -70,6 +72,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eviction-policy", choices=EVICTION_POLICIES, default="lru",
                    help="lru: keep unreferenced cached blocks until space is needed; eager: drop them at once")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most running requests")
+    p.add_argument("--host-memory", default="0", metavar="BYTES",
+                   help="host tier for evicted prefix blocks (and swapped requests), e.g. 64GiB, sized for "
+                        "--model; 0 = no host tier")
+    p.add_argument("--host-bandwidth", type=float, default=DEFAULT_HOST_BANDWIDTH / 1e9, metavar="GB/s",
+                   help="host <-> device copy rate of the copy-time model (pinned memory on an H200 over "
+                        "PCIe Gen5 x16 gives about 55)")
+    p.add_argument("--preemption", choices=PREEMPTION_MODES, default="recompute",
+                   help="recompute: free a preempted request's blocks; swap: copy them to the host tier "
+                        "(needs --host-memory)")
     p.add_argument("--static-reserve", choices=STATIC_RESERVE_MODES, default="max-model-len",
                    help="what each request reserves in the static comparison")
     p.add_argument("--max-model-len", type=int, help="context limit of a trace (default: its longest request)")
@@ -98,6 +109,9 @@ def _check_args(args: argparse.Namespace) -> None:
     check_int("--max-num-seqs", args.max_num_seqs, 1, MAX_NUM_SEQS)
     check_int("--max-model-len", args.max_model_len, 1, MAX_TRACE_TOKENS)
     check_float("--step-ms", args.step_ms, 0.0, lo_open=True)
+    check_float("--host-bandwidth", args.host_bandwidth, 0.0, 1e6, lo_open=True)
+    if check_bytes("--host-memory", args.host_memory, positive=False) == 0 and args.preemption == "swap":
+        raise ConfigError("--preemption swap needs a host tier: give --host-memory")
     if args.trace and (args.requests is not None or args.rate is not None):
         raise ConfigError("--requests and --rate apply to built-in workloads, not to --trace")
     if not args.trace and args.max_model_len is not None:
@@ -125,11 +139,20 @@ def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
                               f"more than the simulator takes ({MAX_SIMULATED_BLOCKS:,}: its pool lives in host memory)")
     else:
         num_blocks = args.num_blocks if args.num_blocks is not None else 4096
+    host_bytes = check_bytes("--host-memory", args.host_memory, positive=False)
+    num_host_blocks = host_bytes // probe.bytes_per_block
+    if host_bytes and num_host_blocks < 1:
+        raise ConfigError(f"--host-memory {args.host_memory} holds no block of {format_bytes(probe.bytes_per_block)}")
+    if num_host_blocks > MAX_SIMULATED_BLOCKS:
+        raise ConfigError(f"--host-memory {args.host_memory} holds {num_host_blocks:,} blocks of "
+                          f"{format_bytes(probe.bytes_per_block)}, more than the simulator takes "
+                          f"({MAX_SIMULATED_BLOCKS:,}: its host tier lives in host memory)")
     return SimulationConfig(
         block_size=args.block_size, num_blocks=num_blocks, enable_prefix_caching=args.prefix_caching,
         enable_compaction=args.compaction, compaction_threshold=args.compaction_threshold,
         eviction_policy=args.eviction_policy, max_num_seqs=args.max_num_seqs,
-        static_reserve=args.static_reserve, bytes_per_token=probe.bytes_per_token, model=label)
+        static_reserve=args.static_reserve, bytes_per_token=probe.bytes_per_token, model=label,
+        num_host_blocks=num_host_blocks, host_bandwidth=args.host_bandwidth * 1e9, preemption=args.preemption)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,17 @@ the most recent request while the pool is short), admit, sample, finish,
 evict (``eager``), then compact when :func:`~kvforge.core.compaction.should_compact`
 (the cache's own trigger) says so. :func:`simulate_paged` runs one and sums it up.
 
+With a host tier (``num_host_blocks``) the run plays the storage's part: it
+hands the manager's queued spills over (:meth:`~kvforge.core.manager.BlockManager.flush_spills`)
+after every allocating call, and its ``copy_to_host`` / ``copy_to_device``
+callbacks copy nothing but count the blocks of each batch, which the copy-time
+model prices. With ``preemption="swap"`` a victim is swapped out
+(:meth:`~kvforge.core.manager.BlockManager.swap_out`) and, back at the head of
+the queue, swapped in and decoded in the admission phase; when the host tier has
+no room it is recomputed instead, and when nothing runs and the head cannot come
+back, every swapped request waiting is dropped to recompute (its device blocks
+may be what the head needs), so the run always drains.
+
 Idle time is jumped, not stepped: after a step that began with nothing
 running or waiting and changed nothing (no eviction, no compaction), every
 step until the next arrival would repeat it, so the replay goes straight to
@@ -25,7 +36,7 @@ import numpy as np
 
 from kvforge.core.compaction import should_compact
 from kvforge.core.manager import BlockManager
-from kvforge.errors import ConfigError
+from kvforge.errors import ConfigError, OutOfBlocksError
 from kvforge.tools.plot import BlockMap, block_map_of
 from kvforge.tools.simulate.config import SimulationConfig
 from kvforge.tools.simulate.records import CompactionEvent, PagedSummary, Timeline, timeline_arrays, weighted_mean
@@ -55,7 +66,18 @@ class PagedRun:
         if -(-longest // bs) > config.num_blocks:
             raise ConfigError(f"the longest request holds {longest} tokens ({-(-longest // bs)} blocks of {bs}); "
                               f"the pool has only {config.num_blocks} blocks")
-        self.mgr = BlockManager(config.num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching)
+        self.mgr = BlockManager(config.num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching,
+                                num_host_blocks=config.num_host_blocks)
+        self.tiered = config.num_host_blocks > 0
+        self.swap = config.preemption == "swap"
+        self.swap_preemptions = 0
+        self.swap_drops = 0  # swapped requests dropped to recompute (nothing ran, the head could not return)
+        self.copy_batches = 0
+        self.step_to_host = self.step_to_device = 0  # blocks copied in the current step
+        self.total_to_host = self.total_to_device = 0
+        if self.tiered:
+            self.mgr.copy_to_host = self._copied_to_host
+            self.mgr.copy_to_device = self._copied_to_device
         reqs = workload.requests
         n = len(reqs)
         self.prompt = np.array([r.prompt_len for r in reqs], dtype=np.int64)
@@ -75,6 +97,32 @@ class PagedRun:
         self.peak_step = 0
         self.peak_map: BlockMap | None = None
 
+    # ------------------------------------------------------------ the storage's part
+    def _copied_to_host(self, pairs: list[tuple[int, int]]) -> None:
+        self.step_to_host += len(pairs)
+        self.copy_batches += 1
+
+    def _copied_to_device(self, pairs: list[tuple[int, int]]) -> None:
+        self.step_to_device += len(pairs)
+        self.copy_batches += 1
+
+    def _flush(self) -> None:
+        """Hand the queued spills over, as the storage does after every allocating call."""
+        if self.tiered:
+            self.mgr.flush_spills()
+
+    # ------------------------------------------------------------ the step
+    def _preempt(self, victim: int) -> None:
+        if self.swap:
+            try:
+                self.mgr.swap_out([victim])
+                self.swap_preemptions += 1
+                return
+            except OutOfBlocksError:  # no room on the host: recompute instead
+                pass
+        self.mgr.free_sequence(victim)
+        self.ntok[victim] = 0
+
     def _decode(self) -> None:
         if not self.running:
             return
@@ -83,35 +131,71 @@ class PagedRun:
         need = int((self.ntok[run] % bs == 0).sum())
         while need > pool.num_available_blocks:
             victim = self.running.pop()  # the most recently admitted
-            self.mgr.free_sequence(victim)
             need -= int(self.ntok[victim] % bs == 0)
-            self.ntok[victim] = 0
+            self._preempt(victim)
             self.waiting.appendleft(victim)
             self.preemptions += 1
             log.debug("preempted request %s", self.w.requests[victim].request_id)
         if not self.running:
             return
-        run = np.asarray(self.running, dtype=np.int64)
+        self._append(self.running)
+
+    def _append(self, seqs: list[int]) -> None:
+        """Every one of ``seqs`` feeds its last token back and produces one."""
+        run = np.asarray(seqs, dtype=np.int64)
         ids = synthetic_token_ids(self.index[run], self.ntok[run]) if self.c.enable_prefix_caching else None
-        self.mgr.append_tokens_batch(self.running, 1, ids)
+        self.mgr.append_tokens_batch(seqs, 1, ids)
+        self._flush()
         self.ntok[run] += 1
         self.generated[run] += 1
+
+    def _swap_in(self, i: int) -> bool:
+        """Bring the swapped request ``i`` back and decode it; False when it does not fit."""
+        mgr = self.mgr
+        need = mgr.num_blocks_to_swap_in([i]) + int(self.ntok[i] % self.c.block_size == 0)
+        if need > mgr.pool.num_available_blocks:
+            if not self.running:  # nothing will free blocks: what swapped requests hold is recomputed
+                self._unswap_waiting()
+            return False
+        mgr.swap_in([i])
+        self._flush()
+        self._append([i])
+        return True
+
+    def _unswap_waiting(self) -> None:
+        for j in self.waiting:
+            if self.mgr.is_swapped(j):
+                self.mgr.free_sequence(j)
+                self.ntok[j] = 0
+                self.swap_drops += 1
 
     def _admit(self, t: int) -> None:
         mgr, bs, reqs = self.mgr, self.c.block_size, self.w.requests
         while self.waiting and len(self.running) < self.c.max_num_seqs:
             i = self.waiting[0]
+            if self.swap and mgr.host.swapped and mgr.is_swapped(i):
+                if not self._swap_in(i):
+                    if mgr.is_swapped(i):
+                        break
+                    continue  # dropped to recompute: admitted as a new request
+                self.waiting.popleft()
+                self.running.append(i)
+                continue
             r = reqs[i]
             length = int(self.prompt[i] + self.generated[i])
             tokens = r.token_ids(length) if self.c.enable_prefix_caching else None
             # a cache hit only lowers the need, so the hash lookup runs only when it matters
             if mgr.pool.num_available_blocks < -(-length // bs) and \
                     not mgr.can_add_sequence(length, tokens, r.salt):
+                if self.swap and not self.running and mgr.host.swapped:
+                    self._unswap_waiting()  # their device blocks may be what this request needs
+                    continue
                 break
             if tokens is not None:
                 mgr.add_sequence(i, tokens, r.salt)
             else:
                 mgr.add_sequence(i, num_tokens=length)
+            self._flush()
             self.waiting.popleft()
             self.running.append(i)
             self.ntok[i] = length
@@ -133,7 +217,8 @@ class PagedRun:
         wasted = self._wasted_slots()
         # external fragmentation is filled in between steps (see run())
         self.samples.append([t, held, pool.num_evictable_blocks, held * bs - wasted, wasted,
-                             0.0, 0, len(self.running), len(self.waiting)])
+                             0.0, 0, len(self.running), len(self.waiting), self.mgr.host.num_used_blocks(),
+                             0, 0, 0.0])
         self.sample_steps.append(1)
         if self.check:
             self._check(held, wasted)
@@ -148,6 +233,11 @@ class PagedRun:
         assert sorted(mgr.seq_ids) == sorted(self.running), "running set differs from the manager's"
         for i in self.running:
             assert mgr.num_tokens(i) == self.ntok[i], f"request {i}: token count differs"
+        assert sorted(mgr.swapped_seq_ids) == sorted(i for i in self.waiting if mgr.is_swapped(i)), \
+            "swapped set differs from the manager's"
+        assert mgr.host.num_used_blocks() <= self.c.num_host_blocks, "host tier over its blocks"
+        if any(rec.device_blocks() for rec in mgr.host.swapped.values()):
+            return  # a swapped request's device blocks are held, not in the manager's live rows
         reserved = held * bs
         expect = 1.0 - (reserved - wasted) / reserved if reserved else 0.0
         assert abs(mgr.internal_fragmentation() - expect) < 1e-9, "internal fragmentation differs"
@@ -198,12 +288,21 @@ class PagedRun:
             finished += self._finish()
             if self.c.eviction_policy == "eager":
                 evicted = self.mgr.pool.reclaim_unused_blocks()
+                self._flush()
             # sampled between steps, before any compaction: the value the trigger sees
             pool = self.mgr.pool
             frag = pool.fragmentation_ratio()
             self.samples[-1][5] = frag
             self.samples[-1][6] = pool.high_water_mark() - pool.num_allocated_blocks - pool.num_evictable_blocks
             self._maybe_compact(t, frag)
+            self._flush()
+            if self.step_to_host or self.step_to_device:
+                sample = self.samples[-1]
+                sample[10], sample[11] = self.step_to_host, self.step_to_device
+                sample[12] = (self.step_to_host + self.step_to_device) * self.c.copy_s_per_block
+                self.total_to_host += self.step_to_host
+                self.total_to_device += self.step_to_device
+                self.step_to_host = self.step_to_device = 0
             self.steps_executed += 1
             if progress is not None and finished - last_report >= report_every:
                 progress(finished, n)
@@ -233,7 +332,9 @@ def simulate_paged(workload: Workload, config: SimulationConfig, *,
     arr, num_steps, expanded = timeline_arrays(sim.samples, sim.sample_steps, np.float64)
     tl = Timeline(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.int64),
                   arr[:, 3].astype(np.int64), arr[:, 4].astype(np.int64), arr[:, 5],
-                  arr[:, 6].astype(np.int64), arr[:, 7].astype(np.int64), arr[:, 8].astype(np.int64), num_steps)
+                  arr[:, 6].astype(np.int64), arr[:, 7].astype(np.int64), arr[:, 8].astype(np.int64),
+                  arr[:, 9].astype(np.int64), arr[:, 10].astype(np.int64), arr[:, 11].astype(np.int64), arr[:, 12],
+                  num_steps)
     w = None if expanded else num_steps  # weights of the means over steps
     pool, bs = sim.mgr.pool, config.block_size
     stats = pool.stats
@@ -243,6 +344,9 @@ def simulate_paged(workload: Workload, config: SimulationConfig, *,
         internal = np.where(reserved > 0, tl.wasted_slots / np.maximum(reserved, 1), 0.0)
     efficiency = tl.live_slots / (pool.capacity * bs)
     prefix = sim.mgr.prefix.stats()
+    host = sim.mgr.host.stats()
+    query = prefix.query_tokens
+    bpb = config.bytes_per_block
     ops = stats.total_allocations + stats.total_deallocations
     arrival = np.array([r.arrival for r in workload.requests])
     executed = sim.steps_executed
@@ -263,6 +367,17 @@ def simulate_paged(workload: Workload, config: SimulationConfig, *,
         max_concurrency=int(tl.running.max()), mean_concurrency=weighted_mean(tl.running, w),
         mean_wait_steps=float(np.mean(sim.first_admit - np.ceil(arrival))),
         steps_executed=executed,
+        device_hit_tokens=prefix.hit_tokens - prefix.host_hit_tokens, host_hit_tokens=prefix.host_hit_tokens,
+        device_hit_rate=(prefix.hit_tokens - prefix.host_hit_tokens) / query if query else 0.0,
+        host_hit_rate=prefix.host_hit_tokens / query if query else 0.0,
+        host_peak_blocks=int(tl.host_used_blocks.max()), host_mean_blocks=weighted_mean(tl.host_used_blocks, w),
+        spilled_blocks=host.spilled_blocks, spill_reuses=host.spill_reuses, onboarded_blocks=host.onboarded_blocks,
+        dropped_host_blocks=host.dropped_blocks, swapped_out_blocks=host.swapped_out_blocks,
+        swapped_in_blocks=host.swapped_in_blocks, swap_preemptions=sim.swap_preemptions,
+        swap_drops=sim.swap_drops,
+        bytes_to_host=sim.total_to_host * bpb, bytes_to_device=sim.total_to_device * bpb,
+        copy_batches=sim.copy_batches, copy_s=(sim.total_to_host + sim.total_to_device) * config.copy_s_per_block,
+        copy_s_per_step_mean=weighted_mean(tl.copy_s, w), copy_s_per_step_max=float(tl.copy_s.max()),
     )
     log.info("simulated %s: %d steps (%d run, idle time jumped) in %.2f s (%.0f steps/s, %.0f block-ops/s), "
              "waste %.2f%%", workload.name, steps, executed, wall, paged.steps_per_s, paged.block_ops_per_s,

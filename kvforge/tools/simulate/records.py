@@ -41,6 +41,12 @@ class Timeline(NamedTuple):
     idle stretch is one sample at its first step whose ``num_steps`` is the
     stretch's length (so the samples hold until the next ``step``, and every
     mean over steps is weighted by ``num_steps``).
+
+    The host tier's columns (zeros without one): ``host_used_blocks``, host
+    blocks holding data (cached or swapped) during the forward pass;
+    ``blocks_to_host`` / ``blocks_to_device``, blocks copied in the step
+    (spills and swap-outs / onboarded prefix hits and swap-ins); ``copy_s``,
+    the step's modelled copy time (see :class:`~kvforge.tools.simulate.SimulationConfig`).
     """
 
     step: np.ndarray
@@ -52,6 +58,10 @@ class Timeline(NamedTuple):
     trapped_blocks: np.ndarray
     running: np.ndarray
     waiting: np.ndarray
+    host_used_blocks: np.ndarray
+    blocks_to_host: np.ndarray
+    blocks_to_device: np.ndarray
+    copy_s: np.ndarray
     num_steps: np.ndarray
 
 
@@ -97,7 +107,20 @@ class CompactionEvent(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class PagedSummary:
-    """Totals of the paged run. Ratios are fractions (0.02 = 2%)."""
+    """Totals of the paged run. Ratios are fractions (0.02 = 2%).
+
+    ``prefix_hit_rate`` / ``prefix_hit_tokens`` count hits on both tiers; the
+    ``device_`` and ``host_`` ones split them (their rates add up to the total).
+    The host-tier fields are zeros without a host tier: ``spilled_blocks``
+    (device evictions copied to the host), ``spill_reuses`` (evictions whose
+    host copy existed), ``onboarded_blocks`` (host prefix hits copied back),
+    ``dropped_host_blocks`` (host blocks dropped when the tier was full),
+    ``swapped_out_blocks`` / ``swapped_in_blocks`` (swap preemption),
+    ``swap_preemptions`` (preemptions that swapped the request out; the rest of
+    ``preemptions`` recomputed it), ``swap_drops`` (swapped requests recomputed
+    after all: nothing ran and the queue's head could not come back), ``bytes_to_host`` / ``bytes_to_device`` (what the copies moved),
+    ``copy_batches`` (copy calls), ``copy_s`` (their modelled time, in all) and
+    its mean and max over steps."""
 
     steps: int
     requests_finished: int
@@ -125,6 +148,26 @@ class PagedSummary:
     mean_concurrency: float
     mean_wait_steps: float
     steps_executed: int
+    device_hit_tokens: int = 0
+    host_hit_tokens: int = 0
+    device_hit_rate: float = 0.0
+    host_hit_rate: float = 0.0
+    host_peak_blocks: int = 0
+    host_mean_blocks: float = 0.0
+    spilled_blocks: int = 0
+    spill_reuses: int = 0
+    onboarded_blocks: int = 0
+    dropped_host_blocks: int = 0
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    swap_preemptions: int = 0
+    swap_drops: int = 0
+    bytes_to_host: int = 0
+    bytes_to_device: int = 0
+    copy_batches: int = 0
+    copy_s: float = 0.0
+    copy_s_per_step_mean: float = 0.0
+    copy_s_per_step_max: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,14 +248,55 @@ class SimulationResult:
             ("external fragmentation mean/max",
              f"{p.external_fragmentation_mean:.1%} / {p.external_fragmentation_max:.1%}", na),
             ("memory efficiency mean/max", f"{p.memory_efficiency_mean:.1%} / {p.memory_efficiency_max:.1%}", na),
-            ("preemptions (recompute)", f"{p.preemptions:,}", "0"),
+            *self._preemption_rows(),
             ("prefix hit rate", f"{p.prefix_hit_rate:.1%}" if c.enable_prefix_caching else "off", na),
+            *self._host_rows(),
             ("cached-block evictions", f"{p.evictions:,}", na),
             ("compactions / blocks moved", f"{p.compactions} / {p.blocks_moved:,}"
              if c.enable_compaction else "off", na),
             ("steps run (idle time jumped)", f"{p.steps_executed:,}", f"{s.steps_executed:,}" if s else na),
             ("simulated steps/s", f"{p.steps_per_s:,.0f}", na),
             ("block-ops/s", f"{p.block_ops_per_s:,.0f} ({p.block_ops:,} ops)", na),
+        ]
+        return rows
+
+    def _preemption_rows(self) -> list[tuple[str, str, str]]:
+        p = self.paged
+        if self.config.preemption == "recompute":
+            return [("preemptions (recompute)", f"{p.preemptions:,}", "0")]
+        drops = f" ({p.swap_drops:,} swapped, then recomputed)" if p.swap_drops else ""
+        return [("preemptions (swap / recompute)",
+                 f"{p.swap_preemptions:,} / {p.preemptions - p.swap_preemptions:,}{drops}", "0")]
+
+    def _host_rows(self) -> list[tuple[str, str, str]]:
+        """The host tier's rows (none without one)."""
+        p, c, na = self.paged, self.config, "-"
+        if not c.num_host_blocks:
+            return []
+        bpb = c.bytes_per_block
+
+        def blocks(n: float) -> str:
+            return f"{n:,.0f}" + (f" ({format_bytes(n * bpb)})" if bpb else "")
+
+        def ms(seconds: float) -> str:
+            return f"{seconds * 1e3:,.3f} ms" if bpb else "-"
+
+        rows = []
+        if c.enable_prefix_caching:
+            rows.append(("prefix hits device / host", f"{p.device_hit_rate:.1%} / {p.host_hit_rate:.1%}", na))
+        rows += [
+            ("host blocks used peak/mean", f"{blocks(p.host_peak_blocks)} / {p.host_mean_blocks:,.0f}", na),
+            ("spills / onboards (blocks)", f"{p.spilled_blocks:,} / {p.onboarded_blocks:,}", na),
+            ("host blocks dropped", f"{p.dropped_host_blocks:,}", na),
+        ]
+        if c.preemption == "swap":
+            rows.append(("swapped out / in (blocks)", f"{p.swapped_out_blocks:,} / {p.swapped_in_blocks:,}", na))
+        rows += [
+            ("moved to host / device", f"{format_bytes(p.bytes_to_host)} / {format_bytes(p.bytes_to_device)}"
+             if bpb else "-", na),
+            ("modelled copy time", f"{p.copy_s:,.3f} s in {p.copy_batches:,} batches" if bpb else "-", na),
+            ("copy time per step mean/max", f"{ms(p.copy_s_per_step_mean)} / {ms(p.copy_s_per_step_max)}"
+             if bpb else "-", na),
         ]
         return rows
 
@@ -226,7 +310,11 @@ class SimulationResult:
                 + (f" = {format_bytes(c.num_blocks * c.bytes_per_block)} ({c.model})" if c.bytes_per_block else "")
                 + f"; prefix caching {'on' if c.enable_prefix_caching else 'off'}, compaction "
                 + (f"at {c.compaction_threshold:.0%}" if c.enable_compaction else "off")
-                + f", eviction {c.eviction_policy}, max {c.max_num_seqs} seqs")
+                + f", eviction {c.eviction_policy}, max {c.max_num_seqs} seqs"
+                + (f"\nhost tier: {c.num_host_blocks:,} blocks"
+                   + (f" = {format_bytes(c.num_host_blocks * c.bytes_per_block)}" if c.bytes_per_block else "")
+                   + f", copies at {c.host_bandwidth / 1e9:g} GB/s, preemption {c.preemption}"
+                   if c.num_host_blocks else ""))
         table = format_table(REPORT_HEADERS, self.rows(), align="lrr")
         lines = [head, "", table]
         if self.static_note:
