@@ -238,3 +238,121 @@ def test_every_line_of_the_simulation_plots_is_readable_and_labelled():
     assert "compaction" in labels and any(label.startswith("compaction threshold") for label in labels)
     memory = memory_figure(result)
     assert "blocks x 16 tokens" in memory.axes[0].get_ylabel()
+
+
+# ------------------------------------------------------------ the host tier
+def _tiered(host_chunk_blocks: int = 2) -> KVCache:
+    """A 4-block device pool (block_size 8, 4 KiB blocks) and an 8-block host tier."""
+    import torch
+
+    cfg = CacheConfig(block_size=8, num_blocks=4, num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32,
+                      device="cpu", host_memory="32KiB", host_chunk_blocks=host_chunk_blocks)
+    return KVCache(cfg, backend="torch")
+
+
+def test_host_map_of_every_state_step_by_step():
+    from kvforge.tools.plot import COPY, host_map_of
+
+    cache = _tiered()
+    hm = host_map_of(cache)
+    assert hm.owners == () and hm.allocated_blocks == 0 and hm.block_size == 8
+    assert hm.states.tolist() == [UNBACKED] * 8  # no host memory until the first spill
+    cache.add_sequence("a", list(range(16)))
+    cache.free_sequence("a")
+    cache.add_sequence("b", list(range(100, 130)))  # 30 tokens, the whole pool: a's 2 blocks spill to host 0, 1
+    hm = host_map_of(cache)
+    assert hm.states.tolist() == [CACHED, CACHED] + [UNBACKED] * 6 and hm.allocated_blocks == 2
+    assert hm.fill.tolist() == [8, 8, 0, 0, 0, 0, 0, 0]
+    cache.swap_out(["b"])                           # host 2..5; b's tail holds 6 tokens
+    hm = host_map_of(cache)
+    assert hm.owners == ("b",) and hm.allocated_blocks == 6
+    assert hm.states.tolist() == [CACHED, CACHED, 0, 0, 0, 0, UNBACKED, UNBACKED]
+    assert hm.fill.tolist() == [8, 8, 8, 8, 8, 6, 0, 0]
+    cache.add_sequence("c", list(range(16)) + [5])  # a's prefix onboarded: host 0, 1 now copy c's blocks
+    hm = host_map_of(cache)
+    assert hm.states.tolist() == [COPY, COPY, 0, 0, 0, 0, UNBACKED, UNBACKED]
+    assert hm.counts() == {"swapped": 4, "shared": 0, "cached": 0, "copies": 2, "free": 0, "unallocated": 2}
+    cache.free_sequence("c")
+    cache.swap_in(["b"])                            # evicts c's blocks: host 0, 1 host-only again
+    cache.check_invariants()
+    hm = host_map_of(cache)
+    assert hm.owners == ()                          # b's full host blocks now copy its device blocks
+    assert hm.states.tolist() == [CACHED, CACHED, COPY, COPY, COPY, FREE, UNBACKED, UNBACKED]
+    assert hm.fill[:6].tolist() == [8] * 5 + [0]    # b's partial tail has no key: its host block was freed
+    assert hm.counts() == {"swapped": 0, "shared": 0, "cached": 2, "copies": 3, "free": 1, "unallocated": 2}
+    # the device map knows nothing of the host tier
+    assert block_map_of(cache).owners == ("b",)
+
+
+def test_host_map_of_shared_swapped_blocks_and_a_bare_manager():
+    from kvforge.tools.plot import host_map_of
+
+    cache = _tiered(host_chunk_blocks=4)
+    cache.add_sequence("p", list(range(20)))        # 3 blocks
+    cache.fork("p", "q")
+    cache.add_sequence("r", list(range(50, 55)))    # 1 block
+    cache.swap_out(["p", "q"])                      # shared blocks come along once: 3 host blocks
+    hm = host_map_of(cache)
+    assert hm.owners == ("p", "q") and hm.allocated_blocks == 4
+    assert hm.states.tolist() == [SHARED] * 3 + [FREE] + [UNBACKED] * 4
+    assert hm.fill[:3].tolist() == [8, 8, 4]
+    m = BlockManager(num_blocks=4, block_size=4, num_host_blocks=3)
+    m.add_sequence(1, list(range(8)))
+    m.free_sequence(1)
+    m.add_sequence(2, list(range(50, 66)))          # 1's 2 cached blocks spill
+    hm = host_map_of(m)
+    assert hm.allocated_blocks == 3 and hm.states.tolist() == [CACHED, CACHED, FREE]  # no memory: all "allocated"
+    assert host_map_of(BlockManager(4, 4)) is None and host_map_of(_fragmented_cache()) is None
+
+
+def test_block_map_of_a_cache_with_a_host_tier_has_a_host_panel(tmp_path):
+    from kvforge.tools.plot import COPY, block_map_figure, host_map_of
+
+    cache = _tiered()
+    cache.add_sequence("a", list(range(16)))
+    cache.free_sequence("a")
+    cache.add_sequence("b", list(range(100, 130)))
+    cache.swap_out(["b"])
+    cache.add_sequence("c", list(range(16)) + [5])
+    cache.add_sequence("d", list(range(500, 505)))
+    fig = block_map_figure(cache)
+    device_ax, host_ax = fig.axes
+    assert device_ax.get_title().splitlines()[0] == "KV cache block map: device"
+    assert host_ax.get_title().splitlines() == [
+        "KV cache block map: host tier",
+        "8 host blocks: 4 held by 1 swapped sequence (0 shared), 0 cached (host only), 2 copies of device blocks, "
+        "0 free, 2 without memory yet"]
+    labels = [t.get_text() for t in host_ax.get_legend().get_texts()]
+    assert labels == ["held by a swapped sequence (colour = sequence)", "the same, partly filled (paler = emptier)",
+                      "shared by several swapped sequences", "cached, host only (its device block was evicted)",
+                      "copy of a cached device block (on both tiers)", "free",
+                      "no host memory yet (allocated on first use)"]
+    # the host grid: the copies in their grey, b in the colour after the device's two sequences, then hatching
+    grid = host_ax.images[0].get_array().reshape(-1, 3)[:8]
+    palette = plot._palette()
+    assert np.allclose(grid[0], plot._HOST_COLORS[COPY]) and np.allclose(grid[1], plot._HOST_COLORS[COPY])
+    assert np.allclose(grid[2], palette[2]) and np.allclose(grid[4], palette[2])
+    assert np.allclose(grid[5], plot._paler(palette[2:3], np.array([6 / 8]))[0])  # b's tail: 6 of 8 tokens
+    hatched = [p for p in host_ax.patches if p.get_hatch()]
+    assert sum(int(p.get_width()) for p in hatched) == 2
+    assert _is_png(block_map(cache, tmp_path / "tiers.png"))
+    # a snapshot alone draws the device panel only, unless the host snapshot comes with it
+    snap, host = block_map_of(cache), host_map_of(cache)
+    assert len(block_map_figure(None, snapshot=snap).axes) == 1
+    assert len(block_map_figure(None, snapshot=snap, host_snapshot=host).axes) == 2
+
+
+def test_block_map_without_a_host_tier_is_one_panel_as_before():
+    from kvforge.tools.plot import block_map_figure
+
+    fig = block_map_figure(_fragmented_cache())
+    assert len(fig.axes) == 1 and tuple(fig.get_size_inches()) == (7.5, 6.5)
+    assert fig.axes[0].get_title().splitlines()[0] == "KV cache block map"
+
+
+def test_host_colours_are_their_own():
+    from kvforge.tools.plot import COPY
+
+    host = _rgb_set(plot._HOST_COLORS.values())
+    assert len(host) == 5 and not host & _rgb_set(plot._palette())
+    assert plot._HOST_COLORS[COPY] not in plot._COLORS.values()

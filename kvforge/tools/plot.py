@@ -3,7 +3,7 @@
 matplotlib is imported lazily, and only its object-oriented API with the Agg
 canvas is used (no ``pyplot``), so importing or calling this module never
 changes the global backend of an interactive session. Every function writes
-a PNG and returns its path.
+a PNG and returns its path; the ``*_figure`` ones return the figure instead.
 
 :func:`block_map_of` (no matplotlib) snapshots which sequence owns each
 block; :func:`block_map` draws it. Block states: held by one sequence
@@ -13,6 +13,15 @@ several sequences (near black), cached-evictable (mid grey: no reference,
 kept for prefix reuse), free (light grey) and not backed by device memory
 (white, hatched: an elastic pool that has shrunk). Cells past the last
 block id, which fill the last row, are plain white.
+
+A cache with a host tier (``CacheConfig(host_memory=...)``) gets a second
+panel below, the host tier's blocks (:func:`host_map_of`): held by a swapped
+sequence (each its own colour, after the device's sequences' colours; near
+black when several swapped sequences share it), cached with a host-only
+prefix key (mid grey, as on the device), a copy of a cached device block
+(dark grey: on both tiers), free (light grey) and without host memory yet
+(white, hatched: the tier allocates its chunks on first use). Without a host
+tier the picture is the one panel it always was.
 
 The simulation plots give every series its own colour and a legend entry,
 and every axis its unit.
@@ -34,8 +43,11 @@ if TYPE_CHECKING:
 __all__ = [
     "BlockMap",
     "CompactionMaps",
+    "HostBlockMap",
     "block_map_of",
+    "host_map_of",
     "block_map",
+    "block_map_figure",
     "compaction_maps",
     "plot_simulation",
     "memory_figure",
@@ -45,13 +57,18 @@ __all__ = [
     "CACHED",
     "SHARED",
     "UNBACKED",
+    "COPY",
 ]
 
 #: Codes in :attr:`BlockMap.states` (values >= 0 are owner indices).
 FREE, CACHED, SHARED, UNBACKED = -1, -2, -3, -4
+#: Code in :attr:`HostBlockMap.states` of a host block that copies a cached device block.
+COPY = -5
 
 _COLORS = {FREE: (0.86, 0.86, 0.86), CACHED: (0.55, 0.55, 0.55), SHARED: (0.10, 0.10, 0.10),
            UNBACKED: (1.0, 1.0, 1.0)}
+#: the host tier's states: the device's, and the copies of device blocks (darker than cached)
+_HOST_COLORS = {**_COLORS, COPY: (0.33, 0.33, 0.33)}
 #: the hatch and its colour over blocks not backed by device memory
 _UNBACKED_HATCH, _HATCH_COLOR = "////", (0.62, 0.62, 0.62)
 #: colour weight of a block holding no token yet (a full block has weight 1)
@@ -121,6 +138,68 @@ def block_map_of(target: Any) -> BlockMap:
     return BlockMap(states, fill, tuple(seq_ids), bs, pool.capacity, pool.fragmentation_ratio())
 
 
+class HostBlockMap(NamedTuple):
+    """What each block of a host tier holds at one moment (:func:`host_map_of`).
+
+    ``states[h]`` (int32, one per host block of the budget) is the index into
+    ``owners`` (the swapped-out sequences) of the one swapped sequence holding
+    host block ``h``, or :data:`SHARED` (several swapped sequences),
+    :data:`CACHED` (a host-only prefix key: its device block was evicted),
+    :data:`COPY` (a copy of a cached device block), :data:`FREE` or
+    :data:`UNBACKED` (no host memory allocated for it yet). A block held by a
+    swapped sequence counts as held even when it is a copy or keyed too.
+    ``fill[h]`` is the number of token slots of ``h`` holding a token;
+    ``allocated_blocks`` the host blocks with memory behind them (all of
+    them for a bare BlockManager, which has no memory).
+    """
+
+    states: np.ndarray
+    fill: np.ndarray
+    owners: tuple[Hashable, ...]
+    block_size: int
+    allocated_blocks: int
+
+    def counts(self) -> dict[str, int]:
+        """Blocks per state: ``swapped``, ``shared``, ``cached``, ``copies``, ``free``, ``unallocated``."""
+        s = self.states
+        return {"swapped": int((s >= 0).sum()), "shared": int((s == SHARED).sum()),
+                "cached": int((s == CACHED).sum()), "copies": int((s == COPY).sum()),
+                "free": int((s == FREE).sum()), "unallocated": int((s == UNBACKED).sum())}
+
+
+def host_map_of(target: Any) -> HostBlockMap | None:
+    """Snapshot what each host-tier block of a :class:`~kvforge.storage.cache.KVCache` or a
+    :class:`~kvforge.core.manager.BlockManager` holds; None without a host tier."""
+    manager = _manager_of(target)
+    host = manager.host
+    if not host.enabled:
+        return None
+    n, bs, pool = host.num_blocks, manager.block_size, manager.pool
+    storage = getattr(target, "host_storage", None)
+    allocated = n if storage is None else min(n, storage.num_chunks * storage.chunk_blocks)
+    states = np.full(n, UNBACKED, dtype=np.int32)
+    states[:allocated] = FREE
+    fill = np.zeros(n, dtype=np.int32)
+    cached = np.asarray(host.pool.evictable_blocks(), dtype=np.int64)  # keyed or copies, unreferenced
+    states[cached] = CACHED
+    fill[cached] = bs
+    copies = [h for h in map(host.copy_of, range(pool.capacity)) if h is not None]
+    copied = np.zeros(n, dtype=bool)
+    copied[copies] = True
+    states[copied & (states == CACHED)] = COPY
+    owners = tuple(manager.swapped_seq_ids)
+    holders = np.zeros(n, dtype=np.int32)
+    for i, seq_id in enumerate(owners):
+        rec = host.swapped[seq_id]
+        for pos, (b, on_host) in enumerate(zip(rec.blocks, rec.on_host)):
+            if on_host:
+                states[b] = i
+                holders[b] += 1
+                fill[b] = max(int(fill[b]), min(bs, rec.num_tokens - pos * bs))
+    states[holders > 1] = SHARED
+    return HostBlockMap(states, fill, owners, bs, allocated)
+
+
 # ------------------------------------------------------------------ drawing
 def require_matplotlib() -> None:
     """Raise :class:`~kvforge.errors.MissingExtraError` (an ``ImportError``) naming
@@ -165,15 +244,17 @@ def _paler(rgb: np.ndarray, frac: np.ndarray) -> np.ndarray:
     return rgb * w + (1 - w)
 
 
-def _rgb(bm: BlockMap) -> np.ndarray:
+def _rgb(bm: BlockMap | HostBlockMap, colors: dict[int, tuple[float, float, float]] = _COLORS,
+         offset: int = 0) -> np.ndarray:
+    """Each block's colour; owner ``i`` gets sequence colour ``i + offset``."""
     palette = _palette()
     s = bm.states
     rgb = np.empty((len(s), 3))
     owned = s >= 0
     # paler when partly filled: internal fragmentation shows as pale blocks
     frac = np.clip(bm.fill[owned] / bm.block_size, 0.0, 1.0)
-    rgb[owned] = _paler(palette[s[owned] % len(palette)], frac)
-    for code, color in _COLORS.items():
+    rgb[owned] = _paler(palette[(s[owned] + offset) % len(palette)], frac)
+    for code, color in colors.items():
         rgb[s == code] = color
     return rgb
 
@@ -236,18 +317,28 @@ def _hatch_unbacked(ax: Any, states: np.ndarray, cols: int) -> None:
                                edgecolor=_HATCH_COLOR, linewidth=0))
 
 
+def _grid_shape(n: int, cols: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of the grid that draws ``n`` blocks (about twice as wide as tall)."""
+    cols = cols or max(8, min(512, int(np.ceil(np.sqrt(n * 2)))))
+    return -(-n // cols), cols
+
+
+def _draw_grid(ax: Any, rgb: np.ndarray, states: np.ndarray, cols: int | None, what: str = "block") -> None:
+    n = len(states)
+    rows, cols = _grid_shape(n, cols)
+    grid = np.ones((rows * cols, 3))
+    grid[:n] = rgb
+    ax.imshow(grid.reshape(rows, cols, 3), interpolation="nearest", aspect="equal")
+    _hatch_unbacked(ax, states, cols)
+    ax.set_xticks([])
+    ax.set_xlabel(f"{what} ids in order, {cols} per row", fontsize=7)
+    ax.set_yticks([0, rows - 1])
+    ax.set_yticklabels([f"{what} 0", f"{what} {(rows - 1) * cols}"], fontsize=7)
+
+
 def _draw_map(ax: Any, bm: BlockMap, title: str, cols: int | None = None) -> None:
     n = len(bm.states)
-    cols = cols or max(8, min(512, int(np.ceil(np.sqrt(n * 2)))))
-    rows = -(-n // cols)
-    grid = np.ones((rows * cols, 3))
-    grid[:n] = _rgb(bm)
-    ax.imshow(grid.reshape(rows, cols, 3), interpolation="nearest", aspect="equal")
-    _hatch_unbacked(ax, bm.states, cols)
-    ax.set_xticks([])
-    ax.set_xlabel(f"block ids in order, {cols} per row", fontsize=7)
-    ax.set_yticks([0, rows - 1])
-    ax.set_yticklabels(["block 0", f"block {(rows - 1) * cols}"], fontsize=7)
+    _draw_grid(ax, _rgb(bm), bm.states, cols)
     c = bm.counts()
     ax.set_title(f"{title}\n{n} blocks: {c['owned'] + c['shared']} held by {len(bm.owners)} sequences "
                  f"({c['shared']} shared), {c['cached']} cached, {c['free']} free"
@@ -256,16 +347,76 @@ def _draw_map(ax: Any, bm: BlockMap, title: str, cols: int | None = None) -> Non
     _legend(ax)
 
 
+def _host_legend(ax: Any, offset: int) -> None:
+    from matplotlib.patches import Patch
+
+    palette = _palette()
+    colors = palette[(np.arange(6) + offset) % len(palette)]
+    handles = [
+        _Swatches(colors),
+        _Swatches(_paler(colors, np.full(len(colors), 0.25))),
+        Patch(color=_HOST_COLORS[SHARED], label="shared by several swapped sequences"),
+        Patch(color=_HOST_COLORS[CACHED], label="cached, host only (its device block was evicted)"),
+        Patch(color=_HOST_COLORS[COPY], label="copy of a cached device block (on both tiers)"),
+        Patch(facecolor=_HOST_COLORS[FREE], edgecolor="0.6", label="free"),
+        Patch(facecolor=_HOST_COLORS[UNBACKED], edgecolor=_HATCH_COLOR, hatch=_UNBACKED_HATCH,
+              label="no host memory yet (allocated on first use)"),
+    ]
+    labels = ["held by a swapped sequence (colour = sequence)", "the same, partly filled (paler = emptier)"]
+    labels += [h.get_label() for h in handles[2:]]
+    ax.legend(handles=handles, labels=labels, handler_map={_Swatches: _swatch_handler()}, loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=7, frameon=False, handlelength=3.0)
+
+
+def _draw_host_map(ax: Any, hm: HostBlockMap, title: str, offset: int = 0, cols: int | None = None) -> None:
+    """Draw a host tier's blocks; swapped sequence ``i`` gets sequence colour ``i + offset``
+    (after the device panel's sequences)."""
+    n = len(hm.states)
+    _draw_grid(ax, _rgb(hm, _HOST_COLORS, offset), hm.states, cols, "host block")
+    c = hm.counts()
+    k = len(hm.owners)
+    ax.set_title(f"{title}\n{n} host blocks: {c['swapped'] + c['shared']} held by {k} swapped "
+                 f"sequence{'' if k == 1 else 's'} ({c['shared']} shared), {c['cached']} cached (host only), {c['copies']} copies of "
+                 f"device blocks, {c['free']} free"
+                 + (f", {c['unallocated']} without memory yet" if c["unallocated"] else ""), fontsize=8)
+    _host_legend(ax, offset)
+
+
+def block_map_figure(target: Any, *, title: str = "KV cache block map", snapshot: BlockMap | None = None,
+                     host_snapshot: HostBlockMap | None = None) -> Any:
+    """The figure :func:`block_map` saves (a matplotlib ``Figure``): one panel, the
+    device pool; with a host tier (``target``'s, or ``host_snapshot``) a second
+    panel below, the host tier's blocks."""
+    bm = snapshot if snapshot is not None else block_map_of(target)
+    hm = host_snapshot
+    if hm is None and target is not None and snapshot is None:
+        hm = host_map_of(target)
+    figure_cls, _ = _mpl()
+    if hm is None:
+        fig = figure_cls(figsize=(7.5, 6.5))
+        _draw_map(fig.add_subplot(1, 1, 1), bm, title)
+        return fig
+    # each panel as tall as its grid (drawn 6 inches wide) plus its title and legend
+    heights = [6.0 * _grid_shape(len(m.states))[0] / _grid_shape(len(m.states))[1] + 2.2 for m in (bm, hm)]
+    fig = figure_cls(figsize=(7.5, sum(heights)))
+    device_fig, host_fig = fig.subfigures(2, 1, height_ratios=heights)
+    for sub, h in zip((device_fig, host_fig), heights):
+        sub.subplots_adjust(left=0.1, right=0.9, top=1 - 0.8 / h, bottom=1.3 / h)
+    _draw_map(device_fig.add_subplot(1, 1, 1), bm, f"{title}: device")
+    _draw_host_map(host_fig.add_subplot(1, 1, 1), hm, f"{title}: host tier", offset=len(bm.owners))
+    return fig
+
+
 def block_map(target: Any, path: str | os.PathLike[str], *, title: str = "KV cache block map",
-              snapshot: BlockMap | None = None) -> Path:
+              snapshot: BlockMap | None = None, host_snapshot: HostBlockMap | None = None) -> Path:
     """Write a PNG of the pool of ``target`` (a KVCache or a BlockManager), each block
     coloured by its owner sequence, shared, cached-evictable, free or released;
-    or of a ``snapshot`` taken earlier (then ``target`` may be None)."""
-    bm = snapshot if snapshot is not None else block_map_of(target)
-    figure_cls, _ = _mpl()
-    fig = figure_cls(figsize=(7.5, 6.5))
-    _draw_map(fig.add_subplot(1, 1, 1), bm, title)
-    return _save(fig, path)
+    or of a ``snapshot`` taken earlier (then ``target`` may be None).
+
+    With a host tier (``target``'s, or a ``host_snapshot`` taken earlier) a
+    second panel below shows the host tier's blocks (:class:`HostBlockMap`);
+    without one the figure is the device map alone, as it always was."""
+    return _save(block_map_figure(target, title=title, snapshot=snapshot, host_snapshot=host_snapshot), path)
 
 
 class CompactionMaps(NamedTuple):
