@@ -468,7 +468,8 @@ def test_generate_text_prompts_through_the_checkpoint_tokenizer(tmp_path, capsys
 
 # ------------------------------------------------------------ plan --host-memory
 def test_plan_host_memory_adds_the_host_tier_beside_every_row(capsys):
-    assert main(["plan", "--model", "llama-3-8b", "--vram", "24GiB", "--context", "8192", "--host-memory", "64GiB"]) == 0
+    assert main(["plan", "--model", "llama-3-8b", "--vram", "24GiB", "--context", "8192",
+                 "--host-memory", "64GiB"]) == 0
     # 64 GiB of 128 KiB tokens: 524288 tokens whatever the block size; blocks = tokens / block size
     assert capsys.readouterr().out == (
         "llama-3-8b: 32 layers, 8 KV heads, head dim 128, bfloat16; 128.00 KiB per token; context 8192; "
@@ -505,7 +506,8 @@ def test_plan_host_memory_of_a_tiny_checkpoint_and_rows_that_do_not_fit(tmp_path
     # the device pool holds nothing: host blocks and tokens still show, the ratio is a dash
     assert lines[6] == ("for_context_length(64)             16       -         -           -  no block fits"
                         "          128         2048            -")
-    assert lines[7].startswith("for_model(vram=0 B)  ") and lines[7].endswith("no block fits          128         2048            -")
+    assert lines[7].startswith("for_model(vram=0 B)  ")
+    assert lines[7].endswith("no block fits          128         2048            -")
 
 
 def test_plan_host_memory_zero_is_the_plain_table(capsys):

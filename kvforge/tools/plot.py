@@ -376,8 +376,8 @@ def _draw_host_map(ax: Any, hm: HostBlockMap, title: str, offset: int = 0, cols:
     c = hm.counts()
     k = len(hm.owners)
     ax.set_title(f"{title}\n{n} host blocks: {c['swapped'] + c['shared']} held by {k} swapped "
-                 f"sequence{'' if k == 1 else 's'} ({c['shared']} shared), {c['cached']} cached (host only), {c['copies']} copies of "
-                 f"device blocks, {c['free']} free"
+                 f"sequence{'' if k == 1 else 's'} ({c['shared']} shared), {c['cached']} cached (host only), "
+                 f"{c['copies']} copies of device blocks, {c['free']} free"
                  + (f", {c['unallocated']} without memory yet" if c["unallocated"] else ""), fontsize=8)
     _host_legend(ax, offset)
 
