@@ -63,6 +63,10 @@ TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_s
                  max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
                  tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=0.02,
                  eos_token_id=None, bos_token_id=None, pad_token_id=0)
+#: --model llama-3-8b: the shape of Meta-Llama-3-8B (random bf16 weights): a prefill costs what it costs there
+LLAMA3_8B = dict(TINYLLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
+MODELS = {"tinyllama": TINYLLAMA, "llama-3-8b": LLAMA3_8B}
 #: --quick: a model small enough for the CPU
 TINY = dict(TINYLLAMA, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
@@ -392,7 +396,7 @@ def _chat_loop(engine: Engine, wl: ChatWorkload, convs: list[Conversation], queu
 
 def bench_multiturn(args: argparse.Namespace, device: torch.device, model_box: dict[str, Any]) -> dict[str, Any]:
     q = args.quick
-    hf = TINY if q else TINYLLAMA
+    hf = TINY if q else MODELS[args.model]
     dtype_bytes = 4 if q else 2
     bs = 16
     if q:
@@ -422,7 +426,7 @@ def bench_multiturn(args: argparse.Namespace, device: torch.device, model_box: d
           f"{wl.turns} turns (user {min(len(u) for _, us, _ in wl.conversations for u in us)}-"
           f"{max(len(u) for _, us, _ in wl.conversations for u in us)} tokens, answers "
           f"{min(a for _, _, a_ in wl.conversations for a in a_)}-{max(a for _, _, a_ in wl.conversations for a in a_)}"
-          f"), round-robin, {concurrency} in flight; {model_label(q)}")
+          f"), round-robin, {concurrency} in flight; {model_label(q, args.model)}")
     print(f"prefix working set {final:,} tokens at the last turn ({final * bpb / bs / 2**30:.2f} GiB), "
           f"{mean_ws:,.0f} mean over the returning turns, {first_return:,} at the first return; "
           f"device pool {pool} blocks = {pool_tokens:,} tokens ({pool * bpb / 2**30:.2f} GiB): "
@@ -477,9 +481,11 @@ def bench_multiturn(args: argparse.Namespace, device: torch.device, model_box: d
     return results
 
 
-def model_label(quick: bool) -> str:
-    return ("tiny random float32 Llama on the CPU" if quick
-            else "TinyLlama-1.1B shape, random bf16 weights (the model of bench_engine.py)")
+def model_label(quick: bool, model: str = "tinyllama") -> str:
+    if quick:
+        return "tiny random float32 Llama on the CPU"
+    return ("TinyLlama-1.1B shape, random bf16 weights (the model of bench_engine.py)" if model == "tinyllama"
+            else "Llama-3-8B shape, random bf16 weights")
 
 
 def build_engine(model_box: dict[str, Any], hf: dict[str, Any], device: torch.device, quick: bool,
@@ -497,7 +503,7 @@ def build_engine(model_box: dict[str, Any], hf: dict[str, Any], device: torch.de
 # ---------------------------------------------------------------- 3. preempt
 def bench_preempt(args: argparse.Namespace, device: torch.device, model_box: dict[str, Any]) -> dict[str, Any]:
     q = args.quick
-    hf = TINY if q else TINYLLAMA
+    hf = TINY if q else MODELS[args.model]
     dtype_bytes = 4 if q else 2
     bs = 16
     rng = random.Random(3)
@@ -510,7 +516,7 @@ def bench_preempt(args: argparse.Namespace, device: torch.device, model_box: dic
     host_blocks = 2 * need_blocks
     max_len = -(-(longest + 16) // 256) * 256
     print(f"\n## 3. preempt: {num} requests at once, prompts {lo}-{hi} tokens, {new} new tokens each; "
-          f"{model_label(q)}; all of them need {need_blocks} blocks at their longest, the device pool holds "
+          f"{model_label(q, args.model)}; all of them need {need_blocks} blocks at their longest, the device pool holds "
           f"{pool} ({pool / need_blocks:.0%}, {pool * bpb / 2**30:.2f} GiB); host tier {host_blocks} blocks "
           f"({host_blocks * bpb / 2**30:.2f} GiB)\n")
     opts = dict(num_blocks=pool, block_size=bs, max_num_seqs=num, max_model_len=max_len,
@@ -579,6 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: copies, multiturn, preempt")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke run")
+    ap.add_argument("--model", choices=sorted(MODELS), default="tinyllama",
+                    help="multiturn, preempt: the model shape (random bf16 weights)")
     ap.add_argument("--repeats", type=int, default=7, help="copies: timed repeats (median)")
     ap.add_argument("--runs", type=int, default=2, help="multiturn, preempt: interleaved runs of each config (best)")
     ap.add_argument("--copy-blocks", type=int, nargs="+", help="copies: blocks per copy (default 64 256 1024)")

@@ -199,6 +199,7 @@ class HostTier:
         """A spill copy raised: its host blocks hold nothing; their keys are forgotten
         (those prefixes are recomputed on their next use; no live data is involved)."""
         self.failed_copies += 1
+        self.spilled -= len(pairs)  # counted when queued; these were never copied
         for _, h in pairs:
             key = self._key_of.pop(h, None)
             if key is not None:
