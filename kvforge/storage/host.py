@@ -13,21 +13,27 @@ so a device block is ``2 * num_layers`` strided pieces. A copy to the host
 gathers the blocks into a device staging buffer in block-major order (one
 ``index_select`` per device chunk, at device bandwidth) and moves each run of
 consecutive host blocks with one ``copy_``; a copy to the device does the
-reverse. On a GPU every copy runs on the tier's side stream:
+reverse. A copy goes in rounds of :data:`ROUND_BYTES` through a ring of
+staging slots (:data:`STAGING_BYTES` in all). On a GPU it uses two side
+streams: the *gather stream* gathers (scatters) each round, the *copy
+stream* moves it to (from) pinned memory, so the device-side work of one
+round overlaps the transfers of its neighbours; events order each round's
+two halves and the reuse of each slot.
 
-- the side stream first waits for the work already queued on the compute
-  stream (the blocks it reads or overwrites were written or are read there);
-- after a copy to the host, the compute stream waits only for the *gather*
-  (device to device, microseconds): from then on the device blocks may be
-  overwritten, while the transfer to pinned memory runs on, off the critical
-  path; the staging buffer is reused in stream order;
-- after a copy to the device, the compute stream waits for the whole copy:
-  the next step reads those blocks. The host thread never waits.
+- both side streams first wait for the work already queued on the compute
+  stream (the blocks they read or overwrite were written or are read there);
+- after a copy to the host, the compute stream waits only for the last
+  *gather* (device to device, microseconds): from then on the device blocks
+  may be overwritten, while the transfers to pinned memory run on, off the
+  critical path;
+- after a copy to the device, the compute stream waits for the last
+  scatter: the next step reads those blocks. The host thread never waits.
 
-The staging buffer holds :attr:`HostStorage.staging_blocks` blocks; a larger
-batch goes in rounds (the side stream orders them). On the CPU the same code
-runs with synchronous copies. Every method that raises leaves the bookkeeping
-to undo its own change (see :mod:`kvforge.core.swap`).
+Every tier copy uses the same two streams, so host blocks are written and read
+in the order the copies were issued (copy stream), and device blocks gathered
+and scattered in that order too (gather stream). On the CPU the same code
+runs with synchronous copies. Every method that raises leaves the
+bookkeeping to undo its own change (see :mod:`kvforge.core.swap`).
 """
 from __future__ import annotations
 
@@ -43,12 +49,14 @@ from kvforge.config import CacheConfig
 from kvforge.errors import KVForgeError, OutOfBlocksError
 from kvforge.storage.device import DeviceStorage
 
-__all__ = ["HostStorage", "STAGING_BYTES"]
+__all__ = ["HostStorage", "ROUND_BYTES", "STAGING_BYTES"]
 
 log = logging.getLogger(__name__)
 
-#: device bytes of the staging buffer a tier copy goes through (rounds beyond it)
+#: device bytes of the staging buffer a tier copy goes through
 STAGING_BYTES = 256 * 2**20
+#: bytes of one round of a copy: its gather (or scatter) overlaps the neighbouring rounds' transfers
+ROUND_BYTES = 32 * 2**20
 
 
 def _runs(ids: np.ndarray, chunk_blocks: int) -> list[tuple[int, int, int]]:
@@ -78,11 +86,19 @@ class HostStorage:
         c = config
         self.block_shape = (c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
         self.staging_blocks = max(1, min(self.num_blocks, STAGING_BYTES // c.bytes_per_block))
+        # rounds small enough that gathering round k + 1 overlaps the transfer of round k
+        self.round_blocks = max(1, min(self.staging_blocks // 2, ROUND_BYTES // c.bytes_per_block))
+        self.num_slots = max(1, self.staging_blocks // self.round_blocks)
+        self._slot_free: list[torch.cuda.Event | None] = [None] * self.num_slots
+        self._next_slot = 0
         self._chunks: list[Tensor] = []
         self._staging: Tensor | None = None
         self._cuda = self.device.type == "cuda"
+        #: transfers between pinned memory and staging (the copy engines)
         self.stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._last: torch.cuda.Event | None = None  # the last copy's completion (side stream)
+        #: gathers into staging and scatters out of it (device to device)
+        self.gather_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._last: torch.cuda.Event | None = None  # the last copy's completion
         self.bytes_to_host = self.bytes_to_device = 0
         self.num_copies = 0
         self.seconds = 0.0  # host time spent issuing copies (or running them, on the CPU)
@@ -118,7 +134,7 @@ class HostStorage:
 
     def _stage(self) -> Tensor:
         if self._staging is None:
-            self._staging = torch.empty((self.staging_blocks, *self.block_shape), dtype=self.config.dtype,
+            self._staging = torch.empty((self.num_slots * self.round_blocks, *self.block_shape), dtype=self.config.dtype,
                                         device=self.device)
         return self._staging
 
@@ -133,8 +149,9 @@ class HostStorage:
 
     def synchronize(self) -> None:
         """Wait on the host until every issued tier copy has finished."""
-        if self._last is not None:
-            self._last.synchronize()
+        if self._cuda:
+            self.stream.synchronize()
+            self.gather_stream.synchronize()
 
     # ------------------------------------------------------------- copies
     def _check(self, pairs: Sequence[tuple[int, int]], what: str, device_first: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -154,17 +171,20 @@ class HostStorage:
         dev, host = self._check(pairs, "to_host()", True)
         self._ensure(int(host.max()))
         start = time.perf_counter()
-        with self._on_side() as main:
-            gathered = None
-            for lo in range(0, len(dev), self.staging_blocks):
-                d, h = dev[lo: lo + self.staging_blocks], host[lo: lo + self.staging_blocks]
-                stage = self._stage()[: len(d)]
+        main = self._begin()
+        gathered = None
+        for lo in range(0, len(dev), self.round_blocks):
+            d, h = dev[lo: lo + self.round_blocks], host[lo: lo + self.round_blocks]
+            slot, stage = self._slot(len(d))
+            with self._on(self.gather_stream, self._slot_free[slot]):
                 self._gather(d, stage)
-                gathered = self._record()
+                gathered = self._record(self.gather_stream)
+            with self._on(self.stream, gathered):
                 for i, first, n in _runs(h, self.chunk_blocks):
                     self._host_range(first, n).copy_(stage[i: i + n], non_blocking=True)
-            if main is not None and gathered is not None:
-                main.wait_event(gathered)  # device blocks may be overwritten once gathered
+                self._slot_free[slot] = self._last = self._record(self.stream)
+        if main is not None and gathered is not None:
+            main.wait_event(gathered)  # device blocks may be overwritten once gathered
         self._finish(start)
         self.bytes_to_host += len(dev) * self.config.bytes_per_block
 
@@ -176,15 +196,20 @@ class HostStorage:
         if int(host.max()) // self.chunk_blocks >= len(self._chunks):
             raise KVForgeError(f"to_device(): host block {int(host.max())} was never written")
         start = time.perf_counter()
-        with self._on_side() as main:
-            for lo in range(0, len(dev), self.staging_blocks):
-                d, h = dev[lo: lo + self.staging_blocks], host[lo: lo + self.staging_blocks]
-                stage = self._stage()[: len(d)]
+        main = self._begin()
+        scattered = None
+        for lo in range(0, len(dev), self.round_blocks):
+            d, h = dev[lo: lo + self.round_blocks], host[lo: lo + self.round_blocks]
+            slot, stage = self._slot(len(d))
+            with self._on(self.stream, self._slot_free[slot]):
                 for i, first, n in _runs(h, self.chunk_blocks):
                     stage[i: i + n].copy_(self._host_range(first, n), non_blocking=True)
+                arrived = self._record(self.stream)
+            with self._on(self.gather_stream, arrived):
                 self._scatter(d, stage)
-            if main is not None:
-                main.wait_event(self._record())  # the next step reads these blocks
+                self._slot_free[slot] = self._last = scattered = self._record(self.gather_stream)
+        if main is not None and scattered is not None:
+            main.wait_event(scattered)  # the next step reads these blocks
         self._finish(start)
         self.bytes_to_device += len(dev) * self.config.bytes_per_block
 
@@ -224,40 +249,51 @@ class HostStorage:
         return pinned.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------- streams
-    def _on_side(self) -> _SideStream:
-        return _SideStream(self)
+    def _begin(self) -> torch.cuda.Stream | None:
+        """Order both tier streams after the work queued on the compute stream; return it."""
+        if not self._cuda:
+            return None
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        self.gather_stream.wait_stream(main)
+        return main
 
-    def _record(self) -> torch.cuda.Event | None:
+    def _slot(self, n: int) -> tuple[int, Tensor]:
+        """The next staging slot (round robin) and its first ``n`` blocks."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % self.num_slots
+        first = slot * self.round_blocks
+        return slot, self._stage()[first: first + n]
+
+    def _on(self, stream: torch.cuda.Stream | None, after: torch.cuda.Event | None) -> _OnStream:
+        return _OnStream(stream if self._cuda else None, after)
+
+    def _record(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
         if not self._cuda:
             return None
         ev = torch.cuda.Event()
-        ev.record(self.stream)
+        ev.record(stream)
         return ev
 
     def _finish(self, start: float) -> None:
-        if self._cuda:
-            self._last = self._record()
         self.num_copies += 1
         self.seconds += time.perf_counter() - start
 
 
-class _SideStream:
-    """``with``: run on the tier's side stream after the compute stream's queued work;
-    yields the compute stream (None on the CPU)."""
+class _OnStream:
+    """``with``: run on ``stream`` (None: the CPU, nothing to do) once ``after`` completed."""
 
-    def __init__(self, storage: HostStorage) -> None:
-        self.storage = storage
+    def __init__(self, stream: torch.cuda.Stream | None, after: torch.cuda.Event | None) -> None:
+        self.stream, self.after = stream, after
         self._ctx: torch.cuda.StreamContext | None = None
 
-    def __enter__(self) -> torch.cuda.Stream | None:
-        s = self.storage
-        if not s._cuda:
-            return None
-        main = torch.cuda.current_stream(s.device)
-        s.stream.wait_stream(main)
-        self._ctx = torch.cuda.stream(s.stream)
+    def __enter__(self) -> None:
+        if self.stream is None:
+            return
+        if self.after is not None:
+            self.stream.wait_event(self.after)
+        self._ctx = torch.cuda.stream(self.stream)
         self._ctx.__enter__()
-        return main
 
     def __exit__(self, *exc: object) -> None:
         if self._ctx is not None:

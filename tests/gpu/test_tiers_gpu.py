@@ -66,18 +66,21 @@ def assert_same(cache: KVCache, seq: Any, want: list[tuple[torch.Tensor, torch.T
 
 
 def hold_side_stream(cache: KVCache) -> None:
-    """Queue a long sleep on the tier's side stream: its next copy starts late."""
-    stream = cache.host_storage.stream  # type: ignore[union-attr]
-    if stream is not None and hasattr(torch.cuda, "_sleep"):
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(DELAY_CYCLES)
+    """Queue a long sleep on both of the tier's side streams (transfers, gathers): its next copy starts late."""
+    hs = cache.host_storage
+    if hs is not None and hs.stream is not None and hasattr(torch.cuda, "_sleep"):
+        for stream in (hs.stream, hs.gather_stream):
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(DELAY_CYCLES)
 
 
 def hold_and_mark(cache: KVCache) -> torch.cuda.Event:
-    """:func:`hold_side_stream`, and an event on the side stream that completes when the sleep does."""
+    """:func:`hold_side_stream`, and an event that completes when both sleeps have."""
     hold_side_stream(cache)
+    hs = cache.host_storage
+    hs.stream.wait_stream(hs.gather_stream)  # type: ignore[union-attr]
     held = torch.cuda.Event()
-    held.record(cache.host_storage.stream)  # type: ignore[union-attr]
+    held.record(hs.stream)  # type: ignore[union-attr]
     return held
 
 
@@ -151,7 +154,7 @@ def test_tier_copies_run_on_the_side_stream_and_the_host_does_not_wait() -> None
     hs = cache.host_storage
     assert hs is not None and hs.stream is not None
     main = torch.cuda.current_stream()
-    assert hs.stream != main
+    assert hs.stream != main and hs.gather_stream != main
     want = fill(cache, "a", list(range(4 * BS)), generator(3))
     cache.swap_out(["a"])  # first use allocates the staging buffer and a pinned chunk (those may block)
     cache.swap_in(["a"])
@@ -167,7 +170,20 @@ def test_tier_copies_run_on_the_side_stream_and_the_host_does_not_wait() -> None
     assert hs._last.query()  # type: ignore[union-attr]
 
 
-def test_a_swap_beyond_the_staging_buffer_goes_in_rounds_and_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+def hold_one(cache: KVCache, which: str) -> None:
+    """A long sleep on one of the tier's streams: 'copy' (transfers) or 'gather' (gathers, scatters)."""
+    hs = cache.host_storage
+    if hs is not None and hasattr(torch.cuda, "_sleep"):
+        with torch.cuda.stream(hs.stream if which == "copy" else hs.gather_stream):
+            torch.cuda._sleep(DELAY_CYCLES)
+
+
+@pytest.mark.parametrize("hold", ["both", "copy", "gather"])
+def test_a_swap_beyond_the_staging_buffer_goes_in_rounds_and_is_exact(monkeypatch: pytest.MonkeyPatch,
+                                                                      hold: str) -> None:
+    """18 rounds through 3 staging slots: holding back one stream checks that a slot is reused only
+    after its transfer (or scatter) is done, and that each round's two halves wait for each other."""
+    held = hold_side_stream if hold == "both" else (lambda c: hold_one(c, hold))
     bytes_per_block = LAYERS * 2 * BS * HEADS * DIM * 2
     monkeypatch.setattr(host_module, "STAGING_BYTES", 3 * bytes_per_block)
     cache = make_cache(num_blocks=32, host_blocks=32, chunk_blocks=8, host_chunk_blocks=8)
@@ -176,12 +192,13 @@ def test_a_swap_beyond_the_staging_buffer_goes_in_rounds_and_is_exact(monkeypatc
     gen = generator(4)
     wants = {s: fill(cache, s, list(range(1000 * i, 1000 * i + 5 * BS + 3)), gen) for i, s in enumerate("abc")}
     copies = hs.num_copies
-    hold_side_stream(cache)
-    assert cache.swap_out(["a", "b", "c"]) == 18  # 6 rounds of the staging buffer in one copy
+    held(cache)
+    assert hs.round_blocks == 1 and hs.num_slots == 3
+    assert cache.swap_out(["a", "b", "c"]) == 18  # 18 rounds through 3 staging slots in one copy
     fill(cache, "d", list(range(9000, 9000 + 20 * BS)), gen)  # overwrite what they left
     cache.free_sequence("d")
     cache.reclaim_unused_blocks()
-    hold_side_stream(cache)
+    held(cache)
     assert cache.swap_in(["c", "a", "b"]) == 18
     assert hs.num_copies == copies + 2
     for s, want in wants.items():
