@@ -73,6 +73,10 @@ class SequenceAdmission:
     host: HostTier
     _seqs: SequenceRows[KeyChain]
     copy_to_device: Callable[[list[tuple[int, int]]], None] | None
+    #: the storage's remote tier: ``fetch_remote(keys) -> n`` (a run of the keys it holds,
+    #: payloads kept) and ``copy_from_remote(device_blocks)`` (writes those payloads)
+    fetch_remote: Callable[[list[BlockKey]], int] | None
+    copy_from_remote: Callable[[list[int]], None] | None
     flush_spills: Callable[[], None]
     _check_new: Callable[[SeqId], None]
 
@@ -137,23 +141,34 @@ class SequenceAdmission:
                 f"sequence {seq_id!r} needs {need} new blocks (+{revived} cached to revive) for "
                 f"{reserve} tokens; {pool.num_available_blocks} available",
                 requested=need + revived, available=pool.num_available_blocks)
+        local = len(hits) + len(plan.host_hits)
+        num_remote = self._ask_remote(keys[local:], local, reserve, need + revived) if self.fetch_remote else 0
+        if num_remote:  # the remote blocks follow the local hits; the sequence reserves at least them
+            reserve = max(reserve, (local + num_remote) * bs)
+            need = blocks_for_tokens(reserve, bs) - len(hits)
         pool.incref(hits)
         self.host.pool.incref(plan.host_hits)  # before allocating: no spill may drop them
         new = pool.allocate(need)
         host_hits = self._onboard(plan.host_hits, new, hits) if plan.host_hits else plan.host_hits
-        if len(host_hits) < len(plan.host_hits):  # the copy failed: those tokens are computed instead
-            reserve = max(num_tokens if num_tokens is not None else len(tokens or ()), len(hits) * bs)
+        if num_remote and (len(host_hits) < len(plan.host_hits) or
+                           not self._copy_remote(new[len(host_hits): len(host_hits) + num_remote])):
+            num_remote = 0  # a gap before them, or their copy failed: those tokens are computed
+        if len(host_hits) < len(plan.host_hits) or (reserve > plan.num_tokens and not num_remote):
+            # fewer blocks came than were reserved for: reserve what the request asked for
+            reserve = max(plan.num_tokens if len(host_hits) == len(plan.host_hits) else
+                          (num_tokens if num_tokens is not None else len(tokens or ())), len(hits) * bs)
             surplus = len(hits) + len(new) - blocks_for_tokens(reserve, bs)
             if surplus > 0:
                 pool.free(new[len(new) - surplus:])
                 del new[len(new) - surplus:]
+        num_fetched = len(host_hits) + num_remote
         if tokens is not None:  # counted only now: a refused request queried nothing
-            self.prefix._record_query(len(tokens), len(hits) + len(host_hits), len(host_hits))
+            self.prefix._record_query(len(tokens), len(hits) + num_fetched, len(host_hits), num_remote)
         ids = hits + new
         row = self.tables.new_row()
-        cached = (len(hits) + len(host_hits)) * bs
+        cached = (len(hits) + num_fetched) * bs
         slots = self.tables.assign(row, ids, reserve, None if tokens is None else np.frombuffer(tokens, np.int64),
-                                   len(hits) * bs)[len(host_hits) * bs:]
+                                   len(hits) * bs)[num_fetched * bs:]
         known = min(reserve // bs, len(keys))  # keys of reserved full blocks: no hashing again
         chain = KeyChain(salt, keys[:known])
         self._seqs.add(seq_id, row, chain)
@@ -161,6 +176,35 @@ class SequenceAdmission:
         self.prefix._register_many(ids[len(hits):known], keys[len(hits):known])
         chain.register_full_blocks(self.prefix, self.tables, row)
         return AddSequenceResult(seq_id, cached, slots, ids)
+
+    def _ask_remote(self, keys: list[BlockKey], local: int, reserve: int, need: int) -> int:
+        """How many of ``keys`` (the prompt's full blocks after its ``local`` hits) the remote
+        tier holds, as a run from the first; the storage keeps their payloads for
+        :meth:`_copy_remote`. Only as many as the pool can take when they reach beyond
+        the ``reserve`` tokens asked for (a chunked prefill's first chunk)."""
+        if not keys:
+            return 0
+        try:
+            n = self.fetch_remote(keys)  # type: ignore[misc]
+        except Exception as exc:  # the tier never raises for the server's trouble; anything else: a miss
+            log.warning("the remote tier's fetch failed (%s); the prompt is computed", exc)
+            return 0
+        bs = self.block_size
+        extra = blocks_for_tokens(max(reserve, (local + n) * bs), bs) - blocks_for_tokens(reserve, bs)
+        if extra and need + extra > self.pool.num_available_blocks:
+            n = max(0, min(n, reserve // bs - local))  # only those the reservation covers already
+        return n
+
+    def _copy_remote(self, device_blocks: list[int]) -> bool:
+        """Write the fetched payloads into ``device_blocks`` (after the queued spills); False if that raised."""
+        try:
+            self.flush_spills()
+            self.copy_from_remote(device_blocks)  # type: ignore[misc]
+        except Exception as exc:
+            log.warning("copying %d block(s) from the remote tier failed (%s); they are recomputed",
+                        len(device_blocks), exc)
+            return False
+        return True
 
     def _onboard(self, host_hits: list[int], new: list[int], hits: list[int]) -> list[int]:
         """Copy the host hits into the first new device blocks (after the queued spills,

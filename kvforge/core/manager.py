@@ -37,7 +37,7 @@ from kvforge.core.ids import as_flag, as_int, block_id_list, indexable, is_int, 
 from kvforge.core.sequences import SequenceRows
 from kvforge.core.swap import SequenceSwap
 from kvforge.core.pool import BlockPool
-from kvforge.core.prefix import NullPrefixIndex, PrefixIndex
+from kvforge.core.prefix import BlockKey, NullPrefixIndex, PrefixIndex
 from kvforge.core.tables import BlockTables, StepView, blocks_for_tokens
 from kvforge.errors import InvalidBlockError, SequenceError
 
@@ -96,6 +96,8 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceSwap):
         self._seqs.swapped = self.host.swapped
         self.copy_to_host: Callable[[list[tuple[int, int]]], None] | None = None
         self.copy_to_device: Callable[[list[tuple[int, int]]], None] | None = None
+        self.fetch_remote: Callable[[list[bytes]], int] | None = None
+        self.copy_from_remote: Callable[[list[int]], None] | None = None
 
     # ------------------------------------------------------------- queries
     def __contains__(self, seq_id: SeqId) -> bool:
@@ -135,6 +137,13 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceSwap):
         """The sequence's block ids and token count, read together."""
         row = self._seqs.row(seq_id)
         return SequenceBlockTable(seq_id, self.tables.blocks(row), self.tables.num_tokens(row))
+
+    def keyed_blocks(self, seq_id: SeqId) -> tuple[list[BlockKey], list[int]]:
+        """The prefix keys of the sequence's full blocks whose token ids are known, and
+        those blocks, in position order (what a remote tier is given to share)."""
+        row, chain = self._seqs.get(seq_id)
+        keys = list(chain.keys)
+        return keys, self.tables.blocks(row, 0, len(keys))
 
     def get_block_for_position(self, seq_id: SeqId, pos: int) -> tuple[int, int]:
         """``(block_id, offset)`` holding token ``pos`` of the sequence."""

@@ -83,6 +83,7 @@ class PrefixIndex:
         #: eviction (it spills) and registration (a host-only key moves to the device)
         self.tier: HostTier | None = None
         self._host_hit_tokens = 0
+        self._remote_hit_tokens = 0
         pool.on_evict = self.on_evict
 
     # ---------------------------------------------------------------- keys
@@ -218,11 +219,13 @@ class PrefixIndex:
         self._record_query(as_int(num_tokens, "num_tokens", InvalidBlockError),
                            as_int(num_hit_blocks, "num_hit_blocks", InvalidBlockError))
 
-    def _record_query(self, num_tokens: int, num_hit_blocks: int, num_host_blocks: int = 0) -> None:
+    def _record_query(self, num_tokens: int, num_hit_blocks: int, num_host_blocks: int = 0,
+                      num_remote_blocks: int = 0) -> None:
         self._queries += 1
         self._query_tokens += num_tokens
         self._hit_tokens += num_hit_blocks * self.block_size
         self._host_hit_tokens += num_host_blocks * self.block_size
+        self._remote_hit_tokens += num_remote_blocks * self.block_size
 
     def register(self, block_id: int, key: BlockKey) -> bool:
         """Cache a held, full block under ``key``; False when the key is taken
@@ -289,7 +292,7 @@ class PrefixIndex:
         q = self._query_tokens
         return PrefixStats(self._queries, q, self._hit_tokens, self._hit_tokens / q if q else 0.0,
                            len(self._blocks), self.pool.num_evictable_blocks, self._evictions,
-                           self._registered, self._host_hit_tokens)
+                           self._registered, self._host_hit_tokens, self._remote_hit_tokens)
 
     def check_invariants(self) -> None:
         """Assert index/pool consistency."""

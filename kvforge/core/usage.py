@@ -63,7 +63,8 @@ class AllocationStats:
 class PrefixStats:
     """Counters of a prefix index (:meth:`~kvforge.core.prefix.PrefixIndex.stats`).
     ``hit_rate`` = hit tokens / queried tokens; ``hit_tokens`` counts hits on either
-    tier, ``host_hit_tokens`` those served from the host tier."""
+    tier, ``host_hit_tokens`` those served from the host tier, ``remote_hit_tokens``
+    those copied in from a remote tier (shared with other instances)."""
 
     queries: int
     query_tokens: int
@@ -74,6 +75,7 @@ class PrefixStats:
     evictions: int
     registered_blocks: int
     host_hit_tokens: int = 0
+    remote_hit_tokens: int = 0
 
     def to_dict(self) -> dict[str, float]:
         """The snapshot as a plain dict."""

@@ -35,12 +35,14 @@ from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceSta
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import Scheduler
 from kvforge.engine.setup import (
-    cache_config_for, check_prompt, engine_config, kv_budget, max_len, resolve_placement,
+    cache_config_for, check_prompt, checkpoint_identity, config_identity, engine_config, kv_budget, max_len,
+    resolve_placement,
 )
 from kvforge.engine.stats import EngineStats
 from kvforge.engine.step_loop import StepLoop
 from kvforge.errors import ConfigError, SequenceError
 from kvforge.storage import KVCache
+from kvforge.storage.remote import RemoteTier
 
 __all__ = ["Engine", "Prompt"]
 
@@ -57,7 +59,11 @@ class Engine(StepLoop):
     device="auto", dtype=None, **options)``: ``model_path`` is a local Hugging
     Face folder. The second argument is a :class:`~kvforge.config.CacheConfig`
     (its dtype and device are set to the model's) or a KV memory budget
-    (bytes or ``"4GiB"``, the same as ``kv_memory=``). Without a CacheConfig
+    (bytes or ``"4GiB"``, the same as ``kv_memory=``). ``remote`` (a
+    :class:`~kvforge.storage.remote.RemoteTier` such as ``kvforge.RedisTier``)
+    shares full prompt blocks with other engine instances; the checkpoint's
+    identity (:func:`~kvforge.engine.setup.checkpoint_identity`) keeps other
+    models' blocks apart. Without a CacheConfig
     the cache is ``num_blocks`` blocks, else as many as the budget holds,
     else a share of the free GPU memory (``kv_memory_fraction``) or 512 MiB
     on the CPU. ``dtype`` defaults
@@ -67,19 +73,22 @@ class Engine(StepLoop):
 
     def __init__(self, model_path: str | os.PathLike[str], cache_config: CacheConfig | int | str | None = None, *,
                  kv_memory: int | str | None = None, num_blocks: int | None = None, device: str = "auto",
-                 dtype: Any = None, config: EngineConfig | None = None, **options: Any) -> None:
+                 dtype: Any = None, config: EngineConfig | None = None, remote: RemoteTier | None = None,
+                 **options: Any) -> None:
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         econf = engine_config(config, options)
         ckpt = load_checkpoint(model_path)
         dev, dt = resolve_placement(device, dtype, ckpt.config)
         model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev,
                                            max_positions=max_len(econf, ckpt.config))
-        self._setup(model, ckpt.tokenizer, econf, cache_config, kv_memory, num_blocks)
+        model.identity = checkpoint_identity(ckpt.path) if remote is not None else ""
+        self._setup(model, ckpt.tokenizer, econf, cache_config, kv_memory, num_blocks, remote)
 
     @classmethod
     def from_config(cls, hf_config: Mapping[str, Any], cache_config: CacheConfig | int | str | None = None, *,
                     kv_memory: int | str | None = None, num_blocks: int | None = None, device: str = "auto",
-                    dtype: Any = None, config: EngineConfig | None = None, **options: Any) -> Engine:
+                    dtype: Any = None, config: EngineConfig | None = None, remote: RemoteTier | None = None,
+                    **options: Any) -> Engine:
         """An engine over random weights for a ``config.json`` dict (benchmarks, demos).
 
         Weights are normal with the config's ``initializer_range`` (seeded by
@@ -89,25 +98,28 @@ class Engine(StepLoop):
         econf = engine_config(config, options)
         dev, dt = resolve_placement(device, dtype, mconf)
         model = LlamaModel.random(mconf, dtype=dt, device=dev, seed=econf.seed, max_positions=max_len(econf, mconf))
+        model.identity = config_identity(hf_config, econf.seed)
         engine = cls.__new__(cls)
-        engine._setup(model, None, econf, cache_config, kv_memory, num_blocks)
+        engine._setup(model, None, econf, cache_config, kv_memory, num_blocks, remote)
         return engine
 
     @classmethod
     def from_model(cls, model: LlamaModel, cache_config: CacheConfig | int | str | None = None, *,
                    tokenizer: Tokenizer | None = None, kv_memory: int | str | None = None,
-                   num_blocks: int | None = None, config: EngineConfig | None = None, **options: Any) -> Engine:
+                   num_blocks: int | None = None, config: EngineConfig | None = None,
+                   remote: RemoteTier | None = None, **options: Any) -> Engine:
         """An engine over an already built :class:`~kvforge.engine.models.llama.LlamaModel`
         (shared weights: e.g. several cache sizes for one model in a benchmark)."""
         if not isinstance(model, LlamaModel):
             raise ConfigError(f"model must be a LlamaModel, got {type(model).__name__}")
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, engine_config(config, options), cache_config, kv_memory, num_blocks)
+        engine._setup(model, tokenizer, engine_config(config, options), cache_config, kv_memory, num_blocks, remote)
         return engine
 
     def _setup(self, model: LlamaModel, tokenizer: Tokenizer | None, econf: EngineConfig,
-               cache_config: CacheConfig | None, kv_memory: int | str | None, num_blocks: int | None) -> None:
+               cache_config: CacheConfig | None, kv_memory: int | str | None, num_blocks: int | None,
+               remote: RemoteTier | None = None) -> None:
         self.model = model
         #: held for each step; pass it to :func:`kvforge.tools.metrics.serve` (``lock=``)
         self.step_lock = threading.Lock()
@@ -118,7 +130,8 @@ class Engine(StepLoop):
         self.device = model.device
         self.dtype = model.dtype
         ccfg = cache_config_for(model, econf, cache_config, kv_memory, num_blocks)
-        self.cache = KVCache(ccfg, backend=econf.backend)
+        self.cache = KVCache(ccfg, backend=econf.backend, remote=remote,
+                             model=getattr(model, "identity", "") if remote is not None else "")
         self.max_model_len = min(max_len(econf, model.config), ccfg.num_blocks * ccfg.block_size,
                                  model.rope.max_positions)
         bandwidth = measure_tier_bandwidth(self.cache) if self.cache.has_host_tier else 0.0

@@ -282,7 +282,7 @@ class Scheduler:
         victims = sorted((s for s in seqs if id(s) in running), key=lambda s: s.admit_order, reverse=True)
         preempted: list[Sequence] = []
         for victim in victims:
-            self._preempt(victim, preempted)
+            self._preempt(victim, preempted, publish=False)
         return preempted
 
     def preempt_all(self) -> list[Sequence]:
@@ -291,12 +291,14 @@ class Scheduler:
         failed step: it drops slots reserved for tokens that were never computed."""
         preempted: list[Sequence] = []
         for victim in reversed(list(self.running)):
-            self._preempt(victim, preempted)
+            self._preempt(victim, preempted, publish=False)
         return preempted
 
-    def _preempt(self, victim: Sequence, preempted: list[Sequence], may_swap: bool = False) -> None:
+    def _preempt(self, victim: Sequence, preempted: list[Sequence], may_swap: bool = False,
+                 publish: bool = True) -> None:
         """Take ``victim``'s blocks: swap it out when ``may_swap`` and the policy says so
-        (it has no slot reserved this step), else free them to recompute it later."""
+        (it has no slot reserved this step), else free them to recompute it later
+        (sharing them with a remote tier unless ``publish`` is False: a failed step)."""
         if may_swap and victim not in self.prefilling and self._try_swap_out(victim):
             self.running.remove(victim)
             victim.status = SequenceStatus.SWAPPED
@@ -306,7 +308,7 @@ class Scheduler:
             preempted.append(victim)
             return
         self.num_recomputes += 1
-        self.cache.free_sequence(victim.seq_id)
+        self.cache.free_sequence(victim.seq_id, publish=publish)
         self.running.remove(victim)
         if victim in self.prefilling:
             self.prefilling.remove(victim)

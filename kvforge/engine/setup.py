@@ -8,10 +8,13 @@ the budget.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import numbers
+import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -139,3 +142,32 @@ def check_prompt(engine: Engine, rid: str, ids: list[int]) -> None:
     if cache_bound:
         raise OutOfBlocksError(msg, requested=-(-(len(ids) + 1) // bs), available=nb)
     raise ModelError(msg)
+
+
+#: bytes read from each end of every weight file for a checkpoint's identity
+IDENTITY_SAMPLE_BYTES = 1 << 20
+
+
+def checkpoint_identity(folder: str) -> str:
+    """A name for a checkpoint's weights that two copies of it share and two different
+    checkpoints (a fine-tune of the same shape) do not: a digest of ``config.json`` and,
+    for every weight file, its name, size and first and last MiB. What a remote tier's
+    layout fingerprint uses, so instances never share KV across models."""
+    h = hashlib.blake2b(digest_size=16, person=b"kvforge-model")
+    names = sorted(n for n in os.listdir(folder) if n == "config.json" or n.endswith(".safetensors"))
+    for name in names:
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}|{size}|".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(IDENTITY_SAMPLE_BYTES))
+            if size > 2 * IDENTITY_SAMPLE_BYTES:
+                f.seek(size - IDENTITY_SAMPLE_BYTES)
+                h.update(f.read())
+    return "ckpt:" + h.hexdigest()
+
+
+def config_identity(hf_config: Mapping[str, Any], seed: int) -> str:
+    """A name for random weights made from ``hf_config`` with ``seed`` (benchmarks, demos)."""
+    text = json.dumps(dict(hf_config), sort_keys=True, default=str) + f"|seed={seed}"
+    return "random:" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -123,7 +123,7 @@ class StepLoop:
         if out is None:
             num = len(self.scheduler.preempt_all())
             for seq_id in self.cache.seq_ids:  # reserved but never adopted as running
-                self.cache.free_sequence(seq_id)
+                self.cache.free_sequence(seq_id, publish=False)
             dropped = self.cache.reclaim_unused_blocks()
         else:
             uncomputed = self._uncomputed_blocks(out)

@@ -37,6 +37,8 @@ from kvforge.storage import compaction
 from kvforge.storage.device import DeviceStorage, resolve_device, slot_array
 from kvforge.storage.host import HostStorage
 from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, FixedLayout, Staging, StepBatch, build_step
+from kvforge.storage.remote import RemoteTier
+from kvforge.storage.sharing import RemoteMethods
 from kvforge.storage.tiers import TierMethods
 
 if TYPE_CHECKING:
@@ -52,16 +54,20 @@ SeqId = Hashable
 T = TypeVar("T")
 
 
-class KVCache(TierMethods):
+class KVCache(TierMethods, RemoteMethods):
     """A paged KV cache on one device: storage, block tables, prefix reuse, compaction,
     and with ``CacheConfig(host_memory=...)`` a pinned host tier (spills, swaps:
     :mod:`kvforge.storage.tiers`).
 
     ``backend`` picks the kernels: ``"auto"`` (Triton on GPUs, torch on the
-    CPU), ``"triton"`` or ``"torch"``.
+    CPU), ``"triton"`` or ``"torch"``. ``remote`` shares full blocks with other
+    instances through a :class:`~kvforge.storage.remote.RemoteTier` (e.g.
+    :class:`~kvforge.storage.redis_tier.RedisTier`; :mod:`kvforge.storage.sharing`);
+    ``model`` names the weights for it (two models of one shape never share).
     """
 
-    def __init__(self, config: CacheConfig, *, backend: str = "auto") -> None:
+    def __init__(self, config: CacheConfig, *, backend: str = "auto", remote: RemoteTier | None = None,
+                 model: str = "") -> None:
         if not isinstance(config, CacheConfig):
             raise KVForgeError(f"KVCache needs a CacheConfig, got {type(config).__name__}")
         if backend not in ("auto", "triton", "torch"):
@@ -84,6 +90,7 @@ class KVCache(TierMethods):
         self.manager.copy_blocks = self.copy_blocks
         self.host_storage = HostStorage(config, self.storage) if config.num_host_blocks else None
         self._wire_host_tier()
+        self._wire_remote(remote, model)
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
         self._slot_dtype = np.int32 if config.num_blocks * config.block_size < 2**31 else np.int64
         self._check_layout()
@@ -239,8 +246,17 @@ class KVCache(TierMethods):
         """``child_id`` shares all of ``parent_id``'s blocks; no data is copied."""
         self.manager.fork(parent_id, child_id)
 
-    def free_sequence(self, seq_id: SeqId) -> None:
-        """Release a sequence; its cached full blocks stay reusable until evicted."""
+    def free_sequence(self, seq_id: SeqId, *, publish: bool = True) -> None:
+        """Release a sequence; its cached full blocks stay reusable until evicted. With a
+        remote tier they are published first (:meth:`publish`), unless ``publish`` is
+        False (blocks whose keys and values were never computed: a failed step)."""
+        if publish and self.remote is not None and seq_id in self.manager and not self.is_swapped(seq_id):
+            try:
+                self.publish(seq_id)
+            except KVForgeError:
+                raise
+            except Exception as exc:  # a copy that failed: nothing is shared, nothing is lost
+                log.warning("publishing sequence %r failed (%s); it is freed unshared", seq_id, exc)
         self.manager.free_sequence(seq_id)
 
     def get_block_for_position(self, seq_id: SeqId, pos: int) -> tuple[int, int]:

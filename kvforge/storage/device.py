@@ -202,6 +202,31 @@ class DeviceStorage:
         dst = self.upload(arr[:, 1].copy())
         kernels.copy_blocks(self._chunks, src, dst, chunk_offsets=self._offsets, backend=self.backend)
 
+    def read_blocks(self, block_ids: np.ndarray) -> Tensor:
+        """Whole blocks, block-major: ``[n, num_layers, 2, block_size, kv_heads, head_dim]``
+        (a new device tensor, queued on the current stream)."""
+        cb, n = self.chunk_blocks, len(block_ids)
+        c = self.config
+        out = torch.empty((n, c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim), dtype=c.dtype,
+                          device=self.device)
+        for chunk in np.unique(block_ids // cb).tolist():
+            pos = np.flatnonzero(block_ids // cb == chunk)
+            local = torch.as_tensor(block_ids[pos] % cb, device=self.device)
+            src = self._chunks[chunk].index_select(2, local).permute(2, 0, 1, 3, 4, 5)
+            out.index_copy_(0, torch.as_tensor(pos, device=self.device), src)
+        return out
+
+    def write_blocks(self, block_ids: np.ndarray, data: Tensor) -> None:
+        """Write block-major ``data`` ``[n, num_layers, 2, block_size, kv_heads, head_dim]``
+        into blocks ``block_ids`` (queued on the current stream)."""
+        cb = self.chunk_blocks
+        data = data.to(self.device, non_blocking=True)
+        for chunk in np.unique(block_ids // cb).tolist():
+            pos = np.flatnonzero(block_ids // cb == chunk)
+            src = data.index_select(0, torch.as_tensor(pos, device=self.device))
+            self._chunks[chunk].index_copy_(2, torch.as_tensor(block_ids[pos] % cb, device=self.device),
+                                            src.permute(1, 2, 0, 3, 4, 5))
+
     def gather(self, layer: int, block_table: Sequence[int], num_tokens: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions ``0..num_tokens-1`` of a block table,
         ``[num_tokens, num_kv_heads, head_dim]`` each."""

@@ -1,0 +1,78 @@
+"""The remote tier's contract: what a :class:`~kvforge.storage.KVCache` asks of a shared block store.
+
+A remote tier holds full, keyed blocks that several cache instances (engine
+processes, machines) share: one instance publishes a block's keys and values
+under its prefix key, another finds them by the same key and copies them in
+instead of computing them. :class:`RemoteTier` states what the cache calls;
+:class:`~kvforge.storage.redis_tier.RedisTier` is the implementation on a
+Redis server.
+
+Keys and layout. A block's prefix key (:mod:`kvforge.core.keys`: the chained,
+salted BLAKE2b digest of every token up to the block's end) is the same in
+every process. A :class:`RemoteLayout` says what a payload's bytes mean (the
+model, dtype, block size, layers, KV heads, head dim, tensor-parallel rank);
+the tier folds its fingerprint into every stored key and every value, so
+instances of another layout never see, let alone use, each other's blocks.
+
+Payloads. One block's keys and values, ``[num_layers, 2, block_size,
+num_kv_heads, head_dim]`` in the cache's dtype, as raw bytes
+(``layout.block_bytes`` of them): exactly a host-tier block
+(:mod:`kvforge.storage.host`). The tier adds and checks its own framing
+(header, checksum); the cache sees only whole, checked payloads.
+
+Failures never reach the cache as exceptions: a tier that cannot answer in
+its timeout answers with fewer blocks (a miss) and counts why; a write that
+cannot be done is dropped and counted. The cache then computes what it did
+not get, so a broken, slow or wiped server costs speed, never correctness.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+
+__all__ = ["RemoteLayout", "RemoteTier"]
+
+
+class RemoteLayout(NamedTuple):
+    """What a payload's bytes mean. ``model`` names the weights (a checkpoint path,
+    name or hash: two models of one shape must not share KV)."""
+
+    model: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tp_rank: int
+    tp_size: int
+    block_bytes: int
+
+    def fingerprint(self) -> bytes:
+        """16 bytes naming the layout (the same in every process)."""
+        text = "|".join(str(x) for x in self)
+        return hashlib.blake2b(text.encode(), digest_size=16, person=b"kvforge-layout").digest()
+
+
+@runtime_checkable
+class RemoteTier(Protocol):
+    """A shared store of full blocks, as the cache uses it."""
+
+    def bind(self, layout: RemoteLayout) -> None:
+        """Called once by the cache before any other call: the layout of its payloads.
+        Binding one tier object to two caches of different layouts is refused."""
+
+    def fetch(self, keys: Sequence[bytes]) -> list[bytes]:
+        """The payloads of the longest run of ``keys``, from the first, that the store
+        holds and that pass every check (possibly none); at most the tier's timeout of
+        waiting. Never raises for a server problem."""
+
+    def publish(self, keys: Sequence[bytes], payloads: Callable[[], Sequence[bytes]]) -> None:
+        """Store these blocks, in the background. ``payloads()`` is called later, on the
+        tier's writer thread, and returns one payload per key (it may wait for a device
+        copy to finish). Returns at once; a full queue drops the write (counted)."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every publish issued so far was written (or dropped); False on timeout."""
+
+    def close(self) -> None:
+        """Flush with the tier's timeout, stop the writer, close connections."""
