@@ -1,0 +1,623 @@
+"""The remote tier on a Redis server: :class:`RedisTier`, the :class:`~kvforge.storage.remote.RemoteTier` it implements.
+
+Keys. A block is stored under ``kvforge:{namespace}:{fingerprint}:{key}``
+(the layout's 16-byte fingerprint and the block's 16-byte prefix key, in
+hex). The namespace keeps deployments sharing one server apart; the
+fingerprint keeps layouts (and models) apart, so a cache of another layout
+asks for other names and simply misses.
+
+Values. Never pickle: a fixed 64-byte header, then the payload's raw bytes::
+
+    magic    4s   b"KVF1"
+    version  u16  FORMAT_VERSION
+    flags    u16  0 (reserved)
+    layout   16s  the layout fingerprint
+    key      16s  the block key
+    length   u64  payload bytes (== layout.block_bytes)
+    checksum 16s  BLAKE2b-128 of the payload
+
+all big-endian. The checksum is BLAKE2b-128 rather than CRC32: a block is
+megabytes and a fleet reads millions of them, so a 32-bit check that a
+linear corruption (a torn write, a zeroed page) can satisfy is too weak;
+BLAKE2b is in :mod:`hashlib`, releases the GIL on large buffers (the writer
+hashes without stalling the scheduler thread) and runs at about a GB/s,
+below the network's cost of moving the same bytes. It detects corruption,
+not forgery: whoever can write the namespace can write valid values, so the
+server must be reachable by trusted clients only (password, TLS, network).
+
+Reads. :meth:`RedisTier.fetch` asks in batches of ``batch_size`` keys (one
+``MGET`` each) and stops at the first value that is missing or fails a check
+(size, header, fingerprint, key, length, checksum: each refusal is counted),
+so it returns the longest valid run from the first key, each payload a
+read-only :class:`memoryview` of ``layout.block_bytes`` bytes.
+
+Writes. :meth:`RedisTier.publish` queues a job (bounded: ``max_pending``
+jobs; a full queue drops the job, counted) for one daemon writer thread,
+which calls the job's payload thunk, frames the values and writes them with
+pipelined ``SET`` (``PX`` the ttl when one is given). Plain ``SET``, not
+``SET NX``: a rewrite refreshes a hot block's expiry and repairs a corrupt
+value. Rewrites are kept rare by a bounded LRU of the keys this process
+wrote recently (or, without a ttl, read), skipped while younger than half
+the ttl. A key that a fetch finds missing or invalid leaves that set, and so
+do the keys after it in that fetch; after a connection fault (the server may
+have restarted empty) every key does; the next publish writes them again.
+The thunk may not be called at all (every key recent, job dropped, tier
+closed).
+
+Faults. Every server call has a socket timeout (connect and read) of
+``timeout`` seconds and no retries. A connection error or a timeout puts the
+tier in back-off for ``retry_after`` seconds: fetches answer ``[]`` at once
+and publishes are dropped, so a dead or hung server costs each thread at
+most one timeout per back-off period. A full server (``maxmemory`` with the
+``noeviction`` policy: ``OOM`` replies) fails writes, which are counted and
+pause writing (not reading) for ``retry_after``. A restarted server has lost
+its keys: plain misses. Nothing the server does raises into the cache;
+caller mistakes (unbound tier, keys that are not block keys, a second,
+different layout) raise kvforge errors.
+
+Expiry and eviction. ``ttl`` (seconds) expires blocks nobody rewrites;
+without it blocks live until the server evicts them: run the server with
+``maxmemory`` and an ``allkeys-lru`` (or ``allkeys-lfu``) policy for a cache
+that keeps the hot prefixes, or ``volatile-*`` with a ttl.
+
+Secrets. The URL may carry a password (``redis://:secret@host:6379/0``,
+``rediss://`` for TLS); it is passed to ``redis.from_url`` and never appears
+in a log line, repr or exception message (:func:`_redact`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import re
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, NamedTuple, Sequence
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+from kvforge.core.keys import DIGEST, check_keys
+from kvforge.errors import ConfigError, MissingExtraError
+from kvforge.storage.remote import RemoteLayout
+
+__all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "RedisTier", "RemoteStats"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KVF1"
+FORMAT_VERSION = 1
+#: magic, version, flags, layout fingerprint, block key, payload length, payload checksum
+HEADER = struct.Struct(">4sHH16s16sQ16s")
+assert HEADER.size == 64
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: URL query parameters redis.from_url accepts that hold secrets
+_SECRET_PARAMS = {"password", "ssl_password"}
+#: seconds between two log lines of one kind of fault
+_LOG_EVERY = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStats:
+    """Counters of a remote tier since it was made.
+
+    Reads: ``fetch_calls``, ``keys_asked``, ``hits`` (payloads returned),
+    ``misses`` (keys asked and not returned: ``keys_asked == hits + misses``),
+    ``backoff_fetches`` (answered ``[]`` in back-off), ``bytes_read`` (value
+    bytes received). Refusals, each a value stored under a valid name that
+    failed a check: ``bad_size`` (total size or length field),
+    ``bad_header`` (magic, version, flags), ``bad_fingerprint``, ``bad_key``,
+    ``bad_checksum``. Writes: ``publish_jobs`` (calls), ``dropped_jobs``
+    (queue full, back-off, closed, or cut short by a connection fault),
+    ``skipped_blocks`` (written recently, not rewritten), ``blocks_written``,
+    ``bytes_written`` (value bytes, header included), ``write_errors``
+    (blocks the server refused: ``OOM``...), ``payload_errors`` (a thunk that
+    raised or returned the wrong payloads). Faults: ``connection_errors``,
+    ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...)."""
+
+    fetch_calls: int = 0
+    keys_asked: int = 0
+    hits: int = 0
+    misses: int = 0
+    backoff_fetches: int = 0
+    bytes_read: int = 0
+    bad_size: int = 0
+    bad_header: int = 0
+    bad_fingerprint: int = 0
+    bad_key: int = 0
+    bad_checksum: int = 0
+    publish_jobs: int = 0
+    dropped_jobs: int = 0
+    skipped_blocks: int = 0
+    blocks_written: int = 0
+    bytes_written: int = 0
+    write_errors: int = 0
+    payload_errors: int = 0
+    connection_errors: int = 0
+    timeouts: int = 0
+    server_errors: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """The snapshot as a plain dict."""
+        return asdict(self)
+
+
+_STAT_NAMES = tuple(f.name for f in fields(RemoteStats))
+
+
+class _Job(NamedTuple):
+    keys: list[bytes]
+    payloads: Callable[[], Sequence[Any]]
+
+
+def _redact(url: str) -> str:
+    """``url`` with its user info's password (or a lone user info, which may be one)
+    and any secret query parameter replaced by ``***``; ``<unparsable url>`` when
+    it cannot be parsed."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+            netloc = f"{user}:***@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable url>"
+
+
+def _secrets_of(url: str) -> list[str]:
+    """Every secret string in ``url`` (raw and percent-decoded), longest first."""
+    out: set[str] = set()
+    try:
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            userinfo = parts.netloc.rsplit("@", 1)[0]
+            out.add(userinfo.split(":", 1)[1] if ":" in userinfo else userinfo)
+        out.update(v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMS)
+    except ValueError:
+        pass
+    out |= {unquote(s) for s in out} | {quote(s, safe="") for s in out}
+    return sorted((s for s in out if s), key=len, reverse=True)
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.backoff
+        import redis.retry
+    except ImportError as exc:
+        raise MissingExtraError('RedisTier needs the redis client: pip install redis '
+                                '(or pip install "kvforge[remote]")') from exc
+    return redis
+
+
+class RedisTier:
+    """A :class:`~kvforge.storage.remote.RemoteTier` on a Redis server (see the module docstring).
+
+    Owns two client connections (one for :meth:`fetch`, called on the cache's
+    thread; one for the writer thread), the writer thread and its queue.
+    ``model`` names the weights when the cache's layout does not; ``ttl`` is
+    in seconds (None: no expiry); ``timeout`` bounds every server call;
+    ``max_pending`` publish jobs may wait; ``batch_size`` keys go in one
+    ``MGET`` or pipeline; ``retry_after`` seconds of back-off follow a
+    connection fault. Nothing connects before the first call."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", namespace: str = "default", *,
+                 model: str | None = None, ttl: float | None = None, timeout: float = 0.25,
+                 max_pending: int = 256, batch_size: int = 32, retry_after: float = 1.0,
+                 recent_keys: int = 65536) -> None:
+        self._url = url
+        self._secrets = _secrets_of(url)
+        where = f"RedisTier({_redact(url)!r})"
+        if type(namespace) is not str or not _NAMESPACE.fullmatch(namespace):
+            raise ConfigError(f"{where}: namespace {namespace!r} is not a safe name: 1 to 64 letters, digits, "
+                              f"'.', '_' or '-', starting with a letter or digit")
+        if model is not None and (type(model) is not str or not model):
+            raise ConfigError(f"{where}: model must be a non-empty string or None, got {model!r}")
+        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl >= 0.001):
+            raise ConfigError(f"{where}: ttl must be None or at least 0.001 seconds, got {ttl!r}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(retry_after, (int, float)) and retry_after >= 0):
+            raise ConfigError(f"{where}: retry_after must be >= 0 seconds, got {retry_after!r}")
+        for name, value in (("max_pending", max_pending), ("batch_size", batch_size), ("recent_keys", recent_keys)):
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{where}: {name} must be a positive int, got {value!r}")
+        self.namespace = namespace
+        self.model = model
+        self.ttl = ttl
+        self.timeout = float(timeout)
+        self.retry_after = float(retry_after)
+        self.batch_size = batch_size
+        self.max_pending = max_pending
+        self.recent_keys = recent_keys
+        self.layout: RemoteLayout | None = None
+        self._fingerprint = b""
+        self._prefix = b""
+
+        redis = _import_redis()
+        self._errors = redis.exceptions
+        options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                       retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), health_check_interval=0)
+        try:  # two pools: a slow pipeline of the writer never holds up a fetch
+            self._reader = redis.from_url(url, **options)
+            self._writer = redis.from_url(url, **options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: not a Redis URL ({self._scrub(str(exc))})") from None
+
+        self._lock = threading.Lock()  # counters, back-off times, the recent set
+        self._counts = dict.fromkeys(_STAT_NAMES, 0)
+        self._down_until = 0.0  # back-off: no call to the server before this (monotonic)
+        self._writes_paused_until = 0.0  # server full: no writes before this
+        self._last_log: dict[str, float] = {}
+        self._recent: OrderedDict[bytes, float] = OrderedDict()  # key -> when written or read
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(max_pending)
+        self._idle = threading.Condition()
+        self._num_pending = 0  # jobs queued or being written
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisTier(url={_redact(self._url)!r}, namespace={self.namespace!r})"
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, layout: RemoteLayout) -> None:
+        """Take the cache's layout (its empty ``model`` filled from the tier's); start the writer.
+        Binding again with the same layout does nothing; with another, ConfigError."""
+        if not isinstance(layout, RemoteLayout):
+            raise ConfigError(f"{self!r}.bind: expected a RemoteLayout, got {type(layout).__name__}")
+        if type(layout.block_bytes) is not int or layout.block_bytes < 1:
+            raise ConfigError(f"{self!r}.bind: block_bytes must be a positive int, got {layout.block_bytes!r}")
+        if layout.model and self.model and layout.model != self.model:
+            raise ConfigError(f"{self!r}.bind: the cache's model {layout.model!r} differs from the tier's "
+                              f"model {self.model!r}")
+        model = layout.model or self.model
+        if not model:
+            raise ConfigError(f"{self!r}.bind: a model identity is needed (the layout has none): "
+                              f"pass RedisTier(..., model=<checkpoint name or hash>)")
+        layout = layout._replace(model=model)
+        if self.layout is not None:
+            if layout != self.layout:
+                raise ConfigError(f"{self!r}.bind: already bound to {self.layout}, refused {layout}")
+            return
+        if self._closed:
+            raise ConfigError(f"{self!r}.bind: the tier is closed")
+        self.layout = layout
+        self._fingerprint = layout.fingerprint()
+        self._prefix = f"kvforge:{self.namespace}:{self._fingerprint.hex()}:".encode()
+        self._thread = threading.Thread(target=self._write_loop, name=f"kvforge-redis-{self.namespace}",
+                                        daemon=True)
+        self._thread.start()
+
+    def name_of(self, key: bytes) -> bytes:
+        """The Redis key a block key is stored under (bound tiers only)."""
+        self._check_bound("name_of")
+        return self._prefix + key.hex().encode()
+
+    def frame(self, key: bytes, payload: Any) -> bytes:
+        """The value stored for one payload (header + payload bytes)."""
+        data = memoryview(payload).cast("B")
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        return HEADER.pack(MAGIC, FORMAT_VERSION, 0, self._fingerprint, key, data.nbytes, digest) + data
+
+    # ------------------------------------------------------------------ reads
+    def fetch(self, keys: Sequence[bytes]) -> list[memoryview]:
+        """The payloads of the longest valid run of ``keys`` from the first (read-only
+        memoryviews of ``layout.block_bytes`` bytes); ``[]`` in back-off, when closed,
+        or on any server fault. Waits at most about ``2 * timeout``: no batch starts
+        after ``timeout`` has passed, and each has its own socket timeout."""
+        self._check_bound("fetch")
+        check_keys(keys, "RedisTier.fetch keys")
+        keys = list(keys)
+        self._add(fetch_calls=1, keys_asked=len(keys))
+        out: list[memoryview] = []
+        if not keys or self._closed:
+            self._add(misses=len(keys))
+            return out
+        start = time.monotonic()
+        if start < self._down_until:
+            self._add(backoff_fetches=1, misses=len(keys))
+            return out
+        deadline = start + self.timeout
+        nbytes = 0
+        for lo in range(0, len(keys), self.batch_size):
+            batch = keys[lo:lo + self.batch_size]
+            if lo and time.monotonic() > deadline:
+                break
+            values = self._call("fetch", self._reader.mget, [self.name_of(k) for k in batch])
+            if values is None:
+                break
+            run = 0
+            for key, value in zip(batch, values):
+                if value is None:
+                    break
+                nbytes += len(value)
+                payload = self._check(key, value)
+                if payload is None:
+                    break
+                out.append(payload)
+                run += 1
+            if run < len(batch):  # the rest of the chain is useless without this block: write it all again
+                self._forget(keys[lo + run:])
+                break
+        self._add(hits=len(out), misses=len(keys) - len(out), bytes_read=nbytes)
+        if self.ttl is None:  # with a ttl, a read says nothing of when the value expires
+            self._remember(keys[:len(out)])
+        return out
+
+    def _check(self, key: bytes, value: bytes) -> memoryview | None:
+        """The payload of ``value`` if every check passes; None (refusal counted) otherwise."""
+        assert self.layout is not None
+        if len(value) != HEADER.size + self.layout.block_bytes:
+            return self._refuse("bad_size", key, f"{len(value)} bytes")
+        magic, version, flags, fingerprint, stored_key, length, digest = HEADER.unpack_from(value)
+        if magic != MAGIC or version != FORMAT_VERSION or flags != 0:
+            return self._refuse("bad_header", key, f"magic {magic!r}, version {version}, flags {flags}")
+        if fingerprint != self._fingerprint:
+            return self._refuse("bad_fingerprint", key, f"layout {fingerprint.hex()}")
+        if stored_key != key:
+            return self._refuse("bad_key", key, f"key {stored_key.hex()}")
+        if length != self.layout.block_bytes:
+            return self._refuse("bad_size", key, f"length field {length}")
+        payload = memoryview(value)[HEADER.size:]
+        if hashlib.blake2b(payload, digest_size=16).digest() != digest:
+            return self._refuse("bad_checksum", key, "checksum mismatch")
+        return payload
+
+    def _refuse(self, kind: str, key: bytes, what: str) -> None:
+        self._add(**{kind: 1})
+        self._log(kind, f"{self!r}: refused the value of block {key.hex()} ({kind}: {what})")
+        return None
+
+    # ------------------------------------------------------------------ writes
+    def publish(self, keys: Sequence[bytes], payloads: Callable[[], Sequence[Any]]) -> None:
+        """Queue these blocks for the writer thread; returns at once. ``payloads()``
+        (called on the writer thread, maybe never) returns one payload per key, each
+        a buffer of ``layout.block_bytes`` bytes. Dropped (counted) when the queue is
+        full, in back-off, while the server is full, or after :meth:`close`."""
+        self._check_bound("publish")
+        check_keys(keys, "RedisTier.publish keys")
+        if not callable(payloads):
+            raise ConfigError(f"{self!r}.publish: payloads must be a callable returning the payloads")
+        self._add(publish_jobs=1)
+        if not keys:
+            return
+        now = time.monotonic()
+        if self._closed or now < self._down_until or now < self._writes_paused_until:
+            self._add(dropped_jobs=1)
+            return
+        with self._idle:
+            self._num_pending += 1
+        try:
+            self._jobs.put_nowait(_Job(list(keys), payloads))
+        except queue.Full:
+            self._add(dropped_jobs=1)
+            self._done()
+            self._log("queue_full", f"{self!r}: publish queue full ({self.max_pending} jobs), dropping writes")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every publish issued so far was written or dropped; False when
+        ``timeout`` seconds pass first (None: no limit; each job is itself bounded by
+        the server timeouts)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._num_pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Flush (waiting at most ``timeout``), stop the writer (jobs left are dropped,
+        counted), close the connections. Later fetches answer ``[]``, publishes drop."""
+        if self._closed:
+            return
+        self.flush(self.timeout)
+        self._closed = True
+        if self._thread is not None:
+            try:  # the writer drops what is queued (closed), so room comes at once
+                self._jobs.put(None, timeout=self.timeout + 1.0)
+            except queue.Full:
+                pass
+            self._thread.join(self.timeout + 1.0)
+        for client in (self._reader, self._writer):
+            try:
+                client.close()
+            except Exception:  # closing a broken connection must not raise from close()
+                pass
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            try:
+                if self._closed:
+                    self._add(dropped_jobs=1)
+                else:
+                    self._write(job)
+            except Exception as exc:  # never let the writer die: count it and go on
+                self._add(write_errors=len(job.keys))
+                self._log("writer", f"{self!r}: writer failed on a job: {type(exc).__name__}: "
+                          f"{self._scrub(str(exc))}")
+            finally:
+                self._done()
+        while True:  # closed: whatever is left is dropped
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._add(dropped_jobs=1)
+                self._done()
+
+    def _write(self, job: _Job) -> None:
+        now = time.monotonic()
+        if now < self._down_until or now < self._writes_paused_until:
+            self._add(dropped_jobs=1)
+            return
+        todo = [i for i, key in enumerate(job.keys) if not self._is_recent(key, now)]
+        self._add(skipped_blocks=len(job.keys) - len(todo))
+        if not todo:
+            return
+        assert self.layout is not None
+        try:
+            payloads = job.payloads()
+            if len(payloads) != len(job.keys):
+                raise ValueError(f"{len(payloads)} payloads for {len(job.keys)} keys")
+            views = {i: memoryview(payloads[i]).cast("B") for i in todo}
+        except Exception as exc:  # the cache's thunk (a device copy) failed: nothing to write
+            self._add(payload_errors=1)
+            self._log("payload", f"{self!r}: a publish's payloads failed: {type(exc).__name__}: {exc}")
+            return
+        px = None if self.ttl is None else max(1, int(self.ttl * 1000))
+        for lo in range(0, len(todo), self.batch_size):
+            names, values, keys = [], [], []
+            for i in todo[lo:lo + self.batch_size]:
+                data = views[i]
+                if data.nbytes != self.layout.block_bytes:
+                    self._add(payload_errors=1)
+                    self._log("payload", f"{self!r}: payload of block {job.keys[i].hex()} has {data.nbytes} "
+                              f"bytes, the layout {self.layout.block_bytes}")
+                    continue
+                keys.append(job.keys[i])
+                names.append(self.name_of(job.keys[i]))
+                values.append(self.frame(job.keys[i], data))
+            if not names:
+                continue
+            pipe = self._writer.pipeline(transaction=False)
+            for name, value in zip(names, values):
+                pipe.set(name, value, px=px)
+            results = self._call("publish", pipe.execute, raise_on_error=False)
+            if results is None:  # connection fault: in back-off now, the rest of the job is dropped
+                self._add(dropped_jobs=1)
+                return
+            ok = [k for k, r in zip(keys, results) if not isinstance(r, Exception)]
+            errors = [r for r in results if isinstance(r, Exception)]
+            self._add(blocks_written=len(ok), write_errors=len(errors),
+                      bytes_written=sum(len(v) for v, r in zip(values, results) if not isinstance(r, Exception)))
+            self._remember(ok)
+            if errors:
+                full = any(str(e).startswith("OOM") or isinstance(e, getattr(self._errors, "OutOfMemoryError", ()))
+                           for e in errors)
+                if full:
+                    self._writes_paused_until = time.monotonic() + self.retry_after
+                self._log("write_error", f"{self!r}: the server refused {len(errors)} writes: "
+                          f"{self._scrub(str(errors[0]))}" + (f"; writes paused {self.retry_after} s" if full else ""))
+                if full:
+                    self._add(dropped_jobs=1)
+                    return
+
+    # ------------------------------------------------------------------ faults
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)``, or None after a fault (counted; connection faults start a back-off)."""
+        errors = self._errors
+        try:
+            return fn(*args, **kwargs)
+        except errors.TimeoutError as exc:
+            self._back_off("timeouts", what, exc)
+        except (errors.ConnectionError, OSError) as exc:
+            self._back_off("connection_errors", what, exc)
+        except errors.RedisError as exc:
+            self._add(server_errors=1)
+            self._log("server_error", f"{self!r}: {what}: server error: {self._scrub(str(exc))}")
+        return None
+
+    def _back_off(self, kind: str, what: str, exc: BaseException) -> None:
+        self._add(**{kind: 1})
+        self._down_until = time.monotonic() + self.retry_after
+        with self._lock:  # the server may come back empty (restarted): nothing written counts as there
+            self._recent.clear()
+        self._log(kind, f"{self!r}: {what}: {type(exc).__name__}: {self._scrub(str(exc))}; "
+                  f"no calls for {self.retry_after} s")
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without any secret of the URL (server and client messages may quote it)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _log(self, kind: str, message: str) -> None:
+        """A warning, at most one per kind every :data:`_LOG_EVERY` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_log.get(kind, -_LOG_EVERY) < _LOG_EVERY:
+                return
+            self._last_log[kind] = now
+        log.warning("%s", self._scrub(message))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def stats(self) -> RemoteStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return RemoteStats(**self._counts)
+
+    @property
+    def is_backing_off(self) -> bool:
+        """Whether the tier is in back-off after a connection fault (no server calls)."""
+        return time.monotonic() < self._down_until
+
+    @property
+    def num_pending(self) -> int:
+        """Publish jobs queued or being written."""
+        return self._num_pending
+
+    def check_invariants(self) -> None:
+        with self._lock:
+            c = dict(self._counts)
+            assert all(v >= 0 for v in c.values()), c
+            assert c["keys_asked"] == c["hits"] + c["misses"], c
+            assert len(self._recent) <= self.recent_keys
+        assert 0 <= self._num_pending <= self.max_pending + 1
+        if self.layout is not None:
+            assert self._fingerprint == self.layout.fingerprint() and len(self._fingerprint) == DIGEST
+
+    def _check_bound(self, what: str) -> None:
+        if self.layout is None:
+            raise ConfigError(f"{self!r}.{what}: the tier is not bound (KVCache calls bind(layout) first)")
+
+    def _add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                self._counts[name] += n
+
+    def _done(self) -> None:
+        with self._idle:
+            self._num_pending -= 1
+            if not self._num_pending:
+                self._idle.notify_all()
+
+    def _is_recent(self, key: bytes, now: float) -> bool:
+        with self._lock:
+            when = self._recent.get(key)
+            if when is None:
+                return False
+            if self.ttl is not None and now - when >= self.ttl / 2:
+                del self._recent[key]
+                return False
+            self._recent.move_to_end(key)
+            return True
+
+    def _remember(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._recent[key] = now
+                self._recent.move_to_end(key)
+            while len(self._recent) > self.recent_keys:
+                self._recent.popitem(last=False)
+
+    def _forget(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                self._recent.pop(key, None)

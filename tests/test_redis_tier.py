@@ -1,0 +1,439 @@
+"""RedisTier against a real ``redis-server`` (tests/redis_server.py): round trips, runs, isolation,
+refusals of bad values, expiry, a full server, a dead, hung or restarted server, passwords, the writer queue.
+
+Tiny payloads and short timeouts; the bound checks (a fetch from a dead server
+returns within about its timeout) are bounds, not speed benchmarks.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterator
+
+import pytest
+
+from kvforge.errors import ConfigError, InvalidBlockError, MissingExtraError
+from kvforge.storage.redis_tier import HEADER, MAGIC, RedisTier, RemoteStats, _redact
+from kvforge.storage.remote import RemoteLayout, RemoteTier
+from tests.redis_server import RedisServer
+
+#: [num_layers=2, 2, block_size=4, num_kv_heads=1, head_dim=4] float16: 128 bytes a block
+LAYOUT = RemoteLayout("tiny-model", "float16", 4, 2, 1, 4, 0, 1, 128)
+TIMEOUT = 0.2
+RETRY = 0.3
+#: slack for a loaded 2-core machine on top of a timeout (a bound, not a benchmark)
+MARGIN = 0.5
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def payload(i: int, nbytes: int = LAYOUT.block_bytes) -> bytes:
+    return bytes((i * 7 + j) % 256 for j in range(nbytes))
+
+
+def tier_on(server: RedisServer, namespace: str = "t", layout: RemoteLayout = LAYOUT, **kw: object) -> RedisTier:
+    kw.setdefault("timeout", TIMEOUT)
+    kw.setdefault("retry_after", RETRY)
+    t = RedisTier(server.url(server.password), namespace, **kw)  # type: ignore[arg-type]
+    t.bind(layout)
+    return t
+
+
+def publish_all(t: RedisTier, ids: list[int], nbytes: int = LAYOUT.block_bytes) -> None:
+    t.publish([key(i) for i in ids], lambda: [payload(i, nbytes) for i in ids])
+    assert t.flush(10)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture
+def redis(server: RedisServer) -> Iterator[RedisServer]:
+    """The module's server, emptied for each test."""
+    server.client().flushall()
+    yield server
+
+
+@pytest.fixture
+def tiers() -> Iterator[list[RedisTier]]:
+    made: list[RedisTier] = []
+    yield made
+    for t in made:
+        t.check_invariants()
+        t.close()
+
+
+def test_round_trip_and_counters(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    a = tier_on(redis, batch_size=2)
+    b = tier_on(redis, batch_size=3)
+    tiers += [a, b]
+    assert isinstance(a, RemoteTier)
+    publish_all(a, [0, 1, 2, 3, 4])
+    got = b.fetch([key(i) for i in range(5)])
+    assert [bytes(p) for p in got] == [payload(i) for i in range(5)]
+    assert all(len(p) == LAYOUT.block_bytes and p.readonly for p in got)
+    sa, sb = a.stats(), b.stats()
+    assert (sa.publish_jobs, sa.blocks_written, sa.bytes_written) == (1, 5, 5 * (HEADER.size + 128))
+    assert (sb.fetch_calls, sb.keys_asked, sb.hits, sb.misses, sb.bytes_read) == (1, 5, 5, 0, 5 * (HEADER.size + 128))
+    raw = redis.client()
+    assert sorted(raw.keys("kvforge:t:*")) == sorted(a.name_of(key(i)) for i in range(5))
+    assert a.name_of(key(1)) == f"kvforge:t:{LAYOUT.fingerprint().hex()}:{key(1).hex()}".encode()
+    assert raw.ttl(a.name_of(key(0))) == -1  # no ttl: no expiry
+    # a second publish of the same blocks is skipped (written recently), the thunk not called
+    a.publish([key(0), key(1)], lambda: pytest.fail("thunk called for blocks written recently"))
+    assert a.flush(5)
+    assert a.stats().skipped_blocks == 2 and a.stats().blocks_written == 5
+    assert a.fetch([]) == [] and set(RemoteStats().to_dict()) == set(sa.to_dict())
+
+
+def test_longest_run_stops_at_the_first_missing_key(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis, batch_size=2)
+    tiers.append(t)
+    publish_all(t, [0, 1, 3, 4])
+    assert [bytes(p) for p in t.fetch([key(i) for i in range(5)])] == [payload(0), payload(1)]
+    assert t.fetch([key(2), key(3)]) == []
+    assert [bytes(p) for p in t.fetch([key(3), key(4), key(9)])] == [payload(3), payload(4)]
+    s = t.stats()
+    assert (s.fetch_calls, s.keys_asked, s.hits, s.misses) == (3, 10, 4, 6)
+    assert s.bad_size == s.bad_header == s.bad_checksum == 0
+
+
+def test_namespaces_layouts_and_models_isolate(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    a = tier_on(redis, "team-a")
+    tiers.append(a)
+    publish_all(a, [0, 1])
+    others = [tier_on(redis, "team-b"),
+              tier_on(redis, "team-a", LAYOUT._replace(model="other-model")),
+              tier_on(redis, "team-a", LAYOUT._replace(dtype="bfloat16")),
+              tier_on(redis, "team-a", LAYOUT._replace(tp_rank=1, tp_size=2))]
+    tiers += others
+    for t in others:
+        assert t.fetch([key(0), key(1)]) == []  # another name: a plain miss, never another's bytes
+        assert t.stats().misses == 2
+    assert len(a.fetch([key(0), key(1)])) == 2
+    # the model from the tier when the layout has none: the same fingerprint as a layout naming it
+    c = RedisTier(redis.url(), "team-a", model="tiny-model", timeout=TIMEOUT)
+    tiers.append(c)
+    c.bind(LAYOUT._replace(model=""))
+    assert [bytes(p) for p in c.fetch([key(0)])] == [payload(0)]
+
+
+def test_bind_refuses_missing_or_conflicting_identity(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = RedisTier(redis.url(), "x", timeout=TIMEOUT)
+    tiers.append(t)
+    with pytest.raises(ConfigError, match="not bound"):
+        t.fetch([key(0)])
+    with pytest.raises(ConfigError, match="model identity is needed"):
+        t.bind(LAYOUT._replace(model=""))
+    with pytest.raises(ConfigError, match="differs"):
+        RedisTier(redis.url(), "x", model="m1").bind(LAYOUT._replace(model="m2"))
+    t.bind(LAYOUT)
+    t.bind(LAYOUT)  # the same layout again: nothing changes
+    with pytest.raises(ConfigError, match="already bound"):
+        t.bind(LAYOUT._replace(block_size=8, block_bytes=256))
+    with pytest.raises(InvalidBlockError):
+        t.fetch([b"short"])
+    for bad in ("", "a b", "a:b", "x*", "-lead", "é", "n" * 65, None):
+        with pytest.raises(ConfigError, match="namespace"):
+            RedisTier(redis.url(), bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="timeout"):
+        RedisTier(redis.url(), timeout=0)
+
+
+def _frame(t: RedisTier, k: bytes, data: bytes, *, magic: bytes = MAGIC, version: int = 1, flags: int = 0,
+           fingerprint: bytes | None = None, stored_key: bytes | None = None, length: int | None = None,
+           checksum: bytes | None = None) -> bytes:
+    """A value as the tier frames it, any header field replaced."""
+    good = t.frame(k, data)
+    fields = list(HEADER.unpack_from(good))
+    fields[0:3] = [magic, version, flags]
+    fields[3] = fingerprint if fingerprint is not None else fields[3]
+    fields[4] = stored_key if stored_key is not None else fields[4]
+    fields[5] = length if length is not None else fields[5]
+    fields[6] = checksum if checksum is not None else fields[6]
+    return HEADER.pack(*fields) + data
+
+
+@pytest.mark.parametrize("kind", ["truncated", "extended", "magic", "version", "flags", "fingerprint",
+                                  "key", "length", "checksum", "payload_flip", "empty"])
+def test_bad_values_are_refused_and_counted(redis: RedisServer, tiers: list[RedisTier], kind: str) -> None:
+    t = tier_on(redis)
+    tiers.append(t)
+    publish_all(t, [0, 1, 2])
+    good = t.frame(key(1), payload(1))
+    bad = {
+        "truncated": good[:-1],
+        "extended": good + b"\0",
+        "empty": b"",
+        "magic": _frame(t, key(1), payload(1), magic=b"KVF0"),
+        "version": _frame(t, key(1), payload(1), version=2),
+        "flags": _frame(t, key(1), payload(1), flags=1),
+        "fingerprint": _frame(t, key(1), payload(1), fingerprint=LAYOUT._replace(model="evil").fingerprint()),
+        "key": t.frame(key(7), payload(1)),  # another block's value copied under this name
+        "length": _frame(t, key(1), payload(1), length=127),
+        "checksum": _frame(t, key(1), payload(1), checksum=bytes(16)),
+        "payload_flip": good[:-1] + bytes([good[-1] ^ 1]),
+    }[kind]
+    counter = {"truncated": "bad_size", "extended": "bad_size", "empty": "bad_size", "magic": "bad_header",
+               "version": "bad_header", "flags": "bad_header", "fingerprint": "bad_fingerprint",
+               "key": "bad_key", "length": "bad_size", "checksum": "bad_checksum",
+               "payload_flip": "bad_checksum"}[kind]
+    redis.client().set(t.name_of(key(1)), bad)
+    got = t.fetch([key(0), key(1), key(2)])
+    assert [bytes(p) for p in got] == [payload(0)]  # the run stops at the refused value
+    s = t.stats().to_dict()
+    assert s[counter] == 1
+    assert sum(s[c] for c in ("bad_size", "bad_header", "bad_fingerprint", "bad_key", "bad_checksum")) == 1
+    # the refused key left the recent set: the next publish repairs it
+    publish_all(t, [1])
+    assert t.stats().blocks_written == 4
+    assert [bytes(p) for p in t.fetch([key(0), key(1), key(2)])] == [payload(0), payload(1), payload(2)]
+
+
+def test_ttl_expires_blocks(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis, ttl=0.2)
+    tiers.append(t)
+    publish_all(t, [0, 1])
+    assert 0 < redis.client().pttl(t.name_of(key(0))) <= 200
+    assert len(t.fetch([key(0), key(1)])) == 2
+    time.sleep(0.35)
+    assert t.fetch([key(0), key(1)]) == []
+    # past half the ttl a key is no longer "recent": a publish writes (and refreshes) it
+    publish_all(t, [0])
+    assert t.stats().blocks_written == 3 and len(t.fetch([key(0)])) == 1
+
+
+def test_full_server_counts_write_errors_and_keeps_serving(tiers: list[RedisTier]) -> None:
+    big = LAYOUT._replace(block_size=512, block_bytes=64 * 1024)
+    with RedisServer(maxmemory="3mb", maxmemory_policy="noeviction") as full:
+        t = tier_on(full, layout=big, batch_size=4)
+        tiers.append(t)
+        n = 80  # 5 MiB: more than the server may hold
+        t.publish([key(i) for i in range(n)], lambda: [payload(i, big.block_bytes) for i in range(n)])
+        assert t.flush(10)
+        s = t.stats()
+        assert s.write_errors >= 1 and 1 <= s.blocks_written < n
+        assert s.connection_errors == s.timeouts == 0 and not t.is_backing_off
+        # writes pause for retry_after: this publish is dropped without a call
+        t.publish([key(n)], lambda: [payload(n, big.block_bytes)])
+        assert t.flush(5) and t.stats().dropped_jobs == 2
+        # reads go on: what was written is served
+        got = t.fetch([key(i) for i in range(n)])
+        assert len(got) == s.blocks_written and bytes(got[-1]) == payload(len(got) - 1, big.block_bytes)
+        t.close()
+
+
+def test_dead_server_costs_one_timeout_then_backs_off(tiers: list[RedisTier]) -> None:
+    with RedisServer() as s:
+        t = tier_on(s)
+        tiers.append(t)
+        publish_all(t, [0])
+        s.kill()
+        t0 = time.monotonic()
+        assert t.fetch([key(0)]) == []
+        assert time.monotonic() - t0 < TIMEOUT + MARGIN
+        st = t.stats()
+        assert st.connection_errors + st.timeouts == 1 and t.is_backing_off
+        t0 = time.monotonic()
+        assert t.fetch([key(0)]) == [] and t.fetch([key(0)]) == []
+        assert time.monotonic() - t0 < 0.05  # no call at all in back-off
+        t.publish([key(1)], lambda: [payload(1)])
+        st = t.stats()
+        assert (st.backoff_fetches, st.dropped_jobs, st.connection_errors + st.timeouts) == (2, 1, 1)
+        # after the back-off, one more try (refused again), then back-off again
+        time.sleep(RETRY + 0.05)
+        assert t.fetch([key(0)]) == [] and t.stats().connection_errors + t.stats().timeouts == 2
+        assert t.flush(1)
+
+
+def test_hung_server_times_out(tiers: list[RedisTier]) -> None:
+    with RedisServer() as s:
+        t = tier_on(s)
+        tiers.append(t)
+        publish_all(t, [0])
+        s.pause()
+        try:
+            t0 = time.monotonic()
+            assert t.fetch([key(0)]) == []
+            elapsed = time.monotonic() - t0
+            assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + MARGIN
+            assert t.stats().timeouts == 1 and t.is_backing_off
+            t.publish([key(1)], lambda: [payload(1)])  # dropped in back-off: the writer does not hang too
+            assert t.flush(0.1) and t.stats().dropped_jobs == 1
+        finally:
+            s.resume()
+        time.sleep(RETRY + 0.05)
+        assert [bytes(p) for p in t.fetch([key(0)])] == [payload(0)]
+
+
+def test_restarted_server_recovers_after_retry_after(tiers: list[RedisTier]) -> None:
+    with RedisServer() as s:
+        t = tier_on(s)
+        tiers.append(t)
+        publish_all(t, [0, 1])
+        assert len(t.fetch([key(0), key(1)])) == 2
+        s.restart()
+        assert t.fetch([key(0)]) == []  # the old connection is gone: a fault, then back-off
+        time.sleep(RETRY + 0.05)
+        assert t.fetch([key(0), key(1)]) == []  # keys gone with the restart: plain misses
+        assert not t.is_backing_off
+        publish_all(t, [0, 1])  # the fetch misses took them out of the recent set: written again
+        assert [bytes(p) for p in t.fetch([key(0), key(1)])] == [payload(0), payload(1)]
+        assert t.stats().blocks_written == 4
+
+
+SECRET = "s3cr3t-Pa55word"
+
+
+def test_password_in_url_works_and_never_shows(tiers: list[RedisTier], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with RedisServer(requirepass=SECRET) as s:
+        good = tier_on(s)
+        tiers.append(good)
+        publish_all(good, [0])
+        assert [bytes(p) for p in good.fetch([key(0)])] == [payload(0)]
+        assert good.stats().write_errors == 0
+        texts = [repr(good), str(good)]
+        wrong = RedisTier(s.url("not-" + SECRET), "t", timeout=TIMEOUT, retry_after=RETRY)
+        wrong.bind(LAYOUT)
+        tiers.append(wrong)
+        assert wrong.fetch([key(0)]) == []
+        assert wrong.stats().connection_errors == 1
+        none = RedisTier(s.url(), "t", timeout=TIMEOUT, retry_after=RETRY)  # no password: NOAUTH
+        none.bind(LAYOUT)
+        tiers.append(none)
+        assert none.fetch([key(0)]) == []
+        assert none.stats().connection_errors + none.stats().server_errors == 1
+        dead = RedisTier(f"redis://:{SECRET}@127.0.0.1:1/0", "t", timeout=TIMEOUT)
+        dead.bind(LAYOUT)
+        tiers.append(dead)
+        assert dead.fetch([key(0)]) == [] and dead.stats().connection_errors == 1
+        for bad_url, bad_ns in ((f"redis://:{SECRET}@127.0.0.1:6379/0", "bad ns"),
+                                (f"redis://:{SECRET}@127.0.0.1:notaport/0", "t"),
+                                (f"http://:{SECRET}@127.0.0.1:6379/0", "t")):
+            with pytest.raises(ConfigError) as info:
+                RedisTier(bad_url, bad_ns)
+            texts += [str(info.value), repr(info.value)]
+            assert info.value.__cause__ is None
+        texts += [repr(wrong), repr(dead)]
+    assert any("redis_tier" in r.name and "Error" in r.getMessage() for r in caplog.records)  # it did log
+    texts.append(caplog.text)
+    assert "***" in repr(good)
+    for text in texts:
+        assert SECRET not in text and "cr3t" not in text, text
+
+
+def test_redact() -> None:
+    assert _redact("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert _redact("rediss://user:pw@h:1/0") == "rediss://user:***@h:1/0"
+    assert _redact("redis://pw@h:1/0") == "redis://:***@h:1/0"  # a lone user info may be a password
+    assert _redact("redis://h:1/0?password=pw&db=2") == "redis://h:1/0?password=***&db=2"
+    assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert _redact("unix://:pw@/tmp/r.sock?db=1") == "unix://:***@/tmp/r.sock?db=1"
+
+
+def test_flush_waits_for_writes(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis)
+    tiers.append(t)
+    release = threading.Event()
+
+    def slow() -> list[bytes]:
+        release.wait(5)
+        return [payload(0)]
+
+    t.publish([key(0)], slow)
+    assert t.flush(0.05) is False and t.num_pending == 1
+    assert redis.client().exists(t.name_of(key(0))) == 0
+    release.set()
+    assert t.flush(5) is True and t.num_pending == 0
+    assert redis.client().exists(t.name_of(key(0))) == 1  # flushed means written
+
+
+def test_full_queue_drops_and_counts(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis, max_pending=2)
+    tiers.append(t)
+    started, release = threading.Event(), threading.Event()
+
+    def blocked() -> list[bytes]:
+        started.set()
+        release.wait(5)
+        return [payload(0)]
+
+    t.publish([key(0)], blocked)
+    assert started.wait(5)  # the writer holds job 0; two more fit in the queue
+    for i in (1, 2, 3, 4):
+        t.publish([key(i)], lambda i=i: [payload(i)])
+    assert t.stats().dropped_jobs == 2 and t.stats().publish_jobs == 5
+    release.set()
+    assert t.flush(5)
+    assert len(t.fetch([key(i) for i in range(5)])) == 3
+
+
+def test_bad_thunks_are_counted_and_the_writer_lives_on(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis)
+    tiers.append(t)
+
+    def broken() -> list[bytes]:
+        raise RuntimeError("device copy failed")
+
+    t.publish([key(0)], broken)
+    t.publish([key(1), key(2)], lambda: [payload(1)])  # one payload for two keys
+    t.publish([key(3), key(4)], lambda: [payload(3), payload(4, 100)])  # the second of the wrong size
+    t.publish([key(5)], lambda: [object()])  # not a buffer
+    assert t.flush(5)
+    s = t.stats()
+    assert s.payload_errors == 4 and s.blocks_written == 1
+    assert [bytes(p) for p in t.fetch([key(3), key(4)])] == [payload(3)]
+    publish_all(t, [6])
+    assert t.stats().blocks_written == 2
+
+
+def test_close_stops_the_writer(redis: RedisServer) -> None:
+    t = tier_on(redis)
+    publish_all(t, [0])
+    t.close()
+    t.close()
+    assert t._thread is not None and not t._thread.is_alive()
+    assert t.fetch([key(0)]) == []
+    t.publish([key(1)], lambda: pytest.fail("closed tier called a thunk"))
+    assert t.flush(1) and t.stats().dropped_jobs == 1
+
+
+def test_fetch_and_publish_from_two_threads(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis, batch_size=3)
+    tiers.append(t)
+    n = 40
+    for i in range(n):
+        t.publish([key(i)], lambda i=i: [payload(i)])
+    seen = 0
+    while t.num_pending:  # fetches on this thread while the writer writes
+        got = t.fetch([key(i) for i in range(n)])
+        assert [bytes(p) for p in got] == [payload(i) for i in range(len(got))]
+        seen = max(seen, len(got))
+        t.check_invariants()
+    assert t.flush(5)
+    assert len(t.fetch([key(i) for i in range(n)])) == n
+    s = t.stats()
+    assert s.connection_errors == s.timeouts == s.write_errors == 0
+
+
+def test_missing_client_names_pip_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "redis" or m.startswith("redis.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis raises ImportError
+    with pytest.raises(MissingExtraError, match="pip install redis"):
+        RedisTier()
+
+
+def test_import_kvforge_does_not_import_redis() -> None:
+    code = "import sys, kvforge, kvforge.storage.redis_tier; assert 'redis' not in sys.modules, 'redis'; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
