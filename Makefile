@@ -11,7 +11,11 @@ PY     := $(VENV)/bin/python
 SPEC   := $(VENV)/.kvforge-spec
 STAMP  := $(VENV)/.kvforge-installed
 
-.PHONY: demo test docs docs-check bench-cpu wheel clean FORCE
+.PHONY: demo test docs docs-check bench-cpu wheel clean redis-server FORCE
+
+# the remote tier's tests run a real redis-server: Debian's package, installed when missing
+export PATH := $(PATH):/usr/local/bin:/usr/bin:/usr/sbin
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +33,12 @@ $(STAMP): $(SPEC) pyproject.toml Makefile | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/kvforge demo
 
-test: $(STAMP)
+redis-server:
+	@command -v redis-server >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }; }
+
+test: $(STAMP) redis-server
 	$(PY) -m pytest -q -x -p no:cacheprovider tests
 
 # rewrite the sample outputs in README.md and docs/ from what the commands print now
