@@ -437,3 +437,11 @@ def test_import_kvforge_does_not_import_redis() -> None:
     code = "import sys, kvforge, kvforge.storage.redis_tier; assert 'redis' not in sys.modules, 'redis'; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_a_missing_redis_server_fails_and_names_make_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.redis_server as helper
+    monkeypatch.setattr(helper.shutil, "which", lambda name: None)
+    monkeypatch.setattr(helper, "_FALLBACKS", ())
+    with pytest.raises(pytest.fail.Exception, match="make test"):  # a failure, never a skip
+        helper.find_redis_server()
