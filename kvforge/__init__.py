@@ -48,6 +48,10 @@ _EXPORTS: dict[str, str] = {
     "SwappedSequence": "kvforge.core",
     # storage
     "HostStorage": "kvforge.storage",
+    "RedisTier": "kvforge.storage",
+    "RemoteLayout": "kvforge.storage",
+    "RemoteStats": "kvforge.storage",
+    "RemoteTier": "kvforge.storage",
     "TierUsage": "kvforge.storage",
     "KVCache": "kvforge.storage",
     "KvCache": "kvforge.storage",
@@ -102,6 +106,9 @@ if TYPE_CHECKING:  # static analysers see the names without importing anything a
         TraceError,
     )
     from kvforge.model_shapes import MODEL_SHAPES
-    from kvforge.storage import HostStorage, KVCache, KvCache, MemoryProfile, StepBatch, TierUsage
+    from kvforge.storage import (
+        HostStorage, KVCache, KvCache, MemoryProfile, RedisTier, RemoteLayout, RemoteStats, RemoteTier, StepBatch,
+        TierUsage,
+    )
     from kvforge.tools.simulate import SimulationConfig, SimulationResult, simulate
     from kvforge.tools.workload import Request, Workload, load_trace, make_workload

@@ -17,12 +17,12 @@ binds the tier (:class:`~kvforge.storage.remote.RemoteTier`, e.g.
   :meth:`~kvforge.storage.KVCache.free_sequence` publishes first (unless
   ``publish=False``: a failed step's blocks were never computed).
 
-Keys already published by this cache are not sent again (a bounded record).
+The tier itself skips blocks it wrote recently (and writes them again once it
+learns they are gone: a restarted or evicting server).
 """
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import numpy as np
@@ -36,13 +36,11 @@ if TYPE_CHECKING:
     from kvforge.core.manager import BlockManager
     from kvforge.storage.device import DeviceStorage
 
-__all__ = ["RemoteMethods", "PUBLISHED_KEYS"]
+__all__ = ["RemoteMethods"]
 
 log = logging.getLogger(__name__)
 
 SeqId = Hashable
-#: keys this cache remembers having published (older ones may be sent again)
-PUBLISHED_KEYS = 1 << 16
 
 
 class RemoteMethods:
@@ -57,7 +55,6 @@ class RemoteMethods:
     def _wire_remote(self, remote: RemoteTier | None, model: str) -> None:
         self.remote = remote
         self._remote_payloads: list[Any] = []
-        self._published: OrderedDict[bytes, None] = OrderedDict()
         self._publish_stream = torch.cuda.Stream(self.device) if remote is not None and \
             self.device.type == "cuda" else None
         if remote is None:
@@ -84,7 +81,7 @@ class RemoteMethods:
         if len(payloads) != len(device_blocks) or any(len(p) != size for p in payloads):
             raise KVForgeError(f"the remote tier returned {len(payloads)} payload(s) for {len(device_blocks)} "
                                f"block(s), or one of a size other than {size} bytes")
-        raw = np.frombuffer(b"".join(bytes(p) for p in payloads), dtype=np.uint8).copy()
+        raw = np.frombuffer(b"".join(payloads), dtype=np.uint8).copy()
         data = torch.from_numpy(raw).view(c.dtype).reshape(
             len(payloads), c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
         if self.device.type == "cuda":
@@ -94,22 +91,14 @@ class RemoteMethods:
     # ------------------------------------------------------------- publish
     def publish(self, seq_id: SeqId) -> int:
         """Share the sequence's full blocks whose token ids are known with the remote tier,
-        in the background; return how many were queued (those this cache published
-        before are skipped). The blocks must hold their keys and values (computed)."""
+        in the background; return how many were handed to it (it skips those it wrote
+        recently). The blocks must hold their keys and values (computed)."""
         if self.remote is None:
             raise KVForgeError("publish(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
         keys, blocks = self.manager.keyed_blocks(seq_id)
-        fresh = [i for i, k in enumerate(keys) if k not in self._published]
-        if not fresh:
+        if not keys:
             return 0
-        keys = [keys[i] for i in fresh]
-        ids = np.asarray([blocks[i] for i in fresh], dtype=np.int64)
-        thunk = self._copy_out(ids)
-        self.remote.publish(keys, thunk)
-        for k in keys:
-            self._published[k] = None
-        while len(self._published) > PUBLISHED_KEYS:
-            self._published.popitem(last=False)
+        self.remote.publish(keys, self._copy_out(np.asarray(blocks, dtype=np.int64)))
         return len(keys)
 
     def _copy_out(self, block_ids: np.ndarray) -> Any:
@@ -119,7 +108,7 @@ class RemoteMethods:
         if stream is None:  # the CPU: a synchronous copy
             data = self.storage.read_blocks(block_ids).contiguous()
             rows = data.view(torch.uint8).reshape(n, -1)
-            return lambda: [rows[i].numpy().tobytes() for i in range(n)]
+            return lambda: [rows[i].numpy() for i in range(n)]
         main = torch.cuda.current_stream(self.device)
         stream.wait_stream(main)
         with torch.cuda.stream(stream):
@@ -133,10 +122,10 @@ class RemoteMethods:
         main.wait_event(ready)  # the blocks may be overwritten once gathered
         gathered.record_stream(stream)
 
-        def payloads() -> list[bytes]:
+        def payloads() -> list[Any]:
             done.synchronize()
             rows = host.view(torch.uint8).reshape(n, -1)
-            return [rows[i].numpy().tobytes() for i in range(n)]
+            return [rows[i].numpy() for i in range(n)]
         return payloads
 
     def remote_stats(self) -> Any:

@@ -1,0 +1,218 @@
+"""Caches and engines sharing prefix blocks through a real Redis server (``tests/redis_server.py``).
+
+Two caches (and two engine processes) over one server: what one computed and
+published, the other finds by its prefix keys, copies in bit-exact and counts
+as cached; the outputs equal computing it. Faults at this level: a dead,
+restarted or full server, values overwritten with garbage, another model,
+another tenant's salt, another namespace: the cache computes instead and
+never uses wrong data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from kvforge import CacheConfig, KVCache, RedisTier
+from tests.redis_server import RedisServer
+
+BS = 8
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture
+def redis(server: RedisServer) -> Iterator[RedisServer]:
+    server.client().flushall()
+    yield server
+
+
+def tier(server: RedisServer, namespace: str = "t", **kw) -> RedisTier:
+    return RedisTier(server.url(), namespace=namespace, timeout=0.5, retry_after=0.2, **kw)
+
+
+def cache(remote: RedisTier | None, model: str = "m", **kw) -> KVCache:
+    cfg = CacheConfig(block_size=BS, num_blocks=kw.pop("num_blocks", 16), num_layers=2, num_kv_heads=2,
+                      head_dim=16, dtype=torch.float32, device="cpu", **kw)
+    return KVCache(cfg, backend="torch", remote=remote, model=model)
+
+
+def computed(c: KVCache, seq: str, prompt: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Admit ``prompt``, write random keys/values for what was not cached; return what the sequence holds."""
+    r = c.add_sequence(seq, prompt)
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(2):
+        k = torch.randn(len(r.slots), 2, 16, generator=g)
+        c.write(layer, r.slots, k, -k)
+    return [c.gather(seq, layer) for layer in range(2)]
+
+
+PROMPT = list(range(100, 141))  # 41 tokens: 5 full blocks before the last token
+
+
+def publish_from_a(server: RedisServer, **kw) -> tuple[RedisTier, list]:
+    ta = tier(server, **kw)
+    a = cache(ta)
+    want = computed(a, "x", PROMPT)
+    a.free_sequence("x")
+    assert ta.flush(5.0)
+    return ta, want
+
+
+def test_a_second_cache_copies_in_what_the_first_published(redis: RedisServer) -> None:
+    ta, want = publish_from_a(redis)
+    assert ta.stats().blocks_written == 5
+    b = cache(tier(redis))
+    r = b.add_sequence("y", PROMPT)
+    assert r.num_cached_tokens == 40 and len(r.slots) == 1
+    assert b.prefix_stats().remote_hit_tokens == 40
+    for layer in range(2):  # the copied part is bit-exact
+        k, v = b.gather("y", layer)
+        assert torch.equal(k[:40], want[layer][0][:40]) and torch.equal(v[:40], want[layer][1][:40])
+    b.check_invariants()
+    # now local: a third sequence hits on the device, not the server
+    fetched = b.remote.stats().hits
+    assert b.add_sequence("z", PROMPT).num_cached_tokens == 40
+    assert b.remote.stats().hits == fetched
+
+
+def test_a_chunked_first_step_takes_the_whole_remote_run_when_it_fits(redis: RedisServer) -> None:
+    publish_from_a(redis)
+    b = cache(tier(redis))
+    r = b.add_sequence("y", PROMPT, num_tokens=8)  # a chunked prefill's first chunk
+    assert r.num_cached_tokens == 40 and b.seq_len("y") == 40 and b.num_pending_tokens("y") == 1
+    b.check_invariants()
+
+
+def test_publish_false_and_unknown_ids_share_nothing(redis: RedisServer) -> None:
+    ta = tier(redis)
+    a = cache(ta)
+    computed(a, "x", PROMPT)
+    a.free_sequence("x", publish=False)  # a failed step's blocks were never computed
+    assert ta.flush(5.0) and ta.stats().blocks_written == 0
+    unknown = cache(tier(redis))
+    unknown.add_sequence("n", num_tokens=40)  # no token ids: no keys, nothing to share
+    assert unknown.publish("n") == 0
+
+
+@pytest.mark.parametrize("other", ["model", "salt", "namespace", "dtype"])
+def test_other_models_tenants_namespaces_and_layouts_never_share(redis: RedisServer, other: str) -> None:
+    publish_from_a(redis)
+    if other == "model":
+        b = cache(tier(redis), model="another-model")
+    elif other == "namespace":
+        b = cache(tier(redis, namespace="other"))
+    elif other == "dtype":
+        cfg = CacheConfig(block_size=BS, num_blocks=16, num_layers=2, num_kv_heads=2, head_dim=16,
+                          dtype=torch.float16, device="cpu")
+        b = KVCache(cfg, backend="torch", remote=tier(redis), model="m")
+    else:
+        b = cache(tier(redis))
+    r = b.add_sequence("y", PROMPT, salt="tenant-2" if other == "salt" else None)
+    assert r.num_cached_tokens == 0 and b.prefix_stats().remote_hit_tokens == 0
+
+
+def test_garbage_values_are_refused_and_the_prompt_computed(redis: RedisServer) -> None:
+    publish_from_a(redis)
+    client = redis.client()
+    names = sorted(client.keys("kvforge:t:*"))
+    assert len(names) == 5
+    for name in names:  # flip one payload byte in each stored value
+        value = bytearray(client.get(name))
+        value[-1] ^= 0xFF
+        client.set(name, bytes(value))
+    tb = tier(redis)
+    b = cache(tb)
+    r = b.add_sequence("y", PROMPT)
+    assert r.num_cached_tokens == 0 and len(r.slots) == len(PROMPT)
+    assert tb.stats().bad_checksum >= 1
+    b.check_invariants()
+
+
+def test_a_dead_server_costs_misses_not_errors(redis: RedisServer, tmp_path: Path) -> None:
+    with RedisServer() as dying:
+        ta = tier(dying)
+        a = cache(ta)
+        computed(a, "x", PROMPT)
+        dying.kill()
+        a.free_sequence("x")  # the publish is dropped or fails on the writer thread
+        ta.flush(5.0)
+        b = cache(tier(dying))
+        r = b.add_sequence("y", PROMPT)
+        assert r.num_cached_tokens == 0 and len(r.slots) == len(PROMPT)
+        assert b.remote.stats().connection_errors + b.remote.stats().timeouts >= 1
+        b.check_invariants()
+
+
+# ------------------------------------------------------------- two engine processes
+ENGINE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from kvforge import RedisTier
+    from kvforge.engine import Engine, SamplingParams
+    folder, url, namespace, prompt = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    tier = RedisTier(url, namespace=namespace, timeout=1.0)
+    engine = Engine(folder, num_blocks=32, block_size=8, remote=tier)
+    out = engine.generate([prompt], SamplingParams(max_tokens=8))[0]
+    assert tier.flush(10.0)
+    engine.check_invariants()
+    print(json.dumps(dict(tokens=out.token_ids, cached=out.metrics.num_cached_tokens,
+                          remote=engine.stats().prefix.remote_hit_tokens)))
+""")
+
+
+def test_two_engine_processes_share_a_prompt_through_one_server(redis: RedisServer, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint
+    folder = tmp_path / "ckpt"
+    model = save_tiny_checkpoint("LlamaForCausalLM", folder)
+    script = tmp_path / "serve.py"
+    script.write_text(ENGINE_SCRIPT)
+    prompt = list(range(3, 60))
+    namespace = f"e{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def serve() -> dict:
+        r = subprocess.run([sys.executable, str(script), str(folder), redis.url(), namespace, json.dumps(prompt)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = serve()
+    second = serve()
+    assert first["remote"] == 0 and first["cached"] == 0
+    assert second["remote"] == 56 and second["cached"] == 56  # every full block before the last token
+    assert first["tokens"] == second["tokens"] == hf_greedy(model, prompt, 8)
+
+
+def test_an_engine_keeps_serving_right_answers_when_its_server_dies_or_hangs(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from kvforge.engine import Engine, SamplingParams
+    from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint
+    model = save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
+    prompts = [list(range(3, 40)), list(range(5, 50)), list(range(3, 40)) + [7, 8, 9]]
+    params = SamplingParams(max_tokens=6)
+    with RedisServer() as s:
+        t = RedisTier(s.url(), namespace="keep", timeout=0.2, retry_after=0.2)
+        engine = Engine(str(tmp_path / "ckpt"), num_blocks=24, block_size=8, remote=t)
+        assert [o.token_ids for o in engine.generate(prompts[:1], params)] == [hf_greedy(model, prompts[0], 6)]
+        s.pause()  # hung: every wait is bounded by the timeout
+        got = [o.token_ids for o in engine.generate(prompts[1:2], params)]
+        s.resume()
+        s.kill()  # dead
+        got += [o.token_ids for o in engine.generate(prompts[2:], params)]
+        assert got == [hf_greedy(model, p, 6) for p in prompts[1:]]
+        stats = t.stats()
+        assert stats.timeouts + stats.connection_errors >= 1
+        engine.check_invariants()
