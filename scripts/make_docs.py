@@ -31,6 +31,9 @@ What runs is read from the fenced code blocks:
   checkpoint folder; here it is a tiny random Llama with a word-level
   tokenizer, written once per run with
   ``kvforge.engine.testing.save_tiny_checkpoint`` (needs transformers).
+- ``redis://127.0.0.1:6379/0`` stands for a Redis server: a real
+  ``redis-server`` started once per run on a free loopback port (``make test``
+  installs it), stopped when the run ends.
 
 Shown outputs are compared line by line (trailing spaces and trailing blank
 lines ignored). The lines of :data:`WALL_CLOCK` are timings: their numbers are
@@ -51,6 +54,7 @@ import os
 import re
 import shlex
 import shutil
+import threading
 import subprocess
 import sys
 import tempfile
@@ -68,6 +72,9 @@ SKIP_MARKERS: dict[str, str] = {
 
 #: The placeholder for a checkpoint folder in the examples.
 CHECKPOINT = "path/to/checkpoint"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+_redis: list = []  # the one server of this run, started on first use
+_redis_lock = threading.Lock()
 
 #: Per command (its first words): output lines, by how they start, whose numbers are
 #: wall-clock timings of the machine that ran it.
@@ -333,7 +340,27 @@ def _workdir(files: dict[str, str]) -> str:
 
 
 def _substitute(text: str, checkpoint: Callable[[], str]) -> str:
+    if REDIS_URL in text:
+        text = text.replace(REDIS_URL, _redis_url())
     return text.replace(CHECKPOINT, checkpoint()) if CHECKPOINT in text else text
+
+
+def _redis_url() -> str:
+    """The URL of this run's Redis server (``tests/redis_server.py``), started on first use."""
+    with _redis_lock:
+        return _start_redis()
+
+
+def _start_redis() -> str:
+    if not _redis:
+        import atexit
+        sys.path.insert(0, str(ROOT))
+        from tests.redis_server import RedisServer
+        server = RedisServer()
+        server.start()
+        atexit.register(server.stop)
+        _redis.append(server)
+    return _redis[0].url()
 
 
 def _tail(text: str, n: int = 40) -> str:

@@ -95,6 +95,7 @@ def test_the_outputs_that_are_compared(parsed: list) -> None:
         ("docs/compaction.md", "python", ""),
         ("docs/host_tier.md", "python", ""),
         ("docs/kernels.md", "python", ""),
+        ("docs/remote_tier.md", "python", ""),
         ("docs/simulate.md", "command", "kvforge simulate --workload sharegpt --block-size 16"),
         ("docs/simulate.md", "command", "kvforge simulate --workload shared-prefix --requests 200 --num-blocks 300 "
                                         "--host-memory 4GiB --no-plots"),
