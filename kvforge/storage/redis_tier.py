@@ -77,17 +77,19 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 from typing import Any, Callable, NamedTuple, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from kvforge.core.keys import DIGEST, check_keys
 from kvforge.errors import ConfigError, MissingExtraError
-from kvforge.storage.remote import RemoteLayout
+from kvforge.storage.remote import RemoteLayout, RemoteStats
 
 __all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "RedisTier", "RemoteStats"]
 
 log = logging.getLogger(__name__)
+
+_STAT_NAMES = tuple(f.name for f in fields(RemoteStats))
 
 MAGIC = b"KVF1"
 FORMAT_VERSION = 1
@@ -100,54 +102,6 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SECRET_PARAMS = {"password", "ssl_password"}
 #: seconds between two log lines of one kind of fault
 _LOG_EVERY = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteStats:
-    """Counters of a remote tier since it was made.
-
-    Reads: ``fetch_calls``, ``keys_asked``, ``hits`` (payloads returned),
-    ``misses`` (keys asked and not returned: ``keys_asked == hits + misses``),
-    ``backoff_fetches`` (answered ``[]`` in back-off), ``bytes_read`` (value
-    bytes received). Refusals, each a value stored under a valid name that
-    failed a check: ``bad_size`` (total size or length field),
-    ``bad_header`` (magic, version, flags), ``bad_fingerprint``, ``bad_key``,
-    ``bad_checksum``. Writes: ``publish_jobs`` (calls), ``dropped_jobs``
-    (queue full, back-off, closed, or cut short by a connection fault),
-    ``skipped_blocks`` (written recently, not rewritten), ``blocks_written``,
-    ``bytes_written`` (value bytes, header included), ``write_errors``
-    (blocks the server refused: ``OOM``...), ``payload_errors`` (a thunk that
-    raised or returned the wrong payloads). Faults: ``connection_errors``,
-    ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...)."""
-
-    fetch_calls: int = 0
-    keys_asked: int = 0
-    hits: int = 0
-    misses: int = 0
-    backoff_fetches: int = 0
-    bytes_read: int = 0
-    bad_size: int = 0
-    bad_header: int = 0
-    bad_fingerprint: int = 0
-    bad_key: int = 0
-    bad_checksum: int = 0
-    publish_jobs: int = 0
-    dropped_jobs: int = 0
-    skipped_blocks: int = 0
-    blocks_written: int = 0
-    bytes_written: int = 0
-    write_errors: int = 0
-    payload_errors: int = 0
-    connection_errors: int = 0
-    timeouts: int = 0
-    server_errors: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        """The snapshot as a plain dict."""
-        return asdict(self)
-
-
-_STAT_NAMES = tuple(f.name for f in fields(RemoteStats))
 
 
 class _Job(NamedTuple):

@@ -28,9 +28,10 @@ not get, so a broken, slow or wiped server costs speed, never correctness.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
-__all__ = ["RemoteLayout", "RemoteTier"]
+__all__ = ["RemoteLayout", "RemoteStats", "RemoteTier"]
 
 
 class RemoteLayout(NamedTuple):
@@ -76,3 +77,48 @@ class RemoteTier(Protocol):
 
     def close(self) -> None:
         """Flush with the tier's timeout, stop the writer, close connections."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStats:
+    """Counters of a remote tier since it was made.
+
+    Reads: ``fetch_calls``, ``keys_asked``, ``hits`` (payloads returned),
+    ``misses`` (keys asked and not returned: ``keys_asked == hits + misses``),
+    ``backoff_fetches`` (answered ``[]`` in back-off), ``bytes_read`` (value
+    bytes received). Refusals, each a value stored under a valid name that
+    failed a check: ``bad_size`` (total size or length field),
+    ``bad_header`` (magic, version, flags), ``bad_fingerprint``, ``bad_key``,
+    ``bad_checksum``. Writes: ``publish_jobs`` (calls), ``dropped_jobs``
+    (queue full, back-off, closed, or cut short by a connection fault),
+    ``skipped_blocks`` (written recently, not rewritten), ``blocks_written``,
+    ``bytes_written`` (value bytes, header included), ``write_errors``
+    (blocks the server refused: ``OOM``...), ``payload_errors`` (a thunk that
+    raised or returned the wrong payloads). Faults: ``connection_errors``,
+    ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...)."""
+
+    fetch_calls: int = 0
+    keys_asked: int = 0
+    hits: int = 0
+    misses: int = 0
+    backoff_fetches: int = 0
+    bytes_read: int = 0
+    bad_size: int = 0
+    bad_header: int = 0
+    bad_fingerprint: int = 0
+    bad_key: int = 0
+    bad_checksum: int = 0
+    publish_jobs: int = 0
+    dropped_jobs: int = 0
+    skipped_blocks: int = 0
+    blocks_written: int = 0
+    bytes_written: int = 0
+    write_errors: int = 0
+    payload_errors: int = 0
+    connection_errors: int = 0
+    timeouts: int = 0
+    server_errors: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """The snapshot as a plain dict."""
+        return asdict(self)

@@ -23,7 +23,7 @@ learns they are gone: a restarted or evicting server).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable
 
 import numpy as np
 import torch
