@@ -1,0 +1,598 @@
+"""The remote tier on Redis: tier throughput against a plain client, and prompt blocks shared by two engines.
+
+Two sub-benchmarks (``--only throughput,sharing``; default both), each printing
+one aligned table with its baseline from the same run and the ratio:
+
+1. throughput: :class:`~kvforge.storage.redis_tier.RedisTier` ``publish`` of N
+   blocks then ``flush()`` (framing, BLAKE2b checksum, pipelined ``SET`` on the
+   writer thread), and ``fetch`` of the N keys (``MGET``, header and checksum
+   checks), against a plain redis-py client writing the same payload bytes with
+   pipelined ``SET`` and reading them with ``MGET``, in batches of the tier's
+   ``batch_size``, on the same server in the same run. Block sizes: a
+   TinyLlama-1.1B block (22 layers x 2 x 16 tokens x 4 KV heads x 64 x bf16 =
+   352 KiB) and a Llama-3-8B block (2 MiB). GB/s = 1e9 payload bytes/s, median
+   of ``--repeats`` (fresh keys each repeat, the database flushed between).
+   The tier is timed with ``--tier-timeout`` (its 0.25 s default bounds a fetch:
+   the last column says how many of the N blocks a fetch with the default returns).
+2. sharing: two engine instances in two spawned processes, the same config and
+   seed (so the same identity and layout), over one ``RedisTier`` namespace
+   unique to the run. Instance A serves a shared-prefix workload (a few long
+   system prompts, each followed by distinct user messages) and flushes its
+   tier; instance B then serves new user messages after the same system prompts
+   plus some exact repeats of A's prompts, closed-loop (``--concurrency``
+   requests in flight). Baseline: B served by an instance without a remote tier
+   (a third process, same workload). For B: prefix hit rate, remote hit tokens,
+   prompt tokens computed, TTFT p50/p99 (all requests, and by kind); B's greedy
+   outputs must equal the baseline's (asserted: "outputs equal").
+
+Models (random weights, no checkpoint): ``--device cuda``: a TinyLlama-1.1B
+shape in bf16 (the model of bench_engine.py); the CPU: a moderate float32 Llama
+(hidden 512, 6 layers: TTFT is dominated by prefill); ``--quick``: a tiny model
+and tiny shapes on the CPU (a smoke run, well under a minute).
+
+A redis-server is started on a free loopback port (``redis-server`` on PATH or
+in /usr/bin) unless ``--url`` names one; the run's keys live in a namespace of
+their own (deleted at the end when the server is ours).
+
+Usage: ``PYTHONPATH=. python benchmarks/bench_remote.py [--only throughput|sharing] [--quick]
+[--device cpu|cuda] [--url redis://host:port/0] [--json out.json]``
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kvforge.tools.output import format_table  # noqa: E402
+
+SECTIONS = ("throughput", "sharing")
+
+#: the model of bench_engine.py (random bf16 weights, no checkpoint)
+TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
+                 intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+                 tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=0.02,
+                 eos_token_id=None, bos_token_id=None, pad_token_id=0)
+#: the CPU default: big enough that a prompt's prefill dominates its TTFT, small enough for 2 cores
+CPU_MODEL = dict(TINYLLAMA, vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=4, torch_dtype="float32")
+#: --quick: a model small enough for a smoke run
+TINY = dict(TINYLLAMA, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
+
+#: block shapes of the throughput section: (label, layers, KV heads, head_dim, dtype bytes), block of 16 tokens
+BLOCK_SHAPES = {"tinyllama": ("TinyLlama-1.1B", 22, 4, 64, 2), "llama-3-8b": ("Llama-3-8B", 32, 8, 128, 2)}
+BLOCK_TOKENS = 16
+
+
+# ---------------------------------------------------------------- helpers
+def pct(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (as bench_engine.py), nan for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def block_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, block_size: int = BLOCK_TOKENS) -> int:
+    return layers * 2 * block_size * kv_heads * head_dim * dtype_bytes
+
+
+def model_block_bytes(hf: dict[str, Any], block_size: int) -> int:
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    return block_bytes(hf["num_hidden_layers"], hf["num_key_value_heads"], head_dim,
+                       2 if hf["torch_dtype"] == "bfloat16" else 4, block_size)
+
+
+class LocalRedis:
+    """A ``redis-server`` on a free loopback port, its files in a temp dir, no persistence
+    (the start logic of tests/redis_server.py, without its pytest dependency)."""
+
+    FALLBACKS = ("/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server")
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server") or next((p for p in self.FALLBACKS if os.access(p, os.X_OK)), None)
+        if binary is None:
+            sys.exit("bench_remote.py: redis-server is not installed (apt-get install -y redis-server), "
+                     "or pass --url of a running server")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="kvforge-bench-redis-"))
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+                "--logfile", str(self.dir / "redis.log")]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, cwd=self.dir)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                sys.exit(f"bench_remote.py: redis-server exited with {self.process.returncode}:\n{log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.stop()
+        sys.exit(f"bench_remote.py: redis-server on port {self.port} not ready after 10 s")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def plain_client(url: str) -> Any:
+    import redis
+    return redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
+
+
+def delete_namespace(client: Any, namespace: str) -> int:
+    """Delete every key of ``kvforge:{namespace}:*`` and ``bench:{namespace}:*`` (SCAN, not KEYS)."""
+    n = 0
+    for pattern in (f"kvforge:{namespace}:*", f"bench:{namespace}:*"):
+        batch = []
+        for name in client.scan_iter(match=pattern, count=1000):
+            batch.append(name)
+            if len(batch) >= 1000:
+                n += client.delete(*batch)
+                batch = []
+        if batch:
+            n += client.delete(*batch)
+    return n
+
+
+# ---------------------------------------------------------------- 1. throughput
+def bench_throughput(args: argparse.Namespace, url: str, run_id: str) -> dict[str, Any]:
+    import numpy as np
+
+    from kvforge import RedisTier, RemoteLayout
+
+    shapes = [BLOCK_SHAPES[s] for s in args.block_shapes]
+    ns = sorted(args.num_blocks or ([16, 64] if args.quick else [64, 512]))
+    repeats = args.repeats
+    plain = plain_client(url)
+    batch = RedisTier(url).batch_size  # the tier's default MGET / pipeline batch
+    print(f"\n## 1. throughput: RedisTier publish+flush / fetch against plain redis-py pipelined SET / MGET of "
+          f"the same payload bytes, batches of {batch} keys, one client connection each, server {url}; "
+          f"median of {repeats} (fresh keys each repeat); tier timeout {args.tier_timeout:g} s\n")
+    rows, results = [], []
+    for label, layers, heads, head_dim, nbytes in shapes:
+        bb = block_bytes(layers, heads, head_dim, nbytes)
+        data = np.random.default_rng(0).bytes(max(ns) * bb)
+        view = memoryview(data)
+        for n in ns:
+            payloads = [view[i * bb:(i + 1) * bb] for i in range(n)]
+            total = n * bb
+            layout = RemoteLayout(f"bench-throughput-{label}", "bfloat16", BLOCK_TOKENS, layers, heads, head_dim,
+                                  0, 1, bb)
+            ns_name = f"{run_id}-tput"
+            tier = RedisTier(url, namespace=ns_name, timeout=args.tier_timeout, batch_size=batch)
+            tier.bind(layout)
+            times: dict[str, list[float]] = {k: [] for k in ("tier_put", "tier_get", "plain_put", "plain_get")}
+            default_got = -1
+            for rep in range(repeats + 1):  # the first is a warm-up of 8 blocks (connections), not counted
+                m = min(n, 8) if rep == 0 else n
+                keys = [os.urandom(16) for _ in range(m)]
+                names = [f"bench:{ns_name}:{k.hex()}".encode() for k in keys]
+                these = payloads[:m]
+                before = tier.stats()
+                t = time.perf_counter()
+                tier.publish(keys, lambda: these)
+                ok = tier.flush(timeout=600)
+                put = time.perf_counter() - t
+                written = tier.stats().blocks_written - before.blocks_written
+                assert ok and written == m, f"tier wrote {written} of {m} blocks ({tier.stats()})"
+                t = time.perf_counter()
+                got = tier.fetch(keys)
+                get = time.perf_counter() - t
+                assert len(got) == m and all(bytes(got[i][-64:]) == bytes(these[i][-64:]) for i in (0, m - 1)), \
+                    f"tier fetch returned {len(got)} of {m} blocks ({tier.stats()})"
+                del got
+                if rep == 1:  # what a fetch with the tier's default timeout returns
+                    dflt = RedisTier(url, namespace=ns_name, batch_size=batch)
+                    dflt.bind(layout)
+                    default_got = len(dflt.fetch(keys))
+                    dflt.close()
+                t = time.perf_counter()
+                for lo in range(0, m, batch):
+                    pipe = plain.pipeline(transaction=False)
+                    for i in range(lo, min(m, lo + batch)):
+                        pipe.set(names[i], these[i])
+                    pipe.execute()
+                pput = time.perf_counter() - t
+                t = time.perf_counter()
+                pgot = 0
+                for lo in range(0, m, batch):
+                    values = plain.mget(names[lo:lo + batch])
+                    pgot += sum(v is not None and len(v) == bb for v in values)
+                    del values
+                pget = time.perf_counter() - t
+                assert pgot == m, f"plain MGET found {pgot} of {m} values"
+                delete_namespace(plain, ns_name)  # keep the server's memory to one repeat's blocks
+                if rep:
+                    for k, v in zip(times, (put, get, pput, pget)):
+                        times[k].append(v)
+            tier.close()
+            med = {k: statistics.median(v) for k, v in times.items()}
+            gbs = {k: total / v / 1e9 for k, v in med.items()}
+            r = dict(block=label, block_bytes=bb, num_blocks=n, payload_bytes=total, seconds=times,
+                     median_s=med, gb_per_s=gbs, default_timeout_fetch_blocks=default_got)
+            results.append(r)
+            rows.append([label, f"{bb / 1024:,.0f} KiB", n, f"{total / 2**20:,.1f} MiB",
+                         f"{gbs['tier_put']:.2f}", f"{gbs['plain_put']:.2f}", ratio(gbs["tier_put"], gbs["plain_put"]),
+                         f"{gbs['tier_get']:.2f}", f"{gbs['plain_get']:.2f}", ratio(gbs["tier_get"], gbs["plain_get"]),
+                         f"{default_got}/{n}"])
+    plain.close()
+    print(format_table(["block", "block bytes", "N", "payload", "tier publish GB/s", "plain SET GB/s", "tier/plain",
+                        "tier fetch GB/s", "plain MGET GB/s", "tier/plain", "fetch @0.25 s"], rows,
+                       align="lrrrrrrrrrr"))
+    print(f"\nGB/s: 1e9 payload bytes/s (the tier adds a 64-byte header per block); publish: publish() to the end "
+          f"of flush(); fetch: one fetch() of the N keys (checks every header and BLAKE2b checksum); plain: "
+          f"pipelined SET / MGET of the same bytes in batches of {batch}; 'fetch @0.25 s': blocks a fetch with the "
+          f"tier's default timeout returns (it starts no batch after the timeout).")
+    return dict(batch_size=batch, runs=results)
+
+
+# ---------------------------------------------------------------- 2. sharing: the workload
+def make_workload(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """System prompts, A's prompts, B's prompts (with their kinds) and a warm-up set, as token ids."""
+    rng = random.Random(args.seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(1, vocab) for _ in range(n)]
+
+    def user() -> list[int]:
+        return tokens(rng.randint(*args.user_len))
+
+    systems = [tokens(args.system_len) for _ in range(args.systems)]
+    a = [systems[s] + user() for s in range(args.systems) for _ in range(args.a_per_system)]
+    b: list[tuple[str, list[int]]] = []
+    for s in range(args.systems):
+        b += [("new user message", systems[s] + user()) for _ in range(args.b_per_system)]
+    b += [("exact repeat of A", list(p)) for p in rng.sample(a, min(args.b_repeats, len(a)))]
+    rng.shuffle(b)
+    # the first request of each system prompt in B's order: the one that computes it without sharing
+    seen: set[int] = set()
+    kinds = []
+    for kind, p in b:
+        s = next(i for i, sp in enumerate(systems) if p[: len(sp)] == sp)
+        kinds.append("first of its system prompt" if s not in seen and kind != "exact repeat of A" else kind)
+        seen.add(s)
+    # warm-up: other system prompts, served by A (published) and then by every B instance (remote hits)
+    warm_systems = [tokens(args.system_len) for _ in range(2)]
+    warm = [warm_systems[i % 2] + user() for i in range(max(2, args.concurrency * 2))]
+    return dict(systems=systems, a=a, b=[p for _, p in b], b_kinds=kinds, warm=warm)
+
+
+def run_loop(engine: Any, prompts: list[list[int]], concurrency: int, new_tokens: int) -> list[Any]:
+    """Serve ``prompts`` closed-loop, at most ``concurrency`` in flight, in order; outputs by index."""
+    from kvforge.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    todo = deque(range(len(prompts)))
+    in_flight: dict[str, int] = {}
+    outs: list[Any] = [None] * len(prompts)
+    while todo or in_flight:
+        while todo and len(in_flight) < concurrency:
+            i = todo.popleft()
+            in_flight[engine.add_request(prompts[i], params)] = i
+        for out in engine.step():
+            if out.finished:
+                outs[in_flight.pop(out.request_id)] = out
+    return outs
+
+
+def serve_instance(spec: dict[str, Any]) -> dict[str, Any]:
+    """One engine instance (run in its own spawned process): build, warm up, serve, report."""
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
+    import torch
+
+    from kvforge import RedisTier
+    from kvforge.engine import Engine
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    t = time.perf_counter()
+    remote = None
+    if spec["url"]:
+        opts = {} if spec["remote_timeout"] is None else dict(timeout=spec["remote_timeout"])
+        remote = RedisTier(spec["url"], namespace=spec["namespace"], **opts)
+    engine = Engine.from_config(spec["hf"], device=spec["device"], dtype=spec["dtype"], seed=spec["seed"],
+                                remote=remote, **spec["engine"])
+    build_s = time.perf_counter() - t
+
+    def sync() -> None:
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+
+    t = time.perf_counter()
+    run_loop(engine, spec["warm"], spec["concurrency"], spec["new_tokens"])
+    sync()
+    warm_s = time.perf_counter() - t
+    before = engine.stats()
+    rbefore = remote.stats() if remote is not None else None
+    t = time.perf_counter()
+    outs = run_loop(engine, spec["prompts"], spec["concurrency"], spec["new_tokens"])
+    sync()
+    wall = time.perf_counter() - t
+    flush_s = 0.0
+    if remote is not None:
+        t = time.perf_counter()
+        assert engine.cache.remote.flush(timeout=120), "the remote tier did not flush in 120 s"
+        flush_s = time.perf_counter() - t
+    after = engine.stats()
+    p0, p1 = before.prefix, after.prefix
+    res = dict(
+        build_s=build_s, warm_s=warm_s, seconds=wall, flush_s=flush_s, identity=engine.model.identity,
+        ttft=[o.metrics.ttft for o in outs], cached=[o.metrics.num_cached_tokens for o in outs],
+        token_ids=[list(o.token_ids) for o in outs],
+        query_tokens=p1.query_tokens - p0.query_tokens, hit_tokens=p1.hit_tokens - p0.hit_tokens,
+        remote_hit_tokens=p1.remote_hit_tokens - p0.remote_hit_tokens,
+        prompt_computed=after.num_prompt_tokens_computed - before.num_prompt_tokens_computed,
+        generated=after.num_generated_tokens - before.num_generated_tokens,
+        prompt_tokens=sum(len(p) for p in spec["prompts"]))
+    if remote is not None:
+        r1 = remote.stats()
+        res["remote"] = {k: v - getattr(rbefore, k) for k, v in r1.to_dict().items()}
+        res["remote_total"] = r1.to_dict()
+        remote.close()
+    return res
+
+
+def in_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """``serve_instance(spec)`` in a fresh spawned process (its own interpreter, model and cache)."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(serve_instance, spec).result()
+
+
+def bench_sharing(args: argparse.Namespace, url: str, run_id: str) -> dict[str, Any]:
+    cuda = args.device == "cuda"
+    hf = TINY if args.quick else (TINYLLAMA if cuda else CPU_MODEL)
+    dtype = "bfloat16" if hf["torch_dtype"] == "bfloat16" else "float32"
+    bs = 16
+    wl = make_workload(args, hf["vocab_size"])
+    everything = wl["a"] + wl["b"] + wl["warm"]
+    longest = max(len(p) for p in everything) + args.new_tokens
+    # room for every prompt of A, B and the warm-up at once: nothing is evicted, so B's local
+    # hits are what it computed itself, and its remote hits what A shared
+    num_blocks = sum(-(-(len(p) + args.new_tokens) // bs) for p in everything) + 8 * args.concurrency
+    engine_opts = dict(num_blocks=num_blocks, block_size=bs, max_num_seqs=args.concurrency,
+                       max_model_len=-(-(longest + 16) // 256) * 256,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+    namespace = f"{run_id}-share"
+    # one torch thread on the CPU: several spin against any other load on a small, shared machine
+    # (10x slower prefills seen on 2 cores); torch's default on a GPU
+    threads = args.threads if args.threads is not None else (0 if cuda else 1)
+    base_spec = dict(hf=hf, device=args.device, dtype=dtype, seed=args.seed, engine=engine_opts,
+                     concurrency=args.concurrency, new_tokens=args.new_tokens, threads=threads,
+                     remote_timeout=args.remote_timeout, namespace=namespace)
+    bpb = model_block_bytes(hf, bs)
+    shape = (f"hidden {hf['hidden_size']}, {hf['num_hidden_layers']} layers, {hf['num_attention_heads']} heads, "
+             f"{hf['num_key_value_heads']} KV heads, vocab {hf['vocab_size']}, {dtype}")
+    name = ("TinyLlama-1.1B shape" if hf is TINYLLAMA else "tiny Llama" if hf is TINY else "moderate Llama")
+    print(f"\n## 2. sharing: {name} ({shape}), random weights, seed {args.seed}, on {args.device}; "
+          f"block {bs} tokens = {bpb / 1024:,.0f} KiB; {args.systems} system prompts of {args.system_len} tokens, "
+          f"user messages {args.user_len[0]}-{args.user_len[1]} tokens, {args.new_tokens} new tokens (greedy); "
+          f"A: {len(wl['a'])} requests; B: {len(wl['b'])} requests ({args.b_per_system} new per system prompt, "
+          f"{args.b_repeats} exact repeats of A), {args.concurrency} in flight; each instance a spawned process "
+          f"with {num_blocks} blocks, warmed up on {len(wl['warm'])} other prompts; namespace {namespace!r}\n")
+
+    runs: dict[str, dict[str, Any]] = {}
+    t = time.perf_counter()
+    runs["A"] = in_process(dict(base_spec, url=url, prompts=wl["a"], warm=wl["warm"]))
+    print(f"# instance A: {len(wl['a'])} requests in {runs['A']['seconds']:.1f} s (build {runs['A']['build_s']:.1f} s),"
+          f" published {runs['A']['remote_total']['blocks_written']} blocks "
+          f"({runs['A']['remote_total']['bytes_written'] / 2**20:,.1f} MiB), flush {runs['A']['flush_s']:.2f} s; "
+          f"process {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
+    runs["B"] = in_process(dict(base_spec, url=url, prompts=wl["b"], warm=wl["warm"]))
+    print(f"# instance B (remote tier): {len(wl['b'])} requests in {runs['B']['seconds']:.1f} s; "
+          f"process {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
+    runs["B0"] = in_process(dict(base_spec, url=None, prompts=wl["b"], warm=wl["warm"]))
+    print(f"# instance B (no remote tier): {len(wl['b'])} requests in {runs['B0']['seconds']:.1f} s; "
+          f"process {time.perf_counter() - t:.1f} s", flush=True)
+    a, b, b0 = runs["A"], runs["B"], runs["B0"]
+    assert a["identity"] == b["identity"] == b0["identity"], "instances of one config and seed must share an identity"
+
+    mismatched = [i for i, (x, y) in enumerate(zip(b["token_ids"], b0["token_ids"])) if x != y]
+    outputs_equal = not mismatched and len(b["token_ids"]) == len(b0["token_ids"])
+
+    def summary(r: dict[str, Any]) -> dict[str, Any]:
+        q = r["query_tokens"] or 1
+        kinds: dict[str, list[float]] = {}
+        for kind, ttft in zip(wl["b_kinds"], r["ttft"]):
+            kinds.setdefault(kind, []).append(ttft)
+        return dict(hit_rate=r["hit_tokens"] / q, remote_hit_rate=r["remote_hit_tokens"] / q,
+                    remote_hit_tokens=r["remote_hit_tokens"], hit_tokens=r["hit_tokens"],
+                    prompt_computed=r["prompt_computed"], seconds=r["seconds"],
+                    ttft_p50_ms=1e3 * pct(r["ttft"], 50), ttft_p99_ms=1e3 * pct(r["ttft"], 99),
+                    ttft_mean_ms=1e3 * statistics.fmean(r["ttft"]),
+                    **{f"ttft_p50_ms[{k}]": 1e3 * pct(v, 50) for k, v in kinds.items()},
+                    num_by_kind={k: len(v) for k, v in kinds.items()})
+
+    sb, s0 = summary(b), summary(b0)
+    rows = []
+    spec = [("prefix hit rate", "hit_rate", "{:.1%}", None), ("of which remote", "remote_hit_rate", "{:.1%}", None),
+            ("remote hit tokens", "remote_hit_tokens", "{:,}", None), ("prefix hit tokens", "hit_tokens", "{:,}", None),
+            ("prompt tokens computed", "prompt_computed", "{:,}", True),
+            ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}", True), ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}", True),
+            ("TTFT mean ms", "ttft_mean_ms", "{:.1f}", True)]
+    for kind in ("first of its system prompt", "new user message", "exact repeat of A"):
+        if kind in sb["num_by_kind"]:
+            spec.append((f"TTFT p50 ms, {kind} ({sb['num_by_kind'][kind]})", f"ttft_p50_ms[{kind}]", "{:.1f}", True))
+    spec.append(("wall s", "seconds", "{:.2f}", True))
+    for label, key, fmt, lower_better in spec:
+        x, y = sb[key], s0[key]
+        rows.append([label, fmt.format(y), fmt.format(x), ratio(x, y) if lower_better is not None else "-",
+                     "" if lower_better is None else "lower is better"])
+    print(format_table(["instance B", "no sharing", "sharing with A", "sharing / no sharing", ""], rows,
+                       align="lrrrl"))
+    rs = b["remote"]
+    print(f"\nprompt tokens submitted by B: {b['prompt_tokens']:,}; hit rates are prompt tokens found in the prefix "
+          f"cache (device or remote) over prompt tokens looked up; TTFT from add_request to the first token. "
+          f"B's remote tier: {rs['fetch_calls']} fetches, {rs['hits']} blocks found, {rs['misses']} missed, "
+          f"{rs['bytes_read'] / 2**20:,.1f} MiB read, {rs['blocks_written']} blocks published; "
+          f"refused {sum(rs[k] for k in ('bad_size', 'bad_header', 'bad_fingerprint', 'bad_key', 'bad_checksum'))}, "
+          f"faults {rs['connection_errors'] + rs['timeouts'] + rs['server_errors']}, dropped jobs {rs['dropped_jobs']}.")
+    if not outputs_equal:
+        print(f"OUTPUTS DIFFER: {len(mismatched)} of {len(b['token_ids'])} requests "
+              f"(first {mismatched[:5]}, kinds {[wl['b_kinds'][i] for i in mismatched[:5]]})")
+    assert outputs_equal, "B's greedy outputs with sharing must equal those without"
+    print(f"outputs equal ({len(b['token_ids'])} requests, {args.new_tokens} greedy tokens each, with and without "
+          f"sharing)")
+    for r in runs.values():
+        r.pop("token_ids")
+    return dict(namespace=namespace, num_blocks=num_blocks, block_bytes=bpb, b_kinds=wl["b_kinds"],
+                outputs_equal=outputs_equal, summary=dict(sharing=sb, no_sharing=s0), runs=runs)
+
+
+# ---------------------------------------------------------------- main
+def git_commit() -> str:
+    try:
+        def git(*a: str) -> str:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: throughput, sharing")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and a tiny model on the CPU: a smoke run")
+    ap.add_argument("--url", help="a running Redis server (default: start one on a free loopback port)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="sharing: where the engines run")
+    ap.add_argument("--repeats", type=int, default=5, help="throughput: timed repeats (median)")
+    ap.add_argument("--num-blocks", type=int, nargs="+", help="throughput: blocks per publish/fetch (default 64 512)")
+    ap.add_argument("--block-shapes", nargs="+", choices=sorted(BLOCK_SHAPES), default=["tinyllama", "llama-3-8b"],
+                    help="throughput: block shapes (16 tokens, bf16)")
+    ap.add_argument("--tier-timeout", type=float, default=60.0, help="throughput: the RedisTier's timeout (s)")
+    ap.add_argument("--systems", type=int, help="sharing: system prompts")
+    ap.add_argument("--system-len", type=int, help="sharing: tokens per system prompt")
+    ap.add_argument("--user-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="sharing: user message tokens")
+    ap.add_argument("--a-per-system", type=int, help="sharing: A's requests per system prompt")
+    ap.add_argument("--b-per-system", type=int, help="sharing: B's new requests per system prompt")
+    ap.add_argument("--b-repeats", type=int, help="sharing: B's exact repeats of A's prompts")
+    ap.add_argument("--new-tokens", type=int, help="sharing: tokens generated per request")
+    ap.add_argument("--concurrency", type=int, help="sharing: requests in flight (closed loop)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--remote-timeout", type=float, help="sharing: the engines' RedisTier timeout (default its own)")
+    ap.add_argument("--threads", type=int, help="sharing: torch threads per instance (default: 1 on the CPU, "
+                    "torch's default with --device cuda; 0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0, help="sharing: the weights' and workload's seed")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s): {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
+    if args.quick:
+        args.device = "cpu"
+        args.repeats = min(args.repeats, 3)
+        args.block_shapes = ["tinyllama"] if args.num_blocks is None else args.block_shapes
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("bench_remote.py: --device cuda needs a CUDA GPU")
+    # workload defaults by configuration: quick (seconds), the CPU (prefill-bound, under ~2 minutes), a GPU
+    defaults = (dict(systems=2, system_len=64, user_len=(8, 24), a_per_system=2, b_per_system=3, b_repeats=2,
+                     new_tokens=4, concurrency=1) if args.quick else
+                dict(systems=4, system_len=512, user_len=(32, 96), a_per_system=3, b_per_system=3, b_repeats=4,
+                     new_tokens=8, concurrency=1) if args.device == "cpu" else
+                dict(systems=8, system_len=2048, user_len=(64, 256), a_per_system=4, b_per_system=8, b_repeats=16,
+                     new_tokens=16, concurrency=4))
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.user_len[0] > args.user_len[1] or args.user_len[0] < 1:
+        ap.error("--user-len MIN MAX: 1 <= MIN <= MAX")
+
+    commit = git_commit()
+    run_id = f"bench-{uuid.uuid4().hex[:12]}"
+    print(f"# bench_remote{' --quick' if args.quick else ''}: {device_name(args.device)}, commit {commit}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, run {run_id}")
+    server = None if args.url else LocalRedis()
+    url = args.url or server.url  # type: ignore[union-attr]
+    try:
+        import redis
+        info = plain_client(url).info("server")
+        from redis.utils import HIREDIS_AVAILABLE
+        parser = "hiredis parser" if HIREDIS_AVAILABLE else "pure-Python parser (no hiredis)"
+        print(f"# redis-server {info.get('redis_version')} ({'started here' if server else 'given'}), "
+              f"redis-py {redis.__version__}, {parser}")
+        results: dict[str, Any] = dict(device=device_name(args.device), commit=commit, date=time.strftime("%Y-%m-%d"),
+                                       quick=args.quick, run_id=run_id, redis_version=info.get("redis_version"),
+                                       redis_py=redis.__version__, hiredis=HIREDIS_AVAILABLE)
+        start = time.perf_counter()
+        benches = dict(throughput=lambda: bench_throughput(args, url, run_id),
+                       sharing=lambda: bench_sharing(args, url, run_id))
+        for name in SECTIONS:
+            if name in only:
+                t = time.perf_counter()
+                results[name] = benches[name]()
+                print(f"\n# {name}: {time.perf_counter() - t:.1f} s")
+        print(f"# total {time.perf_counter() - start:.1f} s")
+    finally:
+        if server is not None:
+            server.stop()
+        else:
+            try:
+                delete_namespace(plain_client(url), f"{run_id}-share")
+                delete_namespace(plain_client(url), f"{run_id}-tput")
+            except Exception as exc:  # a given server that went away: nothing left to clean
+                print(f"# could not delete the run's keys: {exc}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"# results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
