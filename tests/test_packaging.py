@@ -31,7 +31,7 @@ SUBPACKAGES = ("kvforge", "kvforge.core", "kvforge.storage", "kvforge.tools", "k
                "kvforge.integrations")
 #: the extras a user picks from, and the packages each brings
 USER_EXTRAS = {"triton": {"triton"}, "engine": {"safetensors", "tokenizers"}, "plot": {"matplotlib"},
-               "metrics": {"prometheus-client"}, "remote": {"redis"}}
+               "metrics": {"prometheus-client"}, "remote": {"redis", "hiredis"}}
 TEST_TOOLS = {"pytest", "hypothesis", "build"}
 
 

@@ -445,3 +445,28 @@ def test_a_missing_redis_server_fails_and_names_make_test(monkeypatch: pytest.Mo
     monkeypatch.setattr(helper, "_FALLBACKS", ())
     with pytest.raises(pytest.fail.Exception, match="make test"):  # a failure, never a skip
         helper.find_redis_server()
+
+
+def test_checksums_of_a_large_batch_run_on_several_threads_and_still_refuse(redis: RedisServer, tiers) -> None:
+    """A batch over 1 MiB is checked on the tier's check threads: the payloads come back
+    exact, and a corrupted one is still refused (the run stops there)."""
+    layout = RemoteLayout("m", "float32", 16, 2, 2, 16, 0, 1, 512 * 1024)
+    t = RedisTier(redis.url(), "par", timeout=1.0, check_threads=3)
+    tiers.append(t)
+    t.bind(layout)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    payloads = [bytes([i]) * layout.block_bytes for i in range(6)]
+    t.publish(keys, lambda: payloads)
+    assert t.flush(10.0)
+    assert [bytes(p) for p in t.fetch(keys)] == payloads
+    assert t._checkers is not None  # the parallel path ran
+    client = redis.client()
+    value = bytearray(client.get(t.name_of(keys[3])))
+    value[-7] ^= 1
+    client.set(t.name_of(keys[3]), bytes(value))
+    assert [bytes(p) for p in t.fetch(keys)] == payloads[:3]
+    assert t.stats().bad_checksum == 1
+    with pytest.raises(ConfigError, match="check_threads"):
+        RedisTier(redis.url(), check_threads=0)
+    with pytest.raises(ConfigError, match="fetch_budget"):
+        RedisTier(redis.url(), fetch_budget=0)

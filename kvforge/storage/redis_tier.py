@@ -76,6 +76,7 @@ import re
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import fields
 from typing import Any, Callable, NamedTuple, Sequence
@@ -169,7 +170,7 @@ class RedisTier:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", namespace: str = "default", *,
                  model: str | None = None, ttl: float | None = None, timeout: float = 0.25,
                  max_pending: int = 256, batch_size: int = 32, retry_after: float = 1.0,
-                 recent_keys: int = 65536) -> None:
+                 recent_keys: int = 65536, fetch_budget: float = 2.0, check_threads: int = 4) -> None:
         self._url = url
         self._secrets = _secrets_of(url)
         where = f"RedisTier({_redact(url)!r})"
@@ -182,6 +183,10 @@ class RedisTier:
             raise ConfigError(f"{where}: ttl must be None or at least 0.001 seconds, got {ttl!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(fetch_budget, (int, float)) and fetch_budget > 0):
+            raise ConfigError(f"{where}: fetch_budget must be a positive number of seconds, got {fetch_budget!r}")
+        if type(check_threads) is not int or check_threads < 1:
+            raise ConfigError(f"{where}: check_threads must be an int >= 1, got {check_threads!r}")
         if not (isinstance(retry_after, (int, float)) and retry_after >= 0):
             raise ConfigError(f"{where}: retry_after must be >= 0 seconds, got {retry_after!r}")
         for name, value in (("max_pending", max_pending), ("batch_size", batch_size), ("recent_keys", recent_keys)):
@@ -191,6 +196,9 @@ class RedisTier:
         self.model = model
         self.ttl = ttl
         self.timeout = float(timeout)
+        self.fetch_budget = float(fetch_budget)
+        self.check_threads = check_threads
+        self._checkers: ThreadPoolExecutor | None = None  # checksums of a batch in parallel (made on first use)
         self.retry_after = float(retry_after)
         self.batch_size = batch_size
         self.max_pending = max_pending
@@ -268,8 +276,10 @@ class RedisTier:
     def fetch(self, keys: Sequence[bytes]) -> list[memoryview]:
         """The payloads of the longest valid run of ``keys`` from the first (read-only
         memoryviews of ``layout.block_bytes`` bytes); ``[]`` in back-off, when closed,
-        or on any server fault. Waits at most about ``2 * timeout``: no batch starts
-        after ``timeout`` has passed, and each has its own socket timeout."""
+        or on any server fault. Waits at most about ``fetch_budget + timeout``: no batch
+        starts after ``fetch_budget`` seconds, and each call has its own socket timeout
+        (a dead or hung server costs one ``timeout``, then back-off). Checksums of a
+        batch are computed on ``check_threads`` threads."""
         self._check_bound("fetch")
         check_keys(keys, "RedisTier.fetch keys")
         keys = list(keys)
@@ -282,7 +292,7 @@ class RedisTier:
         if start < self._down_until:
             self._add(backoff_fetches=1, misses=len(keys))
             return out
-        deadline = start + self.timeout
+        deadline = start + self.fetch_budget
         nbytes = 0
         for lo in range(0, len(keys), self.batch_size):
             batch = keys[lo:lo + self.batch_size]
@@ -292,11 +302,12 @@ class RedisTier:
             if values is None:
                 break
             run = 0
-            for key, value in zip(batch, values):
+            digests = self._digests(values)
+            for key, value, digest in zip(batch, values, digests):
                 if value is None:
                     break
                 nbytes += len(value)
-                payload = self._check(key, value)
+                payload = self._check(key, value, digest)
                 if payload is None:
                     break
                 out.append(payload)
@@ -309,12 +320,26 @@ class RedisTier:
             self._remember(keys[:len(out)])
         return out
 
-    def _check(self, key: bytes, value: bytes) -> memoryview | None:
+    def _digests(self, values: Sequence[bytes | None]) -> list[bytes | None]:
+        """BLAKE2b-128 of each value's payload (None: no value), computed in parallel:
+        ``hashlib`` releases the GIL on large buffers, so a batch's checks use several cores."""
+        def digest(value: bytes | None) -> bytes | None:
+            if value is None or len(value) <= HEADER.size:
+                return None
+            return hashlib.blake2b(memoryview(value)[HEADER.size:], digest_size=16).digest()
+        big = sum(len(v) for v in values if v is not None) > 1 << 20
+        if self.check_threads == 1 or not big:
+            return [digest(v) for v in values]
+        if self._checkers is None:
+            self._checkers = ThreadPoolExecutor(self.check_threads, thread_name_prefix="kvforge-redis-check")
+        return list(self._checkers.map(digest, values))
+
+    def _check(self, key: bytes, value: bytes, digest: bytes | None) -> memoryview | None:
         """The payload of ``value`` if every check passes; None (refusal counted) otherwise."""
         assert self.layout is not None
         if len(value) != HEADER.size + self.layout.block_bytes:
             return self._refuse("bad_size", key, f"{len(value)} bytes")
-        magic, version, flags, fingerprint, stored_key, length, digest = HEADER.unpack_from(value)
+        magic, version, flags, fingerprint, stored_key, length, stored_digest = HEADER.unpack_from(value)
         if magic != MAGIC or version != FORMAT_VERSION or flags != 0:
             return self._refuse("bad_header", key, f"magic {magic!r}, version {version}, flags {flags}")
         if fingerprint != self._fingerprint:
@@ -323,10 +348,9 @@ class RedisTier:
             return self._refuse("bad_key", key, f"key {stored_key.hex()}")
         if length != self.layout.block_bytes:
             return self._refuse("bad_size", key, f"length field {length}")
-        payload = memoryview(value)[HEADER.size:]
-        if hashlib.blake2b(payload, digest_size=16).digest() != digest:
+        if digest != stored_digest:
             return self._refuse("bad_checksum", key, "checksum mismatch")
-        return payload
+        return memoryview(value)[HEADER.size:]
 
     def _refuse(self, kind: str, key: bytes, what: str) -> None:
         self._add(**{kind: 1})
@@ -390,6 +414,8 @@ class RedisTier:
                 client.close()
             except Exception:  # closing a broken connection must not raise from close()
                 pass
+        if self._checkers is not None:
+            self._checkers.shutdown(wait=False)
 
     def _write_loop(self) -> None:
         while True:

@@ -21,7 +21,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "engine": (("safetensors", "safetensors"), ("tokenizers", "tokenizers")),
     "plot": (("matplotlib", "matplotlib"),),
     "metrics": (("prometheus_client", "prometheus-client"),),
-    "remote": (("redis", "redis"),),
+    "remote": (("redis", "redis"), ("hiredis", "hiredis")),
 }
 
 
