@@ -216,3 +216,19 @@ def test_an_engine_keeps_serving_right_answers_when_its_server_dies_or_hangs(tmp
         stats = t.stats()
         assert stats.timeouts + stats.connection_errors >= 1
         engine.check_invariants()
+
+
+def test_the_remote_tier_is_in_the_prometheus_metrics(redis: RedisServer) -> None:
+    pytest.importorskip("prometheus_client")
+    from kvforge.tools.metrics import METRIC_NAMES, REMOTE_METRIC_NAMES, render
+    publish_from_a(redis)
+    b = cache(tier(redis))
+    b.add_sequence("y", PROMPT)
+    text = render(b)
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert set(REMOTE_METRIC_NAMES) <= set(samples)
+    assert samples['kvforge_remote_events_total{event="hits"}'] == 5
+    assert samples["kvforge_prefix_cache_remote_hit_tokens_total"] == 40
+    without = render(cache(None))
+    assert "kvforge_remote_events_total" not in without and all(n.split("{")[0] in without for n in METRIC_NAMES)

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
 __all__ = ["KVForgeCollector", "MetricsServer", "make_registry", "render", "serve", "check_port", "METRIC_NAMES",
-           "HOST_TIER_METRIC_NAMES"]
+           "HOST_TIER_METRIC_NAMES", "REMOTE_METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ class KVForgeCollector:
             labelled = _labelled_values(self.cache)
             families += [_labelled_family(name, kind, doc, label, labelled[name])
                          for name, kind, doc, label, _ in _LABELLED_METRICS]
+            families += _remote_families(self.cache)
         engine = _engine_families(self.engine) if self.engine is not None else []
         if not any(f.name == _PREEMPTIONS[0] for f in engine):
             engine.insert(0, _family(*_PREEMPTIONS, 0))
@@ -316,6 +317,32 @@ def _host_values(target: Any) -> dict[str, float]:
         "kvforge_failed_tier_copies": hs.failed_copies,
         "kvforge_prefix_cache_host_hit_tokens": manager.prefix.stats().host_hit_tokens,
     }
+
+
+_REMOTE_EVENTS = ("kvforge_remote_events", "counter",
+                  "Remote tier counters (RemoteStats): reads, hits and misses, refusals of each kind, writes, "
+                  "dropped jobs, write errors, connection errors, timeouts.", "event")
+_REMOTE_HITS = ("kvforge_prefix_cache_remote_hit_tokens", "counter",
+                "Prompt tokens copied in from the remote tier (counted in the prefix cache hit tokens too).")
+
+#: Sample names a cache exports only when it has a remote tier
+#: (``kvforge_remote_events_total{event="hits"}``, one per RemoteStats field).
+REMOTE_METRIC_NAMES: tuple[str, ...] = (_sample(*_REMOTE_HITS[:2]),) + tuple(
+    _sample(_REMOTE_EVENTS[0], "counter", "event", f) for f in
+    ("fetch_calls", "keys_asked", "hits", "misses", "backoff_fetches", "bytes_read", "bad_size", "bad_header",
+     "bad_fingerprint", "bad_key", "bad_checksum", "publish_jobs", "dropped_jobs", "skipped_blocks",
+     "blocks_written", "bytes_written", "write_errors", "payload_errors", "connection_errors", "timeouts",
+     "server_errors"))
+
+
+def _remote_families(target: Any) -> list[Metric]:
+    """The remote tier's counters, when the cache has one (none otherwise)."""
+    remote = getattr(target, "remote", None)
+    if remote is None or not hasattr(remote, "stats"):
+        return []
+    counts = {k: float(v) for k, v in remote.stats().to_dict().items()}
+    hits = getattr(target, "manager", target).prefix.stats().remote_hit_tokens
+    return [_family(*_REMOTE_HITS, hits), _labelled_family(*_REMOTE_EVENTS, counts)]
 
 
 def _tiers(target: Any) -> list[tuple[str, int, int, int, int]]:
