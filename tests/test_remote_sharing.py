@@ -232,3 +232,17 @@ def test_the_remote_tier_is_in_the_prometheus_metrics(redis: RedisServer) -> Non
     assert samples["kvforge_prefix_cache_remote_hit_tokens_total"] == 40
     without = render(cache(None))
     assert "kvforge_remote_events_total" not in without and all(n.split("{")[0] in without for n in METRIC_NAMES)
+
+
+def test_blocks_the_tier_has_are_not_copied_off_the_device_again(redis: RedisServer) -> None:
+    ta = tier(redis)
+    a = cache(ta)
+    computed(a, "x", PROMPT)
+    assert a.publish("x") == 5 and ta.flush(5.0)
+    a.fork("x", "x2")
+    assert a.publish("x2") == 0  # the same blocks: nothing to copy or send
+    slots = a.append_tokens("x2", 7, list(range(7)))  # fills the sixth block: only it is new
+    for layer in range(2):
+        a.write(layer, slots, torch.ones(7, 2, 16), torch.ones(7, 2, 16))
+    assert a.publish("x2") == 1 and ta.flush(5.0)
+    assert ta.stats().blocks_written == 6

@@ -578,6 +578,12 @@ class RedisTier:
             if not self._num_pending:
                 self._idle.notify_all()
 
+    def needs_write(self, keys: Sequence[bytes]) -> list[bool]:
+        """For each key, whether a publish would write it (False: this process wrote or
+        read it recently). Lets the cache skip copying blocks off the device for nothing."""
+        now = time.monotonic()
+        return [not self._is_recent(key, now) for key in keys]
+
     def _is_recent(self, key: bytes, now: float) -> bool:
         with self._lock:
             when = self._recent.get(key)

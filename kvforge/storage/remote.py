@@ -72,6 +72,9 @@ class RemoteTier(Protocol):
         tier's writer thread, and returns one payload per key (it may wait for a device
         copy to finish). Returns at once; a full queue drops the write (counted)."""
 
+    # optional: ``needs_write(keys) -> list[bool]``, whether a publish would write each key;
+    # the cache then copies only those blocks off the device (RedisTier has it)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every publish issued so far was written (or dropped); False on timeout."""
 

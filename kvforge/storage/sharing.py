@@ -91,11 +91,16 @@ class RemoteMethods:
     # ------------------------------------------------------------- publish
     def publish(self, seq_id: SeqId) -> int:
         """Share the sequence's full blocks whose token ids are known with the remote tier,
-        in the background; return how many were handed to it (it skips those it wrote
-        recently). The blocks must hold their keys and values (computed)."""
+        in the background; return how many were handed to it (not those the tier says it
+        wrote or read recently: ``needs_write``). The blocks must hold their keys and
+        values (computed)."""
         if self.remote is None:
             raise KVForgeError("publish(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
         keys, blocks = self.manager.keyed_blocks(seq_id)
+        wanted = getattr(self.remote, "needs_write", None)  # optional: skip blocks the tier has
+        if wanted is not None and keys:
+            keep = [i for i, w in enumerate(wanted(keys)) if w]
+            keys, blocks = [keys[i] for i in keep], [blocks[i] for i in keep]
         if not keys:
             return 0
         self.remote.publish(keys, self._copy_out(np.asarray(blocks, dtype=np.int64)))
