@@ -33,16 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvforge.engine import Engine, SamplingParams  # noqa: E402
+from common import TINYLLAMA, pct  # noqa: E402
 try:  # the module whose `sample` the step loop calls (kvforge.engine.engine before the redesign)
     import kvforge.engine.step_loop as engine_module  # noqa: E402
 except ImportError:  # pragma: no cover - the code before the redesign
     import kvforge.engine.engine as engine_module  # noqa: E402
 
-TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
-                 intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-                 tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=0.02,
-                 eos_token_id=None, bos_token_id=None, pad_token_id=0)
 
 
 def baseline_prompts(n: int) -> list[list[int]]:
@@ -51,12 +47,6 @@ def baseline_prompts(n: int) -> list[list[int]]:
     return [[rng.randrange(1, 32000) for _ in range(max(16, min(1024, int(rng.lognormvariate(4.6, 0.9)))))]
             for _ in range(n)]
 
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 def run(engine: Engine, prompts: list[list[int]], new_tokens: int, profile: bool = False) -> dict[str, Any]:

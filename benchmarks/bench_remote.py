@@ -64,21 +64,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kvforge.tools.output import format_table  # noqa: E402
+from common import TINY, TINYLLAMA, git_commit, pct, ratio  # noqa: E402
 
 SECTIONS = ("throughput", "sharing")
 
-#: the model of bench_engine.py (random bf16 weights, no checkpoint)
-TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
-                 intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-                 tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=0.02,
-                 eos_token_id=None, bos_token_id=None, pad_token_id=0)
 #: the CPU default: big enough that a prompt's prefill dominates its TTFT, small enough for 2 cores
 CPU_MODEL = dict(TINYLLAMA, vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                  num_attention_heads=8, num_key_value_heads=4, torch_dtype="float32")
-#: --quick: a model small enough for a smoke run
-TINY = dict(TINYLLAMA, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
 
 #: block shapes of the throughput section: (label, layers, KV heads, head_dim, dtype bytes), block of 16 tokens
 BLOCK_SHAPES = {"tinyllama": ("TinyLlama-1.1B", 22, 4, 64, 2), "llama-3-8b": ("Llama-3-8B", 32, 8, 128, 2)}
@@ -86,16 +78,6 @@ BLOCK_TOKENS = 16
 
 
 # ---------------------------------------------------------------- helpers
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (as bench_engine.py), nan for no values."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
 
 
 def block_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, block_size: int = BLOCK_TOKENS) -> int:
@@ -488,14 +470,6 @@ def bench_sharing(args: argparse.Namespace, url: str, run_id: str) -> dict[str, 
 
 
 # ---------------------------------------------------------------- main
-def git_commit() -> str:
-    try:
-        def git(*a: str) -> str:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain", "-uno") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def device_name(device: str) -> str:
     if device == "cuda":

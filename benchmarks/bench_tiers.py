@@ -37,7 +37,6 @@ import json
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
@@ -54,38 +53,20 @@ from kvforge import CacheConfig, KVCache  # noqa: E402
 from kvforge.engine import Engine, EngineStats, SamplingParams  # noqa: E402
 from kvforge.engine.model_config import ModelConfig  # noqa: E402
 from kvforge.tools.output import Progress, format_table  # noqa: E402
+from common import TINY, TINYLLAMA, git_commit, pct, ratio  # noqa: E402
 
 SECTIONS = ("copies", "multiturn", "preempt")
 
-#: the model of bench_engine.py (random bf16 weights, no checkpoint)
-TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
-                 intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-                 tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=0.02,
-                 eos_token_id=None, bos_token_id=None, pad_token_id=0)
 #: --model llama-3-8b: the shape of Meta-Llama-3-8B (random bf16 weights): a prefill costs what it costs there
 LLAMA3_8B = dict(TINYLLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
 MODELS = {"tinyllama": TINYLLAMA, "llama-3-8b": LLAMA3_8B}
-#: --quick: a model small enough for the CPU
-TINY = dict(TINYLLAMA, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
 
 #: EngineStats fields of the host tier this script reads; a missing one is read elsewhere and named
 _MISSING: dict[str, str] = {}
 
 
 # ---------------------------------------------------------------- helpers
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (as bench_engine.py), nan for no values."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
 
 
 def sync(device: torch.device) -> None:
@@ -571,14 +552,6 @@ def bench_preempt(args: argparse.Namespace, device: torch.device, model_box: dic
 
 
 # ---------------------------------------------------------------- main
-def git_commit() -> str:
-    try:
-        def git(*a: str) -> str:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain", "-uno") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
