@@ -49,19 +49,6 @@ def publish_all(t: RedisTier, ids: list[int], nbytes: int = LAYOUT.block_bytes) 
     assert t.flush(10)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture
-def redis(server: RedisServer) -> Iterator[RedisServer]:
-    """The module's server, emptied for each test."""
-    server.client().flushall()
-    yield server
-
-
 @pytest.fixture
 def tiers() -> Iterator[list[RedisTier]]:
     made: list[RedisTier] = []

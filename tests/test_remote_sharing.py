@@ -16,7 +16,6 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -25,18 +24,6 @@ from kvforge import CacheConfig, KVCache, RedisTier
 from tests.redis_server import RedisServer
 
 BS = 8
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture
-def redis(server: RedisServer) -> Iterator[RedisServer]:
-    server.client().flushall()
-    yield server
 
 
 def tier(server: RedisServer, namespace: str = "t", **kw) -> RedisTier:
