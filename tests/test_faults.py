@@ -10,6 +10,7 @@ invariants hold, and a failed operation changed nothing it promised not to.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -29,15 +30,22 @@ class InjectedFault(RuntimeError):
     """The copy failed (injected)."""
 
 
-def kv_of(tokens: list[int]) -> np.ndarray:
-    """Keys/values ``[len, LAYERS, 2, HEADS, DIM]`` of a token sequence: position p depends on tokens[:p+1]."""
-    out = np.empty((len(tokens), LAYERS, 2, HEADS, DIM), dtype=np.float32)
+@functools.lru_cache(maxsize=4096)
+def _kv(tokens: tuple[int, ...], heads: int) -> np.ndarray:
+    out = np.empty((len(tokens), LAYERS, 2, heads, DIM), dtype=np.float32)
     h = hashlib.blake2b(digest_size=8)
     for p, t in enumerate(tokens):
         h.update(int(t).to_bytes(8, "little"))
         seed = int.from_bytes(h.copy().digest(), "little")
-        out[p] = np.random.default_rng(seed).standard_normal((LAYERS, 2, HEADS, DIM), dtype=np.float32)
+        out[p] = np.random.default_rng(seed).standard_normal((LAYERS, 2, heads, DIM), dtype=np.float32)
+    out.setflags(write=False)
     return out
+
+
+def kv_of(tokens: list[int], heads: int = HEADS) -> np.ndarray:
+    """Keys/values ``[len, LAYERS, 2, heads, DIM]`` of a token sequence: position p depends on
+    tokens[:p+1] (a fresh, writable copy of a cached array)."""
+    return _kv(tuple(tokens), heads).copy()
 
 
 class Harness:

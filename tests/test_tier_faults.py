@@ -15,8 +15,6 @@ queued, the invariants hold, and a failed swap changed nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -30,29 +28,7 @@ from kvforge.core.keys import root_key
 from kvforge.errors import OutOfBlocksError
 from kvforge.storage.device import DeviceStorage
 from kvforge.storage.host import HostStorage
-
-LAYERS, DIM, BS = 2, 16, 8
-
-
-class InjectedFault(RuntimeError):
-    """The copy failed (injected)."""
-
-
-@functools.lru_cache(maxsize=4096)
-def _kv(tokens: tuple[int, ...], heads: int) -> np.ndarray:
-    out = np.empty((len(tokens), LAYERS, 2, heads, DIM), dtype=np.float32)
-    h = hashlib.blake2b(digest_size=8)
-    for p, t in enumerate(tokens):
-        h.update(int(t).to_bytes(8, "little"))
-        seed = int.from_bytes(h.copy().digest(), "little")
-        out[p] = np.random.default_rng(seed).standard_normal((LAYERS, 2, heads, DIM), dtype=np.float32)
-    out.setflags(write=False)
-    return out
-
-
-def kv_of(tokens: list[int], heads: int) -> np.ndarray:
-    """Keys/values ``[len, LAYERS, 2, heads, DIM]``: position p depends on tokens[:p+1]."""
-    return _kv(tuple(tokens), heads)
+from tests.test_faults import BS, DIM, LAYERS, InjectedFault, kv_of  # the same data model
 
 
 def as_block(kv: np.ndarray) -> torch.Tensor:
