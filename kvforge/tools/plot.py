@@ -285,18 +285,20 @@ def _swatch_handler() -> Any:
 def _legend(ax: Any) -> None:
     from matplotlib.patches import Patch
 
-    colors = _palette()[:6]
-    handles = [
-        _Swatches(colors),
-        _Swatches(_paler(colors, np.full(len(colors), 0.25))),
+    _owned_legend(ax, _palette()[:6], "held by one sequence (colour = sequence)", [
         Patch(color=_COLORS[SHARED], label="shared by several sequences"),
         Patch(color=_COLORS[CACHED], label="cached, evictable (no owner; kept for prefix reuse)"),
         Patch(facecolor=_COLORS[FREE], edgecolor="0.6", label="free"),
         Patch(facecolor=_COLORS[UNBACKED], edgecolor=_HATCH_COLOR, hatch=_UNBACKED_HATCH,
               label="not backed by device memory (released)"),
-    ]
-    labels = ["held by one sequence (colour = sequence)", "the same, partly filled (paler = emptier)"]
-    labels += [h.get_label() for h in handles[2:]]
+    ])
+
+
+def _owned_legend(ax: Any, colors: np.ndarray, owned: str, patches: list[Any]) -> None:
+    """A block map's legend: swatches of the owners' ``colors`` (full, then paler for partly
+    filled blocks), then one patch per other state, below the panel."""
+    handles = [_Swatches(colors), _Swatches(_paler(colors, np.full(len(colors), 0.25))), *patches]
+    labels = [owned, "the same, partly filled (paler = emptier)"] + [h.get_label() for h in patches]
     ax.legend(handles=handles, labels=labels, handler_map={_Swatches: _swatch_handler()}, loc="upper center",
               bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=7, frameon=False, handlelength=3.0)
 
@@ -351,21 +353,15 @@ def _host_legend(ax: Any, offset: int) -> None:
     from matplotlib.patches import Patch
 
     palette = _palette()
-    colors = palette[(np.arange(6) + offset) % len(palette)]
-    handles = [
-        _Swatches(colors),
-        _Swatches(_paler(colors, np.full(len(colors), 0.25))),
+    _owned_legend(ax, palette[(np.arange(6) + offset) % len(palette)],
+                  "held by a swapped sequence (colour = sequence)", [
         Patch(color=_HOST_COLORS[SHARED], label="shared by several swapped sequences"),
         Patch(color=_HOST_COLORS[CACHED], label="cached, host only (its device block was evicted)"),
         Patch(color=_HOST_COLORS[COPY], label="copy of a cached device block (on both tiers)"),
         Patch(facecolor=_HOST_COLORS[FREE], edgecolor="0.6", label="free"),
         Patch(facecolor=_HOST_COLORS[UNBACKED], edgecolor=_HATCH_COLOR, hatch=_UNBACKED_HATCH,
               label="no host memory yet (allocated on first use)"),
-    ]
-    labels = ["held by a swapped sequence (colour = sequence)", "the same, partly filled (paler = emptier)"]
-    labels += [h.get_label() for h in handles[2:]]
-    ax.legend(handles=handles, labels=labels, handler_map={_Swatches: _swatch_handler()}, loc="upper center",
-              bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=7, frameon=False, handlelength=3.0)
+    ])
 
 
 def _draw_host_map(ax: Any, hm: HostBlockMap, title: str, offset: int = 0, cols: int | None = None) -> None:
