@@ -92,9 +92,11 @@ class SwappedSequence:
         self.token_ids, self.num_pending, self.chain, self.shared_tail = token_ids, num_pending, chain, shared_tail
 
     def host_blocks(self) -> list[int]:
+        """Its host blocks, in position order."""
         return [b for b, h in zip(self.blocks, self.on_host) if h]
 
     def device_blocks(self) -> list[int]:
+        """The device blocks it still references (shared with running sequences), in position order."""
         return [b for b, h in zip(self.blocks, self.on_host) if not h]
 
 
@@ -120,6 +122,7 @@ class HostTier:
 
     @property
     def num_blocks(self) -> int:
+        """Host blocks of the tier (its budget)."""
         return self.pool.num_blocks
 
     # ------------------------------------------------------------ where
@@ -252,6 +255,7 @@ class HostTier:
         return self.pool.num_allocated_blocks + self.pool.num_evictable_blocks
 
     def stats(self) -> HostTierStats:
+        """A snapshot of the counters."""
         return HostTierStats(self.num_blocks, self.num_used_blocks(), len(self._keys) + len(self._copy),
                              len(self.swapped), self.spilled, self.spill_reuses, self.dropped, self.onboarded,
                              self.host_hit_tokens, self.swapped_out, self.swapped_in, self.failed_copies)

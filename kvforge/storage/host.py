@@ -106,6 +106,7 @@ class HostStorage:
     # ------------------------------------------------------------- memory
     @property
     def num_chunks(self) -> int:
+        """Host chunks allocated now."""
         return len(self._chunks)
 
     @property
@@ -115,6 +116,7 @@ class HostStorage:
 
     @property
     def is_pinned(self) -> bool:
+        """Whether the host chunks are pinned (page-locked): on a GPU machine."""
         return self._cuda
 
     def _ensure(self, max_block: int) -> None:

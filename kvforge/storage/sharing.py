@@ -125,7 +125,6 @@ class RemoteMethods:
             done = torch.cuda.Event()
             done.record(stream)
         main.wait_event(ready)  # the blocks may be overwritten once gathered
-        gathered.record_stream(stream)
 
         def payloads() -> list[Any]:
             done.synchronize()

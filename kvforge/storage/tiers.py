@@ -38,6 +38,7 @@ class TierUsage(NamedTuple):
 
     @property
     def use(self) -> float:
+        """``used_blocks / capacity_blocks`` (0 for a tier of no blocks)."""
         return self.used_blocks / self.capacity_blocks if self.capacity_blocks else 0.0
 
 
