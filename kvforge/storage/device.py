@@ -202,18 +202,21 @@ class DeviceStorage:
         dst = self.upload(arr[:, 1].copy())
         kernels.copy_blocks(self._chunks, src, dst, chunk_offsets=self._offsets, backend=self.backend)
 
-    def read_blocks(self, block_ids: np.ndarray) -> Tensor:
-        """Whole blocks, block-major: ``[n, num_layers, 2, block_size, kv_heads, head_dim]``
-        (a new device tensor, queued on the current stream)."""
-        cb, n = self.chunk_blocks, len(block_ids)
+    def read_blocks(self, block_ids: np.ndarray, out: Tensor | None = None) -> Tensor:
+        """Whole blocks, block-major ``[n, num_layers, 2, block_size, kv_heads, head_dim]``, into
+        ``out`` (or a new device tensor); queued on the current stream."""
         c = self.config
-        out = torch.empty((n, c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim), dtype=c.dtype,
-                          device=self.device)
+        if out is None:
+            out = torch.empty((len(block_ids), c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim),
+                              dtype=c.dtype, device=self.device)
+        cb = self.chunk_blocks
         for chunk in np.unique(block_ids // cb).tolist():
             pos = np.flatnonzero(block_ids // cb == chunk)
-            local = torch.as_tensor(block_ids[pos] % cb, device=self.device)
-            src = self._chunks[chunk].index_select(2, local).permute(2, 0, 1, 3, 4, 5)
-            out.index_copy_(0, torch.as_tensor(pos, device=self.device), src)
+            src = self._chunks[chunk].index_select(2, self.index(block_ids[pos] % cb)).permute(2, 0, 1, 3, 4, 5)
+            if len(pos) == len(block_ids):
+                out.copy_(src)
+            else:
+                out.index_copy_(0, self.index(pos), src)
         return out
 
     def write_blocks(self, block_ids: np.ndarray, data: Tensor) -> None:
@@ -223,9 +226,19 @@ class DeviceStorage:
         data = data.to(self.device, non_blocking=True)
         for chunk in np.unique(block_ids // cb).tolist():
             pos = np.flatnonzero(block_ids // cb == chunk)
-            src = data.index_select(0, torch.as_tensor(pos, device=self.device))
-            self._chunks[chunk].index_copy_(2, torch.as_tensor(block_ids[pos] % cb, device=self.device),
-                                            src.permute(1, 2, 0, 3, 4, 5))
+            src = data if len(pos) == len(block_ids) else data.index_select(0, self.index(pos))
+            self._chunks[chunk].index_copy_(2, self.index(block_ids[pos] % cb), src.permute(1, 2, 0, 3, 4, 5))
+
+    def index(self, values: np.ndarray) -> Tensor:
+        """Integer ``values`` as an int64 index tensor on the device. On a GPU it is staged
+        through pinned memory: a copy from pageable memory makes the host wait for the
+        stream's earlier work (a side stream's transfers)."""
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        if self.device.type != "cuda":
+            return t
+        pinned = torch.empty(t.shape, dtype=torch.int64, pin_memory=True)
+        pinned.copy_(t)
+        return pinned.to(self.device, non_blocking=True)
 
     def gather(self, layer: int, block_table: Sequence[int], num_tokens: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions ``0..num_tokens-1`` of a block table,

@@ -179,7 +179,7 @@ class HostStorage:
             d, h = dev[lo: lo + self.round_blocks], host[lo: lo + self.round_blocks]
             slot, stage = self._slot(len(d))
             with self._on(self.gather_stream, self._slot_free[slot]):
-                self._gather(d, stage)
+                self.device_storage.read_blocks(d, out=stage)
                 gathered = self._record(self.gather_stream)
             with self._on(self.stream, gathered):
                 for i, first, n in _runs(h, self.chunk_blocks):
@@ -208,7 +208,7 @@ class HostStorage:
                     stage[i: i + n].copy_(self._host_range(first, n), non_blocking=True)
                 arrived = self._record(self.stream)
             with self._on(self.gather_stream, arrived):
-                self._scatter(d, stage)
+                self.device_storage.write_blocks(d, stage)
                 self._slot_free[slot] = self._last = scattered = self._record(self.gather_stream)
         if main is not None and scattered is not None:
             main.wait_event(scattered)  # the next step reads these blocks
@@ -219,36 +219,6 @@ class HostStorage:
         """Host blocks ``first .. first + n - 1`` (one chunk: a run never crosses chunks here)."""
         c, off = divmod(first, self.chunk_blocks)
         return self._chunks[c][off: off + n]
-
-    def _gather(self, dev: np.ndarray, stage: Tensor) -> None:
-        """Device blocks ``dev`` into ``stage`` ``[n, layers, 2, block_size, heads, dim]``."""
-        cb, chunks = self.device_storage.chunk_blocks, self.device_storage.chunks
-        for c in np.unique(dev // cb).tolist():
-            pos = np.flatnonzero(dev // cb == c)
-            local = self._index(dev[pos] % cb)
-            src = chunks[c].index_select(2, local).permute(2, 0, 1, 3, 4, 5)
-            if len(pos) == len(dev):
-                stage.copy_(src)
-            else:
-                stage.index_copy_(0, self._index(pos), src)
-
-    def _scatter(self, dev: np.ndarray, stage: Tensor) -> None:
-        """``stage`` into device blocks ``dev``."""
-        cb, chunks = self.device_storage.chunk_blocks, self.device_storage.chunks
-        for c in np.unique(dev // cb).tolist():
-            pos = np.flatnonzero(dev // cb == c)
-            src = stage if len(pos) == len(dev) else stage.index_select(0, self._index(pos))
-            chunks[c].index_copy_(2, self._index(dev[pos] % cb), src.permute(1, 2, 0, 3, 4, 5))
-
-    def _index(self, values: np.ndarray) -> Tensor:
-        """Block indices on the device. Staged through pinned memory: a copy from pageable
-        memory would make the host wait for the side stream's earlier transfers."""
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-        if not self._cuda:
-            return t
-        pinned = torch.empty(t.shape, dtype=torch.int64, pin_memory=True)
-        pinned.copy_(t)
-        return pinned.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------- streams
     def _begin(self) -> torch.cuda.Stream | None:
