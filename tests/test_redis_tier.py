@@ -455,5 +455,40 @@ def test_checksums_of_a_large_batch_run_on_several_threads_and_still_refuse(redi
     assert t.stats().bad_checksum == 1
     with pytest.raises(ConfigError, match="check_threads"):
         RedisTier(redis.url(), check_threads=0)
+    with pytest.raises(ConfigError, match="fetch_threads"):
+        RedisTier(redis.url(), fetch_threads=0)
     with pytest.raises(ConfigError, match="fetch_budget"):
         RedisTier(redis.url(), fetch_budget=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_batches_in_flight_return_the_same_run_and_stop_at_a_miss(redis: RedisServer, tiers: list[RedisTier],
+                                                                   threads: int) -> None:
+    """With several MGETs in flight the payloads come back in key order; a missing
+    block cuts the run there even when later batches were already on the wire."""
+    t = tier_on(redis, f"in-flight-{threads}", batch_size=2, fetch_threads=threads)
+    tiers.append(t)
+    publish_all(t, [i for i in range(20) if i != 13])
+    assert [bytes(p) for p in t.fetch([key(i) for i in range(13)])] == [payload(i) for i in range(13)]
+    assert [bytes(p) for p in t.fetch([key(i) for i in range(20)])] == [payload(i) for i in range(13)]
+    s = t.stats()
+    assert (s.hits, s.misses) == (26, 7)
+    assert (t._fetchers is not None) == (threads > 1)
+
+
+def test_read_bandwidth_is_measured_on_fetches_of_a_mebibyte_or_more(redis: RedisServer,
+                                                                     tiers: list[RedisTier]) -> None:
+    layout = RemoteLayout("m", "float32", 16, 2, 2, 16, 0, 1, 256 * 1024)
+    t = RedisTier(redis.url(), "bandwidth", timeout=2.0, batch_size=2)
+    tiers.append(t)
+    t.bind(layout)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    t.publish(keys, lambda: [bytes([i]) * layout.block_bytes for i in range(6)])
+    assert t.flush(10.0)
+    assert t.read_bandwidth is None
+    assert len(t.fetch(keys[:2])) == 2  # half a MiB: latency, not bandwidth
+    assert t.read_bandwidth is None
+    assert len(t.fetch(keys)) == 6
+    first = t.read_bandwidth
+    assert first is not None and first > 0
+    assert len(t.fetch(keys)) == 6 and t.read_bandwidth != first  # a running mean

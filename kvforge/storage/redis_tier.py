@@ -29,7 +29,9 @@ valid values, so the server must be reachable by trusted clients only
 (password, TLS, network).
 
 Reads. :meth:`RedisTier.fetch` asks in batches of ``batch_size`` keys (one
-``MGET`` each) and stops at the first value that is missing or fails a check
+``MGET`` each, ``fetch_threads`` of them in flight on the reader's connection
+pool: one client connection's parsing holds the GIL, two overlap it with the
+server's sending and the checks) and stops at the first value that is missing or fails a check
 (size, header, fingerprint, key, length, checksum: each refusal is counted),
 so it returns the longest valid run from the first key, each payload a
 read-only :class:`memoryview` of ``layout.block_bytes`` bytes.
@@ -77,9 +79,9 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import fields
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from kvforge.core.keys import DIGEST, check_keys
@@ -103,6 +105,10 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SECRET_PARAMS = {"password", "ssl_password"}
 #: seconds between two log lines of one kind of fault
 _LOG_EVERY = 30.0
+#: fetches of fewer value bytes say more about latency than bandwidth: not measured
+_MEASURE_BYTES = 1 << 20
+#: weight of the newest fetch in the running mean of the read bandwidth
+_EMA_WEIGHT = 0.3
 
 
 class _Job(NamedTuple):
@@ -159,18 +165,20 @@ def _import_redis() -> Any:
 class RedisTier:
     """A :class:`~kvforge.storage.remote.RemoteTier` on a Redis server (see the module docstring).
 
-    Owns two client connections (one for :meth:`fetch`, called on the cache's
+    Owns two connection pools (one for :meth:`fetch`, called on the cache's
     thread; one for the writer thread), the writer thread and its queue.
     ``model`` names the weights when the cache's layout does not; ``ttl`` is
     in seconds (None: no expiry); ``timeout`` bounds every server call;
     ``max_pending`` publish jobs may wait; ``batch_size`` keys go in one
-    ``MGET`` or pipeline; ``retry_after`` seconds of back-off follow a
-    connection fault. Nothing connects before the first call."""
+    ``MGET`` or pipeline, and a fetch keeps ``fetch_threads`` such ``MGET`` in
+    flight; ``retry_after`` seconds of back-off follow a connection fault.
+    Nothing connects before the first call."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", namespace: str = "default", *,
                  model: str | None = None, ttl: float | None = None, timeout: float = 0.25,
                  max_pending: int = 256, batch_size: int = 32, retry_after: float = 1.0,
-                 recent_keys: int = 65536, fetch_budget: float = 2.0, check_threads: int = 4) -> None:
+                 recent_keys: int = 65536, fetch_budget: float = 2.0, check_threads: int = 4,
+                 fetch_threads: int = 2) -> None:
         self._url = url
         self._secrets = _secrets_of(url)
         where = f"RedisTier({_redact(url)!r})"
@@ -185,8 +193,9 @@ class RedisTier:
             raise ConfigError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
         if not (isinstance(fetch_budget, (int, float)) and fetch_budget > 0):
             raise ConfigError(f"{where}: fetch_budget must be a positive number of seconds, got {fetch_budget!r}")
-        if type(check_threads) is not int or check_threads < 1:
-            raise ConfigError(f"{where}: check_threads must be an int >= 1, got {check_threads!r}")
+        for name, value in (("check_threads", check_threads), ("fetch_threads", fetch_threads)):
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{where}: {name} must be an int >= 1, got {value!r}")
         if not (isinstance(retry_after, (int, float)) and retry_after >= 0):
             raise ConfigError(f"{where}: retry_after must be >= 0 seconds, got {retry_after!r}")
         for name, value in (("max_pending", max_pending), ("batch_size", batch_size), ("recent_keys", recent_keys)):
@@ -199,6 +208,9 @@ class RedisTier:
         self.fetch_budget = float(fetch_budget)
         self.check_threads = check_threads
         self._checkers: ThreadPoolExecutor | None = None  # checksums of a batch in parallel (made on first use)
+        self.fetch_threads = fetch_threads
+        self._fetchers: ThreadPoolExecutor | None = None  # batches in flight at once (made on first use)
+        self._read_bandwidth: float | None = None
         self.retry_after = float(retry_after)
         self.batch_size = batch_size
         self.max_pending = max_pending
@@ -278,8 +290,9 @@ class RedisTier:
         memoryviews of ``layout.block_bytes`` bytes); ``[]`` in back-off, when closed,
         or on any server fault. Waits at most about ``fetch_budget + timeout``: no batch
         starts after ``fetch_budget`` seconds, and each call has its own socket timeout
-        (a dead or hung server costs one ``timeout``, then back-off). Checksums of a
-        batch are computed on ``check_threads`` threads."""
+        (a dead or hung server costs one ``timeout``, then back-off). Up to
+        ``fetch_threads`` batches are in flight at once; checksums of a batch are
+        computed on ``check_threads`` threads while the next batches arrive."""
         self._check_bound("fetch")
         check_keys(keys, "RedisTier.fetch keys")
         keys = list(keys)
@@ -292,14 +305,11 @@ class RedisTier:
         if start < self._down_until:
             self._add(backoff_fetches=1, misses=len(keys))
             return out
-        deadline = start + self.fetch_budget
         nbytes = 0
-        for lo in range(0, len(keys), self.batch_size):
-            batch = keys[lo:lo + self.batch_size]
-            if lo and time.monotonic() > deadline:
-                break
-            values = self._call("fetch", self._reader.mget, [self.name_of(k) for k in batch])
-            if values is None:
+        batches = [keys[lo:lo + self.batch_size] for lo in range(0, len(keys), self.batch_size)]
+        for lo, (batch, values) in zip(range(0, len(keys), self.batch_size),
+                                       self._batches(batches, start + self.fetch_budget)):
+            if values is None:  # a fault, or the budget spent
                 break
             run = 0
             digests = self._digests(values)
@@ -316,9 +326,58 @@ class RedisTier:
                 self._forget(keys[lo + run:])
                 break
         self._add(hits=len(out), misses=len(keys) - len(out), bytes_read=nbytes)
+        self._measure(nbytes, time.monotonic() - start)
         if self.ttl is None:  # with a ttl, a read says nothing of when the value expires
             self._remember(keys[:len(out)])
         return out
+
+    def _batches(self, batches: list[list[bytes]], deadline: float) -> Iterator[tuple[list[bytes], Any]]:
+        """``(batch, values)`` in order, values None after a fault or once ``deadline``
+        passed before the batch started (never for the first); ``fetch_threads``
+        batches in flight. The caller stops reading at the first miss: batches not
+        started then are cancelled, those on the wire are discarded."""
+        def get(i: int) -> Any:
+            if i and time.monotonic() > deadline:
+                return None
+            return self._call("fetch", self._reader.mget, [self.name_of(k) for k in batches[i]])
+        if self.fetch_threads == 1 or len(batches) == 1:
+            for i, batch in enumerate(batches):
+                values = get(i)
+                yield batch, values
+                if values is None:
+                    return
+            return
+        if self._fetchers is None:
+            self._fetchers = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="kvforge-redis-fetch")
+        pending = deque(self._fetchers.submit(get, i) for i in range(min(self.fetch_threads, len(batches))))
+        try:
+            for i, batch in enumerate(batches):
+                values = pending.popleft().result()
+                if values is not None and i + len(pending) + 1 < len(batches):
+                    pending.append(self._fetchers.submit(get, i + len(pending) + 1))
+                yield batch, values
+                if values is None:
+                    return
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _measure(self, nbytes: int, seconds: float) -> None:
+        """Fold a fetch of at least :data:`_MEASURE_BYTES` into :attr:`read_bandwidth`."""
+        if nbytes < _MEASURE_BYTES or seconds <= 0:
+            return
+        rate = nbytes / seconds
+        with self._lock:
+            old = self._read_bandwidth
+            self._read_bandwidth = rate if old is None else (1 - _EMA_WEIGHT) * old + _EMA_WEIGHT * rate
+
+    @property
+    def read_bandwidth(self) -> float | None:
+        """Bytes per second of recent fetches (value bytes over the time from the call to
+        the checked payloads), a running mean over fetches of at least 1 MiB; None
+        before the first. The engine compares it with its prefill rate to decide
+        whether fetching a prompt's blocks beats computing them."""
+        return self._read_bandwidth
 
     def _digests(self, values: Sequence[bytes | None]) -> list[bytes | None]:
         """BLAKE2b-128 of each value's payload (None: no value), computed in parallel:
@@ -414,8 +473,9 @@ class RedisTier:
                 client.close()
             except Exception:  # closing a broken connection must not raise from close()
                 pass
-        if self._checkers is not None:
-            self._checkers.shutdown(wait=False)
+        for pool in (self._checkers, self._fetchers):
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     def _write_loop(self) -> None:
         while True:
