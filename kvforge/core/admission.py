@@ -122,6 +122,12 @@ class SequenceAdmission:
         return _Admission(tokens, reserve, keys, hits, host_hits, blocks_for_tokens(reserve, bs) - len(hits),
                           revived)
 
+    def remote_candidates(self, prompt_token_ids: Sequence[int], salt: Hashable | None = None) -> list[BlockKey]:
+        """The keys of the prompt's full blocks after its local (device and host) hits: what
+        an admission now would look for in the remote tier. Changes nothing."""
+        plan = self._plan_admission(None, prompt_token_ids, salt)
+        return plan.keys[len(plan.hits) + len(plan.host_hits):]
+
     def add_sequence(self, seq_id: SeqId, prompt_token_ids: Sequence[int] | None = None,
                      salt: Hashable | None = None, *, num_tokens: int | None = None) -> AddSequenceResult:
         """Start a sequence; with a prompt, reuse its longest cached prefix.

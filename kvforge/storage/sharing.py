@@ -8,7 +8,9 @@ binds the tier (:class:`~kvforge.storage.remote.RemoteTier`, e.g.
   the prompt's full blocks after its device and host hits are asked of the
   remote tier in one batch, and the run it holds is copied into new device
   blocks, registered in the prefix index and counted in
-  ``num_cached_tokens`` (``prefix_stats().remote_hit_tokens``);
+  ``num_cached_tokens`` (``prefix_stats().remote_hit_tokens``), unless
+  ``remote_fetch_policy(num_tokens, num_bytes)`` says computing them is
+  cheaper (the engine sets one: :mod:`kvforge.engine.fetch_policy`);
 - :meth:`RemoteMethods.publish` shares a sequence's full, keyed blocks. The
   cache copies them out of the device on a side stream (the compute stream
   waits only for the on-device gather, so the blocks may be reused at once)
@@ -23,10 +25,13 @@ learns they are gone: a restarted or evicting server).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Hashable
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from kvforge.errors import KVForgeError
 from kvforge.storage.remote import RemoteLayout, RemoteTier
@@ -36,11 +41,27 @@ if TYPE_CHECKING:
     from kvforge.core.manager import BlockManager
     from kvforge.storage.device import DeviceStorage
 
-__all__ = ["RemoteMethods"]
+__all__ = ["RemoteFetch", "RemoteMethods"]
 
 log = logging.getLogger(__name__)
 
 SeqId = Hashable
+
+#: bytes of one round of a copy from the remote tier (each of two pinned staging buffers)
+STAGING_BYTES = 64 << 20
+#: prefetched payloads kept for admissions to come, at most (the oldest dropped first)
+PREFETCH_BYTES = 1 << 30
+
+
+class RemoteFetch(NamedTuple):
+    """A prefetch in flight (:meth:`RemoteMethods.prefetch_remote`): the keys asked, the future of the payloads."""
+
+    keys: list[bytes]
+    future: Future
+
+    def done(self) -> bool:
+        """Whether the fetch finished (found blocks or not)."""
+        return self.future.done()
 
 
 class RemoteMethods:
@@ -55,6 +76,17 @@ class RemoteMethods:
     def _wire_remote(self, remote: RemoteTier | None, model: str) -> None:
         self.remote = remote
         self._remote_payloads: list[Any] = []
+        #: ``policy(num_tokens, num_bytes) -> bool``: whether to fetch a prompt's blocks
+        #: beyond its local hits from the remote tier (None: always); the engine sets it
+        self.remote_fetch_policy: Callable[[int, int], bool] | None = None
+        #: True: admissions use only what :meth:`prefetch_remote` brought (the engine's scheduler
+        #: prefetches, so the step loop never waits for the network); False: they fetch themselves
+        self.remote_prefetching = False
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetched: OrderedDict[bytes, Any] = OrderedDict()  # block key -> payload, oldest first
+        self._prefetched_bytes = 0
+        self._remote_bufs: list[Tensor | None] = [None, None]  # pinned, for copies from the remote tier
+        self._remote_uploads: list[Any] = [None, None]  # the event of the upload that last read each
         self._publish_stream = torch.cuda.Stream(self.device) if remote is not None and \
             self.device.type == "cuda" else None
         if remote is None:
@@ -70,23 +102,93 @@ class RemoteMethods:
         self.manager.copy_from_remote = self._copy_from_remote
 
     # ------------------------------------------------------------- fetch
+    def prefetch_remote(self, prompt_token_ids: Sequence[int], salt: Hashable | None = None) -> RemoteFetch | None:
+        """Start fetching, in the background, the prompt's full blocks beyond its local
+        hits from the remote tier; None when there is nothing to ask for or
+        ``remote_fetch_policy`` declines. Once the handle is :meth:`~RemoteFetch.done`,
+        :meth:`take_prefetched` keeps its payloads for the prompt's admission, which
+        then copies them in without waiting for the network."""
+        if self.remote is None:
+            raise KVForgeError("prefetch_remote(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
+        keys = self.manager.remote_candidates(prompt_token_ids, salt)
+        c = self.config
+        policy = self.remote_fetch_policy
+        if not keys or (policy is not None and not policy(len(keys) * c.block_size, len(keys) * c.bytes_per_block)):
+            return None
+        if self._prefetcher is None:  # one thread: the tier's own threads parallelise a fetch
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvforge-remote-prefetch")
+        return RemoteFetch(keys, self._prefetcher.submit(self.remote.fetch, keys))
+
+    def take_prefetched(self, fetch: RemoteFetch) -> int:
+        """Keep a finished prefetch's payloads for admission (the oldest kept are dropped
+        beyond :data:`PREFETCH_BYTES`); return how many blocks it found (0 if it failed)."""
+        try:
+            payloads = fetch.future.result(timeout=0)
+        except Exception as exc:  # the tier never raises for the server's trouble; anything else: a miss
+            log.warning("the remote tier's prefetch failed (%s); the prompt is computed", exc)
+            return 0
+        kept = self._prefetched
+        for key, payload in zip(fetch.keys, payloads):
+            if key in kept:
+                self._prefetched_bytes -= len(kept.pop(key))
+            kept[key] = payload
+            self._prefetched_bytes += len(payload)
+        while self._prefetched_bytes > PREFETCH_BYTES and kept:
+            self._prefetched_bytes -= len(kept.popitem(last=False)[1])
+        return len(payloads)
+
     def _fetch_remote(self, keys: list[bytes]) -> int:
-        self._remote_payloads = list(self.remote.fetch(keys))  # type: ignore[union-attr]
-        return len(self._remote_payloads)
+        """Admission's remote lookup: the prefetched run first; without one, a fetch now
+        (unless the engine prefetches: ``remote_prefetching``) if the policy allows."""
+        run: list[Any] = []
+        for key in keys:
+            payload = self._prefetched.pop(key, None)
+            if payload is None:
+                break
+            self._prefetched_bytes -= len(payload)
+            run.append(payload)
+        if not run and not self.remote_prefetching:
+            policy = self.remote_fetch_policy
+            c = self.config
+            if policy is None or policy(len(keys) * c.block_size, len(keys) * c.bytes_per_block):
+                run = list(self.remote.fetch(keys))  # type: ignore[union-attr]
+        self._remote_payloads = run
+        return len(run)
 
     def _copy_from_remote(self, device_blocks: list[int]) -> None:
+        """Write the fetched payloads into ``device_blocks``: rounds of at most
+        :data:`STAGING_BYTES` packed into two alternating pinned buffers, so packing a
+        round overlaps the upload of the one before."""
         payloads, self._remote_payloads = self._remote_payloads[: len(device_blocks)], []
         c = self.config
         size = c.bytes_per_block
         if len(payloads) != len(device_blocks) or any(len(p) != size for p in payloads):
             raise KVForgeError(f"the remote tier returned {len(payloads)} payload(s) for {len(device_blocks)} "
                                f"block(s), or one of a size other than {size} bytes")
-        raw = np.frombuffer(b"".join(payloads), dtype=np.uint8).copy()
-        data = torch.from_numpy(raw).view(c.dtype).reshape(
-            len(payloads), c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
-        if self.device.type == "cuda":
-            data = data.pin_memory()
-        self.storage.write_blocks(np.asarray(device_blocks, dtype=np.int64), data)
+        per_round = max(1, STAGING_BYTES // size)
+        ids = np.asarray(device_blocks, dtype=np.int64)
+        for r, lo in enumerate(range(0, len(payloads), per_round)):
+            part = payloads[lo:lo + per_round]
+            buf = self._remote_staging(r % 2, len(part) * size)
+            flat = buf[: len(part) * size].numpy()
+            for i, payload in enumerate(part):
+                flat[i * size:(i + 1) * size] = np.frombuffer(payload, dtype=np.uint8)
+            data = buf[: len(part) * size].view(c.dtype).reshape(
+                len(part), c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
+            self.storage.write_blocks(ids[lo:lo + len(part)], data)
+            if self._remote_uploads[r % 2] is not None:
+                self._remote_uploads[r % 2].record(torch.cuda.current_stream(self.device))
+
+    def _remote_staging(self, i: int, nbytes: int) -> Tensor:
+        """Staging buffer ``i`` (0 or 1) of at least ``nbytes``, once the upload that last read it is done."""
+        buf = self._remote_bufs[i]
+        if self._remote_uploads[i] is not None:
+            self._remote_uploads[i].synchronize()
+        if buf is None or buf.numel() < nbytes:
+            cuda = self.device.type == "cuda"
+            buf = self._remote_bufs[i] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+            self._remote_uploads[i] = torch.cuda.Event() if cuda else None
+        return buf
 
     # ------------------------------------------------------------- publish
     def publish(self, seq_id: SeqId) -> int:
