@@ -15,19 +15,28 @@ one aligned table with its baseline from the same run and the ratio:
    The tier is timed with ``--tier-timeout`` as its timeout and fetch budget (its
    defaults, 0.25 s and 2 s, bound a fetch: the last column says how many of the N
    blocks a fetch with the defaults returns).
-2. sharing: two engine instances in two spawned processes, the same config and
-   seed (so the same identity and layout), over one ``RedisTier`` namespace
-   unique to the run. Instance A serves a shared-prefix workload (a few long
-   system prompts, each followed by distinct user messages) and flushes its
-   tier; instance B then serves new user messages after the same system prompts
-   plus some exact repeats of A's prompts, closed-loop (``--concurrency``
-   requests in flight). Baseline: B served by an instance without a remote tier
-   (a third process, same workload). For B: prefix hit rate, remote hit tokens,
-   prompt tokens computed, TTFT p50/p99 (all requests, and by kind); B's greedy
-   outputs must equal the baseline's (asserted: "outputs equal").
+2. sharing: engine instances in spawned processes, the same config and seed
+   (so the same identity and layout), over ``RedisTier`` namespaces unique to
+   the run. Instance A serves a shared-prefix workload (a few long system
+   prompts, each followed by distinct user messages) and flushes its tier;
+   instance B then serves new user messages after the same system prompts plus
+   some exact repeats of A's prompts, closed-loop (``--concurrency`` requests
+   in flight), once with ``remote_fetch="auto"`` (fetch when the measured tier
+   bandwidth beats the measured prefill rate) and once with ``"always"``, each
+   over a namespace an A of its own filled. Baseline: B served by an instance
+   without a remote tier (same workload). For B: prefix hit rate, remote hit
+   tokens, fetches and declined fetches, prompt tokens computed, TTFT
+   p50/p99 (all requests, and by kind). Outputs: B with ``"always"`` must
+   equal a control instance that computes A's prompts itself before B's (the
+   same KV bytes: asserted); against the baseline, float32 on the CPU must
+   agree exactly (asserted) and bf16 on a GPU is reported as greedy agreement
+   (B's own batches round differently from A's, and a random-weight model's
+   logits are near ties).
 
-Models (random weights, no checkpoint): ``--device cuda``: a TinyLlama-1.1B
-shape in bf16 (the model of bench_engine.py); the CPU: a moderate float32 Llama
+Models (random weights, no checkpoint): ``--device cuda``: ``--sharing-model
+tinyllama`` a TinyLlama-1.1B shape in bf16 (the model of bench_engine.py), or
+``llama-405b-4l``, Llama-3.1-405B's layer shape with 4 layers (the most prefill
+compute per byte of KV); the CPU: a moderate float32 Llama
 (hidden 512, 6 layers: TTFT is dominated by prefill); ``--quick``: a tiny model
 and tiny shapes on the CPU (a smoke run, well under a minute).
 
@@ -36,7 +45,7 @@ in /usr/bin) unless ``--url`` names one; the run's keys live in a namespace of
 their own (deleted at the end when the server is ours).
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_remote.py [--only throughput|sharing] [--quick]
-[--device cpu|cuda] [--url redis://host:port/0] [--json out.json]``
+[--device cpu|cuda] [--sharing-model tinyllama|llama-405b-4l] [--url redis://host:port/0] [--json out.json]``
 """
 from __future__ import annotations
 
@@ -71,6 +80,15 @@ SECTIONS = ("throughput", "sharing")
 #: the CPU default: big enough that a prompt's prefill dominates its TTFT, small enough for 2 cores
 CPU_MODEL = dict(TINYLLAMA, vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                  num_attention_heads=8, num_key_value_heads=4, torch_dtype="float32")
+
+#: Llama-3.1-405B's layer shape with 4 of its 126 layers (17B parameters in bf16): the largest dense
+#: models spend the most compute per byte of KV (6.4 GFLOP of prefill per token and layer, 4 KiB of
+#: KV), so on a fast GPU their prompts are where fetching beats computing
+LLAMA_405B_4L = dict(TINYLLAMA, vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_hidden_layers=4,
+                     num_attention_heads=128, num_key_value_heads=8, max_position_embeddings=8192)
+#: --sharing-model choices (the GPU's; the CPU runs CPU_MODEL, --quick TINY)
+SHARING_MODELS = {"tinyllama": ("TinyLlama-1.1B shape", TINYLLAMA),
+                  "llama-405b-4l": ("Llama-3.1-405B layer shape, 4 layers", LLAMA_405B_4L)}
 
 #: block shapes of the throughput section: (label, layers, KV heads, head_dim, dtype bytes), block of 16 tokens
 BLOCK_SHAPES = {"tinyllama": ("TinyLlama-1.1B", 22, 4, 64, 2), "llama-3-8b": ("Llama-3-8B", 32, 8, 128, 2)}
@@ -328,6 +346,8 @@ def serve_instance(spec: dict[str, Any]) -> dict[str, Any]:
 
     t = time.perf_counter()
     run_loop(engine, spec["warm"], spec["concurrency"], spec["new_tokens"])
+    if spec.get("pre"):  # the control: compute another instance's prompts here first
+        run_loop(engine, spec["pre"], spec["concurrency"], spec["new_tokens"])
     sync()
     warm_s = time.perf_counter() - t
     before = engine.stats()
@@ -349,6 +369,8 @@ def serve_instance(spec: dict[str, Any]) -> dict[str, Any]:
         token_ids=[list(o.token_ids) for o in outs],
         query_tokens=p1.query_tokens - p0.query_tokens, hit_tokens=p1.hit_tokens - p0.hit_tokens,
         remote_hit_tokens=p1.remote_hit_tokens - p0.remote_hit_tokens,
+        fetches=after.num_remote_fetches - before.num_remote_fetches,
+        declined=after.num_remote_fetches_declined - before.num_remote_fetches_declined,
         prompt_computed=after.num_prompt_tokens_computed - before.num_prompt_tokens_computed,
         generated=after.num_generated_tokens - before.num_generated_tokens,
         prompt_tokens=sum(len(p) for p in spec["prompts"]))
@@ -369,7 +391,8 @@ def in_process(spec: dict[str, Any]) -> dict[str, Any]:
 
 def bench_sharing(args: argparse.Namespace, url: str, run_id: str) -> dict[str, Any]:
     cuda = args.device == "cuda"
-    hf = TINY if args.quick else (TINYLLAMA if cuda else CPU_MODEL)
+    name, hf = (("tiny Llama", TINY) if args.quick else SHARING_MODELS[args.sharing_model] if cuda else
+                ("moderate Llama", CPU_MODEL))
     dtype = "bfloat16" if hf["torch_dtype"] == "bfloat16" else "float32"
     bs = 16
     wl = make_workload(args, hf["vocab_size"])
@@ -381,44 +404,51 @@ def bench_sharing(args: argparse.Namespace, url: str, run_id: str) -> dict[str, 
     engine_opts = dict(num_blocks=num_blocks, block_size=bs, max_num_seqs=args.concurrency,
                        max_model_len=-(-(longest + 16) // 256) * 256,
                        max_num_batched_tokens=args.max_num_batched_tokens)
-    namespace = f"{run_id}-share"
     # one torch thread on the CPU: several spin against any other load on a small, shared machine
     # (10x slower prefills seen on 2 cores); torch's default on a GPU
     threads = args.threads if args.threads is not None else (0 if cuda else 1)
     base_spec = dict(hf=hf, device=args.device, dtype=dtype, seed=args.seed, engine=engine_opts,
                      concurrency=args.concurrency, new_tokens=args.new_tokens, threads=threads,
-                     remote_timeout=args.remote_timeout, namespace=namespace)
+                     remote_timeout=args.remote_timeout, warm=wl["warm"])
     bpb = model_block_bytes(hf, bs)
     shape = (f"hidden {hf['hidden_size']}, {hf['num_hidden_layers']} layers, {hf['num_attention_heads']} heads, "
              f"{hf['num_key_value_heads']} KV heads, vocab {hf['vocab_size']}, {dtype}")
-    name = ("TinyLlama-1.1B shape" if hf is TINYLLAMA else "tiny Llama" if hf is TINY else "moderate Llama")
     print(f"\n## 2. sharing: {name} ({shape}), random weights, seed {args.seed}, on {args.device}; "
           f"block {bs} tokens = {bpb / 1024:,.0f} KiB; {args.systems} system prompts of {args.system_len} tokens, "
           f"user messages {args.user_len[0]}-{args.user_len[1]} tokens, {args.new_tokens} new tokens (greedy); "
           f"A: {len(wl['a'])} requests; B: {len(wl['b'])} requests ({args.b_per_system} new per system prompt, "
           f"{args.b_repeats} exact repeats of A), {args.concurrency} in flight; each instance a spawned process "
-          f"with {num_blocks} blocks, warmed up on {len(wl['warm'])} other prompts; namespace {namespace!r}\n")
+          f"with {num_blocks} blocks, warmed up on {len(wl['warm'])} other prompts\n")
 
     runs: dict[str, dict[str, Any]] = {}
-    t = time.perf_counter()
-    runs["A"] = in_process(dict(base_spec, url=url, prompts=wl["a"], warm=wl["warm"]))
-    print(f"# instance A: {len(wl['a'])} requests in {runs['A']['seconds']:.1f} s (build {runs['A']['build_s']:.1f} s),"
-          f" published {runs['A']['remote_total']['blocks_written']} blocks "
-          f"({runs['A']['remote_total']['bytes_written'] / 2**20:,.1f} MiB), flush {runs['A']['flush_s']:.2f} s; "
-          f"process {time.perf_counter() - t:.1f} s", flush=True)
-    t = time.perf_counter()
-    runs["B"] = in_process(dict(base_spec, url=url, prompts=wl["b"], warm=wl["warm"]))
-    print(f"# instance B (remote tier): {len(wl['b'])} requests in {runs['B']['seconds']:.1f} s; "
-          f"process {time.perf_counter() - t:.1f} s", flush=True)
-    t = time.perf_counter()
-    runs["B0"] = in_process(dict(base_spec, url=None, prompts=wl["b"], warm=wl["warm"]))
-    print(f"# instance B (no remote tier): {len(wl['b'])} requests in {runs['B0']['seconds']:.1f} s; "
-          f"process {time.perf_counter() - t:.1f} s", flush=True)
-    a, b, b0 = runs["A"], runs["B"], runs["B0"]
-    assert a["identity"] == b["identity"] == b0["identity"], "instances of one config and seed must share an identity"
 
-    mismatched = [i for i, (x, y) in enumerate(zip(b["token_ids"], b0["token_ids"])) if x != y]
-    outputs_equal = not mismatched and len(b["token_ids"]) == len(b0["token_ids"])
+    def run(label: str, what: str, **spec: Any) -> dict[str, Any]:
+        t = time.perf_counter()
+        r = runs[label] = in_process(dict(base_spec, **spec))
+        extra = ""
+        if label.startswith("A"):
+            extra = (f", published {r['remote_total']['blocks_written']} blocks "
+                     f"({r['remote_total']['bytes_written'] / 2**20:,.1f} MiB), flush {r['flush_s']:.2f} s")
+        elif "remote" in r:
+            extra = f", {r['fetches']} fetches, {r['declined']} declined"
+        print(f"# {what}: {len(spec['prompts'])} requests in {r['seconds']:.1f} s (build {r['build_s']:.1f} s)"
+              f"{extra}; process {time.perf_counter() - t:.1f} s", flush=True)
+        return r
+
+    # each B over a namespace of its own, holding only what an A published (B publishes too)
+    for mode in ("auto", "always"):
+        ns = f"{run_id}-share-{mode}"
+        run(f"A-{mode}", f"instance A (namespace {ns!r})", url=url, namespace=ns, prompts=wl["a"])
+        run(f"B-{mode}", f"instance B, remote_fetch={mode!r}", url=url, namespace=ns, prompts=wl["b"],
+            engine=dict(engine_opts, remote_fetch=mode))
+    run("B0", "instance B, no remote tier", url=None, namespace=None, prompts=wl["b"])
+    run("C", "control: instance B computing A's prompts itself first, no remote tier", url=None, namespace=None,
+        prompts=wl["b"], pre=wl["a"])
+    ids = {k: {r["identity"] for r in runs.values()} for k in ("all",)}
+    assert len(ids["all"]) == 1, "instances of one config and seed must share an identity"
+
+    def differ(x: str, y: str) -> list[int]:
+        return [i for i, (p, q) in enumerate(zip(runs[x]["token_ids"], runs[y]["token_ids"])) if p != q]
 
     def summary(r: dict[str, Any]) -> dict[str, Any]:
         q = r["query_tokens"] or 1
@@ -431,42 +461,57 @@ def bench_sharing(args: argparse.Namespace, url: str, run_id: str) -> dict[str, 
                     ttft_p50_ms=1e3 * pct(r["ttft"], 50), ttft_p99_ms=1e3 * pct(r["ttft"], 99),
                     ttft_mean_ms=1e3 * statistics.fmean(r["ttft"]),
                     **{f"ttft_p50_ms[{k}]": 1e3 * pct(v, 50) for k, v in kinds.items()},
-                    num_by_kind={k: len(v) for k, v in kinds.items()})
+                    num_by_kind={k: len(v) for k, v in kinds.items()}, fetches=r["fetches"], declined=r["declined"])
 
-    sb, s0 = summary(b), summary(b0)
-    rows = []
+    summ = {k: summary(runs[k]) for k in ("B0", "B-auto", "B-always")}
+    s0 = summ["B0"]
     spec = [("prefix hit rate", "hit_rate", "{:.1%}", None), ("of which remote", "remote_hit_rate", "{:.1%}", None),
             ("remote hit tokens", "remote_hit_tokens", "{:,}", None), ("prefix hit tokens", "hit_tokens", "{:,}", None),
+            ("remote fetches / declined", None, None, None),
             ("prompt tokens computed", "prompt_computed", "{:,}", True),
             ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}", True), ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}", True),
             ("TTFT mean ms", "ttft_mean_ms", "{:.1f}", True)]
     for kind in ("first of its system prompt", "new user message", "exact repeat of A"):
-        if kind in sb["num_by_kind"]:
-            spec.append((f"TTFT p50 ms, {kind} ({sb['num_by_kind'][kind]})", f"ttft_p50_ms[{kind}]", "{:.1f}", True))
+        if kind in s0["num_by_kind"]:
+            spec.append((f"TTFT p50 ms, {kind} ({s0['num_by_kind'][kind]})", f"ttft_p50_ms[{kind}]", "{:.1f}", True))
     spec.append(("wall s", "seconds", "{:.2f}", True))
+    rows = []
     for label, key, fmt, lower_better in spec:
-        x, y = sb[key], s0[key]
-        rows.append([label, fmt.format(y), fmt.format(x), ratio(x, y) if lower_better is not None else "-",
-                     "" if lower_better is None else "lower is better"])
-    print(format_table(["instance B", "no sharing", "sharing with A", "sharing / no sharing", ""], rows,
-                       align="lrrrl"))
-    rs = b["remote"]
-    print(f"\nprompt tokens submitted by B: {b['prompt_tokens']:,}; hit rates are prompt tokens found in the prefix "
-          f"cache (device or remote) over prompt tokens looked up; TTFT from add_request to the first token. "
-          f"B's remote tier: {rs['fetch_calls']} fetches, {rs['hits']} blocks found, {rs['misses']} missed, "
-          f"{rs['bytes_read'] / 2**20:,.1f} MiB read, {rs['blocks_written']} blocks published; "
+        if key is None:
+            rows.append([label, "-"] + [f"{summ[k]['fetches']} / {summ[k]['declined']}" for k in ("B-auto", "B-always")]
+                        + ["-", "-", ""])
+            continue
+        vals = [summ[k][key] for k in ("B0", "B-auto", "B-always")]
+        ratios = [ratio(v, vals[0]) if lower_better is not None else "-" for v in vals[1:]]
+        rows.append([label] + [fmt.format(v) for v in vals] + ratios + ["" if lower_better is None else
+                                                                         "lower is better"])
+    print(format_table(["instance B", "no sharing", "sharing, auto", "sharing, always", "auto / none",
+                        "always / none", ""], rows, align="lrrrrrl"))
+    rs = runs["B-always"]["remote"]
+    print(f"\nprompt tokens submitted by B: {runs['B0']['prompt_tokens']:,}; hit rates are prompt tokens found in "
+          f"the prefix cache (device or remote) over prompt tokens looked up; TTFT from add_request to the first "
+          f"token; 'auto' fetches when the tier's measured read bandwidth beats the engine's measured prefill rate, "
+          f"'always' whenever the tier holds the blocks. B's remote tier (always): {rs['fetch_calls']} fetches, "
+          f"{rs['hits']} blocks found, {rs['misses']} missed, {rs['bytes_read'] / 2**20:,.1f} MiB read, "
+          f"{rs['blocks_written']} blocks published; "
           f"refused {sum(rs[k] for k in ('bad_size', 'bad_header', 'bad_fingerprint', 'bad_key', 'bad_checksum'))}, "
           f"faults {rs['connection_errors'] + rs['timeouts'] + rs['server_errors']}, dropped jobs {rs['dropped_jobs']}.")
-    if not outputs_equal:
-        print(f"OUTPUTS DIFFER: {len(mismatched)} of {len(b['token_ids'])} requests "
-              f"(first {mismatched[:5]}, kinds {[wl['b_kinds'][i] for i in mismatched[:5]]})")
-    assert outputs_equal, "B's greedy outputs with sharing must equal those without"
-    print(f"outputs equal ({len(b['token_ids'])} requests, {args.new_tokens} greedy tokens each, with and without "
-          f"sharing)")
+    n = len(runs["B0"]["token_ids"])
+    # 'always' reads exactly the KV bytes A computed, which the control computed too: identical outputs.
+    # Against B computing its prompts in its own batches, bf16 on a GPU rounds differently (and a random-
+    # weight model's logits are near ties): agreement is reported there; float32 on the CPU must agree.
+    control = differ("B-always", "C")
+    agree = {k: 1 - len(differ(k, "B0")) / n for k in ("B-auto", "B-always")}
+    print(f"outputs: 'always' vs the control (B after computing A's prompts itself): "
+          f"{'equal' if not control else f'{len(control)} of {n} DIFFER'}; greedy agreement with no sharing: "
+          f"auto {agree['B-auto']:.1%}, always {agree['B-always']:.1%} ({n} requests, {args.new_tokens} tokens each)")
+    assert not control, "B's outputs from A's KV must equal computing A's prompts first"
+    if not cuda:
+        assert agree["B-auto"] == agree["B-always"] == 1.0, "float32 on the CPU: outputs must equal no sharing"
     for r in runs.values():
         r.pop("token_ids")
-    return dict(namespace=namespace, num_blocks=num_blocks, block_bytes=bpb, b_kinds=wl["b_kinds"],
-                outputs_equal=outputs_equal, summary=dict(sharing=sb, no_sharing=s0), runs=runs)
+    return dict(num_blocks=num_blocks, block_bytes=bpb, b_kinds=wl["b_kinds"], model=name,
+                outputs_equal_control=not control, agreement=agree, summary=summ, runs=runs)
 
 
 # ---------------------------------------------------------------- main
@@ -490,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--block-shapes", nargs="+", choices=sorted(BLOCK_SHAPES), default=["tinyllama", "llama-3-8b"],
                     help="throughput: block shapes (16 tokens, bf16)")
     ap.add_argument("--tier-timeout", type=float, default=60.0, help="throughput: the RedisTier's timeout (s)")
+    ap.add_argument("--sharing-model", choices=sorted(SHARING_MODELS), default="tinyllama",
+                    help="sharing with --device cuda: the model shape (random weights)")
     ap.add_argument("--systems", type=int, help="sharing: system prompts")
     ap.add_argument("--system-len", type=int, help="sharing: tokens per system prompt")
     ap.add_argument("--user-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="sharing: user message tokens")
@@ -560,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
         else:
             try:
-                delete_namespace(plain_client(url), f"{run_id}-share")
+                for mode in ("auto", "always"):
+                    delete_namespace(plain_client(url), f"{run_id}-share-{mode}")
                 delete_namespace(plain_client(url), f"{run_id}-tput")
             except Exception as exc:  # a given server that went away: nothing left to clean
                 print(f"# could not delete the run's keys: {exc}")

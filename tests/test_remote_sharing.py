@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvforge import CacheConfig, KVCache, RedisTier
+from kvforge import CacheConfig, KVCache, KVForgeError, RedisTier
 from tests.redis_server import RedisServer
 
 BS = 8
@@ -73,6 +73,27 @@ def test_a_second_cache_copies_in_what_the_first_published(redis: RedisServer) -
     fetched = b.remote.stats().hits
     assert b.add_sequence("z", PROMPT).num_cached_tokens == 40
     assert b.remote.stats().hits == fetched
+
+
+def test_a_prefetch_brings_the_blocks_before_admission_asks(redis: RedisServer) -> None:
+    ta, want = publish_from_a(redis)
+    b = cache(tier(redis))
+    assert b.prefetch_remote(PROMPT[:BS]) is None  # no full block before the last token: nothing to ask
+    f = b.prefetch_remote(PROMPT)
+    assert f is not None and f.keys == b.manager.remote_candidates(PROMPT)
+    f.future.result(timeout=5)
+    assert f.done() and b.take_prefetched(f) == 5
+    b.remote_prefetching = True  # admissions take only what was prefetched: no second round trip
+    r = b.add_sequence("y", PROMPT)
+    assert r.num_cached_tokens == 40 and b.remote.stats().fetch_calls == 1
+    for layer in range(2):
+        k, v = b.gather("y", layer)
+        assert torch.equal(k[:40], want[layer][0][:40]) and torch.equal(v[:40], want[layer][1][:40])
+    assert b.add_sequence("w", list(range(500, 541))).num_cached_tokens == 0  # not prefetched: computed
+    assert b.remote.stats().fetch_calls == 1
+    b.check_invariants()
+    with pytest.raises(KVForgeError, match="no remote tier"):
+        cache(None).prefetch_remote(PROMPT)
 
 
 def test_a_chunked_first_step_takes_the_whole_remote_run_when_it_fits(redis: RedisServer) -> None:
@@ -154,8 +175,10 @@ ENGINE_SCRIPT = textwrap.dedent("""
     out = engine.generate([prompt], SamplingParams(max_tokens=8))[0]
     assert tier.flush(10.0)
     engine.check_invariants()
+    stats = engine.stats()
     print(json.dumps(dict(tokens=out.token_ids, cached=out.metrics.num_cached_tokens,
-                          remote=engine.stats().prefix.remote_hit_tokens)))
+                          remote=stats.prefix.remote_hit_tokens, remote_stat=stats.prefix_remote_hit_tokens,
+                          fetches=stats.num_remote_fetches, declined=stats.num_remote_fetches_declined)))
 """)
 
 
@@ -179,7 +202,8 @@ def test_two_engine_processes_share_a_prompt_through_one_server(redis: RedisServ
     first = serve()
     second = serve()
     assert first["remote"] == 0 and first["cached"] == 0
-    assert second["remote"] == 56 and second["cached"] == 56  # every full block before the last token
+    assert second["remote"] == second["remote_stat"] == 56 and second["cached"] == 56  # every full block but the last
+    assert (first["fetches"], first["declined"], second["fetches"], second["declined"]) == (1, 0, 1, 0)
     assert first["tokens"] == second["tokens"] == hf_greedy(model, prompt, 8)
 
 
@@ -233,3 +257,33 @@ def test_blocks_the_tier_has_are_not_copied_off_the_device_again(redis: RedisSer
         a.write(layer, slots, torch.ones(7, 2, 16), torch.ones(7, 2, 16))
     assert a.publish("x2") == 1 and ta.flush(5.0)
     assert ta.stats().blocks_written == 6
+
+
+def test_a_prompt_waiting_for_the_remote_tier_holds_up_no_other(tmp_path: Path) -> None:
+    """The engine prefetches in the background: while a long prompt's fetch hangs on the
+    server (up to the tier's timeout), a short prompt behind it is admitted and finishes."""
+    pytest.importorskip("transformers")
+    from kvforge.engine import Engine, SamplingParams
+    from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint
+    model = save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
+    long, short = list(range(3, 60)), [5, 6, 7]  # 7 full blocks to ask for; none
+    params = SamplingParams(max_tokens=4)
+    with RedisServer() as s:
+        t = RedisTier(s.url(), namespace="hold", timeout=1.5, retry_after=0.2)
+        engine = Engine(str(tmp_path / "ckpt"), num_blocks=24, block_size=8, remote=t)
+        assert engine.cache.remote_prefetching
+        s.pause()
+        first, second = engine.add_request(long, params), engine.add_request(short, params)
+        finished: list[str] = []
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            done = [o for o in engine.step() if o.finished]
+            finished += [o.request_id for o in done]
+            tokens.update((o.request_id, list(o.token_ids)) for o in done)
+            if [o.request_id for o in done] == [second]:  # the short one is done while the long one still waits
+                assert engine.scheduler.num_fetching == 1 and len(engine.scheduler.waiting) == 1
+        assert finished == [second, first]
+        assert t.stats().timeouts == 1  # the hung fetch ended by its timeout; the prompt was computed
+        engine.check_invariants()
+        for rid, prompt in ((first, long), (second, short)):
+            assert tokens[rid] == hf_greedy(model, prompt, 4)

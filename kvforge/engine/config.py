@@ -8,10 +8,12 @@ from typing import Any
 from kvforge.errors import ConfigError
 from kvforge.units import parse_bytes
 
-__all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES", "PREEMPTION_MODES"]
+__all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES", "PREEMPTION_MODES", "REMOTE_FETCH_MODES"]
 
 #: the values of ``EngineConfig.preemption_mode``
 PREEMPTION_MODES = ("auto", "swap", "recompute")
+#: the values of ``EngineConfig.remote_fetch``
+REMOTE_FETCH_MODES = ("auto", "always")
 
 #: Decode batch sizes captured as CUDA graphs (those up to ``max_num_seqs``, plus it).
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
@@ -44,7 +46,10 @@ class EngineConfig:
     - ``preemption_mode``: how a running sequence gives up its blocks:
       ``"auto"`` swaps it to the host tier when moving its blocks out and
       back costs less than recomputing its tokens (:mod:`kvforge.engine.preemption`),
-      ``"swap"`` swaps whenever the host tier has room, ``"recompute"`` never swaps.
+      ``"swap"`` swaps whenever the host tier has room, ``"recompute"`` never swaps;
+    - ``remote_fetch``: with a remote tier, ``"auto"`` fetches a prompt's blocks
+      from it when that is faster than computing them (both rates measured:
+      :mod:`kvforge.engine.fetch_policy`), ``"always"`` whenever it holds them.
     """
 
     max_num_seqs: int = 256
@@ -62,6 +67,7 @@ class EngineConfig:
     fused_ops: bool | None = None
     host_memory: int | str = 0
     preemption_mode: str = "auto"
+    remote_fetch: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -83,6 +89,9 @@ class EngineConfig:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ConfigError(f"EngineConfig.preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
                               f"got {self.preemption_mode!r}")
+        if self.remote_fetch not in REMOTE_FETCH_MODES:
+            raise ConfigError(f"EngineConfig.remote_fetch must be one of {', '.join(REMOTE_FETCH_MODES)}, "
+                              f"got {self.remote_fetch!r}")
         hm = self.host_memory
         if isinstance(hm, bool) or not isinstance(hm, (numbers.Integral, str)) or parse_bytes(hm) < 0:
             raise ConfigError(f"EngineConfig.host_memory must be a byte count >= 0 or a size such as '64GiB', "

@@ -29,6 +29,7 @@ from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.engine.outputs import request_output
+from kvforge.engine.fetch_policy import RemoteFetchPolicy
 from kvforge.engine.preemption import PreemptionPolicy, measure_tier_bandwidth
 from kvforge.engine.prompts import Prompt, check_params, prompt_list, token_ids
 from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
@@ -136,6 +137,9 @@ class Engine(StepLoop):
                                  model.rope.max_positions)
         bandwidth = measure_tier_bandwidth(self.cache) if self.cache.has_host_tier else 0.0
         self.preemption = PreemptionPolicy(econf.preemption_mode, ccfg.bytes_per_block, bandwidth)
+        self.remote_fetch = RemoteFetchPolicy(econf.remote_fetch, remote, self.preemption) if remote else None
+        self.cache.remote_fetch_policy = self.remote_fetch
+        self.cache.remote_prefetching = remote is not None  # the scheduler prefetches; steps never wait for it
         self.scheduler = Scheduler(self.cache, max_num_seqs=econf.max_num_seqs,
                                    max_num_batched_tokens=econf.max_num_batched_tokens,
                                    watermark_blocks=int(econf.watermark * ccfg.num_blocks), policy=self.preemption)
@@ -340,7 +344,9 @@ class Engine(StepLoop):
             num_evictions=pstats.evictions, allocation=alloc, prefix=pstats,
             num_swapped=len(self.scheduler.swapped), num_swaps_out=self.scheduler.num_swaps_out,
             num_swaps_in=self.scheduler.num_swaps_in, num_recompute_preemptions=self.scheduler.num_recomputes,
-            prefix_host_hit_tokens=pstats.host_hit_tokens,
+            prefix_host_hit_tokens=pstats.host_hit_tokens, prefix_remote_hit_tokens=pstats.remote_hit_tokens,
+            num_remote_fetches=self.remote_fetch.num_fetched if self.remote_fetch else 0,
+            num_remote_fetches_declined=self.remote_fetch.num_declined if self.remote_fetch else 0,
             host=cache.host_stats() if cache.has_host_tier else None,
         )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kvforge.engine.sampling import SamplingParams
 
@@ -41,7 +41,7 @@ class Sequence:
     """
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "status", "finish_reason",
-                 "seed", "admit_order", "token_times", "num_preemptions", "num_cached_tokens")
+                 "seed", "admit_order", "token_times", "num_preemptions", "num_cached_tokens", "remote_fetch")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int], seed: int) -> None:
         self.seq_id = seq_id
@@ -56,6 +56,7 @@ class Sequence:
         self.token_times: list[float] = []
         self.num_preemptions = 0
         self.num_cached_tokens = 0
+        self.remote_fetch: Any = None  # the scheduler's prefetch from the remote tier (None: not asked)
 
     @property
     def num_tokens(self) -> int:

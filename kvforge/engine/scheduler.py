@@ -39,12 +39,21 @@ to spare), and admits nothing new while any remain swapped. A swap that
 fails (no room on the host, a failed copy) falls back to recompute; a
 swap-in whose copy fails frees the sequence and recomputes it.
 
+With a remote tier the step loop never waits for the network: a waiting
+sequence's blocks beyond its local hits are first prefetched in the
+background (:meth:`~kvforge.storage.KVCache.prefetch_remote`, unless the
+engine's fetch policy says computing them is faster), and the sequence is
+passed over, keeping its place in the queue, until the fetch is done; those
+behind it are admitted meanwhile. Its admission then copies the fetched
+blocks in.
+
 Every token reserved in a step is computed in that step (the prefix index
 registers full blocks when they are reserved), and block ids are never kept
 across steps, so compaction between steps is safe.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections import deque
 from typing import NamedTuple
@@ -58,6 +67,9 @@ from kvforge.errors import KVForgeError, OutOfBlocksError
 __all__ = ["Scheduler", "SchedulerOutput", "ScheduledChunk"]
 
 log = logging.getLogger(__name__)
+
+#: ``Sequence.remote_fetch`` once admission may proceed without waiting (nothing to fetch, or taken)
+_NO_FETCH = object()
 
 
 class ScheduledChunk(NamedTuple):
@@ -249,15 +261,20 @@ class Scheduler:
     def _admit(self, budget: int) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         cache = self.cache
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            s = self.waiting[0]
+        prefetch = cache.remote is not None and cache.remote_prefetching
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            s = self.waiting[i]
+            if prefetch and not self._fetched(s):
+                i += 1  # its blocks are on the way: admit those behind it meanwhile
+                continue
             tokens = s.token_ids
             need = cache.num_blocks_needed(len(tokens), tokens)
             spare = self.watermark_blocks if self.running else 0
             if need + spare > cache.num_available_blocks:
                 break
             r = cache.add_sequence(s.seq_id, tokens, num_tokens=min(len(tokens), budget))
-            self.waiting.popleft()
+            del self.waiting[i]
             cached = r.num_cached_tokens
             reserved = cached + len(r.slots)
             extra = min(len(tokens) - reserved, budget - len(r.slots))
@@ -275,6 +292,34 @@ class Scheduler:
             chunks.append(ScheduledChunk(s, cached, reserved - cached, reserved == len(tokens)))
             budget -= reserved - cached
         return chunks
+
+    def _fetched(self, s: Sequence) -> bool:
+        """Whether ``s`` may be admitted: its remote prefetch is done (kept for its
+        admission), declined, or had nothing to ask; starts it on the first call."""
+        f = s.remote_fetch
+        if f is None:
+            f = s.remote_fetch = self.cache.prefetch_remote(s.token_ids) or _NO_FETCH
+        if f is _NO_FETCH:
+            return True
+        if not f.done():
+            return False
+        self.cache.take_prefetched(f)
+        s.remote_fetch = _NO_FETCH
+        return True
+
+    @property
+    def num_fetching(self) -> int:
+        """Waiting sequences whose remote prefetch is still in flight."""
+        return sum(1 for s in self.waiting if s.remote_fetch is not None and s.remote_fetch is not _NO_FETCH
+                   and not s.remote_fetch.done())
+
+    def wait_for_fetches(self, timeout: float) -> None:
+        """Block until a waiting sequence's prefetch finishes, at most ``timeout`` seconds
+        (the engine calls it when nothing else can run)."""
+        futures = [s.remote_fetch.future for s in self.waiting
+                   if s.remote_fetch is not None and s.remote_fetch is not _NO_FETCH]
+        if futures:
+            concurrent.futures.wait(futures, timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def preempt(self, seqs: list[Sequence]) -> list[Sequence]:
         """Preempt those of ``seqs`` that are running, newest first; return them."""
@@ -313,6 +358,7 @@ class Scheduler:
         if victim in self.prefilling:
             self.prefilling.remove(victim)
         victim.status = SequenceStatus.WAITING
+        victim.remote_fetch = None  # its tokens grew: ask again
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -359,6 +405,7 @@ class Scheduler:
                 cache.free_sequence(s.seq_id)
                 self.num_recomputes += 1
                 s.status = SequenceStatus.WAITING
+                s.remote_fetch = None
                 self.waiting.appendleft(s)
                 continue
             self.num_swaps_in += 1

@@ -42,7 +42,10 @@ class EngineStats(Mapping[str, Any]):
     ``num_swaps_out`` (sequences swapped to the host; ``num_swaps_in`` came
     back) and ``num_recompute_preemptions``; ``num_swapped`` are swapped out
     now; ``prefix_host_hit_tokens`` of the prefix hits came from the host
-    tier, and ``host`` holds its counters (None without one).
+    tier, and ``host`` holds its counters (None without one). With a remote
+    tier, ``prefix_remote_hit_tokens`` came from it; ``num_remote_fetches``
+    prompts asked it for their blocks and ``num_remote_fetches_declined`` did
+    not, computing being faster (``EngineConfig.remote_fetch="auto"``).
     """
 
     num_steps: int
@@ -80,6 +83,9 @@ class EngineStats(Mapping[str, Any]):
     num_recompute_preemptions: int = 0
     prefix_host_hit_tokens: int = 0
     host: HostTierStats | None = None
+    prefix_remote_hit_tokens: int = 0
+    num_remote_fetches: int = 0
+    num_remote_fetches_declined: int = 0
 
     def __getitem__(self, key: str) -> Any:
         if not isinstance(key, str) or key not in _FIELDS:

@@ -24,6 +24,9 @@ from kvforge.engine.scheduler import Scheduler, SchedulerOutput
 from kvforge.errors import KVForgeError
 from kvforge.storage import KVCache
 
+#: seconds a step with nothing to run waits for a remote prefetch before returning
+FETCH_WAIT_S = 0.05
+
 if TYPE_CHECKING:
     from kvforge.engine.loader import Tokenizer
     from kvforge.engine.model_runner import ModelRunner
@@ -71,6 +74,7 @@ class StepLoop:
         start = time.perf_counter()
         try:
             out = self.scheduler.schedule()
+            computed = time.perf_counter()  # the prefill rate leaves out admission (copies from the tiers)
             if not out.is_empty:
                 targets, rows, forks = self._targets(out)
                 logits = self.runner.execute(out)
@@ -81,6 +85,9 @@ class StepLoop:
             self._recover(out)
             raise
         if out.is_empty:
+            if self.scheduler.num_fetching:  # prompts wait for the remote tier, nothing else can run
+                self.scheduler.wait_for_fetches(FETCH_WAIT_S)
+                return []
             if self.scheduler.waiting and not self.scheduler.running:
                 head = self.scheduler.waiting[0]
                 raise KVForgeError(f"sequence {head.seq_id} of {head.num_tokens} tokens cannot be admitted into an "
@@ -96,7 +103,7 @@ class StepLoop:
         else:
             num_prompt = sum(ch.num_tokens for ch in out.chunks)
             c["prompt_tokens"] += num_prompt
-            self.scheduler.policy.record_prefill(num_prompt, now - start)
+            self.scheduler.policy.record_prefill(num_prompt, now - computed)
         c["generated"] += len(tokens)
         done = self._postprocess(targets, tokens, now, forks)
         self.cache.maybe_compact()
