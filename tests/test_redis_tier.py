@@ -457,6 +457,8 @@ def test_checksums_of_a_large_batch_run_on_several_threads_and_still_refuse(redi
         RedisTier(redis.url(), check_threads=0)
     with pytest.raises(ConfigError, match="fetch_threads"):
         RedisTier(redis.url(), fetch_threads=0)
+    with pytest.raises(ConfigError, match="lookup_timeout"):
+        RedisTier(redis.url(), lookup_timeout=0)
     with pytest.raises(ConfigError, match="fetch_budget"):
         RedisTier(redis.url(), fetch_budget=0)
 
@@ -492,3 +494,21 @@ def test_read_bandwidth_is_measured_on_fetches_of_a_mebibyte_or_more(redis: Redi
     first = t.read_bandwidth
     assert first is not None and first > 0
     assert len(t.fetch(keys)) == 6 and t.read_bandwidth != first  # a running mean
+
+
+def test_lookup_counts_the_leading_run_the_server_holds(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis, "lookup")
+    tiers.append(t)
+    publish_all(t, [0, 1, 2, 4])
+    assert t.lookup([key(i) for i in range(6)]) == 3
+    assert t.lookup([key(4), key(0)]) == 2 and t.lookup([key(3), key(4)]) == 0 and t.lookup([]) == 0
+    s = t.stats()
+    assert (s.lookup_calls, s.fetch_calls, s.bytes_read) == (4, 0, 0)  # no value read
+    redis.pause()
+    try:
+        start = time.monotonic()
+        assert t.lookup([key(0)]) == 0 and t.stats().timeouts == 1  # hung: bounded by the lookup timeout
+        assert t.lookup_timeout == 0.05 and time.monotonic() - start < t.lookup_timeout + MARGIN
+        assert t.lookup([key(0)]) == 0 and t.stats().timeouts == 1  # then back-off: not asked
+    finally:
+        redis.resume()

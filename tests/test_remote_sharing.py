@@ -203,7 +203,8 @@ def test_two_engine_processes_share_a_prompt_through_one_server(redis: RedisServ
     second = serve()
     assert first["remote"] == 0 and first["cached"] == 0
     assert second["remote"] == second["remote_stat"] == 56 and second["cached"] == 56  # every full block but the last
-    assert (first["fetches"], first["declined"], second["fetches"], second["declined"]) == (1, 0, 1, 0)
+    # the first finds nothing (one lookup, no fetch); the second fetches once
+    assert (first["fetches"], first["declined"], second["fetches"], second["declined"]) == (0, 0, 1, 0)
     assert first["tokens"] == second["tokens"] == hf_greedy(model, prompt, 8)
 
 
@@ -261,18 +262,29 @@ def test_blocks_the_tier_has_are_not_copied_off_the_device_again(redis: RedisSer
 
 def test_a_prompt_waiting_for_the_remote_tier_holds_up_no_other(tmp_path: Path) -> None:
     """The engine prefetches in the background: while a long prompt's fetch hangs on the
-    server (up to the tier's timeout), a short prompt behind it is admitted and finishes."""
+    server (the server stops the moment the fetch starts, after the lookup found the
+    blocks), a short prompt behind it is admitted and finishes; the long one is then
+    computed once the fetch times out."""
     pytest.importorskip("transformers")
     from kvforge.engine import Engine, SamplingParams
     from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint
     model = save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
-    long, short = list(range(3, 60)), [5, 6, 7]  # 7 full blocks to ask for; none
+    long, short = list(range(3, 60)), [5, 6, 7]  # 7 full blocks; none
     params = SamplingParams(max_tokens=4)
     with RedisServer() as s:
+        a = Engine(str(tmp_path / "ckpt"), num_blocks=24, block_size=8,
+                   remote=RedisTier(s.url(), namespace="hold", timeout=1.0))
+        a.generate([long], params)
+        assert a.cache.remote.flush(5.0)
         t = RedisTier(s.url(), namespace="hold", timeout=1.5, retry_after=0.2)
+        fetch = t.fetch
+
+        def hung_fetch(keys: list[bytes]) -> list:
+            s.pause()  # a real server that stops answering, at this very moment
+            return fetch(keys)
+        t.fetch = hung_fetch  # type: ignore[method-assign]
         engine = Engine(str(tmp_path / "ckpt"), num_blocks=24, block_size=8, remote=t)
         assert engine.cache.remote_prefetching
-        s.pause()
         first, second = engine.add_request(long, params), engine.add_request(short, params)
         finished: list[str] = []
         tokens: dict[str, list[int]] = {}
@@ -280,10 +292,12 @@ def test_a_prompt_waiting_for_the_remote_tier_holds_up_no_other(tmp_path: Path) 
             done = [o for o in engine.step() if o.finished]
             finished += [o.request_id for o in done]
             tokens.update((o.request_id, list(o.token_ids)) for o in done)
-            if [o.request_id for o in done] == [second]:  # the short one is done while the long one still waits
+            if [o.request_id for o in done] == [second]:  # the short one is done while the long one waits
                 assert engine.scheduler.num_fetching == 1 and len(engine.scheduler.waiting) == 1
+        s.resume()
         assert finished == [second, first]
-        assert t.stats().timeouts == 1  # the hung fetch ended by its timeout; the prompt was computed
+        st = t.stats()
+        assert (st.lookup_calls, st.fetch_calls, st.timeouts, st.hits) == (1, 1, 1, 0)  # found, then timed out
         engine.check_invariants()
         for rid, prompt in ((first, long), (second, short)):
             assert tokens[rid] == hf_greedy(model, prompt, 4)

@@ -165,8 +165,9 @@ def _import_redis() -> Any:
 class RedisTier:
     """A :class:`~kvforge.storage.remote.RemoteTier` on a Redis server (see the module docstring).
 
-    Owns two connection pools (one for :meth:`fetch`, called on the cache's
-    thread; one for the writer thread), the writer thread and its queue.
+    Owns three connection pools (one for :meth:`fetch`, one for :meth:`lookup`
+    with the shorter ``lookup_timeout``, one for the writer thread), the writer
+    thread and its queue.
     ``model`` names the weights when the cache's layout does not; ``ttl`` is
     in seconds (None: no expiry); ``timeout`` bounds every server call;
     ``max_pending`` publish jobs may wait; ``batch_size`` keys go in one
@@ -178,7 +179,7 @@ class RedisTier:
                  model: str | None = None, ttl: float | None = None, timeout: float = 0.25,
                  max_pending: int = 256, batch_size: int = 32, retry_after: float = 1.0,
                  recent_keys: int = 65536, fetch_budget: float = 2.0, check_threads: int = 4,
-                 fetch_threads: int = 2) -> None:
+                 fetch_threads: int = 2, lookup_timeout: float = 0.05) -> None:
         self._url = url
         self._secrets = _secrets_of(url)
         where = f"RedisTier({_redact(url)!r})"
@@ -191,6 +192,8 @@ class RedisTier:
             raise ConfigError(f"{where}: ttl must be None or at least 0.001 seconds, got {ttl!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(lookup_timeout, (int, float)) and lookup_timeout > 0):
+            raise ConfigError(f"{where}: lookup_timeout must be a positive number of seconds, got {lookup_timeout!r}")
         if not (isinstance(fetch_budget, (int, float)) and fetch_budget > 0):
             raise ConfigError(f"{where}: fetch_budget must be a positive number of seconds, got {fetch_budget!r}")
         for name, value in (("check_threads", check_threads), ("fetch_threads", fetch_threads)):
@@ -205,6 +208,7 @@ class RedisTier:
         self.model = model
         self.ttl = ttl
         self.timeout = float(timeout)
+        self.lookup_timeout = min(float(lookup_timeout), self.timeout)
         self.fetch_budget = float(fetch_budget)
         self.check_threads = check_threads
         self._checkers: ThreadPoolExecutor | None = None  # checksums of a batch in parallel (made on first use)
@@ -226,6 +230,9 @@ class RedisTier:
         try:  # two pools: a slow pipeline of the writer never holds up a fetch
             self._reader = redis.from_url(url, **options)
             self._writer = redis.from_url(url, **options)
+            # lookups run on the scheduler's thread: a hung server may cost it only a short wait
+            self._looker = redis.from_url(url, **dict(options, socket_timeout=self.lookup_timeout,
+                                                      socket_connect_timeout=self.lookup_timeout))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: not a Redis URL ({self._scrub(str(exc))})") from None
 
@@ -330,6 +337,33 @@ class RedisTier:
         if self.ttl is None:  # with a ttl, a read says nothing of when the value expires
             self._remember(keys[:len(out)])
         return out
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, the server holds now: one round trip of
+        pipelined ``EXISTS``, no value read or checked (a fetch may still refuse one);
+        0 in back-off, when closed, or on a fault. Its socket timeout is
+        ``lookup_timeout`` (50 ms, at most ``timeout``): a hung server costs the
+        caller that, then back-off. The engine asks this before it
+        decides whether fetching is worth it, so a prompt the tier lacks waits for nothing."""
+        self._check_bound("lookup")
+        check_keys(keys, "RedisTier.lookup keys")
+        keys = list(keys)
+        self._add(lookup_calls=1)
+        if not keys or self._closed or time.monotonic() < self._down_until:
+            return 0
+
+        def exists() -> list[int]:
+            pipe = self._looker.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self.name_of(key))
+            return pipe.execute()
+        found = self._call("lookup", exists)
+        n = 0
+        for present in found or ():
+            if not present:
+                break
+            n += 1
+        return n
 
     def _batches(self, batches: list[list[bytes]], deadline: float) -> Iterator[tuple[list[bytes], Any]]:
         """``(batch, values)`` in order, values None after a fault or once ``deadline``
@@ -468,7 +502,7 @@ class RedisTier:
             except queue.Full:
                 pass
             self._thread.join(self.timeout + 1.0)
-        for client in (self._reader, self._writer):
+        for client in (self._reader, self._writer, self._looker):
             try:
                 client.close()
             except Exception:  # closing a broken connection must not raise from close()

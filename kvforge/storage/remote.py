@@ -72,6 +72,8 @@ class RemoteTier(Protocol):
         tier's writer thread, and returns one payload per key (it may wait for a device
         copy to finish). Returns at once; a full queue drops the write (counted)."""
 
+    # optional: ``lookup(keys) -> int``, how many of the keys from the first the store holds,
+    # cheaper than a fetch; the cache asks it before prefetching (RedisTier has it)
     # optional: ``needs_write(keys) -> list[bool]``, whether a publish would write each key;
     # the cache then copies only those blocks off the device (RedisTier has it)
 
@@ -86,7 +88,8 @@ class RemoteTier(Protocol):
 class RemoteStats:
     """Counters of a remote tier since it was made.
 
-    Reads: ``fetch_calls``, ``keys_asked``, ``hits`` (payloads returned),
+    Reads: ``fetch_calls``, ``lookup_calls`` (``lookup``: which keys exist),
+    ``keys_asked`` (by fetches), ``hits`` (payloads returned),
     ``misses`` (keys asked and not returned: ``keys_asked == hits + misses``),
     ``backoff_fetches`` (answered ``[]`` in back-off), ``bytes_read`` (value
     bytes received). Refusals, each a value stored under a valid name that
@@ -101,6 +104,7 @@ class RemoteStats:
     ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...)."""
 
     fetch_calls: int = 0
+    lookup_calls: int = 0
     keys_asked: int = 0
     hits: int = 0
     misses: int = 0

@@ -104,13 +104,17 @@ class RemoteMethods:
     # ------------------------------------------------------------- fetch
     def prefetch_remote(self, prompt_token_ids: Sequence[int], salt: Hashable | None = None) -> RemoteFetch | None:
         """Start fetching, in the background, the prompt's full blocks beyond its local
-        hits from the remote tier; None when there is nothing to ask for or
-        ``remote_fetch_policy`` declines. Once the handle is :meth:`~RemoteFetch.done`,
+        hits from the remote tier; None when the tier holds none of them (its
+        ``lookup``, one round trip, when it has one) or ``remote_fetch_policy``
+        declines (asked with the blocks the tier holds). Once the handle is :meth:`~RemoteFetch.done`,
         :meth:`take_prefetched` keeps its payloads for the prompt's admission, which
         then copies them in without waiting for the network."""
         if self.remote is None:
             raise KVForgeError("prefetch_remote(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
         keys = self.manager.remote_candidates(prompt_token_ids, salt)
+        lookup = getattr(self.remote, "lookup", None)  # optional: what the store holds, in one round trip
+        if keys and lookup is not None:
+            keys = keys[:lookup(keys)]
         c = self.config
         policy = self.remote_fetch_policy
         if not keys or (policy is not None and not policy(len(keys) * c.block_size, len(keys) * c.bytes_per_block)):

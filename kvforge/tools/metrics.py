@@ -329,8 +329,8 @@ _REMOTE_HITS = ("kvforge_prefix_cache_remote_hit_tokens", "counter",
 #: (``kvforge_remote_events_total{event="hits"}``, one per RemoteStats field).
 REMOTE_METRIC_NAMES: tuple[str, ...] = (_sample(*_REMOTE_HITS[:2]),) + tuple(
     _sample(_REMOTE_EVENTS[0], "counter", "event", f) for f in
-    ("fetch_calls", "keys_asked", "hits", "misses", "backoff_fetches", "bytes_read", "bad_size", "bad_header",
-     "bad_fingerprint", "bad_key", "bad_checksum", "publish_jobs", "dropped_jobs", "skipped_blocks",
+    ("fetch_calls", "lookup_calls", "keys_asked", "hits", "misses", "backoff_fetches", "bytes_read", "bad_size",
+     "bad_header", "bad_fingerprint", "bad_key", "bad_checksum", "publish_jobs", "dropped_jobs", "skipped_blocks",
      "blocks_written", "bytes_written", "write_errors", "payload_errors", "connection_errors", "timeouts",
      "server_errors"))
 
