@@ -26,7 +26,17 @@ def test_auto_swaps_exactly_when_moving_costs_less_than_recomputing():
     assert slow.should_swap(1000, 2)
 
 
-def test_prefill_rate_is_a_running_mean():
+def test_prefill_rate_is_the_marginal_rate_once_chunk_sizes_spread():
+    """Steps of a 10 ms fixed cost plus 20 us a prompt token: the rate is 50k tokens/s,
+    not the 8k to 40k tokens/s of the steps' own means."""
+    p = PreemptionPolicy("auto", 1, 1.0)
+    for tokens in (100, 1000, 150, 2000, 120):
+        p.record_prefill(tokens, 0.010 + 20e-6 * tokens)
+    assert p.prefill_rate == pytest.approx(50_000, rel=1e-6)
+    assert p.recompute_seconds(1000) == pytest.approx(0.020, rel=1e-6)
+
+
+def test_prefill_rate_is_a_running_mean_until_a_line_fits():
     p = PreemptionPolicy("auto", 1, 1.0)
     p.record_prefill(100, 1.0)
     p.record_prefill(200, 1.0)

@@ -12,8 +12,13 @@ The rule (``preemption_mode="auto"``). Preempting a decoding sequence of
   stream the steps in between do not wait for.
 
 It swaps when the copy costs less than the recompute. Both rates are measured
-on this machine: ``prefill_rate`` is a running mean of the prompt tokens per
-second of the engine's own steps that computed prompts, and ``bandwidth`` the
+on this machine: ``prefill_rate`` is the marginal rate of the engine's own
+prompt steps, one over the slope of a least-squares line through (prompt
+tokens, seconds) of its recent steps that computed prompts (a step's fixed
+cost, its decodes and launches, is paid whatever its prompt chunk, so the
+mean tokens per second of steps with short chunks would overstate what a
+prompt costs); until their sizes spread enough to fit a line, the running
+mean of their tokens per second. ``bandwidth`` is the
 host tier's copy rate, probed once at startup (a batch of blocks out and back,
 timed on the device). Until a prefill step has been measured the rule
 recomputes. ``"swap"`` swaps whenever the host tier has room and
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: weight of the newest measurement in the running mean of the prefill rate
 EMA_WEIGHT = 0.2
+#: decay per step of the sums behind the fitted marginal prefill rate (about 100 steps remembered)
+FIT_DECAY = 0.99
 
 
 def measure_tier_bandwidth(cache: KVCache, num_blocks: int = 16) -> float:
@@ -68,15 +75,31 @@ class PreemptionPolicy:
         self.mode = mode
         self.bytes_per_block = bytes_per_block
         self.bandwidth = bandwidth  # bytes/s; 0: no host tier
-        self.prefill_rate = 0.0    # tokens/s; 0: not measured yet
+        self._mean_rate = 0.0      # tokens/s of prompt steps, a running mean; 0: none yet
+        self._fit = [0.0] * 5      # decayed sums: steps, tokens, seconds, tokens^2, tokens*seconds
+
+    @property
+    def prefill_rate(self) -> float:
+        """Prompt tokens per second (0.0: not measured yet): the fitted marginal rate of
+        recent steps when it is known, else the running mean (see the module docstring)."""
+        n, sx, sy, sxx, sxy = self._fit
+        spread = n * sxx - sx * sx
+        if n >= 2 and spread > 1e-9 * max(1.0, n * sxx):
+            slope = (n * sxy - sx * sy) / spread  # seconds per prompt token
+            if slope > 0:
+                return 1.0 / slope
+        return self._mean_rate
 
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
-        """A step computed ``num_tokens`` prompt tokens in ``seconds``."""
+        """A step computed ``num_tokens`` prompt tokens (with its decodes) in ``seconds``."""
         if num_tokens <= 0 or seconds <= 0:
             return
-        rate = num_tokens / seconds
-        self.prefill_rate = rate if not self.prefill_rate else \
-            (1 - EMA_WEIGHT) * self.prefill_rate + EMA_WEIGHT * rate
+        x, y = float(num_tokens), float(seconds)
+        rate = x / y
+        self._mean_rate = rate if not self._mean_rate else (1 - EMA_WEIGHT) * self._mean_rate + EMA_WEIGHT * rate
+        d = FIT_DECAY
+        n, sx, sy, sxx, sxy = self._fit
+        self._fit = [d * n + 1, d * sx + x, d * sy + y, d * sxx + x * x, d * sxy + x * y]
 
     def swap_seconds(self, num_blocks: int) -> float:
         """Modelled seconds to move ``num_blocks`` out and back."""
