@@ -12,13 +12,12 @@ The rule (``preemption_mode="auto"``). Preempting a decoding sequence of
   stream the steps in between do not wait for.
 
 It swaps when the copy costs less than the recompute. Both rates are measured
-on this machine: ``prefill_rate`` is the marginal rate of the engine's own
-prompt steps, one over the slope of a least-squares line through (prompt
-tokens, seconds) of its recent steps that computed prompts (a step's fixed
-cost, its decodes and launches, is paid whatever its prompt chunk, so the
-mean tokens per second of steps with short chunks would overstate what a
-prompt costs); until their sizes spread enough to fit a line, the running
-mean of their tokens per second. ``bandwidth`` is the
+on this machine: ``prefill_rate`` is the median prompt tokens per second of
+the engine's recent steps that computed at least :data:`LARGE_PROMPT_STEP`
+prompt tokens (a step's fixed cost, its decodes and launches, is small next
+to such a prompt, and the median ignores a slow outlier such as a kernel
+compiled on first use); until one was seen, the running mean over all its
+prompt steps. ``bandwidth`` is the
 host tier's copy rate, probed once at startup (a batch of blocks out and back,
 timed on the device). Until a prefill step has been measured the rule
 recomputes. ``"swap"`` swaps whenever the host tier has room and
@@ -28,7 +27,9 @@ Sequences whose prompt is still being prefilled always recompute.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 
 #: weight of the newest measurement in the running mean of the prefill rate
 EMA_WEIGHT = 0.2
-#: decay per step of the sums behind the fitted marginal prefill rate (about 100 steps remembered)
-FIT_DECAY = 0.99
+#: prompt tokens a step computes for its rate to count as the prefill rate (fixed costs amortised)
+LARGE_PROMPT_STEP = 512
+#: recent large prompt steps whose median rate is the prefill rate
+RATE_WINDOW = 32
 
 
 def measure_tier_bandwidth(cache: KVCache, num_blocks: int = 16) -> float:
@@ -76,30 +79,21 @@ class PreemptionPolicy:
         self.bytes_per_block = bytes_per_block
         self.bandwidth = bandwidth  # bytes/s; 0: no host tier
         self._mean_rate = 0.0      # tokens/s of prompt steps, a running mean; 0: none yet
-        self._fit = [0.0] * 5      # decayed sums: steps, tokens, seconds, tokens^2, tokens*seconds
+        self._large: deque[float] = deque(maxlen=RATE_WINDOW)  # tokens/s of recent large prompt steps
 
     @property
     def prefill_rate(self) -> float:
-        """Prompt tokens per second (0.0: not measured yet): the fitted marginal rate of
-        recent steps when it is known, else the running mean (see the module docstring)."""
-        n, sx, sy, sxx, sxy = self._fit
-        spread = n * sxx - sx * sx
-        if n >= 2 and spread > 1e-9 * max(1.0, n * sxx):
-            slope = (n * sxy - sx * sy) / spread  # seconds per prompt token
-            if slope > 0:
-                return 1.0 / slope
-        return self._mean_rate
+        """Prompt tokens per second (0.0: not measured yet); see the module docstring."""
+        return statistics.median(self._large) if self._large else self._mean_rate
 
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         """A step computed ``num_tokens`` prompt tokens (with its decodes) in ``seconds``."""
         if num_tokens <= 0 or seconds <= 0:
             return
-        x, y = float(num_tokens), float(seconds)
-        rate = x / y
+        rate = num_tokens / seconds
         self._mean_rate = rate if not self._mean_rate else (1 - EMA_WEIGHT) * self._mean_rate + EMA_WEIGHT * rate
-        d = FIT_DECAY
-        n, sx, sy, sxx, sxy = self._fit
-        self._fit = [d * n + 1, d * sx + x, d * sy + y, d * sxx + x * x, d * sxy + x * y]
+        if num_tokens >= LARGE_PROMPT_STEP:
+            self._large.append(rate)
 
     def swap_seconds(self, num_blocks: int) -> float:
         """Modelled seconds to move ``num_blocks`` out and back."""
