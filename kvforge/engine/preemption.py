@@ -12,12 +12,13 @@ The rule (``preemption_mode="auto"``). Preempting a decoding sequence of
   stream the steps in between do not wait for.
 
 It swaps when the copy costs less than the recompute. Both rates are measured
-on this machine: ``prefill_rate`` is the median prompt tokens per second of
-the engine's recent steps that computed at least :data:`LARGE_PROMPT_STEP`
-prompt tokens (a step's fixed cost, its decodes and launches, is small next
-to such a prompt, and the median ignores a slow outlier such as a kernel
-compiled on first use); until one was seen, the running mean over all its
-prompt steps. ``bandwidth`` is the
+on this machine: ``prefill_rate`` is the highest prompt tokens per second of
+the engine's last :data:`RATE_WINDOW` steps that computed at least
+:data:`LARGE_PROMPT_STEP` prompt tokens (a step's fixed cost, its decodes and
+launches, is small next to such a prompt; the highest, because the slow ones
+are outliers, a kernel compiled on first use or a step the host held up,
+and a prefix-heavy workload may see few such steps); until one was seen, the
+running mean over all its prompt steps. ``bandwidth`` is the
 host tier's copy rate, probed once at startup (a batch of blocks out and back,
 timed on the device). Until a prefill step has been measured the rule
 recomputes. ``"swap"`` swaps whenever the host tier has room and
@@ -27,7 +28,6 @@ Sequences whose prompt is still being prefilled always recompute.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 EMA_WEIGHT = 0.2
 #: prompt tokens a step computes for its rate to count as the prefill rate (fixed costs amortised)
 LARGE_PROMPT_STEP = 512
-#: recent large prompt steps whose median rate is the prefill rate
+#: recent large prompt steps whose highest rate is the prefill rate
 RATE_WINDOW = 32
 
 
@@ -84,7 +84,7 @@ class PreemptionPolicy:
     @property
     def prefill_rate(self) -> float:
         """Prompt tokens per second (0.0: not measured yet); see the module docstring."""
-        return statistics.median(self._large) if self._large else self._mean_rate
+        return max(self._large) if self._large else self._mean_rate
 
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         """A step computed ``num_tokens`` prompt tokens (with its decodes) in ``seconds``."""

@@ -105,6 +105,9 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SECRET_PARAMS = {"password", "ssl_password"}
 #: seconds between two log lines of one kind of fault
 _LOG_EVERY = 30.0
+#: bytes a fetch connection reads from its socket at once (redis-py's default is 64 KiB): every read
+#: gives up and takes back the GIL, and each take-back can wait a switch interval behind the step loop
+_READ_SIZE = 4 << 20
 #: fetches of fewer value bytes say more about latency than bandwidth: not measured
 _MEASURE_BYTES = 1 << 20
 #: weight of the newest fetch in the running mean of the read bandwidth
@@ -228,7 +231,7 @@ class RedisTier:
         options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
                        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), health_check_interval=0)
         try:  # two pools: a slow pipeline of the writer never holds up a fetch
-            self._reader = redis.from_url(url, **options)
+            self._reader = redis.from_url(url, socket_read_size=_READ_SIZE, **options)
             self._writer = redis.from_url(url, **options)
             # lookups run on the scheduler's thread: a hung server may cost it only a short wait
             self._looker = redis.from_url(url, **dict(options, socket_timeout=self.lookup_timeout,
