@@ -385,7 +385,9 @@ class RedisTier:
                     return
             return
         if self._fetchers is None:
-            self._fetchers = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="kvforge-redis-fetch")
+            with self._lock:  # fetch may run on several threads (the cache's, a prefetcher)
+                if self._fetchers is None:
+                    self._fetchers = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="kvforge-redis-fetch")
         pending = deque(self._fetchers.submit(get, i) for i in range(min(self.fetch_threads, len(batches))))
         try:
             for i, batch in enumerate(batches):
@@ -427,7 +429,9 @@ class RedisTier:
         if self.check_threads == 1 or not big:
             return [digest(v) for v in values]
         if self._checkers is None:
-            self._checkers = ThreadPoolExecutor(self.check_threads, thread_name_prefix="kvforge-redis-check")
+            with self._lock:
+                if self._checkers is None:
+                    self._checkers = ThreadPoolExecutor(self.check_threads, thread_name_prefix="kvforge-redis-check")
         return list(self._checkers.map(digest, values))
 
     def _check(self, key: bytes, value: bytes, digest: bytes | None) -> memoryview | None:
