@@ -29,14 +29,48 @@ from torch import Tensor
 
 from kvforge.errors import KernelError
 
-__all__ = ["KVCacheArg", "CacheView", "as_chunks", "chunk_offsets", "describe_cache", "resolve_offsets"]
+__all__ = [
+    "KVCacheArg", "CacheView", "as_chunks", "chunk_offsets", "describe_cache", "resolve_offsets",
+    "SUPPORTED_HEAD_DIMS", "check_block_size", "check_head_dim", "padded_head_dim",
+]
 
 #: A per-layer cache: one tensor ``[num_blocks, block_size, num_kv_heads,
 #: head_dim]`` or a sequence of chunk views of that shape.
 KVCacheArg = Union[Tensor, Sequence[Tensor]]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+#: Head dims every backend runs: the multiples of :data:`HEAD_DIM_MULTIPLE` from
+#: 8 to :data:`MAX_HEAD_DIM` (80, 96, 112 and 192 included). The Triton kernels
+#: tile a head dim that is not a power of two with the next one
+#: (:func:`padded_head_dim`) and mask the padding; 256 bounds the register tile.
+HEAD_DIM_MULTIPLE = 8
+MAX_HEAD_DIM = 256
+SUPPORTED_HEAD_DIMS = tuple(range(HEAD_DIM_MULTIPLE, MAX_HEAD_DIM + 1, HEAD_DIM_MULTIPLE))
+
+
+def check_head_dim(head_dim: int) -> None:
+    """Raises :class:`KernelError` unless ``head_dim`` is in :data:`SUPPORTED_HEAD_DIMS`."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise KernelError(
+            f"head_dim: expected a multiple of {HEAD_DIM_MULTIPLE} from {HEAD_DIM_MULTIPLE} to {MAX_HEAD_DIM}, "
+            f"got {head_dim}")
+
+
+def check_block_size(block_size: int) -> None:
+    """Raises :class:`KernelError` unless ``block_size`` is a power of two (1, 2, 4, ...).
+
+    Every backend indexes a page by division, so any power of two works,
+    1 included (a page per token)."""
+    if block_size < 1 or block_size & (block_size - 1):
+        raise KernelError(f"block_size: expected a power of two (1, 2, 4, 8, ...), got {block_size}")
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The Triton tile width for ``head_dim``: the next power of two, at least 16.
+
+    ``tl.dot`` needs every dimension >= 16; a head dim that is already such a
+    power of two is its own tile, so its kernels carry no mask on it."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 class CacheView(NamedTuple):
@@ -144,7 +178,9 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
 
     Both must be ``[chunk_blocks, block_size, num_kv_heads, head_dim]`` chunks
     with identical shapes and strides, a supported dtype, a power-of-two
-    ``block_size >= 8``, a supported ``head_dim`` and unit stride on it.
+    ``block_size`` (1 included), a ``head_dim`` that is a multiple of 8 from 8
+    to 256 (:data:`SUPPORTED_HEAD_DIMS`) and unit stride on it. The torch
+    reference and the Triton kernels accept the same set.
     ``chunk_offsets``: the table from :func:`chunk_offsets`, checked as in
     :func:`resolve_offsets`; without it the table is built here (one small
     host-to-device copy) when there are several chunks. The returned view
@@ -166,10 +202,8 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     if k0.dtype not in SUPPORTED_DTYPES:
         raise KernelError(f"cache dtype: expected one of {SUPPORTED_DTYPES}, got {k0.dtype}")
     chunk_blocks, block_size, num_kv_heads, head_dim = k0.shape
-    if block_size < 8 or block_size & (block_size - 1):
-        raise KernelError(f"block_size: expected a power of two >= 8, got {block_size}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise KernelError(f"head_dim: expected one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    check_block_size(block_size)
+    check_head_dim(head_dim)
     if num_kv_heads < 1 or chunk_blocks < 1:
         raise KernelError(f"cache shape {tuple(k0.shape)}: expected at least one block and one KV head")
     if k0.stride(3) != 1:

@@ -15,13 +15,13 @@ from torch import Tensor
 
 from kvforge.kernels.layout import chunk_offsets
 
-__all__ = ["PagedKV", "paged_from_dense", "dense_attention"]
+__all__ = ["PagedKV", "paged_from_dense", "dense_attention", "in_wide_rows", "wide_rows_untouched"]
 
 
 class PagedKV(NamedTuple):
     """A paged copy of per-sequence keys/values, for one layer of a chunked store."""
 
-    chunks: tuple[Tensor, ...]  # [num_layers, 2, chunk_blocks, block_size, H, D] each
+    chunks: tuple[Tensor, ...]  # [num_layers, 2, chunk_blocks, block_size, H, D] each (views with row_pad)
     k_cache: list[Tensor]  # chunk[layer, 0] views [chunk_blocks, block_size, H, D]
     v_cache: list[Tensor]
     block_tables: Tensor  # int32 [batch, max_blocks]; entries past a context hold pad_value
@@ -42,6 +42,7 @@ def paged_from_dense(
     table_pad: int = 1,
     pad_value: int = -1,
     poison: bool = True,
+    row_pad: int = 0,
     generator: torch.Generator | None = None,
 ) -> PagedKV:
     """Scatters ``keys[i]``/``values[i]`` ``[ctx_i, num_kv_heads, head_dim]``
@@ -50,6 +51,9 @@ def paged_from_dense(
     The store has ``num_chunks`` separate allocations; every slot not holding
     a token is NaN when ``poison`` (so a kernel that reads one shows it).
     Each block table row gets ``table_pad`` extra ``pad_value`` entries.
+    ``row_pad`` > 0 stores every head's row in ``head_dim + row_pad`` elements
+    (poisoned past ``head_dim`` like every unused slot) and hands out views of
+    the first ``head_dim``: a kernel that reads past a head's row shows it.
     """
     ref = keys[0]
     _, num_kv_heads, head_dim = ref.shape
@@ -57,9 +61,10 @@ def paged_from_dense(
     needed = [math.ceil(n / block_size) for n in lens]
     chunk_blocks = max(1, math.ceil((sum(needed) + spare_blocks) / num_chunks))
     num_blocks = chunk_blocks * num_chunks
-    shape = (num_layers, 2, chunk_blocks, block_size, num_kv_heads, head_dim)
+    shape = (num_layers, 2, chunk_blocks, block_size, num_kv_heads, head_dim + row_pad)
     fill = float("nan") if poison else 0.0
-    chunks = tuple(torch.full(shape, fill, dtype=ref.dtype, device=ref.device) for _ in range(num_chunks))
+    chunks = tuple(torch.full(shape, fill, dtype=ref.dtype, device=ref.device)[..., :head_dim]
+                   for _ in range(num_chunks))
     perm = torch.randperm(num_blocks, generator=generator).tolist()
     width = max(needed, default=0) + table_pad
     tables = torch.full((len(keys), width), pad_value, dtype=torch.int32)
@@ -88,6 +93,25 @@ def paged_from_dense(
         chunk_offsets=chunk_offsets(chunks),
         num_blocks=num_blocks,
     )
+
+
+def in_wide_rows(t: Tensor, row_pad: int = 8) -> Tensor:
+    """A copy of ``t`` ``[..., D]`` whose last dim is the front of NaN-filled
+    rows of ``D + row_pad`` elements (unit stride on it, ``stride(-2) = D +
+    row_pad``). As an input, a kernel that reads past ``D`` gets NaN; as an
+    ``out``, :func:`wide_rows_untouched` shows whether it wrote past ``D``."""
+    wide = torch.full(tuple(t.shape[:-1]) + (t.shape[-1] + row_pad,), float("nan"), dtype=t.dtype, device=t.device)
+    view = wide[..., : t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
+def wide_rows_untouched(t: Tensor) -> bool:
+    """True when the padding columns of a tensor from :func:`in_wide_rows`
+    (everything past its last dim, up to its row stride) are still all NaN."""
+    d, row = t.shape[-1], t.stride(-2)
+    wide = t.as_strided(tuple(t.shape[:-1]) + (row,), t.stride()[:-1] + (1,))
+    return bool(wide[..., d:].isnan().all())
 
 
 def dense_attention(

@@ -16,6 +16,13 @@ per-chunk offset table is loaded once into registers and indexed with
 ``tl.gather``, so the block-table load stays the only dependent global load
 in the loop (and stays software-pipelined).
 
+A head dim that is not a power of two of at least 16 (80, 96, 112, 192, 8,
+...) runs in a tile of ``BLOCK_D`` = the next one (:func:`padded_head_dim`)
+with ``HAS_PAD`` set: every load masks the padding columns to 0 (so they add
+nothing to ``Q·Kᵀ`` and leave zero columns in the output) and every store
+skips them. ``HAS_PAD`` is a constexpr, so a power-of-two head dim compiles to
+exactly the kernel without masks on ``head_dim``.
+
 Host cost per launch is kept to the launch itself: the split count and the
 launch config are memoized on their integer arguments, and the split-KV
 scratch comes from a buffer per (device, stream) that grows on demand
@@ -31,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kvforge.kernels.layout import CacheView
+from kvforge.kernels.layout import CacheView, padded_head_dim
 
 __all__ = ["launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
 
@@ -44,8 +51,8 @@ def _decode_kernel(
     stride_cb, stride_ct, stride_ch,
     stride_bt,
     stride_ob, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -61,12 +68,17 @@ def _decode_kernel(
     end = tl.minimum(start + per_split, ctx)
 
     offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_g
     row_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM  # used only with HAS_PAD (all true otherwise)
+    if HAS_PAD:
+        out_mask = row_ok[:, None] & d_ok[None, :]
+    else:
+        out_mask = row_ok[:, None]
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=out_mask, other=0.0)
     if USE_SOFT_CAP:
         q_scale = scale
     else:
@@ -74,7 +86,7 @@ def _decode_kernel(
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq * stride_bt
     head_off = kv_head * stride_ch
     if MULTI_CHUNK:
@@ -93,7 +105,11 @@ def _decode_kernel(
         else:
             base = block.to(tl.int64) * stride_cb
         row = base + (n % BLOCK_SIZE) * stride_ct + head_off
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if HAS_PAD:
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+        else:
+            kv_mask = n_ok[:, None]
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
         if USE_SOFT_CAP:
             # c * tanh(x / c), tanh written with exp so the interpreter runs it too
@@ -104,7 +120,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -112,12 +128,12 @@ def _decode_kernel(
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if SINGLE_SPLIT:
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # scratch is contiguous [batch, num_q_heads, num_splits, HEAD_DIM] / [.., num_splits]
         num_q_heads = tl.num_programs(0) * GROUP
         part = (seq * num_q_heads + heads) * num_splits + split
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
@@ -125,23 +141,31 @@ def _decode_kernel(
 @triton.jit
 def _merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     num_q_heads = tl.num_programs(0)
     offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
+    d_ok = offs_d < HEAD_DIM  # used only with HAS_PAD
     part = (seq * num_q_heads + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    if HAS_PAD:
+        o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    else:
+        o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     num = tl.sum(o * w[:, None], 0)
     den = tl.sum(w, 0)
     res = num / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    if HAS_PAD:
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,15 +197,16 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: i
 
 
 def _config(view: CacheView) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for this head dim and dtype."""
-    return _config_for(view.device.type == "cuda", view.head_dim, view.dtype == torch.float32)
+    """(BLOCK_N, num_warps, num_stages) for this head dim's tile and dtype."""
+    return _config_for(view.device.type == "cuda", padded_head_dim(view.head_dim), view.dtype == torch.float32)
 
 
 @functools.lru_cache(maxsize=None)  # at most 2 x 5 x 2 entries
-def _config_for(on_gpu: bool, head_dim: int, is_fp32: bool) -> tuple[int, int, int]:
+def _config_for(on_gpu: bool, block_d: int, is_fp32: bool) -> tuple[int, int, int]:
+    # keyed on the padded tile width: registers and shared memory follow the tile, not head_dim
     if not on_gpu:
-        return 16 if head_dim >= 128 else 32, 4, 1  # interpreter: small tiles, several per page
-    block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[head_dim]
+        return 16 if block_d >= 128 else 32, 4, 1  # interpreter: small tiles, several per page
+    block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[block_d]
     if is_fp32:
         block_n //= 2
     return block_n, 4, 3
@@ -230,7 +255,7 @@ def split_scratch(batch: int, num_q_heads: int, num_splits: int, head_dim: int,
 
 def _split(buf: Tensor, n_out: int, need: int, batch: int, num_q_heads: int, num_splits: int,
            head_dim: int) -> tuple[Tensor, Tensor]:
-    # part_out is a multiple of 16 floats (head_dim >= 16), so part_lse stays 64-byte aligned
+    # part_out is a multiple of 8 floats (head_dim a multiple of 8), so part_lse stays 32-byte aligned
     return (buf[:n_out].view(batch, num_q_heads, num_splits, head_dim),
             buf[n_out:need].view(batch, num_q_heads, num_splits))
 
@@ -248,6 +273,7 @@ def launch_decode(
     """Launches on validated inputs; writes ``out`` ``[batch, num_q_heads, head_dim]``."""
     batch, num_q_heads, head_dim = query.shape
     group = num_q_heads // view.num_kv_heads
+    block_d = padded_head_dim(head_dim)
     cfg_n, cfg_warps, cfg_stages = _config(view)
     block_n = block_n or cfg_n
     if num_splits is None:
@@ -270,7 +296,7 @@ def launch_decode(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=view.block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
+        BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
         MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
@@ -280,6 +306,6 @@ def launch_decode(
         _merge_kernel[(num_q_heads, batch)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
-            num_warps=4,
+            BLOCK_D=block_d, HAS_PAD=block_d != head_dim, num_warps=4,
         )
 KERNELS = (_decode_kernel, _merge_kernel)

@@ -11,6 +11,10 @@ binary search over ``cu_query_lens``; tiles past a sequence's end exit.
 Tiles are taken last-first so the longest (latest, most context) start
 first. Keys strictly below every row's position run without masks; only the
 diagonal tiles (or every tile, under a sliding window) are masked.
+A head dim that is not a power of two of at least 16 runs in a ``BLOCK_D``
+tile (:func:`padded_head_dim`) with its padding columns masked on every load
+and store, as in :mod:`kvforge.kernels.triton_decode`; the constexpr
+``HAS_PAD`` keeps those masks out of the power-of-two kernels.
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kvforge.kernels.layout import CacheView
+from kvforge.kernels.layout import CacheView, padded_head_dim
 
 __all__ = ["launch_prefill", "KERNELS"]
 
@@ -34,7 +38,7 @@ def _prefill_kernel(
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -56,14 +60,19 @@ def _prefill_kernel(
     if q_start < q_len:
         ctx = tl.load(context_lens_ptr + seq)
         offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         t = q_start + offs_m // GROUP
         heads = kv_head * GROUP + offs_m % GROUP
         row_ok = (offs_m < BLOCK_Q * GROUP) & (t < q_len)
         token = (q_begin + t).to(tl.int64)
+        d_ok = offs_d < HEAD_DIM  # used only with HAS_PAD (all true otherwise)
+        if HAS_PAD:
+            out_mask = row_ok[:, None] & d_ok[None, :]
+        else:
+            out_mask = row_ok[:, None]
         q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
+                    mask=out_mask, other=0.0)
         if USE_SOFT_CAP:
             q_scale = scale
         else:
@@ -80,7 +89,7 @@ def _prefill_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         table = block_tables_ptr + seq * stride_bt
         head_off = kv_head * stride_ch
         if MULTI_CHUNK:
@@ -106,7 +115,11 @@ def _prefill_kernel(
                 else:
                     base = block.to(tl.int64) * stride_cb
                 row = base + (n % BLOCK_SIZE) * stride_ct + head_off
-                k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                if HAS_PAD:
+                    kv_mask = n_ok[:, None] & d_ok[None, :]
+                else:
+                    kv_mask = n_ok[:, None]
+                k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
                 if USE_SOFT_CAP:
                     s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0)) * 1.4426950408889634
@@ -120,26 +133,27 @@ def _prefill_kernel(
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m_i = m_new
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _config(view: CacheView, group: int, rows_per_seq: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim, dtype and
-    average number of query rows (new tokens x group) per sequence."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim's tile, dtype
+    and average number of query rows (new tokens x group) per sequence."""
     if view.device.type != "cuda":
         return max(16, triton.next_power_of_2(group)) * 2, 16, 4, 1  # interpreter: several tiles per sequence
+    block_d = padded_head_dim(view.head_dim)  # registers and shared memory follow the tile, not head_dim
     if view.dtype == torch.float32:
-        block_m, block_n, warps, stages = (32, 32, 4, 2) if view.head_dim == 256 else (64, 32, 4, 2)
-    elif view.head_dim == 256:
+        block_m, block_n, warps, stages = (32, 32, 4, 2) if block_d == 256 else (64, 32, 4, 2)
+    elif block_d == 256:
         block_m, block_n, warps, stages = 64, 32, 8, 2
-    elif view.head_dim == 128 and rows_per_seq >= 512:
+    elif block_d == 128 and rows_per_seq >= 512:
         block_m, block_n, warps, stages = 256, 64, 8, 3  # measured best for long prompts (docs/kernels.md)
-    elif view.head_dim == 128:
+    elif block_d == 128:
         block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
         block_m, block_n, warps, stages = 128, 64, 4, 3
@@ -161,6 +175,7 @@ def launch_prefill(
     cfg_m, cfg_n, cfg_warps, cfg_stages = _config(view, group, total * group // max(batch, 1))
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     block_q = block_m // group
+    block_d = padded_head_dim(head_dim)
     num_tiles = total // block_q + batch
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
     _prefill_kernel[(num_tiles, view.num_kv_heads)](
@@ -172,7 +187,7 @@ def launch_prefill(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
-        BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
+        BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
         MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)

@@ -2,7 +2,8 @@
 
 ``_store_kernel``: grid ``(cdiv(num_tokens, BLOCK_T),)``; each program copies
 ``BLOCK_T`` tokens' ``[num_kv_heads, head_dim]`` keys and values into their
-slots (flattened to ``BLOCK_HD`` columns), skipping slot -1.
+slots (flattened to ``BLOCK_HD`` columns, the next power of two of
+``num_kv_heads * head_dim``, masked past it: any head dim), skipping slot -1.
 ``_copy_kernel``: grid ``(num_pairs, num_layers * 2, tiles_per_block)``; each
 program copies one ``BLOCK`` -element tile of one layer's keys or values of
 one block, so every layer of every pair moves in a single launch.
