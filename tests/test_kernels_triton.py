@@ -28,7 +28,12 @@ from kvforge.kernels import (  # noqa: E402
     reference,
     store_kv,
 )
-from kvforge.kernels.testing import paged_from_dense  # noqa: E402
+from kvforge.kernels.testing import (  # noqa: E402
+    dense_attention,
+    in_wide_rows,
+    paged_from_dense,
+    wide_rows_untouched,
+)
 
 TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -210,3 +215,79 @@ def test_split_scratch_reuse_across_batch_sizes() -> None:
     assert same is grown
     assert torch.equal(small, again)
     triton_decode.release_scratch()
+
+
+# --------------------------------------------------------------------------- every head size (padded tiles)
+
+#: (head_dim, block_size, dtype, num_splits): head dims that are not powers of two run in a padded tile
+#: (80, 96, 112 -> 128; 192 -> 256; 8 -> 16; 24 -> 32); pages down to one token, on padded and
+#: power-of-two head dims; one split (the kernel writes out) and several (the merge kernel does)
+HEAD_DIM_CASES = [
+    (80, 16, torch.float16, None), (96, 4, torch.float32, 3), (112, 8, torch.float16, 1),
+    (192, 2, torch.float32, 2), (8, 1, torch.float16, 2), (24, 2, torch.float32, 1),
+    (64, 1, torch.float16, 3), (16, 4, torch.float32, 1),
+]
+
+
+@pytest.mark.parametrize("head_dim, block_size, dtype, num_splits", HEAD_DIM_CASES)
+def test_decode_any_head_dim_matches_dense(head_dim, block_size, dtype, num_splits) -> None:
+    # every row lives inside a wider NaN-filled one (cache, query, out): a load that
+    # reads past head_dim poisons the result, a store past it shows in the padding
+    gen = torch.Generator().manual_seed(head_dim * 10 + block_size)
+    lens = [19, 1, 0, 22]
+    keys, values = _kv(lens, 2, head_dim, dtype, gen)
+    paged = paged_from_dense(keys, values, block_size, num_chunks=2, row_pad=8, generator=gen)
+    query = in_wide_rows(torch.randn(len(lens), 4, head_dim, generator=gen).to(dtype))
+    out = in_wide_rows(torch.full_like(query, float("nan")))
+    paged_decode_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, out=out,
+                           num_splits=num_splits, backend="triton")
+    assert wide_rows_untouched(out)
+    for i, n in enumerate(lens):
+        want = dense_attention(query[i : i + 1], keys[i], values[i], torch.tensor([n - 1]))
+        torch.testing.assert_close(out[i : i + 1].double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("head_dim, block_size, dtype, num_splits", HEAD_DIM_CASES)
+def test_prefill_any_head_dim_matches_dense(head_dim, block_size, dtype, num_splits) -> None:
+    del num_splits  # decode only
+    gen = torch.Generator().manual_seed(head_dim * 10 + block_size + 1)
+    lens, new = [20, 9, 4], [20, 3, 0]  # no prefix; a cached prefix; nothing new
+    keys, values = _kv(lens, 2, head_dim, dtype, gen)
+    paged = paged_from_dense(keys, values, block_size, row_pad=8, generator=gen)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32)
+    query = in_wide_rows(torch.randn(sum(new), 6, head_dim, generator=gen).to(dtype))
+    out = in_wide_rows(torch.full_like(query, float("nan")))
+    paged_prefill_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens, out=out,
+                            backend="triton")
+    assert wide_rows_untouched(out)
+    for i, (n, q_len) in enumerate(zip(lens, new)):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        want = dense_attention(query[rows], keys[i], values[i], torch.arange(n - q_len, n))
+        torch.testing.assert_close(out[rows].double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("head_dim, block_size", [(80, 1), (96, 2), (192, 4), (8, 8)])
+def test_store_kv_any_head_dim_matches_reference(head_dim, block_size) -> None:
+    gen = torch.Generator().manual_seed(head_dim + block_size)
+    make = lambda: [torch.full((1, 2, 5, block_size, 2, head_dim), float("nan"), dtype=torch.float16)  # noqa: E731
+                    for _ in range(2)]
+    got, want = make(), make()
+    slots = torch.randperm(10 * block_size, generator=gen)[:7]
+    slots[3] = -1
+    key = in_wide_rows(torch.randn(7, 2, head_dim, generator=gen).half())
+    value = in_wide_rows(torch.randn(7, 2, head_dim, generator=gen).half())
+    store_kv(key, value, [c[0, 0] for c in got], [c[0, 1] for c in got], slots, backend="triton")
+    reference.store_kv(key, value, [c[0, 0] for c in want], [c[0, 1] for c in want], slots)
+    for a, b in zip(got, want):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_copy_blocks_odd_head_dim_and_one_token_blocks() -> None:
+    gen = torch.Generator().manual_seed(96)
+    got = [torch.randn(2, 2, 6, 1, 2, 96, generator=gen).half() for _ in range(2)]
+    want = [c.clone() for c in got]
+    src, dst = torch.tensor([0, 7, 3]), torch.tensor([11, 2, 5])
+    copy_blocks(got, src, dst, backend="triton")
+    reference.copy_blocks(want, src, dst)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
