@@ -1,32 +1,7 @@
 """The remote tier on a Redis server: :class:`RedisTier`, the :class:`~kvforge.storage.remote.RemoteTier` it implements.
 
-Keys. A block is stored under ``kvforge:{namespace}:{fingerprint}:{key}``
-(the layout's 16-byte fingerprint and the block's 16-byte prefix key, in
-hex). The namespace keeps deployments sharing one server apart; the
-fingerprint keeps layouts (and models) apart, so a cache of another layout
-asks for other names and simply misses.
-
-Values. Never pickle: a fixed 64-byte header, then the payload's raw bytes::
-
-    magic    4s   b"KVF1"
-    version  u16  FORMAT_VERSION
-    flags    u16  0 (reserved)
-    layout   16s  the layout fingerprint
-    key      16s  the block key
-    length   u64  payload bytes (== layout.block_bytes)
-    checksum 16s  BLAKE2b-128 of the payload
-
-all big-endian. The checksum is BLAKE2b-128 rather than CRC32: a block is
-megabytes and a fleet reads millions of them, so a 32-bit check that a
-linear corruption (a torn write, a zeroed page) can satisfy is too weak.
-BLAKE2b is in :mod:`hashlib` and releases the GIL on large buffers (the
-writer hashes without stalling the scheduler thread); it is slower than
-``zlib.crc32`` (0.7 against 3.2 GB/s on one core of the 2-core CPU dev
-machine, 2 MiB buffers), the same order as moving the bytes over a 10 Gb/s
-link; the version field leaves room for a faster checksum if it shows. It
-detects corruption, not forgery: whoever can write the namespace can write
-valid values, so the server must be reachable by trusted clients only
-(password, TLS, network).
+The wire format (keys, the value header and checksum) and the URL's secrets
+are in :mod:`kvforge.storage.redis_wire`.
 
 Reads. :meth:`RedisTier.fetch` asks in batches of ``batch_size`` keys (one
 ``MGET`` each, ``fetch_threads`` of them in flight on the reader's connection
@@ -65,27 +40,26 @@ without it blocks live until the server evicts them: run the server with
 ``maxmemory`` and an ``allkeys-lru`` (or ``allkeys-lfu``) policy for a cache
 that keeps the hot prefixes, or ``volatile-*`` with a ttl.
 
-Secrets. The URL may carry a password (``redis://:secret@host:6379/0``,
-``rediss://`` for TLS); it is passed to ``redis.from_url`` and never appears
-in a log line, repr or exception message (:func:`_redact`).
+Secrets. The URL may carry a password (``rediss://`` for TLS); it never
+appears in a log line, repr or exception message.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
-import re
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict, deque
 from dataclasses import fields
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from kvforge.core.keys import DIGEST, check_keys
 from kvforge.errors import ConfigError, MissingExtraError
+from kvforge.storage.redis_wire import FORMAT_VERSION, HEADER, MAGIC, NAMESPACE, Refusal, check_value, digest_of
+from kvforge.storage.redis_wire import frame as frame_value
+from kvforge.storage.redis_wire import redact as _redact
+from kvforge.storage.redis_wire import secrets_of as _secrets_of
 from kvforge.storage.remote import RemoteLayout, RemoteStats
 
 __all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "RedisTier", "RemoteStats"]
@@ -94,15 +68,6 @@ log = logging.getLogger(__name__)
 
 _STAT_NAMES = tuple(f.name for f in fields(RemoteStats))
 
-MAGIC = b"KVF1"
-FORMAT_VERSION = 1
-#: magic, version, flags, layout fingerprint, block key, payload length, payload checksum
-HEADER = struct.Struct(">4sHH16s16sQ16s")
-assert HEADER.size == 64
-
-_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-#: URL query parameters redis.from_url accepts that hold secrets
-_SECRET_PARAMS = {"password", "ssl_password"}
 #: seconds between two log lines of one kind of fault
 _LOG_EVERY = 30.0
 #: bytes a fetch connection reads from its socket at once (redis-py's default is 64 KiB): every read
@@ -117,41 +82,6 @@ _EMA_WEIGHT = 0.3
 class _Job(NamedTuple):
     keys: list[bytes]
     payloads: Callable[[], Sequence[Any]]
-
-
-def _redact(url: str) -> str:
-    """``url`` with its user info's password (or a lone user info, which may be one)
-    and any secret query parameter replaced by ``***``; ``<unparsable url>`` when
-    it cannot be parsed."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-            netloc = f"{user}:***@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparsable url>"
-
-
-def _secrets_of(url: str) -> list[str]:
-    """Every secret string in ``url`` (raw and percent-decoded), longest first."""
-    out: set[str] = set()
-    try:
-        parts = urlsplit(url)
-        if "@" in parts.netloc:
-            userinfo = parts.netloc.rsplit("@", 1)[0]
-            out.add(userinfo.split(":", 1)[1] if ":" in userinfo else userinfo)
-        out.update(v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMS)
-    except ValueError:
-        pass
-    out |= {unquote(s) for s in out} | {quote(s, safe="") for s in out}
-    return sorted((s for s in out if s), key=len, reverse=True)
 
 
 def _import_redis() -> Any:
@@ -186,7 +116,7 @@ class RedisTier:
         self._url = url
         self._secrets = _secrets_of(url)
         where = f"RedisTier({_redact(url)!r})"
-        if type(namespace) is not str or not _NAMESPACE.fullmatch(namespace):
+        if type(namespace) is not str or not NAMESPACE.fullmatch(namespace):
             raise ConfigError(f"{where}: namespace {namespace!r} is not a safe name: 1 to 64 letters, digits, "
                               f"'.', '_' or '-', starting with a letter or digit")
         if model is not None and (type(model) is not str or not model):
@@ -290,9 +220,7 @@ class RedisTier:
 
     def frame(self, key: bytes, payload: Any) -> bytes:
         """The value stored for one payload (header + payload bytes)."""
-        data = memoryview(payload).cast("B")
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        return HEADER.pack(MAGIC, FORMAT_VERSION, 0, self._fingerprint, key, data.nbytes, digest) + data
+        return frame_value(self._fingerprint, key, payload)
 
     # ------------------------------------------------------------------ reads
     def fetch(self, keys: Sequence[bytes]) -> list[memoryview]:
@@ -421,10 +349,7 @@ class RedisTier:
     def _digests(self, values: Sequence[bytes | None]) -> list[bytes | None]:
         """BLAKE2b-128 of each value's payload (None: no value), computed in parallel:
         ``hashlib`` releases the GIL on large buffers, so a batch's checks use several cores."""
-        def digest(value: bytes | None) -> bytes | None:
-            if value is None or len(value) <= HEADER.size:
-                return None
-            return hashlib.blake2b(memoryview(value)[HEADER.size:], digest_size=16).digest()
+        digest = digest_of
         big = sum(len(v) for v in values if v is not None) > 1 << 20
         if self.check_threads == 1 or not big:
             return [digest(v) for v in values]
@@ -437,20 +362,10 @@ class RedisTier:
     def _check(self, key: bytes, value: bytes, digest: bytes | None) -> memoryview | None:
         """The payload of ``value`` if every check passes; None (refusal counted) otherwise."""
         assert self.layout is not None
-        if len(value) != HEADER.size + self.layout.block_bytes:
-            return self._refuse("bad_size", key, f"{len(value)} bytes")
-        magic, version, flags, fingerprint, stored_key, length, stored_digest = HEADER.unpack_from(value)
-        if magic != MAGIC or version != FORMAT_VERSION or flags != 0:
-            return self._refuse("bad_header", key, f"magic {magic!r}, version {version}, flags {flags}")
-        if fingerprint != self._fingerprint:
-            return self._refuse("bad_fingerprint", key, f"layout {fingerprint.hex()}")
-        if stored_key != key:
-            return self._refuse("bad_key", key, f"key {stored_key.hex()}")
-        if length != self.layout.block_bytes:
-            return self._refuse("bad_size", key, f"length field {length}")
-        if digest != stored_digest:
-            return self._refuse("bad_checksum", key, "checksum mismatch")
-        return memoryview(value)[HEADER.size:]
+        got = check_value(value, key, self._fingerprint, self.layout.block_bytes, digest)
+        if isinstance(got, Refusal):
+            return self._refuse(got.kind, key, got.what)
+        return got
 
     def _refuse(self, kind: str, key: bytes, what: str) -> None:
         self._add(**{kind: 1})
