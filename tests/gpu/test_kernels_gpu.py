@@ -1,6 +1,7 @@
 """The Triton kernels on a CUDA/ROCm device against the torch reference:
 bf16 (and fp16/fp32 spot checks), head_dim 128, block sizes 16 and 64,
-contexts up to a few thousand tokens, outputs poisoned with NaN first."""
+contexts up to a few thousand tokens, outputs poisoned with NaN first; the
+other head dims (padded tiles for 80, 96, 192) and block sizes down to 1."""
 from __future__ import annotations
 
 import numpy as np
@@ -61,7 +62,8 @@ def test_decode_bf16(block_size, num_splits, options) -> None:
 
 
 @pytest.mark.parametrize("dtype, head_dim, group", [(torch.float16, 64, 1), (torch.float32, 128, 2),
-                                                    (BF16, 256, 8), (BF16, 32, 4)])
+                                                    (BF16, 256, 8), (BF16, 32, 4), (BF16, 80, 4),
+                                                    (torch.float16, 96, 3), (BF16, 192, 2), (torch.float32, 80, 1)])
 def test_decode_other_dtypes_and_dims(dtype, head_dim, group) -> None:
     gen = torch.Generator().manual_seed(head_dim)
     lens = [int(x) for x in torch.randint(1, 2000, (40,), generator=gen)]
@@ -90,7 +92,8 @@ def test_prefill_bf16(block_size, options) -> None:
     _close(out, reference.paged_prefill_attention(*args, **options), BF16)
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 64), (torch.float32, 128), (BF16, 256)])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 64), (torch.float32, 128), (BF16, 256), (BF16, 80),
+                                             (torch.float16, 96), (BF16, 192), (torch.float32, 96)])
 def test_prefill_other_dtypes_and_dims(dtype, head_dim) -> None:
     gen = torch.Generator().manual_seed(head_dim)
     lens, new = [700, 260], [300, 260]
@@ -102,6 +105,34 @@ def test_prefill_other_dtypes_and_dims(dtype, head_dim) -> None:
     out = torch.full_like(query, float("nan"))
     paged_prefill_attention(*args, out=out)
     _close(out, reference.paged_prefill_attention(*args), dtype)
+
+
+@pytest.mark.parametrize("block_size, head_dim", [(1, 128), (2, 96), (4, 80), (8, 192)])
+def test_decode_small_blocks(block_size, head_dim) -> None:
+    gen = torch.Generator().manual_seed(block_size * 1000 + head_dim)
+    lens = [int(x) for x in torch.randint(1, 600, (12,), generator=gen)]
+    keys, values = _kv(lens, 2, head_dim, BF16, gen)
+    paged = paged_from_dense(keys, values, block_size, num_chunks=2, generator=gen)
+    query = torch.randn(len(lens), 8, head_dim, generator=gen).to(DEV, BF16)
+    args = (query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens)
+    for num_splits in (None, 1, 5):
+        out = torch.full_like(query, float("nan"))
+        paged_decode_attention(*args, out=out, num_splits=num_splits, chunk_offsets=paged.chunk_offsets)
+        _close(out, reference.paged_decode_attention(*args), BF16)
+
+
+@pytest.mark.parametrize("block_size, head_dim", [(1, 128), (2, 96), (4, 80), (8, 192)])
+def test_prefill_small_blocks(block_size, head_dim) -> None:
+    gen = torch.Generator().manual_seed(block_size * 1000 + head_dim)
+    lens, new = [500, 300, 40], [500, 100, 1]
+    keys, values = _kv(lens, 2, head_dim, BF16, gen)
+    paged = paged_from_dense(keys, values, block_size, num_chunks=2, generator=gen)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32, device=DEV)
+    query = torch.randn(sum(new), 8, head_dim, generator=gen).to(DEV, BF16)
+    args = (query, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens)
+    out = torch.full_like(query, float("nan"))
+    paged_prefill_attention(*args, out=out, chunk_offsets=paged.chunk_offsets)
+    _close(out, reference.paged_prefill_attention(*args), BF16)
 
 
 @pytest.mark.parametrize("group", [1, 4, 6])
@@ -120,16 +151,16 @@ def test_prefill_many_short_prompts(group) -> None:
     _close(out, reference.paged_prefill_attention(*args), BF16)
 
 
-@pytest.mark.parametrize("num_chunks", [1, 3])
-def test_store_kv_bf16(num_chunks) -> None:
+@pytest.mark.parametrize("num_chunks, head_dim", [(1, 128), (3, 128), (2, 80), (1, 96), (2, 192)])
+def test_store_kv_bf16(num_chunks, head_dim) -> None:
     gen = torch.Generator().manual_seed(num_chunks)
-    make = lambda: [torch.full((2, 2, 200, 16, 8, 128), float("nan"), dtype=BF16, device=DEV)  # noqa: E731
+    make = lambda: [torch.full((2, 2, 200, 16, 8, head_dim), float("nan"), dtype=BF16, device=DEV)  # noqa: E731
                     for _ in range(num_chunks)]
     got, want = make(), make()
     slots = torch.randperm(num_chunks * 200 * 16, generator=gen)[:3000].to(DEV)
     slots[::7] = -1
-    key = torch.randn(3000, 8, 128, generator=gen).to(DEV, BF16)
-    value = torch.randn(3000, 8, 128, generator=gen).to(DEV, BF16)
+    key = torch.randn(3000, 8, head_dim, generator=gen).to(DEV, BF16)
+    value = torch.randn(3000, 8, head_dim, generator=gen).to(DEV, BF16)
     store_kv(key, value, [c[1, 0] for c in got], [c[1, 1] for c in got], slots)
     reference.store_kv(key, value, [c[1, 0] for c in want], [c[1, 1] for c in want], slots)
     for a, b in zip(got, want):
