@@ -1,0 +1,377 @@
+"""``KVForgeCache``: a transformers ``Cache`` whose keys and values live in a kvforge :class:`~kvforge.storage.KVCache`.
+
+Each row of the batch is one kvforge sequence; every layer's keys and values
+go into the paged pool at the sequence's slots. Two modes, fixed when the
+first tokens arrive, by the model's attention implementation:
+
+- **paged** (``attn_implementation="kvforge"``, :mod:`.attention`): ``update``
+  stores nothing and hands the new keys/values on; the kvforge attention
+  function then stores the real (unpadded) tokens and runs the paged
+  kernels on the pool. Left padding is never stored.
+- **dense** (any other implementation: ``sdpa``, ``eager``): ``update`` stores
+  every cell of the ``[batch, seq]`` grid (padding too, masked later by the
+  model's own mask) and returns the layer's whole history gathered from the
+  pool, ``[batch, kv_heads, seq_len, head_dim]``, as a ``DynamicCache`` would.
+
+A step is the set of layer updates of one forward: the first layer to see
+new columns reserves the slots of every row (one ``append_tokens_batch``),
+and the other layers reuse them. Sliding-window layers keep every token (the
+window is applied when attending); beam search and batch reordering fork
+sequences (shared blocks, copy-on-write), so no keys are copied; ``crop``
+(assisted decoding) is refused.
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvforge.config import CacheConfig
+from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError
+from kvforge.integrations.hf.paged import (
+    PagedInputs, counts_of, cu_lens, from_tokens, paged_attention, to_tokens,
+)
+from kvforge.kernels import reference
+from kvforge.storage import KVCache
+
+__all__ = ["KVForgeCache", "KVForgeLayer", "take_pending"]
+
+#: layer types a KVForgeCache can hold (attention layers with ordinary keys and values)
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class _Pending(NamedTuple):
+    """A paged-mode update waiting for its attention call (the same key and value objects)."""
+
+    cache: KVForgeCache
+    layer_idx: int
+    key: Tensor
+    value: Tensor
+
+
+#: the last paged-mode update not yet consumed by the kvforge attention function (per thread / task)
+_PENDING: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("kvforge_hf_pending", default=None)
+
+
+def take_pending(key: Tensor, value: Tensor) -> tuple[KVForgeCache, int] | None:
+    """``(cache, layer_idx)`` when ``key``/``value`` are what a paged-mode :class:`KVForgeCache`
+    update just returned (then the pending update is consumed), else None."""
+    p = _PENDING.get()
+    if p is None or p.key is not key or p.value is not value:
+        return None
+    _PENDING.set(None)
+    return p.cache, p.layer_idx
+
+
+class KVForgeLayer(CacheLayerMixin):
+    """One layer's view of a :class:`KVForgeCache`: it counts the grid columns it has seen
+    (``get_seq_length``) and hands updates to the cache. It holds no tensors (``keys`` and
+    ``values`` stay None: the data lives in the kvforge pool)."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+    is_sliding = False  # every token is kept; a sliding window is applied when attending
+
+    def __init__(self, cache: KVForgeCache, layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.num_columns = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        pass
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self.cache._update(self, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_columns + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.num_columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.num_columns = 0
+
+    def __repr__(self) -> str:
+        return f"KVForgeLayer({self.layer_idx}, columns={self.num_columns})"
+
+
+class KVForgeCache(Cache):
+    """A transformers ``Cache`` backed by a kvforge :class:`~kvforge.storage.KVCache`.
+
+    ``model.generate(ids, past_key_values=KVForgeCache(model.config))`` (transformers
+    5 also takes ``cache=``) keeps every layer's keys and values in kvforge's paged
+    pool. ``config``: the model's config (its decoder text config is used).
+    ``num_blocks``: blocks of ``block_size`` tokens in the pool; None sizes it, when
+    the first tokens arrive, for ``max_position_embeddings`` tokens per batch row
+    (backed by device memory in chunks as the rows grow). ``device``/``dtype``:
+    where and how keys/values are stored; None takes the model's keys' device and
+    dtype (the device must be the model's). ``backend``: kvforge's kernels
+    (``"auto"``: Triton on GPUs, the torch reference on the CPU).
+
+    Rows are kvforge sequences (:attr:`seq_ids`); :attr:`kv_cache` is the
+    underlying KVCache (None until the first tokens). Limits: ``crop``
+    (assisted / speculative decoding) raises; layer types other than full and
+    sliding attention are refused at construction; the batch size is fixed by
+    the first tokens (beam search and ``num_return_sequences`` reorder rows
+    by forking them).
+    """
+
+    def __init__(self, config: Any, *, num_blocks: int | None = None, block_size: int = 16,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 backend: str = "auto") -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        num_layers = getattr(text, "num_hidden_layers", None)
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"KVForgeCache needs a model config with num_hidden_layers, got {type(config).__name__}")
+        layer_types = list(getattr(text, "layer_types", None) or [])
+        odd = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+        if odd or getattr(text, "kv_sharing_modes", None):
+            raise ConfigError(f"KVForgeCache holds full and sliding attention layers; this model "
+                              f"({type(text).__name__}) has {', '.join(odd) or 'KV sharing between layers'}")
+        for name, value in (("block_size", block_size), ("num_blocks", num_blocks)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"KVForgeCache {name} must be a positive int, got {value!r}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"KVForgeCache backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        super().__init__(layers=[KVForgeLayer(self, i) for i in range(num_layers)])
+        self.config = text
+        self.block_size = block_size
+        self.requested_num_blocks = num_blocks
+        self.device = None if device is None else torch.device(device)
+        self.dtype = dtype
+        self.backend = backend
+        self.kv_cache: KVCache | None = None
+        self.seq_ids: list[int] = []
+        self._next_seq_id = 0
+        self._num_columns = 0            # grid columns with slots reserved (the current step's included)
+        self._step: PagedInputs | None = None
+        self.is_paged: bool | None = None  # fixed by the first tokens (see the module docstring)
+
+    # ------------------------------------------------------------ transformers' Cache API
+    def _update(self, layer: KVForgeLayer, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, seq, _ = key.shape
+        if self.is_paged is None:
+            self.is_paged = getattr(self.config, "_attn_implementation", None) == _attention_name()
+        self._ensure_storage(key)
+        if self.is_paged:
+            pending = _PENDING.get()
+            if pending is not None and pending.cache is self:
+                raise KVForgeError(
+                    f"KVForgeCache: layer {pending.layer_idx}'s keys/values were never attended on the kvforge "
+                    f"backend (its attention did not run as attn_implementation='{_attention_name()}'); "
+                    f"load the model with it, or use this cache with another implementation from the start")
+            layer.num_columns += seq
+            _PENDING.set(_Pending(self, layer.layer_idx, key, value))
+            return key, value
+        self._enter_step(layer.layer_idx, layer.num_columns, seq, None)
+        layer.num_columns += seq
+        step = self._step
+        assert step is not None and self.kv_cache is not None
+        dtype = self.kv_cache.config.dtype
+        self.kv_cache.write(layer.layer_idx, step.slot_mapping, to_tokens(key, None).to(dtype),
+                            to_tokens(value, None).to(dtype))
+        return self._gather(layer.layer_idx, key.dtype)
+
+    def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None, *,
+               scale: float, sliding_window: int | None, soft_cap: float | None) -> Tensor:
+        """Paged mode: store layer ``layer_idx``'s new keys/values ``[B, Hkv, S, D]`` (the real
+        cells of ``padding`` ``[B, >= S]`` bool, or all) and attend ``query`` ``[B, Hq, S, D]``
+        over each row's stored tokens; returns ``[B, S, Hq, D]`` in the query dtype."""
+        layer = self.layers[layer_idx]
+        batch, _, seq, _ = key.shape
+        real = None if padding is None else padding[:, -seq:]
+        self._enter_step(layer_idx, layer.num_columns - seq, seq, real)
+        step, kv = self._step, self.kv_cache
+        assert step is not None and kv is not None
+        dtype = kv.config.dtype
+        kv.write(layer_idx, step.slot_mapping, to_tokens(key, step.real).to(dtype), to_tokens(value, step.real).to(dtype))
+        q = to_tokens(query, step.real).to(dtype)
+        out = paged_attention(q, kv.layer_view(layer_idx), None, step, scale=scale, sliding_window=sliding_window,
+                              soft_cap=soft_cap, backend=kv.backend)
+        return from_tokens(out.to(query.dtype), step.real, batch, seq)
+
+    def reset(self) -> None:
+        """Free every row's sequence; the pool stays allocated for the next generation."""
+        if self.kv_cache is not None:
+            for s in self.seq_ids:
+                self.kv_cache.free_sequence(s)
+        self.seq_ids = []
+        self._num_columns = 0
+        self._step = None
+        self.is_paged = None
+        for layer in self.layers:
+            layer.reset()
+        pending = _PENDING.get()
+        if pending is not None and pending.cache is self:
+            _PENDING.set(None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row ``i`` becomes row ``beam_idx[i]`` (beam search): forks, no keys copied."""
+        self._reindex([int(i) for i in beam_idx.tolist()])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row ``repeats`` times in a row (forks)."""
+        self._reindex([r for r in range(len(self.seq_ids)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` (forks, then the others are freed)."""
+        self._reindex([int(i) for i in indices.tolist()])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise KVForgeError(
+            f"KVForgeCache cannot crop ({tokens_to_remove} tokens asked): kvforge's KVCache has no truncate yet, "
+            f"so assisted and speculative decoding (which roll the cache back) are not supported")
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_ids) if self.kv_cache is not None else -1
+
+    # ------------------------------------------------------------ kvforge side
+    @property
+    def num_blocks(self) -> int | None:
+        """Blocks of the pool (None until it is created)."""
+        return None if self.kv_cache is None else self.kv_cache.config.num_blocks
+
+    def gather(self, row: int, layer_idx: int) -> tuple[Tensor, Tensor]:
+        """Row ``row``'s stored keys and values of one layer, ``[num_tokens, kv_heads, head_dim]``
+        each, read from the pool (padding is absent in paged mode)."""
+        if self.kv_cache is None:
+            raise KVForgeError("KVForgeCache.gather(): nothing is stored yet")
+        if not 0 <= row < len(self.seq_ids):
+            raise KVForgeError(f"KVForgeCache.gather(): row {row} out of range ({len(self.seq_ids)} rows)")
+        return self.kv_cache.gather(self.seq_ids[row], layer_idx)
+
+    def check_invariants(self) -> None:
+        """Assert the pool's bookkeeping holds and the layers agree with the reserved columns."""
+        for layer in self.layers:
+            assert 0 <= layer.num_columns <= self._num_columns, (layer, self._num_columns)
+        if self.kv_cache is None:
+            assert not self.seq_ids and self._num_columns == 0
+            return
+        self.kv_cache.check_invariants()
+        assert len(set(self.seq_ids)) == len(self.seq_ids)
+        for s in self.seq_ids:
+            n = self.kv_cache.seq_len(s)
+            assert n == self._num_columns if not self.is_paged else n <= self._num_columns, (s, n)
+
+    def __repr__(self) -> str:
+        mode = {None: "unset", True: "paged", False: "dense"}[self.is_paged]
+        return (f"KVForgeCache(rows={len(self.seq_ids)}, columns={self._num_columns}, mode={mode}, "
+                f"kv_cache={self.kv_cache!r})")
+
+    # ------------------------------------------------------------ internals
+    def _ensure_storage(self, key: Tensor) -> None:
+        """Create the pool and one sequence per row on the first tokens; check later ones fit it."""
+        batch, heads, seq, head_dim = key.shape
+        if self.kv_cache is not None:
+            c = self.kv_cache.config
+            if (heads, head_dim) != (c.num_kv_heads, c.head_dim):
+                raise KVForgeError(f"KVForgeCache: keys of {heads} heads x {head_dim} dims, but the pool holds "
+                                   f"{c.num_kv_heads} x {c.head_dim} (layers of different shapes are not supported)")
+            if not self.seq_ids:
+                self.seq_ids = self._new_sequences(batch)
+            if batch != len(self.seq_ids):
+                raise KVForgeError(f"KVForgeCache: a batch of {batch} rows, but the cache holds {len(self.seq_ids)}")
+            return
+        device = key.device if self.device is None else self.device
+        if device != key.device:
+            raise KVForgeError(f"KVForgeCache: device {device} was asked, but the model's keys are on {key.device}")
+        max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        per_row = math.ceil(max(max_positions, seq) / self.block_size)
+        num_blocks = self.requested_num_blocks or batch * per_row
+        first = min(num_blocks, batch * math.ceil(seq / self.block_size))
+        cfg = CacheConfig(block_size=self.block_size, num_blocks=num_blocks, num_layers=len(self.layers),
+                          num_kv_heads=heads, head_dim=head_dim, dtype=self.dtype or key.dtype, device=str(device),
+                          enable_prefix_caching=False, initial_blocks=max(first, 1), name="KVForgeCache")
+        self.kv_cache = KVCache(cfg, backend=self.backend)
+        self.seq_ids = self._new_sequences(batch)
+
+    def _new_sequences(self, n: int) -> list[int]:
+        assert self.kv_cache is not None
+        ids = list(range(self._next_seq_id, self._next_seq_id + n))
+        self._next_seq_id += n
+        for s in ids:
+            self.kv_cache.add_sequence(s)
+        return ids
+
+    def _enter_step(self, layer_idx: int, layer_columns: int, seq: int, real: Tensor | None) -> None:
+        """The layer that has seen ``layer_columns`` columns brings ``seq`` more: the first
+        layer to do so reserves every row's slots (the step's :class:`PagedInputs`)."""
+        if layer_columns == self._num_columns:
+            self._reserve(seq, real)
+        elif layer_columns + seq != self._num_columns:
+            raise KVForgeError(f"KVForgeCache: layer {layer_idx} brings columns {layer_columns}..{layer_columns + seq}, "
+                               f"but the step in progress reserved up to {self._num_columns}")
+        elif real is not None and self._step is not None and self._step.real is not None and \
+                not torch.equal(real, self._step.real):
+            raise KVForgeError(f"KVForgeCache: layer {layer_idx}'s padding differs from the step's first layer")
+
+    def _reserve(self, seq: int, real: Tensor | None) -> None:
+        kv = self.kv_cache
+        assert kv is not None
+        batch = len(self.seq_ids)
+        if real is not None and bool(real.all()):
+            real = None
+        counts = counts_of(real, batch, seq)
+        try:
+            slots = kv.append_tokens_batch(self.seq_ids, counts)
+        except OutOfBlocksError as exc:
+            raise OutOfBlocksError(
+                f"KVForgeCache is full: {exc} (pass a larger num_blocks; the pool has {kv.config.num_blocks} "
+                f"blocks of {kv.config.block_size} tokens)", requested=exc.requested, available=exc.available) from None
+        self._step = PagedInputs(
+            slot_mapping=kv.slot_mapping(slots), block_tables=kv.block_tables(self.seq_ids),
+            context_lens=kv.context_lens(self.seq_ids), cu_query_lens=cu_lens(counts, kv.device),
+            real=None if real is None else real.to(kv.device), is_decode=all(n == 1 for n in counts))
+        self._num_columns += seq
+
+    def _gather(self, layer_idx: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Dense mode: every row's whole history of one layer, ``[B, Hkv, columns, D]`` each."""
+        kv, step = self.kv_cache, self._step
+        assert kv is not None and step is not None
+        view = kv.layer_view(layer_idx)
+        n, bs = self._num_columns, kv.config.block_size
+        ids = step.block_tables[:, : math.ceil(n / bs)].long()
+        batch = ids.shape[0]
+
+        def dense(chunks: tuple[Tensor, ...]) -> Tensor:
+            blocks = reference.gather_blocks(chunks, ids)  # [B, blocks, block_size, Hkv, D]
+            return blocks.reshape(batch, -1, view.num_kv_heads, view.head_dim)[:, :n].transpose(1, 2).to(dtype)
+
+        return dense(view.k_chunks), dense(view.v_chunks)
+
+    def _reindex(self, rows: list[int]) -> None:
+        """The new row ``i`` is the old row ``rows[i]``: fork each, then free the old sequences."""
+        if self.kv_cache is None or not self.seq_ids:
+            return
+        if any(not 0 <= r < len(self.seq_ids) for r in rows):
+            raise KVForgeError(f"KVForgeCache: row indices {rows} out of range ({len(self.seq_ids)} rows)")
+        kv = self.kv_cache
+        new = list(range(self._next_seq_id, self._next_seq_id + len(rows)))
+        self._next_seq_id += len(rows)
+        for child, r in zip(new, rows):
+            kv.fork(self.seq_ids[r], child)
+        for s in self.seq_ids:
+            kv.free_sequence(s)
+        self.seq_ids = new
+        self._step = None  # the next step reserves again (its tables are the new rows')
+
+
+def _attention_name() -> str:
+    from kvforge.integrations.hf.attention import ATTENTION_NAME
+    return ATTENTION_NAME
