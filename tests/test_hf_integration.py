@@ -170,8 +170,13 @@ def test_limits_raise_and_name_themselves(models: dict[str, Any]) -> None:
     cache = KVForgeCache(model.config)
     with pytest.raises(KVForgeError, match="cannot crop.*assisted and speculative"):
         cache.crop(-1)
-    with pytest.raises(OutOfBlocksError, match="KVForgeCache is full.*num_blocks"):
-        greedy(model, PROMPTS, 4, cache=KVForgeCache(model.config, num_blocks=2))
+    for impl in ("sdpa", ATTENTION_NAME):
+        with attention(model, impl):
+            small = KVForgeCache(model.config, num_blocks=2)
+            with pytest.raises(OutOfBlocksError, match="KVForgeCache is full.*num_blocks"):
+                greedy(model, PROMPTS, 4, cache=small)
+        small.check_invariants()  # the refused step left nothing behind
+        assert small.get_seq_length() == 0 and small.kv_cache.num_available_blocks == 2
     hybrid = types.SimpleNamespace(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
     with pytest.raises(ConfigError, match="linear_attention"):
         KVForgeCache(hybrid)

@@ -97,6 +97,8 @@ def kvforge_attention_forward(module: torch.nn.Module, query: Tensor, key: Tenso
     window = int(sliding_window) if sliding_window is not None else None
     cap = float(softcap) if softcap is not None else None
     pending = take_pending(key, value)
+    if pending is None and not _said_scratch:
+        _note_scratch()
     if pending is not None:
         cache, layer_idx = pending
         out = cache.attend(layer_idx, query, key, value, attention_mask, scale=scale, sliding_window=window,
@@ -104,6 +106,17 @@ def kvforge_attention_forward(module: torch.nn.Module, query: Tensor, key: Tenso
     else:
         out = _scratch_attention(query, key, value, attention_mask, scale=scale, sliding_window=window, soft_cap=cap)
     return out, None
+
+
+_said_scratch = False
+
+
+def _note_scratch() -> None:
+    global _said_scratch
+    _said_scratch = True
+    log.info("attn_implementation='%s' without a KVForgeCache: keys/values stay in transformers' cache and are "
+             "copied into a scratch paged pool on every call (pass cache=KVForgeCache(model.config) to keep "
+             "them in kvforge)", ATTENTION_NAME)
 
 
 def _scratch_attention(query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None, *, scale: float,

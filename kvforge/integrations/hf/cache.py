@@ -191,7 +191,11 @@ class KVForgeCache(Cache):
         layer = self.layers[layer_idx]
         batch, _, seq, _ = key.shape
         real = None if padding is None else padding[:, -seq:]
-        self._enter_step(layer_idx, layer.num_columns - seq, seq, real)
+        try:
+            self._enter_step(layer_idx, layer.num_columns - seq, seq, real)
+        except KVForgeError:
+            layer.num_columns -= seq  # update() counted the columns; a refused step leaves no trace
+            raise
         step, kv = self._step, self.kv_cache
         assert step is not None and kv is not None
         dtype = kv.config.dtype
