@@ -40,8 +40,11 @@ def test_supported_head_dims_are_the_multiples_of_8_up_to_256() -> None:
         [16, 16, 32, 64, 128, 128, 128, 128, 256, 256, 256]
 
 
-@pytest.mark.parametrize("head_dim, block_size, dtype", CASES)
-def test_decode_any_head_dim_matches_dense(head_dim: int, block_size: int, dtype: torch.dtype) -> None:
+def check_decode(head_dim: int, block_size: int, dtype: torch.dtype, backend: str,
+                 num_splits: int | None = None) -> None:
+    """Paged decode on ``backend`` against the dense float64 oracle. Every row lives inside a
+    wider NaN-filled one (cache, query, out): a load past head_dim poisons the result, a store
+    past it shows in the padding. Shared with the Triton cases in test_kernels_triton.py."""
     gen = torch.Generator().manual_seed(head_dim * 10 + block_size)
     lens = [19, 1, 0, 22]
     keys, values = _kv(lens, 2, head_dim, dtype, gen)
@@ -49,29 +52,40 @@ def test_decode_any_head_dim_matches_dense(head_dim: int, block_size: int, dtype
     query = in_wide_rows(torch.randn(len(lens), 4, head_dim, generator=gen).to(dtype))
     out = in_wide_rows(torch.full_like(query, float("nan")))
     paged_decode_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, out=out,
-                           backend="torch")
+                           num_splits=num_splits, backend=backend)
     assert wide_rows_untouched(out)
     for i, n in enumerate(lens):
         want = dense_attention(query[i : i + 1], keys[i], values[i], torch.tensor([n - 1]))
         torch.testing.assert_close(out[i : i + 1].double(), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("head_dim, block_size, dtype", CASES)
-def test_prefill_any_head_dim_matches_dense(head_dim: int, block_size: int, dtype: torch.dtype) -> None:
+def check_prefill(head_dim: int, block_size: int, dtype: torch.dtype, backend: str) -> None:
+    """Paged prefill on ``backend`` against the dense float64 oracle (no prefix; a cached
+    prefix; nothing new), in wide NaN-filled rows as :func:`check_decode`."""
     gen = torch.Generator().manual_seed(head_dim * 10 + block_size + 1)
-    lens, new = [20, 9, 4], [20, 3, 0]  # no prefix; a cached prefix; nothing new
+    lens, new = [20, 9, 4], [20, 3, 0]
     keys, values = _kv(lens, 2, head_dim, dtype, gen)
     paged = paged_from_dense(keys, values, block_size, row_pad=8, generator=gen)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32)
     query = in_wide_rows(torch.randn(sum(new), 6, head_dim, generator=gen).to(dtype))
     out = in_wide_rows(torch.full_like(query, float("nan")))
     paged_prefill_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens, out=out,
-                            backend="torch")
+                            backend=backend)
     assert wide_rows_untouched(out)
     for i, (n, q_len) in enumerate(zip(lens, new)):
         rows = slice(int(cu[i]), int(cu[i + 1]))
         want = dense_attention(query[rows], keys[i], values[i], torch.arange(n - q_len, n))
         torch.testing.assert_close(out[rows].double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("head_dim, block_size, dtype", CASES)
+def test_decode_any_head_dim_matches_dense(head_dim: int, block_size: int, dtype: torch.dtype) -> None:
+    check_decode(head_dim, block_size, dtype, "torch")
+
+
+@pytest.mark.parametrize("head_dim, block_size, dtype", CASES)
+def test_prefill_any_head_dim_matches_dense(head_dim: int, block_size: int, dtype: torch.dtype) -> None:
+    check_prefill(head_dim, block_size, dtype, "torch")
 
 
 @pytest.mark.parametrize("head_dim, block_size", [(80, 1), (96, 2), (192, 4), (8, 8)])

@@ -29,11 +29,10 @@ from kvforge.kernels import (  # noqa: E402
     store_kv,
 )
 from kvforge.kernels.testing import (  # noqa: E402
-    dense_attention,
     in_wide_rows,
     paged_from_dense,
-    wide_rows_untouched,
 )
+from tests.test_head_dims import check_decode, check_prefill  # noqa: E402  (the same cases as on torch)
 
 TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -231,39 +230,13 @@ HEAD_DIM_CASES = [
 
 @pytest.mark.parametrize("head_dim, block_size, dtype, num_splits", HEAD_DIM_CASES)
 def test_decode_any_head_dim_matches_dense(head_dim, block_size, dtype, num_splits) -> None:
-    # every row lives inside a wider NaN-filled one (cache, query, out): a load that
-    # reads past head_dim poisons the result, a store past it shows in the padding
-    gen = torch.Generator().manual_seed(head_dim * 10 + block_size)
-    lens = [19, 1, 0, 22]
-    keys, values = _kv(lens, 2, head_dim, dtype, gen)
-    paged = paged_from_dense(keys, values, block_size, num_chunks=2, row_pad=8, generator=gen)
-    query = in_wide_rows(torch.randn(len(lens), 4, head_dim, generator=gen).to(dtype))
-    out = in_wide_rows(torch.full_like(query, float("nan")))
-    paged_decode_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, out=out,
-                           num_splits=num_splits, backend="triton")
-    assert wide_rows_untouched(out)
-    for i, n in enumerate(lens):
-        want = dense_attention(query[i : i + 1], keys[i], values[i], torch.tensor([n - 1]))
-        torch.testing.assert_close(out[i : i + 1].double(), want, **TOL[dtype])
+    check_decode(head_dim, block_size, dtype, "triton", num_splits)
 
 
 @pytest.mark.parametrize("head_dim, block_size, dtype, num_splits", HEAD_DIM_CASES)
 def test_prefill_any_head_dim_matches_dense(head_dim, block_size, dtype, num_splits) -> None:
     del num_splits  # decode only
-    gen = torch.Generator().manual_seed(head_dim * 10 + block_size + 1)
-    lens, new = [20, 9, 4], [20, 3, 0]  # no prefix; a cached prefix; nothing new
-    keys, values = _kv(lens, 2, head_dim, dtype, gen)
-    paged = paged_from_dense(keys, values, block_size, row_pad=8, generator=gen)
-    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32)
-    query = in_wide_rows(torch.randn(sum(new), 6, head_dim, generator=gen).to(dtype))
-    out = in_wide_rows(torch.full_like(query, float("nan")))
-    paged_prefill_attention(query, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens, out=out,
-                            backend="triton")
-    assert wide_rows_untouched(out)
-    for i, (n, q_len) in enumerate(zip(lens, new)):
-        rows = slice(int(cu[i]), int(cu[i + 1]))
-        want = dense_attention(query[rows], keys[i], values[i], torch.arange(n - q_len, n))
-        torch.testing.assert_close(out[rows].double(), want, **TOL[dtype])
+    check_prefill(head_dim, block_size, dtype, "triton")
 
 
 @pytest.mark.parametrize("head_dim, block_size", [(80, 1), (96, 2), (192, 4), (8, 8)])
