@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from kvforge.engine.testing import randomize_weights
+
 __all__ = ["FAMILIES", "tiny_model", "left_padded", "greedy"]
 
 BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,15 +49,7 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     model_cls, config_cls, options = FAMILIES[family]
     cfg = getattr(transformers, config_cls)(**{**BASE, **options, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(cfg).float().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
+    return randomize_weights(getattr(transformers, model_cls)(cfg).float().eval(), seed)
 
 
 def left_padded(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

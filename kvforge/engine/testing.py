@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_CONFIGS", "tiny_hf_model", "save_tiny_checkpoint", "hf_greedy", "run_steps"]
+__all__ = ["TINY_CONFIGS", "tiny_hf_model", "randomize_weights", "save_tiny_checkpoint", "hf_greedy", "run_steps"]
 
 _BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -40,7 +40,13 @@ def tiny_hf_model(arch: str, seed: int = 0, **overrides: Any) -> Any:
     cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     cfg = cfg_cls(**{**_BASE, **TINY_CONFIGS[arch], **overrides})
     torch.manual_seed(seed)
-    model = cls(cfg).float().eval()
+    return randomize_weights(cls(cfg).float().eval(), seed)
+
+
+def randomize_weights(model: Any, seed: int = 0) -> Any:
+    """Give a transformers model seeded random weights large enough that greedy
+    decoding depends on every layer (norm scales in [0.5, 1.5), the rest N(0, 0.2));
+    return it."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
