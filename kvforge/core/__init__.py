@@ -10,9 +10,11 @@ tests without a device, and serves engines that bring their own kernels.
   (``keys``: the hash, salts, key checks);
 - :class:`BlockTables` (``tables``): per-sequence rows of block ids and token counts
   (``rows``), the token id of every written slot (``slots``), the batched views
-  (``steps``: :class:`StepView`) and the append path (``append_plan``);
+  (``steps``: :class:`StepView`), the append path (``append_plan``) and the tokens
+  whose ids come later, with truncation (``uncommitted``);
 - :class:`BlockManager` (``manager``): sequences over the three, fork, free, views;
   admission with prefix reuse (``admission``), appends with copy-on-write (``appends``),
+  slots reserved before their ids, committing the ids, truncation (``reservations``),
   each sequence's key chain (``chains``), the live sequence ids and their rows (``sequences``);
 - :class:`HostTier` (``host_tier``): which blocks live on the host, on the device or
   both; spills, one LRU across tiers; swapping sequences out and in (``swap``);

@@ -44,13 +44,15 @@ class AppendPlan(NamedTuple):
 class AppendPlanning(TableRows):
     """Plan and commit appends on the rows (a mixin of :class:`~kvforge.core.tables.BlockTables`)."""
 
-    def plan_append(self, rows: np.ndarray, counts: np.ndarray | None,
-                    ref_count: Callable[[int], int]) -> AppendPlan:
+    def plan_append(self, rows: np.ndarray, counts: np.ndarray | None, ref_count: Callable[[int], int],
+                    is_cached: Callable[[int], bool] | None = None) -> AppendPlan:
         """What appending ``counts[i]`` tokens (None: one each) to each row needs; changes nothing.
 
         A row gaining tokens in a partial last block that ``ref_count`` says is
         shared copies it, as sequential appends would: every sharer in the batch
-        but the last one left holding the block."""
+        but the last one left holding the block. A partial last block that
+        ``is_cached`` (a full block a truncation took a row back into, still
+        keyed for its other owners) is copied by every row that writes into it."""
         bs = self.block_size
         old = self._ntok[rows]
         offset = need = None
@@ -71,7 +73,7 @@ class AppendPlanning(TableRows):
                     tail = int(self._tables[r, self._nblk[r] - 1])
                     left = refs_left.get(tail)
                     left = ref_count(tail) if left is None else left
-                    if left > 1:
+                    if left > 1 or (is_cached is not None and is_cached(tail)):
                         cow.append(r)
                         refs_left[tail] = left - 1
         pending = self._npending[rows]

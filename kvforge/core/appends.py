@@ -8,6 +8,12 @@ give every row that must write into a shared, partially filled last block a
 private copy of it (copy-on-write, in batch order, as sequential appends
 would), commit, and key and register the blocks that filled.
 
+A partial last block that a truncation left shared (or still keyed in the
+prefix index for its other owners) is copied the same way before a row
+writes into it. Tokens reserved without ids (:mod:`~kvforge.core.reservations`)
+take the same path; a plain append after them is refused until their ids are
+committed.
+
 Copy-on-write copies through the storage's ``copy_blocks`` when the manager
 has one, before any table changes; otherwise the ``(src, dst)`` pairs are
 queued in ``pending_copies`` for the storage layer to copy before the new
@@ -112,10 +118,20 @@ class SequenceAppends:
                                requested=need, available=avail)
 
     def _append(self, seq_ids: Sequence[SeqId], rows: np.ndarray, counts: np.ndarray | None,
-                ids: array[int] | None, single: bool) -> np.ndarray:
-        """The one append: ``counts[i]`` tokens (None: one each) to each of the distinct ``rows``."""
+                ids: array[int] | None, single: bool, reserving: bool = False) -> np.ndarray:
+        """The one append: ``counts[i]`` tokens (None: one each) to each of the distinct ``rows``.
+
+        Only a reservation (``reserving``: :mod:`~kvforge.core.reservations`) may add
+        tokens after uncommitted ones: their ids must come first, in order."""
         tables, pool = self.tables, self.pool
-        plan = tables.plan_append(rows, counts, pool.ref_count)
+        if tables.num_uncommitted_rows and not reserving:
+            unc = tables.uncommitted_of(rows)
+            stuck = (unc > 0) if counts is None else (unc > 0) & (counts > 0)
+            if np.count_nonzero(stuck):
+                i = int(np.flatnonzero(stuck)[0])
+                raise SequenceError(f"sequence {seq_ids[i]!r} has {int(unc[i])} reserved token(s) whose ids are "
+                                    f"not committed; commit_token_ids() or truncate() them before appending")
+        plan = tables.plan_append(rows, counts, pool.ref_count, pool.is_cached)
         if ids is not None and plan.pending is not None:
             stuck = (plan.pending > 0) if counts is None else (plan.pending > 0) & (counts > 0)
             if np.count_nonzero(stuck):

@@ -30,8 +30,14 @@ class KeyChain:
         return KeyChain(self.salt, list(self.keys))
 
     def register_full_blocks(self, prefix: PrefixIndex, tables: BlockTables, row: int) -> None:
-        """Key and register the known ``row``'s full blocks that have no key in the chain yet."""
-        done, full = len(self.keys), tables.num_tokens(row) // tables.block_size
-        if full > done and prefix.enabled and tables.is_known(row):
+        """Key and register the ``row``'s full blocks of known ids (those before its uncommitted
+        tokens count: :meth:`~kvforge.core.uncommitted.UncommittedRows.keyable_tokens`) that
+        have no key in the chain yet."""
+        done, full = len(self.keys), tables.keyable_tokens(row) // tables.block_size
+        if full > done and prefix.enabled:
             blocks = tables.blocks(row, done, full)
             prefix._extend_chain(self.keys, self.salt, tables.block_tokens(blocks), blocks)  # made here
+
+    def truncate(self, num_full_blocks: int) -> None:
+        """Keep the keys of the first ``num_full_blocks`` blocks only (a truncated sequence)."""
+        del self.keys[num_full_blocks:]

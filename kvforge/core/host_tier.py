@@ -82,14 +82,18 @@ class SwappedSequence:
     """A swapped-out sequence: its blocks in position order (``on_host[i]``: block ``i``
     is a host block, else a device block it still references because a running
     sequence shares it), its token count, token ids (reserved then pending; None
-    when unknown), pending count, key chain and whether its partial tail was shared."""
+    when unknown; with uncommitted tokens, the ids before them, None unless all
+    known), pending count, key chain, whether its partial tail was shared, and
+    its uncommitted tokens (its last ones: slots reserved, ids to come)."""
 
-    __slots__ = ("blocks", "on_host", "num_tokens", "token_ids", "num_pending", "chain", "shared_tail")
+    __slots__ = ("blocks", "on_host", "num_tokens", "token_ids", "num_pending", "chain", "shared_tail",
+                 "num_uncommitted")
 
     def __init__(self, blocks: list[int], on_host: list[bool], num_tokens: int, token_ids: np.ndarray | None,
-                 num_pending: int, chain: KeyChain, shared_tail: bool) -> None:
+                 num_pending: int, chain: KeyChain, shared_tail: bool, num_uncommitted: int = 0) -> None:
         self.blocks, self.on_host, self.num_tokens = blocks, on_host, num_tokens
         self.token_ids, self.num_pending, self.chain, self.shared_tail = token_ids, num_pending, chain, shared_tail
+        self.num_uncommitted = num_uncommitted
 
     def host_blocks(self) -> list[int]:
         """Its host blocks, in position order."""
@@ -176,6 +180,15 @@ class HostTier:
         h = self._keys.get(key)
         if h is not None:
             self.adopt(device_block, h)
+
+    def on_device_unregister(self, device_block: int, key: BlockKey) -> None:
+        """A held device block lost its key (it will be written again): its host copy, if
+        any, keeps the key as a host-only block; without one the key is gone (no copy is
+        made: the block was keyed only while its owner held it)."""
+        h = self._copy.pop(device_block, None)
+        if h is not None:
+            del self._copy_of[h]
+            self._set_key(h, key)
 
     def _set_key(self, h: int, key: BlockKey) -> None:
         self._keys[key] = h

@@ -5,7 +5,9 @@ ids), a :class:`~kvforge.core.tables.BlockTables` (one row per sequence: its
 blocks, counts and token ids) and a :class:`~kvforge.core.prefix.PrefixIndex`
 (full blocks by key), and maps sequence ids to rows. Its calls live with
 their concept: admission and its sizing (:mod:`~kvforge.core.admission`),
-appends and copy-on-write (:mod:`~kvforge.core.appends`); here are the
+appends and copy-on-write (:mod:`~kvforge.core.appends`), slots reserved
+before their ids and truncation (:mod:`~kvforge.core.reservations`),
+swapping (:mod:`~kvforge.core.swap`); here are the
 queries, fork and free, the batched views, metrics and compaction. It never
 touches device memory: when data must move (copy-on-write after a fork) it
 copies through the storage's ``copy_blocks`` or queues the ``(src, dst)``
@@ -34,6 +36,7 @@ from kvforge.core.chains import KeyChain
 from kvforge.core.compaction import CompactionPlan, plan_compaction
 from kvforge.core.host_tier import HostTier, NullHostTier
 from kvforge.core.ids import as_flag, as_int, block_id_list, indexable, is_int, last_counts
+from kvforge.core.reservations import SequenceReservations
 from kvforge.core.sequences import SequenceRows
 from kvforge.core.swap import SequenceSwap
 from kvforge.core.pool import BlockPool
@@ -59,7 +62,7 @@ class SequenceBlockTable(NamedTuple):
     num_tokens: int
 
 
-class BlockManager(SequenceAdmission, SequenceAppends, SequenceSwap):
+class BlockManager(SequenceAdmission, SequenceAppends, SequenceReservations, SequenceSwap):
     """Block tables of many sequences over one pool, with prefix reuse and fork.
 
     ``seq_id`` may be any hashable. Every failing call raises (a
@@ -125,7 +128,8 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceSwap):
         return rec.num_pending if rec is not None else self.tables.num_pending(self._seqs.row(seq_id))
 
     def token_ids(self, seq_id: SeqId) -> list[int] | None:
-        """Known token ids, reserved then pending (None when some came without ids)."""
+        """Known token ids, reserved then pending (None when some came without ids, or
+        some reserved ones are not committed yet: :meth:`reserve_tokens_batch`)."""
         row = self._seqs.row(seq_id)
         return self.tables.token_ids(row).tolist() if self.tables.is_known(row) else None
 
@@ -164,9 +168,15 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceSwap):
 
         The shared blocks gain one reference each; the first append into a
         shared partially filled last block copies that block (copy-on-write).
+        A parent with uncommitted tokens (:meth:`reserve_tokens_batch`) is refused:
+        commit their ids first.
         """
         parent_row, parent = self._seqs.get(parent_id)
         self._check_new(child_id)
+        unc = self.tables.num_uncommitted(parent_row)
+        if unc:
+            raise SequenceError(f"fork(): sequence {parent_id!r} has {unc} reserved token(s) whose ids are not "
+                                f"committed; commit_token_ids() them before forking it")
         self.pool.incref(self.tables.blocks(parent_row))
         self._seqs.add(child_id, self.tables.fork_row(parent_row), parent.fork())
 
@@ -314,14 +324,24 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceSwap):
         live = self._seqs.items()
         assert sorted(row for _, row, _ in live) == self.tables.live_rows().tolist(), "rows differ from live rows"
         refs: dict[int, int] = {}
+        tables, pool, bs = self.tables, self.pool, self.block_size
         for sid, row, chain in live:
-            blocks = self.tables.blocks(row)
+            blocks = tables.blocks(row)
             for b in blocks:
                 refs[b] = refs.get(b, 0) + 1
-            if self.tables.is_known(row) and self.prefix.enabled:  # every full block keyed, by its tokens
-                data = self.tables.block_tokens(blocks[: self.tables.num_tokens(row) // self.block_size])
+            n, unc = tables.num_tokens(row), tables.num_uncommitted(row)
+            assert len(chain.keys) <= n // bs, f"sequence {sid!r}: keys past its full blocks"
+            if tables.is_head_known(row) and self.prefix.enabled:  # every full block of known ids keyed, by its ids
+                data = tables.block_tokens(blocks[: (n - unc) // bs])
                 assert chain.keys == self.prefix.block_keys(np.frombuffer(data, np.int64), chain.salt), \
                     f"sequence {sid!r}: keys do not name its tokens"
+            if n % bs:  # nobody else's tokens are in the block this sequence writes next, uncopied
+                tail = blocks[-1]
+                if pool.ref_count(tail) > 1 or pool.is_cached(tail):
+                    assert tables.is_tail_shared(row), f"sequence {sid!r}: shared or keyed tail {tail} not flagged"
+            for b in blocks[(n - unc) // bs:] if unc else ():  # uncommitted tokens: in its own unkeyed blocks
+                assert pool.ref_count(b) == 1 and not pool.is_cached(b), \
+                    f"sequence {sid!r}: block {b} holds uncommitted tokens and is shared or keyed"
         for rec in self.host.swapped.values():  # device blocks a swapped sequence shares with others
             for b in rec.device_blocks():
                 refs[b] = refs.get(b, 0) + 1

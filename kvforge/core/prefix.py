@@ -255,6 +255,20 @@ class PrefixIndex:
             if self.on_removed is not None:
                 self.on_removed(block_id, key)
 
+    def _unregister(self, block_id: int) -> None:
+        """Forget the key of a held block (checked by the caller) that is about to be written
+        again: a truncation took its only owner back below its end. A host copy of it keeps
+        the key on the host tier (its data is the block's, as it was when keyed)."""
+        key = self._block_key.pop(block_id, None)
+        if key is None:
+            return
+        del self._blocks[key]
+        self.pool.unmark_cached(block_id)
+        if self.tier is not None:
+            self.tier.on_device_unregister(block_id, key)
+        if self.on_removed is not None:
+            self.on_removed(block_id, key)
+
     def key_of(self, block_id: int) -> BlockKey | None:
         """The key a block is cached under, if any."""
         return self._block_key.get(as_block_id(block_id, self.pool.num_blocks))

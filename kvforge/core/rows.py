@@ -2,8 +2,10 @@
 
 :class:`TableRows` owns, per *row*, its block table (a row of an int32
 matrix padded with -1), its token and block counts, its pending prompt
-tokens (ids known, no slot yet), whether its partially filled last block may
-be shared, and whether every one of its token ids is *known*; and the token
+tokens (ids known, no slot yet), its *uncommitted* tokens (a slot reserved,
+the id to come: :mod:`~kvforge.core.uncommitted`), whether its partially
+filled last block may be shared, and whether every one of its token ids is
+*known*; and the token
 id held in each slot of the pool (a :class:`~kvforge.core.slots.SlotTokens`,
 host memory only for the blocks written so far). Rows are created once and
 reused; the arrays grow by doubling. No Python object is touched per
@@ -17,7 +19,9 @@ offset ``pos % block_size``; its slot id is ``block_id * block_size + offset``.
 Invariants (:meth:`TableRows.check_invariants`): a live row of ``t`` tokens
 holds exactly ``ceil(t / block_size)`` block ids and -1 past them; a free row
 is all -1 with zero counts and no flags. The slots of a known row's tokens
-hold their ids (blocks shared with other rows hold the same ids there).
+hold their ids (blocks shared with other rows hold the same ids there). A row
+with uncommitted tokens is not known (its last ids are missing); whether the
+ids before them are is kept beside it, and it has no pending prompt tokens.
 """
 from __future__ import annotations
 
@@ -46,7 +50,10 @@ class TableRows:
         self._npending = np.zeros(rows, dtype=np.int64)  # prompt tokens known but not reserved
         self._shared_tail = np.zeros(rows, dtype=bool)   # last block partial and possibly shared
         self._known = np.zeros(rows, dtype=bool)         # every token id of the row is known
+        self._nunc = np.zeros(rows, dtype=np.int64)       # last tokens reserved, ids not committed yet
+        self._head_known = np.zeros(rows, dtype=bool)    # with _nunc: every id before them is known
         self._live = np.zeros(rows, dtype=bool)
+        self._num_uncommitted_rows = 0                   # rows with _nunc > 0: appends check only then
         self._slot_tokens = SlotTokens(self.block_size, num_blocks)  # grows with use
         self._pending_ids: dict[int, np.ndarray] = {}  # row -> ids of its pending prompt tokens
         self._free_rows: list[int] = []
@@ -61,9 +68,11 @@ class TableRows:
             row = self._next_row
             if row == len(self._nblk):
                 self._tables = np.concatenate([self._tables, np.full_like(self._tables, -1)])
-                self._nblk, self._ntok, self._npending, self._shared_tail, self._known, self._live = (
+                (self._nblk, self._ntok, self._npending, self._shared_tail, self._known, self._nunc,
+                 self._head_known, self._live) = (
                     np.concatenate([a, np.zeros_like(a)]) for a in
-                    (self._nblk, self._ntok, self._npending, self._shared_tail, self._known, self._live))
+                    (self._nblk, self._ntok, self._npending, self._shared_tail, self._known, self._nunc,
+                     self._head_known, self._live))
             self._next_row += 1
         self._live[row] = True
         return row
@@ -87,7 +96,9 @@ class TableRows:
         return slots
 
     def fork_row(self, parent: int) -> int:
-        """A new row sharing every block of ``parent``; both tails are marked shared when partial."""
+        """A new row sharing every block of ``parent`` (which has no uncommitted tokens: the
+        manager refuses that fork); both tails are marked shared when partial."""
+        assert not self._nunc[parent], "fork of a row with uncommitted tokens"
         row = self.new_row()
         for a in (self._tables, self._nblk, self._ntok, self._npending, self._known):
             a[row] = a[parent]
@@ -101,8 +112,10 @@ class TableRows:
     def release_row(self, row: int) -> None:
         """Clear a row for reuse."""
         self._tables[row, : self._nblk[row]] = -1
-        self._nblk[row] = self._ntok[row] = self._npending[row] = 0
-        self._shared_tail[row] = self._known[row] = self._live[row] = False
+        if self._nunc[row]:
+            self._num_uncommitted_rows -= 1
+        self._nblk[row] = self._ntok[row] = self._npending[row] = self._nunc[row] = 0
+        self._shared_tail[row] = self._known[row] = self._head_known[row] = self._live[row] = False
         self._pending_ids.pop(row, None)
         self._free_rows.append(row)
 
@@ -216,7 +229,7 @@ class TableRows:
     def metadata_bytes(self) -> int:
         """Host bytes of the row arrays, the slot token ids and the free-row list."""
         arrays = (self._tables, self._nblk, self._ntok, self._npending, self._shared_tail, self._known,
-                  self._live)
+                  self._nunc, self._head_known, self._live)
         return int(sum(a.nbytes for a in arrays) + self._slot_tokens.nbytes
                    + sum(a.nbytes for a in self._pending_ids.values())
                    + sys.getsizeof(self._free_rows) + sys.getsizeof(self._pending_ids))
@@ -229,7 +242,8 @@ class TableRows:
         held = np.arange(tab.shape[1])[None, :] < nb[:, None]
         assert ((tab >= 0) & (tab < num_block_ids))[held].all(), "bad block id in a table"
         assert (tab[~held] == -1).all(), "stale block id past a table's end"
-        flags = (nb, nt, self._npending[:n], self._shared_tail[:n], self._known[:n])
+        unc, head = self._nunc[:n], self._head_known[:n]
+        flags = (nb, nt, self._npending[:n], self._shared_tail[:n], self._known[:n], unc, head)
         assert not any(a[~live].any() for a in flags), "a free row is not cleared"
         assert sorted(self._free_rows) == np.flatnonzero(~live).tolist(), "free rows lost or duplicated"
         assert not self._live[n:].any() and (self._tables[n:] == -1).all()
@@ -237,8 +251,14 @@ class TableRows:
         assert self._known[:n][pend > 0].all(), "a row with pending prompt ids is not known"
         assert {r: len(a) for r, a in self._pending_ids.items()} == \
             {r: int(pend[r]) for r in np.flatnonzero(pend).tolist()}, "pending ids do not match the counts"
-        for row in np.flatnonzero(self._known[:n]).tolist():
-            assert self._slot_tokens.is_stored(self.row_slots(row, 0, int(nt[row]))), \
+        assert ((unc >= 0) & (unc <= nt)).all(), "uncommitted tokens outside a row's tokens"
+        assert not self._known[:n][unc > 0].any(), "a row with uncommitted tokens is known"
+        assert not head[unc == 0].any(), "a row without uncommitted tokens has a known head"
+        assert not pend[unc > 0].any(), "a row with uncommitted tokens has pending prompt tokens"
+        assert self._num_uncommitted_rows == int(np.count_nonzero(unc)), "uncommitted row count drifted"
+        assert not self._nunc[n:].any() and not self._head_known[n:].any()
+        for row in np.flatnonzero(self._known[:n] | head).tolist():
+            assert self._slot_tokens.is_stored(self.row_slots(row, 0, int(nt[row] - unc[row]))), \
                 f"row {row} is known but some of its slots were never written"
 
 

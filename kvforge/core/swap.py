@@ -13,7 +13,9 @@ running sequence sharing a prefix) stays on the device: the swapped sequence
 keeps its reference. A cached block that already has a host copy is not
 copied again. Blocks shared inside the batch are copied once and come back
 shared. While swapped, a sequence has no row in the tables; its blocks, token
-ids and key chain wait in a :class:`~kvforge.core.host_tier.SwappedSequence`.
+ids, key chain and uncommitted tokens (slots reserved, ids to come) wait in a
+:class:`~kvforge.core.host_tier.SwappedSequence`; ids committed after the
+swap-in land in the new blocks.
 
 Spills. Device evictions queue spill copies in the host tier;
 :meth:`SequenceSwap.flush_spills` hands them to the storage. Every path that
@@ -28,12 +30,15 @@ from __future__ import annotations
 import logging
 from typing import Callable, Hashable, Sequence
 
+import numpy as np
+
 from kvforge.core.chains import KeyChain
 from kvforge.core.host_tier import HostTier, SwappedSequence
 from kvforge.core.ids import indexable
 from kvforge.core.pool import BlockPool
 from kvforge.core.prefix import PrefixIndex
 from kvforge.core.sequences import SequenceRows
+from kvforge.core.slots import UNKNOWN
 from kvforge.core.tables import BlockTables
 from kvforge.errors import OutOfBlocksError, SequenceError
 
@@ -144,12 +149,13 @@ class SequenceSwap:
             self._move_parked(where, moved_parked)
         for seq_id, row, blocks in zip(seq_ids, rows, tables_of):
             on_host = [b not in stays for b in blocks]
-            num_tokens = tables.num_tokens(row)
-            ids = tables.token_ids(row) if tables.is_known(row) else None
+            num_tokens, unc = tables.num_tokens(row), tables.num_uncommitted(row)
+            ids = tables.token_ids(row) if tables.is_known(row) else \
+                tables.token_ids(row)[: num_tokens - unc] if unc and tables.is_head_known(row) else None
             chain = self._seqs.state(seq_id)
             host.swapped[seq_id] = SwappedSequence(
                 [where[b] if h else b for b, h in zip(blocks, on_host)], on_host, num_tokens, ids,
-                tables.num_pending(row), chain, tables.is_tail_shared(row))
+                tables.num_pending(row), chain, tables.is_tail_shared(row), unc)
             pool.free([b for b, h in zip(blocks, on_host) if h][::-1])  # tail first, as free_sequence
             self._seqs.remove(seq_id)
             tables.release_row(row)
@@ -223,7 +229,11 @@ class SequenceSwap:
             rec = host.swapped.pop(s)
             blocks = [where[b] if h else b for b, h in zip(rec.blocks, rec.on_host)]
             row = tables.new_row()
-            tables.assign(row, blocks, rec.num_tokens, rec.token_ids, 0)
+            ids, unc = rec.token_ids, rec.num_uncommitted
+            if unc and ids is not None:  # the uncommitted slots read unknown until committed
+                ids = np.concatenate([ids, np.full(unc, UNKNOWN, dtype=np.int64)])
+            tables.assign(row, blocks, rec.num_tokens, ids, 0)
+            tables.restore_uncommitted(row, unc, rec.token_ids is not None)
             if rec.shared_tail or any(uses.get(h, 0) > 1 for h in rec.host_blocks()[-1:]):
                 tables.mark_tail_shared(row)
             self._seqs.add(s, row, rec.chain)
