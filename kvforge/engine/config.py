@@ -8,12 +8,14 @@ from typing import Any
 from kvforge.errors import ConfigError
 from kvforge.units import parse_bytes
 
-__all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES", "PREEMPTION_MODES", "REMOTE_FETCH_MODES"]
+__all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES", "MODEL_IMPLS", "PREEMPTION_MODES", "REMOTE_FETCH_MODES"]
 
 #: the values of ``EngineConfig.preemption_mode``
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 #: the values of ``EngineConfig.remote_fetch``
 REMOTE_FETCH_MODES = ("auto", "always")
+#: the values of ``EngineConfig.model_impl``
+MODEL_IMPLS = ("auto", "native", "transformers")
 
 #: Decode batch sizes captured as CUDA graphs (those up to ``max_num_seqs``, plus it).
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
@@ -49,7 +51,12 @@ class EngineConfig:
       ``"swap"`` swaps whenever the host tier has room, ``"recompute"`` never swaps;
     - ``remote_fetch``: with a remote tier, ``"auto"`` fetches a prompt's blocks
       from it when that is faster than computing them (both rates measured:
-      :mod:`kvforge.engine.fetch_policy`), ``"always"`` whenever it holds them.
+      :mod:`kvforge.engine.fetch_policy`), ``"always"`` whenever it holds them;
+    - ``model_impl``: which code runs the model: ``"native"`` kvforge's own
+      Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), ``"transformers"``
+      the checkpoint's transformers model under the engine
+      (:mod:`kvforge.engine.hf_model`), ``"auto"`` native where it runs the
+      checkpoint, else transformers.
     """
 
     max_num_seqs: int = 256
@@ -68,6 +75,7 @@ class EngineConfig:
     host_memory: int | str = 0
     preemption_mode: str = "auto"
     remote_fetch: str = "auto"
+    model_impl: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -92,6 +100,9 @@ class EngineConfig:
         if self.remote_fetch not in REMOTE_FETCH_MODES:
             raise ConfigError(f"EngineConfig.remote_fetch must be one of {', '.join(REMOTE_FETCH_MODES)}, "
                               f"got {self.remote_fetch!r}")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ConfigError(f"EngineConfig.model_impl must be one of {', '.join(MODEL_IMPLS)}, "
+                              f"got {self.model_impl!r}")
         hm = self.host_memory
         if isinstance(hm, bool) or not isinstance(hm, (numbers.Integral, str)) or parse_bytes(hm) < 0:
             raise ConfigError(f"EngineConfig.host_memory must be a byte count >= 0 or a size such as '64GiB', "

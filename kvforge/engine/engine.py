@@ -19,12 +19,12 @@ import os
 import random
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 
 
 from kvforge.config import CacheConfig
 from kvforge.engine.config import EngineConfig
-from kvforge.engine.loader import Tokenizer, load_checkpoint
+from kvforge.engine.loader import Tokenizer, load_checkpoint, load_tokenizer, read_model_config
 from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner
 from kvforge.engine.models.llama import LlamaModel
@@ -36,14 +36,17 @@ from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceSta
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import Scheduler
 from kvforge.engine.setup import (
-    cache_config_for, check_prompt, checkpoint_identity, config_identity, engine_config, kv_budget, max_len,
-    resolve_placement,
+    cache_config_for, check_prompt, checkpoint_dtype, checkpoint_identity, config_identity, engine_config, kv_budget,
+    max_len, resolve_placement, uses_native,
 )
 from kvforge.engine.stats import EngineStats
 from kvforge.engine.step_loop import StepLoop
 from kvforge.errors import ConfigError, SequenceError
 from kvforge.storage import KVCache
 from kvforge.storage.remote import RemoteTier
+
+if TYPE_CHECKING:
+    from kvforge.engine.hf_model import TransformersModel, TransformersModelConfig
 
 __all__ = ["Engine", "Prompt"]
 
@@ -54,7 +57,7 @@ _SEED_MASK = (1 << 62) - 1
 
 
 class Engine(StepLoop):
-    """A Llama-family model served with continuous batching over a paged KV cache.
+    """A model served with continuous batching over a paged KV cache.
 
     ``Engine(model_path, cache_config=None, *, kv_memory=None, num_blocks=None,
     device="auto", dtype=None, **options)``: ``model_path`` is a local Hugging
@@ -70,6 +73,15 @@ class Engine(StepLoop):
     on the CPU. ``dtype`` defaults
     to the checkpoint's on GPUs and float32 on the CPU. ``options`` are
     :class:`~kvforge.engine.config.EngineConfig` fields.
+
+    ``model_impl`` picks the code that runs the model: ``"native"``, kvforge's
+    own Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, with fused ops and
+    decode CUDA graphs); ``"transformers"``, the checkpoint's own transformers
+    model under the engine's scheduler and cache
+    (:class:`~kvforge.engine.hf_model.TransformersModel`: one forward per step
+    over the flattened batch, kvforge's paged kernels in every attention
+    layer); ``"auto"`` (default), native where it runs the checkpoint, else
+    transformers. :attr:`model_impl` says which one runs.
     """
 
     def __init__(self, model_path: str | os.PathLike[str], cache_config: CacheConfig | int | str | None = None, *,
@@ -78,12 +90,23 @@ class Engine(StepLoop):
                  **options: Any) -> None:
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         econf = engine_config(config, options)
-        ckpt = load_checkpoint(model_path)
-        dev, dt = resolve_placement(device, dtype, ckpt.config)
-        model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev,
-                                           max_positions=max_len(econf, ckpt.config))
-        model.identity = checkpoint_identity(ckpt.path) if remote is not None else ""
-        self._setup(model, ckpt.tokenizer, econf, cache_config, kv_memory, num_blocks, remote)
+        folder = os.fspath(model_path)
+        raw, gen = read_model_config(folder)
+        model: LlamaModel | TransformersModel
+        if uses_native(econf.model_impl, raw, gen, f"checkpoint {folder}"):
+            ckpt = load_checkpoint(folder)
+            dev, dt = resolve_placement(device, dtype, ckpt.config.dtype)
+            model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev,
+                                               max_positions=max_len(econf, ckpt.config))
+            tokenizer = ckpt.tokenizer
+        else:
+            from kvforge.engine.hf_model import TransformersModel
+
+            dev, dt = resolve_placement(device, dtype, checkpoint_dtype(raw))
+            model = TransformersModel.from_pretrained(folder, dtype=dt, device=dev, backend=econf.backend)
+            tokenizer = load_tokenizer(folder)
+        model.identity = checkpoint_identity(folder) if remote is not None else ""
+        self._setup(model, tokenizer, econf, cache_config, kv_memory, num_blocks, remote)
 
     @classmethod
     def from_config(cls, hf_config: Mapping[str, Any], cache_config: CacheConfig | int | str | None = None, *,
@@ -93,39 +116,54 @@ class Engine(StepLoop):
         """An engine over random weights for a ``config.json`` dict (benchmarks, demos).
 
         Weights are normal with the config's ``initializer_range`` (seeded by
-        ``seed``), made directly on the device; there is no tokenizer."""
+        ``seed``), made directly on the device; there is no tokenizer. With
+        ``model_impl="transformers"`` (or ``"auto"`` for an architecture the native
+        decoder does not run) the transformers model is built, with transformers'
+        own seeded initialisation."""
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
-        mconf = ModelConfig.from_hf(hf_config)
         econf = engine_config(config, options)
-        dev, dt = resolve_placement(device, dtype, mconf)
-        model = LlamaModel.random(mconf, dtype=dt, device=dev, seed=econf.seed, max_positions=max_len(econf, mconf))
+        model: LlamaModel | TransformersModel
+        if uses_native(econf.model_impl, hf_config):
+            mconf = ModelConfig.from_hf(hf_config)
+            dev, dt = resolve_placement(device, dtype, mconf.dtype)
+            model = LlamaModel.random(mconf, dtype=dt, device=dev, seed=econf.seed,
+                                      max_positions=max_len(econf, mconf))
+        else:
+            from kvforge.engine.hf_model import TransformersModel
+
+            dev, dt = resolve_placement(device, dtype, checkpoint_dtype(hf_config))
+            model = TransformersModel.random(hf_config, dtype=dt, device=dev, seed=econf.seed, backend=econf.backend)
         model.identity = config_identity(hf_config, econf.seed)
         engine = cls.__new__(cls)
         engine._setup(model, None, econf, cache_config, kv_memory, num_blocks, remote)
         return engine
 
     @classmethod
-    def from_model(cls, model: LlamaModel, cache_config: CacheConfig | int | str | None = None, *,
+    def from_model(cls, model: LlamaModel | TransformersModel, cache_config: CacheConfig | int | str | None = None, *,
                    tokenizer: Tokenizer | None = None, kv_memory: int | str | None = None,
                    num_blocks: int | None = None, config: EngineConfig | None = None,
                    remote: RemoteTier | None = None, **options: Any) -> Engine:
         """An engine over an already built :class:`~kvforge.engine.models.llama.LlamaModel`
-        (shared weights: e.g. several cache sizes for one model in a benchmark)."""
-        if not isinstance(model, LlamaModel):
-            raise ConfigError(f"model must be a LlamaModel, got {type(model).__name__}")
+        or :class:`~kvforge.engine.hf_model.TransformersModel` (shared weights: e.g.
+        several cache sizes for one model in a benchmark)."""
+        if not isinstance(model, LlamaModel) and type(model).__name__ != "TransformersModel":
+            raise ConfigError(f"model must be a LlamaModel or a TransformersModel, got {type(model).__name__}")
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, engine_config(config, options), cache_config, kv_memory, num_blocks, remote)
         return engine
 
-    def _setup(self, model: LlamaModel, tokenizer: Tokenizer | None, econf: EngineConfig,
+    def _setup(self, model: LlamaModel | TransformersModel, tokenizer: Tokenizer | None, econf: EngineConfig,
                cache_config: CacheConfig | None, kv_memory: int | str | None, num_blocks: int | None,
                remote: RemoteTier | None = None) -> None:
+        native = isinstance(model, LlamaModel)
         self.model = model
+        #: which code runs the model: ``"native"`` (kvforge's decoder) or ``"transformers"``
+        self.model_impl = "native" if native else "transformers"
+        self.model_config: ModelConfig | TransformersModelConfig = model.config
         #: held for each step; pass it to :func:`kvforge.tools.metrics.serve` (``lock=``)
         self.step_lock = threading.Lock()
         model.set_fused(econf.fused_ops)
-        self.model_config = model.config
         self.tokenizer = tokenizer
         self.config = econf
         self.device = model.device
@@ -134,7 +172,7 @@ class Engine(StepLoop):
         self.cache = KVCache(ccfg, backend=econf.backend, remote=remote,
                              model=getattr(model, "identity", "") if remote is not None else "")
         self.max_model_len = min(max_len(econf, model.config), ccfg.num_blocks * ccfg.block_size,
-                                 model.rope.max_positions)
+                                 model.rope.max_positions if native else model.max_positions)
         bandwidth = measure_tier_bandwidth(self.cache) if self.cache.has_host_tier else 0.0
         self.preemption = PreemptionPolicy(econf.preemption_mode, ccfg.bytes_per_block, bandwidth)
         self.remote_fetch = RemoteFetchPolicy(econf.remote_fetch, remote, self.preemption) if remote else None
@@ -143,7 +181,8 @@ class Engine(StepLoop):
         self.scheduler = Scheduler(self.cache, max_num_seqs=econf.max_num_seqs,
                                    max_num_batched_tokens=econf.max_num_batched_tokens,
                                    watermark_blocks=int(econf.watermark * ccfg.num_blocks), policy=self.preemption)
-        graphs = econf.graph_sizes() if econf.use_cuda_graphs and self.device.type == "cuda" else ()
+        # transformers' layers are not captured: their decode steps run eagerly
+        graphs = econf.graph_sizes() if native and econf.use_cuda_graphs and self.device.type == "cuda" else ()
         self.runner = ModelRunner(model, self.cache, max_model_len=self.max_model_len, graph_batch_sizes=graphs)
         self.runner.capture()
         self._rng = random.Random(econf.seed)
@@ -156,8 +195,8 @@ class Engine(StepLoop):
         self._num_unforked = 0  # requests with n > 1 whose completions are not forked yet
         self._num_random = 0  # unfinished sequences that sample (temperature > 0)
         self._forked: list[Sequence] = []  # this step's forks, dropped if the step fails
-        log.info("engine ready: %s, %s on %s, %s, max_model_len=%d", model.config.architecture,
-                 str(self.dtype).removeprefix("torch."), self.device, self.cache, self.max_model_len)
+        log.info("engine ready: %s (%s), %s on %s, %s, max_model_len=%d", model.config.architecture,
+                 self.model_impl, str(self.dtype).removeprefix("torch."), self.device, self.cache, self.max_model_len)
 
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -362,4 +401,5 @@ class Engine(StepLoop):
         assert set(self.cache.swapped_seq_ids) == {s.seq_id for s in self.scheduler.swapped}
 
     def __repr__(self) -> str:
-        return f"Engine({self.model_config.architecture}, device={self.device}, {self.cache})"
+        return f"Engine({self.model_config.architecture}, {self.model_impl}, device={self.device}, {self.cache})"
+

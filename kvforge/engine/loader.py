@@ -33,7 +33,7 @@ from kvforge.engine.model_config import ModelConfig, ModelConfigError, TensorSpe
 from kvforge.errors import ConfigError, ModelError
 from kvforge.model_shapes import read_json_object
 
-__all__ = ["Checkpoint", "Tokenizer", "load_checkpoint", "load_tokenizer", "SafetensorsWeights"]
+__all__ = ["Checkpoint", "Tokenizer", "load_checkpoint", "load_tokenizer", "read_model_config", "SafetensorsWeights"]
 
 log = logging.getLogger(__name__)
 
@@ -256,16 +256,11 @@ def load_tokenizer(folder: str) -> Tokenizer | None:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, tokenizer: bool = True) -> Checkpoint:
-    """Parse a checkpoint folder and check it; weights are read later, on access.
-
-    Raises :class:`ModelError` for a missing folder or config, an unsupported
-    architecture, missing/pickled weights, or any tensor whose name, shape or
-    dtype does not fit the config; a malformed ``config.json`` or
-    ``generation_config.json`` field raises
-    :class:`~kvforge.engine.model_config.ModelConfigError` (a ModelError and a
-    ConfigError) naming the field."""
-    folder = os.fspath(path)
+def read_model_config(folder: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``config.json`` and, when there is one, ``generation_config.json`` of a checkpoint
+    folder, parsed (fields are checked by whoever reads them). Raises :class:`ModelError`
+    for a path that is not a folder, :class:`ModelConfigError` for a file that is not a
+    JSON object."""
     if not os.path.isdir(folder):
         raise ModelError(f"model path {folder!r} is not a folder (expected a local Hugging Face checkpoint)")
     raw = read_config(folder)
@@ -276,6 +271,20 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer: bool = True) -> 
             gen = read_json_object(gen_path)
         except ConfigError as exc:
             raise ModelConfigError(str(exc)) from None
+    return raw, gen
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, tokenizer: bool = True) -> Checkpoint:
+    """Parse a checkpoint folder and check it; weights are read later, on access.
+
+    Raises :class:`ModelError` for a missing folder or config, an unsupported
+    architecture, missing/pickled weights, or any tensor whose name, shape or
+    dtype does not fit the config; a malformed ``config.json`` or
+    ``generation_config.json`` field raises
+    :class:`~kvforge.engine.model_config.ModelConfigError` (a ModelError and a
+    ConfigError) naming the field."""
+    folder = os.fspath(path)
+    raw, gen = read_model_config(folder)
     try:
         config = ModelConfig.from_hf(raw, gen)
     except ModelConfigError as exc:

@@ -11,10 +11,16 @@ sequence (all decodes) attends through
 captured graph (:mod:`kvforge.engine.cuda_graphs`); any other step runs
 eagerly, decodes through the decode kernel and prefill chunks through
 :func:`~kvforge.kernels.paged_prefill_attention`.
+
+The model is kvforge's native decoder or a
+:class:`~kvforge.engine.hf_model.TransformersModel`; the step inputs are the
+same for both. The transformers model runs every step eagerly (no graphs), one
+forward over the step's flattened tokens, its head applied to the sampling rows
+only.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +29,10 @@ from torch import Tensor
 from kvforge.engine.cuda_graphs import DecodeGraphs
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.engine.scheduler import SchedulerOutput
-from kvforge.storage import KVCache
+from kvforge.storage import KVCache, StepBatch
+
+if TYPE_CHECKING:
+    from kvforge.engine.hf_model import TransformersModel
 
 __all__ = ["ModelRunner"]
 
@@ -35,13 +44,13 @@ class ModelRunner:
     sizes captured; a decode step of ``B`` sequences replays the smallest
     captured size ``>= B`` with padding rows that store and read nothing."""
 
-    def __init__(self, model: LlamaModel, cache: KVCache, *, max_model_len: int,
+    def __init__(self, model: LlamaModel | TransformersModel, cache: KVCache, *, max_model_len: int,
                  graph_batch_sizes: Sequence[int] = ()) -> None:
         self.model = model
         self.cache = cache
         self.device = model.device
         self.graphs: DecodeGraphs | None = None
-        if graph_batch_sizes and self.device.type == "cuda":
+        if graph_batch_sizes and self.device.type == "cuda" and isinstance(model, LlamaModel):
             max_blocks = -(-max_model_len // cache.config.block_size)
             self.graphs = DecodeGraphs(model, cache, sorted(graph_batch_sizes), max_blocks)
 
@@ -62,8 +71,7 @@ class ModelRunner:
         if not out.chunks:
             if self.graphs is not None and self.graphs.fits(len(seq_ids)):
                 return self.graphs.run(seq_ids)
-            batch = self.cache.prepare_step(seq_ids, 1)
-            return self.model.compute_logits(self.model.forward(batch, self.cache))
+            return self._logits(self.cache.prepare_step(seq_ids, 1))
         nd = len(seq_ids)
         q_lens = [1] * nd
         for c in out.chunks:
@@ -72,6 +80,15 @@ class ModelRunner:
         ends = np.cumsum(q_lens) - 1
         rows = list(range(nd)) + [int(ends[nd + i]) for i, c in enumerate(out.chunks) if c.samples]
         batch = self.cache.prepare_step(seq_ids, q_lens, num_decodes=nd, logits_indices=rows)
-        hidden = self.model.forward(batch, self.cache)
         assert batch.logits_indices is not None
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        return self._logits(batch)
+
+    def _logits(self, batch: StepBatch) -> Tensor:
+        """Float32 logits of ``batch``'s sampling rows (``logits_indices``; every row when None)."""
+        model = self.model
+        if not isinstance(model, LlamaModel):
+            return model.logits(batch, self.cache)
+        hidden = model.forward(batch, self.cache)
+        if batch.logits_indices is not None:
+            hidden = hidden[batch.logits_indices]
+        return model.compute_logits(hidden)

@@ -20,16 +20,17 @@ import torch
 
 from kvforge.config import CacheConfig, parse_bytes, resolve_dtype
 from kvforge.engine.config import EngineConfig
-from kvforge.engine.model_config import ModelConfig
+from kvforge.engine.model_config import ModelConfig, ModelConfigError
 from kvforge.errors import ConfigError, ModelError, OutOfBlocksError
 from kvforge.storage import resolve_device
 
 if TYPE_CHECKING:
     from kvforge.engine.engine import Engine
+    from kvforge.engine.hf_model import TransformersModel
     from kvforge.engine.models.llama import LlamaModel
 
 __all__ = ["MODEL_DTYPES", "cache_config_for", "check_prompt", "engine_config", "kv_budget", "max_len",
-           "resolve_placement"]
+           "checkpoint_dtype", "native_refusal", "resolve_placement", "uses_native"]
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,51 @@ def engine_config(config: EngineConfig | None, options: dict[str, Any]) -> Engin
     return replace(config, **options) if options else config
 
 
-def resolve_placement(device: str, dtype: Any, mconf: ModelConfig) -> tuple[torch.device, torch.dtype]:
+def native_refusal(hf_config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None,
+                   where: str = "config.json") -> ModelError | None:
+    """Why kvforge's native decoder cannot run this ``config.json`` (an architecture or option
+    it does not implement), or None when it can. A malformed field raises
+    :class:`~kvforge.engine.model_config.ModelConfigError`: no implementation runs that."""
+    try:
+        ModelConfig.from_hf(hf_config, generation_config)
+    except ModelConfigError as exc:
+        raise ModelConfigError(f"{where}: {exc}") from None
+    except ModelError as exc:
+        return exc
+    return None
+
+
+def uses_native(model_impl: str, hf_config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None,
+                where: str = "config.json") -> bool:
+    """Whether ``model_impl`` (``"auto"``, ``"native"``, ``"transformers"``) runs this config
+    natively: ``"auto"`` does where the native decoder runs it, else through transformers;
+    ``"native"`` refuses (ModelError) what the native decoder cannot run."""
+    if model_impl == "transformers":
+        return False
+    refusal = native_refusal(hf_config, generation_config, where)
+    if refusal is None:
+        return True
+    if model_impl == "native":
+        raise ModelError(f"{where}: {refusal} (model_impl='native'; model_impl='transformers' or 'auto' runs it "
+                         f"through its transformers model)")
+    log.info("model_impl='auto': %s; running it through transformers", refusal)
+    return False
+
+
+def resolve_placement(device: str, dtype: Any, checkpoint_dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
     """The device and the model dtype (default: the checkpoint's on GPUs, float32 on the CPU)."""
     dev = resolve_device(device)
-    dt = (mconf.dtype if dev.type == "cuda" else torch.float32) if dtype is None else resolve_dtype(dtype)
+    dt = (checkpoint_dtype if dev.type == "cuda" else torch.float32) if dtype is None else resolve_dtype(dtype)
     if dt not in MODEL_DTYPES:
         raise ConfigError(f"dtype {dt} is not supported by the engine (float32, float16, bfloat16)")
     return dev, dt
+
+
+def checkpoint_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
+    """The weights' dtype a ``config.json`` declares (``torch_dtype`` or ``dtype``; float32
+    when it declares none or another one)."""
+    name = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32").removeprefix("torch.")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
 
 
 def max_len(econf: EngineConfig, mconf: ModelConfig) -> int:
@@ -82,7 +121,7 @@ def max_len(econf: EngineConfig, mconf: ModelConfig) -> int:
     return min(econf.max_model_len or mconf.max_position_embeddings, mconf.max_position_embeddings)
 
 
-def cache_config_for(model: LlamaModel, econf: EngineConfig, given: CacheConfig | None,
+def cache_config_for(model: LlamaModel | TransformersModel, econf: EngineConfig, given: CacheConfig | None,
                      kv_memory: int | str | None, num_blocks: int | None) -> CacheConfig:
     """The cache config of an engine: ``given`` (set to the model's dtype and device),
     ``num_blocks`` blocks, or as many as the KV budget holds (``kv_memory``, else a
