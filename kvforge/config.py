@@ -7,7 +7,10 @@ and its :class:`~kvforge.storage.profile.MemoryProfile`, never here.
 
 Sizes follow the real tensors: a block holds ``block_size`` tokens of keys and
 values for every layer, so ``bytes_per_block = 2 * num_layers * block_size *
-num_kv_heads * head_dim * dtype_bytes``.
+num_kv_heads * head_dim * dtype_bytes``; an fp8 cache (``dtype="fp8_e4m3"`` or
+``"fp8_e5m2"``) stores one byte an element, so every size is half of bf16's.
+Its per-layer scales (``2 * num_layers * num_kv_heads`` floats) are outside
+those figures: a few KiB.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from kvforge.errors import ConfigError
 from kvforge.presets import KV_SHARE_OF_VRAM, CachePreset, page_size_for_context
 from kvforge.units import (
     _FIELD_LIMITS, MAX_BLOCK_SIZE, MAX_BYTES, MAX_HEAD_DIM, MAX_NUM_BLOCKS, MAX_NUM_KV_HEADS, MAX_NUM_LAYERS,
-    format_bytes, parse_bytes, resolve_dtype,
+    FP8_DTYPES, MODEL_DTYPES, format_bytes, is_fp8, parse_bytes, resolve_dtype, resolve_kv_dtype,
 )
 from kvforge.units import positive_int as _positive_int
 
@@ -33,6 +36,11 @@ __all__ = [
     "format_bytes",
     "parse_bytes",
     "resolve_dtype",
+    "resolve_kv_dtype",
+    "is_fp8",
+    "FP8_DTYPES",
+    "MODEL_DTYPES",
+    "KV_SCALE_GRANULARITIES",
     "KV_SHARE_OF_VRAM",
     "MAX_BYTES",
     "MAX_BLOCK_SIZE",
@@ -41,6 +49,11 @@ __all__ = [
     "MAX_NUM_KV_HEADS",
     "MAX_HEAD_DIM",
 ]
+
+#: How finely an fp8 cache's scales vary: one scale for a layer's keys and one for its
+#: values ("tensor"), or one per KV head for each ("head").
+KV_SCALE_GRANULARITIES = ("tensor", "head")
+
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
@@ -69,6 +82,19 @@ class CacheConfig:
     tier: pinned CPU memory in blocks of the same size, allocated in chunks of
     ``host_chunk_blocks`` as it is first used. Evicted prefix blocks spill
     there and come back on a hit; ``KVCache.swap_out`` moves sequences there.
+
+    ``dtype`` is the storage dtype: float16, bfloat16, float32, or fp8
+    (``"fp8_e4m3"`` / ``"fp8"``, ``"fp8_e5m2"``, or ``torch.float8_e4m3fn`` /
+    ``torch.float8_e5m2``). An fp8 cache quantizes keys and values on
+    :meth:`~kvforge.storage.KVCache.write` and dequantizes them in the kernels
+    and in ``gather()``; ``model_dtype`` is the dtype it takes them in and hands
+    them back in (default bfloat16; for the other dtypes it is the storage dtype
+    itself, and may only be None or equal to it). ``kv_scale_granularity``:
+    ``"tensor"`` (default: one scale for the keys and one for the values of each
+    layer) or ``"head"`` (one per KV head), fp8 only. Scales start at 1.0 and
+    come from a checkpoint's ``k_scale``/``v_scale`` through
+    :meth:`~kvforge.storage.KVCache.set_kv_scales` (see ``docs/fp8.md``).
+    ROCm's e4m3fnuz is refused (use ``"fp8_e4m3"``).
     """
 
     block_size: int
@@ -86,12 +112,15 @@ class CacheConfig:
     auto_compact: bool = False
     host_memory: int | str = 0
     host_chunk_blocks: int | None = None
+    model_dtype: Any = None
+    kv_scale_granularity: str = "tensor"
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         for f, (limit, why) in _FIELD_LIMITS.items():
             object.__setattr__(self, f, _positive_int(f, getattr(self, f), limit, why))
-        object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
+        object.__setattr__(self, "dtype", resolve_kv_dtype(self.dtype))
+        self._check_fp8_fields()
         if not isinstance(self.device, str):
             object.__setattr__(self, "device", str(self.device))
         if self.device != "auto":
@@ -121,6 +150,20 @@ class CacheConfig:
                 f"num_blocks={self.num_blocks} blocks of {format_bytes(self.bytes_per_block)} ({self.num_layers} layers, "
                 f"{self.num_kv_heads} KV heads, head dim {self.head_dim}, block size {self.block_size}) make "
                 f"{format_bytes(total)}, beyond the limit of 1 EiB (2**60 bytes) for the whole pool")
+
+    def _check_fp8_fields(self) -> None:
+        if self.model_dtype is not None:
+            object.__setattr__(self, "model_dtype", resolve_dtype(self.model_dtype, "model_dtype"))
+            if not self.is_fp8 and self.model_dtype != self.dtype:
+                raise ConfigError(
+                    f"model_dtype={self.model_dtype} differs from dtype={self.dtype}: a {self.dtype} cache stores "
+                    f"the model dtype itself (model_dtype applies to fp8 caches; leave it None)")
+        g = self.kv_scale_granularity
+        if not isinstance(g, str) or g not in KV_SCALE_GRANULARITIES:
+            raise ConfigError(f"kv_scale_granularity must be one of {KV_SCALE_GRANULARITIES}, got {g!r:.60}")
+        if g != "tensor" and not self.is_fp8:
+            raise ConfigError(f"kv_scale_granularity={g!r} applies to fp8 caches only (dtype={self.dtype} has no "
+                              f"scales)")
 
     def _check_host_memory(self) -> None:
         value = self.host_memory
@@ -214,11 +257,15 @@ class CacheConfig:
         checkpoint folder, a ``config.json`` path or the parsed dict. With
         ``vram_budget`` the cache fills it; otherwise it holds one sequence of
         ``context_length`` (default: the model's ``max_position_embeddings``).
+        ``dtype`` defaults to the checkpoint's; an fp8 ``dtype`` (``"fp8_e4m3"``)
+        takes the checkpoint's dtype as its ``model_dtype`` unless one is given.
         """
         from kvforge.model_shapes import model_shape  # model_shapes imports this module
 
         shape = model_shape(path_or_config)
-        dtype = dtype if dtype is not None else shape["dtype"]
+        dtype = resolve_kv_dtype(dtype) if dtype is not None else shape["dtype"]
+        if is_fp8(dtype) and kwargs.get("model_dtype") is None:
+            kwargs["model_dtype"] = shape["dtype"]
         if vram_budget is None:
             ctx = context_length or shape["max_position_embeddings"]
             return cls.for_context_length(ctx, shape["num_kv_heads"], shape["head_dim"], shape["num_layers"],
@@ -273,8 +320,21 @@ class CacheConfig:
 
     # ----------------------------------------------------------------- sizes
     @property
+    def is_fp8(self) -> bool:
+        """Whether keys and values are stored in fp8 (quantized with per-layer scales)."""
+        return is_fp8(self.dtype)
+
+    @property
+    def resolved_model_dtype(self) -> torch.dtype:
+        """The dtype keys, values and queries come in and ``gather()`` returns:
+        ``model_dtype`` when set, bfloat16 for an fp8 cache without it, else ``dtype``."""
+        if self.model_dtype is not None:
+            return self.model_dtype  # type: ignore[no-any-return]
+        return torch.bfloat16 if self.is_fp8 else self.dtype
+
+    @property
     def dtype_bytes(self) -> int:
-        """Bytes per stored element."""
+        """Bytes per stored element (1 for fp8)."""
         return self.dtype.itemsize
 
     @property

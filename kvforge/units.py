@@ -1,7 +1,8 @@
 """Units and limits of the config layer: storage dtypes, byte sizes, field bounds.
 
 ``parse_bytes("24GiB")`` and ``format_bytes(3 * 2**30)`` are the one byte-size
-reader and writer; :func:`resolve_dtype` the one dtype reader. The limits
+reader and writer; :func:`resolve_dtype` the one reader of model dtypes and
+:func:`resolve_kv_dtype` of KV storage dtypes (the model dtypes and fp8). The limits
 bound every :class:`~kvforge.config.CacheConfig` field far above any real model,
 so that a mistaken value is refused when the config is built instead of
 failing later in an allocation.
@@ -17,14 +18,31 @@ import torch
 
 from kvforge.errors import ConfigError
 
-__all__ = ["MAX_BLOCK_SIZE", "MAX_BYTES", "MAX_HEAD_DIM", "MAX_NUM_BLOCKS", "MAX_NUM_KV_HEADS", "MAX_NUM_LAYERS",
-           "format_bytes", "parse_bytes", "positive_int", "resolve_dtype"]
+__all__ = ["FP8_DTYPES", "MAX_BLOCK_SIZE", "MAX_BYTES", "MAX_HEAD_DIM", "MAX_NUM_BLOCKS", "MAX_NUM_KV_HEADS",
+           "MAX_NUM_LAYERS", "MODEL_DTYPES", "format_bytes", "is_fp8", "parse_bytes", "positive_int", "resolve_dtype",
+           "resolve_kv_dtype"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
+
+#: The dtypes a model computes in (queries, keys and values before they are stored).
+MODEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+#: The fp8 KV storage formats: OCP e4m3 (no infinities, max 448, 3 mantissa bits) and
+#: e5m2 (max 57344, 2 mantissa bits). One byte an element; see ``docs/fp8.md``.
+FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+_FP8_NAMES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e4m3fn": torch.float8_e4m3fn, "e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2, "float8_e5m2": torch.float8_e5m2, "e5m2": torch.float8_e5m2,
+}
+#: ROCm's fp8 variants (finite, unsigned zero, exponent bias 8 / 16): refused by name
+_FNUZ_NAMES = ("fp8_e4m3fnuz", "float8_e4m3fnuz", "e4m3fnuz", "fp8_e5m2fnuz", "float8_e5m2fnuz", "e5m2fnuz")
+_FNUZ_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n))
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -58,6 +76,45 @@ def resolve_dtype(value: Any, field_name: str = "dtype") -> torch.dtype:
             return _DTYPES[key]
     raise ConfigError(f"{field_name}={value!r} is not a known dtype "
                       f"(use one of {sorted(_DTYPES)})")
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is one of the fp8 KV storage formats (:data:`FP8_DTYPES`)."""
+    return dtype in FP8_DTYPES
+
+
+def resolve_kv_dtype(value: Any, field_name: str = "dtype") -> torch.dtype:
+    """The KV cache's storage dtype: a model dtype (:func:`resolve_dtype`'s names) or fp8.
+
+    fp8 names: ``"fp8"`` / ``"fp8_e4m3"`` / ``"fp8_e4m3fn"`` / ``"float8_e4m3fn"``
+    (torch.float8_e4m3fn) and ``"fp8_e5m2"`` / ``"float8_e5m2"`` (torch.float8_e5m2), or
+    the torch dtypes themselves. ROCm's e4m3fnuz / e5m2fnuz are refused with a
+    :class:`ConfigError` that says to use ``"fp8_e4m3"``, which the kernels decode in
+    software where the hardware has no OCP fp8 (``docs/fp8.md``)."""
+    if isinstance(value, torch.dtype):
+        if value in FP8_DTYPES:
+            return value
+        if value in _FNUZ_DTYPES:
+            raise ConfigError(_fnuz_message(field_name, value))
+        if value in _DTYPES.values():
+            return value
+    elif isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in _FP8_NAMES:
+            return _FP8_NAMES[key]
+        if key in _FNUZ_NAMES:
+            raise ConfigError(_fnuz_message(field_name, value))
+        if key in _DTYPES:
+            return _DTYPES[key]
+    names = sorted(_DTYPES) + sorted(_FP8_NAMES)
+    raise ConfigError(f"{field_name}={value!r} is not a supported KV cache dtype (use one of {names} "
+                      f"or torch.float16 / bfloat16 / float32 / float8_e4m3fn / float8_e5m2)")
+
+
+def _fnuz_message(field_name: str, value: Any) -> str:
+    return (f"{field_name}={value!r}: ROCm's fnuz fp8 formats are not supported as KV storage; use 'fp8_e4m3' "
+            f"(OCP e4m3fn, the format checkpoints' k_scale/v_scale refer to), which the kernels decode in "
+            f"software on hardware without OCP fp8, ROCm included (docs/fp8.md)")
 
 
 def format_bytes(num_bytes: int | float) -> str:

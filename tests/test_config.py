@@ -424,10 +424,20 @@ def test_default_chunks_divide_the_pool(num_blocks, chunk):
     assert cfg.resolved_chunk_blocks == chunk and num_blocks % chunk == 0
 
 
-@pytest.mark.parametrize("bad", ["fp8", "float8_e4m3fn", "int8", torch.int8])
+@pytest.mark.parametrize("bad", ["int8", torch.int8, torch.float64, "fp4", "float8_e4m3fnuz", torch.float8_e4m3fnuz,
+                                 torch.float8_e5m2fnuz])
 def test_dtypes_the_kernels_cannot_store_are_refused(bad):
     with pytest.raises(ConfigError, match="dtype"):
         small(dtype=bad)
+
+
+@pytest.mark.parametrize("name, dtype", [("fp8", torch.float8_e4m3fn), ("fp8_e4m3", torch.float8_e4m3fn),
+                                         ("float8_e4m3fn", torch.float8_e4m3fn), ("FP8_E5M2", torch.float8_e5m2),
+                                         (torch.float8_e5m2, torch.float8_e5m2)])
+def test_fp8_dtypes_are_stored_in_one_byte(name, dtype):
+    cfg = small(dtype=name)
+    assert cfg.dtype is dtype and cfg.dtype_bytes == 1 and cfg.is_fp8
+    assert cfg.bytes_per_token * 2 == small(dtype="bf16").bytes_per_token
 
 
 @pytest.mark.parametrize("bad", ["nonsense", "cuda:x", ""])

@@ -28,17 +28,22 @@ import torch
 from torch import Tensor
 
 from kvforge.errors import KernelError
+from kvforge.kernels.fp8 import FP8_DTYPES, as_scale
 
 __all__ = [
     "KVCacheArg", "CacheView", "as_chunks", "chunk_offsets", "describe_cache", "resolve_offsets",
-    "SUPPORTED_HEAD_DIMS", "check_block_size", "check_head_dim", "padded_head_dim",
+    "SUPPORTED_DTYPES", "STORAGE_DTYPES", "SUPPORTED_HEAD_DIMS", "check_block_size", "check_head_dim",
+    "padded_head_dim",
 ]
 
 #: A per-layer cache: one tensor ``[num_blocks, block_size, num_kv_heads,
 #: head_dim]`` or a sequence of chunk views of that shape.
 KVCacheArg = Union[Tensor, Sequence[Tensor]]
 
+#: The dtypes queries, keys and values come in (and a non-fp8 cache stores).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Every dtype a cache may store: the model dtypes and fp8 (:mod:`kvforge.kernels.fp8`).
+STORAGE_DTYPES = SUPPORTED_DTYPES + FP8_DTYPES
 #: Head dims every backend runs: the multiples of :data:`HEAD_DIM_MULTIPLE` from
 #: 8 to :data:`MAX_HEAD_DIM` (80, 96, 112 and 192 included). The Triton kernels
 #: tile a head dim that is not a power of two with the next one
@@ -82,6 +87,13 @@ class CacheView(NamedTuple):
     it, and drop the old one, whenever the chunk set changes.
     ``offsets``: int64 ``[num_chunks]`` element offsets of each chunk from
     chunk 0, on the chunks' device; None for one chunk.
+
+    ``dtype`` is the dtype of the queries, keys, values and outputs the
+    kernels take and give (the model dtype); ``cache_dtype`` the dtype the
+    chunks store. They differ for an fp8 cache, whose ``k_scale`` /
+    ``v_scale`` (float32 ``[num_kv_heads]`` on the device, read at every
+    launch, so an in-place update is seen by the next one) dequantize it:
+    ``x = stored * scale``. Both are None otherwise.
     """
 
     k_chunks: tuple[Tensor, ...]
@@ -93,6 +105,14 @@ class CacheView(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     offsets: Tensor | None
+    cache_dtype: torch.dtype | None = None
+    k_scale: Tensor | None = None
+    v_scale: Tensor | None = None
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the chunks hold fp8 (quantized with ``k_scale`` / ``v_scale``)."""
+        return self.k_scale is not None
 
     @property
     def num_chunks(self) -> int:
@@ -173,7 +193,9 @@ def chunk_offsets(chunks: Sequence[Tensor]) -> Tensor:
     return torch.tensor(_offsets_list(seq, "chunks"), dtype=torch.int64, device=seq[0].device)
 
 
-def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tensor | None = None) -> CacheView:
+def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tensor | None = None, *,
+                   k_scale: Tensor | float | None = None, v_scale: Tensor | float | None = None,
+                   model_dtype: torch.dtype | None = None) -> CacheView:
     """Checks one layer's key and value chunk lists and describes them.
 
     Both must be ``[chunk_blocks, block_size, num_kv_heads, head_dim]`` chunks
@@ -186,6 +208,14 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     host-to-device copy) when there are several chunks. The returned view
     carries the table (``offsets``, None for one chunk) and is what every
     kernel entry point takes to skip these checks.
+
+    fp8 chunks (``torch.float8_e4m3fn`` / ``float8_e5m2``) need ``k_scale``
+    and ``v_scale`` (a positive number, or a float tensor ``[]``, ``[1]`` or
+    ``[num_kv_heads]``; see :func:`kvforge.kernels.fp8.as_scale`) and
+    ``model_dtype``, the dtype of the queries, keys and values (float16,
+    bfloat16 or float32); an fp8 chunk list passed straight to an entry point,
+    without a view, is refused for want of its scales. Other chunks take none
+    of the three (``model_dtype`` may repeat their dtype).
     """
     k = as_chunks(k_cache, "k_cache", 4)
     v = as_chunks(v_cache, "v_cache", 4)
@@ -199,8 +229,8 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
         )
     if k0.dtype != v0.dtype or k0.device != v0.device:
         raise KernelError(f"v_cache dtype/device {v0.dtype}/{v0.device} differ from k_cache's {k0.dtype}/{k0.device}")
-    if k0.dtype not in SUPPORTED_DTYPES:
-        raise KernelError(f"cache dtype: expected one of {SUPPORTED_DTYPES}, got {k0.dtype}")
+    if k0.dtype not in STORAGE_DTYPES:
+        raise KernelError(f"cache dtype: expected one of {STORAGE_DTYPES}, got {k0.dtype}")
     chunk_blocks, block_size, num_kv_heads, head_dim = k0.shape
     check_block_size(block_size)
     check_head_dim(head_dim)
@@ -209,7 +239,24 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     if k0.stride(3) != 1:
         raise KernelError(f"cache head_dim stride: expected 1, got {k0.stride(3)}")
     offsets = resolve_offsets(k, v, chunk_offsets)
-    return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, k0.dtype, k0.device, offsets)
+    if k0.dtype not in FP8_DTYPES:
+        if k_scale is not None or v_scale is not None:
+            raise KernelError(f"k_scale/v_scale: a {k0.dtype} cache has no scales (only fp8 caches do)")
+        if model_dtype is not None and model_dtype != k0.dtype:
+            raise KernelError(f"model_dtype: a {k0.dtype} cache takes and gives {k0.dtype}, got {model_dtype}")
+        return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, k0.dtype, k0.device, offsets,
+                         k0.dtype)
+    if k_scale is None or v_scale is None:
+        raise KernelError(
+            f"an {k0.dtype} cache needs its dequantization scales: describe it with "
+            f"describe_cache(k_cache, v_cache, k_scale=..., v_scale=..., model_dtype=...) and pass the view")
+    if model_dtype not in SUPPORTED_DTYPES:
+        raise KernelError(f"model_dtype: an {k0.dtype} cache needs the dtype of its queries, keys and values, one "
+                          f"of {SUPPORTED_DTYPES}, got {model_dtype}")
+    ks = as_scale(k_scale, "k_scale", num_kv_heads, k0.device)
+    vs = as_scale(v_scale, "v_scale", num_kv_heads, k0.device)
+    return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, model_dtype, k0.device, offsets,
+                     k0.dtype, ks, vs)
 
 
 def resolve_offsets(

@@ -11,7 +11,10 @@ The cache argument is either one layer's chunk lists ``(k_cache, v_cache)``,
 described and checked on every call, or a :class:`~kvforge.kernels.CacheView`
 from :func:`~kvforge.kernels.describe_cache` in place of ``k_cache`` (with
 ``v_cache=None``), which skips that work: then only the per-call tensors
-(queries, keys/values, tables, lengths, slots) are checked.
+(queries, keys/values, tables, lengths, slots) are checked. An fp8 cache
+is always passed as a view (it carries the scales and the model dtype):
+:func:`store_kv` quantizes, the attention kernels dequantize inside, and
+:func:`copy_blocks` moves its bytes unchanged.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ from kvforge.kernels.checks import (
     resolve_backend, should_validate,
 )
 from kvforge.kernels.layout import (
-    SUPPORTED_DTYPES, CacheView, KVCacheArg, as_chunks, describe_cache, resolve_offsets,
+    STORAGE_DTYPES, CacheView, KVCacheArg, as_chunks, describe_cache, resolve_offsets,
 )
+from kvforge.kernels.fp8 import is_fp8
 
 __all__ = ["store_kv", "paged_decode_attention", "paged_prefill_attention", "copy_blocks"]
 
@@ -101,7 +105,8 @@ def store_kv(
     """Writes new keys/values into their cache slots.
 
     ``key``/``value``: ``[num_tokens, num_kv_heads, head_dim]`` in the cache
-    dtype. ``k_cache``/``v_cache``: one layer's cache, a tensor ``[num_blocks,
+    dtype (for an fp8 cache the view's model dtype: they are stored as
+    ``saturate(x / scale)``, rounded to nearest even). ``k_cache``/``v_cache``: one layer's cache, a tensor ``[num_blocks,
     block_size, num_kv_heads, head_dim]`` or a list of chunk views; or a
     :class:`~kvforge.kernels.CacheView` as ``k_cache`` and None as ``v_cache``.
     ``slot_mapping``: int32/int64 ``[num_tokens]``, ``block_id * block_size +
@@ -129,7 +134,7 @@ def store_kv(
             bad = lo if lo < -1 else hi
             raise KernelError(f"slot_mapping: slot {bad} is outside [-1, {view.num_slots}) for {view.num_blocks} blocks")
     if resolve_backend(backend, view.device) == "torch":
-        reference.store_kv(k, v, view.k_chunks, view.v_chunks, slots)
+        reference.store_kv(k, v, view.k_chunks, view.v_chunks, slots, k_scale=view.k_scale, v_scale=view.v_scale)
     elif k.shape[0]:
         _triton_module("triton_store", view.device).launch_store(k, v, view, view.offsets, slots)
 
@@ -151,7 +156,8 @@ def paged_decode_attention(
     defaults to ``head_dim ** -0.5``; ``sliding_window`` w keeps positions
     ``> pos - w``; ``soft_cap`` c maps logits to ``c * tanh(logits / c)``.
     ``num_splits`` overrides the split-KV count (Triton only). Returns ``out``
-    ``[batch, num_q_heads, head_dim]`` in the query dtype.
+    ``[batch, num_q_heads, head_dim]`` in the query dtype. An fp8 cache is
+    read as ``stored * scale`` inside the kernel.
     """
     view = _cache_view(k_cache, v_cache, chunk_offsets)
     q = check_query(query, view)
@@ -168,7 +174,8 @@ def paged_decode_attention(
     scale = view.head_dim**-0.5 if scale is None else float(scale)
     if resolve_backend(backend, view.device) == "torch":
         out.copy_(reference.paged_decode_attention(
-            q, view.k_chunks, view.v_chunks, tables, ctx, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap))
+            q, view.k_chunks, view.v_chunks, tables, ctx, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            k_scale=view.k_scale, v_scale=view.v_scale))
     elif batch:
         _triton_module("triton_decode", view.device).launch_decode(
             q, view, view.offsets, tables, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
@@ -215,7 +222,7 @@ def paged_prefill_attention(
     if resolve_backend(backend, view.device) == "torch":
         out.copy_(reference.paged_prefill_attention(
             q, view.k_chunks, view.v_chunks, tables, cu, ctx, scale=scale, sliding_window=sliding_window,
-            soft_cap=soft_cap))
+            soft_cap=soft_cap, k_scale=view.k_scale, v_scale=view.v_scale))
     elif q.shape[0] and batch:
         _triton_module("triton_prefill", view.device).launch_prefill(
             q, view, view.offsets, tables, cu, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
@@ -243,15 +250,16 @@ def copy_blocks(
     num_kv_heads, head_dim]`` or its chunks of that shape (contiguous within
     a block). ``src``/``dst``: ``[n]`` block ids as int tensors, lists or numpy
     arrays. ``dst`` must hold no duplicates and share no id with ``src`` (a
-    block may be copied to several places). One launch moves everything.
+    block may be copied to several places). One launch moves everything;
+    fp8 chunks move as bytes.
     ``validate`` (default: when the ids are on the host) checks all of that.
     """
     cs = as_chunks(chunks, "chunks", 6)
     c0 = cs[0]
     if c0.shape[1] != 2:
         raise KernelError(f"chunks: expected dim 1 of size 2 (keys, values), got shape {tuple(c0.shape)}")
-    if c0.dtype not in SUPPORTED_DTYPES:
-        raise KernelError(f"chunks dtype: expected one of {SUPPORTED_DTYPES}, got {c0.dtype}")
+    if c0.dtype not in STORAGE_DTYPES:
+        raise KernelError(f"chunks dtype: expected one of {STORAGE_DTYPES}, got {c0.dtype}")
     block_size, heads, head_dim = c0.shape[3:]
     if c0.stride()[3:] != (heads * head_dim, head_dim, 1):
         raise KernelError(f"chunks: expected contiguous [block_size, heads, head_dim] blocks, got strides {c0.stride()}")
@@ -275,6 +283,8 @@ def copy_blocks(
     if not s.numel():
         return
     s, d = s.to(c0.device).contiguous(), d.to(c0.device).contiguous()
+    if is_fp8(c0.dtype):  # bytes, not numbers: no conversion can touch them (same strides and offsets)
+        cs = tuple(c.view(torch.uint8) for c in cs)
     if resolve_backend(backend, c0.device) == "torch":
         reference.copy_blocks(cs, s, d)
     else:

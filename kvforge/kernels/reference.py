@@ -7,6 +7,10 @@ function computes in float32 and takes its inputs as the public wrappers in
 range). Caches are one tensor ``[num_blocks, block_size, num_kv_heads,
 head_dim]`` or a sequence of chunk views of that shape; block id ``b`` lives
 in chunk ``b // chunk_blocks`` at local index ``b % chunk_blocks``.
+
+fp8 chunks come with ``k_scale`` / ``v_scale`` (float32 ``[num_kv_heads]``):
+:func:`store_kv` quantizes into them (:func:`kvforge.kernels.fp8.quantize`),
+the attention functions read ``stored * scale`` in float32.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from kvforge.kernels.fp8 import is_fp8, quantize
 from kvforge.kernels.layout import KVCacheArg
 
 __all__ = ["store_kv", "paged_decode_attention", "paged_prefill_attention", "copy_blocks", "gather_blocks"]
@@ -53,15 +58,27 @@ def _soft_cap(scores: Tensor, soft_cap: float | None) -> Tensor:
     return scores if soft_cap is None else soft_cap * torch.tanh(scores / soft_cap)
 
 
-def store_kv(key: Tensor, value: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, slot_mapping: Tensor) -> None:
+def _read(chunks: Sequence[Tensor], ids: Tensor, scale: Tensor | None) -> Tensor:
+    """Blocks ``ids`` ``[...]`` as float32 ``[..., block_size, num_kv_heads, head_dim]``,
+    dequantized with ``scale`` ``[num_kv_heads]`` when given (fp8)."""
+    x = gather_blocks(chunks, ids).float()
+    return x if scale is None else x * scale.to(x.device)[:, None]
+
+
+def store_kv(key: Tensor, value: Tensor, k_cache: KVCacheArg, v_cache: KVCacheArg, slot_mapping: Tensor, *,
+             k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
     """Writes ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` to
     slots ``slot_mapping`` ``[num_tokens]`` (``block_id * block_size +
-    offset``; -1 = padding, skipped)."""
+    offset``; -1 = padding, skipped). An fp8 cache stores them quantized with
+    ``k_scale`` / ``v_scale``."""
     kc, vc = _chunks(k_cache), _chunks(v_cache)
     chunk_blocks, block_size = kc[0].shape[0], kc[0].shape[1]
     slots = slot_mapping.to(device=key.device, dtype=torch.long)
     keep = slots >= 0
     slots, key, value = slots[keep], key[keep], value[keep]
+    if is_fp8(kc[0].dtype):
+        assert k_scale is not None and v_scale is not None
+        key, value = quantize(key, k_scale, kc[0].dtype), quantize(value, v_scale, kc[0].dtype)
     block, offset = slots // block_size, slots % block_size
     which, local = block // chunk_blocks, block % chunk_blocks
     for j in range(len(kc)):
@@ -80,6 +97,8 @@ def paged_decode_attention(
     scale: float | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """One query token per sequence at position ``context_lens[i] - 1``.
 
@@ -100,8 +119,8 @@ def paged_decode_attention(
     num_blocks = math.ceil(max_ctx / block_size)
     used = torch.arange(num_blocks, device=query.device)[None, :] < (ctx[:, None] + block_size - 1) // block_size
     ids = torch.where(used, block_tables[:, :num_blocks].to(query.device).long(), 0)
-    k = gather_blocks(kc, ids).float().reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
-    v = gather_blocks(vc, ids).float().reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    k = _read(kc, ids, k_scale).reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    v = _read(vc, ids, v_scale).reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
     pos = torch.arange(num_blocks * block_size, device=query.device)[None, :]
     visible = pos < ctx[:, None]
     if sliding_window is not None:
@@ -126,6 +145,8 @@ def paged_prefill_attention(
     scale: float | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Ragged causal attention of new tokens against their paged context.
 
@@ -148,8 +169,8 @@ def paged_prefill_attention(
         if q_len == 0:
             continue
         ids = block_tables[i, : math.ceil(ctx / block_size)].to(query.device)
-        k = gather_blocks(kc, ids).float().reshape(-1, num_kv_heads, head_dim)[:ctx]
-        v = gather_blocks(vc, ids).float().reshape(-1, num_kv_heads, head_dim)[:ctx]
+        k = _read(kc, ids, k_scale).reshape(-1, num_kv_heads, head_dim)[:ctx]
+        v = _read(vc, ids, v_scale).reshape(-1, num_kv_heads, head_dim)[:ctx]
         q = query[start:end].float().reshape(q_len, num_kv_heads, group, head_dim)
         scores = _soft_cap(torch.einsum("thgd,nhd->thgn", q, k) * scale, soft_cap)
         q_pos = torch.arange(ctx - q_len, ctx, device=query.device)[:, None]

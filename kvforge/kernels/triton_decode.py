@@ -27,6 +27,11 @@ Host cost per launch is kept to the launch itself: the split count and the
 launch config are memoized on their integer arguments, and the split-KV
 scratch comes from a buffer per (device, stream) that grows on demand
 (:func:`split_scratch`), fresh only while a CUDA graph is being captured.
+An fp8 cache (``FP8`` > 0) is read natively or by its bits
+(:mod:`kvforge.kernels.triton_fp8`); each tile is cast to the query dtype
+before ``tl.dot``, the KV head's key scale is folded into ``q_scale`` and its
+value scale multiplies the normalized output, so dequantizing adds no
+per-element multiply.
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -39,13 +44,14 @@ import triton.language as tl
 from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
+from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
 
 __all__ = ["launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
 
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr,
     scale, soft_cap, sliding_window, chunk_blocks, num_chunks, num_splits,
     stride_qb, stride_qh,
     stride_cb, stride_ct, stride_ch,
@@ -54,7 +60,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, RAW_MUL: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,6 +89,9 @@ def _decode_kernel(
         q_scale = scale
     else:
         q_scale = scale * 1.4426950408889634  # fold log2(e) for exp2
+    if FP8 != 0:  # dequantize by folding: s = (q . k_raw) * k_scale, o = (p @ v_raw) * v_scale
+        q_scale = q_scale * (tl.load(k_scale_ptr + kv_head) * RAW_MUL)
+        v_mul = tl.load(v_scale_ptr + kv_head) * RAW_MUL
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -110,6 +119,10 @@ def _decode_kernel(
         else:
             kv_mask = n_ok[:, None]
         k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP8 == 1:
+            k = k.to(q.dtype)
+        elif FP8 != 0:
+            k = fp8_bits_to_f16(k, FP8 == 2).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
         if USE_SOFT_CAP:
             # c * tanh(x / c), tanh written with exp so the interpreter runs it too
@@ -121,11 +134,17 @@ def _decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP8 == 1:
+            v = v.to(q.dtype)
+        elif FP8 != 0:
+            v = fp8_bits_to_f16(v, FP8 == 2).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if FP8 != 0:
+        o = o * v_mul
     if SINGLE_SPLIT:
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -282,13 +301,18 @@ def launch_decode(
             sms = _num_sms(view.device.index if view.device.index is not None else torch.cuda.current_device())
         num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms, block_n)
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    fp8 = 0
+    if view.k_scale is not None:
+        fp8 = decode_mode(k0.dtype, view.device)
+        if fp8 != 1:
+            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
     if num_splits > 1:
         part_out, part_lse = split_scratch(batch, num_q_heads, num_splits, head_dim, query.device)
     else:
         part_out = part_lse = out  # unused
     _decode_kernel[(view.num_kv_heads, num_splits, batch)](
         query, k0, v0, offsets if offsets is not None else block_tables, block_tables, context_lens,
-        out, part_out, part_lse,
+        out, part_out, part_lse, view.k_scale if fp8 else out, view.v_scale if fp8 else out,
         float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
         num_splits,
         query.stride(0), query.stride(1),
@@ -300,6 +324,7 @@ def launch_decode(
         MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
+        FP8=fp8, RAW_MUL=raw_mul(fp8),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
     if num_splits > 1:

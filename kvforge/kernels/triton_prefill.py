@@ -15,6 +15,7 @@ A head dim that is not a power of two of at least 16 runs in a ``BLOCK_D``
 tile (:func:`padded_head_dim`) with its padding columns masked on every load
 and store, as in :mod:`kvforge.kernels.triton_decode`; the constexpr
 ``HAS_PAD`` keeps those masks out of the power-of-two kernels.
+An fp8 cache is read and dequantized as in the decode kernel (``FP8``).
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
+from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
 
 __all__ = ["launch_prefill", "KERNELS"]
 
@@ -32,7 +34,7 @@ __all__ = ["launch_prefill", "KERNELS"]
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, cu_q_ptr, context_lens_ptr, out_ptr,
-    scale, soft_cap, sliding_window, chunk_blocks, num_chunks, num_seqs,
+    k_scale_ptr, v_scale_ptr, scale, soft_cap, sliding_window, chunk_blocks, num_chunks, num_seqs,
     stride_qt, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
@@ -40,7 +42,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, RAW_MUL: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -77,6 +79,9 @@ def _prefill_kernel(
             q_scale = scale
         else:
             q_scale = scale * 1.4426950408889634
+        if FP8 != 0:  # dequantize by folding, as in the decode kernel
+            q_scale = q_scale * (tl.load(k_scale_ptr + kv_head) * RAW_MUL)
+            v_mul = tl.load(v_scale_ptr + kv_head) * RAW_MUL
         pos = ctx - q_len + t  # position of each row's token
         first_pos = ctx - q_len + q_start
         key_end = ctx - q_len + tl.minimum(q_start + BLOCK_Q, q_len)
@@ -120,6 +125,10 @@ def _prefill_kernel(
                 else:
                     kv_mask = n_ok[:, None]
                 k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+                if FP8 == 1:
+                    k = k.to(q.dtype)
+                elif FP8 != 0:
+                    k = fp8_bits_to_f16(k, FP8 == 2).to(q.dtype)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale
                 if USE_SOFT_CAP:
                     s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0)) * 1.4426950408889634
@@ -134,9 +143,15 @@ def _prefill_kernel(
                 p = tl.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+                if FP8 == 1:
+                    v = v.to(q.dtype)
+                elif FP8 != 0:
+                    v = fp8_bits_to_f16(v, FP8 == 2).to(q.dtype)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m_i = m_new
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        if FP8 != 0:
+            o = o * v_mul
         tl.store(out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -178,8 +193,14 @@ def launch_prefill(
     block_d = padded_head_dim(head_dim)
     num_tiles = total // block_q + batch
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    fp8 = 0
+    if view.k_scale is not None:
+        fp8 = decode_mode(k0.dtype, view.device)
+        if fp8 != 1:
+            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
     _prefill_kernel[(num_tiles, view.num_kv_heads)](
         query, k0, v0, offsets if offsets is not None else block_tables, block_tables, cu_query_lens, context_lens, out,
+        view.k_scale if fp8 else out, view.v_scale if fp8 else out,
         float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
         batch,
         query.stride(0), query.stride(1),
@@ -191,6 +212,7 @@ def launch_prefill(
         MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
+        FP8=fp8, RAW_MUL=raw_mul(fp8),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
 KERNELS = (_prefill_kernel,)

@@ -7,27 +7,33 @@ slots (flattened to ``BLOCK_HD`` columns, the next power of two of
 ``_copy_kernel``: grid ``(num_pairs, num_layers * 2, tiles_per_block)``; each
 program copies one ``BLOCK`` -element tile of one layer's keys or values of
 one block, so every layer of every pair moves in a single launch.
+An fp8 cache (``FP8``) is written through ``uint8`` views of its chunks:
+each program loads its rows' per-head scales, divides in float32 (correctly
+rounded) and stores the bytes of :func:`~kvforge.kernels.triton_fp8.encode_fp8`.
+``_copy_kernel`` moves fp8 chunks as bytes (the wrapper passes ``uint8`` views).
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kvforge.kernels.layout import CacheView
+from kvforge.kernels.triton_fp8 import E4M3, encode_fp8
 
 __all__ = ["launch_store", "launch_copy", "KERNELS"]
 
 
 @triton.jit
 def _store_kernel(
-    key_ptr, value_ptr, k_ptr, v_ptr, chunk_off_ptr, slot_ptr,
+    key_ptr, value_ptr, k_ptr, v_ptr, chunk_off_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     num_tokens, chunk_blocks,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_ch,
     HEAD_DIM: tl.constexpr, NUM_HD: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MULTI_CHUNK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MULTI_CHUNK: tl.constexpr, FP8: tl.constexpr, IS_E4M3: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.arange(0, BLOCK_HD)
@@ -45,6 +51,12 @@ def _store_kernel(
     dst = (base + (slot % BLOCK_SIZE) * stride_ct)[:, None] + (head * stride_ch + dim)[None, :]
     k = tl.load(key_ptr + tok[:, None] * stride_kt + (head * stride_kh + dim)[None, :], mask=ok)
     v = tl.load(value_ptr + tok[:, None] * stride_vt + (head * stride_vh + dim)[None, :], mask=ok)
+    if FP8:
+        col_ok = col < NUM_HD
+        k_s = tl.load(k_scale_ptr + head, mask=col_ok, other=1.0)
+        v_s = tl.load(v_scale_ptr + head, mask=col_ok, other=1.0)
+        k = encode_fp8(tl.math.div_rn(k.to(tl.float32), k_s[None, :]), IS_E4M3)
+        v = encode_fp8(tl.math.div_rn(v.to(tl.float32), v_s[None, :]), IS_E4M3)
     tl.store(k_ptr + dst, k, mask=ok)
     tl.store(v_ptr + dst, v, mask=ok)
 
@@ -83,13 +95,18 @@ def launch_store(
     block_hd = triton.next_power_of_2(num_hd)
     block_t = max(1, min(64, 4096 // block_hd))
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    fp8 = view.k_scale is not None
+    if fp8:  # bytes from encode_fp8: no fp8 cast of the compiler's is involved
+        k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
     _store_kernel[(triton.cdiv(num_tokens, block_t),)](
         key, value, k0, v0, offsets if offsets is not None else slot_mapping, slot_mapping,
+        view.k_scale if fp8 else slot_mapping, view.v_scale if fp8 else slot_mapping,
         num_tokens, view.chunk_blocks,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k0.stride(0), k0.stride(1), k0.stride(2),
         HEAD_DIM=view.head_dim, NUM_HD=num_hd, BLOCK_HD=block_hd, BLOCK_T=block_t,
         BLOCK_SIZE=view.block_size, MULTI_CHUNK=offsets is not None,
+        FP8=fp8, IS_E4M3=view.cache_dtype == E4M3,
         num_warps=4,
     )
 

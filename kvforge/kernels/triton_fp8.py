@@ -1,0 +1,113 @@
+"""fp8 in the Triton kernels: the store's encoder, the readers' decoders, the path choice.
+
+Writing. :func:`encode_fp8` turns float32 ``y = x / scale`` (already divided,
+correctly rounded) into the fp8 byte by integer arithmetic on its bits:
+saturated to the format's largest finite value, rounded to nearest even
+(normal and subnormal range alike), NaN kept a NaN. It needs no fp8
+support from the hardware or the compiler, so the store kernel writes the
+same bytes everywhere (on a GPU, under the interpreter, on ROCm), bit for
+bit what :func:`kvforge.kernels.fp8.quantize` gives in torch. (The Triton
+interpreter's own fp32 -> fp8 cast does not round to nearest even, loses
+subnormals and overflows to NaN: it is never used.)
+
+Reading. The attention kernels read fp8 in one of two ways, chosen per
+launch by :func:`decode_mode`:
+
+- *native* (``FP8 = 1``): the chunks are fp8 pointers and the tile is cast
+  to the model dtype (``cvt`` instructions on sm89+, i.e. Ada and Hopper;
+  the interpreter's upcast is exact for every finite value);
+- *bits* (``FP8 = 2`` for e4m3, ``3`` for e5m2): the chunks are read as
+  ``uint8`` and :func:`fp8_bits_to_f16` rebuilds a float16 by shifts (e5m2
+  is the top byte of a float16; e4m3 lands as ``value / 256``, exact,
+  subnormals included, and :data:`RAW_MUL` folds the 256 back into the
+  scale). Any GPU runs it: Ampere, ROCm, anything without OCP fp8.
+
+Either way the values reach ``tl.dot`` exactly in the model dtype (every
+e4m3 and e5m2 value is a float16 and a bfloat16), and the per-head scales
+are applied in float32 outside the dot: the key scale with the softmax
+scale, the value scale on the normalized output.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["encode_fp8", "fp8_bits_to_f16", "decode_mode", "raw_mul", "FORCE_DECODE", "E4M3"]
+
+#: Set to "native" or "bits" to force the read path of every launch (tests, benchmarks); None: automatic.
+FORCE_DECODE: str | None = None
+
+E4M3 = torch.float8_e4m3fn
+
+
+@triton.jit
+def encode_fp8(y, IS_E4M3: tl.constexpr):
+    """float32 ``y`` -> fp8 bytes (uint8): saturate, round to nearest even, NaN stays NaN."""
+    if IS_E4M3:
+        FMAX: tl.constexpr = 448.0
+        MANT: tl.constexpr = 3
+        BIAS_DIFF: tl.constexpr = 120  # 127 - 7
+        SUB_SHIFT0: tl.constexpr = 141  # 150 - 9: subnormal step 2**-9
+    else:
+        FMAX: tl.constexpr = 57344.0
+        MANT: tl.constexpr = 2
+        BIAS_DIFF: tl.constexpr = 112  # 127 - 15
+        SUB_SHIFT0: tl.constexpr = 134  # 150 - 16: subnormal step 2**-16
+    SHIFT: tl.constexpr = 23 - MANT
+    bits = y.to(tl.uint32, bitcast=True)
+    sign = (bits >> 31).to(tl.uint8) << 7
+    a = tl.minimum(tl.abs(y), FMAX)
+    ab = a.to(tl.uint32, bitcast=True)
+    # normal range: round the float32 mantissa to MANT bits, to nearest even (a carry bumps the exponent)
+    normal = ((ab + ((1 << (SHIFT - 1)) - 1) + ((ab >> SHIFT) & 1)) >> SHIFT) - (BIAS_DIFF << MANT)
+    # subnormal range: the 24-bit significand shifted down to the subnormal step, to nearest even
+    e32 = (ab >> 23).to(tl.int32)
+    sig = (ab & 0x7FFFFF) | 0x800000
+    # >= 21 (e4m3) / 22 (e5m2) below the normal range; clamped so that no shift is out of range elsewhere
+    s = tl.minimum(tl.maximum(SUB_SHIFT0 - e32, 1), 25).to(tl.uint32)
+    q = sig >> s
+    rem = sig & ((1 << s) - 1)
+    half = 1 << (s - 1)
+    sub = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.uint32)
+    is_sub = e32 < (BIAS_DIFF + 1)
+    byte = tl.where(is_sub, sub, normal).to(tl.uint8) | sign
+    return tl.where(y != y, 0x7F, byte).to(tl.uint8)
+
+
+@triton.jit
+def fp8_bits_to_f16(b, IS_E4M3: tl.constexpr):
+    """fp8 bytes (uint8) -> float16: e5m2 exactly, e4m3 as ``value / 256`` (exactly)."""
+    h = b.to(tl.int16)
+    if IS_E4M3:
+        h = ((h & 0x7F) << 7) | ((h & 0x80) << 8)
+    else:
+        h = h << 8
+    return h.to(tl.float16, bitcast=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_ok(device_type: str, index: int) -> bool:
+    if device_type != "cuda":
+        return True  # the interpreter: exact upcasts
+    if torch.version.hip is not None:
+        return False  # ROCm: OCP fp8 is not native on every part; the bits path runs everywhere
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def decode_mode(cache_dtype: torch.dtype, device: torch.device) -> int:
+    """The ``FP8`` constexpr of a read: 1 native, 2 bits (e4m3), 3 bits (e5m2)."""
+    if FORCE_DECODE == "native":
+        return 1
+    if FORCE_DECODE != "bits":
+        index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+        if _native_ok(device.type, index):
+            return 1
+    return 2 if cache_dtype == E4M3 else 3
+
+
+def raw_mul(mode: int) -> float:
+    """The factor a read path's raw values carry: the bits path reads e4m3 as value / 256."""
+    return 256.0 if mode == 2 else 1.0
