@@ -74,7 +74,7 @@ sys.path.insert(0, str(REPO))
 from kvforge.tools.output import format_table  # noqa: E402
 from common import TINY, TINYLLAMA, git_commit, pct, ratio  # noqa: E402
 
-SECTIONS = ("throughput", "sharing")
+SECTIONS = ("throughput", "contention", "sharing")
 
 #: the CPU default: big enough that a prompt's prefill dominates its TTFT, small enough for 2 cores
 CPU_MODEL = dict(TINYLLAMA, vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
@@ -271,7 +271,101 @@ def bench_throughput(args: argparse.Namespace, url: str, run_id: str) -> dict[st
     return dict(batch_size=batch, runs=results)
 
 
-# ---------------------------------------------------------------- 2. sharing: the workload
+# ---------------------------------------------------------------- 2. contention: fetching beside a busy interpreter
+
+
+def _busy(stop: Any, held: float) -> None:
+    """A stand-in for the engine's step loop: Python work holding the GIL ``held`` of the time
+    (the rest asleep, as a loop waiting on the GPU is)."""
+    while not stop.is_set():
+        end = time.perf_counter() + 0.001 * held
+        x = 0
+        while time.perf_counter() < end:
+            x += 1
+        time.sleep(0.001 * (1 - held))
+
+
+def bench_contention(args: argparse.Namespace, url: str, run_id: str) -> dict[str, Any]:
+    import threading
+
+    import numpy as np
+
+    from kvforge import RedisTier, RemoteLayout
+
+    label, layers, heads, head_dim, nbytes = BLOCK_SHAPES["tinyllama"]
+    bb = block_bytes(layers, heads, head_dim, nbytes)
+    n = 16 if args.quick else 256
+    repeats = args.repeats
+    held = 0.9
+    layout = RemoteLayout("bench-contention", "bfloat16", BLOCK_TOKENS, layers, heads, head_dim, 0, 1, bb)
+    ns_name = f"{run_id}-contention"
+    data = np.random.default_rng(1).bytes(n * bb)
+    keys = [os.urandom(16) for _ in range(n)]
+    writer = RedisTier(url, namespace=ns_name, timeout=args.tier_timeout, reader="thread")
+    writer.bind(layout)
+    writer.publish(keys, lambda: [memoryview(data)[i * bb:(i + 1) * bb] for i in range(n)])
+    assert writer.flush(600) and writer.stats().blocks_written == n
+    writer.close()
+    plain = plain_client(url)
+    names = [f"kvforge:{ns_name}:{layout.fingerprint().hex()}:{k.hex()}".encode() for k in keys]
+    batch = RedisTier(url).batch_size
+    print(f"\n## 2. contention: one fetch of {n} {label} blocks ({n * bb / 2**20:,.0f} MiB) while another thread "
+          f"of the process runs Python {held:.0%} of the time (a step loop's share), against the interpreter "
+          f"idle; the tier with reader='process' (fetches in a child process) and reader='thread', and plain "
+          f"redis-py MGET of the same values in the process; median of {repeats}\n")
+    rows, results = [], []
+
+    def plain_get() -> int:
+        got = 0
+        for lo in range(0, n, batch):
+            got += sum(v is not None for v in plain.mget(names[lo:lo + batch]))
+        return got
+
+    systems: list[tuple[str, Any, Any]] = [("plain redis-py MGET", plain_get, None)]
+    for reader in ("thread", "process"):
+        tier = RedisTier(url, namespace=ns_name, timeout=args.tier_timeout, fetch_budget=args.tier_timeout,
+                         reader=reader)
+        tier.bind(layout)
+        assert tier.wait_ready()
+        systems.append((f"RedisTier reader={reader}", lambda tier=tier: len(tier.fetch(keys)), tier))
+    for name, fetch, tier in systems:
+        rates = {}
+        for busy in (False, True):
+            stop = threading.Event()
+            thread = threading.Thread(target=_busy, args=(stop, held), daemon=True) if busy else None
+            if thread is not None:
+                thread.start()
+            try:
+                times = []
+                assert fetch() == n  # warm-up: connections
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    got = fetch()
+                    times.append(time.perf_counter() - t)
+                    assert got == n, f"{name}: {got} of {n} blocks"
+            finally:
+                stop.set()
+                if thread is not None:
+                    thread.join()
+            rates["busy" if busy else "idle"] = n * bb / statistics.median(times) / 1e9
+        if tier is not None:
+            tier.close()
+        results.append(dict(system=name, gb_per_s=rates))
+        rows.append([name, f"{rates['idle']:.2f}", f"{rates['busy']:.2f}", ratio(rates["busy"], rates["idle"])])
+    plain.close()
+    base = results[0]["gb_per_s"]["busy"]
+    for row, r in zip(rows, results):
+        row.append(ratio(r["gb_per_s"]["busy"], base))
+    print(format_table(["fetch", "idle GB/s", "busy GB/s", "busy/idle", "busy vs plain busy"], rows,
+                       align="lrrrr"))
+    print("\nGB/s: 1e9 payload bytes/s. The tier checks every header and BLAKE2b checksum; plain MGET checks "
+          "nothing. With reader='process' the socket reads, parsing and checks run in a child process and "
+          "the payloads come back through shared memory: the busy thread does not slow them down.")
+    delete_namespace(plain_client(url), ns_name)
+    return dict(block_bytes=bb, num_blocks=n, held=held, runs=results)
+
+
+# ---------------------------------------------------------------- 3. sharing: the workload
 def make_workload(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     """System prompts, A's prompts, B's prompts (with their kinds) and a warm-up set, as token ids."""
     rng = random.Random(args.seed)
@@ -411,7 +505,7 @@ def bench_sharing(args: argparse.Namespace, url: str, run_id: str) -> dict[str, 
     bpb = model_block_bytes(hf, bs)
     shape = (f"hidden {hf['hidden_size']}, {hf['num_hidden_layers']} layers, {hf['num_attention_heads']} heads, "
              f"{hf['num_key_value_heads']} KV heads, vocab {hf['vocab_size']}, {dtype}")
-    print(f"\n## 2. sharing: {name} ({shape}), random weights, seed {args.seed}, on {args.device}; "
+    print(f"\n## 3. sharing: {name} ({shape}), random weights, seed {args.seed}, on {args.device}; "
           f"block {bs} tokens = {bpb / 1024:,.0f} KiB; {args.systems} system prompts of {args.system_len} tokens, "
           f"user messages {args.user_len[0]}-{args.user_len[1]} tokens, {args.new_tokens} new tokens (greedy); "
           f"A: {len(wl['a'])} requests; B: {len(wl['b'])} requests ({args.b_per_system} new per system prompt, "
@@ -523,7 +617,8 @@ def device_name(device: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: throughput, sharing")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help="comma-separated sections: throughput, contention, sharing")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and a tiny model on the CPU: a smoke run")
     ap.add_argument("--url", help="a running Redis server (default: start one on a free loopback port)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="sharing: where the engines run")
@@ -592,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        redis_py=redis.__version__, hiredis=HIREDIS_AVAILABLE)
         start = time.perf_counter()
         benches = dict(throughput=lambda: bench_throughput(args, url, run_id),
+                       contention=lambda: bench_contention(args, url, run_id),
                        sharing=lambda: bench_sharing(args, url, run_id))
         for name in SECTIONS:
             if name in only:

@@ -69,3 +69,33 @@ def test_the_engine_option_is_checked() -> None:
     assert EngineConfig(remote_fetch="always").remote_fetch == "always"
     with pytest.raises(ConfigError, match="remote_fetch must be one of auto, always"):
         EngineConfig(remote_fetch="never")
+
+
+def test_auto_measures_the_prefill_rate_once_before_the_first_step(redis: RedisServer, tmp_path) -> None:
+    """Under ``remote_fetch="auto"`` the engine computes a probe prompt before its first step,
+    so its first decisions rest on a measured prefill rate; the probe leaves nothing behind
+    (no sequence, no cached or published block) and changes no output."""
+    pytest.importorskip("transformers")
+    from kvforge.engine import Engine, SamplingParams
+    from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint
+    model = save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt", max_position_embeddings=1024)
+    tier = RedisTier(redis.url(), "calibrate", timeout=1.0)
+    engine = Engine(str(tmp_path / "ckpt"), num_blocks=96, block_size=8, remote=tier)
+    try:
+        policy = engine.remote_fetch
+        assert policy is not None and not policy.calibrated and engine.preemption.prefill_rate == 0
+        prompt = list(range(3, 60))
+        out = engine.generate([prompt], SamplingParams(max_tokens=4))[0]
+        assert policy.calibrated and engine.preemption.prefill_rate > 0
+        assert out.token_ids == hf_greedy(model, prompt, 4)
+        assert tier.flush(10.0) and tier.stats().publish_jobs == 1  # the request's blocks only
+        assert engine.cache.seq_ids == [] and engine.stats().prefix.hit_tokens == 0
+        engine.check_invariants()
+        # a cache too small for a probe of LARGE_PROMPT_STEP tokens records nothing
+        small = Engine(str(tmp_path / "ckpt"), num_blocks=32, block_size=8, remote=RedisTier(redis.url(), "calib-2"))
+        assert small.remote_fetch is not None
+        assert small.remote_fetch.calibrate(small.model, small.cache, 4096) is None
+        assert small.preemption.prefill_rate == 0 and small.remote_fetch.calibrated
+        small.cache.remote.close()
+    finally:
+        tier.close()

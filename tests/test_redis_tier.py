@@ -7,6 +7,8 @@ returns within about its timeout) are bounds, not speed benchmarks.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from typing import Iterator
 import pytest
 
 from kvforge.errors import ConfigError, InvalidBlockError, MissingExtraError
+from kvforge.storage import redis_reader
 from kvforge.storage.redis_tier import HEADER, MAGIC, RedisTier, RemoteStats, _redact
 from kvforge.storage.remote import RemoteLayout, RemoteTier
 from tests.redis_server import RedisServer
@@ -36,11 +39,23 @@ def payload(i: int, nbytes: int = LAYOUT.block_bytes) -> bytes:
     return bytes((i * 7 + j) % 256 for j in range(nbytes))
 
 
+#: where fetches run in tier_on's tiers (the ``reader`` fixture runs a test with each)
+_reader = "auto"
+
+
+@pytest.fixture(params=["process", "thread"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(sys.modules[__name__], "_reader", request.param)
+    return request.param
+
+
 def tier_on(server: RedisServer, namespace: str = "t", layout: RemoteLayout = LAYOUT, **kw: object) -> RedisTier:
+    kw.setdefault("reader", _reader)
     kw.setdefault("timeout", TIMEOUT)
     kw.setdefault("retry_after", RETRY)
     t = RedisTier(server.url(server.password), namespace, **kw)  # type: ignore[arg-type]
     t.bind(layout)
+    assert t.wait_ready()  # timings below do not count the reader process's start
     return t
 
 
@@ -58,6 +73,7 @@ def tiers() -> Iterator[list[RedisTier]]:
         t.close()
 
 
+@pytest.mark.usefixtures("reader")
 def test_round_trip_and_counters(redis: RedisServer, tiers: list[RedisTier]) -> None:
     a = tier_on(redis, batch_size=2)
     b = tier_on(redis, batch_size=3)
@@ -81,6 +97,7 @@ def test_round_trip_and_counters(redis: RedisServer, tiers: list[RedisTier]) -> 
     assert a.fetch([]) == [] and set(RemoteStats().to_dict()) == set(sa.to_dict())
 
 
+@pytest.mark.usefixtures("reader")
 def test_longest_run_stops_at_the_first_missing_key(redis: RedisServer, tiers: list[RedisTier]) -> None:
     t = tier_on(redis, batch_size=2)
     tiers.append(t)
@@ -149,6 +166,7 @@ def _frame(t: RedisTier, k: bytes, data: bytes, *, magic: bytes = MAGIC, version
     return HEADER.pack(*fields) + data
 
 
+@pytest.mark.usefixtures("reader")
 @pytest.mark.parametrize("kind", ["truncated", "extended", "magic", "version", "flags", "fingerprint",
                                   "key", "length", "checksum", "payload_flip", "empty"])
 def test_bad_values_are_refused_and_counted(redis: RedisServer, tiers: list[RedisTier], kind: str) -> None:
@@ -198,6 +216,7 @@ def test_ttl_expires_blocks(redis: RedisServer, tiers: list[RedisTier]) -> None:
     assert t.stats().blocks_written == 3 and len(t.fetch([key(0)])) == 1
 
 
+@pytest.mark.usefixtures("reader")
 def test_full_server_counts_write_errors_and_keeps_serving(tiers: list[RedisTier]) -> None:
     big = LAYOUT._replace(block_size=512, block_bytes=64 * 1024)
     with RedisServer(maxmemory="3mb", maxmemory_policy="noeviction") as full:
@@ -218,6 +237,7 @@ def test_full_server_counts_write_errors_and_keeps_serving(tiers: list[RedisTier
         t.close()
 
 
+@pytest.mark.usefixtures("reader")
 def test_dead_server_costs_one_timeout_then_backs_off(tiers: list[RedisTier]) -> None:
     with RedisServer() as s:
         t = tier_on(s)
@@ -241,6 +261,7 @@ def test_dead_server_costs_one_timeout_then_backs_off(tiers: list[RedisTier]) ->
         assert t.flush(1)
 
 
+@pytest.mark.usefixtures("reader")
 def test_hung_server_times_out(tiers: list[RedisTier]) -> None:
     with RedisServer() as s:
         t = tier_on(s)
@@ -261,6 +282,7 @@ def test_hung_server_times_out(tiers: list[RedisTier]) -> None:
         assert [bytes(p) for p in t.fetch([key(0)])] == [payload(0)]
 
 
+@pytest.mark.usefixtures("reader")
 def test_restarted_server_recovers_after_retry_after(tiers: list[RedisTier]) -> None:
     with RedisServer() as s:
         t = tier_on(s)
@@ -280,6 +302,7 @@ def test_restarted_server_recovers_after_retry_after(tiers: list[RedisTier]) -> 
 SECRET = "s3cr3t-Pa55word"
 
 
+@pytest.mark.usefixtures("reader")
 def test_password_in_url_works_and_never_shows(tiers: list[RedisTier], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     with RedisServer(requirepass=SECRET) as s:
@@ -289,17 +312,17 @@ def test_password_in_url_works_and_never_shows(tiers: list[RedisTier], caplog: p
         assert [bytes(p) for p in good.fetch([key(0)])] == [payload(0)]
         assert good.stats().write_errors == 0
         texts = [repr(good), str(good)]
-        wrong = RedisTier(s.url("not-" + SECRET), "t", timeout=TIMEOUT, retry_after=RETRY)
+        wrong = RedisTier(s.url("not-" + SECRET), "t", timeout=TIMEOUT, retry_after=RETRY, reader=_reader)
         wrong.bind(LAYOUT)
         tiers.append(wrong)
         assert wrong.fetch([key(0)]) == []
         assert wrong.stats().connection_errors == 1
-        none = RedisTier(s.url(), "t", timeout=TIMEOUT, retry_after=RETRY)  # no password: NOAUTH
+        none = RedisTier(s.url(), "t", timeout=TIMEOUT, retry_after=RETRY, reader=_reader)  # no password: NOAUTH
         none.bind(LAYOUT)
         tiers.append(none)
         assert none.fetch([key(0)]) == []
         assert none.stats().connection_errors + none.stats().server_errors == 1
-        dead = RedisTier(f"redis://:{SECRET}@127.0.0.1:1/0", "t", timeout=TIMEOUT)
+        dead = RedisTier(f"redis://:{SECRET}@127.0.0.1:1/0", "t", timeout=TIMEOUT, reader=_reader)
         dead.bind(LAYOUT)
         tiers.append(dead)
         assert dead.fetch([key(0)]) == [] and dead.stats().connection_errors == 1
@@ -311,6 +334,10 @@ def test_password_in_url_works_and_never_shows(tiers: list[RedisTier], caplog: p
             texts += [str(info.value), repr(info.value)]
             assert info.value.__cause__ is None
         texts += [repr(wrong), repr(dead)]
+        for t in (good, wrong, dead):  # the reader process gets the URL on a pipe, not on its command line
+            if t.reader_pid is not None:
+                with open(f"/proc/{t.reader_pid}/cmdline", "rb") as f:
+                    texts.append(f.read().decode(errors="replace"))
     assert any("redis_tier" in r.name and "Error" in r.getMessage() for r in caplog.records)  # it did log
     texts.append(caplog.text)
     assert "***" in repr(good)
@@ -394,6 +421,7 @@ def test_close_stops_the_writer(redis: RedisServer) -> None:
     assert t.flush(1) and t.stats().dropped_jobs == 1
 
 
+@pytest.mark.usefixtures("reader")
 def test_fetch_and_publish_from_two_threads(redis: RedisServer, tiers: list[RedisTier]) -> None:
     t = tier_on(redis, batch_size=3)
     tiers.append(t)
@@ -438,7 +466,7 @@ def test_checksums_of_a_large_batch_run_on_several_threads_and_still_refuse(redi
     """A batch over 1 MiB is checked on the tier's check threads: the payloads come back
     exact, and a corrupted one is still refused (the run stops there)."""
     layout = RemoteLayout("m", "float32", 16, 2, 2, 16, 0, 1, 512 * 1024)
-    t = RedisTier(redis.url(), "par", timeout=1.0, check_threads=3)
+    t = RedisTier(redis.url(), "par", timeout=1.0, check_threads=3, reader="thread")
     tiers.append(t)
     t.bind(layout)
     keys = [bytes([i]) * 16 for i in range(6)]
@@ -468,7 +496,7 @@ def test_batches_in_flight_return_the_same_run_and_stop_at_a_miss(redis: RedisSe
                                                                    threads: int) -> None:
     """With several MGETs in flight the payloads come back in key order; a missing
     block cuts the run there even when later batches were already on the wire."""
-    t = tier_on(redis, f"in-flight-{threads}", batch_size=2, fetch_threads=threads)
+    t = tier_on(redis, f"in-flight-{threads}", batch_size=2, fetch_threads=threads, reader="thread")
     tiers.append(t)
     publish_all(t, [i for i in range(20) if i != 13])
     assert [bytes(p) for p in t.fetch([key(i) for i in range(13)])] == [payload(i) for i in range(13)]
@@ -512,3 +540,99 @@ def test_lookup_counts_the_leading_run_the_server_holds(redis: RedisServer, tier
         assert t.lookup([key(0)]) == 0 and t.stats().timeouts == 1  # then back-off: not asked
     finally:
         redis.resume()
+
+
+def _wait_dead(pid: int, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # killed but not reaped yet: a zombie
+            if f.read().split(") ")[-1].startswith("Z"):
+                return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
+def test_a_reader_process_that_dies_costs_one_fetch_then_a_new_one_serves(redis: RedisServer,
+                                                                         tiers: list[RedisTier]) -> None:
+    t = tier_on(redis, "reader-dies", reader="process")
+    tiers.append(t)
+    assert RedisTier(redis.url()).reader == "process"  # the default on Linux
+    publish_all(t, [0, 1, 2])
+    assert [bytes(p) for p in t.fetch([key(i) for i in range(3)])] == [payload(i) for i in range(3)]
+    first = t.reader_pid
+    assert first is not None and first != os.getpid() and t.stats().reader_starts == 1
+    os.kill(first, signal.SIGKILL)
+    assert _wait_dead(first)
+    start = time.monotonic()
+    assert t.fetch([key(0)]) == []  # the pipe closed: noticed at once, not after a timeout
+    assert time.monotonic() - start < TIMEOUT + MARGIN
+    s = t.stats()
+    assert (s.reader_errors, s.misses, s.connection_errors) == (1, 1, 0) and t.is_backing_off
+    time.sleep(RETRY + 0.05)
+    assert [bytes(p) for p in t.fetch([key(i) for i in range(3)])] == [payload(i) for i in range(3)]
+    assert t.stats().reader_starts == 2 and t.reader_pid not in (None, first)
+    t.close()
+    assert _wait_dead(first) and t.reader_pid is None
+
+
+@pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
+def test_a_hung_reader_process_is_bounded_killed_and_replaced(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    budget = 0.3
+    t = tier_on(redis, "reader-hangs", reader="process", fetch_budget=budget)
+    tiers.append(t)
+    publish_all(t, [0, 1])
+    assert len(t.fetch([key(0), key(1)])) == 2
+    pid = t.reader_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert t.fetch([key(0), key(1)]) == []
+        elapsed = time.monotonic() - start
+        # the bound: the budget, each batch's socket timeout, and the grace for a loaded machine
+        assert elapsed < budget + 2 * TIMEOUT + redis_reader.GRACE + MARGIN
+        assert t.stats().reader_errors == 1 and t.is_backing_off
+        assert _wait_dead(pid)  # killed, not left behind stopped
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    time.sleep(RETRY + 0.05)
+    assert [bytes(p) for p in t.fetch([key(0), key(1)])] == [payload(0), payload(1)]
+    assert t.stats().reader_starts == 2
+
+
+def test_reader_choice_is_checked(redis: RedisServer) -> None:
+    assert RedisTier(redis.url(), reader="thread").reader == "thread"
+    with pytest.raises(ConfigError, match="reader must be"):
+        RedisTier(redis.url(), reader="fork")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
+def test_fetches_larger_than_a_slot_come_in_rounds_and_stop_at_a_refusal(redis: RedisServer,
+                                                                          tiers: list[RedisTier]) -> None:
+    """A fetch of more blocks than the shared region's slot holds is asked in rounds, two in
+    flight; a value refused in a later round cuts the run there, as in one round."""
+    layout = RemoteLayout("m", "float32", 16, 2, 2, 16, 0, 1, 4096)
+    t = RedisTier(redis.url(), "rounds", timeout=1.0, batch_size=2, reader="process")
+    tiers.append(t)
+    t.bind(layout)
+    assert t._process is not None
+    t._process.blocks_per_slot = 3  # rounds of 3 blocks (the region stays as large as it was)
+    keys = [bytes([i + 1]) * 16 for i in range(11)]
+    payloads = [bytes([i]) * layout.block_bytes for i in range(11)]
+    t.publish(keys, lambda: payloads)
+    assert t.flush(10.0)
+    assert [bytes(p) for p in t.fetch(keys)] == payloads
+    value = bytearray(redis.client().get(t.name_of(keys[7])))
+    value[-1] ^= 1
+    redis.client().set(t.name_of(keys[7]), bytes(value))
+    assert [bytes(p) for p in t.fetch(keys)] == payloads[:7]
+    assert t.stats().bad_checksum == 1
+    assert [bytes(p) for p in t.fetch(keys[:5])] == payloads[:5]  # later answers are not mixed up

@@ -11,7 +11,12 @@ on loopback reads (about 1 GB/s). With ``EngineConfig.remote_fetch="auto"``
 the engine fetches when ``b / read_bandwidth < t / prefill_rate``; both rates
 are measured on this machine, the tier's over its recent fetches
 (``RedisTier.read_bandwidth``) and the prefill rate over the engine's own
-prompt steps (:class:`~kvforge.engine.preemption.PreemptionPolicy`). Until
+prompt steps (:class:`~kvforge.engine.preemption.PreemptionPolicy`),
+seeded by :meth:`RemoteFetchPolicy.calibrate`, which the engine runs before
+its first step: one prompt of up to 2048 tokens computed twice on the still
+empty cache (the first run compiles), so the first decisions do not rest on a compiling step, nor on the
+small prompt steps a workload that fetches its prefixes leaves to compute
+(their fixed costs make the rate look low and fetching look cheap). Until
 both are known it fetches, and it fetches again once every
 ``probe_interval`` seconds even when computing looked faster, so a rate that
 changed (a warmer server, a busier GPU) is seen. ``"always"`` fetches every
@@ -20,9 +25,15 @@ time (a tier without a ``read_bandwidth`` is always fetched from).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvforge.engine.preemption import PreemptionPolicy
+import numpy as np
+import torch
+
+from kvforge.engine.preemption import LARGE_PROMPT_STEP, PreemptionPolicy
+
+if TYPE_CHECKING:
+    from kvforge.storage import KVCache
 
 __all__ = ["RemoteFetchPolicy"]
 
@@ -38,7 +49,38 @@ class RemoteFetchPolicy:
         self.probe_interval = probe_interval
         self.num_fetched = 0
         self.num_declined = 0
+        #: whether :meth:`calibrate` ran (the engine runs it before its first step under ``"auto"``)
+        self.calibrated = False
         self._last_fetch = time.monotonic()  # probing counts from here
+
+    def calibrate(self, model: Any, cache: KVCache, max_tokens: int, probe_tokens: int = 2048) -> float | None:
+        """Measure the prefill rate once (see the module docstring) and record it with the
+        rates; the tokens/s, or None when the cache cannot hold a prompt of
+        :data:`~kvforge.engine.preemption.LARGE_PROMPT_STEP` tokens (nothing recorded).
+        The probe's sequence is freed, unpublished, and its blocks registered nowhere."""
+        self.calibrated = True
+        bs = cache.config.block_size
+        n = min(probe_tokens, max_tokens, (cache.num_available_blocks - 1) * bs)
+        if n < LARGE_PROMPT_STEP:
+            return None
+        seq_id = ("kvforge-prefill-probe", id(self))
+        ids = np.random.default_rng(0).integers(0, model.config.vocab_size, n)
+        cache.add_sequence(seq_id)
+        try:
+            cache.append_tokens(seq_id, n)  # no token ids: nothing is registered for prefix reuse
+            seconds = float("inf")
+            for _ in range(2):  # the first compiles and warms up
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    batch = cache.prepare_step([seq_id], [n], num_decodes=0, logits_indices=[n - 1], input_ids=ids)
+                    model.compute_logits(model.forward(batch, cache)[batch.logits_indices])
+                if cache.device.type == "cuda":
+                    torch.cuda.synchronize(cache.device)
+                seconds = min(seconds, time.perf_counter() - start)
+        finally:
+            cache.free_sequence(seq_id, publish=False)
+        self.rates.record_prefill(n, seconds)
+        return n / seconds
 
     def fetch_seconds(self, num_bytes: int) -> float | None:
         """Modelled seconds to fetch ``num_bytes`` (None: the tier's rate is unknown)."""

@@ -28,6 +28,7 @@ from kvforge.storage import KVCache
 FETCH_WAIT_S = 0.05
 
 if TYPE_CHECKING:
+    from kvforge.engine.fetch_policy import RemoteFetchPolicy
     from kvforge.engine.loader import Tokenizer
     from kvforge.engine.model_runner import ModelRunner
 
@@ -50,6 +51,8 @@ class StepLoop:
     _forked: list[Sequence]
     _num_unforked: int
     _num_random: int
+    remote_fetch: RemoteFetchPolicy | None
+    max_model_len: int
 
     _new_sequence: Callable[[Request, int, int], Sequence]
 
@@ -69,6 +72,11 @@ class StepLoop:
             return self._step_locked(want_touched)
 
     def _step_locked(self, want_touched: bool) -> list[Request]:
+        policy = self.remote_fetch
+        if policy is not None and policy.mode == "auto" and not policy.calibrated:
+            # once, before the first step admits anything: the fetch-or-compute rule's prefill rate
+            longest = min(self.scheduler.max_num_batched_tokens, self.max_model_len)
+            policy.calibrate(self.runner.model, self.cache, longest)
         self._forked = []
         out: SchedulerOutput | None = None
         start = time.perf_counter()

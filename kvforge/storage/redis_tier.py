@@ -4,12 +4,17 @@ The wire format (keys, the value header and checksum) and the URL's secrets
 are in :mod:`kvforge.storage.redis_wire`.
 
 Reads. :meth:`RedisTier.fetch` asks in batches of ``batch_size`` keys (one
-``MGET`` each, ``fetch_threads`` of them in flight on the reader's connection
-pool: one client connection's parsing holds the GIL, two overlap it with the
-server's sending and the checks) and stops at the first value that is missing or fails a check
-(size, header, fingerprint, key, length, checksum: each refusal is counted),
-so it returns the longest valid run from the first key, each payload a
-read-only :class:`memoryview` of ``layout.block_bytes`` bytes.
+``MGET`` each, ``fetch_threads`` of them in flight: one connection's parsing
+overlaps the server's sending and the checks of another) and stops at the
+first value that is missing or fails a check (size, header, fingerprint,
+key, length, checksum: each refusal is counted), so it returns the longest
+valid run from the first key, each payload a read-only :class:`memoryview`
+of ``layout.block_bytes`` bytes. With ``reader="process"`` (the default on
+Linux) the reads, the parsing and the checks run in a child process of
+their own (:mod:`kvforge.storage.redis_reader`), which hands the checked
+payloads over in shared memory: in the engine's process they would take
+turns with the step loop for the GIL. ``reader="thread"`` reads on threads
+of this process.
 
 Writes. :meth:`RedisTier.publish` queues a job (bounded: ``max_pending``
 jobs; a full queue drops the job, counted) for one daemon writer thread,
@@ -56,6 +61,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from kvforge.core.keys import DIGEST, check_keys
 from kvforge.errors import ConfigError, MissingExtraError
+from kvforge.storage import redis_reader
 from kvforge.storage.redis_wire import FORMAT_VERSION, HEADER, MAGIC, NAMESPACE, Refusal, check_value, digest_of
 from kvforge.storage.redis_wire import frame as frame_value
 from kvforge.storage.redis_wire import redact as _redact
@@ -100,7 +106,8 @@ class RedisTier:
 
     Owns three connection pools (one for :meth:`fetch`, one for :meth:`lookup`
     with the shorter ``lookup_timeout``, one for the writer thread), the writer
-    thread and its queue.
+    thread and its queue, and with ``reader="process"`` (``"auto"``: where the
+    platform allows, Linux) the reader process that fetches.
     ``model`` names the weights when the cache's layout does not; ``ttl`` is
     in seconds (None: no expiry); ``timeout`` bounds every server call;
     ``max_pending`` publish jobs may wait; ``batch_size`` keys go in one
@@ -112,7 +119,7 @@ class RedisTier:
                  model: str | None = None, ttl: float | None = None, timeout: float = 0.25,
                  max_pending: int = 256, batch_size: int = 32, retry_after: float = 1.0,
                  recent_keys: int = 65536, fetch_budget: float = 2.0, check_threads: int = 4,
-                 fetch_threads: int = 2, lookup_timeout: float = 0.05) -> None:
+                 fetch_threads: int = 2, lookup_timeout: float = 0.05, reader: str = "auto") -> None:
         self._url = url
         self._secrets = _secrets_of(url)
         where = f"RedisTier({_redact(url)!r})"
@@ -132,6 +139,10 @@ class RedisTier:
         for name, value in (("check_threads", check_threads), ("fetch_threads", fetch_threads)):
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{where}: {name} must be an int >= 1, got {value!r}")
+        if reader not in ("auto", "process", "thread"):
+            raise ConfigError(f"{where}: reader must be 'auto', 'process' or 'thread', got {reader!r}")
+        if reader == "process" and not redis_reader.available():
+            raise ConfigError(f"{where}: reader='process' needs os.memfd_create (Linux); use reader='thread'")
         if not (isinstance(retry_after, (int, float)) and retry_after >= 0):
             raise ConfigError(f"{where}: retry_after must be >= 0 seconds, got {retry_after!r}")
         for name, value in (("max_pending", max_pending), ("batch_size", batch_size), ("recent_keys", recent_keys)):
@@ -148,6 +159,10 @@ class RedisTier:
         self.fetch_threads = fetch_threads
         self._fetchers: ThreadPoolExecutor | None = None  # batches in flight at once (made on first use)
         self._read_bandwidth: float | None = None
+        #: where fetches run: "process" (a child process, :mod:`kvforge.storage.redis_reader`) or "thread"
+        self.reader = ("process" if redis_reader.available() else "thread") if reader == "auto" else reader
+        self._process: redis_reader.ReaderProcess | None = None  # made at bind
+        self._read_lock = threading.Lock()  # one fetch at a time through the reader process
         self.retry_after = float(retry_after)
         self.batch_size = batch_size
         self.max_pending = max_pending
@@ -212,6 +227,12 @@ class RedisTier:
         self._thread = threading.Thread(target=self._write_loop, name=f"kvforge-redis-{self.namespace}",
                                         daemon=True)
         self._thread.start()
+        if self.reader == "process":
+            self._process = redis_reader.ReaderProcess(
+                self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
+                timeout=self.timeout, batch_size=self.batch_size, fetch_threads=self.fetch_threads,
+                check_threads=self.check_threads, read_size=_READ_SIZE)
+            self._start_reader()
 
     def name_of(self, key: bytes) -> bytes:
         """The Redis key a block key is stored under (bound tiers only)."""
@@ -243,6 +264,8 @@ class RedisTier:
         if start < self._down_until:
             self._add(backoff_fetches=1, misses=len(keys))
             return out
+        if self._process is not None:
+            return self._fetch_in_process(keys, start)
         nbytes = 0
         batches = [keys[lo:lo + self.batch_size] for lo in range(0, len(keys), self.batch_size)]
         for lo, (batch, values) in zip(range(0, len(keys), self.batch_size),
@@ -268,6 +291,56 @@ class RedisTier:
         if self.ttl is None:  # with a ttl, a read says nothing of when the value expires
             self._remember(keys[:len(out)])
         return out
+
+    def _fetch_in_process(self, keys: list[bytes], start: float) -> list[memoryview]:
+        """:meth:`fetch` through the reader process: its outcome counted as in-process fetches count theirs."""
+        assert self._process is not None
+        with self._read_lock:
+            if not self._process.alive and not self._start_reader():
+                self._add(misses=len(keys))
+                return []
+            got = self._process.fetch(keys, self.fetch_budget)
+        out = got.payloads
+        if got.stop == "refused":
+            self._refuse(got.kind, keys[len(out)], got.what)
+        elif got.stop == "fault" and got.kind == "server_errors":
+            self._add(server_errors=1)
+            self._log("server_error", f"{self!r}: fetch: {self._scrub(got.what)}")
+        elif got.stop in ("fault", "reader"):
+            self._back_off(got.kind, "fetch", got.what)
+        if got.stop in ("miss", "refused"):  # the rest of the chain is useless without this block
+            self._forget(keys[len(out):])
+        self._add(hits=len(out), misses=len(keys) - len(out), bytes_read=got.nbytes)
+        self._measure(got.nbytes, time.monotonic() - start)
+        if self.ttl is None:
+            self._remember(keys[:len(out)])
+        return out
+
+    def _start_reader(self) -> bool:
+        """Start the reader process (counted); False (counted, back-off) when it cannot be."""
+        assert self._process is not None
+        try:
+            self._process.start()
+        except OSError as exc:
+            self._back_off("reader_errors", "starting the reader process", f"{type(exc).__name__}: {exc}")
+            return False
+        self._add(reader_starts=1)
+        return True
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until the reader process is up (it starts at :meth:`bind`, in the
+        background, and takes a fraction of a second); True at once for ``reader="thread"``.
+        A fetch before it is ready waits for it; a benchmark or a test of timings calls this first."""
+        self._check_bound("wait_ready")
+        if self._process is None:
+            return True
+        with self._read_lock:
+            return self._process.alive and self._process.wait_ready(timeout)
+
+    @property
+    def reader_pid(self) -> int | None:
+        """The reader process's id (None: reads run on threads, or no process is running)."""
+        return None if self._process is None else self._process.pid
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         """How many of ``keys``, from the first, the server holds now: one round trip of
@@ -424,6 +497,9 @@ class RedisTier:
             except queue.Full:
                 pass
             self._thread.join(self.timeout + 1.0)
+        if self._process is not None:
+            with self._read_lock:
+                self._process.stop()
         for client in (self._reader, self._writer, self._looker):
             try:
                 client.close()
@@ -522,21 +598,21 @@ class RedisTier:
         try:
             return fn(*args, **kwargs)
         except errors.TimeoutError as exc:
-            self._back_off("timeouts", what, exc)
+            self._back_off("timeouts", what, f"{type(exc).__name__}: {exc}")
         except (errors.ConnectionError, OSError) as exc:
-            self._back_off("connection_errors", what, exc)
+            self._back_off("connection_errors", what, f"{type(exc).__name__}: {exc}")
         except errors.RedisError as exc:
             self._add(server_errors=1)
             self._log("server_error", f"{self!r}: {what}: server error: {self._scrub(str(exc))}")
         return None
 
-    def _back_off(self, kind: str, what: str, exc: BaseException) -> None:
+    def _back_off(self, kind: str, what: str, message: str) -> None:
         self._add(**{kind: 1})
         self._down_until = time.monotonic() + self.retry_after
-        with self._lock:  # the server may come back empty (restarted): nothing written counts as there
-            self._recent.clear()
-        self._log(kind, f"{self!r}: {what}: {type(exc).__name__}: {self._scrub(str(exc))}; "
-                  f"no calls for {self.retry_after} s")
+        if kind != "reader_errors":  # the server may come back empty (restarted): nothing written counts as there
+            with self._lock:
+                self._recent.clear()
+        self._log(kind, f"{self!r}: {what}: {self._scrub(message)}; no calls for {self.retry_after} s")
 
     def _scrub(self, text: str) -> str:
         """``text`` without any secret of the URL (server and client messages may quote it)."""

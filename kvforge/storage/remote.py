@@ -101,7 +101,10 @@ class RemoteStats:
     ``bytes_written`` (value bytes, header included), ``write_errors``
     (blocks the server refused: ``OOM``...), ``payload_errors`` (a thunk that
     raised or returned the wrong payloads). Faults: ``connection_errors``,
-    ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...)."""
+    ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...),
+    ``reader_errors`` (RedisTier's reader process died, hung or could not
+    start: back-off, then a new one), ``reader_starts`` (reader processes
+    started)."""
 
     fetch_calls: int = 0
     lookup_calls: int = 0
@@ -125,6 +128,8 @@ class RemoteStats:
     connection_errors: int = 0
     timeouts: int = 0
     server_errors: int = 0
+    reader_errors: int = 0
+    reader_starts: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """The snapshot as a plain dict."""
