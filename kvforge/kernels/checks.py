@@ -41,7 +41,8 @@ def check_query(query: object, view: CacheView, name: str = "query") -> Tensor:
     """``[rows, num_q_heads, head_dim]`` in the cache dtype, GQA-compatible."""
     q = check_tensor(query, name, 3, view.device)
     if q.dtype != view.dtype:
-        raise KernelError(f"{name} dtype: expected the cache dtype {view.dtype}, got {q.dtype}")
+        what = f"the model dtype of this {view.cache_dtype} cache" if view.is_fp8 else "the cache dtype"
+        raise KernelError(f"{name} dtype: expected {what}, {view.dtype}, got {q.dtype}")
     if q.shape[2] != view.head_dim:
         raise KernelError(f"{name} head_dim: expected {view.head_dim} (the cache's), got {q.shape[2]}")
     if q.shape[1] < 1 or q.shape[1] % view.num_kv_heads:

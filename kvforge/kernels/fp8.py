@@ -20,17 +20,25 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from kvforge.errors import KernelError
 
-__all__ = ["FP8_DTYPES", "FP8_MAX", "is_fp8", "fp8_max", "quantize", "dequantize", "as_scale", "scale_for_amax"]
+__all__ = ["FP8_DTYPES", "FP8_MAX", "KVScales", "is_fp8", "fp8_max", "quantize", "dequantize", "as_scale", "scale_for_amax"]
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: the largest finite value of each format (where saturation clamps)
 FP8_MAX: dict[torch.dtype, float] = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+class KVScales(NamedTuple):
+    """One layer's dequantization scales, float32 ``[num_kv_heads]`` each: ``x = stored * scale``."""
+
+    k_scale: Tensor
+    v_scale: Tensor
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

@@ -120,7 +120,8 @@ def store_kv(
     v = check_tensor(value, "value", 3, view.device)
     for name, t in (("key", k), ("value", v)):
         if t.dtype != view.dtype:
-            raise KernelError(f"{name} dtype: expected the cache dtype {view.dtype}, got {t.dtype}")
+            what = f"the model dtype of this {view.cache_dtype} cache" if view.is_fp8 else "the cache dtype"
+            raise KernelError(f"{name} dtype: expected {what}, {view.dtype}, got {t.dtype}")
         if t.shape[1:] != shape[1:]:
             raise KernelError(f"{name} shape: expected (*, {view.num_kv_heads}, {view.head_dim}), got {tuple(t.shape)}")
         if t.numel() and t.stride(2) != 1:

@@ -15,6 +15,12 @@ caching allocator, so the device's free memory grows by what was released.
 Peak memory during compaction is the pre-compaction footprint (blocks move
 inside the existing chunks). See ``docs/compaction.md``. Block tables fetched
 before a compaction are stale after it (compact between steps).
+
+An fp8 cache (``CacheConfig(dtype="fp8_e4m3")``) quantizes in :meth:`KVCache.write`
+and dequantizes in the kernels and :meth:`KVCache.gather`; its scales start at
+1.0 and are set per layer by :meth:`KVCache.set_kv_scales` (a checkpoint's
+``k_scale`` / ``v_scale``) or :meth:`KVCache.calibrate_kv_scales`, before any
+keys are stored (``docs/fp8.md``).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from kvforge.core.manager import AddSequenceResult, BlockManager
 from kvforge.core.pool import AllocationStats, BlockPool
 from kvforge.core.prefix import PrefixIndex, PrefixStats
 from kvforge.errors import ConfigError, KernelError, KVForgeError, OutOfBlocksError
+from kvforge.kernels.fp8 import KVScales, as_scale, scale_for_amax
 from kvforge.storage import compaction
 from kvforge.storage.device import DeviceStorage, resolve_device, slot_array
 from kvforge.storage.host import HostStorage
@@ -113,8 +120,9 @@ class KVCache(TierMethods, RemoteMethods):
         """Refuse, before allocating anything, a shape the kernels cannot run."""
         c = self.config
         probe = torch.empty((1, c.block_size, c.num_kv_heads, c.head_dim), dtype=c.dtype, device="meta")
+        fp8 = dict(k_scale=1.0, v_scale=1.0, model_dtype=c.resolved_model_dtype) if c.is_fp8 else {}
         try:
-            kernels.describe_cache(probe, probe)
+            kernels.describe_cache(probe, probe, **fp8)  # type: ignore[arg-type]
         except KernelError as exc:
             raise ConfigError(f"the kernels cannot use this cache layout: {exc}") from None
 
@@ -360,7 +368,11 @@ class KVCache(TierMethods, RemoteMethods):
         return view.k_chunks, view.v_chunks
 
     def write(self, layer: int, slot_mapping: Tensor | np.ndarray | Sequence[int], k: Tensor, v: Tensor) -> None:
-        """Store keys and values ``[num_tokens, num_kv_heads, head_dim]`` at their slots (-1 skipped)."""
+        """Store keys and values ``[num_tokens, num_kv_heads, head_dim]`` at their slots (-1 skipped).
+
+        They come in ``config.resolved_model_dtype``; an fp8 cache stores
+        ``saturate(x / scale)`` rounded to nearest even (beyond the format's range,
+        inf included, saturates to its largest value: never inf or NaN)."""
         view = self.layer_view(layer)
         if not isinstance(slot_mapping, Tensor):
             slot_mapping = self.storage.upload(slot_array(slot_mapping, "slot_mapping"))
@@ -371,9 +383,80 @@ class KVCache(TierMethods, RemoteMethods):
         self.storage.copy_blocks(pairs, self.capacity_blocks)
 
     def gather(self, seq_id: SeqId, layer: int) -> tuple[Tensor, Tensor]:
-        """A sequence's keys and values of one layer, ``[num_tokens, num_kv_heads, head_dim]`` each."""
+        """A sequence's keys and values of one layer, ``[num_tokens, num_kv_heads, head_dim]`` each,
+        in the model dtype (an fp8 cache's dequantized)."""
         self.layer_view(layer)
         return self.storage.gather(layer, self.block_table(seq_id), self.seq_len(seq_id))
+
+    # ----------------------------------------------------------- fp8 scales
+    def kv_scales(self, layer: int) -> KVScales:
+        """Layer ``layer``'s dequantization scales (float32 ``[num_kv_heads]`` copies on the CPU)."""
+        self.layer_view(layer)
+        s = self.storage
+        if s.k_scale is None or s.v_scale is None:
+            raise ConfigError(f"kv_scales(): a {self.config.dtype} cache has no scales (only fp8 caches do)")
+        return KVScales(s.k_scale[layer].cpu(), s.v_scale[layer].cpu())
+
+    def set_kv_scales(self, layer: int, k_scale: float | Tensor, v_scale: float | Tensor) -> None:
+        """Set layer ``layer``'s fp8 scales: stored keys are ``k / k_scale``, read as ``stored * k_scale``
+        (the convention of checkpoints' ``k_scale`` / ``v_scale``, e.g. ``...self_attn.k_scale``).
+
+        Each scale is a positive finite number or a float tensor: ``[]`` or ``[1]``
+        (per tensor), or ``[num_kv_heads]`` when ``kv_scale_granularity="head"``.
+        Call it before any keys are stored (the loader, right after the cache is
+        built): while the cache holds keys and values (sequences, cached prefix
+        blocks, host-tier blocks) new scales would misread them, so it raises
+        :class:`ConfigError` then. Anything refused changes nothing."""
+        self.layer_view(layer)
+        c = self.config
+        if not c.is_fp8:
+            raise ConfigError(f"set_kv_scales(): a {c.dtype} cache stores keys and values unscaled "
+                              f"(scales apply to dtype='fp8_e4m3' / 'fp8_e5m2')")
+        ks = self._check_scale(k_scale, "k_scale")
+        vs = self._check_scale(v_scale, "v_scale")
+        held = self.pool.num_allocated_blocks + self.pool.num_evictable_blocks
+        host_held = self.manager.host.stats().used_blocks if self.host_storage is not None else 0
+        if held or host_held:
+            raise ConfigError(
+                f"set_kv_scales(layer={layer}): the cache holds keys and values ({held} device block(s), "
+                f"{host_held} host block(s)) stored with the current scales; set scales before any write")
+        self.storage.set_scales(layer, ks, vs)
+
+    def calibrate_kv_scales(self, layer: int, k: Tensor, v: Tensor) -> KVScales:
+        """Set layer ``layer``'s scales from sample keys and values ``[num_tokens, num_kv_heads,
+        head_dim]`` (e.g. a calibration prompt's): ``scale = amax / fp8_max`` over the tensor, or
+        per KV head with ``kv_scale_granularity="head"``; an amax of 0 (or not finite) keeps 1.0.
+        Later values beyond the sample's range saturate. Same conditions as :meth:`set_kv_scales`;
+        returns the scales set."""
+        c = self.config
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != (c.num_kv_heads, c.head_dim):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ConfigError(f"calibrate_kv_scales(): {name} must be a tensor [num_tokens, {c.num_kv_heads}, "
+                                  f"{c.head_dim}], got {got}")
+            if not t.dtype.is_floating_point:
+                raise ConfigError(f"calibrate_kv_scales(): {name} must be a float tensor, got {t.dtype}")
+        per_head = c.kv_scale_granularity == "head"
+
+        def amax(t: Tensor) -> Tensor:
+            a = t.detach().float().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+            return a.amax(dim=(0, 2)) if per_head else a.amax().reshape(1)
+
+        ks, vs = scale_for_amax(amax(k).cpu(), c.dtype), scale_for_amax(amax(v).cpu(), c.dtype)
+        self.set_kv_scales(layer, ks if per_head else ks[0], vs if per_head else vs[0])
+        return self.kv_scales(layer)
+
+    def _check_scale(self, value: object, name: str) -> Tensor:
+        c = self.config
+        if isinstance(value, Tensor) and value.numel() > 1 and c.kv_scale_granularity != "head":
+            raise ConfigError(f"set_kv_scales(): {name} has {value.numel()} values, but kv_scale_granularity="
+                              f"'tensor' takes one per layer (set kv_scale_granularity='head' for one per KV head)")
+        if isinstance(value, Tensor):
+            value = value.detach().cpu()  # checked on the host (a load-time call, not the hot path)
+        try:
+            return as_scale(value, name, c.num_kv_heads, torch.device("cpu")).to(self.device)
+        except KernelError as exc:
+            raise ConfigError(f"set_kv_scales(): {exc}") from None
 
     # ----------------------------------------------------------- metrics
     @property

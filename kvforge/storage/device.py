@@ -14,6 +14,14 @@ once, with the offset table) that every kernel call of a step reuses. Views
 are rebuilt only when the chunk set changes (grow, release), and
 :attr:`DeviceStorage.version` counts those changes, so that holders of
 device addresses (captured CUDA graphs) know when to rebuild.
+
+fp8. An fp8 cache's chunks hold ``torch.float8_e4m3fn`` / ``float8_e5m2``
+and the storage owns its scales: float32 ``[num_layers, num_kv_heads]``
+tensors for keys and for values, all 1.0 until
+:meth:`DeviceStorage.set_scales` copies new values in (in place: the views,
+and any captured CUDA graph, keep reading the same memory). Every copy of
+whole blocks (compaction, copy-on-write, the host and remote tiers) moves
+their bytes unchanged; :meth:`DeviceStorage.gather` dequantizes.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from torch import Tensor
 from kvforge import kernels
 from kvforge.config import CacheConfig
 from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError
+from kvforge.kernels.fp8 import dequantize, is_fp8
 
 __all__ = ["DeviceStorage", "resolve_device", "slot_array"]
 
@@ -95,6 +104,13 @@ class DeviceStorage:
         self._chunks: list[Tensor] = []
         self._views: list[kernels.CacheView] = []
         self._offsets: Tensor | None = None
+        self.is_fp8 = is_fp8(config.dtype)
+        #: fp8 only: dequantization scales, float32 [num_layers, num_kv_heads] (keys, values)
+        self.k_scale: Tensor | None = None
+        self.v_scale: Tensor | None = None
+        if self.is_fp8:
+            self.k_scale = torch.ones((config.num_layers, config.num_kv_heads), dtype=torch.float32, device=device)
+            self.v_scale = torch.ones_like(self.k_scale)
 
     # ------------------------------------------------------------- queries
     @property
@@ -166,11 +182,29 @@ class DeviceStorage:
 
     def _rebuild_views(self) -> None:
         self._offsets = kernels.chunk_offsets(self._chunks) if len(self._chunks) > 1 else None
-        self._views = [
-            kernels.describe_cache(tuple(c[l, 0] for c in self._chunks), tuple(c[l, 1] for c in self._chunks),
-                                   chunk_offsets=self._offsets)
-            for l in range(self.config.num_layers)]
+        fp8: dict[str, object] = {}
+        views = []
+        for l in range(self.config.num_layers):
+            if self.is_fp8:
+                assert self.k_scale is not None and self.v_scale is not None
+                fp8 = dict(k_scale=self.k_scale[l], v_scale=self.v_scale[l],
+                           model_dtype=self.config.resolved_model_dtype)
+            views.append(kernels.describe_cache(tuple(c[l, 0] for c in self._chunks),
+                                                tuple(c[l, 1] for c in self._chunks),
+                                                chunk_offsets=self._offsets, **fp8))  # type: ignore[arg-type]
+        self._views = views
         self.version += 1
+
+    def set_scales(self, layer: int, k_scale: Tensor, v_scale: Tensor) -> None:
+        """Copy float32 ``[num_kv_heads]`` scales (checked by the caller) into ``layer``'s rows, in place."""
+        assert self.k_scale is not None and self.v_scale is not None
+        self.k_scale[layer].copy_(k_scale)
+        self.v_scale[layer].copy_(v_scale)
+
+    def _raw(self, t: Tensor) -> Tensor:
+        """``t`` as bytes (a uint8 view) for an fp8 cache: block copies move bytes, and
+        torch has no index_copy_ for fp8 on the CPU."""
+        return t.view(torch.uint8) if self.is_fp8 else t
 
     # ----------------------------------------------------------- data
     def upload(self, array: np.ndarray) -> Tensor:
@@ -209,25 +243,29 @@ class DeviceStorage:
         if out is None:
             out = torch.empty((len(block_ids), c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim),
                               dtype=c.dtype, device=self.device)
+        raw_out = self._raw(out)
         cb = self.chunk_blocks
         for chunk in np.unique(block_ids // cb).tolist():
             pos = np.flatnonzero(block_ids // cb == chunk)
-            src = self._chunks[chunk].index_select(2, self.index(block_ids[pos] % cb)).permute(2, 0, 1, 3, 4, 5)
+            src = self._raw(self._chunks[chunk]).index_select(2, self.index(block_ids[pos] % cb))
+            src = src.permute(2, 0, 1, 3, 4, 5)
             if len(pos) == len(block_ids):
-                out.copy_(src)
+                raw_out.copy_(src)
             else:
-                out.index_copy_(0, self.index(pos), src)
+                raw_out.index_copy_(0, self.index(pos), src)
         return out
 
     def write_blocks(self, block_ids: np.ndarray, data: Tensor) -> None:
         """Write block-major ``data`` ``[n, num_layers, 2, block_size, kv_heads, head_dim]``
         into blocks ``block_ids`` (queued on the current stream)."""
         cb = self.chunk_blocks
-        data = data.to(self.device, non_blocking=True)
+        if data.dtype != self.config.dtype:
+            raise KVForgeError(f"write_blocks(): expected {self.config.dtype} blocks (the cache's bytes), got {data.dtype}")
+        data = self._raw(data.to(self.device, non_blocking=True))
         for chunk in np.unique(block_ids // cb).tolist():
             pos = np.flatnonzero(block_ids // cb == chunk)
             src = data if len(pos) == len(block_ids) else data.index_select(0, self.index(pos))
-            self._chunks[chunk].index_copy_(2, self.index(block_ids[pos] % cb), src.permute(1, 2, 0, 3, 4, 5))
+            self._raw(self._chunks[chunk]).index_copy_(2, self.index(block_ids[pos] % cb), src.permute(1, 2, 0, 3, 4, 5))
 
     def index(self, values: np.ndarray) -> Tensor:
         """Integer ``values`` as an int64 index tensor on the device. On a GPU it is staged
@@ -242,7 +280,8 @@ class DeviceStorage:
 
     def gather(self, layer: int, block_table: Sequence[int], num_tokens: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions ``0..num_tokens-1`` of a block table,
-        ``[num_tokens, num_kv_heads, head_dim]`` each."""
+        ``[num_tokens, num_kv_heads, head_dim]`` each, in the model dtype (an fp8
+        cache's dequantized: ``stored * scale`` computed in float32)."""
         bs = self.config.block_size
         table = torch.tensor(list(block_table), dtype=torch.int64, device=self.device)
         pos = torch.arange(num_tokens, device=self.device)
@@ -256,4 +295,7 @@ class DeviceStorage:
             sel = chunk == c
             k[sel] = view.k_chunks[c][local[sel], pos[sel] % bs]
             v[sel] = view.v_chunks[c][local[sel], pos[sel] % bs]
+        if view.k_scale is not None and view.v_scale is not None:
+            model = self.config.resolved_model_dtype
+            return dequantize(k, view.k_scale, model), dequantize(v, view.v_scale, model)
         return k, v
