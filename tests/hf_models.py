@@ -8,13 +8,14 @@ generator (norm scales too, so no option is trivially the identity), as
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from kvforge.engine.testing import randomize_weights
 
-__all__ = ["FAMILIES", "tiny_model", "left_padded", "greedy"]
+__all__ = ["FAMILIES", "HEAD_DIM_96", "tiny_model", "save_tiny_model", "left_padded", "greedy"]
 
 BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -42,6 +43,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+#: Phi-3 at head dim 96 (2 query heads over 1 KV head)
+HEAD_DIM_96: dict[str, Any] = dict(hidden_size=192, num_attention_heads=2, num_key_value_heads=1, head_dim=96)
+
+
 def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     """A float32 eval-mode model of ``family`` with random weights."""
     import transformers
@@ -50,6 +55,13 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     cfg = getattr(transformers, config_cls)(**{**BASE, **options, **overrides})
     torch.manual_seed(seed)
     return randomize_weights(getattr(transformers, model_cls)(cfg).float().eval(), seed)
+
+
+def save_tiny_model(family: str, folder: str | os.PathLike[str], seed: int = 0, **overrides: Any) -> Any:
+    """Write :func:`tiny_model` to ``folder`` with ``save_pretrained`` (safetensors); return the model."""
+    model = tiny_model(family, seed, **overrides)
+    model.save_pretrained(os.fspath(folder), safe_serialization=True)
+    return model
 
 
 def left_padded(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

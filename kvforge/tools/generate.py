@@ -74,6 +74,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     mem.add_argument("--num-blocks", type=int, metavar="N",
                      help="KV cache size in blocks (default: what --vram or --kv-memory-fraction gives)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (a GPU when there is one)")
+    p.add_argument("--model-impl", choices=("auto", "native", "transformers"), default="auto",
+                   help="native: kvforge's own decoder (Llama, Mistral, Qwen2, Qwen3); transformers: the checkpoint's "
+                        "transformers model on kvforge's scheduler and cache (needs transformers 5); auto: native "
+                        "where it runs the checkpoint, else transformers")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the checkpoint's on a "
                    "GPU, float32 on the CPU)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
@@ -221,7 +225,8 @@ def run_generate(args: argparse.Namespace) -> int:
             server = serve(check_port(args.metrics_port, "--metrics-port"))
         options = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                       enable_prefix_caching=not args.no_prefix_caching, use_cuda_graphs=not args.no_cuda_graphs)
+                       enable_prefix_caching=not args.no_prefix_caching, use_cuda_graphs=not args.no_cuda_graphs,
+                       model_impl=args.model_impl)
         if args.kv_memory_fraction is not None:
             options["kv_memory_fraction"] = args.kv_memory_fraction
         start = time.perf_counter()
