@@ -13,6 +13,8 @@ prompt + NEW) tokens) given to kvforge as its whole cache, and the 512
 requests run through it: how many sequences it holds at once.
 
 Usage: ``python benchmarks/bench_engine.py [--requests 128 512] [--new-tokens 256] [--profile] [--json out.json]``.
+``--model-impl transformers`` runs the same workload through the model's transformers implementation
+(``LlamaForCausalLM``, transformers' own random initialisation) under kvforge's scheduler and cache.
 ``--profile`` adds decode-step times, graph replay times, and the host time of a decode step at full
 batch: the step's wall time less the time it waits for the GPU (its one sync, the sampled tokens).
 Run ``python benchmarks/baselines/hf_engine_baseline.py`` in the same call for the transformers numbers.
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--no-static-compare", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-step timings and graph replay times")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--model-impl", choices=("native", "transformers"), default="native",
+                    help="kvforge's own decoder, or the transformers model under kvforge's engine")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_engine.py needs a CUDA GPU")
@@ -149,11 +153,13 @@ def main() -> None:
     t = time.perf_counter()
     engine = Engine.from_config(TINYLLAMA, dtype="bfloat16", device="cuda", kv_memory=args.kv_memory,
                                 block_size=args.block_size, max_num_seqs=most, max_model_len=2048,
-                                max_num_batched_tokens=args.max_num_batched_tokens)
+                                max_num_batched_tokens=args.max_num_batched_tokens, model_impl=args.model_impl)
     setup_s = time.perf_counter() - t
     prompts = baseline_prompts(most)
-    print(f"# {dev_name} torch {torch.__version__} | kvforge engine, TinyLlama-1.1B shape, random bf16 weights | "
-          f"new={args.new_tokens} | setup (weights + KV pool + {len(engine.config.graph_sizes())} decode graphs) "
+    num_graphs = len(engine.config.graph_sizes()) if engine.runner.graphs is not None else 0
+    print(f"# {dev_name} torch {torch.__version__} | kvforge engine ({engine.model_impl} model), TinyLlama-1.1B "
+          f"shape, random bf16 weights | "
+          f"new={args.new_tokens} | setup (weights + KV pool + {num_graphs} decode graphs) "
           f"{setup_s:.1f} s | KV pool {engine.cache.storage_bytes / 2**30:.1f} GiB, block {args.block_size}")
     # JIT warm-up: the same prompt lengths (so the same kernel variants compile), other token ids
     warm = [[(t + 7) % 32000 for t in p] for p in prompts]
@@ -162,7 +168,7 @@ def main() -> None:
         engine.generate(warm[:n], SamplingParams(max_tokens=4, ignore_eos=True))
     print(f"# warm-up (Triton JIT) {time.perf_counter() - t:.1f} s")
     results: dict[str, Any] = dict(device=dev_name, torch=torch.__version__, new_tokens=args.new_tokens,
-                                   setup_s=setup_s, runs=[])
+                                   setup_s=setup_s, model_impl=engine.model_impl, runs=[])
     if args.profile:
         results["replay_ms"] = {b: replay_ms(engine, b) for b in (1, 32, 64, 128, 256, 512)}
         print("graph replay ms:", {b: round(v, 3) for b, v in results["replay_ms"].items() if v is not None})

@@ -293,7 +293,8 @@ class TransformersModel:
                      "engine's attention in the probe step", type(self.hf_model).__name__)
 
     def __repr__(self) -> str:
-        return f"TransformersModel({self.config.architecture}, {str(self.dtype).removeprefix('torch.')} on {self.device})"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"TransformersModel({self.config.architecture}, {dtype} on {self.device})"
 
 
 def read_hf_config(folder: str) -> Any:
