@@ -66,7 +66,9 @@ class MemoryProfile:
     ``physical_blocks`` distinct blocks referenced by sequences (evictable
     cached blocks are counted in ``evictable_blocks``, and with them in
     ``used_bytes``), ``logical_blocks`` block-table entries over all
-    sequences (shared blocks count once per sequence).
+    sequences (shared blocks count once per sequence). ``kv_dtype`` is the
+    storage dtype (``"float8_e4m3fn"`` for an fp8 cache, whose every byte
+    figure is half of bf16's; the report names it beside the bytes per token).
     Ratios follow ARCHITECTURE.md: ``internal_fragmentation``,
     ``fragmentation_ratio`` (external) and ``memory_efficiency``.
 
@@ -143,6 +145,7 @@ class MemoryProfile:
     host_bytes_to_device: int = 0
     host_dropped_blocks: int = 0
     host_failed_copies: int = 0
+    kv_dtype: str = ""
 
     @classmethod
     def of(cls, cache: KVCache) -> MemoryProfile:
@@ -187,6 +190,7 @@ class MemoryProfile:
             cow_copies=cache.num_cow_copies,
             device_use=in_use / pool.capacity if pool.capacity else 0.0,
             **_host_fields(cache),
+            kv_dtype=str(cfg.dtype).removeprefix("torch."),
         )
 
     @staticmethod
@@ -216,7 +220,8 @@ class MemoryProfile:
             ("free / evictable blocks", f"{self.free_blocks} / {self.evictable_blocks}"),
             ("active sequences", str(self.active_sequences)),
             ("tokens", str(self.total_tokens)),
-            ("bytes per token / block", f"{fb(self.bytes_per_token)} / {fb(self.bytes_per_block)}"),
+            ("bytes per token / block", f"{fb(self.bytes_per_token)} / {fb(self.bytes_per_block)}"
+                                        + (f" ({self.kv_dtype})" if self.kv_dtype.startswith("float8") else "")),
             ("internal fragmentation", f"{self.internal_fragmentation:.1%}"),
             ("external fragmentation", f"{self.fragmentation_ratio:.1%}"),
             ("memory efficiency", f"{self.memory_efficiency:.1%}"),

@@ -18,6 +18,10 @@ three more columns, :data:`HOST_HEADERS`, give the host blocks of the row's
 block size, the tokens of keys and values they hold, and their ratio to the
 row's device blocks (``-`` where the device column is). Without it the
 table is as before.
+
+``--kv-dtype`` (default: the checkpoint's dtype) sizes every row for another
+storage dtype: ``fp8_e4m3`` / ``fp8_e5m2`` store one byte an element, so each
+row holds twice the tokens of bf16 in the same memory.
 """
 from __future__ import annotations
 
@@ -73,13 +77,15 @@ def _ratio(host_blocks: int, device_blocks: int) -> str:
     return f"{num(r)}:1" if r >= 1 else f"1:{num(1 / r)}"
 
 
-def plan_rows(model: str, vram: int, context: int, host_memory: int = 0) -> tuple[str, list[list[object]]]:
+def plan_rows(model: str, vram: int, context: int, host_memory: int = 0,
+              kv_dtype: str | None = None) -> tuple[str, list[list[object]]]:
     """The title line and one row per sizing (:data:`PLAN_HEADERS`) for ``model``:
     a built-in name or a checkpoint folder / ``config.json``. ``vram`` (bytes,
     >= 0) only affects the last two rows. ``host_memory`` (bytes, >= 0; 0: no
     host tier) appends :data:`HOST_HEADERS` to every row and names the tier in
-    the title."""
-    from kvforge.config import MAX_NUM_BLOCKS, CacheConfig, CachePreset, format_bytes
+    the title. ``kv_dtype`` (a name such as ``"fp8_e4m3"``; None: the model's
+    dtype) is the storage dtype every row is sized for."""
+    from kvforge.config import MAX_NUM_BLOCKS, CacheConfig, CachePreset, format_bytes, resolve_kv_dtype
     from kvforge.model_shapes import model_shape, resolve_model
 
     if context <= 0:
@@ -93,6 +99,8 @@ def plan_rows(model: str, vram: int, context: int, host_memory: int = 0) -> tupl
     label, cfg_json = resolve_model(model)
     shape = model_shape(model)  # from the name or path, so that a bad field's message names the file
     h, d, l, dt = shape["num_kv_heads"], shape["head_dim"], shape["num_layers"], shape["dtype"]
+    if kv_dtype is not None:
+        dt = resolve_kv_dtype(kv_dtype, "--kv-dtype")  # its message names the flag and the value
     rows: list[list[object]] = []
 
     def host_blocks(block_size: int) -> int:
@@ -161,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     vram = check_bytes("--vram", args.vram, positive=False)
     host_memory = check_bytes("--host-memory", args.host_memory, positive=False)
     assert vram is not None and host_memory is not None
-    title, rows = plan_rows(args.model, vram, args.context, host_memory)
+    title, rows = plan_rows(args.model, vram, args.context, host_memory, args.kv_dtype)
     headers, align = plan_headers(args.context, host_memory)
     print(title)
     print(format_table(headers, rows, align=align))
@@ -185,5 +193,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--host-memory", default="0", metavar="SIZE",
                    help="host-tier budget, e.g. 64GiB: adds the host blocks, the tokens they hold and the "
                         "host:device ratio to every row (0: no host tier)")
+    p.add_argument("--kv-dtype", default=None, metavar="DTYPE",
+                   help="KV storage dtype to size for: fp8_e4m3 or fp8_e5m2 (one byte an element), bfloat16, "
+                        "float16, float32 (default: the model's dtype)")
     p.set_defaults(func=run)
     return p

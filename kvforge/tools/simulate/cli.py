@@ -63,6 +63,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                       help="KV memory budget, e.g. 16GiB, sized for --model (default: --num-blocks 4096)")
     p.add_argument("--model", default="llama-3-8b",
                    help=f"model shape: {', '.join(MODEL_NAMES)} or a Hugging Face config path")
+    p.add_argument("--kv-dtype", default=None, metavar="DTYPE",
+                   help="KV storage dtype the sizes are counted in: fp8_e4m3 or fp8_e5m2 (one byte an element: "
+                        "--vram and --host-memory hold twice the blocks of bf16), bfloat16, float16, float32 "
+                        "(default: the model's dtype)")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached prefix blocks")
     p.add_argument("--compaction", action=argparse.BooleanOptionalAction, default=True,
@@ -119,7 +123,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
-    from kvforge.config import CacheConfig, format_bytes
+    from kvforge.config import CacheConfig, format_bytes, resolve_kv_dtype
     from kvforge.model_shapes import model_shape, resolve_model
     from kvforge.tools.simulate.config import SimulationConfig
 
@@ -128,8 +132,10 @@ def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
         shape = model_shape(args.model)  # from the name or path: a bad field's message names the file
     except ConfigError as exc:
         raise ConfigError(f"--model {exc}") from None
+    kv_dtype = getattr(args, "kv_dtype", None)
+    dtype = shape["dtype"] if kv_dtype is None else resolve_kv_dtype(kv_dtype, "--kv-dtype")
     probe = CacheConfig(block_size=args.block_size, num_blocks=1, num_layers=shape["num_layers"],
-                        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=shape["dtype"])
+                        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=dtype)
     if args.vram is not None:
         num_blocks = check_bytes("--vram", args.vram) // probe.bytes_per_block
         if num_blocks < 1:
