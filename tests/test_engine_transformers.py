@@ -146,14 +146,15 @@ def test_auto_keeps_native_for_its_families(refs: dict[str, Reference],
         Engine(ref_of(refs, "llama", tmp_path_factory).folder, num_blocks=32, model_impl="hf")
 
 
-def test_auto_falls_back_to_transformers_for_an_option_native_lacks(tmp_path: Path) -> None:
-    """A Llama with a RoPE type the native decoder does not implement runs through transformers."""
-    scaling = {"rope_type": "dynamic", "factor": 2.0}
-    model = save_tiny_checkpoint("LlamaForCausalLM", tmp_path, rope_scaling=scaling)
-    with pytest.raises(ModelError, match="rope_type='dynamic' is not supported.*model_impl='native'"):
-        Engine(tmp_path, num_blocks=32, model_impl="native")
-    engine = Engine(tmp_path, num_blocks=32, block_size=8)
-    assert engine.model_impl == "transformers"
+def test_an_option_native_lacks_runs_through_transformers(tmp_path: Path) -> None:
+    """A Llama with a RoPE type the native decoder does not implement: "auto" keeps the
+    native decoder for Llama and so refuses it, naming model_impl='transformers', which runs it."""
+    model = save_tiny_checkpoint("LlamaForCausalLM", tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    for impl in ("auto", "native"):
+        with pytest.raises(ModelError, match=f"rope_type='dynamic' is not supported.*model_impl='{impl}'; "
+                                             f"model_impl='transformers' runs it"):
+            Engine(tmp_path, num_blocks=32, model_impl=impl)
+    engine = Engine(tmp_path, num_blocks=32, block_size=8, model_impl="transformers")
     out = engine.generate(MIXED[2], SamplingParams(max_tokens=8))
     assert out[0].token_ids == hf_greedy(model, MIXED[2], 8)
 
@@ -174,6 +175,8 @@ def test_models_it_cannot_drive_are_refused_with_why(tmp_path: Path) -> None:
         # ALiBi in its own attention code: no layer goes through transformers' attention interface
         (tf.BloomForCausalLM(tf.BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=2)),
          "BloomForCausalLM .*0 of the model's 2 layers attended.*attention interface.*_supports_attention_backend"),
+        (tf.BertModel(tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64)), "BertModel is not one of transformers' causal LMs"),
     ]
     for i, (model, why) in enumerate(cases):
         folder = _saved(model, tmp_path / str(i))
@@ -185,6 +188,14 @@ def test_models_it_cannot_drive_are_refused_with_why(tmp_path: Path) -> None:
     (bad / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "no_such"}))
     with pytest.raises(ModelError, match="transformers cannot read the config.*no_such"):
         Engine(bad, num_blocks=8)
+    # a config.json whose architecture is not what its model_type builds
+    lying = tmp_path / "lying"
+    save_tiny_checkpoint("Qwen2ForCausalLM", lying)
+    cfg = json.loads((lying / "config.json").read_text())
+    (lying / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma2ForCausalLM"]}))
+    with pytest.raises(ModelError, match="names Gemma2ForCausalLM, whose config is Gemma2Config, but its "
+                                         "model_type 'qwen2' reads as Qwen2Config"):
+        Engine(lying, num_blocks=8)
     with pytest.raises(ModelError, match="is not a folder"):
         Engine(tmp_path / "missing", model_impl="transformers")
 

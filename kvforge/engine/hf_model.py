@@ -38,7 +38,8 @@ from kvforge.config import CacheConfig
 from kvforge.errors import KVForgeError, MissingExtraError, ModelError
 from kvforge.storage import KVCache, StepBatch
 
-__all__ = ["TransformersModel", "TransformersModelConfig", "check_supported", "import_transformers"]
+__all__ = ["TransformersModel", "TransformersModelConfig", "check_supported", "import_transformers", "model_class",
+           "read_hf_config"]
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +118,17 @@ def _architecture(config: Any) -> str:
 
 def check_supported(config: Any) -> None:
     """Refuse, with a :class:`ModelError` saying why, a transformers config the engine cannot
-    drive: an encoder-decoder, cross-attention, layer types other than full and sliding
-    attention (recurrent, linear or state-space layers), no attention heads, layers that
-    share keys/values, or a model type without a causal LM in transformers."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
+    drive: an encoder-decoder, an architecture that is not one of transformers' causal LMs
+    (or is not the one its ``model_type`` builds), cross-attention, layer types other than
+    full and sliding attention (recurrent, linear or state-space layers), no attention
+    heads, or layers that share keys/values."""
+    model_class(config)
     arch = _architecture(config)
     why = None
     text = _text_config(config)
     layer_types = list(getattr(text, "layer_types", None) or [])
     odd = sorted({str(t) for t in layer_types if t not in ATTENTION_LAYER_TYPES})
-    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
-        why = "it is an encoder-decoder model; the engine runs decoder-only causal LMs"
-    elif getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        why = (f"transformers has no causal LM for model_type {getattr(config, 'model_type', None)!r} "
-               f"(the engine runs decoder-only causal LMs; custom code is never run)")
-    elif getattr(text, "add_cross_attention", False) or getattr(text, "cross_attention_layers", None):
+    if getattr(text, "add_cross_attention", False) or getattr(text, "cross_attention_layers", None):
         why = "it has cross-attention layers; the engine runs decoder self-attention only"
     elif odd:
         why = (f"it has layers of type {', '.join(odd)} (recurrent, linear-attention or state-space layers keep "
@@ -145,6 +141,38 @@ def check_supported(config: Any) -> None:
         why = "its config has no num_hidden_layers"
     if why is not None:
         raise ModelError(f"{arch} cannot run on the kvforge engine through transformers: {why}")
+
+
+def model_class(config: Any) -> type:
+    """The transformers class that runs ``config``: the architecture its ``config.json``
+    names (``architectures[0]``), else the causal LM of its ``model_type``. Raises
+    :class:`ModelError` for an encoder-decoder, a name transformers does not have (custom
+    code is never run), a class that is not a causal LM, or one whose config class is not
+    the config's (a checkpoint must never run through another model's forward pass)."""
+    tf = import_transformers("model_impl='transformers'")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    arch = _architecture(config)
+    model_type = getattr(config, "model_type", None)
+    archs = getattr(config, "architectures", None) or []
+    name = archs[0] if archs else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    why = None
+    cls = getattr(tf, name, None) if isinstance(name, str) else None
+    if getattr(config, "is_encoder_decoder", False) or getattr(_text_config(config), "is_encoder_decoder", False):
+        why = "it is an encoder-decoder model; the engine runs decoder-only causal LMs"
+    elif name is None:
+        why = f"transformers has no causal LM for model_type {model_type!r} (the engine runs decoder-only causal LMs)"
+    elif cls is None:
+        why = f"transformers has no class {name} (custom model code is never run)"
+    elif name not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        why = f"{name} is not one of transformers' causal LMs (the engine runs decoder-only causal LMs)"
+    elif not isinstance(config, getattr(cls, "config_class", type(None))):
+        why = (f"config.json names {name}, whose config is {getattr(cls.config_class, '__name__', '?')}, but its "
+               f"model_type {model_type!r} reads as {type(config).__name__}")
+    if why is not None:
+        raise ModelError(f"{arch} cannot run on the kvforge engine through transformers: {why}")
+    assert cls is not None
+    return cls
 
 
 class TransformersModel:
@@ -183,7 +211,7 @@ class TransformersModel:
         :func:`check_supported`), and for a checkpoint that transformers cannot
         load or that misses tensors, holds tensors the model does not use, or
         holds tensors of the wrong shape (each named)."""
-        tf = import_transformers("model_impl='transformers'")
+        import_transformers("model_impl='transformers'")
         from kvforge.engine.hf_attention import ENGINE_ATTENTION_NAME, register
 
         path = os.fspath(folder)
@@ -193,8 +221,9 @@ class TransformersModel:
         check_supported(config)
         register()
         place = {"device_map": {"": str(device)}} if device.type != "cpu" else {}
+        hf_class = model_class(config)
         try:
-            hf_model, info = tf.AutoModelForCausalLM.from_pretrained(
+            hf_model, info = hf_class.from_pretrained(
                 path, config=config, dtype=dtype, attn_implementation=ENGINE_ATTENTION_NAME, use_safetensors=True,
                 local_files_only=True, output_loading_info=True, **place)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -228,6 +257,8 @@ class TransformersModel:
             torch.manual_seed(seed)
             hf_model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                            attn_implementation=ENGINE_ATTENTION_NAME)
+        if type(hf_model) is not model_class(config):
+            raise ModelError(f"{_architecture(config)}: transformers built a {type(hf_model).__name__} for this config")
         return cls(hf_model.to(device=device, dtype=dtype), backend=backend)
 
     def set_fused(self, fused: bool | None) -> None:

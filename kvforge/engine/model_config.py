@@ -26,7 +26,7 @@ from kvforge.errors import ConfigError, ModelError
 from kvforge.model_shapes import check_eos_token_id, check_hf_config, read_hf_config
 
 __all__ = ["ModelConfig", "ModelConfigError", "SUPPORTED_ARCHITECTURES", "SUPPORTED_QUANTIZATION",
-           "WEIGHT_DTYPES", "ExpectedTensor", "TensorSpec", "check_tensors", "read_config"]
+           "WEIGHT_DTYPES", "ExpectedTensor", "TensorSpec", "check_tensors", "is_native_architecture", "read_config"]
 
 #: architecture name -> model_type; the engine runs these and no others.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -243,6 +243,18 @@ def _architecture(cfg: Mapping[str, Any]) -> str:
         raise ModelError(f"architecture {name} is not supported by the kvforge engine "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     return arch
+
+
+def is_native_architecture(cfg: Mapping[str, Any]) -> bool:
+    """Whether ``config.json`` names an architecture of :data:`SUPPORTED_ARCHITECTURES`
+    (``architectures[0]``, else by ``model_type``); a malformed field raises ModelConfigError."""
+    try:
+        _architecture(cfg)
+    except ModelConfigError:
+        raise
+    except ModelError:
+        return False
+    return True
 
 
 def _rope(cfg: Mapping[str, Any], arch: str) -> tuple[float, dict[str, Any] | None]:

@@ -20,7 +20,7 @@ import torch
 
 from kvforge.config import CacheConfig, parse_bytes, resolve_dtype
 from kvforge.engine.config import EngineConfig
-from kvforge.engine.model_config import ModelConfig, ModelConfigError
+from kvforge.engine.model_config import ModelConfig, ModelConfigError, is_native_architecture
 from kvforge.errors import ConfigError, ModelError, OutOfBlocksError
 from kvforge.storage import resolve_device
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from kvforge.engine.models.llama import LlamaModel
 
 __all__ = ["MODEL_DTYPES", "cache_config_for", "check_prompt", "engine_config", "kv_budget", "max_len",
-           "checkpoint_dtype", "native_refusal", "resolve_placement", "uses_native"]
+           "checkpoint_dtype", "resolve_placement", "uses_native"]
 
 log = logging.getLogger(__name__)
 
@@ -69,35 +69,30 @@ def engine_config(config: EngineConfig | None, options: dict[str, Any]) -> Engin
     return replace(config, **options) if options else config
 
 
-def native_refusal(hf_config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None,
-                   where: str = "config.json") -> ModelError | None:
-    """Why kvforge's native decoder cannot run this ``config.json`` (an architecture or option
-    it does not implement), or None when it can. A malformed field raises
-    :class:`~kvforge.engine.model_config.ModelConfigError`: no implementation runs that."""
+def uses_native(model_impl: str, hf_config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None,
+                where: str = "config.json") -> bool:
+    """Whether ``model_impl`` (``"auto"``, ``"native"``, ``"transformers"``) runs this
+    ``config.json`` on kvforge's native decoder.
+
+    ``"auto"`` does for the architectures the native decoder implements
+    (:data:`~kvforge.engine.model_config.SUPPORTED_ARCHITECTURES`), and leaves
+    every other one to transformers. A native architecture whose config the
+    native decoder refuses (an option it does not implement) raises that
+    :class:`ModelError` with ``"native"`` and ``"auto"`` alike, naming
+    ``model_impl='transformers'`` as the way to run it; a malformed field raises
+    :class:`~kvforge.engine.model_config.ModelConfigError`."""
+    if model_impl == "transformers":
+        return False
     try:
         ModelConfig.from_hf(hf_config, generation_config)
     except ModelConfigError as exc:
         raise ModelConfigError(f"{where}: {exc}") from None
     except ModelError as exc:
-        return exc
-    return None
-
-
-def uses_native(model_impl: str, hf_config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None,
-                where: str = "config.json") -> bool:
-    """Whether ``model_impl`` (``"auto"``, ``"native"``, ``"transformers"``) runs this config
-    natively: ``"auto"`` does where the native decoder runs it, else through transformers;
-    ``"native"`` refuses (ModelError) what the native decoder cannot run."""
-    if model_impl == "transformers":
-        return False
-    refusal = native_refusal(hf_config, generation_config, where)
-    if refusal is None:
-        return True
-    if model_impl == "native":
-        raise ModelError(f"{where}: {refusal} (model_impl='native'; model_impl='transformers' or 'auto' runs it "
-                         f"through its transformers model)")
-    log.info("model_impl='auto': %s; running it through transformers", refusal)
-    return False
+        if model_impl == "auto" and not is_native_architecture(hf_config):
+            return False
+        raise ModelError(f"{where}: {exc} (model_impl='{model_impl}'; model_impl='transformers' runs it through "
+                         f"its transformers model)") from None
+    return True
 
 
 def resolve_placement(device: str, dtype: Any, checkpoint_dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
