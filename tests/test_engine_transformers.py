@@ -130,6 +130,30 @@ def test_compaction_between_steps(refs: dict[str, Reference], tmp_path_factory: 
     assert stats.num_compactions > 0 and stats.num_blocks_moved > 0
 
 
+def test_an_already_loaded_transformers_model(refs: dict[str, Reference],
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``Engine.from_model(TransformersModel(model))``: an engine over a model loaded elsewhere."""
+    from transformers import AutoModelForCausalLM
+
+    from kvforge.engine.hf_model import TransformersModel
+
+    ref = ref_of(refs, "olmo2", tmp_path_factory)
+    model = TransformersModel(AutoModelForCausalLM.from_pretrained(ref.folder, dtype="float32"))
+    assert model.hf_model.config._attn_implementation == "kvforge_engine"
+    engine = Engine.from_model(model, num_blocks=32, block_size=8)
+    assert engine.model_impl == "transformers" and engine.tokenizer is None
+    got = [o.token_ids for o in engine.generate(MIXED, SamplingParams(max_tokens=MAX_NEW))]
+    assert got == [ref.expected(p) for p in MIXED]
+    import torch
+
+    from kvforge.errors import KVForgeError
+
+    with pytest.raises(KVForgeError, match="'kvforge_engine' runs only inside kvforge's Engine.*'kvforge'"):
+        model.hf_model(torch.tensor([MIXED[1]]))  # outside an engine step
+    with pytest.raises(ConfigError, match="model must be a LlamaModel or a TransformersModel, got OlmoModel"):
+        Engine.from_model(object.__new__(type("OlmoModel", (), {})), num_blocks=8)
+
+
 def test_auto_keeps_native_for_its_families(refs: dict[str, Reference],
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
     for family, impl in (("llama", "native"), ("qwen2", "native"), ("gemma2", "transformers"),
