@@ -12,19 +12,32 @@ block tables; they never see the pool or the engine. See ``docs/kernels.md``.
 - :func:`describe_cache` -> :class:`CacheView`: one layer's chunk lists
   checked once, with their offset table; every entry point but
   :func:`copy_blocks` takes it in place of ``k_cache`` (``v_cache=None``).
+
+fp8 caches (``torch.float8_e4m3fn`` / ``float8_e5m2`` chunks) are described
+with their scales and model dtype (``describe_cache(k, v, k_scale=...,
+v_scale=..., model_dtype=...)``); :mod:`kvforge.kernels.fp8` holds the torch
+quantization (:func:`quantize_fp8`, :func:`dequantize_fp8`). See ``docs/fp8.md``.
 """
 from __future__ import annotations
 
-from kvforge.kernels import reference
+from kvforge.kernels import fp8, reference
+from kvforge.kernels.fp8 import FP8_DTYPES, KVScales
+from kvforge.kernels.fp8 import dequantize as dequantize_fp8
+from kvforge.kernels.fp8 import quantize as quantize_fp8
 from kvforge.kernels.layout import CacheView, KVCacheArg, chunk_offsets, describe_cache
 from kvforge.kernels.ops import copy_blocks, paged_decode_attention, paged_prefill_attention, store_kv
 
 __all__ = [
     "CacheView",
+    "FP8_DTYPES",
     "KVCacheArg",
+    "KVScales",
     "chunk_offsets",
     "copy_blocks",
+    "dequantize_fp8",
     "describe_cache",
+    "fp8",
+    "quantize_fp8",
     "paged_decode_attention",
     "paged_prefill_attention",
     "reference",

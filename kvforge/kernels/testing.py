@@ -15,7 +15,8 @@ from torch import Tensor
 
 from kvforge.kernels.layout import chunk_offsets
 
-__all__ = ["PagedKV", "paged_from_dense", "dense_attention", "in_wide_rows", "wide_rows_untouched"]
+__all__ = ["PagedKV", "paged_from_dense", "dense_attention", "in_wide_rows", "wide_rows_untouched",
+           "fp8_values", "fp8_probe_values", "fp8_rne_bytes"]
 
 
 class PagedKV(NamedTuple):
@@ -147,3 +148,48 @@ def dense_attention(
     scores = scores.masked_fill(~visible[None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("htn,nhd->thd", probs, v)
+
+
+def fp8_values(dtype: torch.dtype) -> Tensor:
+    """Every finite non-negative value of an fp8 format in byte order (float64): byte ``i``
+    holds ``fp8_values(dtype)[i]`` up to the largest finite one (0x7E for e4m3, 0x7B for
+    e5m2), so the values are increasing."""
+    last = 0x7E if dtype == torch.float8_e4m3fn else 0x7B
+    return torch.arange(last + 1, dtype=torch.uint8).view(dtype).double()
+
+
+def fp8_probe_values(dtype: torch.dtype, generator: torch.Generator | None = None) -> Tensor:
+    """float32 inputs that exercise every rounding case of a quantizer, both signs: every
+    finite value, every midpoint between neighbours (ties), a float32 ulp to each side of
+    them, values beyond the largest finite one (inf included), -0.0, and log-uniform random
+    values from far below the subnormals to far above the range."""
+    vals = fp8_values(dtype)
+    mids = (vals[1:] + vals[:-1]) / 2
+    top = float(vals[-1])
+    beyond = torch.tensor([top * 1.01, top * 1.0625, top * 1.2, top * 2, 1e30, float("inf")], dtype=torch.float64)
+    rand = torch.exp(torch.empty(4000, dtype=torch.float64).uniform_(-25.0, 13.0, generator=generator))
+    pos = torch.cat([vals, mids, beyond, rand]).float()
+    near = torch.cat([torch.nextafter(mids.float(), torch.tensor(0.0)),
+                      torch.nextafter(mids.float(), torch.tensor(float("inf")))])
+    pos = torch.cat([pos, near])
+    return torch.cat([pos, -pos, torch.tensor([-0.0])])
+
+
+def fp8_rne_bytes(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The oracle of fp8 quantization: the bytes of ``x`` (float, already divided by its
+    scale) rounded to the nearest finite fp8 value, ties to the even byte, saturated at the
+    largest finite value; NaN -> 0x7F. Computed in float64 by search over
+    :func:`fp8_values`, independently of any cast."""
+    vals = fp8_values(dtype)
+    a = x.double().abs().reshape(-1)
+    nan = torch.isnan(a)
+    a = torch.where(nan, 0.0, a).clamp(max=float(vals[-1]))
+    hi = torch.searchsorted(vals, a).clamp(max=len(vals) - 1)
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = a - vals[lo], vals[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    byte = torch.where(pick_hi, hi, lo)
+    byte = torch.where(a == vals[hi], hi, byte)
+    sign = torch.signbit(x.reshape(-1)).long() << 7
+    out = torch.where(nan, torch.tensor(0x7F), byte | sign)
+    return out.to(torch.uint8).reshape(x.shape)
