@@ -30,12 +30,23 @@ def _chunks(cache: KVCacheArg) -> tuple[Tensor, ...]:
     return (cache,) if isinstance(cache, Tensor) else tuple(cache)
 
 
+def _bytes(t: Tensor) -> Tensor:
+    """fp8 as uint8 (indexing moves bytes: every device indexes uint8, not every one fp8)."""
+    return t.view(torch.uint8) if is_fp8(t.dtype) else t
+
+
 def gather_blocks(chunks: Sequence[Tensor], block_ids: Tensor) -> Tensor:
     """Gathers whole blocks: ``block_ids`` int ``[...]`` of valid ids.
 
     ``chunks``: tensors ``[chunk_blocks, *rest]``. Returns ``[..., *rest]``
     (a copy, in the chunks' dtype).
     """
+    if is_fp8(chunks[0].dtype):
+        return _gather_blocks([c.view(torch.uint8) for c in chunks], block_ids).view(chunks[0].dtype)
+    return _gather_blocks(chunks, block_ids)
+
+
+def _gather_blocks(chunks: Sequence[Tensor], block_ids: Tensor) -> Tensor:
     ids = block_ids.long()
     if len(chunks) == 1:
         return chunks[0][ids]
@@ -78,7 +89,9 @@ def store_kv(key: Tensor, value: Tensor, k_cache: KVCacheArg, v_cache: KVCacheAr
     slots, key, value = slots[keep], key[keep], value[keep]
     if is_fp8(kc[0].dtype):
         assert k_scale is not None and v_scale is not None
-        key, value = quantize(key, k_scale, kc[0].dtype), quantize(value, v_scale, kc[0].dtype)
+        key = quantize(key, k_scale, kc[0].dtype).view(torch.uint8)
+        value = quantize(value, v_scale, kc[0].dtype).view(torch.uint8)
+        kc, vc = tuple(_bytes(c) for c in kc), tuple(_bytes(c) for c in vc)
     block, offset = slots // block_size, slots % block_size
     which, local = block // chunk_blocks, block % chunk_blocks
     for j in range(len(kc)):

@@ -64,8 +64,12 @@ def paged_from_dense(
     num_blocks = chunk_blocks * num_chunks
     shape = (num_layers, 2, chunk_blocks, block_size, num_kv_heads, head_dim + row_pad)
     fill = float("nan") if poison else 0.0
-    chunks = tuple(torch.full(shape, fill, dtype=ref.dtype, device=ref.device)[..., :head_dim]
-                   for _ in range(num_chunks))
+    if ref.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # 0x7F is NaN in both formats
+        chunks = tuple(torch.full(shape, 0x7F if poison else 0, dtype=torch.uint8, device=ref.device)
+                       .view(ref.dtype)[..., :head_dim] for _ in range(num_chunks))
+    else:
+        chunks = tuple(torch.full(shape, fill, dtype=ref.dtype, device=ref.device)[..., :head_dim]
+                       for _ in range(num_chunks))
     perm = torch.randperm(num_blocks, generator=generator).tolist()
     width = max(needed, default=0) + table_pad
     tables = torch.full((len(keys), width), pad_value, dtype=torch.int32)
@@ -81,10 +85,12 @@ def paged_from_dense(
     block = torch.cat(token_blocks).to(ref.device)
     offset = torch.cat(token_offsets).to(ref.device)
     all_k, all_v = torch.cat(list(keys)), torch.cat(list(values))
+    fp8 = ref.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)  # scattered as bytes: every device indexes uint8
+    raw = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)
     for j, chunk in enumerate(chunks):
         sel = block // chunk_blocks == j
-        chunk[layer, 0][block[sel] % chunk_blocks, offset[sel]] = all_k[sel]
-        chunk[layer, 1][block[sel] % chunk_blocks, offset[sel]] = all_v[sel]
+        raw(chunk[layer, 0])[block[sel] % chunk_blocks, offset[sel]] = raw(all_k)[sel]
+        raw(chunk[layer, 1])[block[sel] % chunk_blocks, offset[sel]] = raw(all_v)[sel]
     return PagedKV(
         chunks=chunks,
         k_cache=[c[layer, 0] for c in chunks],

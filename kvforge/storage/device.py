@@ -142,7 +142,9 @@ class DeviceStorage:
         return (c.num_layers, 2, self.chunk_blocks, c.block_size, c.num_kv_heads, c.head_dim)
 
     def _allocate_chunk(self) -> Tensor:
-        # zeroed, so that a kernel that reads a padded slot never meets NaN garbage
+        # zeroed, so that a kernel that reads a padded slot never meets NaN garbage (fp8: zero bytes)
+        if self.is_fp8:
+            return torch.zeros(self._chunk_shape(), dtype=torch.uint8, device=self.device).view(self.config.dtype)
         return torch.zeros(self._chunk_shape(), dtype=self.config.dtype, device=self.device)
 
     def add_chunks(self, n: int) -> None:
@@ -291,10 +293,11 @@ class DeviceStorage:
         shape = (num_tokens, self.config.num_kv_heads, self.config.head_dim)
         k = torch.empty(shape, dtype=self.config.dtype, device=self.device)
         v = torch.empty_like(k)
+        raw_k, raw_v = self._raw(k), self._raw(v)
         for c in torch.unique(chunk).tolist():
             sel = chunk == c
-            k[sel] = view.k_chunks[c][local[sel], pos[sel] % bs]
-            v[sel] = view.v_chunks[c][local[sel], pos[sel] % bs]
+            raw_k[sel] = self._raw(view.k_chunks[c])[local[sel], pos[sel] % bs]
+            raw_v[sel] = self._raw(view.v_chunks[c])[local[sel], pos[sel] % bs]
         if view.k_scale is not None and view.v_scale is not None:
             model = self.config.resolved_model_dtype
             return dequantize(k, view.k_scale, model), dequantize(v, view.v_scale, model)
