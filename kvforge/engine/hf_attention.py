@@ -82,10 +82,8 @@ class StepAttention:
                                f"{cfg.num_kv_heads} KV heads of dim {cfg.head_dim}")
         self.layers_seen.add(layer)
         self.num_calls += 1
-        q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
-        self.cache.write(layer, self.batch.slot_mapping, key[0].transpose(0, 1).contiguous(),
-                         value[0].transpose(0, 1).contiguous())
-        return _paged(q, self.cache, layer, self.batch, scale=scale, sliding_window=sliding_window,
+        self.cache.write(layer, self.batch.slot_mapping, _rows(key), _rows(value))
+        return _paged(_rows(query), self.cache, layer, self.batch, scale=scale, sliding_window=sliding_window,
                       soft_cap=soft_cap).unsqueeze(0)
 
     def check_complete(self, num_layers: int) -> None:
@@ -94,6 +92,13 @@ class StepAttention:
             raise KVForgeError(f"{self.num_calls} of the model's {num_layers} layers attended through "
                                f"attn_implementation='{ENGINE_ATTENTION_NAME}': the others do not use transformers' "
                                f"attention interface (recurrent, state-space or custom attention layers?)")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``[1, H, T, D]`` -> ``[T, H, D]``: a view (the kernels take any token and head strides),
+    copied only when ``head_dim`` is not its unit-stride dimension."""
+    rows = x[0].transpose(0, 1)
+    return rows if rows.stride(2) == 1 else rows.contiguous()
 
 
 def _paged(q: Tensor, cache: KVCache, layer: int, batch: StepBatch, *, scale: float, sliding_window: int | None,
