@@ -19,6 +19,11 @@ stored once, in the paged pool, and read from there. With any other cache
 function receives the whole history from transformers and lays it out in a
 scratch paged pool for the same kernels on every call: correct, but the
 storage is transformers' (pass a KVForgeCache to keep keys/values in kvforge).
+
+kvforge's engine over a transformers model (``Engine(model_impl="transformers")``)
+does not go through this function: the engine layer registers its own,
+``"kvforge_engine"`` (:mod:`kvforge.engine.hf_attention`), which reads the
+engine step's paged metadata (one flattened ragged batch per forward).
 """
 from __future__ import annotations
 
