@@ -322,12 +322,14 @@ def bench_contention(args: argparse.Namespace, url: str, run_id: str) -> dict[st
         return got
 
     systems: list[tuple[str, Any, Any]] = [("plain redis-py MGET", plain_get, None)]
-    for reader in ("thread", "process"):
+    for reader, procs in (("thread", None), ("process", 1), ("process", None)):
         tier = RedisTier(url, namespace=ns_name, timeout=args.tier_timeout, fetch_budget=args.tier_timeout,
-                         reader=reader)
+                         reader=reader, reader_processes=procs)
         tier.bind(layout)
         assert tier.wait_ready()
-        systems.append((f"RedisTier reader={reader}", lambda tier=tier: len(tier.fetch(keys)), tier))
+        label = f"RedisTier reader={reader}" + ("" if reader == "thread" else
+                                                 f", {tier.reader_processes} process(es)")
+        systems.append((label, lambda tier=tier: len(tier.fetch(keys)), tier))
     for name, fetch, tier in systems:
         rates = {}
         for busy in (False, True):

@@ -543,15 +543,21 @@ def test_lookup_counts_the_leading_run_the_server_holds(redis: RedisServer, tier
 
 
 def _wait_dead(pid: int, seconds: float = 5.0) -> bool:
+    """Whether process ``pid`` is gone or a zombie with every thread exited, within ``seconds``."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
+        states = []
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        with open(f"/proc/{pid}/stat") as f:  # killed but not reaped yet: a zombie
-            if f.read().split(") ")[-1].startswith("Z"):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(") ", 1)[-1][:1])
+        except FileNotFoundError:  # reaped, or a thread gone while listing
+            if not os.path.exists(f"/proc/{pid}"):
                 return True
+            continue
+        if all(state in "ZX" for state in states):  # killed, not reaped yet
+            time.sleep(0.05)  # the leader is reapable once its last thread has gone
+            return True
         time.sleep(0.01)
     return False
 
@@ -566,18 +572,34 @@ def test_a_reader_process_that_dies_costs_one_fetch_then_a_new_one_serves(redis:
     assert [bytes(p) for p in t.fetch([key(i) for i in range(3)])] == [payload(i) for i in range(3)]
     first = t.reader_pid
     assert first is not None and first != os.getpid() and t.stats().reader_starts == 1
-    os.kill(first, signal.SIGKILL)
+    os.kill(first, signal.SIGKILL)  # between fetches: the next one starts a new process first
     assert _wait_dead(first)
-    start = time.monotonic()
-    assert t.fetch([key(0)]) == []  # the pipe closed: noticed at once, not after a timeout
-    assert time.monotonic() - start < TIMEOUT + MARGIN
-    s = t.stats()
-    assert (s.reader_errors, s.misses, s.connection_errors) == (1, 1, 0) and t.is_backing_off
-    time.sleep(RETRY + 0.05)
     assert [bytes(p) for p in t.fetch([key(i) for i in range(3)])] == [payload(i) for i in range(3)]
-    assert t.stats().reader_starts == 2 and t.reader_pid not in (None, first)
+    second = t.reader_pid
+    assert t.stats().reader_starts == 2 and t.stats().reader_errors == 0 and second not in (None, first)
+    # during a fetch (blocked on a paused server, whose timeout is far off): noticed at once
+    slow = tier_on(redis, "reader-dies", reader="process", timeout=5.0)
+    tiers.append(slow)
+    victim = slow.reader_pid
+    assert victim is not None
+    got: list[list[memoryview]] = []
+    redis.pause()
+    try:
+        fetching = threading.Thread(target=lambda: got.append(slow.fetch([key(0)])))
+        fetching.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        fetching.join(5.0)
+        assert got == [[]] and time.monotonic() - start < 1.0  # the pipe closed, not the 5 s timeout
+    finally:
+        redis.resume()
+    s = slow.stats()
+    assert (s.reader_errors, s.misses, s.timeouts, s.connection_errors) == (1, 1, 0, 0) and slow.is_backing_off
+    time.sleep(RETRY + 0.05)
+    assert [bytes(p) for p in slow.fetch([key(0)])] == [payload(0)] and slow.stats().reader_starts == 2
     t.close()
-    assert _wait_dead(first) and t.reader_pid is None
+    assert _wait_dead(second) and t.reader_pid is None
 
 
 @pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
@@ -620,11 +642,10 @@ def test_fetches_larger_than_a_slot_come_in_rounds_and_stop_at_a_refusal(redis: 
     """A fetch of more blocks than the shared region's slot holds is asked in rounds, two in
     flight; a value refused in a later round cuts the run there, as in one round."""
     layout = RemoteLayout("m", "float32", 16, 2, 2, 16, 0, 1, 4096)
-    t = RedisTier(redis.url(), "rounds", timeout=1.0, batch_size=2, reader="process")
+    t = RedisTier(redis.url(), "rounds", timeout=1.0, batch_size=2, reader="process", reader_processes=1)
     tiers.append(t)
     t.bind(layout)
-    assert t._process is not None
-    t._process.blocks_per_slot = 3  # rounds of 3 blocks (the region stays as large as it was)
+    t._processes[0].blocks_per_slot = 3  # rounds of 3 blocks (the region stays as large as it was)
     keys = [bytes([i + 1]) * 16 for i in range(11)]
     payloads = [bytes([i]) * layout.block_bytes for i in range(11)]
     t.publish(keys, lambda: payloads)
@@ -636,3 +657,34 @@ def test_fetches_larger_than_a_slot_come_in_rounds_and_stop_at_a_refusal(redis: 
     assert [bytes(p) for p in t.fetch(keys)] == payloads[:7]
     assert t.stats().bad_checksum == 1
     assert [bytes(p) for p in t.fetch(keys[:5])] == payloads[:5]  # later answers are not mixed up
+
+
+@pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
+def test_a_fetch_split_over_reader_processes_keeps_key_order_and_stops_at_the_first_gap(
+        redis: RedisServer, tiers: list[RedisTier]) -> None:
+    """Three reader processes each fetch a contiguous part; the run is the parts in order up to
+    the first part that came back short: a refused value in the second part cuts it there, even
+    though the third part was fetched (and a refusal in it is counted too)."""
+    t = tier_on(redis, "parts", reader="process", reader_processes=3, batch_size=2)
+    tiers.append(t)
+    assert len(set(t.reader_pids)) == 3 and None not in t.reader_pids
+    publish_all(t, list(range(12)))
+    keys = [key(i) for i in range(12)]  # parts of 4 keys
+    assert [bytes(p) for p in t.fetch(keys)] == [payload(i) for i in range(12)]
+    assert [bytes(p) for p in t.fetch(keys[:3])] == [payload(i) for i in range(3)]  # a small fetch: one part
+    client = redis.client()
+    client.set(t.name_of(key(5)), t.frame(key(6), payload(6)))  # part 2: another block's value
+    client.delete(t.name_of(key(9)))  # part 3: a gap
+    assert [bytes(p) for p in t.fetch(keys)] == [payload(i) for i in range(5)]
+    s = t.stats()
+    assert (s.bad_key, s.hits, s.misses) == (1, 12 + 3 + 5, 7)
+    # a dead process among them is replaced before the next fetch
+    victim = t.reader_pids[1]
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    assert _wait_dead(victim)
+    publish_all(t, [5, 9])
+    assert [bytes(p) for p in t.fetch(keys)] == [payload(i) for i in range(12)]
+    assert t.stats().reader_starts == 4 and t.stats().reader_errors == 0 and victim not in t.reader_pids
+    with pytest.raises(ConfigError, match="reader_processes"):
+        RedisTier(redis.url(), reader_processes=0)

@@ -12,7 +12,11 @@ holds the GIL: the engine's step loop and the network no longer take turns.
 
 The region has two slots of ``slot_bytes``; a fetch larger than a slot is
 asked in rounds, two in flight, so the child fills one slot while this side
-copies the other out.
+copies the other out. Inside the child, ``fetch_threads`` ``MGET`` are in
+flight and the check threads verify each value and copy its payload into
+place (the checksum and the copy release the GIL). The tier runs
+``reader_processes`` of these children and splits a large fetch between
+them: one client process reads at about a third of what the server sends.
 
 Faults. Every wait is bounded: a reply not back within the round's budget
 plus the tier's ``timeout`` and :data:`GRACE` seconds (a hung child, a

@@ -2,8 +2,8 @@
 
 This module runs in a child process of :class:`~kvforge.storage.redis_reader.ReaderProcess`
 and is loaded by its file path, without kvforge's package: it imports the
-standard library and the ``redis`` client only (no torch: the process is up
-in a fraction of a second), and is handed the wire module
+standard library, numpy and the ``redis`` client only (no torch: the
+process is up in a fraction of a second), and is handed the wire module
 (:mod:`kvforge.storage.redis_wire`, loaded the same way) by its bootstrap.
 
 Why a process. A fetch moves hundreds of megabytes through the client: socket
@@ -90,6 +90,9 @@ class _Worker:
         self.fetchers = ThreadPoolExecutor(self.in_flight)
         self.checkers = ThreadPoolExecutor(setup["check_threads"]) if setup["check_threads"] > 1 else None
         self.cancelled: set[int] = set()
+        import numpy as np  # copies into the region without the GIL
+        self.np = np
+        self.slots = np.frombuffer(region, dtype=np.uint8)
 
     def serve(self, req: dict[str, Any]) -> dict[str, Any]:
         rid, hexkeys = req["id"], req["keys"]
@@ -128,18 +131,15 @@ class _Worker:
                     break
                 if i + len(pending) + 1 < len(batches):
                     pending.append(self.fetchers.submit(get, i + len(pending) + 1))
-                digests = self._digests(values)
-                for value, digest in zip(values, digests):
+                first_of_batch = n
+                for value, got in zip(values, self._place(values, hexkeys, first_of_batch, base)):
                     if value is None:
                         stop = "miss"
                         break
                     nbytes += len(value)
-                    key = bytes.fromhex(hexkeys[n])
-                    got = self.wire.check_value(value, key, self.fingerprint, bb, digest)
-                    if isinstance(got, self.wire.Refusal):
+                    if got is not None:
                         stop, kind, what = "refused", got.kind, got.what
                         break
-                    self.region[base + n * bb:base + (n + 1) * bb] = got
                     n += 1
                 if stop != "end":
                     break
@@ -148,8 +148,24 @@ class _Worker:
                 future.cancel()
         return {"id": rid, "n": n, "bytes": nbytes, "stop": stop, "kind": kind, "what": what}
 
-    def _digests(self, values: list[Any]) -> list[Any]:
-        digest = self.wire.digest_of
+    def _place(self, values: list[Any], hexkeys: list[str], first: int, base: int) -> list[Any]:
+        """Check each value of a batch (the ``first``-th key's on) and copy its payload to its
+        place in the slot; per value None (placed; or no value) or the Refusal. A large
+        batch runs on the check threads: the checksum and the copy release the GIL."""
+        bb = self.block_bytes
+        wire = self.wire
+
+        def place(i: int) -> Any:
+            value = values[i]
+            if value is None:
+                return None
+            got = wire.check_value(value, bytes.fromhex(hexkeys[first + i]), self.fingerprint, bb,
+                                   wire.digest_of(value))
+            if isinstance(got, wire.Refusal):
+                return got
+            at = base + (first + i) * bb
+            self.slots[at:at + bb] = self.np.frombuffer(got, dtype=self.np.uint8)
+            return None
         if self.checkers is None or sum(len(v) for v in values if v is not None) <= 1 << 20:
-            return [digest(v) for v in values]
-        return list(self.checkers.map(digest, values))
+            return [place(i) for i in range(len(values))]
+        return list(self.checkers.map(place, range(len(values))))

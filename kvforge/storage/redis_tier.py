@@ -51,6 +51,7 @@ appears in a log line, repr or exception message.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -113,13 +114,17 @@ class RedisTier:
     ``max_pending`` publish jobs may wait; ``batch_size`` keys go in one
     ``MGET`` or pipeline, and a fetch keeps ``fetch_threads`` such ``MGET`` in
     flight; ``retry_after`` seconds of back-off follow a connection fault.
-    Nothing connects before the first call."""
+    ``reader`` (``"auto"``, ``"process"``, ``"thread"``) says where fetches run,
+    ``reader_processes`` how many reader processes a large fetch is split over
+    (None: a quarter of the cores, 1 to 4). Nothing connects before the first
+    call; the reader processes start at :meth:`bind` (:meth:`wait_ready`)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", namespace: str = "default", *,
                  model: str | None = None, ttl: float | None = None, timeout: float = 0.25,
                  max_pending: int = 256, batch_size: int = 32, retry_after: float = 1.0,
                  recent_keys: int = 65536, fetch_budget: float = 2.0, check_threads: int = 4,
-                 fetch_threads: int = 2, lookup_timeout: float = 0.05, reader: str = "auto") -> None:
+                 fetch_threads: int = 2, lookup_timeout: float = 0.05, reader: str = "auto",
+                 reader_processes: int | None = None) -> None:
         self._url = url
         self._secrets = _secrets_of(url)
         where = f"RedisTier({_redact(url)!r})"
@@ -141,6 +146,8 @@ class RedisTier:
                 raise ConfigError(f"{where}: {name} must be an int >= 1, got {value!r}")
         if reader not in ("auto", "process", "thread"):
             raise ConfigError(f"{where}: reader must be 'auto', 'process' or 'thread', got {reader!r}")
+        if reader_processes is not None and (type(reader_processes) is not int or reader_processes < 1):
+            raise ConfigError(f"{where}: reader_processes must be None or an int >= 1, got {reader_processes!r}")
         if reader == "process" and not redis_reader.available():
             raise ConfigError(f"{where}: reader='process' needs os.memfd_create (Linux); use reader='thread'")
         if not (isinstance(retry_after, (int, float)) and retry_after >= 0):
@@ -161,7 +168,11 @@ class RedisTier:
         self._read_bandwidth: float | None = None
         #: where fetches run: "process" (a child process, :mod:`kvforge.storage.redis_reader`) or "thread"
         self.reader = ("process" if redis_reader.available() else "thread") if reader == "auto" else reader
-        self._process: redis_reader.ReaderProcess | None = None  # made at bind
+        #: reader processes a large fetch is split over (None: a quarter of the cores, 1 to 4)
+        self.reader_processes = (max(1, min(4, (os.cpu_count() or 1) // 4)) if reader_processes is None
+                                 else reader_processes)
+        self._processes: list[redis_reader.ReaderProcess] = []  # made at bind
+        self._part_pool: ThreadPoolExecutor | None = None  # waits on the processes after the first
         self._read_lock = threading.Lock()  # one fetch at a time through the reader process
         self.retry_after = float(retry_after)
         self.batch_size = batch_size
@@ -228,11 +239,16 @@ class RedisTier:
                                         daemon=True)
         self._thread.start()
         if self.reader == "process":
-            self._process = redis_reader.ReaderProcess(
+            self._processes = [redis_reader.ReaderProcess(
                 self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
                 timeout=self.timeout, batch_size=self.batch_size, fetch_threads=self.fetch_threads,
-                check_threads=self.check_threads, read_size=_READ_SIZE)
-            self._start_reader()
+                check_threads=self.check_threads, read_size=_READ_SIZE) for _ in range(self.reader_processes)]
+            if self.reader_processes > 1:
+                self._part_pool = ThreadPoolExecutor(self.reader_processes - 1,
+                                                     thread_name_prefix="kvforge-redis-part")
+            for proc in self._processes:
+                if not self._start_reader(proc):
+                    break
 
     def name_of(self, key: bytes) -> bytes:
         """The Redis key a block key is stored under (bound tiers only)."""
@@ -264,7 +280,7 @@ class RedisTier:
         if start < self._down_until:
             self._add(backoff_fetches=1, misses=len(keys))
             return out
-        if self._process is not None:
+        if self._processes:
             return self._fetch_in_process(keys, start)
         nbytes = 0
         batches = [keys[lo:lo + self.batch_size] for lo in range(0, len(keys), self.batch_size)]
@@ -293,34 +309,49 @@ class RedisTier:
         return out
 
     def _fetch_in_process(self, keys: list[bytes], start: float) -> list[memoryview]:
-        """:meth:`fetch` through the reader process: its outcome counted as in-process fetches count theirs."""
-        assert self._process is not None
+        """:meth:`fetch` through the reader processes: the keys split in contiguous parts of at
+        least ``batch_size`` (one process each, all at once); the run is the parts' payloads up to
+        the first part that came back short. Outcomes are counted as in-process fetches count theirs."""
         with self._read_lock:
-            if not self._process.alive and not self._start_reader():
-                self._add(misses=len(keys))
-                return []
-            got = self._process.fetch(keys, self.fetch_budget)
-        out = got.payloads
-        if got.stop == "refused":
-            self._refuse(got.kind, keys[len(out)], got.what)
-        elif got.stop == "fault" and got.kind == "server_errors":
-            self._add(server_errors=1)
-            self._log("server_error", f"{self!r}: fetch: {self._scrub(got.what)}")
-        elif got.stop in ("fault", "reader"):
-            self._back_off(got.kind, "fetch", got.what)
-        if got.stop in ("miss", "refused"):  # the rest of the chain is useless without this block
-            self._forget(keys[len(out):])
-        self._add(hits=len(out), misses=len(keys) - len(out), bytes_read=got.nbytes)
-        self._measure(got.nbytes, time.monotonic() - start)
+            for proc in self._processes:
+                if not proc.alive and not self._start_reader(proc):
+                    self._add(misses=len(keys))
+                    return []
+            k = max(1, min(len(self._processes), len(keys) // self.batch_size))
+            bounds = [len(keys) * i // k for i in range(k + 1)]
+            parts = [keys[bounds[i]:bounds[i + 1]] for i in range(k)]
+            later = [self._part_pool.submit(proc.fetch, part, self.fetch_budget)  # type: ignore[union-attr]
+                     for proc, part in zip(self._processes[1:], parts[1:])]
+            outcomes = [self._processes[0].fetch(parts[0], self.fetch_budget)] + [f.result() for f in later]
+        out: list[memoryview] = []
+        nbytes = 0
+        short = False
+        for lo, part, got in zip(bounds, parts, outcomes):
+            nbytes += got.nbytes
+            if got.stop == "refused":
+                self._refuse(got.kind, part[len(got.payloads)], got.what)
+            elif got.stop == "fault" and got.kind == "server_errors":
+                self._add(server_errors=1)
+                self._log("server_error", f"{self!r}: fetch: {self._scrub(got.what)}")
+            elif got.stop in ("fault", "reader"):
+                self._back_off(got.kind, "fetch", got.what)
+            if short:  # after a gap: useless, only counted
+                continue
+            out += got.payloads
+            if len(got.payloads) < len(part):
+                short = True
+                if got.stop in ("miss", "refused"):  # the rest of the chain is useless without this block
+                    self._forget(keys[lo + len(got.payloads):])
+        self._add(hits=len(out), misses=len(keys) - len(out), bytes_read=nbytes)
+        self._measure(nbytes, time.monotonic() - start)
         if self.ttl is None:
             self._remember(keys[:len(out)])
         return out
 
-    def _start_reader(self) -> bool:
-        """Start the reader process (counted); False (counted, back-off) when it cannot be."""
-        assert self._process is not None
+    def _start_reader(self, proc: redis_reader.ReaderProcess) -> bool:
+        """Start a reader process (counted); False (counted, back-off) when it cannot be."""
         try:
-            self._process.start()
+            proc.start()
         except OSError as exc:
             self._back_off("reader_errors", "starting the reader process", f"{type(exc).__name__}: {exc}")
             return False
@@ -332,15 +363,19 @@ class RedisTier:
         background, and takes a fraction of a second); True at once for ``reader="thread"``.
         A fetch before it is ready waits for it; a benchmark or a test of timings calls this first."""
         self._check_bound("wait_ready")
-        if self._process is None:
-            return True
+        deadline = time.monotonic() + timeout
         with self._read_lock:
-            return self._process.alive and self._process.wait_ready(timeout)
+            return all(p.alive and p.wait_ready(max(0.0, deadline - time.monotonic())) for p in self._processes)
 
     @property
     def reader_pid(self) -> int | None:
-        """The reader process's id (None: reads run on threads, or no process is running)."""
-        return None if self._process is None else self._process.pid
+        """The first reader process's id (None: reads run on threads, or it is not running)."""
+        return self._processes[0].pid if self._processes else None
+
+    @property
+    def reader_pids(self) -> list[int | None]:
+        """Every reader process's id (None where one is not running); [] with ``reader="thread"``."""
+        return [p.pid for p in self._processes]
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         """How many of ``keys``, from the first, the server holds now: one round trip of
@@ -497,9 +532,11 @@ class RedisTier:
             except queue.Full:
                 pass
             self._thread.join(self.timeout + 1.0)
-        if self._process is not None:
-            with self._read_lock:
-                self._process.stop()
+        with self._read_lock:
+            for proc in self._processes:
+                proc.stop()
+        if self._part_pool is not None:
+            self._part_pool.shutdown(wait=False)
         for client in (self._reader, self._writer, self._looker):
             try:
                 client.close()
