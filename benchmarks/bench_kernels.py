@@ -18,7 +18,14 @@ The ``eager`` row is do_bench's time per call (launch cost included), the
 timed on the host clock, divided by N (the Python wrapper plus the launch
 enqueue; N stays far below the launch-queue depth so the host never waits).
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}]
+fp8. The ``fp8`` rows time an fp8_e4m3 cache (and the uint8 ``bits`` read
+path that hardware without native fp8 runs) against the bf16 cache of the
+same shape: decode (eager and graph, TB/s of the bytes each cache must read)
+and prefill (TFLOP/s), each with its speed ratio to bf16 and its error
+against the bf16 output, and the quantizing store. ``--fp8-only`` prints
+just those rows.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}] [--fp8-only]
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.kernels import copy_blocks, paged_decode_attention, paged_prefill_attention, reference, store_kv
+from kvforge.kernels.fp8 import quantize
 from kvforge.kernels.layout import chunk_offsets, describe_cache
 
 # triton (do_bench, the kernel modules) is imported on first use, so that --help runs anywhere
@@ -114,13 +122,13 @@ def measure_copy() -> float:
 
 def paged_from_contiguous(k: torch.Tensor, v: torch.Tensor, block_size: int, gen: torch.Generator):
     """[B, L, H, D] -> caches [B*L/bs, bs, H, D] with shuffled blocks, int32 tables."""
-    batch, length = k.shape[:2]
+    batch, length, heads, dim = k.shape
     n = batch * length // block_size
     perm = torch.randperm(n, generator=gen).to(DEV)
-    k_cache = torch.empty(n, block_size, HKV, D, dtype=DT, device=DEV)
+    k_cache = torch.empty(n, block_size, heads, dim, dtype=k.dtype, device=DEV)
     v_cache = torch.empty_like(k_cache)
-    k_cache[perm] = k.reshape(n, block_size, HKV, D)
-    v_cache[perm] = v.reshape(n, block_size, HKV, D)
+    k_cache[perm] = k.reshape(n, block_size, heads, dim)
+    v_cache[perm] = v.reshape(n, block_size, heads, dim)
     return k_cache, v_cache, perm.view(batch, length // block_size).to(torch.int32)
 
 
@@ -164,7 +172,7 @@ def decode_splits(batch: int, max_tokens: int, view) -> int:
     from kvforge.kernels import triton_decode
 
     sms = torch.cuda.get_device_properties(view.device).multi_processor_count
-    return triton_decode.choose_num_splits(batch, HKV, max_tokens, sms, triton_decode._config(view)[0])
+    return triton_decode.choose_num_splits(batch, view.num_kv_heads, max_tokens, sms, triton_decode._config(view)[0])
 
 
 def bench_decode(batch: int, length: int, block_sizes: tuple[int, ...], flex_pages: tuple[int, ...], gen) -> None:
@@ -328,6 +336,117 @@ def bench_copy(num_pairs: int, num_layers: int, gen) -> None:
     torch.cuda.empty_cache()
 
 
+def fp8_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
+    """The same blocks quantized to ``dtype`` (scale 1.0: randn values lie far inside the range),
+    and their CacheView."""
+    ones = torch.ones(k_cache.shape[2], device=DEV)
+    kq, vq = quantize(k_cache, ones, dtype), quantize(v_cache, ones, dtype)
+    return kq, vq, describe_cache(kq, vq, k_scale=ones, v_scale=ones, model_dtype=k_cache.dtype)
+
+
+def _fp8_paths() -> tuple[str, ...]:
+    native = torch.version.hip is None and torch.cuda.get_device_capability() >= (8, 9)
+    return ("native", "bits") if native else ("bits",)
+
+
+def bench_fp8_decode(batch: int, length: int, heads_q: int, heads_kv: int, dim: int, block_size: int, gen) -> None:
+    """fp8_e4m3 decode against bf16 decode of the same shape (the same blocks, quantized)."""
+    from kvforge.kernels import triton_fp8
+
+    shape = f"B={batch} L={length} {heads_q}/{heads_kv}h d{dim}"
+    bf16_bytes = 2 * batch * length * heads_kv * dim * 2
+    q = torch.randn(batch, heads_q, dim, dtype=DT, device=DEV)
+    k = torch.randn(batch, length, heads_kv, dim, dtype=DT, device=DEV)
+    k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), block_size, gen)
+    del k
+    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    view = describe_cache(k_cache, v_cache)
+    out = torch.empty_like(q)
+    want = paged_decode_attention(q, view, None, tables, ctx).clone()
+    decode = lambda v, o: lambda: paged_decode_attention(q, v, None, tables, ctx, out=o)  # noqa: E731
+    t_eager, t_graph = bench(decode(view, out)), bench_graph(decode(view, out))
+    row(f"decode bf16 bs={block_size} view eager", shape, t_eager, bf16_bytes)
+    row(f"decode bf16 bs={block_size} view graph", shape, t_graph, bf16_bytes, "kernel time without launch cost")
+    kq, vq, view8 = fp8_cache(k_cache, v_cache)
+    del k_cache, v_cache, view
+    out8 = torch.empty_like(q)
+    for path in _fp8_paths():
+        triton_fp8.FORCE_DECODE = path
+        try:
+            err = rel_err(paged_decode_attention(q, view8, None, tables, ctx), want)
+            e8, g8 = bench(decode(view8, out8)), bench_graph(decode(view8, out8))
+        finally:
+            triton_fp8.FORCE_DECODE = None
+        row(f"decode fp8_e4m3 {path} bs={block_size} view eager", shape, e8, bf16_bytes / 2,
+            f"{t_eager / e8:.2f}x bf16 eager rel_err_vs_bf16={err:.1e}")
+        row(f"decode fp8_e4m3 {path} bs={block_size} view graph", shape, g8, bf16_bytes / 2,
+            f"{t_graph / g8:.2f}x bf16 graph (target >= 1.7x)")
+    del kq, vq, view8
+    torch.cuda.empty_cache()
+
+
+def bench_fp8_prefill(batch: int, length: int, block_size: int, gen) -> None:
+    """fp8_e4m3 prefill against bf16 prefill of the same shape (the same blocks, quantized)."""
+    from kvforge.kernels import triton_fp8
+
+    shape = f"B={batch} new={length} causal"
+    flops = 4 * batch * HQ * D * length * (length + 1) / 2
+    q = torch.randn(batch * length, HQ, D, dtype=DT, device=DEV)
+    k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
+    k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), block_size, gen)
+    del k
+    cu = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * length
+    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    view = describe_cache(k_cache, v_cache)
+    out = torch.empty_like(q)
+    want = paged_prefill_attention(q, view, None, tables, cu, ctx).clone()
+    t = bench(lambda: paged_prefill_attention(q, view, None, tables, cu, ctx, out=out))
+    row(f"prefill bf16 bs={block_size} view", shape, t, None, f"{flops / t / 1e12:.0f} TFLOP/s")
+    kq, vq, view8 = fp8_cache(k_cache, v_cache)
+    del k_cache, v_cache, view
+    for path in _fp8_paths():
+        triton_fp8.FORCE_DECODE = path
+        try:
+            err = rel_err(paged_prefill_attention(q, view8, None, tables, cu, ctx), want)
+            t8 = bench(lambda: paged_prefill_attention(q, view8, None, tables, cu, ctx, out=out))
+        finally:
+            triton_fp8.FORCE_DECODE = None
+        row(f"prefill fp8_e4m3 {path} bs={block_size} view", shape, t8, None,
+            f"{flops / t8 / 1e12:.0f} TFLOP/s {t / t8:.2f}x bf16 (target >= 0.9x) rel_err_vs_bf16={err:.1e}")
+    del kq, vq, view8
+    torch.cuda.empty_cache()
+
+
+def bench_fp8_store(num_tokens: int, gen) -> None:
+    """The quantizing store (fp8_e4m3) against the bf16 store, kernel time in a CUDA graph."""
+    bs, num_blocks = 16, 4 * num_tokens // 16
+    blocks = torch.randperm(num_blocks, generator=gen)[: num_tokens // bs].to(DEV)
+    slots = (blocks[:, None] * bs + torch.arange(bs, device=DEV)).reshape(-1)
+    key = torch.randn(num_tokens, HKV, D, dtype=DT, device=DEV)
+    value = torch.randn_like(key)
+    k_cache = torch.zeros(num_blocks, bs, HKV, D, dtype=DT, device=DEV)
+    view = describe_cache(k_cache, torch.zeros_like(k_cache))
+    t = bench_graph(lambda: store_kv(key, value, view, None, slots))
+    row("store_kv bf16 view graph", f"{num_tokens} tok bs={bs}", t, 2 * key.numel() * (2 + 2))
+    _, _, view8 = fp8_cache(k_cache, k_cache.clone())
+    store_kv(key, value, view8, None, slots)
+    want = quantize(key, view8.k_scale, torch.float8_e4m3fn).view(torch.uint8)
+    exact = torch.equal(view8.k_chunks[0].view(-1, HKV, D)[slots].view(torch.uint8), want)
+    t8 = bench_graph(lambda: store_kv(key, value, view8, None, slots))
+    row("store_kv fp8_e4m3 view graph", f"{num_tokens} tok bs={bs}", t8, 2 * key.numel() * (2 + 1),
+        f"{t / t8:.2f}x bf16 store; bytes==torch quantize:{exact}")
+    del k_cache, view, view8
+    torch.cuda.empty_cache()
+
+
+def run_fp8(gen) -> None:
+    bench_fp8_decode(64, 4096, HQ, HKV, D, 16, gen)
+    bench_fp8_decode(128, 1024, 32, 4, 64, 16, gen)  # the TinyLlama shape of the engine benchmark
+    bench_fp8_decode(16, 16384, HQ, HKV, D, 16, gen)
+    bench_fp8_prefill(8, 4096, 16, gen)
+    bench_fp8_store(8192, gen)
+
+
 def sweep(gen, which: str) -> None:
     """Decode/prefill launch configs (for choosing the defaults)."""
     from kvforge.kernels import triton_decode, triton_prefill
@@ -383,6 +502,8 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline (slow to compile)")
     parser.add_argument("--sweep", choices=("none", "decode", "prefill", "all"), default="none",
                         help="also time several launch configs")
+    parser.add_argument("--fp8-only", action="store_true",
+                        help="only the fp8 rows: fp8_e4m3 decode / prefill / store against bf16 at the same shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA/ROCm device")
@@ -395,6 +516,9 @@ def main() -> None:
     print("# eager: per call, launch included; graph: kernel time in a CUDA graph; host: host time per call of "
           "back-to-back calls without sync. lists: (k_cache, v_cache) chunk lists; view: a CacheView")
     print(f"{'kernel':<{KERNEL_W}} {'shape':<26} {'time_us':>10} {'TB/s':>6} {'%copy':>6}  note")
+    if args.fp8_only:
+        run_fp8(gen)
+        return
     if args.sweep != "none":
         sweep(gen, args.sweep)
     flex = not args.no_flex
@@ -404,6 +528,7 @@ def main() -> None:
     bench_decode(64, 4096, (16, 64), (16, 64) if flex else (), gen)
     bench_decode(16, 16384, (16, 64), (16,) if flex else (), gen)
     bench_decode(256, 1024, (16, 64), (16,) if flex else (), gen)
+    run_fp8(gen)
 
 
 if __name__ == "__main__":
