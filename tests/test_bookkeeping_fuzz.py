@@ -7,11 +7,15 @@ after every step.
 
 ``ManagerMachine`` drives a BlockManager with prompts drawn from a three-token
 vocabulary (so prefixes collide), chunked prompts, appends, batched appends,
+reservations of tokens whose ids come later and their commits, truncations,
 forks, frees and reclaims. It keeps a fake KV store: the value written at a
 token's slot is a hash of the salt and every token up to it, so after every
 step each sequence must read back exactly its own values through its block
-table. A prefix hit on the wrong block, a missed copy-on-write or a block
-shared across salts breaks that check.
+table. A prefix hit on the wrong block, a missed copy-on-write (a truncation
+into a shared block included), a block keyed under ids it no longer holds or
+a block shared across salts breaks that check; ``check_invariants`` compares
+every sequence's prefix keys with the keys of its known ids after each step,
+so reserve + commit must key exactly what an append with ids keys.
 """
 from __future__ import annotations
 
@@ -208,13 +212,19 @@ def chain_values(salt, tokens, start_value=None) -> list[int]:
 
 
 class _Seq:
-    __slots__ = ("tokens", "values", "salt", "reserved")
+    __slots__ = ("tokens", "values", "salt", "reserved", "unc")
 
     def __init__(self, tokens: list[int], salt, reserved: int) -> None:
         self.tokens = tokens          # every known token: reserved ones, then pending prompt tokens
         self.values = chain_values(salt, tokens)
         self.salt = salt
         self.reserved = reserved
+        self.unc = 0                  # the last reserved tokens whose ids are not committed yet
+
+    def truncate(self, n: int) -> None:
+        self.unc = max(0, self.unc - (self.reserved - n))
+        del self.tokens[n:], self.values[n:]
+        self.reserved = n
 
     def extend(self, tokens: list[int]) -> None:
         self.values += chain_values(self.salt, tokens, self.values[-1] if self.values else None)
@@ -235,9 +245,11 @@ class ManagerMachine(RuleBasedStateMachine):
     # -- helpers
     def _snapshot(self):
         m = self.m
-        return (m.seq_ids, {s: (m.block_table(s), m.num_tokens(s), m.num_pending_tokens(s)) for s in m.seq_ids},
+        return (m.seq_ids, {s: (m.block_table(s), m.num_tokens(s), m.num_pending_tokens(s), m.token_ids(s),
+                                m.num_uncommitted_tokens(s), m.keyed_blocks(s)) for s in m.seq_ids},
                 m.pool.free_blocks(), m.pool.evictable_blocks(),
-                [m.pool.ref_count(b) for b in range(NUM_BLOCKS)], m.prefix.num_cached_blocks, len(m.pending_copies))
+                [m.pool.ref_count(b) for b in range(NUM_BLOCKS)], m.prefix.num_cached_blocks, len(m.pending_copies),
+                [m.prefix.key_of(b) for b in range(NUM_BLOCKS)])
 
     def _write(self, seq_id: int, start: int, stop: int, slots: np.ndarray) -> None:
         """Apply queued copies, then write the values of tokens start..stop-1 at ``slots``."""
@@ -294,6 +306,9 @@ class ManagerMachine(RuleBasedStateMachine):
         seq = self.seqs[sid]
         pending = len(seq.tokens) - seq.reserved
         gen = data.draw(st.lists(VOCAB, min_size=max(0, n - pending), max_size=max(0, n - pending)))
+        if seq.unc and n:  # ids still to come: nothing may follow them
+            self._expect_failure(SequenceError, lambda: self.m.append_tokens(sid, n, token_ids=gen if with_ids else None))
+            return
         if with_ids and pending and n:
             self._expect_failure(SequenceError, lambda: self.m.append_tokens(sid, n, token_ids=[0] * n))
             return
@@ -329,6 +344,11 @@ class ManagerMachine(RuleBasedStateMachine):
         if with_ids:
             token_ids = [g[0] if g else self.seqs[s].tokens[self.seqs[s].reserved] for s, g in zip(ids, gens)]
         before = self._snapshot()
+        if any(self.seqs[s].unc and n for s, n in zip(ids, counts)):
+            with pytest.raises(SequenceError, match="not committed"):
+                self.m.append_tokens_batch(ids, counts, token_ids=token_ids)
+            assert self._snapshot() == before
+            return
         if with_ids and any(len(self.seqs[s].tokens) > self.seqs[s].reserved for s in ids):
             # ids for a row whose prompt is still pending: refused, as append_tokens does
             with pytest.raises(SequenceError, match="pending"):
@@ -358,12 +378,119 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def fork(self, data) -> None:
         parent = data.draw(st.sampled_from(sorted(self.seqs)))
+        if self.seqs[parent].unc:
+            self._expect_failure(SequenceError, lambda: self.m.fork(parent, self.next_id))
+            return
         child = self._new_id()
         self.m.fork(parent, child)
         p = self.seqs[parent]
         c = _Seq([], p.salt, p.reserved)
         c.tokens, c.values = list(p.tokens), list(p.values)
         self.seqs[child] = c
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), ones=st.booleans())
+    def reserve(self, data, ones) -> None:
+        """Slots now, ids later: the model knows the ids (it writes their values now)."""
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.seqs)), unique=True, min_size=1, max_size=5))
+        counts = [1] * len(ids) if ones else \
+            data.draw(st.lists(st.integers(0, 5), min_size=len(ids), max_size=len(ids)))
+        gens = [data.draw(st.lists(VOCAB, min_size=n, max_size=n)) for n in counts]
+        before = self._snapshot()
+        if any(len(self.seqs[s].tokens) > self.seqs[s].reserved and n for s, n in zip(ids, counts)):
+            with pytest.raises(SequenceError, match="pending"):
+                self.m.reserve_tokens_batch(ids, 1 if ones else counts)
+            assert self._snapshot() == before
+            return
+        try:
+            slots = self.m.reserve_tokens_batch(ids, 1 if ones else counts)
+        except OutOfBlocksError:
+            assert self._snapshot() == before
+            return
+        for src, dst in self.m.take_pending_copies():
+            self.store[dst * BS:(dst + 1) * BS] = self.store[src * BS:(src + 1) * BS]
+        i = 0
+        for sid, n, gen in zip(ids, counts, gens):
+            seq = self.seqs[sid]
+            seq.extend(gen)
+            self.store[slots[i:i + n]] = seq.values[seq.reserved:seq.reserved + n] if n else []
+            seq.reserved += n
+            seq.unc += n
+            i += n
+        assert i == len(slots)
+
+    @precondition(lambda self: any(len(s.tokens) == s.reserved for s in self.seqs.values()))
+    @rule(data=st.data())
+    def async_step(self, data) -> None:
+        """An overlapped decode step: reserve step t + 1's slot of each sequence, then commit
+        the ids step t sampled (for those that had one outstanding)."""
+        ready = sorted(s for s in self.seqs if len(self.seqs[s].tokens) == self.seqs[s].reserved)
+        ids = data.draw(st.lists(st.sampled_from(ready), unique=True, min_size=1, max_size=6))
+        gens = [data.draw(VOCAB) for _ in ids]
+        before = self._snapshot()
+        try:
+            slots = self.m.reserve_tokens_batch(ids)
+        except OutOfBlocksError:
+            assert self._snapshot() == before
+            return
+        for src, dst in self.m.take_pending_copies():
+            self.store[dst * BS:(dst + 1) * BS] = self.store[src * BS:(src + 1) * BS]
+        older = [s for s in ids if self.seqs[s].unc]
+        for sid, tok, slot in zip(ids, gens, slots.tolist()):
+            seq = self.seqs[sid]
+            seq.extend([tok])
+            self.store[slot] = seq.values[seq.reserved]
+            seq.reserved += 1
+            seq.unc += 1
+        commit = [self.seqs[s].tokens[self.seqs[s].reserved - self.seqs[s].unc] for s in older]
+        self.m.commit_token_ids(older, commit)
+        for s in older:
+            self.seqs[s].unc -= 1
+
+    @precondition(lambda self: any(s.unc for s in self.seqs.values()))
+    @rule(data=st.data(), ones=st.booleans(), over=st.integers(0, 5))
+    def commit(self, data, ones, over) -> None:
+        """The ids of the oldest uncommitted tokens (sometimes one too many: refused)."""
+        ids = data.draw(st.lists(st.sampled_from(sorted(s for s in self.seqs if self.seqs[s].unc)),
+                                 unique=True, min_size=1, max_size=5))
+        counts = [1] * len(ids) if ones else \
+            [data.draw(st.integers(0, self.seqs[s].unc)) for s in ids]
+        bad = over == 0  # one sequence asked for more than it holds
+        if bad:
+            j = data.draw(st.integers(0, len(ids) - 1))
+            if ones:  # a sequence with none uncommitted joins the batch
+                others = [s for s in self.seqs if not self.seqs[s].unc and s not in ids]
+                if not others:
+                    return
+                ids, counts = ids + [others[0]], counts + [1]
+            else:
+                counts[j] = self.seqs[ids[j]].unc + 1
+        token_ids = []
+        for sid, k in zip(ids, counts):
+            seq = self.seqs[sid]
+            start = seq.reserved - seq.unc
+            token_ids += (seq.tokens + [0] * k)[start:start + k]
+        if bad:
+            self._expect_failure(SequenceError, lambda: self.m.commit_token_ids(ids, token_ids, 1 if ones else counts))
+            return
+        self.m.commit_token_ids(ids, token_ids, 1 if ones else counts)
+        for sid, k in zip(ids, counts):
+            self.seqs[sid].unc -= k
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def truncate(self, data) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        seq = self.seqs[sid]
+        n = data.draw(st.integers(0, seq.reserved))
+        if len(seq.tokens) > seq.reserved:  # prompt tokens pending
+            self._expect_failure(SequenceError, lambda: self.m.truncate(sid, n))
+            return
+        if data.draw(st.integers(0, 9)) == 0:
+            self._expect_failure(SequenceError, lambda: self.m.truncate(sid, seq.reserved + 1))
+            return
+        self.m.truncate(sid, n)
+        seq.truncate(n)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
@@ -412,6 +539,8 @@ class ManagerMachine(RuleBasedStateMachine):
             assert self.store[slots].tolist() == seq.values[:seq.reserved], f"sequence {sid} reads wrong K/V"
             known = m.token_ids(sid)
             assert known is None or known == seq.tokens, f"sequence {sid} knows the wrong token ids"
+            assert m.num_uncommitted_tokens(sid) == seq.unc
+            assert not seq.unc or known is None
             all_slots += slots.tolist()
         # a step computing every token of every sequence: the prefill layout
         view = m.step_view(ids, [self.seqs[s].reserved for s in ids], width_multiple=3)
