@@ -55,8 +55,8 @@ class EngineConfig:
     - ``model_impl``: which code runs the model: ``"native"`` kvforge's own
       Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), ``"transformers"``
       the checkpoint's transformers model under the engine
-      (:mod:`kvforge.engine.hf_model`), ``"auto"`` native where it runs the
-      checkpoint, else transformers.
+      (:mod:`kvforge.engine.hf_model`), ``"auto"`` native for the architectures
+      the native decoder implements, transformers for every other one.
     """
 
     max_num_seqs: int = 256

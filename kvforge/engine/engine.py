@@ -19,11 +19,12 @@ import os
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 
 
 from kvforge.config import CacheConfig
 from kvforge.engine.config import EngineConfig
+from kvforge.engine.hf_model import TransformersModel, TransformersModelConfig  # transformers itself is lazy
 from kvforge.engine.loader import Tokenizer, load_checkpoint, load_tokenizer, read_model_config
 from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner
@@ -44,9 +45,6 @@ from kvforge.engine.step_loop import StepLoop
 from kvforge.errors import ConfigError, SequenceError
 from kvforge.storage import KVCache
 from kvforge.storage.remote import RemoteTier
-
-if TYPE_CHECKING:
-    from kvforge.engine.hf_model import TransformersModel, TransformersModelConfig
 
 __all__ = ["Engine", "Prompt"]
 
@@ -80,8 +78,9 @@ class Engine(StepLoop):
     model under the engine's scheduler and cache
     (:class:`~kvforge.engine.hf_model.TransformersModel`: one forward per step
     over the flattened batch, kvforge's paged kernels in every attention
-    layer); ``"auto"`` (default), native where it runs the checkpoint, else
-    transformers. :attr:`model_impl` says which one runs.
+    layer); ``"auto"`` (default), native for the architectures the native
+    decoder implements, transformers for every other one. :attr:`model_impl`
+    says which one runs.
     """
 
     def __init__(self, model_path: str | os.PathLike[str], cache_config: CacheConfig | int | str | None = None, *,
@@ -100,8 +99,6 @@ class Engine(StepLoop):
                                                max_positions=max_len(econf, ckpt.config))
             tokenizer = ckpt.tokenizer
         else:
-            from kvforge.engine.hf_model import TransformersModel
-
             dev, dt = resolve_placement(device, dtype, checkpoint_dtype(raw))
             model = TransformersModel.from_pretrained(folder, dtype=dt, device=dev, backend=econf.backend)
             tokenizer = load_tokenizer(folder)
@@ -129,8 +126,6 @@ class Engine(StepLoop):
             model = LlamaModel.random(mconf, dtype=dt, device=dev, seed=econf.seed,
                                       max_positions=max_len(econf, mconf))
         else:
-            from kvforge.engine.hf_model import TransformersModel
-
             dev, dt = resolve_placement(device, dtype, checkpoint_dtype(hf_config))
             model = TransformersModel.random(hf_config, dtype=dt, device=dev, seed=econf.seed, backend=econf.backend)
         model.identity = config_identity(hf_config, econf.seed)
@@ -146,7 +141,7 @@ class Engine(StepLoop):
         """An engine over an already built :class:`~kvforge.engine.models.llama.LlamaModel`
         or :class:`~kvforge.engine.hf_model.TransformersModel` (shared weights: e.g.
         several cache sizes for one model in a benchmark)."""
-        if not isinstance(model, LlamaModel) and type(model).__name__ != "TransformersModel":
+        if not isinstance(model, (LlamaModel, TransformersModel)):
             raise ConfigError(f"model must be a LlamaModel or a TransformersModel, got {type(model).__name__}")
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         engine = cls.__new__(cls)

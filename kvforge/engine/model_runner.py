@@ -20,19 +20,17 @@ only.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from kvforge.engine.cuda_graphs import DecodeGraphs
+from kvforge.engine.hf_model import TransformersModel
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.engine.scheduler import SchedulerOutput
 from kvforge.storage import KVCache, StepBatch
-
-if TYPE_CHECKING:
-    from kvforge.engine.hf_model import TransformersModel
 
 __all__ = ["ModelRunner"]
 
