@@ -583,3 +583,19 @@ def test_check_invariants_catches_broken_uncommitted_and_truncation_state():
     broken(lambda m, b, c: t(m)._head_known.__setitem__(b, True))    # a head without uncommitted tokens
     broken(lambda m, b, c: m._seqs.state("c").keys.append(m._seqs.state("a").keys[1]))  # a key it has not
     broken(lambda m, b, c: m.prefix._register_many([m.block_table("c")[2]], [b"x" * 16]))  # uncommitted, keyed
+
+
+def test_cache_step_over_uncommitted_tokens_takes_the_ids_from_the_caller():
+    c = cache()
+    r = c.add_sequence("s", PROMPT)
+    write(c, r.slots, PROMPT)
+    c.add_sequence("t", [1, 2])
+    slots = c.reserve_tokens_batch(["s", "t"])          # step t + 1's slots; step t's ids not back yet
+    with pytest.raises(KVForgeError, match="unknown to the cache .* pass input_ids="):
+        c.prepare_step(["s", "t"], 1)
+    batch = c.prepare_step(["s", "t"], 1, input_ids=[40, 41])  # the ids step t sampled
+    assert batch.slot_mapping.tolist() == slots.tolist()
+    assert batch.input_ids.tolist() == [40, 41] and batch.positions.tolist() == [6, 2]
+    c.commit_token_ids(["s", "t"], [40, 41])
+    assert c.prepare_step(["s", "t"], 1).input_ids.tolist() == [40, 41]  # the cache's own now
+    c.check_invariants()
