@@ -26,6 +26,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from kvforge.engine import Engine, SamplingParams  # noqa: E402
+from kvforge.engine.hf_model import TransformersModel  # noqa: E402
 from kvforge.engine.testing import hf_greedy, run_steps, save_tiny_checkpoint  # noqa: E402
 from kvforge.errors import ConfigError, ModelError  # noqa: E402
 from tests.hf_models import FAMILIES, HEAD_DIM_96, save_tiny_model  # noqa: E402
@@ -135,8 +136,6 @@ def test_an_already_loaded_transformers_model(refs: dict[str, Reference],
     """``Engine.from_model(TransformersModel(model))``: an engine over a model loaded elsewhere."""
     from transformers import AutoModelForCausalLM
 
-    from kvforge.engine.hf_model import TransformersModel
-
     ref = ref_of(refs, "olmo2", tmp_path_factory)
     model = TransformersModel(AutoModelForCausalLM.from_pretrained(ref.folder, dtype="float32"))
     assert model.hf_model.config._attn_implementation == "kvforge_engine"
@@ -207,6 +206,11 @@ def test_models_it_cannot_drive_are_refused_with_why(tmp_path: Path) -> None:
         for impl in ("auto", "transformers"):
             with pytest.raises(ModelError, match=why):
                 Engine(folder, num_blocks=8, model_impl=impl)
+    bloom = cases[2][0]
+    impl = bloom.config._attn_implementation
+    with pytest.raises(ModelError, match="0 of the model's 2 layers attended"):
+        TransformersModel(bloom.train())
+    assert bloom.config._attn_implementation == impl and bloom.training  # handed back as it came
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "no_such"}))

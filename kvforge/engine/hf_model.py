@@ -191,15 +191,22 @@ class TransformersModel:
         register()
         eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
         self.config = TransformersModelConfig.from_hf(hf_model.config, eos)
-        self.hf_model = hf_model.eval()
-        hf_model.set_attn_implementation(ENGINE_ATTENTION_NAME)
         first = next(hf_model.parameters())
         self.device = first.device
         self.dtype = first.dtype
         self.max_positions = self.config.max_position_embeddings
         self.identity = ""
         self._keeps_rows = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
-        self._probe(backend)
+        self.hf_model = hf_model
+        before, was_training = hf_model.config._attn_implementation, hf_model.training
+        hf_model.set_attn_implementation(ENGINE_ATTENTION_NAME)
+        hf_model.eval()
+        try:
+            self._probe(backend)
+        except BaseException:  # a refused model is handed back as it came
+            hf_model.set_attn_implementation(before)
+            hf_model.train(was_training)
+            raise
 
     # ------------------------------------------------------------- building
     @classmethod
