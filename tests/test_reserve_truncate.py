@@ -599,3 +599,31 @@ def test_cache_step_over_uncommitted_tokens_takes_the_ids_from_the_caller():
     c.commit_token_ids(["s", "t"], [40, 41])
     assert c.prepare_step(["s", "t"], 1).input_ids.tolist() == [40, 41]  # the cache's own now
     c.check_invariants()
+
+
+def test_a_failed_spill_drops_the_host_copy_adopted_while_it_was_queued():
+    """Found by test_host_tier's random program: in one append a keyed block is evicted (its spill
+    queued) and another block fills under the same key (adopting the queued host block as its
+    copy); when the spill copy then fails, that copy must be forgotten, not reused by a swap."""
+    m = BlockManager(4, BS, num_host_blocks=4)
+    c = Contents(m)
+    p = list(range(10, 18))
+    r = m.add_sequence("a", p)                       # blocks 0, 1 keyed
+    c.write(r.slots, p)
+    m.free_sequence("a")
+    r = m.add_sequence("b", p[:6])                   # hits block 0; block 2 new
+    c.write(r.slots, p[4:6])
+    r = m.add_sequence("d", [90])                    # block 3: nothing free, block 1 evictable
+    c.write(r.slots, [90])
+    slots = m.append_tokens("b", 3, p[6:8] + [5])    # evicts block 1; block 2 fills under its key
+    filled = m.block_table("b")[1]
+    assert m.host.copy_of(filled) is not None        # adopted: its data is still queued to come
+    c.fail = {"d2h"}
+    m.flush_spills()                                 # the spill fails
+    c.fail = set()
+    assert m.host.copy_of(filled) is None
+    c.write(slots, p[6:8] + [5])
+    m.swap_out(["b"])                                # block 2 is copied, not taken from the lost spill
+    m.free_sequence("d")
+    m.swap_in(["b"])
+    c.check({"b": p + [5]})

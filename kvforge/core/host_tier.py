@@ -221,6 +221,10 @@ class HostTier:
             if key is not None:
                 del self._keys[key]
                 self.pool.unmark_cached(h)
+            d = self._copy_of.pop(h, None)  # adopted as a device block's copy while its spill was queued
+            if d is not None:
+                del self._copy[d]
+                self.pool.unmark_cached(h)
 
     def dropping(self) -> _Dropping:
         """A context in which device evictions forget their blocks instead of spilling
