@@ -81,7 +81,7 @@ def test_store_bytes_are_the_rounding_oracles(dtype, model_dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", FP8, ids=str)
-def test_store_with_scales_matches_torch_and_writes_only_its_slots(dtype) -> None:
+def test_store_with_scales_matches_torch_and_writes_only_its_slots(read_path, dtype) -> None:
     gen = torch.Generator().manual_seed(6)
     heads, dim, bs = 3, 24, 4  # 72 columns: a masked tail of the flattened row
     chunks = [torch.full((1, 2, 5, bs, heads, dim), float("nan"), dtype=dtype) for _ in range(2)]

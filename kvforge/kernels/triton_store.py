@@ -7,9 +7,10 @@ slots (flattened to ``BLOCK_HD`` columns, the next power of two of
 ``_copy_kernel``: grid ``(num_pairs, num_layers * 2, tiles_per_block)``; each
 program copies one ``BLOCK`` -element tile of one layer's keys or values of
 one block, so every layer of every pair moves in a single launch.
-An fp8 cache (``FP8``) is written through ``uint8`` views of its chunks:
-each program loads its rows' per-head scales, divides in float32 (correctly
-rounded) and stores the bytes of :func:`~kvforge.kernels.triton_fp8.encode_fp8`.
+An fp8 cache (``FP8``): each program loads its rows' per-head scales, divides
+in float32 (correctly rounded) and stores the bytes of
+:func:`~kvforge.kernels.triton_fp8.encode_fp8`, bitcast to the chunks' fp8
+pointer type (or through ``uint8`` views where the read path is not native).
 ``_copy_kernel`` moves fp8 chunks as bytes (the wrapper passes ``uint8`` views).
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
@@ -21,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvforge.kernels.layout import CacheView
-from kvforge.kernels.triton_fp8 import E4M3, encode_fp8
+from kvforge.kernels.triton_fp8 import E4M3, decode_mode, encode_fp8
 
 __all__ = ["launch_store", "launch_copy", "KERNELS"]
 
@@ -55,8 +56,11 @@ def _store_kernel(
         col_ok = col < NUM_HD
         k_s = tl.load(k_scale_ptr + head, mask=col_ok, other=1.0)
         v_s = tl.load(v_scale_ptr + head, mask=col_ok, other=1.0)
-        k = encode_fp8(tl.math.div_rn(k.to(tl.float32), k_s[None, :]), IS_E4M3)
-        v = encode_fp8(tl.math.div_rn(v.to(tl.float32), v_s[None, :]), IS_E4M3)
+        # the bytes go out through the chunks' own pointer type: fp8 (a bitcast) or uint8 views
+        k = encode_fp8(tl.math.div_rn(k.to(tl.float32), k_s[None, :]), IS_E4M3).to(k_ptr.dtype.element_ty,
+                                                                                     bitcast=True)
+        v = encode_fp8(tl.math.div_rn(v.to(tl.float32), v_s[None, :]), IS_E4M3).to(v_ptr.dtype.element_ty,
+                                                                                     bitcast=True)
     tl.store(k_ptr + dst, k, mask=ok)
     tl.store(v_ptr + dst, v, mask=ok)
 
@@ -96,7 +100,9 @@ def launch_store(
     block_t = max(1, min(64, 4096 // block_hd))
     k0, v0 = view.k_chunks[0], view.v_chunks[0]
     fp8 = view.k_scale is not None
-    if fp8:  # bytes from encode_fp8: no fp8 cast of the compiler's is involved
+    # bytes from encode_fp8, no fp8 cast of the compiler's; where the read path is not native
+    # (hardware without fp8 types) the chunks go in as uint8 views
+    if fp8 and decode_mode(k0.dtype, view.device) != 1:
         k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
     _store_kernel[(triton.cdiv(num_tokens, block_t),)](
         key, value, k0, v0, offsets if offsets is not None else slot_mapping, slot_mapping,
