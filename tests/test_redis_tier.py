@@ -532,6 +532,11 @@ def test_lookup_counts_the_leading_run_the_server_holds(redis: RedisServer, tier
     assert t.lookup([key(4), key(0)]) == 2 and t.lookup([key(3), key(4)]) == 0 and t.lookup([]) == 0
     s = t.stats()
     assert (s.lookup_calls, s.fetch_calls, s.bytes_read) == (4, 0, 0)  # no value read
+    # what a lookup found is not written again by a publish (another cache computed it instead)
+    other = tier_on(redis, "lookup")
+    tiers.append(other)
+    assert other.lookup([key(i) for i in range(6)]) == 3
+    assert other.needs_write([key(i) for i in range(6)]) == [False, False, False, True, True, True]
     redis.pause()
     try:
         start = time.monotonic()

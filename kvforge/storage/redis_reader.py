@@ -12,7 +12,10 @@ holds the GIL: the engine's step loop and the network no longer take turns.
 
 The region has two slots of ``slot_bytes``; a fetch larger than a slot is
 asked in rounds, two in flight, so the child fills one slot while this side
-copies the other out. Inside the child, ``fetch_threads`` ``MGET`` are in
+copies the other out. :func:`fetch_parts` drives several children from the
+calling thread alone: it sends every request, then waits on all their pipes
+at once (``select``) and copies each round out as it lands, so a fetch takes
+the GIL once per round that arrives and has no thread of its own to wake. Inside the child, ``fetch_threads`` ``MGET`` are in
 flight and the check threads verify each value and copy its payload into
 place (the checksum and the copy release the GIL). The tier runs
 ``reader_processes`` of these children and splits a large fetch between
@@ -32,17 +35,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import queue
+import select
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["GRACE", "ReaderOutcome", "ReaderProcess", "available"]
+__all__ = ["GRACE", "ReaderOutcome", "ReaderProcess", "available", "fetch_parts"]
 
 #: seconds a reply may lag the child's own socket timeouts before the child counts as hung
 GRACE = 1.0
@@ -79,11 +80,13 @@ class ReaderOutcome(NamedTuple):
     stop: str
     kind: str
     what: str
+    #: the process was found dead when the fetch began and was started again for it
+    restarted: bool = False
 
 
 class ReaderProcess:
     """One reader child and its shared region (see the module docstring). Not
-    thread-safe: the tier calls :meth:`fetch` under its lock."""
+    thread-safe: the tier drives its processes under its lock."""
 
     def __init__(self, url: str, *, block_bytes: int, fingerprint: bytes, prefix: bytes, timeout: float,
                  batch_size: int, fetch_threads: int, check_threads: int, read_size: int,
@@ -92,13 +95,16 @@ class ReaderProcess:
         self.blocks_per_slot = max(1, slot_bytes // block_bytes)
         self.slot_bytes = self.blocks_per_slot * block_bytes
         self.timeout = timeout
+        self.batch_size = batch_size
         self._setup = dict(url=url, block_bytes=block_bytes, slot_bytes=self.slot_bytes,
                            fingerprint=fingerprint.hex(), prefix=prefix.decode(), timeout=timeout,
                            batch_size=batch_size, fetch_threads=fetch_threads, check_threads=check_threads,
                            read_size=read_size)
         self._proc: subprocess.Popen[bytes] | None = None
         self._region: mmap.mmap | None = None
-        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._fd = -1  # the child's stdout, read without blocking
+        self._partial = b""
+        self._lines: list[dict[str, Any]] = []
         self._ready = False
         self._next_id = 0
 
@@ -127,31 +133,29 @@ class ReaderProcess:
         finally:
             os.close(fd)
         assert proc.stdin is not None and proc.stdout is not None
-        replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=_read_replies, args=(proc.stdout, replies), daemon=True,
-                         name="kvforge-redis-reader-replies").start()
-        try:
-            proc.stdin.write(json.dumps(dict(self._setup, fd=fd, size=size)).encode() + b"\n")
-            proc.stdin.flush()
-        except OSError:
-            proc.kill()
-            raise
-        self._proc, self._region, self._replies, self._ready = proc, region, replies, False
+        self._proc, self._region, self._fd = proc, region, proc.stdout.fileno()
+        self._partial, self._lines, self._ready = b"", [], False
+        os.set_blocking(self._fd, False)
+        if not self._send(dict(self._setup, fd=fd, size=size)):
+            self._kill()
+            raise OSError("the reader process closed its pipe at once")
 
     def stop(self) -> None:
         """Close the child's stdin (it exits), kill it if it lingers, unmap the region."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            try:
-                assert proc.stdin is not None
-                proc.stdin.close()
-            except OSError:
-                pass
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    assert pipe is not None
+                    pipe.close()
+                except OSError:
+                    pass
             try:
                 proc.wait(0.5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._fd = -1
         region, self._region = self._region, None
         if region is not None:
             try:
@@ -159,64 +163,56 @@ class ReaderProcess:
             except BufferError:  # numpy views of it still alive somewhere: the mapping goes with them
                 pass
 
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self.stop()
+
+    def _send(self, msg: dict[str, Any]) -> bool:
+        try:
+            assert self._proc is not None and self._proc.stdin is not None
+            self._proc.stdin.write(json.dumps(msg).encode() + b"\n")
+            self._proc.stdin.flush()
+            return True
+        except (OSError, ValueError, AssertionError):
+            return False
+
+    def _read(self) -> bool:
+        """Take what the pipe holds into :attr:`_lines`; False at its end (the child is gone)."""
+        while True:
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    self._lines.append(json.loads(line))
+                except ValueError:
+                    return False
+
     def wait_ready(self, timeout: float = START_TIMEOUT) -> bool:
         """Wait until the child has its client and says it is ready; False when it died or
         ``timeout`` seconds passed (it is then left running: a fetch waits again)."""
-        if not self._ready and self._proc is not None:
-            self._ready = self._wait(None, time.monotonic() + timeout) is not None
+        until = time.monotonic() + timeout
+        while not self._ready and self._proc is not None:
+            if self._lines:
+                self._ready = bool(self._lines.pop(0).get("ready"))
+                continue
+            left = until - time.monotonic()
+            if left <= 0 or not select.select([self._fd], [], [], left)[0]:
+                return False
+            if not self._read():
+                return False
         return self._ready
 
     def fetch(self, keys: Sequence[bytes], budget: float) -> ReaderOutcome:
-        """The longest valid run of ``keys`` from the first, in rounds of one slot, two in
-        flight; no round starts after ``budget`` seconds but the first."""
-        start = time.monotonic()
-        if not self.wait_ready():
-            return self._died(start, [], 0)
-        per = self.blocks_per_slot
-        rounds = [keys[lo:lo + per] for lo in range(0, len(keys), per)]
-        inflight: deque[tuple[int, int, int]] = deque()  # (request id, slot, round)
-        deadline = start + budget
-
-        def send(r: int, slot: int) -> bool:
-            rid = self._next_id
-            self._next_id += 1
-            msg = {"id": rid, "slot": slot, "keys": [k.hex() for k in rounds[r]],
-                   "budget": max(0.0, deadline - time.monotonic()), "first": r == 0}
-            try:
-                assert self._proc is not None and self._proc.stdin is not None
-                self._proc.stdin.write(json.dumps(msg).encode() + b"\n")
-                self._proc.stdin.flush()
-            except (OSError, ValueError):
-                return False
-            inflight.append((rid, slot, r))
-            return True
-
-        payloads: list[memoryview] = []
-        nbytes = 0
-        for r in range(min(2, len(rounds))):
-            if not send(r, r):
-                return self._died(start, payloads, nbytes)
-        sent = len(inflight)
-        while inflight:
-            rid, slot, r = inflight.popleft()
-            # the child's socket timeouts bound each of its batches; the round's share of the budget too
-            batches = -(-len(rounds[r]) // max(1, self._setup["batch_size"]))
-            wait_until = max(deadline, time.monotonic()) + (batches + 1) * self.timeout + GRACE
-            reply = self._wait(rid, wait_until)
-            if reply is None:
-                return self._died(start, payloads, nbytes)
-            n = reply["n"]
-            nbytes += reply["bytes"]
-            payloads += self._copy_out(slot, n)
-            if reply["stop"] != "end" or n < len(rounds[r]):
-                for other, _, _ in inflight:
-                    self._cancel(other)
-                return ReaderOutcome(payloads, nbytes, reply["stop"], reply["kind"], reply["what"])
-            if sent < len(rounds):
-                if not send(sent, slot):
-                    return self._died(start, payloads, nbytes)
-                sent += 1
-        return ReaderOutcome(payloads, nbytes, "end", "", "")
+        """The longest valid run of ``keys`` from the first (:func:`fetch_parts` of one part)."""
+        return fetch_parts([self], [keys], budget)[0]
 
     def _copy_out(self, slot: int, n: int) -> list[memoryview]:
         """Read-only views of ``n`` payloads copied out of ``slot`` (the copy releases the GIL)."""
@@ -230,54 +226,123 @@ class ReaderProcess:
         bb = self.block_bytes
         return [view[i * bb:(i + 1) * bb] for i in range(n)]
 
-    def _wait(self, rid: int | None, until: float) -> dict[str, Any] | None:
-        """The reply to ``rid`` (None: the ready line), skipping stale replies; None when the
-        child died or ``until`` passed."""
-        while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                return None
+
+class _Part:
+    """One process's share of a fetch, in rounds of a slot, two in flight."""
+
+    def __init__(self, proc: ReaderProcess, keys: Sequence[bytes], deadline: float) -> None:
+        self.proc = proc
+        per = proc.blocks_per_slot
+        self.rounds = [keys[lo:lo + per] for lo in range(0, len(keys), per)]
+        self.deadline = deadline
+        self.inflight: list[tuple[int, int, int]] = []  # (request id, slot, round), oldest first
+        self.sent = 0
+        self.payloads: list[memoryview] = []
+        self.nbytes = 0
+        self.outcome: ReaderOutcome | None = None
+        self.start = time.monotonic()
+        self.restarted = False  # its process was found dead and started again
+
+    def begin(self) -> None:
+        if not self.rounds:
+            self.outcome = ReaderOutcome([], 0, "end", "", "")
+            return
+        if not self.proc._send({"ping": 0}):  # it died since the last fetch (not reaped yet): a new one
             try:
-                reply = self._replies.get(timeout=left)
-            except queue.Empty:
-                return None
-            if reply is None:  # the pipe closed: the child is gone
-                return None
-            if rid is None:
-                if reply.get("ready"):
-                    return reply
-            elif reply.get("id") == rid:
-                return reply
-            # an answer to a request given up on (cancelled, or an earlier fetch's): skip it
+                self.proc.start()
+            except OSError:
+                self.died()
+                return
+            self.restarted = True
+        for slot in range(min(2, len(self.rounds))):
+            if not self._send(slot):
+                return
 
-    def _cancel(self, rid: int) -> None:
-        try:
-            assert self._proc is not None and self._proc.stdin is not None
-            self._proc.stdin.write(json.dumps({"cancel": rid}).encode() + b"\n")
-            self._proc.stdin.flush()
-        except (OSError, ValueError, AssertionError):
-            pass
+    def _send(self, slot: int) -> bool:
+        proc, r = self.proc, self.sent
+        rid = proc._next_id
+        proc._next_id += 1
+        msg = {"id": rid, "slot": slot, "keys": [k.hex() for k in self.rounds[r]],
+               "budget": max(0.0, self.deadline - time.monotonic()), "first": r == 0}
+        if not proc._send(msg):
+            self.died()
+            return False
+        self.inflight.append((rid, slot, r))
+        self.sent += 1
+        return True
 
-    def _died(self, start: float, payloads: list[memoryview], nbytes: int) -> ReaderOutcome:
+    def wait_until(self) -> float:
+        """When the oldest request in flight counts as lost: the budget, then each of its
+        batches' socket timeouts, then the grace (and the start-up allowance if not ready)."""
+        proc = self.proc
+        _, _, r = self.inflight[0]
+        batches = -(-len(self.rounds[r]) // max(1, proc.batch_size))
+        base = max(self.deadline, self.start)
+        extra = 0.0 if proc._ready else START_TIMEOUT
+        return base + (batches + 1) * proc.timeout + GRACE + extra
+
+    def on_lines(self) -> None:
+        """Handle the replies that arrived (skipping stale ones: cancelled or an earlier fetch's)."""
+        proc = self.proc
+        while proc._lines and self.outcome is None:
+            reply = proc._lines.pop(0)
+            if not proc._ready:
+                proc._ready = bool(reply.get("ready"))
+                continue
+            if not self.inflight or reply.get("id") != self.inflight[0][0]:
+                continue
+            _, slot, r = self.inflight.pop(0)
+            n = reply["n"]
+            self.nbytes += reply["bytes"]
+            self.payloads += proc._copy_out(slot, n)
+            if reply["stop"] != "end" or n < len(self.rounds[r]):
+                for other, _, _ in self.inflight:
+                    proc._send({"cancel": other})
+                self.outcome = ReaderOutcome(self.payloads, self.nbytes, reply["stop"], reply["kind"],
+                                             reply["what"])
+            elif self.sent < len(self.rounds):
+                self._send(slot)
+            elif not self.inflight:
+                self.outcome = ReaderOutcome(self.payloads, self.nbytes, "end", "", "")
+
+    def died(self) -> None:
         """The child died or hung: kill it; what was copied so far stands."""
-        proc = self._proc
-        what = "no reply within the timeout" if proc is not None and proc.poll() is None else (
+        proc = self.proc._proc
+        hung = proc is not None and proc.poll() is None
+        what = "no reply within the timeout" if hung else (
             f"the reader process exited ({None if proc is None else proc.returncode})")
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        self.stop()
-        return ReaderOutcome(payloads, nbytes, "reader", "reader_errors",
-                             f"{what} after {time.monotonic() - start:.2f} s")
+        self.proc._kill()
+        self.outcome = ReaderOutcome(self.payloads, self.nbytes, "reader", "reader_errors",
+                                     f"{what} after {time.monotonic() - self.start:.2f} s")
 
 
-def _read_replies(stdout: Any, replies: queue.Queue[dict[str, Any] | None]) -> None:
-    """Pipe lines -> ``replies`` (None at the end): a daemon thread per child."""
-    try:
-        for line in stdout:
-            try:
-                replies.put(json.loads(line))
-            except ValueError:
-                break
-    except (OSError, ValueError):
-        pass
-    replies.put(None)
+def fetch_parts(procs: Sequence[ReaderProcess], parts: Sequence[Sequence[bytes]],
+                budget: float) -> list[ReaderOutcome]:
+    """Fetch ``parts[i]`` through ``procs[i]``, all at once, from the calling thread: every
+    request sent first, then the pipes waited on together; one outcome per part. No round
+    starts after ``budget`` seconds but each part's first."""
+    deadline = time.monotonic() + budget
+    todo = [_Part(proc, keys, deadline) for proc, keys in zip(procs, parts)]
+    for part in todo:
+        part.begin()
+    while True:
+        pending = [p for p in todo if p.outcome is None]
+        if not pending:
+            return [p.outcome._replace(restarted=p.restarted) for p in todo]  # type: ignore[union-attr]
+        now = time.monotonic()
+        for p in pending:
+            if now >= p.wait_until():
+                p.died()
+        pending = [p for p in pending if p.outcome is None]
+        if not pending:
+            continue
+        left = max(0.0, min(p.wait_until() for p in pending) - now)
+        ready = select.select([p.proc._fd for p in pending], [], [], left)[0]
+        for p in pending:
+            if p.proc._fd in ready:
+                if p.proc._read():
+                    p.on_lines()
+                else:
+                    p.on_lines()  # replies that came before the end still count
+                    if p.outcome is None:
+                        p.died()

@@ -172,7 +172,6 @@ class RedisTier:
         self.reader_processes = (max(1, min(4, (os.cpu_count() or 1) // 4)) if reader_processes is None
                                  else reader_processes)
         self._processes: list[redis_reader.ReaderProcess] = []  # made at bind
-        self._part_pool: ThreadPoolExecutor | None = None  # waits on the processes after the first
         self._read_lock = threading.Lock()  # one fetch at a time through the reader process
         self.retry_after = float(retry_after)
         self.batch_size = batch_size
@@ -243,9 +242,6 @@ class RedisTier:
                 self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
                 timeout=self.timeout, batch_size=self.batch_size, fetch_threads=self.fetch_threads,
                 check_threads=self.check_threads, read_size=_READ_SIZE) for _ in range(self.reader_processes)]
-            if self.reader_processes > 1:
-                self._part_pool = ThreadPoolExecutor(self.reader_processes - 1,
-                                                     thread_name_prefix="kvforge-redis-part")
             for proc in self._processes:
                 if not self._start_reader(proc):
                     break
@@ -320,14 +316,14 @@ class RedisTier:
             k = max(1, min(len(self._processes), len(keys) // self.batch_size))
             bounds = [len(keys) * i // k for i in range(k + 1)]
             parts = [keys[bounds[i]:bounds[i + 1]] for i in range(k)]
-            later = [self._part_pool.submit(proc.fetch, part, self.fetch_budget)  # type: ignore[union-attr]
-                     for proc, part in zip(self._processes[1:], parts[1:])]
-            outcomes = [self._processes[0].fetch(parts[0], self.fetch_budget)] + [f.result() for f in later]
+            outcomes = redis_reader.fetch_parts(self._processes[:k], parts, self.fetch_budget)
         out: list[memoryview] = []
         nbytes = 0
         short = False
         for lo, part, got in zip(bounds, parts, outcomes):
             nbytes += got.nbytes
+            if got.restarted:
+                self._add(reader_starts=1)
             if got.stop == "refused":
                 self._refuse(got.kind, part[len(got.payloads)], got.what)
             elif got.stop == "fault" and got.kind == "server_errors":
@@ -383,7 +379,9 @@ class RedisTier:
         0 in back-off, when closed, or on a fault. Its socket timeout is
         ``lookup_timeout`` (50 ms, at most ``timeout``): a hung server costs the
         caller that, then back-off. The engine asks this before it
-        decides whether fetching is worth it, so a prompt the tier lacks waits for nothing."""
+        decides whether fetching is worth it, so a prompt the tier lacks waits for nothing.
+        Without a ttl the keys found join the recent set: a cache that computes them
+        instead of fetching does not write them again."""
         self._check_bound("lookup")
         check_keys(keys, "RedisTier.lookup keys")
         keys = list(keys)
@@ -402,6 +400,8 @@ class RedisTier:
             if not present:
                 break
             n += 1
+        if self.ttl is None:  # the server has them: a publish need not write them (unless a fetch refuses one)
+            self._remember(keys[:n])
         return n
 
     def _batches(self, batches: list[list[bytes]], deadline: float) -> Iterator[tuple[list[bytes], Any]]:
@@ -535,8 +535,7 @@ class RedisTier:
         with self._read_lock:
             for proc in self._processes:
                 proc.stop()
-        if self._part_pool is not None:
-            self._part_pool.shutdown(wait=False)
+
         for client in (self._reader, self._writer, self._looker):
             try:
                 client.close()
