@@ -27,7 +27,8 @@ from torch import Tensor
 
 from kvforge.errors import KernelError
 
-__all__ = ["FP8_DTYPES", "FP8_MAX", "KVScales", "is_fp8", "fp8_max", "quantize", "dequantize", "as_scale", "scale_for_amax"]
+__all__ = ["FP8_DTYPES", "FP8_MAX", "KVScales", "is_fp8", "fp8_max", "quantize", "dequantize", "as_scale",
+           "scale_for_amax"]
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: the largest finite value of each format (where saturation clamps)
@@ -92,7 +93,8 @@ def as_scale(value: object, name: str, num_kv_heads: int, device: torch.device) 
     if t.device.type == "cpu":
         bad = ~(torch.isfinite(t) & (t > 0))
         if bool(bad.any()):
-            raise KernelError(f"{name}: expected positive finite scales, got {t.reshape(-1)[bad.reshape(-1)][0].item()!r}")
+            first = t.reshape(-1)[bad.reshape(-1)][0].item()
+            raise KernelError(f"{name}: expected positive finite scales, got {first!r}")
     if t.dtype == torch.float32 and tuple(t.shape) == (num_kv_heads,) and t.device == device and t.is_contiguous():
         return t
     return t.to(device=device, dtype=torch.float32).reshape(-1).expand(num_kv_heads).contiguous()

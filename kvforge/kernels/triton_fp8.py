@@ -102,7 +102,8 @@ def decode_mode(cache_dtype: torch.dtype, device: torch.device) -> int:
     if FORCE_DECODE == "native":
         return 1
     if FORCE_DECODE != "bits":
-        index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+        index = device.index if device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else 0)
         if _native_ok(device.type, index):
             return 1
     return 2 if cache_dtype == E4M3 else 3
