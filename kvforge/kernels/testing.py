@@ -84,13 +84,13 @@ def paged_from_dense(
         token_offsets.append(pos % block_size)
     block = torch.cat(token_blocks).to(ref.device)
     offset = torch.cat(token_offsets).to(ref.device)
-    all_k, all_v = torch.cat(list(keys)), torch.cat(list(values))
-    fp8 = ref.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)  # scattered as bytes: every device indexes uint8
+    fp8 = ref.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)  # moved as bytes: every device handles uint8
     raw = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)
+    all_k, all_v = torch.cat([raw(k) for k in keys]), torch.cat([raw(v) for v in values])
     for j, chunk in enumerate(chunks):
         sel = block // chunk_blocks == j
-        raw(chunk[layer, 0])[block[sel] % chunk_blocks, offset[sel]] = raw(all_k)[sel]
-        raw(chunk[layer, 1])[block[sel] % chunk_blocks, offset[sel]] = raw(all_v)[sel]
+        raw(chunk[layer, 0])[block[sel] % chunk_blocks, offset[sel]] = all_k[sel]
+        raw(chunk[layer, 1])[block[sel] % chunk_blocks, offset[sel]] = all_v[sel]
     return PagedKV(
         chunks=chunks,
         k_cache=[c[layer, 0] for c in chunks],

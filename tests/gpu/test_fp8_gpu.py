@@ -64,7 +64,7 @@ def test_store_bytes_match_the_cpu_quantizer(dtype) -> None:
     x = torch.cat([x, torch.zeros(n * 256 - x.numel())]).view(n, 2, 128)
     for model_dtype, scale in ((torch.float32, torch.ones(2)), (BF16, torch.tensor([0.37, 0.0051]))):
         xm = x.to(model_dtype)
-        cache = torch.zeros(-(-n // 16), 16, 2, 128, dtype=dtype, device=DEV)
+        cache = torch.zeros(-(-n // 16), 16, 2, 128, dtype=torch.uint8, device=DEV).view(dtype)
         view = describe_cache(cache, cache.clone(), k_scale=scale.to(DEV), v_scale=scale.to(DEV),
                               model_dtype=model_dtype)
         store_kv(xm.to(DEV), xm.to(DEV), view, None, torch.arange(n, dtype=torch.int32, device=DEV))
