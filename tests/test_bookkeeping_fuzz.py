@@ -307,7 +307,8 @@ class ManagerMachine(RuleBasedStateMachine):
         pending = len(seq.tokens) - seq.reserved
         gen = data.draw(st.lists(VOCAB, min_size=max(0, n - pending), max_size=max(0, n - pending)))
         if seq.unc and n:  # ids still to come: nothing may follow them
-            self._expect_failure(SequenceError, lambda: self.m.append_tokens(sid, n, token_ids=gen if with_ids else None))
+            ids = gen if with_ids else None
+            self._expect_failure(SequenceError, lambda: self.m.append_tokens(sid, n, token_ids=ids))
             return
         if with_ids and pending and n:
             self._expect_failure(SequenceError, lambda: self.m.append_tokens(sid, n, token_ids=[0] * n))
@@ -491,6 +492,19 @@ class ManagerMachine(RuleBasedStateMachine):
             return
         self.m.truncate(sid, n)
         seq.truncate(n)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def truncate_batch(self, data) -> None:
+        """Several truncations in one call (a speculative step's rejections)."""
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.seqs)), unique=True, min_size=1, max_size=5))
+        counts = [data.draw(st.integers(0, self.seqs[s].reserved)) for s in ids]
+        if any(len(self.seqs[s].tokens) > self.seqs[s].reserved for s in ids):
+            self._expect_failure(SequenceError, lambda: self.m.truncate_batch(ids, counts))
+            return
+        self.m.truncate_batch(ids, counts)
+        for sid, n in zip(ids, counts):
+            self.seqs[sid].truncate(n)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())

@@ -67,11 +67,15 @@ class ReservingModel(Model):
         self.cache.commit_token_ids([sid], toks[start:start + k], [k])
         self.unc[sid] -= k
 
-    def truncate(self, sid: object, n: int) -> None:
-        self.cache.truncate(sid, n)
-        toks = self.tokens[sid]
-        self.unc[sid] = max(0, self.unc[sid] - (len(toks) - n))
-        del toks[n:]
+    def truncate(self, sids: list[object], counts: list[int]) -> None:
+        if len(sids) == 1:
+            self.cache.truncate(sids[0], counts[0])
+        else:
+            self.cache.truncate_batch(sids, counts)
+        for sid, n in zip(sids, counts):
+            toks = self.tokens[sid]
+            self.unc[sid] = max(0, self.unc[sid] - (len(toks) - n))
+            del toks[n:]
 
     def verify(self) -> None:
         super().verify()
@@ -140,8 +144,8 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.m.tokens)
     @rule(data=st.data())
     def truncate(self, data):
-        sid = data.draw(st.sampled_from(sorted(self.m.tokens)))
-        self.m.truncate(sid, data.draw(st.integers(0, len(self.m.tokens[sid]))))
+        sids = data.draw(st.lists(st.sampled_from(sorted(self.m.tokens)), unique=True, min_size=1, max_size=3))
+        self.m.truncate(sids, [data.draw(st.integers(0, len(self.m.tokens[s]))) for s in sids])
 
     @precondition(lambda self: self.m.tokens)
     @rule(data=st.data())

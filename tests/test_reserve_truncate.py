@@ -421,6 +421,53 @@ def test_truncate_refusals_change_nothing():
     assert m.num_tokens("a") == 3
 
 
+def build_mixed(m: BlockManager) -> list:
+    """Sequences of every kind a truncation meets: own keyed tails, forks, prefix hits,
+    uncommitted tokens, an unknown one, a short one."""
+    m.add_sequence("own", list(range(13)))          # blocks keyed through 12
+    m.add_sequence("fork", list(range(100, 110)))
+    m.fork("fork", "fork2")
+    m.add_sequence("hit", list(range(12)) + [7])    # prefix hit on own's first three blocks
+    m.add_sequence("resv", [1, 2, 3])
+    m.reserve_tokens_batch(["resv"], 6)
+    m.commit_token_ids(["resv"], [4, 5], 2)
+    m.add_sequence("bare", num_tokens=7)
+    m.add_sequence("short", [9])
+    # those that drop blocks first: a batch decides its tails after every drop of the batch
+    return [("own", 6), ("fork2", 5), ("fork", 9), ("hit", 10), ("resv", 6), ("bare", 3), ("short", 1)]
+
+
+def test_truncate_batch_is_the_sequence_of_truncates():
+    a, b = mgr(32), mgr(32)
+    cuts = build_mixed(a)
+    build_mixed(b)
+    for sid, n in cuts:
+        a.truncate(sid, n)
+    b.truncate_batch([s for s, _ in cuts], [n for _, n in cuts])
+    assert unchanged(state(b), state(a))
+    assert [b.tables.is_tail_shared(b._seqs.row(s)) for s, _ in cuts] == \
+        [a.tables.is_tail_shared(a._seqs.row(s)) for s, _ in cuts]
+    b.check_invariants()
+    b.truncate_batch(["own", "fork"], 0)
+    assert b.num_tokens("own") == b.num_tokens("fork") == 0 and b.token_ids("own") == []
+    b.truncate_batch([], [])
+    b.check_invariants()
+
+
+def test_truncate_batch_refusals_change_nothing():
+    m = mgr(32)
+    build_mixed(m)
+    m.add_sequence("chunked", [61, 62, 63, 64, 65], num_tokens=2)
+    refused(m, SequenceError, r"truncate_batch\(\): sequence 'short' has 1 tokens; cannot keep 2",
+            lambda: m.truncate_batch(["own", "short"], [1, 2]))
+    refused(m, SequenceError, "names sequence 'own' 2 times", lambda: m.truncate_batch(["own", "own"], 1))
+    refused(m, SequenceError, "unknown sequence 'z'", lambda: m.truncate_batch(["own", "z"], 1))
+    refused(m, SequenceError, "must be >= 0, got -1", lambda: m.truncate_batch(["own"], [-1]))
+    refused(m, SequenceError, r"one per sequence \(2\), got 1", lambda: m.truncate_batch(["own", "hit"], [1]))
+    refused(m, SequenceError, "'chunked' still has 3 prompt tokens pending",
+            lambda: m.truncate_batch(["own", "chunked"], [1, 2]))
+
+
 def test_queued_copies_into_a_block_truncated_away_are_dropped():
     m = mgr()
     m.add_sequence("a", PROMPT)

@@ -38,6 +38,8 @@ Semantics, all or nothing (every argument is checked before anything changes):
   prefix hit) or it stays keyed for them, it is left to them untouched and
   the sequence's next append copies it first (copy-on-write), so their
   tokens are never overwritten. Refused while prompt tokens are pending.
+  :meth:`SequenceReservations.truncate_batch` truncates many sequences in one
+  vectorised call.
 
 :class:`SequenceReservations` is that part of :class:`~kvforge.core.manager.BlockManager`.
 """
@@ -49,7 +51,7 @@ import numpy as np
 
 from kvforge.core.chains import KeyChain
 from kvforge.core.host_tier import HostTier
-from kvforge.core.ids import MAX_COUNT, as_int, count_array, indexable, token_array
+from kvforge.core.ids import as_int, count_array, indexable, token_array
 from kvforge.core.pool import BlockPool
 from kvforge.core.prefix import PrefixIndex
 from kvforge.core.sequences import SequenceRows
@@ -156,7 +158,7 @@ class SequenceReservations:
         row, chain = self._seqs.get(seq_id)
         tables, pool, bs = self.tables, self.pool, self.block_size
         n = tables.num_tokens(row)
-        num_tokens = as_int(num_tokens, f"truncate({seq_id!r}) num_tokens", high=MAX_COUNT)
+        num_tokens = as_int(num_tokens, f"truncate({seq_id!r}) num_tokens")
         if num_tokens > n:
             raise SequenceError(f"truncate(): sequence {seq_id!r} has {n} tokens; cannot keep {num_tokens}")
         if tables.num_pending(row):
@@ -166,15 +168,61 @@ class SequenceReservations:
             return
         shared = False
         if num_tokens % bs:  # a partial last block: whose is it?
-            tail = int(tables.blocks(row, num_tokens // bs, num_tokens // bs + 1)[0])
+            tail = tables.blocks(row, num_tokens // bs, num_tokens // bs + 1)[0]
             if pool.ref_count(tail) > 1:
                 shared = True  # the others keep it, and its key: the next append copies it
             elif pool.is_cached(tail):
                 self.prefix._unregister(tail)  # this sequence's only: it will be written again
-        dropped = tables.truncate_row(row, num_tokens, shared)
         chain.truncate(num_tokens // bs)
+        self._release_truncated(tables.truncate_row(row, num_tokens, shared)[::-1])
+
+    def truncate_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] | np.ndarray) -> None:
+        """:meth:`truncate` of many sequences in one vectorised call (a speculative step's
+        rejected drafts): sequence ``i`` keeps its first ``num_tokens[i]`` tokens (an int:
+        the same for all). All or nothing; a sequence named twice is refused. The same as
+        truncating them one by one, those that drop blocks first (a block another sequence
+        of the batch lets go of counts as let go when its new owner's tail is decided)."""
+        seq_ids = indexable(seq_ids)
+        rows = self._seqs.distinct_rows(seq_ids, "truncate_batch() seq_ids")
+        counts = count_array(num_tokens, len(rows), "truncate_batch() num_tokens")
+        tables, pool, bs, what = self.tables, self.pool, self.block_size, "truncate_batch()"
+        ntok = tables.num_tokens_of(rows)
+        over = counts > ntok
+        if np.count_nonzero(over):
+            i = int(np.flatnonzero(over)[0])
+            raise SequenceError(f"{what}: sequence {seq_ids[i]!r} has {int(ntok[i])} tokens; "
+                                f"cannot keep {int(counts[i])}")
+        pend = tables.pending_of(rows)
+        if np.count_nonzero(pend):
+            i = int(np.flatnonzero(pend)[0])
+            raise SequenceError(f"{what}: sequence {seq_ids[i]!r} still has {int(pend[i])} prompt tokens "
+                                f"pending (chunked prefill); append them first")
+        cut = np.flatnonzero(counts < ntok)
+        if not len(cut):
+            return
+        rows, counts = rows[cut], counts[cut]
+        dropped = tables.truncate_rows(rows, counts)
+        partial = np.flatnonzero(counts % bs)
+        if len(partial):  # a partial last block: whose is it, once this batch's drops are done?
+            drops: dict[int, int] = {}
+            for b in dropped:
+                drops[b] = drops.get(b, 0) + 1
+            part_rows = rows[partial].tolist()
+            for row, tail in zip(part_rows, tables.last_blocks(part_rows)):
+                if pool.ref_count(tail) - drops.get(tail, 0) > 1:
+                    tables.mark_tail_shared(row)  # the others keep it, and its key: the next append copies it
+                elif pool.is_cached(tail):
+                    self.prefix._unregister(tail)  # this sequence's only: it will be written again
+        for i, n in zip(cut.tolist(), counts.tolist()):
+            self._seqs.state(seq_ids[i]).truncate(n // bs)
+        self._release_truncated(dropped)
+
+    def _release_truncated(self, dropped: list[int]) -> None:
+        """Drop the truncated sequences' references on the blocks past their new ends (each
+        sequence's last block first, as ``free_sequence``: eviction takes it first)."""
         if dropped:
-            pool.free(dropped[::-1])  # tail first, as free_sequence
+            pool = self.pool
+            pool.free(dropped)
             if self.pending_copies:  # a queued copy into a block now free would write nobody's block
                 self.pending_copies = [(s, d) for s, d in self.pending_copies
                                        if pool.ref_count(d) or pool.is_cached(d)]

@@ -13,8 +13,9 @@ one is committed the row is known again exactly when its head was.
 
 :meth:`UncommittedRows.mark_reserved` records a reservation (the append path
 reserved the slots), :meth:`UncommittedRows.commit_ids` writes ids into the
-oldest uncommitted slots, :meth:`UncommittedRows.truncate_row` takes a row
-back to fewer tokens (uncommitted ones go first, as they are the last).
+oldest uncommitted slots, :meth:`UncommittedRows.truncate_row` (one row, scalar: a
+single call's fast path) and :meth:`UncommittedRows.truncate_rows` (many,
+vectorised) take rows back to fewer tokens (uncommitted ones go first, as they are the last).
 :class:`UncommittedRows` is that part of :class:`~kvforge.core.tables.BlockTables`;
 the manager (:mod:`~kvforge.core.reservations`) checks every argument first.
 """
@@ -140,4 +141,34 @@ class UncommittedRows(TableRows):
         if num_tokens == 0:
             self._known[row] = True
         self._shared_tail[row] = bool(shared_tail and num_tokens % bs)
+        return dropped
+
+    def truncate_rows(self, rows: np.ndarray, num_tokens: np.ndarray) -> list[int]:
+        """Take each row back to its first ``num_tokens[i]`` tokens (fewer than it has; it has
+        no pending prompt tokens); return the block ids they no longer hold, row after row,
+        each row's last block first.
+
+        As :meth:`truncate_row`, vectorised; every row's shared-tail flag is cleared (the
+        caller flags the rows whose new partial last block is shared: ``mark_tail_shared``)."""
+        bs = self.block_size
+        keep, nb = -(-num_tokens // bs), self._nblk[rows]
+        width = int(nb.max()) if len(rows) else 0
+        sub = self._tables[rows, :width]
+        cols = np.arange(width)[None, :]
+        gone = (cols >= keep[:, None]) & (cols < nb[:, None])
+        dropped = sub[:, ::-1][gone[:, ::-1]].tolist()
+        sub[gone] = -1
+        self._tables[rows, :width] = sub
+        cut = self._ntok[rows] - num_tokens
+        self._nblk[rows], self._ntok[rows] = keep, num_tokens
+        unc = self._nunc[rows]
+        if np.count_nonzero(unc):
+            left = np.maximum(0, unc - cut)
+            self._nunc[rows] = left
+            done = rows[(unc > 0) & (left == 0)]
+            self._known[done] = self._head_known[done]
+            self._head_known[done] = False
+            self._num_uncommitted_rows -= len(done)
+        self._known[rows[num_tokens == 0]] = True
+        self._shared_tail[rows] = False
         return dropped

@@ -29,7 +29,7 @@ SeqId = Hashable
 
 
 class PendingMethods:
-    """``reserve_tokens_batch`` / ``commit_token_ids`` / ``truncate`` of a
+    """``reserve_tokens_batch`` / ``commit_token_ids`` / ``truncate`` / ``truncate_batch`` of a
     :class:`~kvforge.storage.KVCache` (a mixin)."""
 
     manager: BlockManager
@@ -56,6 +56,11 @@ class PendingMethods:
         uncommitted ones too): whole blocks past the end are released, a block others
         share is left to them. All or nothing; see :meth:`kvforge.core.BlockManager.truncate`."""
         self.manager.truncate(seq_id, num_tokens)
+
+    def truncate_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] | np.ndarray) -> None:
+        """:meth:`truncate` of many sequences in one vectorised call (sequence ``i`` keeps its
+        first ``num_tokens[i]``; an int: the same for all). All or nothing."""
+        self.manager.truncate_batch(seq_ids, num_tokens)
 
     def num_uncommitted_tokens(self, seq_id: SeqId) -> int:
         """The sequence's last tokens whose slots are reserved and whose ids are not committed yet."""
