@@ -345,6 +345,10 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceReservations, Seq
         for rec in self.host.swapped.values():  # device blocks a swapped sequence shares with others
             for b in rec.device_blocks():
                 refs[b] = refs.get(b, 0) + 1
+            unc = rec.num_uncommitted
+            assert 0 <= unc <= rec.num_tokens and not (unc and rec.num_pending), "swapped uncommitted tokens"
+            assert rec.token_ids is None or len(rec.token_ids) == rec.num_tokens - unc + rec.num_pending, \
+                "swapped token ids do not match its counts"
         for b, k in refs.items():
             assert self.pool.ref_count(b) == k, f"block {b}: ref {self.pool.ref_count(b)} != {k} table entries"
         assert self.pool.num_allocated_blocks == len(refs), "held blocks not in any table"
