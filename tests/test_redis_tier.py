@@ -570,7 +570,7 @@ def _wait_dead(pid: int, seconds: float = 5.0) -> bool:
 @pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
 def test_a_reader_process_that_dies_costs_one_fetch_then_a_new_one_serves(redis: RedisServer,
                                                                          tiers: list[RedisTier]) -> None:
-    t = tier_on(redis, "reader-dies", reader="process")
+    t = tier_on(redis, "reader-dies", reader="process", reader_processes=1)
     tiers.append(t)
     assert RedisTier(redis.url()).reader == "process"  # the default on Linux
     publish_all(t, [0, 1, 2])
@@ -583,7 +583,7 @@ def test_a_reader_process_that_dies_costs_one_fetch_then_a_new_one_serves(redis:
     second = t.reader_pid
     assert t.stats().reader_starts == 2 and t.stats().reader_errors == 0 and second not in (None, first)
     # during a fetch (blocked on a paused server, whose timeout is far off): noticed at once
-    slow = tier_on(redis, "reader-dies", reader="process", timeout=5.0)
+    slow = tier_on(redis, "reader-dies", reader="process", reader_processes=1, timeout=5.0)
     tiers.append(slow)
     victim = slow.reader_pid
     assert victim is not None
@@ -610,7 +610,7 @@ def test_a_reader_process_that_dies_costs_one_fetch_then_a_new_one_serves(redis:
 @pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
 def test_a_hung_reader_process_is_bounded_killed_and_replaced(redis: RedisServer, tiers: list[RedisTier]) -> None:
     budget = 0.3
-    t = tier_on(redis, "reader-hangs", reader="process", fetch_budget=budget)
+    t = tier_on(redis, "reader-hangs", reader="process", reader_processes=1, fetch_budget=budget)
     tiers.append(t)
     publish_all(t, [0, 1])
     assert len(t.fetch([key(0), key(1)])) == 2
