@@ -576,12 +576,12 @@ def test_a_reader_process_that_dies_costs_one_fetch_then_a_new_one_serves(redis:
     publish_all(t, [0, 1, 2])
     assert [bytes(p) for p in t.fetch([key(i) for i in range(3)])] == [payload(i) for i in range(3)]
     first = t.reader_pid
-    assert first is not None and first != os.getpid() and t.stats().reader_starts == 1
+    assert first is not None and first != os.getpid() and t.stats().reader_starts == 2  # a reader, the writer
     os.kill(first, signal.SIGKILL)  # between fetches: the next one starts a new process first
     assert _wait_dead(first)
     assert [bytes(p) for p in t.fetch([key(i) for i in range(3)])] == [payload(i) for i in range(3)]
     second = t.reader_pid
-    assert t.stats().reader_starts == 2 and t.stats().reader_errors == 0 and second not in (None, first)
+    assert t.stats().reader_starts == 3 and t.stats().reader_errors == 0 and second not in (None, first)
     # during a fetch (blocked on a paused server, whose timeout is far off): noticed at once
     slow = tier_on(redis, "reader-dies", reader="process", reader_processes=1, timeout=5.0)
     tiers.append(slow)
@@ -602,7 +602,15 @@ def test_a_reader_process_that_dies_costs_one_fetch_then_a_new_one_serves(redis:
     s = slow.stats()
     assert (s.reader_errors, s.misses, s.timeouts, s.connection_errors) == (1, 1, 0, 0) and slow.is_backing_off
     time.sleep(RETRY + 0.05)
-    assert [bytes(p) for p in slow.fetch([key(0)])] == [payload(0)] and slow.stats().reader_starts == 2
+    assert [bytes(p) for p in slow.fetch([key(0)])] == [payload(0)] and slow.stats().reader_starts == 3
+    # the writer process: killed between publishes, the next one starts a new one and writes
+    writer = slow.writer_pid
+    assert writer is not None and writer not in slow.reader_pids
+    os.kill(writer, signal.SIGKILL)
+    assert _wait_dead(writer)
+    publish_all(slow, [7])
+    assert slow.stats().blocks_written == 1 and slow.writer_pid not in (None, writer)
+    assert [bytes(p) for p in slow.fetch([key(7)])] == [payload(7)]
     t.close()
     assert _wait_dead(second) and t.reader_pid is None
 
@@ -632,7 +640,7 @@ def test_a_hung_reader_process_is_bounded_killed_and_replaced(redis: RedisServer
             pass
     time.sleep(RETRY + 0.05)
     assert [bytes(p) for p in t.fetch([key(0), key(1)])] == [payload(0), payload(1)]
-    assert t.stats().reader_starts == 2
+    assert t.stats().reader_starts == 3
 
 
 def test_reader_choice_is_checked(redis: RedisServer) -> None:
@@ -690,6 +698,6 @@ def test_a_fetch_split_over_reader_processes_keeps_key_order_and_stops_at_the_fi
     assert _wait_dead(victim)
     publish_all(t, [5, 9])
     assert [bytes(p) for p in t.fetch(keys)] == [payload(i) for i in range(12)]
-    assert t.stats().reader_starts == 4 and t.stats().reader_errors == 0 and victim not in t.reader_pids
+    assert t.stats().reader_starts == 5 and t.stats().reader_errors == 0 and victim not in t.reader_pids
     with pytest.raises(ConfigError, match="reader_processes"):
         RedisTier(redis.url(), reader_processes=0)

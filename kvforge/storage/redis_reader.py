@@ -214,6 +214,36 @@ class ReaderProcess:
         """The longest valid run of ``keys`` from the first (:func:`fetch_parts` of one part)."""
         return fetch_parts([self], [keys], budget)[0]
 
+    def write(self, keys: Sequence[bytes], payloads: Sequence[memoryview], px: int | None,
+              timeout: float) -> dict[str, Any] | None:
+        """Copy ``payloads`` (one block each, at most a slot's worth) into slot 0 and have the
+        child frame and ``SET`` them; its answer, or None when it died or gave none within
+        ``timeout`` seconds (it is then killed)."""
+        assert self._region is not None and len(keys) <= self.blocks_per_slot
+        slots = np.frombuffer(self._region, dtype=np.uint8)
+        bb = self.block_bytes
+        for i, payload in enumerate(payloads):  # each copy releases the GIL
+            np.copyto(slots[i * bb:(i + 1) * bb], np.frombuffer(payload, dtype=np.uint8))
+        del slots
+        rid = self._next_id
+        self._next_id += 1
+        until = time.monotonic() + timeout + (0.0 if self._ready else START_TIMEOUT)
+        if not self._send({"id": rid, "write": True, "slot": 0, "keys": [k.hex() for k in keys], "px": px}):
+            self._kill()
+            return None
+        while True:
+            while self._lines:
+                reply = self._lines.pop(0)
+                if not self._ready:
+                    self._ready = bool(reply.get("ready"))
+                elif reply.get("id") == rid:
+                    return reply
+            left = until - time.monotonic()
+            if left <= 0 or not select.select([self._fd], [], [], left)[0] or not self._read():
+                if not self._lines:
+                    self._kill()
+                    return None
+
     def _copy_out(self, slot: int, n: int) -> list[memoryview]:
         """Read-only views of ``n`` payloads copied out of ``slot`` (the copy releases the GIL)."""
         if not n:

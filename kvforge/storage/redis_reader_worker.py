@@ -24,8 +24,11 @@ Then each request ``{"id", "slot", "keys": [hex], "budget"}`` (or
 at ``slot``'s offset in the shared region, one ``block_bytes`` apart;
 ``stop`` says why the run ended (``end``, ``miss``, ``refused``, ``fault``,
 ``budget``, ``cancelled``), ``kind`` names the refusal or fault counter and
-``what`` what was found (the parent scrubs secrets before it logs). The
-process exits when stdin closes.
+``what`` what was found (the parent scrubs secrets before it logs). A write
+request ``{"id", "write": true, "slot", "keys", "px"}`` (the tier's writer
+process) frames the payloads at ``slot`` and ``SET`` s them in one
+pipeline; its answer lists each key's refusal (``errors``). The process
+exits when stdin closes.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def main(wire: Any) -> None:
     stdout.write(b'{"ready": true}\n')
     stdout.flush()
     while (req := requests.get()) is not None:
-        reply = worker.serve(req)
+        reply = worker.write(req) if req.get("write") else worker.serve(req)
         worker.cancelled.discard(req["id"])
         stdout.write(json.dumps(reply).encode() + b"\n")
         stdout.flush()
@@ -149,6 +152,35 @@ class _Worker:
             for future in pending:
                 future.cancel()
         return {"id": rid, "n": n, "bytes": nbytes, "stop": stop, "kind": kind, "what": what}
+
+    def write(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Frame the payloads at ``slot`` (header and checksum) and ``SET`` them in one pipeline;
+        per key None (written) or ``[class name, message]`` of the server's refusal."""
+        rid, hexkeys, px = req["id"], req["keys"], req["px"]
+        base = req["slot"] * self.slot_bytes
+        bb = self.block_bytes
+        view = memoryview(self.region)
+
+        def frame(i: int) -> bytes:
+            at = base + i * bb
+            return self.wire.frame(self.fingerprint, bytes.fromhex(hexkeys[i]), view[at:at + bb])
+        n = len(hexkeys)
+        values = (list(self.checkers.map(frame, range(n))) if self.checkers is not None and n * bb > 1 << 20
+                  else [frame(i) for i in range(n)])
+        pipe = self.client.pipeline(transaction=False)
+        for hk, value in zip(hexkeys, values):
+            pipe.set(self.prefix + hk, value, px=px)
+        del values, view
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except self.errors.TimeoutError as exc:
+            return {"id": rid, "stop": "fault", "kind": "timeouts", "what": f"{type(exc).__name__}: {exc}"}
+        except (self.errors.ConnectionError, OSError) as exc:
+            return {"id": rid, "stop": "fault", "kind": "connection_errors", "what": f"{type(exc).__name__}: {exc}"}
+        except self.errors.RedisError as exc:
+            return {"id": rid, "stop": "fault", "kind": "server_errors", "what": f"server error: {exc}"}
+        errors = [[type(r).__name__, str(r)] if isinstance(r, Exception) else None for r in results]
+        return {"id": rid, "stop": "end", "kind": "", "what": "", "errors": errors}
 
     def _place(self, values: list[Any], hexkeys: list[str], first: int, base: int) -> list[Any]:
         """Check each value of a batch (the ``first``-th key's on) and copy its payload to its

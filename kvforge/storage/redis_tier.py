@@ -19,7 +19,11 @@ of this process.
 Writes. :meth:`RedisTier.publish` queues a job (bounded: ``max_pending``
 jobs; a full queue drops the job, counted) for one daemon writer thread,
 which calls the job's payload thunk, frames the values and writes them with
-pipelined ``SET`` (``PX`` the ttl when one is given). Plain ``SET``, not
+pipelined ``SET`` (``PX`` the ttl when one is given). With
+``reader="process"`` the thread only copies the payloads into a writer
+process's shared memory (without the GIL); that process frames, checksums
+and sends them, so publishing costs the engine's interpreter next to
+nothing. Plain ``SET``, not
 ``SET NX``: a rewrite refreshes a hot block's expiry and repairs a corrupt
 value. Rewrites are kept rare by a bounded LRU of the keys this process
 wrote recently (or, without a ttl, read), skipped while younger than half
@@ -172,7 +176,9 @@ class RedisTier:
         self.reader_processes = (max(1, min(4, (os.cpu_count() or 1) // 4)) if reader_processes is None
                                  else reader_processes)
         self._processes: list[redis_reader.ReaderProcess] = []  # made at bind
-        self._read_lock = threading.Lock()  # one fetch at a time through the reader process
+        self._writer_process: redis_reader.ReaderProcess | None = None  # frames and writes, for the writer thread
+        self._read_lock = threading.Lock()  # one fetch at a time through the reader processes
+        self._write_lock = threading.Lock()  # the writer process: the writer thread's, and wait_ready's
         self.retry_after = float(retry_after)
         self.batch_size = batch_size
         self.max_pending = max_pending
@@ -242,7 +248,12 @@ class RedisTier:
                 self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
                 timeout=self.timeout, batch_size=self.batch_size, fetch_threads=self.fetch_threads,
                 check_threads=self.check_threads, read_size=_READ_SIZE) for _ in range(self.reader_processes)]
-            for proc in self._processes:
+            self._writer_process = redis_reader.ReaderProcess(
+                self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
+                timeout=self.timeout, batch_size=self.batch_size, fetch_threads=1,
+                check_threads=self.check_threads, read_size=_READ_SIZE,
+                slot_bytes=self.batch_size * layout.block_bytes)
+            for proc in self._processes + [self._writer_process]:
                 if not self._start_reader(proc):
                     break
 
@@ -361,12 +372,23 @@ class RedisTier:
         self._check_bound("wait_ready")
         deadline = time.monotonic() + timeout
         with self._read_lock:
-            return all(p.alive and p.wait_ready(max(0.0, deadline - time.monotonic())) for p in self._processes)
+            if not all(p.alive and p.wait_ready(max(0.0, deadline - time.monotonic())) for p in self._processes):
+                return False
+        writer = self._writer_process
+        if writer is None:
+            return True
+        with self._write_lock:
+            return writer.alive and writer.wait_ready(max(0.0, deadline - time.monotonic()))
 
     @property
     def reader_pid(self) -> int | None:
         """The first reader process's id (None: reads run on threads, or it is not running)."""
         return self._processes[0].pid if self._processes else None
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's id (None: writes run on this process's writer thread, or it is not running)."""
+        return None if self._writer_process is None else self._writer_process.pid
 
     @property
     def reader_pids(self) -> list[int | None]:
@@ -535,7 +557,9 @@ class RedisTier:
         with self._read_lock:
             for proc in self._processes:
                 proc.stop()
-
+        if self._writer_process is not None:
+            with self._write_lock:
+                self._writer_process.stop()
         for client in (self._reader, self._writer, self._looker):
             try:
                 client.close()
@@ -601,20 +625,25 @@ class RedisTier:
                     continue
                 keys.append(job.keys[i])
                 names.append(self.name_of(job.keys[i]))
-                values.append(self.frame(job.keys[i], data))
+                # with a writer process, the payload goes there and is framed there
+                values.append(data if self._writer_process is not None else self.frame(job.keys[i], data))
             if not names:
                 continue
-            pipe = self._writer.pipeline(transaction=False)
-            for name, value in zip(names, values):
-                pipe.set(name, value, px=px)
-            results = self._call("publish", pipe.execute, raise_on_error=False)
+            if self._writer_process is not None:
+                results = self._set_in_process(keys, values, px)
+            else:
+                pipe = self._writer.pipeline(transaction=False)
+                for name, value in zip(names, values):
+                    pipe.set(name, value, px=px)
+                results = self._call("publish", pipe.execute, raise_on_error=False)
+                values = [len(v) for v in values]
             if results is None:  # connection fault: in back-off now, the rest of the job is dropped
                 self._add(dropped_jobs=1)
                 return
             ok = [k for k, r in zip(keys, results) if not isinstance(r, Exception)]
             errors = [r for r in results if isinstance(r, Exception)]
             self._add(blocks_written=len(ok), write_errors=len(errors),
-                      bytes_written=sum(len(v) for v, r in zip(values, results) if not isinstance(r, Exception)))
+                      bytes_written=sum(n for n, r in zip(values, results) if not isinstance(r, Exception)))
             self._remember(ok)
             if errors:
                 full = any(str(e).startswith("OOM") or isinstance(e, getattr(self._errors, "OutOfMemoryError", ()))
@@ -626,6 +655,32 @@ class RedisTier:
                 if full:
                     self._add(dropped_jobs=1)
                     return
+
+    def _set_in_process(self, keys: list[bytes], payloads: list[Any], px: int | None) -> list[Any] | None:
+        """One batch through the writer process: per key an exception (the server refused it) or
+        the value's size; None after a fault (counted; connection faults and a dead or hung
+        writer process back off). ``payloads`` becomes the value sizes."""
+        proc = self._writer_process
+        assert proc is not None
+        with self._write_lock:
+            if not proc.alive and not self._start_reader(proc):
+                return None
+            batches = -(-len(keys) // self.batch_size)
+            reply = proc.write(keys, payloads, px, (batches + 1) * self.timeout + redis_reader.GRACE)
+        if reply is None:
+            self._back_off("reader_errors", "publish", "the writer process died or hung")
+            return None
+        if reply["stop"] == "fault":
+            if reply["kind"] == "server_errors":
+                self._add(server_errors=1)
+                self._log("server_error", f"{self!r}: publish: {self._scrub(reply['what'])}")
+            else:
+                self._back_off(reply["kind"], "publish", reply["what"])
+            return None
+        payloads[:] = [HEADER.size + len(p) for p in payloads]
+        errors = self._errors
+        kinds = {"OutOfMemoryError": getattr(errors, "OutOfMemoryError", errors.ResponseError)}
+        return [None if e is None else kinds.get(e[0], errors.ResponseError)(e[1]) for e in reply["errors"]]
 
     # ------------------------------------------------------------------ faults
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -102,9 +102,9 @@ class RemoteStats:
     (blocks the server refused: ``OOM``...), ``payload_errors`` (a thunk that
     raised or returned the wrong payloads). Faults: ``connection_errors``,
     ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...),
-    ``reader_errors`` (RedisTier's reader process died, hung or could not
-    start: back-off, then a new one), ``reader_starts`` (reader processes
-    started)."""
+    ``reader_errors`` (one of RedisTier's reader or writer processes died,
+    hung or could not start: back-off, then a new one), ``reader_starts``
+    (reader and writer processes started)."""
 
     fetch_calls: int = 0
     lookup_calls: int = 0
