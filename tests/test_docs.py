@@ -90,9 +90,12 @@ def test_the_outputs_that_are_compared(parsed: list) -> None:
                 for d in parsed for e in d.examples if e.expected is not None}
     assert compared == {
         ("README.md", "command", "kvforge plan --model llama-3-8b --vram 24GiB --context 8192"),
+        ("README.md", "command", "kvforge plan --model llama-3-8b --vram 24GiB --context 8192 --kv-dtype fp8_e4m3"),
         ("README.md", "command", "kvforge simulate --workload sharegpt --block-size 16"),
         ("README.md", "python", ""),
         ("docs/compaction.md", "python", ""),
+        ("docs/engine.md", "python", ""),
+        ("docs/fp8.md", "python", ""),
         ("docs/host_tier.md", "python", ""),
         ("docs/kernels.md", "python", ""),
         ("docs/remote_tier.md", "python", ""),

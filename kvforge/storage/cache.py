@@ -45,6 +45,7 @@ from kvforge.storage.device import DeviceStorage, resolve_device, slot_array
 from kvforge.storage.host import HostStorage
 from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, FixedLayout, Staging, StepBatch, build_step
 from kvforge.storage.remote import RemoteTier
+from kvforge.storage.pending import PendingMethods
 from kvforge.storage.sharing import RemoteMethods
 from kvforge.storage.tiers import TierMethods
 
@@ -61,7 +62,7 @@ SeqId = Hashable
 T = TypeVar("T")
 
 
-class KVCache(TierMethods, RemoteMethods):
+class KVCache(TierMethods, RemoteMethods, PendingMethods):
     """A paged KV cache on one device: storage, block tables, prefix reuse, compaction,
     and with ``CacheConfig(host_memory=...)`` a pinned host tier (spills, swaps:
     :mod:`kvforge.storage.tiers`).
