@@ -33,7 +33,10 @@ def tier(server: RedisServer, namespace: str = "t", **kw) -> RedisTier:
 def cache(remote: RedisTier | None, model: str = "m", **kw) -> KVCache:
     cfg = CacheConfig(block_size=BS, num_blocks=kw.pop("num_blocks", 16), num_layers=2, num_kv_heads=2,
                       head_dim=16, dtype=torch.float32, device="cpu", **kw)
-    return KVCache(cfg, backend="torch", remote=remote, model=model)
+    c = KVCache(cfg, backend="torch", remote=remote, model=model)
+    if remote is not None:
+        assert remote.wait_ready(30.0)  # its reader processes, started at bind: timings below leave them out
+    return c
 
 
 def computed(c: KVCache, seq: str, prompt: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,7 +84,7 @@ def test_a_prefetch_brings_the_blocks_before_admission_asks(redis: RedisServer) 
     assert b.prefetch_remote(PROMPT[:BS]) is None  # no full block before the last token: nothing to ask
     f = b.prefetch_remote(PROMPT)
     assert f is not None and f.keys == b.manager.remote_candidates(PROMPT)
-    f.future.result(timeout=5)
+    f.future.result(timeout=30)
     assert f.done() and b.take_prefetched(f) == 5
     b.remote_prefetching = True  # admissions take only what was prefetched: no second round trip
     r = b.add_sequence("y", PROMPT)

@@ -168,32 +168,39 @@ class ReaderProcess:
             self._proc.kill()
         self.stop()
 
-    def _send(self, msg: dict[str, Any]) -> bool:
+    def _send(self, *msgs: dict[str, Any]) -> bool:
+        """Write ``msgs`` to the child in one system call (each one gives the GIL up and takes
+        it back, which costs a switch interval when the step loop is busy); False when its pipe
+        is closed."""
+        data = b"".join(json.dumps(m).encode() + b"\n" for m in msgs)
         try:
             assert self._proc is not None and self._proc.stdin is not None
-            self._proc.stdin.write(json.dumps(msg).encode() + b"\n")
-            self._proc.stdin.flush()
+            fd = self._proc.stdin.fileno()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             return True
         except (OSError, ValueError, AssertionError):
             return False
 
     def _read(self) -> bool:
-        """Take what the pipe holds into :attr:`_lines`; False at its end (the child is gone)."""
-        while True:
+        """Take what the pipe holds (one read: replies are small) into :attr:`_lines`; False at
+        its end (the child is gone)."""
+        try:
+            chunk = os.read(self._fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
             try:
-                chunk = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                return True
-            except OSError:
+                self._lines.append(json.loads(line))
+            except ValueError:
                 return False
-            if not chunk:
-                return False
-            *lines, self._partial = (self._partial + chunk).split(b"\n")
-            for line in lines:
-                try:
-                    self._lines.append(json.loads(line))
-                except ValueError:
-                    return False
+        return True
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> bool:
         """Wait until the child has its client and says it is ready; False when it died or
@@ -277,28 +284,35 @@ class _Part:
         if not self.rounds:
             self.outcome = ReaderOutcome([], 0, "end", "", "")
             return
-        if not self.proc._send({"ping": 0}):  # it died since the last fetch (not reaped yet): a new one
-            try:
-                self.proc.start()
-            except OSError:
-                self.died()
-                return
-            self.restarted = True
-        for slot in range(min(2, len(self.rounds))):
-            if not self._send(slot):
-                return
-
-    def _send(self, slot: int) -> bool:
-        proc, r = self.proc, self.sent
-        rid = proc._next_id
-        proc._next_id += 1
-        msg = {"id": rid, "slot": slot, "keys": [k.hex() for k in self.rounds[r]],
-               "budget": max(0.0, self.deadline - time.monotonic()), "first": r == 0}
-        if not proc._send(msg):
+        if self._send(*range(min(2, len(self.rounds))), retry=True):
+            return
+        # its pipe was closed: it died since the last fetch (and was not reaped yet): a new one
+        try:
+            self.proc.start()
+        except OSError:
             self.died()
+            return
+        self.restarted = True
+        self._send(*range(min(2, len(self.rounds))))
+
+    def _send(self, *slots: int, retry: bool = False) -> bool:
+        """Ask for the next rounds, one into each of ``slots``, in one write. A closed pipe kills
+        the part (``retry``: leaves it to the caller)."""
+        proc = self.proc
+        msgs, asked = [], []
+        for slot in slots:
+            r = self.sent + len(asked)
+            rid = proc._next_id + len(asked)
+            msgs.append({"id": rid, "slot": slot, "keys": [k.hex() for k in self.rounds[r]],
+                         "budget": max(0.0, self.deadline - time.monotonic()), "first": r == 0})
+            asked.append((rid, slot, r))
+        if not proc._send(*msgs):
+            if not retry:
+                self.died()
             return False
-        self.inflight.append((rid, slot, r))
-        self.sent += 1
+        proc._next_id += len(asked)
+        self.inflight += asked
+        self.sent += len(asked)
         return True
 
     def wait_until(self) -> float:

@@ -19,7 +19,7 @@ Protocol: lines of JSON on stdin and stdout (names and numbers only, never a
 value). The first line in is the set-up (the URL with any password comes
 this way, not in the command line); the first line out is ``{"ready": true}``.
 Then each request ``{"id", "slot", "keys": [hex], "budget"}`` (or
-``{"cancel": id}``, or ``{"ping": 0}``, which is not answered) is answered, in order, by ``{"id", "n", "bytes",
+``{"cancel": id}``) is answered, in order, by ``{"id", "n", "bytes",
 "stop", "kind", "what"}``: the first ``n`` blocks passed every check and lie
 at ``slot``'s offset in the shared region, one ``block_bytes`` apart;
 ``stop`` says why the run ended (``end``, ``miss``, ``refused``, ``fault``,
@@ -65,8 +65,6 @@ def main(wire: Any) -> None:
             msg = json.loads(line)
             if "cancel" in msg:
                 worker.cancelled.add(msg["cancel"])
-            elif "ping" in msg:  # the parent checking the pipe: no answer
-                continue
             else:
                 requests.put(msg)
         requests.put(None)

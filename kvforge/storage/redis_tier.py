@@ -86,6 +86,8 @@ _LOG_EVERY = 30.0
 _READ_SIZE = 4 << 20
 #: fetches of fewer value bytes say more about latency than bandwidth: not measured
 _MEASURE_BYTES = 1 << 20
+#: the least value bytes a reader process is given of a fetch split over several
+_PART_BYTES = 16 << 20
 #: weight of the newest fetch in the running mean of the read bandwidth
 _EMA_WEIGHT = 0.3
 
@@ -324,7 +326,10 @@ class RedisTier:
                 if not proc.alive and not self._start_reader(proc):
                     self._add(misses=len(keys))
                     return []
-            k = max(1, min(len(self._processes), len(keys) // self.batch_size))
+            # a part per process, of at least a batch and _PART_BYTES: each costs this side a few GIL hand-offs
+            assert self.layout is not None
+            per = max(self.batch_size, -(-_PART_BYTES // self.layout.block_bytes))
+            k = max(1, min(len(self._processes), len(keys) // per))
             bounds = [len(keys) * i // k for i in range(k + 1)]
             parts = [keys[bounds[i]:bounds[i + 1]] for i in range(k)]
             outcomes = redis_reader.fetch_parts(self._processes[:k], parts, self.fetch_budget)
