@@ -395,6 +395,8 @@ def make_workload(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     # warm-up: other system prompts, served by A (published) and then by every B instance (remote hits)
     warm_systems = [tokens(args.system_len) for _ in range(2)]
     warm = [warm_systems[i % 2] + user() for i in range(max(2, args.concurrency * 2))]
+    # and exact repeats: a prompt cached but for its last token takes kernel shapes of its own to compile
+    warm += warm[:2]
     return dict(systems=systems, a=a, b=[p for _, p in b], b_kinds=kinds, warm=warm)
 
 
