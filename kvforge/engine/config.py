@@ -5,8 +5,10 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 from kvforge.errors import ConfigError
-from kvforge.units import parse_bytes
+from kvforge.units import is_fp8, parse_bytes, resolve_kv_dtype
 
 __all__ = ["EngineConfig", "DEFAULT_GRAPH_SIZES", "MODEL_IMPLS", "PREEMPTION_MODES", "REMOTE_FETCH_MODES"]
 
@@ -56,7 +58,13 @@ class EngineConfig:
       Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), ``"transformers"``
       the checkpoint's transformers model under the engine
       (:mod:`kvforge.engine.hf_model`), ``"auto"`` native for the architectures
-      the native decoder implements, transformers for every other one.
+      the native decoder implements, transformers for every other one;
+    - ``kv_dtype``: how the KV cache stores keys and values: None or ``"auto"``
+      in the model dtype; ``"fp8_e4m3"`` (``"fp8"``) or ``"fp8_e5m2"`` (or the
+      torch float8 dtypes) in one byte an element, quantized with the
+      checkpoint's per-layer ``k_scale`` / ``v_scale`` (1.0 without them), so
+      the same ``kv_memory`` holds twice the blocks (``docs/fp8.md``); a model
+      dtype's name is accepted when it is the model's dtype.
     """
 
     max_num_seqs: int = 256
@@ -76,6 +84,7 @@ class EngineConfig:
     preemption_mode: str = "auto"
     remote_fetch: str = "auto"
     model_impl: str = "auto"
+    kv_dtype: str | torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -107,6 +116,11 @@ class EngineConfig:
         if isinstance(hm, bool) or not isinstance(hm, (numbers.Integral, str)) or parse_bytes(hm) < 0:
             raise ConfigError(f"EngineConfig.host_memory must be a byte count >= 0 or a size such as '64GiB', "
                               f"got {hm!r}")
+        if not _is_auto(self.kv_dtype):
+            try:
+                resolve_kv_dtype(self.kv_dtype, "kv_dtype")
+            except ConfigError as exc:
+                raise ConfigError(f"EngineConfig.{exc} ('auto' or None: the model dtype)") from None
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"EngineConfig.backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
 
@@ -119,10 +133,27 @@ class EngineConfig:
             raise ConfigError(f"unknown engine option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**options)
 
+    @property
+    def resolved_kv_dtype(self) -> torch.dtype | None:
+        """The KV storage dtype asked for: a torch dtype, or None for the model dtype."""
+        if _is_auto(self.kv_dtype):
+            return None
+        return resolve_kv_dtype(self.kv_dtype, "kv_dtype")
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the engine's KV cache is fp8 (``kv_dtype`` an fp8 format)."""
+        dt = self.resolved_kv_dtype
+        return dt is not None and is_fp8(dt)
+
     def graph_sizes(self) -> tuple[int, ...]:
         """Decode batch sizes to capture: the defaults up to the limit, and the limit."""
         top = min(self.max_num_seqs, self.max_graph_batch_size or self.max_num_seqs)
         return tuple(sorted({s for s in DEFAULT_GRAPH_SIZES if s < top} | {top}))
+
+
+def _is_auto(kv_dtype: Any) -> bool:
+    return kv_dtype is None or (isinstance(kv_dtype, str) and kv_dtype.strip().lower() == "auto")
 
 
 def _int(name: str, v: Any, low: int) -> None:

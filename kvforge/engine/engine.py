@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 from kvforge.config import CacheConfig
 from kvforge.engine.config import EngineConfig
 from kvforge.engine.hf_model import TransformersModel, TransformersModelConfig  # transformers itself is lazy
-from kvforge.engine.loader import Tokenizer, load_checkpoint, load_tokenizer, read_model_config
+from kvforge.engine.kv_scales import LayerKVScales, apply_kv_scales, needs_per_head, read_kv_scales
+from kvforge.engine.loader import SafetensorsWeights, Tokenizer, load_checkpoint, load_tokenizer, read_model_config
 from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner
 from kvforge.engine.models.llama import LlamaModel
@@ -98,12 +99,16 @@ class Engine(StepLoop):
             model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev,
                                                max_positions=max_len(econf, ckpt.config))
             tokenizer = ckpt.tokenizer
+            weights: SafetensorsWeights = ckpt.weights  # type: ignore[assignment]
         else:
             dev, dt = resolve_placement(device, dtype, checkpoint_dtype(raw))
+            weights = SafetensorsWeights(folder)  # headers only: the KV scales are read from it below
             model = TransformersModel.from_pretrained(folder, dtype=dt, device=dev, backend=econf.backend)
             tokenizer = load_tokenizer(folder)
+        c = model.config
+        scales = read_kv_scales(weights, weights.specs, c.num_layers, c.num_kv_heads, f"checkpoint {folder}")
         model.identity = checkpoint_identity(folder) if remote is not None else ""
-        self._setup(model, tokenizer, econf, cache_config, kv_memory, num_blocks, remote)
+        self._setup(model, tokenizer, econf, cache_config, kv_memory, num_blocks, remote, scales)
 
     @classmethod
     def from_config(cls, hf_config: Mapping[str, Any], cache_config: CacheConfig | int | str | None = None, *,
@@ -137,20 +142,23 @@ class Engine(StepLoop):
     def from_model(cls, model: LlamaModel | TransformersModel, cache_config: CacheConfig | int | str | None = None, *,
                    tokenizer: Tokenizer | None = None, kv_memory: int | str | None = None,
                    num_blocks: int | None = None, config: EngineConfig | None = None,
-                   remote: RemoteTier | None = None, **options: Any) -> Engine:
+                   remote: RemoteTier | None = None, kv_scales: Mapping[int, LayerKVScales] | None = None,
+                   **options: Any) -> Engine:
         """An engine over an already built :class:`~kvforge.engine.models.llama.LlamaModel`
         or :class:`~kvforge.engine.hf_model.TransformersModel` (shared weights: e.g.
-        several cache sizes for one model in a benchmark)."""
+        several cache sizes for one model in a benchmark). ``kv_scales``: an fp8 cache's
+        per-layer scales (:func:`~kvforge.engine.kv_scales.read_kv_scales`'s result; default 1.0)."""
         if not isinstance(model, (LlamaModel, TransformersModel)):
             raise ConfigError(f"model must be a LlamaModel or a TransformersModel, got {type(model).__name__}")
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, engine_config(config, options), cache_config, kv_memory, num_blocks, remote)
+        engine._setup(model, tokenizer, engine_config(config, options), cache_config, kv_memory, num_blocks, remote,
+                      kv_scales)
         return engine
 
     def _setup(self, model: LlamaModel | TransformersModel, tokenizer: Tokenizer | None, econf: EngineConfig,
                cache_config: CacheConfig | None, kv_memory: int | str | None, num_blocks: int | None,
-               remote: RemoteTier | None = None) -> None:
+               remote: RemoteTier | None = None, kv_scales: Mapping[int, LayerKVScales] | None = None) -> None:
         native = isinstance(model, LlamaModel)
         self.model = model
         #: which code runs the model: ``"native"`` (kvforge's decoder) or ``"transformers"``
@@ -163,9 +171,14 @@ class Engine(StepLoop):
         self.config = econf
         self.device = model.device
         self.dtype = model.dtype
-        ccfg = cache_config_for(model, econf, cache_config, kv_memory, num_blocks)
+        kv_scales = dict(kv_scales or {})
+        ccfg = cache_config_for(model, econf, cache_config, kv_memory, num_blocks, needs_per_head(kv_scales))
         self.cache = KVCache(ccfg, backend=econf.backend, remote=remote,
                              model=getattr(model, "identity", "") if remote is not None else "")
+        # before any write (warm-up, graph capture, requests): scales are fixed once keys are stored
+        apply_kv_scales(self.cache, kv_scales)
+        #: where an fp8 cache's scales came from: ``"checkpoint"`` or ``"default"`` (1.0); None: not fp8
+        self.kv_scales_source = None if not ccfg.is_fp8 else ("checkpoint" if kv_scales else "default")
         self.max_model_len = min(max_len(econf, model.config), ccfg.num_blocks * ccfg.block_size,
                                  model.rope.max_positions if native else model.max_positions)
         bandwidth = measure_tier_bandwidth(self.cache) if self.cache.has_host_tier else 0.0

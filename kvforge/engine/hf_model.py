@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from kvforge.config import CacheConfig
+from kvforge.engine.kv_scales import is_kv_scale_name
 from kvforge.errors import KVForgeError, MissingExtraError, ModelError
 from kvforge.storage import KVCache, StepBatch
 
@@ -217,7 +218,8 @@ class TransformersModel:
         Raises :class:`ModelError` for a model the engine cannot drive (see
         :func:`check_supported`), and for a checkpoint that transformers cannot
         load or that misses tensors, holds tensors the model does not use, or
-        holds tensors of the wrong shape (each named)."""
+        holds tensors of the wrong shape (each named). KV cache scales
+        (:mod:`kvforge.engine.kv_scales`) are not the model's: the engine reads them."""
         import_transformers("model_impl='transformers'")
         from kvforge.engine.hf_attention import ENGINE_ATTENTION_NAME, register
 
@@ -238,6 +240,8 @@ class TransformersModel:
         for kind, what in (("missing_keys", "has no tensor"), ("mismatched_keys", "has tensors of the wrong shape:"),
                            ("unexpected_keys", "holds tensors the model would not use:")):
             keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+            if kind == "unexpected_keys":  # fp8 KV cache scales: the engine reads them (kv_scales.py)
+                keys = [k for k in keys if not is_kv_scale_name(k)]
             if keys:
                 more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
                 raise ModelError(f"{_architecture(config)} checkpoint {path} {what} {', '.join(keys[:4])}{more}")

@@ -22,6 +22,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
+from kvforge.engine.kv_scales import check_kv_scale_specs, is_kv_scale_name
 from kvforge.errors import ConfigError, ModelError
 from kvforge.model_shapes import check_eos_token_id, check_hf_config, read_hf_config
 
@@ -306,9 +307,15 @@ def check_tensors(config: ModelConfig, specs: Mapping[str, TensorSpec], where: s
     are quantized or foreign weights, and no quantized format is supported);
     every tensor the config needs is there; no tensor is left over that the
     engine would not use (an option it does not implement); every shape is the
-    one :meth:`ModelConfig.expected_tensors` gives. Raises
-    :class:`~kvforge.errors.ModelError`."""
+    one :meth:`ModelConfig.expected_tensors` gives. KV cache scales
+    (:mod:`kvforge.engine.kv_scales`) are not weights: they are held to their
+    own rules (float, ``[]`` / ``[1]`` / ``[num_kv_heads]``, a layer in range).
+    Raises :class:`~kvforge.errors.ModelError`."""
     arch = config.architecture
+    # KV cache scales (``self_attn.k_scale`` / ``v_scale`` and the other names vLLM reads) are
+    # not weights: checked here by their own rules, read by the engine after the cache is built
+    check_kv_scale_specs(specs, config.num_layers, config.num_kv_heads, f"{arch} {where}")
+    specs = {name: spec for name, spec in specs.items() if not is_kv_scale_name(name)}
     for name, spec in specs.items():
         if spec.dtype not in WEIGHT_DTYPES:
             file = f" in {spec.file}" if spec.file else ""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from kvforge.config import CacheConfig, parse_bytes, resolve_dtype
+from kvforge.config import CacheConfig, is_fp8, parse_bytes, resolve_dtype
 from kvforge.engine.config import EngineConfig
 from kvforge.engine.model_config import ModelConfig, ModelConfigError, is_native_architecture
 from kvforge.errors import ConfigError, ModelError, OutOfBlocksError
@@ -117,24 +117,45 @@ def max_len(econf: EngineConfig, mconf: ModelConfig) -> int:
 
 
 def cache_config_for(model: LlamaModel | TransformersModel, econf: EngineConfig, given: CacheConfig | None,
-                     kv_memory: int | str | None, num_blocks: int | None) -> CacheConfig:
+                     kv_memory: int | str | None, num_blocks: int | None,
+                     per_head_scales: bool = False) -> CacheConfig:
     """The cache config of an engine: ``given`` (set to the model's dtype and device),
     ``num_blocks`` blocks, or as many as the KV budget holds (``kv_memory``, else a
-    share of the free GPU memory, else 512 MiB on the CPU)."""
+    share of the free GPU memory, else 512 MiB on the CPU).
+
+    The storage dtype is ``econf.kv_dtype`` when set, else an fp8 ``given`` config's,
+    else the model's; an fp8 cache takes the model's dtype as its ``model_dtype``, and its
+    budget counts one byte an element (twice the blocks of the model dtype). With
+    ``per_head_scales`` (a checkpoint's per-KV-head scales) it has ``kv_scale_granularity="head"``."""
     m, dtype, device = model.config, model.dtype, model.device
     shape = (m.num_layers, m.num_kv_heads, m.head_dim)
+    kv_dtype = econf.resolved_kv_dtype
+    if kv_dtype is not None and not is_fp8(kv_dtype) and kv_dtype != dtype:
+        raise ConfigError(f"kv_dtype={econf.kv_dtype!r}: a cache that is not fp8 stores keys and values in the "
+                          f"model dtype ({str(dtype).removeprefix('torch.')}); use kv_dtype='auto', "
+                          f"'fp8_e4m3' or 'fp8_e5m2', or dtype={str(kv_dtype).removeprefix('torch.')!r} for the model")
     if given is not None:
         if not isinstance(given, CacheConfig):
             raise ConfigError(f"cache_config must be a CacheConfig, got {type(given).__name__}")
         got = (given.num_layers, given.num_kv_heads, given.head_dim)
         if got != shape:
             raise ConfigError(f"cache_config has (layers, kv heads, head_dim) = {got}, the model needs {shape}")
-        if given.dtype != dtype or resolve_device(given.device) != device:
-            log.info("cache_config dtype/device set to the model's (%s on %s)", dtype, device)
-        return given.replace(dtype=dtype, device=str(device))
-    options = dict(block_size=econf.block_size, dtype=dtype, device=str(device),
+        if kv_dtype is not None and given.is_fp8 and given.dtype != kv_dtype:
+            raise ConfigError(f"the KV dtype is given twice: cache_config dtype {given.dtype} and kv_dtype="
+                              f"{econf.kv_dtype!r}")
+        store = kv_dtype if kv_dtype is not None else (given.dtype if given.is_fp8 else dtype)
+        if given.dtype != store or resolve_device(given.device) != device:
+            log.info("cache_config dtype/device set to %s on %s (model dtype %s)", store, device, dtype)
+        if is_fp8(store):
+            granularity = "head" if per_head_scales else given.kv_scale_granularity
+            return given.replace(dtype=store, device=str(device), model_dtype=dtype, kv_scale_granularity=granularity)
+        return given.replace(dtype=store, device=str(device), model_dtype=None, kv_scale_granularity="tensor")
+    store = kv_dtype if kv_dtype is not None else dtype
+    options = dict(block_size=econf.block_size, dtype=store, device=str(device),
                    enable_prefix_caching=econf.enable_prefix_caching, enable_compaction=econf.enable_compaction,
                    host_memory=econf.host_memory)
+    if is_fp8(store):
+        options.update(model_dtype=dtype, kv_scale_granularity="head" if per_head_scales else "tensor")
     if num_blocks is not None:
         cfg = CacheConfig(num_blocks=num_blocks, num_layers=shape[0], num_kv_heads=shape[1], head_dim=shape[2],
                           **options)

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_CONFIGS", "tiny_hf_model", "randomize_weights", "save_tiny_checkpoint", "hf_greedy", "run_steps"]
+__all__ = ["TINY_CONFIGS", "tiny_hf_model", "randomize_weights", "save_tiny_checkpoint", "add_kv_scales", "hf_greedy",
+           "run_steps"]
 
 _BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -62,6 +63,27 @@ def save_tiny_checkpoint(arch: str, folder: str | os.PathLike[str], seed: int = 
     model = tiny_hf_model(arch, seed, **overrides)
     model.save_pretrained(os.fspath(folder), safe_serialization=True)
     return model
+
+
+def add_kv_scales(folder: str | os.PathLike[str], scales: dict[int, tuple[Any, Any]],
+                  names: str = "self_attn.{kv}_scale") -> None:
+    """Add fp8 KV cache scales to a checkpoint written by :func:`save_tiny_checkpoint`
+    (its single ``model.safetensors``): layer -> (k_scale, v_scale), each a number (saved
+    as a 0-d float32 tensor, as vLLM-style checkpoints hold it) or a tensor, under
+    ``model.layers.N.`` + ``names`` (``{kv}`` is ``k`` / ``v``; e.g.
+    ``"self_attn.{kv}_proj.output_scale"``). With ``names`` = ``"self_attn.kv_scale"``
+    the key scale is written once, for both."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(os.fspath(folder), "model.safetensors")
+    tensors = load_file(path)
+    for layer, pair in scales.items():
+        for kv, value in zip("kv", pair):
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float32)
+            tensors[f"model.layers.{layer}." + names.format(kv=kv)] = t.contiguous()
+            if "{kv}" not in names:
+                break
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 @torch.no_grad()
