@@ -219,3 +219,45 @@ def test_missing_transformers_names_pip_install(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     with pytest.raises(MissingExtraError, match="pip install 'transformers>=5'"):
         import kvforge.integrations.hf  # noqa: F401
+
+
+def test_an_fp8_pool_stores_bytes_and_reads_them_back_dequantized(models: dict[str, Any]) -> None:
+    """``KVForgeCache(dtype="fp8_e4m3")`` in both modes: the pool is fp8 (one byte an element),
+    layer 0's stored keys are exactly the fp8 rounding of transformers' own keys, read back
+    (gather, dense mode's history, the paged kernels) dequantized in the model's dtype."""
+    from kvforge.kernels.fp8 import dequantize, quantize
+
+    model = model_of(models, "qwen2")
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, use_cache=True).cache
+        dense = KVForgeCache(model.config, dtype="fp8_e4m3")
+        model(ids, attention_mask=mask, cache=dense, use_cache=True)
+        with attention(model, ATTENTION_NAME):
+            paged = KVForgeCache(model.config, dtype="fp8_e4m3")
+            model(ids, attention_mask=mask, cache=paged, use_cache=True)
+    for cache in (dense, paged):
+        cfg = cache.kv_cache.config
+        assert cfg.dtype == torch.float8_e4m3fn and cfg.resolved_model_dtype == torch.float32
+        assert cfg.bytes_per_token == 2 * 2 * 2 * 16  # layers x (k, v) x kv heads x head dim, one byte each
+    one = torch.ones(2)
+    ref_k = ref.layers[0].keys
+    for row, p in enumerate(PROMPTS):
+        k, _ = dense.gather(row, 0)
+        assert k.dtype == torch.float32
+        assert torch.equal(k, dequantize(quantize(ref_k[row].transpose(0, 1), one, torch.float8_e4m3fn), one))
+        k, _ = paged.gather(row, 0)
+        want = ref_k[row, :, -len(p):].transpose(0, 1)
+        assert torch.equal(k, dequantize(quantize(want, one, torch.float8_e4m3fn), one))
+        assert not torch.equal(k, want)  # it was quantized: the equality above is not trivial
+    # generation through both modes: the same tokens (the same dequantized values, attended
+    # by transformers' sdpa and by the paged kernels), the first one that of the float32 cache
+    # (this randomly weighted model amplifies any difference within a few tokens)
+    expected = greedy(model, PROMPTS, NEW_TOKENS)
+    got_dense = greedy(model, PROMPTS, NEW_TOKENS, cache=KVForgeCache(model.config, dtype="fp8_e4m3"))
+    with attention(model, ATTENTION_NAME):
+        got_paged = greedy(model, PROMPTS, NEW_TOKENS, cache=KVForgeCache(model.config, dtype="fp8_e4m3"))
+    assert got_dense == got_paged
+    assert [row[0] for row in got_paged] == [row[0] for row in expected]
+    with pytest.raises(ConfigError, match="fp9"):
+        KVForgeCache(model.config, dtype="fp9")

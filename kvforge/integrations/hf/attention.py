@@ -148,6 +148,8 @@ def _scratch_attention(query: Tensor, key: Tensor, value: Tensor, padding: Tenso
         real_q = padding[:, -seq:]
         if bool(real_q.all()):
             real_q = None
+    # the scratch pool is in the keys' own dtype, never fp8: raw block tensors suffice (an fp8
+    # pool is a KVForgeCache's, passed to the kernels as its layer_view with the scales)
     pool_k = key.new_empty(batch * per_row, bs, kv_heads, head_dim)
     pool_v = value.new_empty(batch * per_row, bs, kv_heads, head_dim)
     kernels.store_kv(to_tokens(key, padding), to_tokens(value, padding), pool_k, pool_v, slots)

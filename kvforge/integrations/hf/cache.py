@@ -30,12 +30,12 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvforge.config import CacheConfig
+from kvforge.config import CacheConfig, is_fp8, resolve_kv_dtype
 from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError
 from kvforge.integrations.hf.paged import (
     PagedInputs, counts_of, cu_lens, from_tokens, paged_attention, to_tokens,
 )
-from kvforge.kernels import reference
+from kvforge.kernels import fp8, reference
 from kvforge.storage import KVCache
 
 __all__ = ["KVForgeCache", "KVForgeLayer", "take_pending"]
@@ -116,7 +116,10 @@ class KVForgeCache(Cache):
     the first tokens arrive, for ``max_position_embeddings`` tokens per batch row
     (backed by device memory in chunks as the rows grow). ``device``/``dtype``:
     where and how keys/values are stored; None takes the model's keys' device and
-    dtype (the device must be the model's). ``backend``: kvforge's kernels
+    dtype (the device must be the model's); an fp8 ``dtype`` (``"fp8_e4m3"``,
+    ``"fp8_e5m2"``) stores one byte an element, taking and giving keys/values in
+    the model's dtype (scales 1.0 unless set on :attr:`kv_cache` before the
+    first tokens: ``docs/fp8.md``). ``backend``: kvforge's kernels
     (``"auto"``: Triton on GPUs, the torch reference on the CPU).
 
     Rows are kvforge sequences (:attr:`seq_ids`); :attr:`kv_cache` is the
@@ -149,7 +152,9 @@ class KVForgeCache(Cache):
         self.block_size = block_size
         self.requested_num_blocks = num_blocks
         self.device = None if device is None else torch.device(device)
-        self.dtype = dtype
+        # an fp8 dtype ("fp8_e4m3", "fp8_e5m2") stores one byte an element, quantized with the
+        # pool's scales (1.0: set others with kv_cache.set_kv_scales before the first tokens)
+        self.dtype = None if dtype is None else resolve_kv_dtype(dtype, "KVForgeCache dtype")
         self.backend = backend
         self.kv_cache: KVCache | None = None
         self.seq_ids: list[int] = []
@@ -178,7 +183,7 @@ class KVForgeCache(Cache):
         layer.num_columns += seq
         step = self._step
         assert step is not None and self.kv_cache is not None
-        dtype = self.kv_cache.config.dtype
+        dtype = self.kv_cache.config.resolved_model_dtype  # what write() takes (an fp8 pool quantizes it)
         self.kv_cache.write(layer.layer_idx, step.slot_mapping, to_tokens(key, None).to(dtype),
                             to_tokens(value, None).to(dtype))
         return self._gather(layer.layer_idx, key.dtype)
@@ -198,7 +203,7 @@ class KVForgeCache(Cache):
             raise
         step, kv = self._step, self.kv_cache
         assert step is not None and kv is not None
-        dtype = kv.config.dtype
+        dtype = kv.config.resolved_model_dtype  # what write() and the kernels take (an fp8 pool quantizes)
         kv.write(layer_idx, step.slot_mapping, to_tokens(key, step.real).to(dtype), to_tokens(value, step.real).to(dtype))
         q = to_tokens(query, step.real).to(dtype)
         out = paged_attention(q, kv.layer_view(layer_idx), None, step, scale=scale, sliding_window=sliding_window,
@@ -299,8 +304,10 @@ class KVForgeCache(Cache):
         per_row = math.ceil(max(max_positions, seq) / self.block_size)
         num_blocks = self.requested_num_blocks or batch * per_row
         first = min(num_blocks, batch * math.ceil(seq / self.block_size))
+        store = self.dtype or key.dtype
         cfg = CacheConfig(block_size=self.block_size, num_blocks=num_blocks, num_layers=len(self.layers),
-                          num_kv_heads=heads, head_dim=head_dim, dtype=self.dtype or key.dtype, device=str(device),
+                          num_kv_heads=heads, head_dim=head_dim, dtype=store, device=str(device),
+                          model_dtype=key.dtype if is_fp8(store) else None,
                           enable_prefix_caching=False, initial_blocks=max(first, 1), name="KVForgeCache")
         self.kv_cache = KVCache(cfg, backend=self.backend)
         self.seq_ids = self._new_sequences(batch)
@@ -353,11 +360,13 @@ class KVForgeCache(Cache):
         ids = step.block_tables[:, : math.ceil(n / bs)].long()
         batch = ids.shape[0]
 
-        def dense(chunks: tuple[Tensor, ...]) -> Tensor:
+        def dense(chunks: tuple[Tensor, ...], scale: Tensor | None) -> Tensor:
             blocks = reference.gather_blocks(chunks, ids)  # [B, blocks, block_size, Hkv, D]
+            if scale is not None:  # fp8: stored * scale, per KV head
+                blocks = fp8.dequantize(blocks, scale, dtype)
             return blocks.reshape(batch, -1, view.num_kv_heads, view.head_dim)[:, :n].transpose(1, 2).to(dtype)
 
-        return dense(view.k_chunks), dense(view.v_chunks)
+        return dense(view.k_chunks, view.k_scale), dense(view.v_chunks, view.v_scale)
 
     def _reindex(self, rows: list[int]) -> None:
         """The new row ``i`` is the old row ``rows[i]``: fork each, then free the old sequences."""
