@@ -703,3 +703,23 @@ def test_a_fetch_split_over_reader_processes_keeps_key_order_and_stops_at_the_fi
     assert t.stats().reader_starts == 5 and t.stats().reader_errors == 0 and victim not in t.reader_pids
     with pytest.raises(ConfigError, match="reader_processes"):
         RedisTier(redis.url(), reader_processes=0)
+
+
+@pytest.mark.usefixtures("reader")
+def test_rebind_changes_only_the_scales_and_only_while_unused(redis: RedisServer, tiers: list[RedisTier]) -> None:
+    t = tier_on(redis, "rebind")
+    tiers.append(t)
+    assert t.unused
+    scaled = LAYOUT._replace(quant="scales:" + "ab" * 16)
+    t.rebind(scaled)
+    assert t.layout == scaled and t.name_of(key(0)).startswith(f"kvforge:rebind:{scaled.fingerprint().hex()}".encode())
+    assert scaled.fingerprint() != LAYOUT.fingerprint() and LAYOUT._replace(quant="").fingerprint() == LAYOUT.fingerprint()
+    with pytest.raises(ConfigError, match="only the quantization scales"):
+        t.rebind(scaled._replace(block_size=8))
+    assert t.wait_ready()
+    publish_all(t, [0])
+    assert [bytes(p) for p in t.fetch([key(0)])] == [payload(0)]  # the processes use the new names
+    assert not t.unused
+    with pytest.raises(ConfigError, match="cannot change layout"):
+        t.rebind(LAYOUT)
+    assert t.layout == scaled

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvforge import CacheConfig, KVCache, KVForgeError, RedisTier
+from kvforge import CacheConfig, ConfigError, KVCache, KVForgeError, RedisTier
 from tests.redis_server import RedisServer
 
 BS = 8
@@ -304,3 +304,46 @@ def test_a_prompt_waiting_for_the_remote_tier_holds_up_no_other(tmp_path: Path) 
         engine.check_invariants()
         for rid, prompt in ((first, long), (second, short)):
             assert tokens[rid] == hf_greedy(model, prompt, 4)
+
+
+def fp8_cache(remote: RedisTier | None, num_blocks: int = 16) -> KVCache:
+    cfg = CacheConfig(block_size=BS, num_blocks=num_blocks, num_layers=2, num_kv_heads=2, head_dim=16,
+                      dtype="fp8_e4m3", model_dtype=torch.float32, device="cpu")
+    c = KVCache(cfg, backend="torch", remote=remote, model="m")
+    if remote is not None:
+        assert remote.wait_ready(30.0)
+    return c
+
+
+def test_fp8_caches_share_only_with_the_same_scales(redis: RedisServer) -> None:
+    """An fp8 block's bytes mean something only with its scales: the tier's names carry a digest
+    of every layer's scales, so a cache with other scales misses instead of misreading; scales
+    set after the tier was bound (the loader's order) bind it again, once, before its first use."""
+    ta = tier(redis, "fp8")
+    a = fp8_cache(ta)
+    for layer in range(2):
+        a.set_kv_scales(layer, 0.5, 0.25)
+    want = computed(a, "x", PROMPT)
+    a.free_sequence("x")
+    assert ta.flush(5.0) and ta.stats().blocks_written == 5
+    assert ta.layout is not None and ta.layout.quant.startswith("scales:")
+    same = fp8_cache(tier(redis, "fp8"))
+    for layer in range(2):
+        same.set_kv_scales(layer, 0.5, 0.25)
+    r = same.add_sequence("y", PROMPT)
+    assert r.num_cached_tokens == 40
+    for layer in range(2):  # dequantized with the same scales: the same values
+        k, v = same.gather("y", layer)
+        assert torch.equal(k[:40], want[layer][0][:40]) and torch.equal(v[:40], want[layer][1][:40])
+    other = fp8_cache(tier(redis, "fp8"))  # scales left at 1.0: other names, a plain miss
+    assert other.add_sequence("z", PROMPT).num_cached_tokens == 0
+    assert other.remote.stats().misses >= 1 and other.remote.stats().bad_fingerprint == 0
+    # once the tier was used, new scales are refused (and nothing changes)
+    before = other.kv_scales(0)
+    other.free_sequence("z", publish=False)
+    other.reclaim_unused_blocks()
+    with pytest.raises(ConfigError, match="was used with the current scales"):
+        other.set_kv_scales(0, 2.0, 2.0)
+    assert torch.equal(other.kv_scales(0).k_scale, before.k_scale)
+    for c in (a, same, other):
+        c.remote.close()

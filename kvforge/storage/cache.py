@@ -421,7 +421,11 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
             raise ConfigError(
                 f"set_kv_scales(layer={layer}): the cache holds keys and values ({held} device block(s), "
                 f"{host_held} host block(s)) stored with the current scales; set scales before any write")
+        why = self._remote_allows_new_scales()
+        if why is not None:
+            raise ConfigError(f"set_kv_scales(layer={layer}): {why}")
         self.storage.set_scales(layer, ks, vs)
+        self._remote_scales_changed = self.remote is not None
 
     def calibrate_kv_scales(self, layer: int, k: Tensor, v: Tensor) -> KVScales:
         """Set layer ``layer``'s scales from sample keys and values ``[num_tokens, num_kv_heads,

@@ -246,18 +246,57 @@ class RedisTier:
                                         daemon=True)
         self._thread.start()
         if self.reader == "process":
-            self._processes = [redis_reader.ReaderProcess(
-                self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
-                timeout=self.timeout, batch_size=self.batch_size, fetch_threads=self.fetch_threads,
-                check_threads=self.check_threads, read_size=_READ_SIZE) for _ in range(self.reader_processes)]
-            self._writer_process = redis_reader.ReaderProcess(
-                self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
-                timeout=self.timeout, batch_size=self.batch_size, fetch_threads=1,
-                check_threads=self.check_threads, read_size=_READ_SIZE,
-                slot_bytes=self.batch_size * layout.block_bytes)
-            for proc in self._processes + [self._writer_process]:
-                if not self._start_reader(proc):
-                    break
+            self._start_processes(layout)
+
+    def _start_processes(self, layout: RemoteLayout) -> None:
+        """Make and start the reader and writer processes for ``layout``'s names."""
+        self._processes = [redis_reader.ReaderProcess(
+            self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
+            timeout=self.timeout, batch_size=self.batch_size, fetch_threads=self.fetch_threads,
+            check_threads=self.check_threads, read_size=_READ_SIZE) for _ in range(self.reader_processes)]
+        self._writer_process = redis_reader.ReaderProcess(
+            self._url, block_bytes=layout.block_bytes, fingerprint=self._fingerprint, prefix=self._prefix,
+            timeout=self.timeout, batch_size=self.batch_size, fetch_threads=1,
+            check_threads=self.check_threads, read_size=_READ_SIZE,
+            slot_bytes=self.batch_size * layout.block_bytes)
+        for proc in self._processes + [self._writer_process]:
+            if not self._start_reader(proc):
+                break
+
+    @property
+    def unused(self) -> bool:
+        """Whether no fetch, lookup or publish was asked of the tier yet (it may be bound again)."""
+        with self._lock:
+            c = self._counts
+            return not (c["fetch_calls"] or c["lookup_calls"] or c["publish_jobs"])
+
+    def rebind(self, layout: RemoteLayout) -> None:
+        """Bind again to another layout (a cache whose fp8 scales were set after it bound the
+        tier) while the tier is still :attr:`unused`; its reader and writer processes start
+        again with the new names. ConfigError once it was used, or when closed."""
+        self._check_bound("rebind")
+        if not isinstance(layout, RemoteLayout):
+            raise ConfigError(f"{self!r}.rebind: expected a RemoteLayout, got {type(layout).__name__}")
+        if not self.unused:
+            raise ConfigError(f"{self!r}.rebind: the tier was used with {self.layout}; it cannot change layout")
+        if self._closed:
+            raise ConfigError(f"{self!r}.rebind: the tier is closed")
+        assert self.layout is not None
+        if layout == self.layout:
+            return
+        probe = layout._replace(model=layout.model or self.layout.model, quant=self.layout.quant)
+        if probe != self.layout:
+            raise ConfigError(f"{self!r}.rebind: only the quantization scales may change "
+                              f"({self.layout} -> {layout})")
+        layout = layout._replace(model=probe.model)
+        with self._read_lock, self._write_lock:
+            for proc in self._processes + ([self._writer_process] if self._writer_process else []):
+                proc.stop()
+            self.layout = layout
+            self._fingerprint = layout.fingerprint()
+            self._prefix = f"kvforge:{self.namespace}:{self._fingerprint.hex()}:".encode()
+            if self.reader == "process":
+                self._start_processes(layout)
 
     def name_of(self, key: bytes) -> bytes:
         """The Redis key a block key is stored under (bound tiers only)."""

@@ -47,10 +47,13 @@ class RemoteLayout(NamedTuple):
     tp_rank: int
     tp_size: int
     block_bytes: int
+    #: what a quantized payload's bytes are scaled by (an fp8 cache: a digest of every layer's
+    #: scales, so caches with other scales never share bytes); "" when unscaled
+    quant: str = ""
 
     def fingerprint(self) -> bytes:
         """16 bytes naming the layout (the same in every process)."""
-        text = "|".join(str(x) for x in self)
+        text = "|".join(str(x) for x in (self if self.quant else self[:-1]))
         return hashlib.blake2b(text.encode(), digest_size=16, person=b"kvforge-layout").digest()
 
 

@@ -24,6 +24,7 @@ learns they are gone: a restarted or evicting server).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,6 +77,7 @@ class RemoteMethods:
     def _wire_remote(self, remote: RemoteTier | None, model: str) -> None:
         self.remote = remote
         self._remote_payloads: list[Any] = []
+        self._remote_scales_changed = False  # set_kv_scales since the tier was bound
         #: ``policy(num_tokens, num_bytes) -> bool``: whether to fetch a prompt's blocks
         #: beyond its local hits from the remote tier (None: always); the engine sets it
         self.remote_fetch_policy: Callable[[int, int], bool] | None = None
@@ -95,11 +97,44 @@ class RemoteMethods:
             raise KVForgeError(f"remote must be a RemoteTier (e.g. kvforge.RedisTier), got {type(remote).__name__}")
         if not isinstance(model, str):
             raise KVForgeError(f"model must be a string naming the weights, got {type(model).__name__}")
-        c = self.config
-        remote.bind(RemoteLayout(model, str(c.dtype).removeprefix("torch."), c.block_size, c.num_layers,
-                                 c.num_kv_heads, c.head_dim, 0, 1, c.bytes_per_block))
+        self._remote_model = model
+        self._bound_layout = self._remote_layout()
+        remote.bind(self._bound_layout)
         self.manager.fetch_remote = self._fetch_remote
         self.manager.copy_from_remote = self._copy_from_remote
+
+    def _remote_layout(self) -> RemoteLayout:
+        """The layout of this cache's payloads; an fp8 cache's names its scales too."""
+        c = self.config
+        quant = ""
+        if c.is_fp8:
+            s = self.storage
+            assert s.k_scale is not None and s.v_scale is not None
+            data = s.k_scale.cpu().numpy().tobytes() + s.v_scale.cpu().numpy().tobytes()
+            quant = "scales:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+        return RemoteLayout(self._remote_model, str(c.dtype).removeprefix("torch."), c.block_size, c.num_layers,
+                            c.num_kv_heads, c.head_dim, 0, 1, c.bytes_per_block, quant)
+
+    def _sync_remote_layout(self) -> None:
+        """After new fp8 scales (:meth:`~kvforge.storage.KVCache.set_kv_scales`), bind the tier
+        again, once, before its first use: its names and checks follow the scales."""
+        if self._remote_scales_changed:
+            layout = self._remote_layout()
+            if layout != self._bound_layout:
+                self.remote.rebind(layout)  # type: ignore[union-attr]
+                self._bound_layout = layout
+            self._remote_scales_changed = False
+
+    def _remote_allows_new_scales(self) -> str | None:
+        """Why new scales cannot be set with this remote tier (None: they can)."""
+        if self.remote is None:
+            return None
+        if not callable(getattr(self.remote, "rebind", None)):
+            return f"the remote tier {self.remote!r} cannot be bound again to a layout with other scales"
+        if not getattr(self.remote, "unused", False):
+            return (f"the remote tier {self.remote!r} was used with the current scales (set scales before "
+                    f"the first request)")
+        return None
 
     # ------------------------------------------------------------- fetch
     def prefetch_remote(self, prompt_token_ids: Sequence[int], salt: Hashable | None = None) -> RemoteFetch | None:
@@ -111,6 +146,7 @@ class RemoteMethods:
         then copies them in without waiting for the network."""
         if self.remote is None:
             raise KVForgeError("prefetch_remote(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
+        self._sync_remote_layout()
         keys = self.manager.remote_candidates(prompt_token_ids, salt)
         lookup = getattr(self.remote, "lookup", None)  # optional: what the store holds, in one round trip
         if keys and lookup is not None:
@@ -144,6 +180,7 @@ class RemoteMethods:
     def _fetch_remote(self, keys: list[bytes]) -> int:
         """Admission's remote lookup: the prefetched run first; without one, a fetch now
         (unless the engine prefetches: ``remote_prefetching``) if the policy allows."""
+        self._sync_remote_layout()
         run: list[Any] = []
         for key in keys:
             payload = self._prefetched.pop(key, None)
@@ -202,6 +239,7 @@ class RemoteMethods:
         values (computed)."""
         if self.remote is None:
             raise KVForgeError("publish(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
+        self._sync_remote_layout()
         keys, blocks = self.manager.keyed_blocks(seq_id)
         wanted = getattr(self.remote, "needs_write", None)  # optional: skip blocks the tier has
         if wanted is not None and keys:
