@@ -81,6 +81,12 @@ class ModelRunner:
         assert batch.logits_indices is not None
         return self._logits(batch)
 
+    @torch.inference_mode()
+    def logits(self, batch: StepBatch) -> Tensor:
+        """Float32 logits ``[rows, vocab]`` of a step built with :meth:`KVCache.prepare_step`
+        outside the scheduler (measurements: the fp8 accuracy test); stores its keys/values."""
+        return self._logits(batch)
+
     def _logits(self, batch: StepBatch) -> Tensor:
         """Float32 logits of ``batch``'s sampling rows (``logits_indices``; every row when None)."""
         model = self.model

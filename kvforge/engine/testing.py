@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 __all__ = ["TINY_CONFIGS", "tiny_hf_model", "randomize_weights", "save_tiny_checkpoint", "add_kv_scales", "hf_greedy",
-           "run_steps"]
+           "run_steps", "teacher_forced_logits"]
 
 _BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -112,3 +112,22 @@ def run_steps(engine: Any, prompts: list[list[int]], params: list[Any],
             engine.cache.compact_cache()
             engine.check_invariants()
     return [done[r] for r in rids]
+
+
+def teacher_forced_logits(engine: Any, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Float32 logits ``[len(tokens) + 1, vocab]`` of ``prompt`` followed by ``tokens`` fed one
+    at a time (teacher forcing): row 0 after the prompt, row i after ``tokens[:i]``. Runs on an
+    idle ``engine``'s own cache and model (a sequence of its own, freed at the end), so two
+    engines (an fp8 and a float32 cache) compare on the same inputs at every step."""
+    cache, sid = engine.cache, -1
+    cache.add_sequence(sid)
+    try:
+        cache.append_tokens(sid, len(prompt))
+        rows = [engine.runner.logits(cache.prepare_step([sid], len(prompt), input_ids=prompt,
+                                                        logits_indices=[len(prompt) - 1]))]
+        for t in tokens:
+            cache.append_tokens(sid, 1)
+            rows.append(engine.runner.logits(cache.prepare_step([sid], 1, input_ids=[t])))
+    finally:
+        cache.free_sequence(sid)
+    return torch.cat(rows).float()
