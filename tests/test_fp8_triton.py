@@ -194,3 +194,28 @@ def test_a_triton_cache_stores_what_the_torch_cache_stores(dtype) -> None:
     outs = [paged_decode_attention(q, c.layer_view(0), None, c.block_tables(["a"]), c.context_lens(["a"]),
                                    backend=c.backend) for c in (a, b)]
     torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", FP8, ids=str)
+def test_a_stored_nan_reads_as_nan_on_the_bits_path_and_keeps_its_sign(dtype) -> None:
+    """Garbage in is not hidden: a NaN value stored in the cache makes the output NaN when the
+    kernel decodes fp8 by its bits (e4m3's NaN byte would otherwise shift to 480 * scale), and
+    the store writes a negative NaN's sign as torch's cast does."""
+    h, d, bs = 1, 16, 16
+    kc = torch.zeros(2, bs, h, d, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    view = describe_cache(kc, vc, k_scale=1.0, v_scale=1.0, model_dtype=torch.float32)
+    k, v = torch.ones(3, h, d), torch.ones(3, h, d)
+    v[1, 0, 3] = float("nan")
+    v[2, 0, 5] = -float("nan")
+    store_kv(k, v, view, None, torch.tensor([0, 1, 2]), backend="triton")
+    stored = vc.view(torch.uint8)[0, :3, 0]
+    want = quantize(v, torch.ones(h), dtype).view(torch.uint8)[:, 0]
+    assert torch.equal(stored[1:, :], want[1:, :])  # the NaN bytes, signs included
+    triton_fp8.FORCE_DECODE = "bits"
+    try:
+        out = paged_decode_attention(torch.ones(1, h, d), view, None, torch.tensor([[0]], dtype=torch.int32),
+                                     torch.tensor([3], dtype=torch.int32), backend="triton")
+    finally:
+        triton_fp8.FORCE_DECODE = None
+    assert torch.isnan(out[0, 0, 3]) and torch.isnan(out[0, 0, 5]) and torch.isfinite(out[0, 0, 0])

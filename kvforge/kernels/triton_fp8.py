@@ -74,15 +74,17 @@ def encode_fp8(y, IS_E4M3: tl.constexpr):
     sub = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.uint32)
     is_sub = e32 < (BIAS_DIFF + 1)
     byte = tl.where(is_sub, sub, normal).to(tl.uint8) | sign
-    return tl.where(y != y, 0x7F, byte).to(tl.uint8)
+    return tl.where(y != y, sign | 0x7F, byte).to(tl.uint8)  # NaN keeps its sign, as torch's cast does
 
 
 @triton.jit
 def fp8_bits_to_f16(b, IS_E4M3: tl.constexpr):
-    """fp8 bytes (uint8) -> float16: e5m2 exactly, e4m3 as ``value / 256`` (exactly)."""
+    """fp8 bytes (uint8) -> float16: e5m2 exactly, e4m3 as ``value / 256`` (exactly); an e4m3
+    NaN (``S.1111.111``, which the shift would read as 480 / 256) reads as a float16 NaN."""
     h = b.to(tl.int16)
     if IS_E4M3:
-        h = ((h & 0x7F) << 7) | ((h & 0x80) << 8)
+        nan = (h & 0x7F) == 0x7F
+        h = tl.where(nan, 0x7E00, ((h & 0x7F) << 7) | ((h & 0x80) << 8)).to(tl.int16)
     else:
         h = h << 8
     return h.to(tl.float16, bitcast=True)
