@@ -102,8 +102,8 @@ class Engine(StepLoop):
             weights: SafetensorsWeights = ckpt.weights  # type: ignore[assignment]
         else:
             dev, dt = resolve_placement(device, dtype, checkpoint_dtype(raw))
-            weights = SafetensorsWeights(folder)  # headers only: the KV scales are read from it below
             model = TransformersModel.from_pretrained(folder, dtype=dt, device=dev, backend=econf.backend)
+            weights = SafetensorsWeights(folder)  # headers only: the KV scales are read from it below
             tokenizer = load_tokenizer(folder)
         c = model.config
         scales = read_kv_scales(weights, weights.specs, c.num_layers, c.num_kv_heads, f"checkpoint {folder}")
