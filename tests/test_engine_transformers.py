@@ -28,7 +28,7 @@ pytest.importorskip("safetensors")
 from kvforge.engine import Engine, SamplingParams  # noqa: E402
 from kvforge.engine.hf_model import TransformersModel  # noqa: E402
 from kvforge.engine.testing import hf_greedy, run_steps, save_tiny_checkpoint  # noqa: E402
-from kvforge.errors import ConfigError, ModelError  # noqa: E402
+from kvforge.errors import ConfigError, KVForgeError, ModelError  # noqa: E402
 from tests.hf_models import FAMILIES, HEAD_DIM_96, save_tiny_model  # noqa: E402
 
 MAX_NEW = 16
@@ -145,8 +145,6 @@ def test_an_already_loaded_transformers_model(refs: dict[str, Reference],
     assert got == [ref.expected(p) for p in MIXED]
     import torch
 
-    from kvforge.errors import KVForgeError
-
     with pytest.raises(KVForgeError, match="'kvforge_engine' runs only inside kvforge's Engine.*'kvforge'"):
         model.hf_model(torch.tensor([MIXED[1]]))  # outside an engine step
     with pytest.raises(ConfigError, match="model must be a LlamaModel or a TransformersModel, got OlmoModel"):
@@ -259,3 +257,25 @@ def test_generate_command_takes_model_impl(refs: dict[str, Reference], tmp_path_
         assert f"[{i}] completion ({len(want)} tokens, " in out and f"{want!r}" in out
     assert main(argv + ["--model-impl", "native"]) == 2
     assert "Gemma3ForCausalLM is not supported" in capsys.readouterr().err
+
+
+def test_a_length_dependent_rope_keeps_the_context_where_its_frequencies_are_fixed(tmp_path: Path) -> None:
+    """longrope (Phi-3-128k) and dynamic NTK pick their frequencies from the forward's longest
+    position; the engine batches sequences into one forward, so its context stops at the
+    original length, where they are fixed: a short prompt batched with a longer one gets
+    transformers' own tokens, and a prompt past that length is refused, naming it."""
+    import transformers as tf
+
+    cfg = tf.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                        original_max_position_embeddings=16, pad_token_id=0,
+                        rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
+    model = tf.Phi3ForCausalLM(cfg).eval()
+    folder = _saved(model, tmp_path / "phi3-longrope")
+    engine = Engine(folder, num_blocks=16, block_size=4, model_impl="transformers")
+    assert engine.max_model_len == 16
+    short, longer = [3, 4, 5, 6], list(range(10, 22))
+    outs = engine.generate([short, longer], SamplingParams(max_tokens=4))
+    assert outs[0].token_ids == hf_greedy(model, short, 4) and outs[1].token_ids == hf_greedy(model, longer, 4)
+    with pytest.raises(KVForgeError, match="16"):
+        engine.generate([list(range(10, 30))], SamplingParams(max_tokens=2))

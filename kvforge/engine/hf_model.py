@@ -117,6 +117,40 @@ def _architecture(config: Any) -> str:
     return str(archs[0]) if archs else f"model_type={getattr(config, 'model_type', None)!r}"
 
 
+#: RoPE variants whose frequencies transformers picks from the forward's longest position
+#: (``max(position_ids)``): past their original length they change with the batch
+LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict):
+            return params
+    return {}
+
+
+def rope_type(config: Any) -> str | None:
+    """The config's RoPE variant (``rope_parameters`` in transformers 5, ``rope_scaling`` before)."""
+    params = _rope_parameters(config)
+    kind = params.get("rope_type") or params.get("type")
+    return str(kind) if kind else None
+
+
+def fixed_rope_positions(config: Any) -> int | None:
+    """For a RoPE whose frequencies depend on the forward's longest position (``dynamic``,
+    ``longrope``): the positions over which they stay fixed (the original context length);
+    None for every other RoPE. The engine runs all of a step's sequences in one forward, so
+    beyond this length a sequence's keys would depend on what it is batched with, and the
+    prefix cache would keep them: the engine's context stops here."""
+    if rope_type(config) not in LENGTH_DEPENDENT_ROPE:
+        return None
+    params = _rope_parameters(config)
+    original = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
+                                                                           None)
+    return int(original or config.max_position_embeddings)
+
+
 def check_supported(config: Any) -> None:
     """Refuse, with a :class:`ModelError` saying why, a transformers config the engine cannot
     drive: an encoder-decoder, an architecture that is not one of transformers' causal LMs
@@ -196,6 +230,12 @@ class TransformersModel:
         self.device = first.device
         self.dtype = first.dtype
         self.max_positions = self.config.max_position_embeddings
+        fixed = fixed_rope_positions(_text_config(hf_model.config))
+        if fixed is not None and fixed < self.max_positions:
+            log.info("%s: its %s RoPE changes with the forward's longest position past %d positions; the "
+                     "engine's context stops there", self.config.architecture, rope_type(_text_config(hf_model.config)),
+                     fixed)
+            self.max_positions = fixed
         self.identity = ""
         self._keeps_rows = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self.hf_model = hf_model
