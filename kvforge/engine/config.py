@@ -64,7 +64,12 @@ class EngineConfig:
       torch float8 dtypes) in one byte an element, quantized with the
       checkpoint's per-layer ``k_scale`` / ``v_scale`` (1.0 without them), so
       the same ``kv_memory`` holds twice the blocks (``docs/fp8.md``); a model
-      dtype's name is accepted when it is the model's dtype.
+      dtype's name is accepted when it is the model's dtype;
+    - ``speculative_tokens``: prompt-lookup speculative decoding: up to this
+      many draft tokens a decoding sequence takes from an earlier occurrence of
+      its last ``speculative_ngram`` (or fewer) tokens, checked in one step;
+      greedy output is plain decoding's (:mod:`kvforge.engine.speculative`);
+      0 (the default) turns it off.
     """
 
     max_num_seqs: int = 256
@@ -85,6 +90,8 @@ class EngineConfig:
     remote_fetch: str = "auto"
     model_impl: str = "auto"
     kv_dtype: str | torch.dtype | None = None
+    speculative_tokens: int = 0
+    speculative_ngram: int = 3
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -94,6 +101,8 @@ class EngineConfig:
         if self.max_graph_batch_size is not None:
             _int("max_graph_batch_size", self.max_graph_batch_size, 1)
         _int("seed", self.seed, 0)
+        _int("speculative_tokens", self.speculative_tokens, 0)
+        _int("speculative_ngram", self.speculative_ngram, 1)
         for name, lo, hi in (("kv_memory_fraction", 0.0, 1.0), ("watermark", 0.0, 0.5)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= float(v) <= hi:

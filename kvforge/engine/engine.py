@@ -198,7 +198,7 @@ class Engine(StepLoop):
         self._next_seq = 0
         self._next_request = 0
         self._counters = dict(steps=0, decode_steps=0, graph_steps=0, requests=0, finished=0, prompt_tokens=0,
-                              generated=0)
+                              generated=0, draft_tokens=0, accepted_tokens=0)
         self._eos = frozenset(model.config.eos_token_ids)
         self._num_unforked = 0  # requests with n > 1 whose completions are not forked yet
         self._num_random = 0  # unfinished sequences that sample (temperature > 0)
@@ -394,6 +394,8 @@ class Engine(StepLoop):
             prefix_host_hit_tokens=pstats.host_hit_tokens, prefix_remote_hit_tokens=pstats.remote_hit_tokens,
             num_remote_fetches=self.remote_fetch.num_fetched if self.remote_fetch else 0,
             num_remote_fetches_declined=self.remote_fetch.num_declined if self.remote_fetch else 0,
+            num_draft_tokens=c["draft_tokens"], num_accepted_tokens=c["accepted_tokens"],
+            draft_acceptance_rate=c["accepted_tokens"] / c["draft_tokens"] if c["draft_tokens"] else 0.0,
             host=cache.host_stats() if cache.has_host_tier else None,
         )
 

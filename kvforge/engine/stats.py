@@ -46,6 +46,9 @@ class EngineStats(Mapping[str, Any]):
     tier, ``prefix_remote_hit_tokens`` came from it; ``num_remote_fetches``
     prompts asked it for their blocks and ``num_remote_fetches_declined`` did
     not, computing being faster (``EngineConfig.remote_fetch="auto"``).
+    With speculative decoding (``EngineConfig.speculative_tokens``),
+    ``num_draft_tokens`` drafts were checked, ``num_accepted_tokens`` of them
+    accepted (``draft_acceptance_rate``, 0.0 before any draft).
     """
 
     num_steps: int
@@ -86,6 +89,9 @@ class EngineStats(Mapping[str, Any]):
     prefix_remote_hit_tokens: int = 0
     num_remote_fetches: int = 0
     num_remote_fetches_declined: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    draft_acceptance_rate: float = 0.0
 
     def __getitem__(self, key: str) -> Any:
         if not isinstance(key, str) or key not in _FIELDS:

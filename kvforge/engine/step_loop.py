@@ -6,7 +6,11 @@ the step's inputs in one call of the cache and runs the model, the sampler
 picks tokens on the device and the engine reads them back (the step's one
 sync), then appends them to their sequences, forks ``n > 1`` completions,
 frees finished sequences and, with ``auto_compact``, compacts. A step that
-raises is undone by :meth:`StepLoop._recover`.
+raises is undone by :meth:`StepLoop._recover`. With ``speculative_tokens``,
+a step whose requests are all greedy gives its decodes prompt-lookup drafts
+(:mod:`kvforge.engine.speculative`): they are appended with their ids,
+computed with the step, kept as far as the model agrees, and truncated
+away past that.
 """
 from __future__ import annotations
 
@@ -15,19 +19,22 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from kvforge.engine.outputs import request_output
 from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
 from kvforge.engine.sampling import SamplingBatch, sample
 from kvforge.engine.scheduler import Scheduler, SchedulerOutput
-from kvforge.errors import KVForgeError
+from kvforge.engine.speculative import accept_greedy, propose_ngram
+from kvforge.errors import KVForgeError, OutOfBlocksError
 from kvforge.storage import KVCache
 
 #: seconds a step with nothing to run waits for a remote prefetch before returning
 FETCH_WAIT_S = 0.05
 
 if TYPE_CHECKING:
+    from kvforge.engine.config import EngineConfig
     from kvforge.engine.fetch_policy import RemoteFetchPolicy
     from kvforge.engine.loader import Tokenizer
     from kvforge.engine.model_runner import ModelRunner
@@ -52,6 +59,7 @@ class StepLoop:
     _num_unforked: int
     _num_random: int
     remote_fetch: RemoteFetchPolicy | None
+    config: EngineConfig
     max_model_len: int
 
     _new_sequence: Callable[[Request, int, int], Sequence]
@@ -79,17 +87,24 @@ class StepLoop:
             policy.calibrate(self.runner.model, self.cache, longest)
         self._forked = []
         out: SchedulerOutput | None = None
+        drafts: dict[int, tuple[int, list[int]]] = {}
         start = time.perf_counter()
         try:
             out = self.scheduler.schedule()
             computed = time.perf_counter()  # the prefill rate leaves out admission (copies from the tiers)
             if not out.is_empty:
                 targets, rows, forks = self._targets(out)
-                logits = self.runner.execute(out)
-                if rows is not None:
-                    logits = logits[torch.as_tensor(rows, device=logits.device)]
-                tokens = sample(logits, self._sampling_batch(targets)).tolist()
+                if self.config.speculative_tokens and rows is None and not self._num_random:
+                    drafts = self._draft(out)
+                if drafts:
+                    tokens = self._run_speculative(out, targets, drafts)
+                else:
+                    logits = self.runner.execute(out)
+                    if rows is not None:
+                        logits = logits[torch.as_tensor(rows, device=logits.device)]
+                    tokens = [[t] for t in sample(logits, self._sampling_batch(targets)).tolist()]
         except BaseException:
+            self._undo_drafts(drafts)
             self._recover(out)
             raise
         if out.is_empty:
@@ -106,18 +121,92 @@ class StepLoop:
         c["steps"] += 1
         if not out.chunks:
             c["decode_steps"] += 1
-            if self.runner.uses_graph(out):
+            if not drafts and self.runner.uses_graph(out):
                 c["graph_steps"] += 1
         else:
             num_prompt = sum(ch.num_tokens for ch in out.chunks)
             c["prompt_tokens"] += num_prompt
             self.scheduler.policy.record_prefill(num_prompt, now - computed)
-        c["generated"] += len(tokens)
         done = self._postprocess(targets, tokens, now, forks)
         self.cache.maybe_compact()
         if want_touched:
             return list({s.request.request_id: s.request for s in targets}.values())
         return done
+
+    def _draft(self, out: SchedulerOutput) -> dict[int, tuple[int, list[int]]]:
+        """Prompt-lookup drafts for this step's decodes (:mod:`kvforge.engine.speculative`),
+        appended to the cache with their ids: ``id(seq) -> (its cache length before them,
+        the drafts)``. A sequence gets at most ``speculative_tokens``, no more than its request
+        may still produce less one, none when the step's token budget or the cache has no room."""
+        k, ngram = self.config.speculative_tokens, self.config.speculative_ngram
+        room = self.scheduler.max_num_batched_tokens - out.num_tokens
+        drafts: dict[int, tuple[int, list[int]]] = {}
+        for s in out.decodes:
+            if room <= 0:
+                break
+            ids = s.token_ids
+            proposed = propose_ngram(ids, min(k, room, s.request.max_total_tokens - len(ids) - 1), ngram)
+            if not proposed:
+                continue
+            before = self.cache.seq_len(s.seq_id)
+            try:
+                self.cache.append_tokens(s.seq_id, len(proposed), proposed)
+            except OutOfBlocksError:
+                continue  # refused whole: nothing changed; this one decodes one token
+            drafts[id(s)] = (before, proposed)
+            room -= len(proposed)
+        self._counters["draft_tokens"] += sum(len(d) for _, d in drafts.values())
+        return drafts
+
+    def _run_speculative(self, out: SchedulerOutput, targets: list[Sequence],
+                         drafts: dict[int, tuple[int, list[int]]]) -> list[list[int]]:
+        """Run a step whose decodes carry drafts: each such sequence computes its input token and
+        its drafts as one short prefill, every row's logits kept; the tokens of each target (the
+        greedy picks the drafts earned, :func:`~kvforge.engine.speculative.accept_greedy`). The
+        rejected drafts are truncated away. Every request of the step is greedy."""
+        plain = [s for s in out.decodes if id(s) not in drafts]
+        spec = [s for s in out.decodes if id(s) in drafts]
+        seq_ids = [s.seq_id for s in plain] + [s.seq_id for s in spec] + [ch.seq.seq_id for ch in out.chunks]
+        q_lens = [1] * len(plain) + [1 + len(drafts[id(s)][1]) for s in spec] + [ch.num_tokens for ch in out.chunks]
+        starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).tolist()
+        rows = list(range(len(plain)))
+        for i, s in enumerate(spec):
+            lo = starts[len(plain) + i]
+            rows += range(lo, lo + q_lens[len(plain) + i])
+        chunk_row = {}
+        for i, ch in enumerate(out.chunks):
+            if ch.samples:
+                j = len(plain) + len(spec) + i
+                chunk_row[id(ch.seq)] = len(rows)
+                rows.append(starts[j] + q_lens[j] - 1)
+        batch = self.cache.prepare_step(seq_ids, q_lens, num_decodes=len(plain), logits_indices=rows)
+        picks = self.runner.logits(batch).argmax(dim=-1).tolist()
+        at = {id(s): [picks[i]] for i, s in enumerate(plain)}
+        lo = len(plain)
+        accepted = 0
+        for s in spec:
+            before, proposed = drafts[id(s)]
+            toks = accept_greedy(proposed, picks[lo:lo + len(proposed) + 1])
+            lo += len(proposed) + 1
+            accepted += len(toks) - 1
+            self.cache.truncate(s.seq_id, before + len(toks) - 1)  # the rejected drafts go
+            at[id(s)] = toks
+        for key, row in chunk_row.items():
+            at[key] = [picks[row]]
+        self._counters["accepted_tokens"] += accepted
+        return [at[id(s)] for s in targets]
+
+    def _undo_drafts(self, drafts: dict[int, tuple[int, list[int]]]) -> None:
+        """A step with drafts failed: take every sequence back to its length before them (then
+        :meth:`_recover` treats the step as any failed one)."""
+        if not drafts:
+            return
+        for s in self.scheduler.running:
+            if id(s) in drafts:
+                try:
+                    self.cache.truncate(s.seq_id, drafts[id(s)][0])
+                except KVForgeError:  # already taken back (the failure came after verification)
+                    pass
 
     def _recover(self, out: SchedulerOutput | None) -> None:
         """Undo a step that raised after reserving slots (a kernel error, an
@@ -195,27 +284,37 @@ class StepLoop:
         return SamplingBatch([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
                              [s.seed for s in targets], [s.num_output_tokens for s in targets])
 
-    def _postprocess(self, targets: list[Sequence], tokens: list[int], now: float,
+    def _postprocess(self, targets: list[Sequence], tokens: list[list[int]], now: float,
                      forks: list[Sequence]) -> list[Request]:
+        """Give each target its tokens (one, or a speculative step's accepted run), in order,
+        each checked for a stop token and the length limit (the rest dropped once it finishes);
+        fork ``n > 1`` completions first; finish what finished."""
         for s in forks:  # before the parent can finish and free its blocks
             parent = s.request.seqs[0]
             self.cache.fork(parent.seq_id, s.seq_id)
             s.num_cached_tokens = parent.num_cached_tokens
             self.scheduler.add_running(s)
         finished: list[Sequence] = []
-        for s, tok in zip(targets, tokens):
+        generated = 0
+        for s, toks in zip(targets, tokens):
             ids = s.token_ids
-            ids.append(tok)
-            s.token_times.append(now)
             req = s.request
-            if tok in req.stop_ids:
-                s.finish_reason = "stop"
-            elif len(ids) >= req.max_total_tokens:
-                s.finish_reason = "length"
-            else:
+            for tok in toks:
+                ids.append(tok)
+                s.token_times.append(now)
+                generated += 1
+                if tok in req.stop_ids:
+                    s.finish_reason = "stop"
+                elif len(ids) >= req.max_total_tokens:
+                    s.finish_reason = "length"
+                else:
+                    continue
+                break
+            if s.finish_reason is None:
                 continue
             s.status = SequenceStatus.FINISHED
             finished.append(s)
+        self._counters["generated"] += generated
         done: list[Request] = []
         if finished:
             self.scheduler.finish(finished)
