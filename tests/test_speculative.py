@@ -25,10 +25,11 @@ def test_propose_takes_what_followed_the_latest_earlier_occurrence() -> None:
     ids = [5, 6, 7, 8, 9, 1, 5, 6, 7, 3, 4, 5, 6, 7]
     # the last three (5 6 7) occurred at 6..8 (followed by 3 4 5 ...) and at 0..2: the latest wins
     assert propose_ngram(ids, 3) == [3, 4, 5]
-    assert propose_ngram(ids, 10) == [3, 4, 5, 6, 7]  # up to the end of the text
+    assert propose_ngram(ids, 10) == [3, 4, 5, 6, 7, 3, 4, 5, 6, 7]  # past the end: the copy loops
     assert propose_ngram([1, 2, 3, 9, 2, 3], 2, max_ngram=3) == [9, 2]  # no 3-gram: the 2-gram (2 3)
     assert propose_ngram([1, 2, 3, 4], 2) == []  # nothing repeats
-    assert propose_ngram([4, 4], 3) == [4]
+    assert propose_ngram([4, 4], 3) == [4, 4, 4]
+    assert propose_ngram([1, 8, 9, 2, 8, 9], 5) == [2, 8, 9, 2, 8]  # period 3, from the occurrence to the end
     assert propose_ngram([1, 2, 1], 0) == [] and propose_ngram([1], 3) == []
 
 

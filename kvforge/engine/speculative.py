@@ -5,7 +5,9 @@ place, a list with a fixed pattern) often continues the way an earlier
 occurrence of its last few tokens continued. :func:`propose_ngram` finds the
 latest earlier occurrence of the last ``n`` tokens (``n`` from
 ``max_ngram`` down to 1) and proposes the up to ``k`` tokens that followed
-it; no second model is needed.
+it (continuing the copy over its own drafts when it reaches the end of the
+text: a sequence in a loop gets ``k`` drafts, not the few tokens left before
+its end); no second model is needed.
 
 The engine (``EngineConfig(speculative_tokens=k)``) appends a decoding
 sequence's drafts to the cache with their ids, computes the sequence's
@@ -30,9 +32,11 @@ __all__ = ["accept_greedy", "propose_ngram"]
 
 
 def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
-    """Up to ``k`` draft tokens for the sequence ``token_ids``: what followed the latest earlier
-    occurrence of its last ``n`` tokens, for the longest ``n <= max_ngram`` that occurs; ``[]``
-    when none does (or ``k`` is 0)."""
+    """``k`` draft tokens for the sequence ``token_ids``: what followed the latest earlier
+    occurrence of its last ``n`` tokens, for the longest ``n <= max_ngram`` that occurs; where
+    that runs into the end of the text, the copy continues over its own drafts (the text
+    repeats with the period from that occurrence to the end, as in a loop). ``[]`` when no
+    n-gram recurs (or ``k`` is 0)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     size = len(ids)
     if k <= 0 or size < 2:
@@ -44,7 +48,11 @@ def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, max_ngram: int 
         hits = np.flatnonzero((windows == pattern).all(axis=1))
         if len(hits):
             start = int(hits[-1]) + n
-            return ids[start:start + k].tolist()
+            drafts = ids[start:start + k].tolist()
+            period = size - start  # past the text's end the copy goes on over its own drafts: a loop
+            while len(drafts) < k:
+                drafts.append(drafts[len(drafts) - period])
+            return drafts
     return []
 
 
