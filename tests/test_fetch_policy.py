@@ -94,8 +94,14 @@ def test_auto_measures_the_prefill_rate_once_before_the_first_step(redis: RedisS
         # a cache too small for a probe of LARGE_PROMPT_STEP tokens records nothing
         small = Engine(str(tmp_path / "ckpt"), num_blocks=32, block_size=8, remote=RedisTier(redis.url(), "calib-2"))
         assert small.remote_fetch is not None
-        assert small.remote_fetch.calibrate(small.model, small.cache, 4096) is None
+        assert small.remote_fetch.calibrate(small.runner.logits, small.cache, 4096, 128) is None
         assert small.preemption.prefill_rate == 0 and small.remote_fetch.calibrated
         small.cache.remote.close()
+        # the transformers path calibrates through the same runner call
+        hf = Engine(str(tmp_path / "ckpt"), num_blocks=96, block_size=8, model_impl="transformers",
+                    remote=RedisTier(redis.url(), "calib-3"))
+        assert hf.generate([prompt], SamplingParams(max_tokens=4))[0].token_ids == out.token_ids
+        assert hf.remote_fetch is not None and hf.remote_fetch.calibrated and hf.preemption.prefill_rate > 0
+        hf.cache.remote.close()
     finally:
         tier.close()

@@ -13,8 +13,8 @@ are measured on this machine, the tier's over its recent fetches
 (``RedisTier.read_bandwidth``) and the prefill rate over the engine's own
 prompt steps (:class:`~kvforge.engine.preemption.PreemptionPolicy`),
 seeded by :meth:`RemoteFetchPolicy.calibrate`, which the engine runs before
-its first step: one prompt of up to 2048 tokens computed twice on the still
-empty cache (the first run compiles), so the first decisions do not rest on a compiling step, nor on the
+its first step: one prompt computed on the still empty cache (2,048 tokens
+twice on a GPU, the first run compiling; 512 once on the CPU), so the first decisions do not rest on a compiling step, nor on the
 small prompt steps a workload that fetches its prefixes leaves to compute
 (their fixed costs make the rate look low and fetching look cheap). Until
 both are known it fetches, and it fetches again once every
@@ -25,7 +25,7 @@ time (a tier without a ``read_bandwidth`` is always fetched from).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ import torch
 from kvforge.engine.preemption import LARGE_PROMPT_STEP, PreemptionPolicy
 
 if TYPE_CHECKING:
-    from kvforge.storage import KVCache
+    from kvforge.storage import KVCache, StepBatch
 
 __all__ = ["RemoteFetchPolicy"]
 
@@ -53,28 +53,33 @@ class RemoteFetchPolicy:
         self.calibrated = False
         self._last_fetch = time.monotonic()  # probing counts from here
 
-    def calibrate(self, model: Any, cache: KVCache, max_tokens: int, probe_tokens: int = 2048) -> float | None:
+    def calibrate(self, logits: Callable[[StepBatch], Any], cache: KVCache, max_tokens: int, vocab_size: int,
+                  probe_tokens: int | None = None) -> float | None:
         """Measure the prefill rate once (see the module docstring) and record it with the
         rates; the tokens/s, or None when the cache cannot hold a prompt of
         :data:`~kvforge.engine.preemption.LARGE_PROMPT_STEP` tokens (nothing recorded).
-        The probe's sequence is freed, unpublished, and its blocks registered nowhere."""
+        ``logits(batch)`` runs the model over a step (``ModelRunner.logits``). The probe has
+        2,048 tokens and runs twice on a GPU (the first run compiles), and on the CPU
+        :data:`~kvforge.engine.preemption.LARGE_PROMPT_STEP` tokens once (a large model's
+        prompt is slow there). Its sequence is freed, unpublished, and registered nowhere."""
         self.calibrated = True
+        gpu = cache.device.type == "cuda"
         bs = cache.config.block_size
-        n = min(probe_tokens, max_tokens, (cache.num_available_blocks - 1) * bs)
+        wanted = probe_tokens if probe_tokens is not None else (2048 if gpu else LARGE_PROMPT_STEP)
+        n = min(wanted, max_tokens, (cache.num_available_blocks - 1) * bs)
         if n < LARGE_PROMPT_STEP:
             return None
         seq_id = ("kvforge-prefill-probe", id(self))
-        ids = np.random.default_rng(0).integers(0, model.config.vocab_size, n)
+        ids = np.random.default_rng(0).integers(0, vocab_size, n)
         cache.add_sequence(seq_id)
         try:
             cache.append_tokens(seq_id, n)  # no token ids: nothing is registered for prefix reuse
             seconds = float("inf")
-            for _ in range(2):  # the first compiles and warms up
+            for _ in range(2 if gpu else 1):
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    batch = cache.prepare_step([seq_id], [n], num_decodes=0, logits_indices=[n - 1], input_ids=ids)
-                    model.compute_logits(model.forward(batch, cache)[batch.logits_indices])
-                if cache.device.type == "cuda":
+                    logits(cache.prepare_step([seq_id], [n], num_decodes=0, logits_indices=[n - 1], input_ids=ids))
+                if gpu:
                     torch.cuda.synchronize(cache.device)
                 seconds = min(seconds, time.perf_counter() - start)
         finally:

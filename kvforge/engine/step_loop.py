@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ class StepLoop:
     _num_random: int
     remote_fetch: RemoteFetchPolicy | None
     config: EngineConfig
+    model_config: Any
     max_model_len: int
 
     _new_sequence: Callable[[Request, int, int], Sequence]
@@ -84,7 +85,7 @@ class StepLoop:
         if policy is not None and policy.mode == "auto" and not policy.calibrated:
             # once, before the first step admits anything: the fetch-or-compute rule's prefill rate
             longest = min(self.scheduler.max_num_batched_tokens, self.max_model_len)
-            policy.calibrate(self.runner.model, self.cache, longest)
+            policy.calibrate(self.runner.logits, self.cache, longest, self.model_config.vocab_size)
         self._forked = []
         out: SchedulerOutput | None = None
         drafts: dict[int, tuple[int, list[int]]] = {}
