@@ -113,3 +113,44 @@ def test_a_sampled_request_turns_speculation_off_for_its_steps(checkpoint) -> No
     b = Engine(str(folder), num_blocks=64, block_size=8, speculative_tokens=4).generate(
         [_repetitive(30, 5, 0)], SamplingParams(max_tokens=16, temperature=0.8, seed=3))
     assert a[0].token_ids == b[0].token_ids
+
+
+def test_a_failed_speculative_step_leaves_no_draft_block_in_the_prefix_cache(checkpoint,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts fill blocks that are registered for prefix reuse as they fill; a step that fails
+    before computing them takes them back and drops those blocks (their keys/values were never
+    written), keeps the ones computed before, and the request then completes with plain
+    decoding's tokens."""
+    folder, _ = checkpoint
+    prompt = _repetitive(24, 3, 0)
+    params = SamplingParams(max_tokens=40)
+    want = Engine(str(folder), num_blocks=64, block_size=4).generate([prompt], params)[0].token_ids
+    engine = Engine(str(folder), num_blocks=64, block_size=4, speculative_tokens=8)
+    rid = engine.add_request(prompt, params)
+    logits = engine.runner.logits
+
+    def failing(batch):  # type: ignore[no-untyped-def]
+        raise RuntimeError("injected kernel failure")
+
+    monkeypatch.setattr(engine.runner, "logits", failing)  # only a step with drafts runs through it
+    for _ in range(40):
+        cached = engine.cache.prefix_stats().cached_blocks
+        drafted = engine.stats().num_draft_tokens
+        try:
+            engine.step()
+        except RuntimeError as exc:
+            assert "injected" in str(exc)
+            break
+    else:
+        pytest.fail("no step drafted")
+    assert engine.stats().num_draft_tokens - drafted >= 4  # at least one full block of drafts
+    engine.check_invariants()
+    assert engine.cache.prefix_stats().cached_blocks <= cached and engine.cache.seq_ids == []
+    monkeypatch.setattr(engine.runner, "logits", logits)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        engine.check_invariants()
+    assert done[rid] == want

@@ -96,7 +96,7 @@ class StepLoop:
             if not out.is_empty:
                 targets, rows, forks = self._targets(out)
                 if self.config.speculative_tokens and rows is None and not self._num_random:
-                    drafts = self._draft(out)
+                    self._draft(out, drafts)
                 if drafts:
                     tokens = self._run_speculative(out, targets, drafts)
                 else:
@@ -105,8 +105,9 @@ class StepLoop:
                         logits = logits[torch.as_tensor(rows, device=logits.device)]
                     tokens = [[t] for t in sample(logits, self._sampling_batch(targets)).tolist()]
         except BaseException:
-            self._undo_drafts(drafts)
+            suspect = self._undo_drafts(drafts)
             self._recover(out)
+            self.cache.drop_cached_blocks(suspect)
             raise
         if out.is_empty:
             if self.scheduler.num_fetching:  # prompts wait for the remote tier, nothing else can run
@@ -134,14 +135,14 @@ class StepLoop:
             return list({s.request.request_id: s.request for s in targets}.values())
         return done
 
-    def _draft(self, out: SchedulerOutput) -> dict[int, tuple[int, list[int]]]:
+    def _draft(self, out: SchedulerOutput, drafts: dict[int, tuple[int, list[int]]]) -> None:
         """Prompt-lookup drafts for this step's decodes (:mod:`kvforge.engine.speculative`),
-        appended to the cache with their ids: ``id(seq) -> (its cache length before them,
-        the drafts)``. A sequence gets at most ``speculative_tokens``, no more than its request
-        may still produce less one, none when the step's token budget or the cache has no room."""
+        appended to the cache with their ids, recorded in ``drafts`` as they are (so a failure
+        midway can take them back): ``id(seq) -> (its cache length before them, the drafts)``.
+        A sequence gets at most ``speculative_tokens``, no more than its request may still
+        produce less one, none when the step's token budget or the cache has no room."""
         k, ngram = self.config.speculative_tokens, self.config.speculative_ngram
         room = self.scheduler.max_num_batched_tokens - out.num_tokens
-        drafts: dict[int, tuple[int, list[int]]] = {}
         for s in out.decodes:
             if room <= 0:
                 break
@@ -156,8 +157,7 @@ class StepLoop:
                 continue  # refused whole: nothing changed; this one decodes one token
             drafts[id(s)] = (before, proposed)
             room -= len(proposed)
-        self._counters["draft_tokens"] += sum(len(d) for _, d in drafts.values())
-        return drafts
+            self._counters["draft_tokens"] += len(proposed)
 
     def _run_speculative(self, out: SchedulerOutput, targets: list[Sequence],
                          drafts: dict[int, tuple[int, list[int]]]) -> list[list[int]]:
@@ -197,17 +197,27 @@ class StepLoop:
         self._counters["accepted_tokens"] += accepted
         return [at[id(s)] for s in targets]
 
-    def _undo_drafts(self, drafts: dict[int, tuple[int, list[int]]]) -> None:
+    def _undo_drafts(self, drafts: dict[int, tuple[int, list[int]]]) -> list[int]:
         """A step with drafts failed: take every sequence back to its length before them (then
-        :meth:`_recover` treats the step as any failed one)."""
+        :meth:`_recover` treats the step as any failed one); return the blocks the drafts
+        filled, whose keys/values the step may never have written (the caller drops those
+        left cached once the step's sequences are preempted)."""
+        suspect: list[int] = []
         if not drafts:
-            return
+            return suspect
+        bs = self.cache.config.block_size
         for s in self.scheduler.running:
-            if id(s) in drafts:
-                try:
-                    self.cache.truncate(s.seq_id, drafts[id(s)][0])
-                except KVForgeError:  # already taken back (the failure came after verification)
-                    pass
+            if id(s) not in drafts:
+                continue
+            before, proposed = drafts[id(s)]
+            try:
+                if self.cache.seq_len(s.seq_id) > before:
+                    table = self.cache.block_table(s.seq_id)
+                    suspect += table[before // bs:(before + len(proposed) - 1) // bs + 1]
+                    self.cache.truncate(s.seq_id, before)
+            except KVForgeError:  # the sequence is already gone or back where it was
+                pass
+        return suspect
 
     def _recover(self, out: SchedulerOutput | None) -> None:
         """Undo a step that raised after reserving slots (a kernel error, an
