@@ -168,8 +168,12 @@ def test_a_second_generate_continues_the_cache(models: dict[str, Any]) -> None:
 def test_limits_raise_and_name_themselves(models: dict[str, Any]) -> None:
     model = model_of(models, "llama")
     cache = KVForgeCache(model.config)
-    with pytest.raises(KVForgeError, match="cannot crop.*assisted and speculative"):
+    with pytest.raises(ConfigError, match="holds 0 columns"):
         cache.crop(-1)
+    for bad, why in ((3, "negative count"), (1.5, "takes an int")):
+        with pytest.raises(ConfigError, match=why):
+            cache.crop(bad)  # type: ignore[arg-type]
+    cache.crop(0)  # nothing to do
     for impl in ("sdpa", ATTENTION_NAME):
         with attention(model, impl):
             small = KVForgeCache(model.config, num_blocks=2)
@@ -261,3 +265,27 @@ def test_an_fp8_pool_stores_bytes_and_reads_them_back_dequantized(models: dict[s
     assert [row[0] for row in got_paged] == [row[0] for row in expected]
     with pytest.raises(ConfigError, match="fp9"):
         KVForgeCache(model.config, dtype="fp9")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", ATTENTION_NAME])
+def test_prompt_lookup_decoding_crops_the_cache_and_keeps_the_output(impl: str, models: dict[str, Any]) -> None:
+    """transformers' prompt-lookup decoding drafts tokens from the prompt, verifies them and
+    crops the rejected ones from the cache: with a KVForgeCache (dense and paged mode) the
+    output is plain greedy decoding's, and the cache holds exactly the tokens kept."""
+    model = model_of(models, "llama")
+    prompt = torch.tensor([[10 + (i % 6) for i in range(30)]])
+    mask = torch.ones_like(prompt)
+    with attention(model, impl):
+        want = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        cache = KVForgeCache(model.config, block_size=4)
+        got = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             prompt_lookup_num_tokens=4, past_key_values=cache)
+    assert torch.equal(got, want)
+    kv = cache.kv_cache
+    assert kv is not None and kv.seq_len(cache.seq_ids[0]) == cache.get_seq_length() == got.shape[1] - 1
+    cache.check_invariants()
+    cache.crop(-3)
+    assert kv.seq_len(cache.seq_ids[0]) == cache.get_seq_length() == got.shape[1] - 4
+    with pytest.raises(ConfigError, match="holds"):
+        cache.crop(-(got.shape[1] + 1))
+    cache.check_invariants()

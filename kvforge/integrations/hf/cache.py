@@ -18,7 +18,7 @@ new columns reserves the slots of every row (one ``append_tokens_batch``),
 and the other layers reuse them. Sliding-window layers keep every token (the
 window is applied when attending); beam search and batch reordering fork
 sequences (shared blocks, copy-on-write), so no keys are copied; ``crop``
-(assisted decoding) is refused.
+(assisted and prompt-lookup decoding) truncates every row's sequence.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class KVForgeLayer(CacheLayerMixin):
     ``values`` stay None: the data lives in the kvforge pool)."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
     supports_early_init = False
     is_sliding = False  # every token is kept; a sliding window is applied when attending
 
@@ -123,9 +123,9 @@ class KVForgeCache(Cache):
     (``"auto"``: Triton on GPUs, the torch reference on the CPU).
 
     Rows are kvforge sequences (:attr:`seq_ids`); :attr:`kv_cache` is the
-    underlying KVCache (None until the first tokens). Limits: ``crop``
-    (assisted / speculative decoding) raises; layer types other than full and
-    sliding attention are refused at construction; the batch size is fixed by
+    underlying KVCache (None until the first tokens). ``crop`` takes tokens
+    back (assisted and prompt-lookup decoding). Limits: layer types other than
+    full and sliding attention are refused at construction; the batch size is fixed by
     the first tokens (beam search and ``num_return_sequences`` reorder rows
     by forking them).
     """
@@ -238,9 +238,32 @@ class KVForgeCache(Cache):
         self._reindex([int(i) for i in indices.tolist()])
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise KVForgeError(
-            f"KVForgeCache cannot crop ({tokens_to_remove} tokens asked): kvforge's KVCache has no truncate yet, "
-            f"so assisted and speculative decoding (which roll the cache back) are not supported")
+        """Take the last ``-tokens_to_remove`` tokens back from every row (transformers' convention:
+        a negative count; 0 does nothing), with :meth:`KVCache.truncate_batch`: the blocks past the
+        new end go back to the pool (or stay to the rows that share them). What assisted and
+        prompt-lookup decoding call to drop rejected drafts. The cropped columns must hold a token
+        in every row (true after any step without padding: those decodings run one row); a
+        positive count (transformers' legacy absolute length) is refused, as transformers does."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise ConfigError(f"KVForgeCache.crop takes an int, got {tokens_to_remove!r}")
+        if tokens_to_remove > 0:
+            raise ConfigError(f"KVForgeCache.crop({tokens_to_remove}): pass a negative count of tokens to remove "
+                              f"(a positive one is transformers' legacy absolute length, refused there too)")
+        n = -tokens_to_remove
+        if n == 0:
+            return
+        kv = self.kv_cache
+        if kv is None or n > self._num_columns:
+            raise ConfigError(f"KVForgeCache.crop({tokens_to_remove}): the cache holds {self._num_columns} columns")
+        lens = [kv.seq_len(s) for s in self.seq_ids]
+        if min(lens, default=0) < n:
+            raise ConfigError(f"KVForgeCache.crop({tokens_to_remove}): a row holds only {min(lens)} tokens "
+                              f"(its cropped columns are padding)")
+        kv.truncate_batch(self.seq_ids, [length - n for length in lens])
+        self._num_columns -= n
+        for layer in self.layers:
+            layer.num_columns = min(layer.num_columns, self._num_columns)
+        self._step = None
 
     @property
     def is_compileable(self) -> bool:
