@@ -5,7 +5,7 @@ The drafts and the greedy check on their own; then engines with
 transformers' own ``generate`` (float32, tiny random checkpoints): the same
 tokens, with drafts accepted on a repetitive workload, through stop tokens,
 length limits, preemption in a small cache, shared prefixes and compaction;
-a sampled request in the batch turns speculation off for its steps.
+sampled requests decode one token a step beside drafting greedy ones.
 """
 from __future__ import annotations
 
@@ -103,16 +103,21 @@ def test_stop_tokens_length_limits_preemption_prefixes_and_compaction(checkpoint
     assert st.num_preemptions > 0 and st.prefix.hit_tokens > 0 and st.num_draft_tokens > 0
 
 
-def test_a_sampled_request_turns_speculation_off_for_its_steps(checkpoint) -> None:
+def test_sampled_requests_decode_one_token_beside_drafting_greedy_ones(checkpoint) -> None:
+    """A sampled request never drafts (it would need rejection sampling) but shares the steps of
+    greedy ones that do: every output, the seeded sampled one included, is plain decoding's."""
     folder, _ = checkpoint
-    spec = Engine(str(folder), num_blocks=64, block_size=8, speculative_tokens=4)
-    spec.generate([_repetitive(30, 5, 0)], SamplingParams(max_tokens=16, temperature=0.8, seed=3))
-    assert spec.stats().num_draft_tokens == 0
-    plain = Engine(str(folder), num_blocks=64, block_size=8)
-    a = plain.generate([_repetitive(30, 5, 0)], SamplingParams(max_tokens=16, temperature=0.8, seed=3))
-    b = Engine(str(folder), num_blocks=64, block_size=8, speculative_tokens=4).generate(
-        [_repetitive(30, 5, 0)], SamplingParams(max_tokens=16, temperature=0.8, seed=3))
-    assert a[0].token_ids == b[0].token_ids
+    prompts = [_repetitive(30, 5, 0), _repetitive(30, 4, 20), _repetitive(26, 3, 40)]
+    params = [SamplingParams(max_tokens=16, temperature=0.8, seed=3), SamplingParams(max_tokens=16),
+              SamplingParams(max_tokens=16, temperature=1.2, top_k=20, seed=5)]
+    plain = Engine(str(folder), num_blocks=64, block_size=8).generate(prompts, params)
+    engine = Engine(str(folder), num_blocks=64, block_size=8, speculative_tokens=4)
+    got = engine.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert engine.stats().num_draft_tokens > 0  # the greedy one drafted
+    alone = Engine(str(folder), num_blocks=64, block_size=8, speculative_tokens=4)
+    alone.generate([prompts[0]], params[0])
+    assert alone.stats().num_draft_tokens == 0  # a sampled request alone: no drafts at all
 
 
 def test_a_failed_speculative_step_leaves_no_draft_block_in_the_prefix_cache(checkpoint,

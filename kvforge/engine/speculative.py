@@ -19,8 +19,9 @@ the model's pick after the last accepted one, are the step's output, so a
 step yields 1 to ``k + 1`` tokens and the text is exactly what one-token
 decoding gives (the same argmax at every position). The rejected drafts are
 taken back with :meth:`~kvforge.storage.KVCache.truncate`. Only greedy
-requests speculate (a sampled one would need rejection sampling); a step
-with a sampled request runs as it would without speculation.
+sequences draft (a sampled one would need rejection sampling): a sampled
+sequence decodes one token a step beside them, sampled as without
+speculation.
 """
 from __future__ import annotations
 

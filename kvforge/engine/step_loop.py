@@ -7,7 +7,7 @@ picks tokens on the device and the engine reads them back (the step's one
 sync), then appends them to their sequences, forks ``n > 1`` completions,
 frees finished sequences and, with ``auto_compact``, compacts. A step that
 raises is undone by :meth:`StepLoop._recover`. With ``speculative_tokens``,
-a step whose requests are all greedy gives its decodes prompt-lookup drafts
+a step gives its greedy decodes prompt-lookup drafts
 (:mod:`kvforge.engine.speculative`): they are appended with their ids,
 computed with the step, kept as far as the model agrees, and truncated
 away past that.
@@ -95,7 +95,7 @@ class StepLoop:
             computed = time.perf_counter()  # the prefill rate leaves out admission (copies from the tiers)
             if not out.is_empty:
                 targets, rows, forks = self._targets(out)
-                if self.config.speculative_tokens and rows is None and not self._num_random:
+                if self.config.speculative_tokens and rows is None:
                     self._draft(out, drafts)
                 if drafts:
                     tokens = self._run_speculative(out, targets, drafts)
@@ -146,6 +146,8 @@ class StepLoop:
         for s in out.decodes:
             if room <= 0:
                 break
+            if s.request.params.temperature > 0.0:
+                continue  # a sampled sequence decodes one token (drafts would need rejection sampling)
             ids = s.token_ids
             proposed = propose_ngram(ids, min(k, room, s.request.max_total_tokens - len(ids) - 1), ngram)
             if not proposed:
@@ -163,8 +165,9 @@ class StepLoop:
                          drafts: dict[int, tuple[int, list[int]]]) -> list[list[int]]:
         """Run a step whose decodes carry drafts: each such sequence computes its input token and
         its drafts as one short prefill, every row's logits kept; the tokens of each target (the
-        greedy picks the drafts earned, :func:`~kvforge.engine.speculative.accept_greedy`). The
-        rejected drafts are truncated away. Every request of the step is greedy."""
+        greedy picks the drafts earned, :func:`~kvforge.engine.speculative.accept_greedy`; one
+        sampled token for every other target). The rejected drafts are truncated away. Every
+        drafting sequence is greedy."""
         plain = [s for s in out.decodes if id(s) not in drafts]
         spec = [s for s in out.decodes if id(s) in drafts]
         seq_ids = [s.seq_id for s in plain] + [s.seq_id for s in spec] + [ch.seq.seq_id for ch in out.chunks]
@@ -181,8 +184,13 @@ class StepLoop:
                 chunk_row[id(ch.seq)] = len(rows)
                 rows.append(starts[j] + q_lens[j] - 1)
         batch = self.cache.prepare_step(seq_ids, q_lens, num_decodes=len(plain), logits_indices=rows)
-        picks = self.runner.logits(batch).argmax(dim=-1).tolist()
-        at = {id(s): [picks[i]] for i, s in enumerate(plain)}
+        logits = self.runner.logits(batch)
+        picks = logits.argmax(dim=-1).tolist()
+        others = plain + [ch.seq for ch in out.chunks if ch.samples]  # one token each, sampled as usual
+        other_rows = list(range(len(plain))) + list(chunk_row.values())
+        sampled = sample(logits[torch.as_tensor(other_rows, device=logits.device)],
+                         self._sampling_batch(others)).tolist() if others else []
+        at = {id(s): [tok] for s, tok in zip(others, sampled)}
         lo = len(plain)
         accepted = 0
         for s in spec:
@@ -192,8 +200,6 @@ class StepLoop:
             accepted += len(toks) - 1
             self.cache.truncate(s.seq_id, before + len(toks) - 1)  # the rejected drafts go
             at[id(s)] = toks
-        for key, row in chunk_row.items():
-            at[key] = [picks[row]]
         self._counters["accepted_tokens"] += accepted
         return [at[id(s)] for s in targets]
 
