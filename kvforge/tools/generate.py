@@ -83,6 +83,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", default=None, metavar="DTYPE",
                    help="KV cache storage: auto (the model dtype, default), fp8_e4m3 or fp8_e5m2 (one byte an "
                         "element: twice the tokens in the same memory; the checkpoint's k_scale/v_scale, else 1.0)")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding: up to K draft tokens per greedy sequence and step, "
+                        "taken from an earlier occurrence of its last tokens (0: off; the output is unchanged)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096,
                    help="most tokens computed per step (long prompts are prefilled in chunks of it)")
@@ -229,7 +232,8 @@ def run_generate(args: argparse.Namespace) -> int:
         options = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                        enable_prefix_caching=not args.no_prefix_caching, use_cuda_graphs=not args.no_cuda_graphs,
-                       model_impl=args.model_impl, kv_dtype=args.kv_dtype)
+                       model_impl=args.model_impl, kv_dtype=args.kv_dtype,
+                       speculative_tokens=args.speculative_tokens)
         if args.kv_memory_fraction is not None:
             options["kv_memory_fraction"] = args.kv_memory_fraction
         start = time.perf_counter()
