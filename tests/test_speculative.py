@@ -159,3 +159,19 @@ def test_a_failed_speculative_step_leaves_no_draft_block_in_the_prefix_cache(che
                 done[out.request_id] = out.token_ids
         engine.check_invariants()
     assert done[rid] == want
+
+
+def test_the_incremental_index_proposes_what_the_search_does() -> None:
+    """The engine's per-sequence index gives propose_ngram's drafts at every length of a
+    growing sequence (random short-alphabet texts: many repeats, loops, misses)."""
+    import random
+
+    from kvforge.engine.speculative import NgramIndex
+    rng = random.Random(0)
+    for trial in range(60):
+        ngram, k = rng.randint(1, 4), rng.randint(0, 6)
+        ids = [rng.randrange(4 if trial % 2 else 9) for _ in range(rng.randint(1, 5))]
+        index = NgramIndex(ngram)
+        for _ in range(40):
+            assert index.propose(ids, k) == propose_ngram(ids, k, ngram), (ids, k, ngram)
+            ids += [rng.randrange(4 if trial % 2 else 9) for _ in range(rng.randint(1, 3))]

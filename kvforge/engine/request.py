@@ -41,7 +41,8 @@ class Sequence:
     """
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "status", "finish_reason",
-                 "seed", "admit_order", "token_times", "num_preemptions", "num_cached_tokens", "remote_fetch")
+                 "seed", "admit_order", "token_times", "num_preemptions", "num_cached_tokens", "remote_fetch",
+                 "ngram_index")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int], seed: int) -> None:
         self.seq_id = seq_id
@@ -57,6 +58,7 @@ class Sequence:
         self.num_preemptions = 0
         self.num_cached_tokens = 0
         self.remote_fetch: Any = None  # the scheduler's prefetch from the remote tier (None: not asked)
+        self.ngram_index: Any = None  # speculative decoding's n-gram index of token_ids (made on first use)
 
     @property
     def num_tokens(self) -> int:

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["accept_greedy", "propose_ngram"]
+__all__ = ["NgramIndex", "accept_greedy", "propose_ngram"]
 
 
 def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
@@ -55,6 +55,43 @@ def propose_ngram(token_ids: Sequence[int] | np.ndarray, k: int, max_ngram: int 
                 drafts.append(drafts[len(drafts) - period])
             return drafts
     return []
+
+
+class NgramIndex:
+    """:func:`propose_ngram` for a growing sequence, in time independent of its length: for
+    every ``n <= max_ngram`` it keeps where each n-gram last occurred with a token after it,
+    and indexes only the tokens added since the last call. The engine keeps one per decoding
+    sequence; its drafts are :func:`propose_ngram`'s."""
+
+    __slots__ = ("max_ngram", "_last", "_indexed")
+
+    def __init__(self, max_ngram: int = 3) -> None:
+        self.max_ngram = max_ngram
+        self._last: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self._indexed = 0  # positions < this end an n-gram already indexed (they have a follower)
+
+    def propose(self, token_ids: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` drafts for ``token_ids`` (the sequence so far; it only grows between calls)."""
+        ids = token_ids
+        size = len(ids)
+        if size < self._indexed + 1:  # shorter than before: not the same sequence; start over
+            self.__init__(self.max_ngram)  # type: ignore[misc]
+        for end in range(max(self._indexed, 0), size - 1):  # n-grams ending at `end` now have a follower
+            for n in range(1, min(self.max_ngram, end + 1) + 1):
+                self._last[n][tuple(ids[end - n + 1:end + 1])] = end - n + 1
+        self._indexed = max(self._indexed, size - 1)
+        if k <= 0 or size < 2:
+            return []
+        for n in range(min(self.max_ngram, size - 1), 0, -1):
+            start = self._last[n].get(tuple(ids[size - n:]))
+            if start is not None:
+                start += n
+                drafts = list(ids[start:start + k])
+                period = size - start
+                while len(drafts) < k:
+                    drafts.append(drafts[len(drafts) - period])
+                return drafts
+        return []
 
 
 def accept_greedy(drafts: Sequence[int], picks: Sequence[int]) -> list[int]:

@@ -26,7 +26,7 @@ from kvforge.engine.outputs import request_output
 from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
 from kvforge.engine.sampling import SamplingBatch, sample
 from kvforge.engine.scheduler import Scheduler, SchedulerOutput
-from kvforge.engine.speculative import accept_greedy, propose_ngram
+from kvforge.engine.speculative import NgramIndex, accept_greedy
 from kvforge.errors import KVForgeError, OutOfBlocksError
 from kvforge.storage import KVCache
 
@@ -149,7 +149,9 @@ class StepLoop:
             if s.request.params.temperature > 0.0:
                 continue  # a sampled sequence decodes one token (drafts would need rejection sampling)
             ids = s.token_ids
-            proposed = propose_ngram(ids, min(k, room, s.request.max_total_tokens - len(ids) - 1), ngram)
+            if s.ngram_index is None:
+                s.ngram_index = NgramIndex(ngram)
+            proposed = s.ngram_index.propose(ids, min(k, room, s.request.max_total_tokens - len(ids) - 1))
             if not proposed:
                 continue
             before = self.cache.seq_len(s.seq_id)
