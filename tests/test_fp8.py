@@ -7,15 +7,11 @@ against the unquantized cache with the error bounded; ``KVCache`` writes,
 gathers, scales and refusals; compaction, copy-on-write and the host tier
 moving bytes unchanged; and every sizing figure halving bf16's. The Triton
 kernels run the same checks under the interpreter in
-``tests/test_fp8_triton.py`` (a subprocess: see the last test).
+``tests/fp8_triton_cases.py`` (a subprocess: see the last test).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +22,7 @@ from kvforge.errors import ConfigError, KernelError, KVForgeError
 from kvforge.kernels import copy_blocks, describe_cache, paged_decode_attention, paged_prefill_attention, store_kv
 from kvforge.kernels.fp8 import FP8_MAX, dequantize, quantize, scale_for_amax
 from kvforge.kernels.testing import dense_attention, fp8_probe_values, fp8_rne_bytes, fp8_values, paged_from_dense
+from tests.interpreter import run_under_interpreter
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]
@@ -447,16 +444,7 @@ def test_memory_profile_counts_one_byte_an_element():
 
 # ------------------------------------------------------------------ Triton (interpreter)
 def test_fp8_triton_kernels_under_interpreter() -> None:
-    """Runs tests/test_fp8_triton.py with TRITON_INTERPRET=1 in a fresh interpreter (the flag
+    """Runs tests/fp8_triton_cases.py with TRITON_INTERPRET=1 in a fresh interpreter (the flag
     must be set before triton is first imported)."""
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
-         str(root / "tests" / "test_fp8_triton.py")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    run_under_interpreter("fp8_triton_cases.py", timeout=900)

@@ -5,9 +5,6 @@ interpreter) the Triton kernels against the reference.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +24,7 @@ from kvforge.kernels import (
     store_kv,
 )
 from kvforge.kernels.testing import dense_attention, paged_from_dense
+from tests.interpreter import run_under_interpreter
 
 F32 = torch.float32
 
@@ -364,16 +362,7 @@ def test_triton_kernels_under_interpreter() -> None:
     TRITON_INTERPRET=1: the flag must be set before triton is first imported,
     which other test modules (or torch) may already have done here."""
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
-         str(root / "tests" / "test_kernels_triton.py")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    run_under_interpreter("test_kernels_triton.py")
 
 
 # --------------------------------------------------------------------------- described layers (CacheView)

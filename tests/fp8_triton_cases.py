@@ -10,8 +10,9 @@ Model dtypes are float16 and float32 (the interpreter mishandles bfloat16
 arithmetic; bf16 runs in ``tests/gpu/test_fp8_gpu.py``).
 
 Runs only with ``TRITON_INTERPRET=1`` set before triton is first imported:
-``tests/test_fp8.py::test_fp8_triton_kernels_under_interpreter`` runs it so.
-Directly: ``TRITON_INTERPRET=1 python -m pytest tests/test_fp8_triton.py``.
+``tests/test_fp8.py::test_fp8_triton_kernels_under_interpreter`` runs it so
+(the file is named so that pytest does not collect it on its own). Directly:
+``TRITON_INTERPRET=1 python -m pytest tests/fp8_triton_cases.py``.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from collections.abc import Iterator
 import pytest
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (run via tests/test_fp8.py)",
-                allow_module_level=True)
+    raise RuntimeError("tests/fp8_triton_cases.py needs TRITON_INTERPRET=1 before triton is imported "
+                       "(tests/test_fp8.py runs it so)")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
