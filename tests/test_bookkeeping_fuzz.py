@@ -243,6 +243,23 @@ class ManagerMachine(RuleBasedStateMachine):
         self.freed: list[int] = []   # ids that may come back (the manager must not confuse them)
 
     # -- helpers
+    def _store_new(self, ids: list, counts: list[int], gens: list, slots, uncommitted: bool = False) -> None:
+        """What an append or a reservation did, in the model: carry out the copy-on-write copies
+        it queued, then write each sequence's new tokens' values at its slots (reserved ones
+        still uncommitted with ``uncommitted``)."""
+        for src, dst in self.m.take_pending_copies():
+            self.store[dst * BS:(dst + 1) * BS] = self.store[src * BS:(src + 1) * BS]
+        i = 0
+        for sid, n, gen in zip(ids, counts, gens):
+            seq = self.seqs[sid]
+            seq.extend(gen)
+            self.store[slots[i:i + n]] = seq.values[seq.reserved:seq.reserved + n] if n else []
+            seq.reserved += n
+            if uncommitted:
+                seq.unc += n
+            i += n
+        assert i == len(slots)
+
     def _snapshot(self):
         m = self.m
         return (m.seq_ids, {s: (m.block_table(s), m.num_tokens(s), m.num_pending_tokens(s), m.token_ids(s),
@@ -361,16 +378,7 @@ class ManagerMachine(RuleBasedStateMachine):
         except OutOfBlocksError:
             assert self._snapshot() == before
             return
-        for src, dst in self.m.take_pending_copies():
-            self.store[dst * BS:(dst + 1) * BS] = self.store[src * BS:(src + 1) * BS]
-        i = 0
-        for sid, n, gen in zip(ids, counts, gens):
-            seq = self.seqs[sid]
-            seq.extend(gen)
-            self.store[slots[i:i + n]] = seq.values[seq.reserved:seq.reserved + n] if n else []
-            seq.reserved += n
-            i += n
-        assert i == len(slots)
+        self._store_new(ids, counts, gens, slots)
         tables = self.m.block_table_array(ids)   # the same batch again
         assert [tables[j, :len(self.m.block_table(s))].tolist() for j, s in enumerate(ids)] == \
             [self.m.block_table(s) for s in ids]
@@ -408,17 +416,7 @@ class ManagerMachine(RuleBasedStateMachine):
         except OutOfBlocksError:
             assert self._snapshot() == before
             return
-        for src, dst in self.m.take_pending_copies():
-            self.store[dst * BS:(dst + 1) * BS] = self.store[src * BS:(src + 1) * BS]
-        i = 0
-        for sid, n, gen in zip(ids, counts, gens):
-            seq = self.seqs[sid]
-            seq.extend(gen)
-            self.store[slots[i:i + n]] = seq.values[seq.reserved:seq.reserved + n] if n else []
-            seq.reserved += n
-            seq.unc += n
-            i += n
-        assert i == len(slots)
+        self._store_new(ids, counts, gens, slots, uncommitted=True)
 
     @precondition(lambda self: any(len(s.tokens) == s.reserved for s in self.seqs.values()))
     @rule(data=st.data())

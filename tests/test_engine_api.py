@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from kvforge.config import CacheConfig  # noqa: E402
 from kvforge.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from kvforge.tools.generate import main as cli_main  # noqa: E402
-from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint, tiny_hf_model  # noqa: E402
+from kvforge.engine.testing import drain_steps, hf_greedy, save_tiny_checkpoint, tiny_hf_model  # noqa: E402
 from kvforge.errors import ConfigError, ModelError, OutOfBlocksError, SequenceError  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 3, 42], [8, 64, 11, 23, 71, 7, 7, 9, 100, 101, 3, 4], list(range(3, 30))]
@@ -514,11 +514,6 @@ def test_a_failed_step_drops_only_the_blocks_it_never_computed(ckpt: tuple[str, 
     stats = engine.cache.prefix_stats()
     assert stats.cached_blocks == 1 and engine.cache.seq_ids == []
     monkeypatch.setattr(engine.runner, "execute", execute)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-        engine.check_invariants()
+    done = drain_steps(engine)
     assert done[rid] == hf_greedy(model, prompt, 4) and done[other_rid] == hf_greedy(model, other, 4)
 

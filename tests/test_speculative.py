@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from kvforge.config import ConfigError  # noqa: E402
 from kvforge.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from kvforge.engine.speculative import accept_greedy, propose_ngram  # noqa: E402
-from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint  # noqa: E402
+from kvforge.engine.testing import drain_steps, hf_greedy, save_tiny_checkpoint  # noqa: E402
 
 
 def test_propose_takes_what_followed_the_latest_earlier_occurrence() -> None:
@@ -95,7 +95,7 @@ def test_stop_tokens_length_limits_preemption_prefixes_and_compaction(checkpoint
         e.check_invariants()
         return outs, e
 
-    (want, plain), (got, spec) = run(), run(speculative_tokens=3)
+    (want, _), (got, spec) = run(), run(speculative_tokens=3)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
     assert all(len(o.token_ids) <= p.max_tokens for o, p in zip(got, params))
@@ -152,13 +152,7 @@ def test_a_failed_speculative_step_leaves_no_draft_block_in_the_prefix_cache(che
     engine.check_invariants()
     assert engine.cache.prefix_stats().cached_blocks <= cached and engine.cache.seq_ids == []
     monkeypatch.setattr(engine.runner, "logits", logits)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-        engine.check_invariants()
-    assert done[rid] == want
+    assert drain_steps(engine)[rid] == want
 
 
 def test_the_incremental_index_proposes_what_the_search_does() -> None:

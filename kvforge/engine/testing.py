@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 __all__ = ["TINY_CONFIGS", "tiny_hf_model", "randomize_weights", "save_tiny_checkpoint", "add_kv_scales", "hf_greedy",
-           "run_steps", "teacher_forced_logits"]
+           "drain_steps", "run_steps", "teacher_forced_logits"]
 
 _BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -102,6 +102,14 @@ def run_steps(engine: Any, prompts: list[list[int]], params: list[Any],
     step and, with ``compact``, a forced compaction between steps. Returns each
     request's token ids in prompt order."""
     rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    done = drain_steps(engine, compact)
+    return [done[r] for r in rids]
+
+
+def drain_steps(engine: Any, compact: bool = False) -> dict[str, list[int]]:
+    """Step ``engine`` until no request is left, with ``check_invariants()`` after every step
+    (and, with ``compact``, a forced compaction between steps); the token ids of each request
+    that finished, by request id."""
     done: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -111,7 +119,7 @@ def run_steps(engine: Any, prompts: list[list[int]], params: list[Any],
         if compact:
             engine.cache.compact_cache()
             engine.check_invariants()
-    return [done[r] for r in rids]
+    return done
 
 
 def teacher_forced_logits(engine: Any, prompt: list[int], tokens: list[int]) -> torch.Tensor:
