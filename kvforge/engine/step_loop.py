@@ -89,7 +89,6 @@ class StepLoop:
         self._forked = []
         out: SchedulerOutput | None = None
         drafts: dict[int, tuple[int, list[int]]] = {}
-        start = time.perf_counter()
         try:
             out = self.scheduler.schedule()
             computed = time.perf_counter()  # the prefill rate leaves out admission (copies from the tiers)
@@ -97,13 +96,14 @@ class StepLoop:
                 targets, rows, forks = self._targets(out)
                 if self.config.speculative_tokens and rows is None:
                     self._draft(out, drafts)
+                extra: dict[int, list[int]] | None = None  # a speculative step's accepted runs
                 if drafts:
-                    tokens = self._run_speculative(out, targets, drafts)
+                    tokens, extra = self._run_speculative(out, targets, drafts)
                 else:
                     logits = self.runner.execute(out)
                     if rows is not None:
                         logits = logits[torch.as_tensor(rows, device=logits.device)]
-                    tokens = [[t] for t in sample(logits, self._sampling_batch(targets)).tolist()]
+                    tokens = sample(logits, self._sampling_batch(targets)).tolist()
         except BaseException:
             suspect = self._undo_drafts(drafts)
             self._recover(out)
@@ -129,7 +129,7 @@ class StepLoop:
             num_prompt = sum(ch.num_tokens for ch in out.chunks)
             c["prompt_tokens"] += num_prompt
             self.scheduler.policy.record_prefill(num_prompt, now - computed)
-        done = self._postprocess(targets, tokens, now, forks)
+        done = self._postprocess(targets, tokens, now, forks, extra)
         self.cache.maybe_compact()
         if want_touched:
             return list({s.request.request_id: s.request for s in targets}.values())
@@ -164,12 +164,13 @@ class StepLoop:
             self._counters["draft_tokens"] += len(proposed)
 
     def _run_speculative(self, out: SchedulerOutput, targets: list[Sequence],
-                         drafts: dict[int, tuple[int, list[int]]]) -> list[list[int]]:
+                         drafts: dict[int, tuple[int, list[int]]]) -> tuple[list[int], dict[int, list[int]]]:
         """Run a step whose decodes carry drafts: each such sequence computes its input token and
         its drafts as one short prefill, every row's logits kept; the tokens of each target (the
         greedy picks the drafts earned, :func:`~kvforge.engine.speculative.accept_greedy`; one
         sampled token for every other target). The rejected drafts are truncated away. Every
-        drafting sequence is greedy."""
+        drafting sequence is greedy. Returns each target's first token and, by ``id(seq)``,
+        the tokens that follow it in a drafting sequence's accepted run."""
         plain = [s for s in out.decodes if id(s) not in drafts]
         spec = [s for s in out.decodes if id(s) in drafts]
         seq_ids = [s.seq_id for s in plain] + [s.seq_id for s in spec] + [ch.seq.seq_id for ch in out.chunks]
@@ -192,7 +193,8 @@ class StepLoop:
         other_rows = list(range(len(plain))) + list(chunk_row.values())
         sampled = sample(logits[torch.as_tensor(other_rows, device=logits.device)],
                          self._sampling_batch(others)).tolist() if others else []
-        at = {id(s): [tok] for s, tok in zip(others, sampled)}
+        first = {id(s): tok for s, tok in zip(others, sampled)}
+        more: dict[int, list[int]] = {}
         lo = len(plain)
         accepted = 0
         for s in spec:
@@ -201,9 +203,11 @@ class StepLoop:
             lo += len(proposed) + 1
             accepted += len(toks) - 1
             self.cache.truncate(s.seq_id, before + len(toks) - 1)  # the rejected drafts go
-            at[id(s)] = toks
+            first[id(s)] = toks[0]
+            if len(toks) > 1:
+                more[id(s)] = toks[1:]
         self._counters["accepted_tokens"] += accepted
-        return [at[id(s)] for s in targets]
+        return [first[id(s)] for s in targets], more
 
     def _undo_drafts(self, drafts: dict[int, tuple[int, list[int]]]) -> list[int]:
         """A step with drafts failed: take every sequence back to its length before them (then
@@ -303,11 +307,11 @@ class StepLoop:
         return SamplingBatch([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
                              [s.seed for s in targets], [s.num_output_tokens for s in targets])
 
-    def _postprocess(self, targets: list[Sequence], tokens: list[list[int]], now: float,
-                     forks: list[Sequence]) -> list[Request]:
-        """Give each target its tokens (one, or a speculative step's accepted run), in order,
-        each checked for a stop token and the length limit (the rest dropped once it finishes);
-        fork ``n > 1`` completions first; finish what finished."""
+    def _postprocess(self, targets: list[Sequence], tokens: list[int], now: float,
+                     forks: list[Sequence], extra: dict[int, list[int]] | None = None) -> list[Request]:
+        """Give each target its token, then (``extra``, by ``id(seq)``) the rest of a speculative
+        step's accepted run, each checked for a stop token and the length limit (the rest dropped
+        once it finishes); fork ``n > 1`` completions first; finish what finished."""
         for s in forks:  # before the parent can finish and free its blocks
             parent = s.request.seqs[0]
             self.cache.fork(parent.seq_id, s.seq_id)
@@ -315,14 +319,15 @@ class StepLoop:
             self.scheduler.add_running(s)
         finished: list[Sequence] = []
         generated = 0
-        for s, toks in zip(targets, tokens):
+        for s, tok in zip(targets, tokens):
             ids = s.token_ids
             req = s.request
-            for tok in toks:
-                ids.append(tok)
+            run = extra.get(id(s)) if extra else None
+            for t in (tok,) if run is None else (tok, *run):
+                ids.append(t)
                 s.token_times.append(now)
                 generated += 1
-                if tok in req.stop_ids:
+                if t in req.stop_ids:
                     s.finish_reason = "stop"
                 elif len(ids) >= req.max_total_tokens:
                     s.finish_reason = "length"

@@ -115,6 +115,7 @@ class ReaderProcess:
 
     @property
     def alive(self) -> bool:
+        """Whether the child is running (started and not exited)."""
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:

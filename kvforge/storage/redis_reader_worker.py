@@ -101,7 +101,6 @@ class _Worker:
         rid, hexkeys = req["id"], req["keys"]
         deadline = time.monotonic() + req["budget"]
         base = req["slot"] * self.slot_bytes
-        bb = self.block_bytes
         names = [self.prefix + k for k in hexkeys]
         batches = [names[lo:lo + self.batch_size] for lo in range(0, len(names), self.batch_size)]
         first = req.get("first", True)
@@ -168,7 +167,7 @@ class _Worker:
         pipe = self.client.pipeline(transaction=False)
         for hk, value in zip(hexkeys, values):
             pipe.set(self.prefix + hk, value, px=px)
-        del values, view
+        del values  # the pipeline holds the framed values until it is sent
         try:
             results = pipe.execute(raise_on_error=False)
         except self.errors.TimeoutError as exc:

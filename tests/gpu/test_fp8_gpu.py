@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from kvforge import CacheConfig, KVCache  # noqa: E402
 from kvforge.kernels import (  # noqa: E402
-    copy_blocks, describe_cache, paged_decode_attention, paged_prefill_attention, reference, store_kv, triton_fp8,
+    copy_blocks, describe_cache, paged_decode_attention, paged_prefill_attention, store_kv, triton_fp8,
 )
 from kvforge.kernels.fp8 import dequantize, quantize  # noqa: E402
 from kvforge.kernels.testing import dense_attention, fp8_probe_values, fp8_rne_bytes, paged_from_dense  # noqa: E402
