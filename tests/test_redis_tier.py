@@ -556,7 +556,7 @@ def _wait_dead(pid: int, seconds: float = 5.0) -> bool:
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/stat") as f:
                     states.append(f.read().rsplit(") ", 1)[-1][:1])
-        except FileNotFoundError:  # reaped, or a thread gone while listing
+        except (FileNotFoundError, ProcessLookupError):  # reaped, or a thread that exited while read
             if not os.path.exists(f"/proc/{pid}"):
                 return True
             continue
