@@ -18,7 +18,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -48,11 +48,48 @@ __all__ = [
     "MAX_NUM_LAYERS",
     "MAX_NUM_KV_HEADS",
     "MAX_HEAD_DIM",
+    "KVGroup",
+    "MAX_KV_GROUPS",
+    "plan_kv_groups",
 ]
 
 #: How finely an fp8 cache's scales vary: one scale for a layer's keys and one for its
 #: values ("tensor"), or one per KV head for each ("head").
 KV_SCALE_GRANULARITIES = ("tensor", "head")
+
+#: the most layer groups a cache splits into; beyond it every layer keeps every block
+MAX_KV_GROUPS = 16
+
+
+class KVGroup(NamedTuple):
+    """Layers that share one block table: their sliding ``window`` (None: full attention) and
+    their ``layers``, in order; a group's block holds these layers only."""
+
+    window: int | None
+    layers: tuple[int, ...]
+
+
+def plan_kv_groups(layer_windows: Sequence[int | None] | None, num_layers: int) -> tuple[KVGroup, ...]:
+    """Split the layers into groups of equal size by their window (:mod:`kvforge.core.groups`).
+
+    Full-attention layers come first (group 0 keeps every block), then each window in
+    the order it first appears; the group size is the smallest class's layer count, and
+    a class that is not a multiple of it ends in a smaller group (its block slots for the
+    missing layers stay unused). One group of all layers when every layer attends alike,
+    when no layer attends to everything (group 0 could not hold a window), or when the
+    split would make more than :data:`MAX_KV_GROUPS` groups."""
+    everything = (KVGroup(None, tuple(range(num_layers))),)
+    if layer_windows is None:
+        return everything
+    classes: dict[int | None, list[int]] = {None: []}
+    for layer, w in enumerate(layer_windows):
+        classes.setdefault(w, []).append(layer)
+    if not classes[None] or len(classes) == 1:
+        return everything
+    size = min(len(v) for v in classes.values())
+    groups = [KVGroup(w, tuple(layers[i:i + size])) for w, layers in classes.items()
+              for i in range(0, len(layers), size)]
+    return tuple(groups) if len(groups) <= MAX_KV_GROUPS else everything
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +151,16 @@ class CacheConfig:
     host_chunk_blocks: int | None = None
     model_dtype: Any = None
     kv_scale_granularity: str = "tensor"
+    layer_windows: tuple[int | None, ...] | None = None
     name: str = field(default="", compare=False)
+    _groups: tuple[KVGroup, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for f, (limit, why) in _FIELD_LIMITS.items():
             object.__setattr__(self, f, _positive_int(f, getattr(self, f), limit, why))
         object.__setattr__(self, "dtype", resolve_kv_dtype(self.dtype))
         self._check_fp8_fields()
+        self._check_layer_windows()
         if not isinstance(self.device, str):
             object.__setattr__(self, "device", str(self.device))
         if self.device != "auto":
@@ -164,6 +204,48 @@ class CacheConfig:
         if g != "tensor" and not self.is_fp8:
             raise ConfigError(f"kv_scale_granularity={g!r} applies to fp8 caches only (dtype={self.dtype} has no "
                               f"scales)")
+
+    def _check_layer_windows(self) -> None:
+        windows = self.layer_windows
+        if windows is not None:
+            if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence) \
+                    or len(windows) != self.num_layers:
+                raise ConfigError(f"layer_windows must list one window (a token count, or None for full "
+                                  f"attention) per layer, {self.num_layers} of them, got {windows!r:.80}")
+            out = []
+            for i, w in enumerate(windows):
+                if w is not None:
+                    if isinstance(w, bool) or not isinstance(w, numbers.Integral) or not 1 <= w <= MAX_NUM_BLOCKS:
+                        raise ConfigError(f"layer_windows[{i}] must be None or a window of 1..2**31-1 tokens, "
+                                          f"got {w!r:.40}")
+                    w = int(w)
+                out.append(w)
+            windows = tuple(out) if any(w is not None for w in out) else None
+            object.__setattr__(self, "layer_windows", windows)
+        groups = plan_kv_groups(windows, self.num_layers)
+        if windows is not None and len(groups) > 1 and self.host_memory:
+            raise ConfigError("host_memory with layer_windows: the host tier does not hold caches whose "
+                              "sliding-window layers free their blocks yet (leave layer_windows None to keep "
+                              "every block, or host_memory 0)")
+        object.__setattr__(self, "_groups", groups)
+
+    @property
+    def kv_groups(self) -> tuple[KVGroup, ...]:
+        """The layer groups, each with its own block table (:func:`plan_kv_groups`): one group
+        of every layer unless ``layer_windows`` mixes full-attention and windowed layers."""
+        return self._groups
+
+    @property
+    def page_layers(self) -> int:
+        """Layers one block holds: the size of a layer group (every layer without groups)."""
+        return len(self._groups[0].layers)
+
+    def layer_group(self, layer: int) -> tuple[int, int]:
+        """``(group, slot)`` of a layer: its group's index and its place in the group's blocks."""
+        for g, group in enumerate(self._groups):
+            if layer in group.layers:
+                return g, group.layers.index(layer)
+        raise ConfigError(f"layer {layer!r} is not a layer of this cache (0..{self.num_layers - 1})")
 
     def _check_host_memory(self) -> None:
         value = self.host_memory
@@ -344,8 +426,9 @@ class CacheConfig:
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes of one block: ``2 * layers * block_size * kv_heads * head_dim * dtype_bytes``."""
-        return self.bytes_per_token * self.block_size
+        """Bytes of one block: ``2 * page_layers * block_size * kv_heads * head_dim * dtype_bytes``
+        (``page_layers`` is every layer unless the layers are split into groups)."""
+        return 2 * self.page_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes * self.block_size
 
     @property
     def resolved_chunk_blocks(self) -> int:
@@ -386,8 +469,15 @@ class CacheConfig:
         return format_bytes(self.estimated_memory_bytes())
 
     def max_context_length(self) -> int:
-        """Longest single sequence the full pool can hold, in tokens."""
-        return self.num_blocks * self.block_size
+        """Longest single sequence the full pool can hold, in tokens (with layer groups: every
+        full-attention group holds all of it, each window group its window and a block)."""
+        groups = self._groups
+        if len(groups) == 1:
+            return self.num_blocks * self.block_size
+        bs = self.block_size
+        windowed = sum(-(-g.window // bs) + 1 for g in groups if g.window is not None)
+        full = sum(1 for g in groups if g.window is None)
+        return max(0, self.num_blocks - windowed) // full * bs
 
 
 def _chunk_divisor(num_blocks: int, parts: int = 16, max_chunks: int = 256) -> int:

@@ -81,11 +81,11 @@ class SequenceAdmission:
     _check_new: Callable[[SeqId], None]
 
     def num_blocks_needed(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
-                          salt: Hashable | None = None) -> int:
+                          salt: Hashable | None = None, *, max_cached_blocks: int | None = None) -> int:
         """Blocks :meth:`add_sequence` of ``num_tokens`` tokens would take from the pool for a
         new sequence (>= 0; cached prefix blocks held by others cost nothing, evictable ones
         count: they are revived). Checks its arguments as :meth:`add_sequence` does."""
-        plan = self._plan_admission(as_int(num_tokens, "num_tokens"), prompt_token_ids, salt)
+        plan = self._plan_admission(as_int(num_tokens, "num_tokens"), prompt_token_ids, salt, max_cached_blocks)
         return plan.num_new + plan.num_revived
 
     def can_add_sequence(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
@@ -94,11 +94,12 @@ class SequenceAdmission:
         return self.num_blocks_needed(num_tokens, prompt_token_ids, salt) <= self.pool.num_available_blocks
 
     def _plan_admission(self, num_tokens: int | None, prompt_token_ids: Sequence[int] | None,
-                        salt: Hashable | None) -> _Admission:
+                        salt: Hashable | None, max_cached_blocks: int | None = None) -> _Admission:
         """Check every argument of an admission and size it; changes and records nothing.
 
         A sequence reserves ``max(num_tokens, cached tokens)``: a cached prefix longer
-        than the first chunk is reused whole."""
+        than the first chunk is reused whole. ``max_cached_blocks`` caps the reused
+        blocks (the cache's other layer groups hold fewer: :mod:`~kvforge.core.groups`)."""
         bs = self.block_size
         if num_tokens is not None:
             num_tokens = as_int(num_tokens, "num_tokens")
@@ -116,7 +117,10 @@ class SequenceAdmission:
             if full and self.prefix.enabled:
                 keys = self.prefix._keys(tokens[:full].tobytes(), root)
                 hits = self.prefix._lookup(keys)
-                host_hits = self.host.lookup(keys[len(hits):])
+                if max_cached_blocks is not None and len(hits) > max_cached_blocks:
+                    del hits[max(0, max_cached_blocks):]
+                else:
+                    host_hits = self.host.lookup(keys[len(hits):])
         reserve = max(num_tokens or 0, (len(hits) + len(host_hits)) * bs)
         revived = sum(1 for b in hits if self.pool.ref_count(b) == 0) if hits else 0
         return _Admission(tokens, reserve, keys, hits, host_hits, blocks_for_tokens(reserve, bs) - len(hits),
@@ -129,7 +133,8 @@ class SequenceAdmission:
         return plan.keys[len(plan.hits) + len(plan.host_hits):]
 
     def add_sequence(self, seq_id: SeqId, prompt_token_ids: Sequence[int] | None = None,
-                     salt: Hashable | None = None, *, num_tokens: int | None = None) -> AddSequenceResult:
+                     salt: Hashable | None = None, *, num_tokens: int | None = None,
+                     max_cached_blocks: int | None = None) -> AddSequenceResult:
         """Start a sequence; with a prompt, reuse its longest cached prefix.
 
         Reserves slots for the first ``num_tokens`` prompt tokens (default:
@@ -139,7 +144,7 @@ class SequenceAdmission:
         argument; either way nothing changed.
         """
         self._check_new(seq_id)
-        plan = self._plan_admission(num_tokens, prompt_token_ids, salt)
+        plan = self._plan_admission(num_tokens, prompt_token_ids, salt, max_cached_blocks)
         bs, pool, tokens, hits, keys = self.block_size, self.pool, plan.tokens, plan.hits, plan.keys
         need, revived, reserve = plan.num_new, plan.num_revived, plan.num_tokens
         if need + revived > pool.num_available_blocks:

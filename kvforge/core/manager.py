@@ -101,6 +101,10 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceReservations, Seq
         self.copy_to_device: Callable[[list[tuple[int, int]]], None] | None = None
         self.fetch_remote: Callable[[list[bytes]], int] | None = None
         self.copy_from_remote: Callable[[list[int]], None] | None = None
+        #: the cache's other layer groups (:mod:`~kvforge.core.groups`) over the same pool: their
+        #: references are counted by :meth:`check_invariants`, and they follow compaction moves
+        self.extra_refs: Callable[[], dict[int, int]] | None = None
+        self.on_relocate: list[Callable[[list[tuple[int, int]], int], None]] = []
 
     # ------------------------------------------------------------- queries
     def __contains__(self, seq_id: SeqId) -> bool:
@@ -313,6 +317,8 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceReservations, Seq
         self.pending_copies = [(mapping.get(a, a), mapping.get(b, b)) for a, b in self.pending_copies]
         self.prefix.relocate(mapping)
         self.host.relocate(mapping)
+        for fn in self.on_relocate:
+            fn(moves, self.pool.num_blocks)
 
     def check_invariants(self) -> None:
         """Assert consistency of the pool, the prefix index, the host tier, the tables and the key chains."""
@@ -349,6 +355,9 @@ class BlockManager(SequenceAdmission, SequenceAppends, SequenceReservations, Seq
             assert 0 <= unc <= rec.num_tokens and not (unc and rec.num_pending), "swapped uncommitted tokens"
             assert rec.token_ids is None or len(rec.token_ids) == rec.num_tokens - unc + rec.num_pending, \
                 "swapped token ids do not match its counts"
+        if self.extra_refs is not None:
+            for b, k in self.extra_refs().items():
+                refs[b] = refs.get(b, 0) + k
         for b, k in refs.items():
             assert self.pool.ref_count(b) == k, f"block {b}: ref {self.pool.ref_count(b)} != {k} table entries"
         assert self.pool.num_allocated_blocks == len(refs), "held blocks not in any table"

@@ -69,7 +69,14 @@ class EngineConfig:
       many draft tokens a decoding sequence takes from an earlier occurrence of
       its last ``speculative_ngram`` (or fewer) tokens, checked in one step;
       greedy output is plain decoding's (:mod:`kvforge.engine.speculative`);
-      0 (the default) turns it off.
+      0 (the default) turns it off;
+    - ``sliding_window_blocks``: ``"free"`` (the default) gives a model that mixes
+      full-attention and sliding-window layers (Gemma 2 and 3, GPT-OSS) one block
+      table per layer group, and the window layers release the blocks they no
+      longer read (``CacheConfig.layer_windows``, :mod:`kvforge.core.groups`);
+      ``"keep"`` keeps every block for every layer. Without a host or remote tier
+      only (with one, every block is kept); decode CUDA graphs are not captured
+      for a grouped cache.
     """
 
     max_num_seqs: int = 256
@@ -92,6 +99,7 @@ class EngineConfig:
     kv_dtype: str | torch.dtype | None = None
     speculative_tokens: int = 0
     speculative_ngram: int = 3
+    sliding_window_blocks: str = "free"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -115,6 +123,9 @@ class EngineConfig:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ConfigError(f"EngineConfig.preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
                               f"got {self.preemption_mode!r}")
+        if self.sliding_window_blocks not in ("free", "keep"):
+            raise ConfigError(f"EngineConfig.sliding_window_blocks must be 'free' or 'keep', "
+                              f"got {self.sliding_window_blocks!r}")
         if self.remote_fetch not in REMOTE_FETCH_MODES:
             raise ConfigError(f"EngineConfig.remote_fetch must be one of {', '.join(REMOTE_FETCH_MODES)}, "
                               f"got {self.remote_fetch!r}")

@@ -172,14 +172,15 @@ class Engine(StepLoop):
         self.device = model.device
         self.dtype = model.dtype
         kv_scales = dict(kv_scales or {})
-        ccfg = cache_config_for(model, econf, cache_config, kv_memory, num_blocks, needs_per_head(kv_scales))
+        ccfg = cache_config_for(model, econf, cache_config, kv_memory, num_blocks, needs_per_head(kv_scales),
+                                remote=remote is not None)
         self.cache = KVCache(ccfg, backend=econf.backend, remote=remote,
                              model=getattr(model, "identity", "") if remote is not None else "")
         # before any write (warm-up, graph capture, requests): scales are fixed once keys are stored
         apply_kv_scales(self.cache, kv_scales)
         #: where an fp8 cache's scales came from: ``"checkpoint"`` or ``"default"`` (1.0); None: not fp8
         self.kv_scales_source = None if not ccfg.is_fp8 else ("checkpoint" if kv_scales else "default")
-        self.max_model_len = min(max_len(econf, model.config), ccfg.num_blocks * ccfg.block_size,
+        self.max_model_len = min(max_len(econf, model.config), ccfg.max_context_length(),
                                  model.rope.max_positions if native else model.max_positions)
         bandwidth = measure_tier_bandwidth(self.cache) if self.cache.has_host_tier else 0.0
         self.preemption = PreemptionPolicy(econf.preemption_mode, ccfg.bytes_per_block, bandwidth)
@@ -190,7 +191,9 @@ class Engine(StepLoop):
                                    max_num_batched_tokens=econf.max_num_batched_tokens,
                                    watermark_blocks=int(econf.watermark * ccfg.num_blocks), policy=self.preemption)
         # transformers' layers are not captured: their decode steps run eagerly
-        graphs = econf.graph_sizes() if native and econf.use_cuda_graphs and self.device.type == "cuda" else ()
+        # nor is a grouped cache's (its step has no fixed layout yet)
+        graphs = econf.graph_sizes() if native and econf.use_cuda_graphs and self.device.type == "cuda" \
+            and self.cache.groups is None else ()
         self.runner = ModelRunner(model, self.cache, max_model_len=self.max_model_len, graph_batch_sizes=graphs)
         self.runner.capture()
         self._rng = random.Random(econf.seed)

@@ -80,10 +80,18 @@ class StepAttention:
         if query.shape[-1] != cfg.head_dim or query.shape[1] % cfg.num_kv_heads:
             raise KVForgeError(f"{name} (layer {layer}): {query.shape[1]} query heads of dim {query.shape[-1]} over "
                                f"{cfg.num_kv_heads} KV heads of dim {cfg.head_dim}")
+        batch = self.batch
+        if batch.groups:  # a sliding-window layer's own slots and tables
+            group = self.cache.layer_groups[layer]
+            window = cfg.kv_groups[group].window
+            if window is not None and (sliding_window is None or sliding_window > window):
+                raise KVForgeError(f"{name} (layer {layer}): attends to {sliding_window or 'every'} past token(s), but "
+                                   f"the cache keeps only the last {window} for this layer (its layer_windows entry)")
+            batch = batch.for_group(group)
         self.layers_seen.add(layer)
         self.num_calls += 1
-        self.cache.write(layer, self.batch.slot_mapping, _rows(key), _rows(value))
-        return _paged(_rows(query), self.cache, layer, self.batch, scale=scale, sliding_window=sliding_window,
+        self.cache.write(layer, batch.slot_mapping, _rows(key), _rows(value))
+        return _paged(_rows(query), self.cache, layer, batch, scale=scale, sliding_window=sliding_window,
                       soft_cap=soft_cap).unsqueeze(0)
 
     def check_complete(self, num_layers: int) -> None:

@@ -118,7 +118,7 @@ def max_len(econf: EngineConfig, mconf: ModelConfig) -> int:
 
 def cache_config_for(model: LlamaModel | TransformersModel, econf: EngineConfig, given: CacheConfig | None,
                      kv_memory: int | str | None, num_blocks: int | None,
-                     per_head_scales: bool = False) -> CacheConfig:
+                     per_head_scales: bool = False, remote: bool = False) -> CacheConfig:
     """The cache config of an engine: ``given`` (set to the model's dtype and device),
     ``num_blocks`` blocks, or as many as the KV budget holds (``kv_memory``, else a
     share of the free GPU memory, else 512 MiB on the CPU).
@@ -126,7 +126,9 @@ def cache_config_for(model: LlamaModel | TransformersModel, econf: EngineConfig,
     The storage dtype is ``econf.kv_dtype`` when set, else an fp8 ``given`` config's,
     else the model's; an fp8 cache takes the model's dtype as its ``model_dtype``, and its
     budget counts one byte an element (twice the blocks of the model dtype). With
-    ``per_head_scales`` (a checkpoint's per-KV-head scales) it has ``kv_scale_granularity="head"``."""
+    ``per_head_scales`` (a checkpoint's per-KV-head scales) it has ``kv_scale_granularity="head"``.
+    Sliding-window layers get their own layer groups (``layer_windows``) with
+    ``econf.sliding_window_blocks == "free"`` and neither a host tier nor a ``remote`` one."""
     m, dtype, device = model.config, model.dtype, model.device
     shape = (m.num_layers, m.num_kv_heads, m.head_dim)
     kv_dtype = econf.resolved_kv_dtype
@@ -154,6 +156,8 @@ def cache_config_for(model: LlamaModel | TransformersModel, econf: EngineConfig,
     options = dict(block_size=econf.block_size, dtype=store, device=str(device),
                    enable_prefix_caching=econf.enable_prefix_caching, enable_compaction=econf.enable_compaction,
                    host_memory=econf.host_memory)
+    if econf.sliding_window_blocks == "free" and not remote and not parse_bytes(econf.host_memory):
+        options["layer_windows"] = tuple(m.sliding_windows)
     if is_fp8(store):
         options.update(model_dtype=dtype, kv_scale_granularity="head" if per_head_scales else "tensor")
     if num_blocks is not None:

@@ -97,8 +97,11 @@ def should_validate(validate: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if validate is None else bool(validate)
 
 
-def check_block_tables_values(view: CacheView, block_tables: Tensor, context_lens: Tensor) -> None:
-    """Context lengths fit the table and every block id they reach is in the pool."""
+def check_block_tables_values(view: CacheView, block_tables: Tensor, context_lens: Tensor,
+                              sliding_window: int | None = None, query_lens: Tensor | None = None) -> None:
+    """Context lengths fit the table and every block id they reach is in the pool; under a
+    sliding window only from the first key a query sees (``query_lens`` new tokens each,
+    default 1), so entries before it (blocks a window released: -1) are not checked."""
     if context_lens.numel() == 0:
         return
     ctx = context_lens.long()
@@ -112,7 +115,11 @@ def check_block_tables_values(view: CacheView, block_tables: Tensor, context_len
             f"but context_lens reaches {max_ctx} (sequence {int(ctx.argmax())})"
         )
     needed = (ctx + view.block_size - 1) // view.block_size
-    used = torch.arange(block_tables.shape[1], device=ctx.device)[None, :] < needed[:, None]
+    cols = torch.arange(block_tables.shape[1], device=ctx.device)[None, :]
+    used = cols < needed[:, None]
+    if sliding_window is not None:
+        q = 1 if query_lens is None else query_lens.to(ctx.device).long()
+        used &= cols >= ((ctx - q - sliding_window + 1).clamp_min(0) // view.block_size)[:, None]
     ids = block_tables[used]
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())

@@ -171,7 +171,7 @@ def paged_decode_attention(
         raise KernelError(f"num_splits: expected an int in [1, 256] or None, got {num_splits!r}")
     out = check_out(out, q)
     if should_validate(validate, view.device):
-        check_block_tables_values(view, tables, ctx)
+        check_block_tables_values(view, tables, ctx, sliding_window)
     scale = view.head_dim**-0.5 if scale is None else float(scale)
     if resolve_backend(backend, view.device) == "torch":
         out.copy_(reference.paged_decode_attention(
@@ -218,7 +218,7 @@ def paged_prefill_attention(
         if batch and bool((q_lens > ctx.long()).any()):
             i = int((q_lens > ctx.long()).nonzero()[0])
             raise KernelError(f"context_lens[{i}]={int(ctx[i])} is shorter than its {int(q_lens[i])} new tokens")
-        check_block_tables_values(view, tables, ctx)
+        check_block_tables_values(view, tables, ctx, sliding_window, q_lens)
     scale = view.head_dim**-0.5 if scale is None else float(scale)
     if resolve_backend(backend, view.device) == "torch":
         out.copy_(reference.paged_prefill_attention(

@@ -131,7 +131,8 @@ def paged_decode_attention(
         return torch.zeros_like(query)
     num_blocks = math.ceil(max_ctx / block_size)
     used = torch.arange(num_blocks, device=query.device)[None, :] < (ctx[:, None] + block_size - 1) // block_size
-    ids = torch.where(used, block_tables[:, :num_blocks].to(query.device).long(), 0)
+    # -1 (padding, or a block a sliding window released) is never visible: read block 0 in its place
+    ids = torch.where(used, block_tables[:, :num_blocks].to(query.device).long(), 0).clamp_min(0)
     k = _read(kc, ids, k_scale).reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
     v = _read(vc, ids, v_scale).reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
     pos = torch.arange(num_blocks * block_size, device=query.device)[None, :]
@@ -181,9 +182,11 @@ def paged_prefill_attention(
         q_len = end - start
         if q_len == 0:
             continue
-        ids = block_tables[i, : math.ceil(ctx / block_size)].to(query.device)
+        ids = block_tables[i, : math.ceil(ctx / block_size)].to(query.device).long().clamp_min(0)
         k = _read(kc, ids, k_scale).reshape(-1, num_kv_heads, head_dim)[:ctx]
         v = _read(vc, ids, v_scale).reshape(-1, num_kv_heads, head_dim)[:ctx]
+        if sliding_window is not None:  # keys no row sees (a released block reads as block 0): zero
+            v[: max(0, ctx - q_len - sliding_window + 1)] = 0.0
         q = query[start:end].float().reshape(q_len, num_kv_heads, group, head_dim)
         scores = _soft_cap(torch.einsum("thgd,nhd->thgn", q, k) * scale, soft_cap)
         q_pos = torch.arange(ctx - q_len, ctx, device=query.device)[:, None]

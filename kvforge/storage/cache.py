@@ -43,6 +43,7 @@ from kvforge.kernels.fp8 import KVScales, as_scale, scale_for_amax
 from kvforge.storage import compaction
 from kvforge.storage.device import DeviceStorage, resolve_device, slot_array
 from kvforge.storage.host import HostStorage
+from kvforge.storage.layer_groups import LayerGroups
 from kvforge.storage.step import TABLE_WIDTH_MULTIPLE, FixedLayout, Staging, StepBatch, build_step
 from kvforge.storage.remote import RemoteTier
 from kvforge.storage.pending import PendingMethods
@@ -97,6 +98,17 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         # copy-on-write copies the data before the tables change (a failed copy changes nothing)
         self.manager.copy_blocks = self.copy_blocks
         self.host_storage = HostStorage(config, self.storage) if config.num_host_blocks else None
+        #: the block tables of layer groups 1.. (sliding-window layers: :mod:`kvforge.storage.layer_groups`)
+        self.groups: LayerGroups | None = None
+        #: each layer's group (0 for every layer unless ``config.kv_groups`` splits them): a step's
+        #: inputs for layer ``l`` are ``batch.for_group(cache.layer_groups[l])``
+        self.layer_groups: tuple[int, ...] = tuple(config.layer_group(l)[0] for l in range(config.num_layers))
+        if len(config.kv_groups) > 1:
+            if remote is not None:
+                raise ConfigError("a remote tier with layer_windows: the remote tier does not hold caches whose "
+                                  "sliding-window layers free their blocks yet (leave layer_windows None)")
+            self.groups = LayerGroups(self.manager, [(g.window, i) for i, g in enumerate(config.kv_groups)][1:],
+                                      self.copy_blocks)
         self._wire_host_tier()
         self._wire_remote(remote, model)
         self._relocation_listeners: list[Callable[[dict[int, int]], None]] = []
@@ -187,13 +199,14 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         chunks and run it again. Nothing grows for any other refusal."""
         manager = self.manager
         try:
-            try:
-                return op(*args, **kwargs)
-            except OutOfBlocksError as exc:
-                short = exc.requested - exc.available
-                if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
-                    raise
-                self._grow_to(self.storage.num_chunks + math.ceil(short / self.chunk_blocks))
+            for _ in range(3):  # a grouped cache may learn a second shortfall once the first is met
+                try:
+                    return op(*args, **kwargs)
+                except OutOfBlocksError as exc:
+                    short = exc.requested - exc.available
+                    if short <= 0 or short > self.config.num_blocks - self.capacity_blocks:
+                        raise
+                    self._grow_to(self.storage.num_chunks + math.ceil(short / self.chunk_blocks))
             return op(*args, **kwargs)
         finally:
             if manager.host._pending:  # blocks evicted by this call are copied out before any write
@@ -215,7 +228,9 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
     def num_blocks_needed(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
                           salt: Hashable | None = None) -> int:
         """Blocks :meth:`add_sequence` would take for a new sequence (cached prefix
-        blocks held by others cost nothing)."""
+        blocks held by others cost nothing; with layer groups, every group's blocks)."""
+        if self.groups is not None:
+            return self.groups.num_blocks_needed(num_tokens, prompt_token_ids, salt)
         return self.manager.num_blocks_needed(num_tokens, prompt_token_ids, salt)
 
     def can_add_sequence(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
@@ -233,14 +248,22 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         """Start a sequence; see :meth:`BlockManager.add_sequence`.
 
         ``r.num_cached_tokens`` prompt tokens are already in the cache;
-        ``r.slots`` are where the next tokens' keys/values go.
+        ``r.slots`` are where the next tokens' keys/values go (group 0's: the other
+        layer groups' slots come with :meth:`prepare_step`).
         """
+        if self.groups is not None:
+            return self._growing(self.groups.add_sequence, seq_id, prompt_token_ids, salt, num_tokens)
         return self._growing(self.manager.add_sequence, seq_id, prompt_token_ids, salt, num_tokens=num_tokens)
 
     def append_tokens(self, seq_id: SeqId, n: int, token_ids: Sequence[int] | None = None) -> np.ndarray:
         """Slot ids (int64) for ``n`` new tokens of a sequence, all or nothing; a shared
         partial last block is copied first (copy-on-write: a failed copy changes nothing)."""
+        if self.groups is not None:
+            return self._growing(self.groups.append, [seq_id], n, token_ids, self._append_one)
         return self._growing(self.manager.append_tokens, seq_id, n, token_ids)
+
+    def _append_one(self, seq_ids: Sequence[SeqId], n: Any, token_ids: Any) -> np.ndarray:
+        return self.manager.append_tokens(seq_ids[0], n, token_ids)
 
     def append_token(self, seq_id: SeqId, token_id: int | None = None) -> int:
         """Slot id for one new token."""
@@ -249,11 +272,16 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
     def append_tokens_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] = 1,
                             token_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Slot mapping (int64) for new tokens of many sequences, all or nothing."""
+        if self.groups is not None:
+            return self._growing(self.groups.append, seq_ids, num_tokens, token_ids, self.manager.append_tokens_batch)
         return self._growing(self.manager.append_tokens_batch, seq_ids, num_tokens, token_ids)
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """``child_id`` shares all of ``parent_id``'s blocks; no data is copied."""
-        self.manager.fork(parent_id, child_id)
+        if self.groups is not None:
+            self.groups.fork(parent_id, child_id)
+        else:
+            self.manager.fork(parent_id, child_id)
 
     def free_sequence(self, seq_id: SeqId, *, publish: bool = True) -> None:
         """Release a sequence; its cached full blocks stay reusable until evicted. With a
@@ -266,6 +294,8 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
                 raise
             except Exception as exc:  # a copy that failed: nothing is shared, nothing is lost
                 log.warning("publishing sequence %r failed (%s); it is freed unshared", seq_id, exc)
+        if self.groups is not None and seq_id in self.manager:
+            self.groups.free(seq_id)
         self.manager.free_sequence(seq_id)
 
     def get_block_for_position(self, seq_id: SeqId, pos: int) -> tuple[int, int]:
@@ -319,8 +349,10 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         slot -1 and context length 0 (they store and read nothing).
         """
         view = self.manager.step_view(seq_ids, num_new_tokens, width_multiple=TABLE_WIDTH_MULTIPLE)
+        parts = () if self.groups is None else self.groups.step_parts(
+            seq_ids, view.positions, view.query_start_loc, view.block_tables.shape[1])
         return build_step(view, self._slot_dtype, self._stage, self._stage_fixed, num_decodes=num_decodes,
-                          logits_indices=logits_indices, input_ids=input_ids, pad_to=pad_to)
+                          logits_indices=logits_indices, input_ids=input_ids, pad_to=pad_to, group_parts=parts)
 
     def _stage(self) -> Staging:
         if self._staging is None:
@@ -385,8 +417,18 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
 
     def gather(self, seq_id: SeqId, layer: int) -> tuple[Tensor, Tensor]:
         """A sequence's keys and values of one layer, ``[num_tokens, num_kv_heads, head_dim]`` each,
-        in the model dtype (an fp8 cache's dequantized)."""
+        in the model dtype (an fp8 cache's dequantized). A sliding-window layer's released
+        blocks are gone: for such a layer, only while the sequence has released none."""
         self.layer_view(layer)
+        group = self.config.layer_group(layer)[0]
+        if group and self.groups is not None:
+            row = self.manager._seqs.row(seq_id)
+            tables = self.groups.tables[group - 1]
+            if tables.num_released(row):
+                raise KVForgeError(f"gather(): layer {layer} has a sliding window of {tables.window} tokens and "
+                                   f"released the first {tables.num_released(row) * self.config.block_size} "
+                                   f"tokens of sequence {seq_id!r}")
+            return self.storage.gather(layer, tables.kept(row), self.seq_len(seq_id))
         return self.storage.gather(layer, self.block_table(seq_id), self.seq_len(seq_id))
 
     # ----------------------------------------------------------- fp8 scales
@@ -482,8 +524,9 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         return self.manager.internal_fragmentation()
 
     def live_kv_bytes(self) -> int:
-        """Bytes holding live keys/values (distinct token slots in use)."""
-        return self.manager.live_token_slots() * self.config.bytes_per_token
+        """Bytes holding live keys/values (distinct token slots in use, in every layer group)."""
+        slots = self.manager.live_token_slots() + (self.groups.live_slots() if self.groups is not None else 0)
+        return slots * (self.config.bytes_per_block // self.config.block_size)
 
     def memory_efficiency(self) -> float:
         """Bytes of live keys/values over bytes the cache holds on the device."""
@@ -551,6 +594,10 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         references (their keys/values are not to be trusted, e.g. a failed step
         never wrote them); they go back to the free list. Return how many."""
         evictable = set(self.pool.evictable_blocks())
+        block_ids = list(block_ids)
+        if self.groups is not None:  # the other layer groups' copies of these blocks were never written either
+            keys = [k for k in map(self.prefix.key_of, block_ids) if k is not None]
+            block_ids += self.groups.cached_copies(keys)
         drop = [b for b in dict.fromkeys(block_ids) if b in evictable]
         with self.manager.host.dropping():  # nothing of theirs spills to the host tier
             self.pool.evict_blocks(drop)
@@ -569,6 +616,8 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
     def check_invariants(self) -> None:
         """Assert bookkeeping and storage agree."""
         self.manager.check_invariants()
+        if self.groups is not None:
+            self.groups.check_invariants()
         if self.host_storage is not None:  # every host block holding data has memory behind it
             hs = self.host_storage
             assert min(hs.num_chunks * hs.chunk_blocks, hs.num_blocks) >= self.manager.host.pool.high_water_mark()

@@ -139,7 +139,7 @@ class DeviceStorage:
     # -------------------------------------------------------- chunk set
     def _chunk_shape(self) -> tuple[int, ...]:
         c = self.config
-        return (c.num_layers, 2, self.chunk_blocks, c.block_size, c.num_kv_heads, c.head_dim)
+        return (c.page_layers, 2, self.chunk_blocks, c.block_size, c.num_kv_heads, c.head_dim)
 
     def _allocate_chunk(self) -> Tensor:
         # zeroed, so that a kernel that reads a padded slot never meets NaN garbage (fp8: zero bytes)
@@ -191,8 +191,9 @@ class DeviceStorage:
                 assert self.k_scale is not None and self.v_scale is not None
                 fp8 = dict(k_scale=self.k_scale[l], v_scale=self.v_scale[l],
                            model_dtype=self.config.resolved_model_dtype)
-            views.append(kernels.describe_cache(tuple(c[l, 0] for c in self._chunks),
-                                                tuple(c[l, 1] for c in self._chunks),
+            s = self.config.layer_group(l)[1]  # the layer's slot in its group's blocks
+            views.append(kernels.describe_cache(tuple(c[s, 0] for c in self._chunks),
+                                                tuple(c[s, 1] for c in self._chunks),
                                                 chunk_offsets=self._offsets, **fp8))  # type: ignore[arg-type]
         self._views = views
         self.version += 1
@@ -243,7 +244,7 @@ class DeviceStorage:
         ``out`` (or a new device tensor); queued on the current stream."""
         c = self.config
         if out is None:
-            out = torch.empty((len(block_ids), c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim),
+            out = torch.empty((len(block_ids), c.page_layers, 2, c.block_size, c.num_kv_heads, c.head_dim),
                               dtype=c.dtype, device=self.device)
         raw_out = self._raw(out)
         cb = self.chunk_blocks

@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from kvforge.errors import KVForgeError
+
 if TYPE_CHECKING:
     from kvforge.core.manager import BlockManager
+    from kvforge.storage.layer_groups import LayerGroups
 
 __all__ = ["PendingMethods"]
 
@@ -33,7 +36,13 @@ class PendingMethods:
     :class:`~kvforge.storage.KVCache` (a mixin)."""
 
     manager: BlockManager
+    groups: LayerGroups | None
     _growing: Callable[..., Any]
+
+    def _refuse_groups(self, what: str) -> None:
+        if self.groups is not None:
+            raise KVForgeError(f"{what}: slots reserved before their ids are not built for a cache whose layers "
+                               f"are split into groups (layer_windows); append with the ids instead")
 
     def reserve_tokens_batch(self, seq_ids: Sequence[SeqId],
                              num_tokens: int | Sequence[int] | np.ndarray = 1) -> np.ndarray:
@@ -42,6 +51,7 @@ class PendingMethods:
         :meth:`append_tokens_batch` gives it; the ids follow through
         :meth:`commit_token_ids`. All or nothing; see
         :meth:`kvforge.core.BlockManager.reserve_tokens_batch`."""
+        self._refuse_groups("reserve_tokens_batch()")
         return self._growing(self.manager.reserve_tokens_batch, seq_ids, num_tokens)
 
     def commit_token_ids(self, seq_ids: Sequence[SeqId], token_ids: Sequence[int] | np.ndarray,
@@ -49,18 +59,28 @@ class PendingMethods:
         """The ids of each sequence's oldest ``num_tokens`` uncommitted tokens (one each by
         default), sequence after sequence; blocks that fill are registered for prefix
         reuse now. All or nothing; see :meth:`kvforge.core.BlockManager.commit_token_ids`."""
+        self._refuse_groups("commit_token_ids()")
         self.manager.commit_token_ids(seq_ids, token_ids, num_tokens)
 
     def truncate(self, seq_id: SeqId, num_tokens: int) -> None:
         """Take a sequence back to its first ``num_tokens`` tokens (rejected draft tokens,
         uncommitted ones too): whole blocks past the end are released, a block others
-        share is left to them. All or nothing; see :meth:`kvforge.core.BlockManager.truncate`."""
+        share is left to them. All or nothing; see :meth:`kvforge.core.BlockManager.truncate`.
+        A sliding-window layer group cannot go back before the blocks it released."""
+        if self.groups is not None:
+            self.groups.check_truncate([seq_id], num_tokens)
         self.manager.truncate(seq_id, num_tokens)
+        if self.groups is not None:
+            self.groups.truncate([seq_id])
 
     def truncate_batch(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int] | np.ndarray) -> None:
         """:meth:`truncate` of many sequences in one vectorised call (sequence ``i`` keeps its
         first ``num_tokens[i]``; an int: the same for all). All or nothing."""
+        if self.groups is not None:
+            self.groups.check_truncate(seq_ids, num_tokens)
         self.manager.truncate_batch(seq_ids, num_tokens)
+        if self.groups is not None:
+            self.groups.truncate(seq_ids)
 
     def num_uncommitted_tokens(self, seq_id: SeqId) -> int:
         """The sequence's last tokens whose slots are reserved and whose ids are not committed yet."""

@@ -47,6 +47,10 @@ class StepBatch(NamedTuple):
     ``prefill_context_lens`` ``[P]``, ``cu_query_lens`` ``[P + 1]`` (from 0).
     An absent group has None tensors. ``logits_indices`` ``[S]``: the rows of
     ``T`` whose logits are wanted (None: every row, a pure decode step).
+
+    A cache whose layers are split into groups (``CacheConfig.kv_groups``)
+    gives each group after the first its own slots and tables: ``groups[g - 1]``
+    is the batch that group ``g``'s layers read (:meth:`for_group`).
     """
 
     input_ids: Tensor
@@ -60,6 +64,11 @@ class StepBatch(NamedTuple):
     logits_indices: Tensor | None = None
     num_decodes: int = 0
     num_prefills: int = 0
+    groups: tuple[StepBatch, ...] = ()
+
+    def for_group(self, group: int) -> StepBatch:
+        """The inputs layer group ``group`` reads (its slots and block tables; 0: this batch)."""
+        return self.groups[group - 1] if group else self
 
     @property
     def num_tokens(self) -> int:
@@ -171,12 +180,20 @@ def pad_width(tables: np.ndarray, width: int) -> np.ndarray:
 def build_step(view: StepView, slot_dtype: type, stage: Callable[[], Staging],
                stage_fixed: Callable[[int, int], tuple[Staging, FixedLayout]], *, num_decodes: int | None,
                logits_indices: np.ndarray | Sequence[int] | None, input_ids: np.ndarray | Sequence[int] | None,
-               pad_to: tuple[int, int] | None) -> StepBatch:
+               pad_to: tuple[int, int] | None,
+               group_parts: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> StepBatch:
     """A :class:`StepBatch` of a manager's :class:`~kvforge.core.StepView`, uploaded in one copy.
 
     ``stage()`` returns the eager staging buffer (grown on demand),
     ``stage_fixed(rows, width)`` the fixed one a CUDA graph reads and its
-    :class:`FixedLayout`. See :meth:`kvforge.storage.KVCache.prepare_step`."""
+    :class:`FixedLayout`. ``group_parts``: the other layer groups' ``(slots,
+    tables)``, as the view's. See :meth:`kvforge.storage.KVCache.prepare_step`."""
+    if group_parts and pad_to is not None:
+        raise KVForgeError("pad_to: a cache whose layers are split into groups has no fixed step layout "
+                           "(CUDA graphs are not captured for it)")
+    extra: list[np.ndarray] = []
+    for g_slots, g_tables in group_parts:
+        extra += [g_slots.astype(slot_dtype, copy=False), g_tables]
     batch = len(view.context_lens)
     q_lens = np.diff(view.query_start_loc)
     if num_decodes is None:
@@ -213,8 +230,9 @@ def build_step(view: StepView, slot_dtype: type, stage: Callable[[], Staging],
             staging, layout = stage_fixed(rows, width)
             d_ids, d_pos, d_slots, d_ctx, d_tab = staging.upload([ids32, pos32, slots, ctx, tables], layout.starts)
             return StepBatch(d_ids, d_pos, d_slots, d_tab, d_ctx, num_decodes=rows)
-        d_ids, d_pos, d_slots, d_ctx, d_tab = staging.upload([ids32, pos32, slots, ctx, tables])
-        return StepBatch(d_ids, d_pos, d_slots, d_tab, d_ctx, num_decodes=len(ctx))
+        d_ids, d_pos, d_slots, d_ctx, d_tab, *d_extra = staging.upload([ids32, pos32, slots, ctx, tables] + extra)
+        out = StepBatch(d_ids, d_pos, d_slots, d_tab, d_ctx, num_decodes=len(ctx))
+        return _with_groups(out, d_extra)
     if pad_to is not None:
         raise KVForgeError("pad_to: only a pure decode step has a fixed layout")
     if logits_indices is None:
@@ -227,6 +245,18 @@ def build_step(view: StepView, slot_dtype: type, stage: Callable[[], Staging],
     cu = (view.query_start_loc[nd:] - view.query_start_loc[nd]).astype(np.int32)
     ctx, tables = view.context_lens, view.block_tables
     parts = [ids32, pos32, slots, rows_idx, cu, ctx[nd:], tables[nd:], ctx[:nd], tables[:nd]]
-    d_ids, d_pos, d_slots, d_idx, d_cu, d_ctx_p, d_tab_p, d_ctx_d, d_tab_d = stage().upload(parts)
-    return StepBatch(d_ids, d_pos, d_slots, d_tab_d if nd else None, d_ctx_d if nd else None,
-                     d_tab_p, d_ctx_p, d_cu, d_idx, num_decodes=nd, num_prefills=batch - nd)
+    d_ids, d_pos, d_slots, d_idx, d_cu, d_ctx_p, d_tab_p, d_ctx_d, d_tab_d, *d_extra = stage().upload(parts + extra)
+    out = StepBatch(d_ids, d_pos, d_slots, d_tab_d if nd else None, d_ctx_d if nd else None,
+                    d_tab_p, d_ctx_p, d_cu, d_idx, num_decodes=nd, num_prefills=batch - nd)
+    return _with_groups(out, d_extra)
+
+
+def _with_groups(batch: StepBatch, parts: list[Tensor]) -> StepBatch:
+    """``batch`` with the other layer groups' batches: ``parts`` holds each group's slots and tables."""
+    if not parts:
+        return batch
+    nd = batch.num_decodes
+    groups = tuple(batch._replace(slot_mapping=parts[i], decode_block_tables=parts[i + 1][:nd] if nd else None,
+                                  prefill_block_tables=parts[i + 1][nd:] if batch.num_prefills else None)
+                   for i in range(0, len(parts), 2))
+    return batch._replace(groups=groups)

@@ -237,6 +237,8 @@ class LlamaModel:
             self._fused.rope_(q, k, self.rope.cos, self.rope.sin, positions)
         else:
             q, k = self.rope.apply(q, k, positions)
+        if batch.groups:  # a sliding-window layer's own slots and tables
+            batch = batch.for_group(cache.layer_groups[layer])
         cache.write(layer, batch.slot_mapping, k, v)
         view = cache.layer_view(layer)
         window = c.sliding_windows[layer]
