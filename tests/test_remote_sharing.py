@@ -280,12 +280,13 @@ def test_a_prompt_waiting_for_the_remote_tier_holds_up_no_other(tmp_path: Path) 
         a.generate([long], params)
         assert a.cache.remote.flush(5.0)
         t = RedisTier(s.url(), namespace="hold", timeout=1.5, retry_after=0.2)
-        fetch = t.fetch
 
-        def hung_fetch(keys: list[bytes]) -> list:
-            s.pause()  # a real server that stops answering, at this very moment
-            return fetch(keys)
-        t.fetch = hung_fetch  # type: ignore[method-assign]
+        def hung(fetch):  # the cache calls fetch_held (lent payloads), or fetch with reader="thread"
+            def hung_fetch(keys: list[bytes]):
+                s.pause()  # a real server that stops answering, at this very moment
+                return fetch(keys)
+            return hung_fetch
+        t.fetch, t.fetch_held = hung(t.fetch), hung(t.fetch_held)  # type: ignore[method-assign]
         engine = Engine(str(tmp_path / "ckpt"), num_blocks=24, block_size=8, remote=t)
         assert engine.cache.remote_prefetching
         first, second = engine.add_request(long, params), engine.add_request(short, params)

@@ -13,8 +13,11 @@ of ``layout.block_bytes`` bytes. With ``reader="process"`` (the default on
 Linux) the reads, the parsing and the checks run in a child process of
 their own (:mod:`kvforge.storage.redis_reader`), which hands the checked
 payloads over in shared memory: in the engine's process they would take
-turns with the step loop for the GIL. ``reader="thread"`` reads on threads
-of this process.
+turns with the step loop for the GIL. :meth:`RedisTier.fetch_held` lends
+them where they lie instead of copying them out (the cache uploads straight
+from there, and registers that memory as page-locked through
+:meth:`RedisTier.set_memory_hooks` on a GPU). ``reader="thread"`` reads on
+threads of this process.
 
 Writes. :meth:`RedisTier.publish` queues a job (bounded: ``max_pending``
 jobs; a full queue drops the job, counted) for one daemon writer thread,
@@ -71,7 +74,7 @@ from kvforge.storage.redis_wire import FORMAT_VERSION, HEADER, MAGIC, NAMESPACE,
 from kvforge.storage.redis_wire import frame as frame_value
 from kvforge.storage.redis_wire import redact as _redact
 from kvforge.storage.redis_wire import secrets_of as _secrets_of
-from kvforge.storage.remote import RemoteLayout, RemoteStats
+from kvforge.storage.remote import HeldPayloads, HeldRun, RemoteLayout, RemoteStats
 
 __all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "RedisTier", "RemoteStats"]
 
@@ -106,6 +109,14 @@ def _import_redis() -> Any:
         raise MissingExtraError('RedisTier needs the redis client: pip install redis '
                                 '(or pip install "kvforge[remote]")') from exc
     return redis
+
+
+def _releaser(runs: list[tuple[redis_reader.ReaderProcess, int, int]]) -> Callable[[Any], None]:
+    """The release of a :class:`HeldPayloads` over ``runs``: each slot back to its process."""
+    def release(ready: Callable[[], bool] | None) -> None:
+        for proc, slot, _ in runs:
+            proc.release_slot(slot, ready)
+    return release
 
 
 class RedisTier:
@@ -178,6 +189,8 @@ class RedisTier:
         self.reader_processes = (max(1, min(4, (os.cpu_count() or 1) // 4)) if reader_processes is None
                                  else reader_processes)
         self._processes: list[redis_reader.ReaderProcess] = []  # made at bind
+        #: ``(register, unregister)`` for the reader processes' regions (:meth:`set_memory_hooks`)
+        self._memory_hooks: tuple[Callable[[memoryview], Any], Callable[[Any], None]] | None = None
         self._writer_process: redis_reader.ReaderProcess | None = None  # frames and writes, for the writer thread
         self._read_lock = threading.Lock()  # one fetch at a time through the reader processes
         self._write_lock = threading.Lock()  # the writer process: the writer thread's, and wait_ready's
@@ -263,6 +276,33 @@ class RedisTier:
             if not self._start_reader(proc):
                 break
 
+    def set_memory_hooks(self, register: Callable[[memoryview], Any], unregister: Callable[[Any], None]) -> None:
+        """Have every region that :meth:`fetch_held` lends from registered: ``register(view)``
+        (a writable view of the whole region) is called once per region, now and for regions
+        made later (a rebind), and its result, unless None (not registered), is handed to
+        ``unregister`` before the region is unmapped. The cache passes page-locking hooks
+        (``cudaHostRegister``) so that its uploads from lent payloads run asynchronously."""
+        with self._read_lock:
+            self._memory_hooks = (register, unregister)
+            for proc in self._processes:
+                self._register_region(proc)
+
+    def _register_region(self, proc: redis_reader.ReaderProcess) -> None:
+        hooks = self._memory_hooks
+        if hooks is None or proc.pinned is not None or proc.region is None:
+            return
+        try:
+            proc.pinned = hooks[0](memoryview(proc.region))
+        except Exception as exc:  # a hook that fails leaves the region unregistered: uploads are staged
+            self._log("register", f"{self!r}: registering a reader region failed: {type(exc).__name__}: {exc}")
+
+    def _close_process(self, proc: redis_reader.ReaderProcess) -> None:
+        hooks = self._memory_hooks
+        try:
+            proc.close(None if hooks is None else hooks[1])
+        except Exception as exc:  # unregistering failed: the region stays mapped
+            self._log("register", f"{self!r}: closing a reader region failed: {type(exc).__name__}: {exc}")
+
     @property
     def unused(self) -> bool:
         """Whether no fetch, lookup or publish was asked of the tier yet (it may be bound again)."""
@@ -291,7 +331,7 @@ class RedisTier:
         layout = layout._replace(model=probe.model)
         with self._read_lock, self._write_lock:
             for proc in self._processes + ([self._writer_process] if self._writer_process else []):
-                proc.stop()
+                self._close_process(proc)
             self.layout = layout
             self._fingerprint = layout.fingerprint()
             self._prefix = f"kvforge:{self.namespace}:{self._fingerprint.hex()}:".encode()
@@ -329,7 +369,7 @@ class RedisTier:
             self._add(backoff_fetches=1, misses=len(keys))
             return out
         if self._processes:
-            return self._fetch_in_process(keys, start)
+            return self._fetch_in_process(keys, start, hold=False)  # type: ignore[return-value]
         nbytes = 0
         batches = [keys[lo:lo + self.batch_size] for lo in range(0, len(keys), self.batch_size)]
         for lo, (batch, values) in zip(range(0, len(keys), self.batch_size),
@@ -356,48 +396,87 @@ class RedisTier:
             self._remember(keys[:len(out)])
         return out
 
-    def _fetch_in_process(self, keys: list[bytes], start: float) -> list[memoryview]:
-        """:meth:`fetch` through the reader processes: the keys split in contiguous parts of at
-        least ``batch_size`` (one process each, all at once); the run is the parts' payloads up to
-        the first part that came back short. Outcomes are counted as in-process fetches count theirs."""
+    def fetch_held(self, keys: Sequence[bytes]) -> HeldPayloads | None:
+        """:meth:`fetch`'s run, left where the reader processes checked it and lent
+        (:class:`~kvforge.storage.remote.HeldPayloads`: the borrower releases it, with the
+        ``ready`` of its last copy from it); None when the tier has no reader processes
+        (``reader="thread"``) or the keys are more than half of what the free slots hold:
+        call :meth:`fetch` then (copied out in rounds). Until released, the lent slots are
+        not reused: a fetch that finds none free for a round stops there (``slots_full``)."""
+        self._check_bound("fetch_held")
+        if not self._processes:
+            return None
+        if len(keys) > sum(p.num_free_slots * p.blocks_per_slot for p in self._processes) // 2:
+            return None
+        check_keys(keys, "RedisTier.fetch_held keys")
+        keys = list(keys)
+        self._add(fetch_calls=1, keys_asked=len(keys))
+        if not keys or self._closed:
+            self._add(misses=len(keys))
+            return HeldPayloads([], True, None)
+        start = time.monotonic()
+        if start < self._down_until:
+            self._add(backoff_fetches=1, misses=len(keys))
+            return HeldPayloads([], True, None)
+        got = self._fetch_in_process(keys, start, hold=True)
+        assert isinstance(got, HeldPayloads)
+        return got
+
+    def _fetch_in_process(self, keys: list[bytes], start: float, hold: bool) -> list[memoryview] | HeldPayloads:
+        """:meth:`fetch` (or with ``hold``, :meth:`fetch_held`) through the reader processes:
+        the keys split in contiguous parts of at least ``batch_size`` (one process each, all at
+        once; those with the most free slots first); the run is the parts' payloads up to the
+        first part that came back short. Outcomes are counted as in-process fetches count theirs."""
         with self._read_lock:
-            for proc in self._processes:
-                if not proc.alive and not self._start_reader(proc):
+            for proc in self._processes:  # one that died since is restarted by its part (its pipe says)
+                if not proc.is_started and not self._start_reader(proc):
                     self._add(misses=len(keys))
-                    return []
+                    return HeldPayloads([], True, None) if hold else []
             # a part per process, of at least a batch and _PART_BYTES: each costs this side a few GIL hand-offs
             assert self.layout is not None
             per = max(self.batch_size, -(-_PART_BYTES // self.layout.block_bytes))
             k = max(1, min(len(self._processes), len(keys) // per))
             bounds = [len(keys) * i // k for i in range(k + 1)]
             parts = [keys[bounds[i]:bounds[i + 1]] for i in range(k)]
-            outcomes = redis_reader.fetch_parts(self._processes[:k], parts, self.fetch_budget)
+            procs = sorted(self._processes, key=lambda p: -p.num_free_slots)[:k] if hold else self._processes[:k]
+            outcomes = redis_reader.fetch_parts(procs, parts, self.fetch_budget, hold=hold)
         out: list[memoryview] = []
-        nbytes = 0
+        runs: list[tuple[redis_reader.ReaderProcess, int, int]] = []  # hold: (process, slot, blocks)
+        nbytes = found = 0
         short = False
-        for lo, part, got in zip(bounds, parts, outcomes):
+        for lo, part, proc, got in zip(bounds, parts, procs, outcomes):
             nbytes += got.nbytes
             if got.restarted:
                 self._add(reader_starts=1)
             if got.stop == "refused":
-                self._refuse(got.kind, part[len(got.payloads)], got.what)
+                self._refuse(got.kind, part[got.num_blocks], got.what)
             elif got.stop == "fault" and got.kind == "server_errors":
                 self._add(server_errors=1)
                 self._log("server_error", f"{self!r}: fetch: {self._scrub(got.what)}")
             elif got.stop in ("fault", "reader"):
                 self._back_off(got.kind, "fetch", got.what)
-            if short:  # after a gap: useless, only counted
+            elif got.stop == "slots":
+                self._add(slots_full=1)
+            if short:  # after a gap: useless, only counted (and its slots handed back)
+                for slot, _ in got.runs:
+                    proc.release_slot(slot)
                 continue
             out += got.payloads
-            if len(got.payloads) < len(part):
+            runs += [(proc, slot, n) for slot, n in got.runs]
+            found += got.num_blocks
+            if got.num_blocks < len(part):
                 short = True
                 if got.stop in ("miss", "refused"):  # the rest of the chain is useless without this block
-                    self._forget(keys[lo + len(got.payloads):])
-        self._add(hits=len(out), misses=len(keys) - len(out), bytes_read=nbytes)
+                    self._forget(keys[lo + got.num_blocks:])
+        self._add(hits=found, misses=len(keys) - found, bytes_read=nbytes)
         self._measure(nbytes, time.monotonic() - start)
         if self.ttl is None:
-            self._remember(keys[:len(out)])
-        return out
+            self._remember(keys[:found])
+        if not hold:
+            return out
+        return HeldPayloads([HeldRun(proc.slot_view(slot, n), n) for proc, slot, n in runs],
+                            all(proc.pinned is not None for proc, _, _ in runs),
+                            _releaser(runs) if runs else None)
 
     def _start_reader(self, proc: redis_reader.ReaderProcess) -> bool:
         """Start a reader process (counted); False (counted, back-off) when it cannot be."""
@@ -407,6 +486,8 @@ class RedisTier:
             self._back_off("reader_errors", "starting the reader process", f"{type(exc).__name__}: {exc}")
             return False
         self._add(reader_starts=1)
+        if proc in self._processes:
+            self._register_region(proc)
         return True
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
@@ -600,10 +681,10 @@ class RedisTier:
             self._thread.join(self.timeout + 1.0)
         with self._read_lock:
             for proc in self._processes:
-                proc.stop()
+                self._close_process(proc)
         if self._writer_process is not None:
             with self._write_lock:
-                self._writer_process.stop()
+                self._writer_process.close()
         for client in (self._reader, self._writer, self._looker):
             try:
                 client.close()

@@ -31,7 +31,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
-__all__ = ["RemoteLayout", "RemoteStats", "RemoteTier"]
+__all__ = ["HeldPayloads", "HeldRun", "RemoteLayout", "RemoteStats", "RemoteTier"]
 
 
 class RemoteLayout(NamedTuple):
@@ -79,12 +79,56 @@ class RemoteTier(Protocol):
     # cheaper than a fetch; the cache asks it before prefetching (RedisTier has it)
     # optional: ``needs_write(keys) -> list[bool]``, whether a publish would write each key;
     # the cache then copies only those blocks off the device (RedisTier has it)
+    # optional: ``fetch_held(keys) -> HeldPayloads | None``, the run of ``fetch`` left in the
+    # tier's own memory and lent (None: the tier has none to lend; the cache calls ``fetch``),
+    # and ``set_memory_hooks(register, unregister)``: the tier calls ``register(view)`` on each
+    # region it lends from (a page-locking hook: its result is handed to ``unregister`` before
+    # the region is unmapped; None: not registered) (RedisTier has both, with reader processes)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every publish issued so far was written (or dropped); False on timeout."""
 
     def close(self) -> None:
         """Flush with the tier's timeout, stop the writer, close connections."""
+
+
+class HeldRun(NamedTuple):
+    """``num_blocks`` checked payloads back to back in ``data`` (``num_blocks *
+    block_bytes`` bytes of the tier's memory: read it, never write it)."""
+
+    data: memoryview
+    num_blocks: int
+
+
+class HeldPayloads:
+    """The run of a fetch, lent out of the tier's memory instead of copied
+    (``fetch_held``): ``runs`` in key order, ``num_blocks`` in all. ``is_pinned``:
+    every run lies in memory registered as page-locked (a device copy from it
+    is asynchronous). The borrower calls :meth:`release` once, when it no longer
+    reads the runs, with ``ready`` (e.g. an event's ``query``) when a copy from
+    them may still be in flight: the tier reuses the memory only once
+    ``ready()`` is True. A lease dropped unreleased is released when collected."""
+
+    __slots__ = ("runs", "num_blocks", "is_pinned", "_release")
+
+    def __init__(self, runs: Sequence[HeldRun], is_pinned: bool,
+                 release: Callable[[Callable[[], bool] | None], None] | None) -> None:
+        self.runs = list(runs)
+        self.num_blocks = sum(r.num_blocks for r in self.runs)
+        self.is_pinned = is_pinned
+        self._release = release
+
+    def release(self, ready: Callable[[], bool] | None = None) -> None:
+        """Hand the memory back (again: nothing); the runs must not be read after."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(ready)
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"HeldPayloads({self.num_blocks} blocks in {len(self.runs)} runs, pinned={self.is_pinned})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +151,9 @@ class RemoteStats:
     ``timeouts``, ``server_errors`` (error replies to reads: ``NOAUTH``...),
     ``reader_errors`` (one of RedisTier's reader or writer processes died,
     hung or could not start: back-off, then a new one), ``reader_starts``
-    (reader and writer processes started)."""
+    (reader and writer processes started), ``slots_full`` (fetch parts cut
+    short because every shared-memory slot of their reader process held
+    payloads not yet copied in: the rest is computed; no back-off)."""
 
     fetch_calls: int = 0
     lookup_calls: int = 0
@@ -133,6 +179,7 @@ class RemoteStats:
     server_errors: int = 0
     reader_errors: int = 0
     reader_starts: int = 0
+    slots_full: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """The snapshot as a plain dict."""

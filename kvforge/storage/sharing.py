@@ -10,7 +10,15 @@ binds the tier (:class:`~kvforge.storage.remote.RemoteTier`, e.g.
   blocks, registered in the prefix index and counted in
   ``num_cached_tokens`` (``prefix_stats().remote_hit_tokens``), unless
   ``remote_fetch_policy(num_tokens, num_bytes)`` says computing them is
-  cheaper (the engine sets one: :mod:`kvforge.engine.fetch_policy`);
+  cheaper (the engine sets one: :mod:`kvforge.engine.fetch_policy`). A tier
+  that lends its payloads (``fetch_held``: RedisTier's reader processes leave
+  them, checked, in shared memory) is not copied out: the admission uploads
+  each contiguous run of them with one copy straight into the device blocks
+  (the regions are page-locked on a GPU, :mod:`kvforge.storage.host_pinning`,
+  so the copy is asynchronous), and hands the memory back once an event says
+  the copy is done. Where that memory is not page-locked, or with a tier that
+  only copies (``fetch``), the payloads are packed into two pinned staging
+  buffers first, as before;
 - :meth:`RemoteMethods.publish` shares a sequence's full, keyed blocks. The
   cache copies them out of the device on a side stream (the compute stream
   waits only for the on-device gather, so the blocks may be reused at once)
@@ -28,14 +36,15 @@ import hashlib
 import logging
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from kvforge.errors import KVForgeError
-from kvforge.storage.remote import RemoteLayout, RemoteTier
+from kvforge.storage import host_pinning
+from kvforge.storage.remote import HeldPayloads, RemoteLayout, RemoteTier
 
 if TYPE_CHECKING:
     from kvforge.config import CacheConfig
@@ -52,6 +61,31 @@ SeqId = Hashable
 STAGING_BYTES = 64 << 20
 #: prefetched payloads kept for admissions to come, at most (the oldest dropped first)
 PREFETCH_BYTES = 1 << 30
+
+
+class _Lease:
+    """A lent fetch (:class:`~kvforge.storage.remote.HeldPayloads`) while any of its blocks
+    is kept for an admission: ``count`` of them; ``event``: recorded after the last upload
+    from it. Released when the count drops to 0, with the event's ``query`` as ``ready``."""
+
+    __slots__ = ("held", "count", "event")
+
+    def __init__(self, held: HeldPayloads) -> None:
+        self.held = held
+        self.count = held.num_blocks
+        self.event: Any = None
+
+
+class _Lent(NamedTuple):
+    """One kept block of a lent fetch: ``index`` within run ``run`` of ``lease``."""
+
+    lease: _Lease
+    run: int
+    index: int
+
+
+#: a kept payload: a block's bytes (copied out), or where it lies in a lent fetch
+_Kept = Union[memoryview, _Lent]
 
 
 class RemoteFetch(NamedTuple):
@@ -85,7 +119,7 @@ class RemoteMethods:
         #: prefetches, so the step loop never waits for the network); False: they fetch themselves
         self.remote_prefetching = False
         self._prefetcher: ThreadPoolExecutor | None = None
-        self._prefetched: OrderedDict[bytes, Any] = OrderedDict()  # block key -> payload, oldest first
+        self._prefetched: OrderedDict[bytes, _Kept] = OrderedDict()  # block key -> payload, oldest first
         self._prefetched_bytes = 0
         self._remote_bufs: list[Tensor | None] = [None, None]  # pinned, for copies from the remote tier
         self._remote_uploads: list[Any] = [None, None]  # the event of the upload that last read each
@@ -100,6 +134,10 @@ class RemoteMethods:
         self._remote_model = model
         self._bound_layout = self._remote_layout()
         remote.bind(self._bound_layout)
+        hooks = getattr(remote, "set_memory_hooks", None)  # optional: page-lock what the tier lends
+        if hooks is not None and self.device.type == "cuda":
+            device = self.device
+            hooks(lambda view: host_pinning.register(view, device), host_pinning.unregister)
         self.manager.fetch_remote = self._fetch_remote
         self.manager.copy_from_remote = self._copy_from_remote
 
@@ -157,7 +195,19 @@ class RemoteMethods:
             return None
         if self._prefetcher is None:  # one thread: the tier's own threads parallelise a fetch
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvforge-remote-prefetch")
-        return RemoteFetch(keys, self._prefetcher.submit(self.remote.fetch, keys))
+        return RemoteFetch(keys, self._prefetcher.submit(self._fetch_now, keys))
+
+    def _fetch_now(self, keys: list[bytes]) -> list[_Kept]:
+        """The tier's run for ``keys``: lent where the tier can lend (``fetch_held``), else copied."""
+        fetch_held = getattr(self.remote, "fetch_held", None)
+        held = fetch_held(keys) if fetch_held is not None else None
+        if held is None:
+            return list(self.remote.fetch(keys))  # type: ignore[union-attr]
+        if not held.num_blocks:
+            held.release()
+            return []
+        lease = _Lease(held)
+        return [_Lent(lease, r, i) for r, run in enumerate(held.runs) for i in range(run.num_blocks)]
 
     def take_prefetched(self, fetch: RemoteFetch) -> int:
         """Keep a finished prefetch's payloads for admission (the oldest kept are dropped
@@ -168,55 +218,118 @@ class RemoteMethods:
             log.warning("the remote tier's prefetch failed (%s); the prompt is computed", exc)
             return 0
         kept = self._prefetched
+        size = self.config.bytes_per_block
         for key, payload in zip(fetch.keys, payloads):
-            if key in kept:
-                self._prefetched_bytes -= len(kept.pop(key))
+            old = kept.pop(key, None)
+            if old is not None:
+                self._drop(old)
+                self._prefetched_bytes -= size
             kept[key] = payload
-            self._prefetched_bytes += len(payload)
+            self._prefetched_bytes += size
         while self._prefetched_bytes > PREFETCH_BYTES and kept:
-            self._prefetched_bytes -= len(kept.popitem(last=False)[1])
+            self._drop(kept.popitem(last=False)[1])
+            self._prefetched_bytes -= size
         return len(payloads)
+
+    @staticmethod
+    def _drop(kept: _Kept) -> None:
+        """A kept payload is no longer needed: the last of a lent fetch hands its memory back
+        (once the upload that last read it is done)."""
+        if isinstance(kept, _Lent):
+            lease = kept.lease
+            lease.count -= 1
+            if lease.count == 0:
+                lease.held.release(None if lease.event is None else lease.event.query)
 
     def _fetch_remote(self, keys: list[bytes]) -> int:
         """Admission's remote lookup: the prefetched run first; without one, a fetch now
         (unless the engine prefetches: ``remote_prefetching``) if the policy allows."""
         self._sync_remote_layout()
-        run: list[Any] = []
+        for left in self._remote_payloads:  # an admission that did not copy them in
+            self._drop(left)
+        self._remote_payloads = []
+        run: list[_Kept] = []
+        size = self.config.bytes_per_block
         for key in keys:
             payload = self._prefetched.pop(key, None)
             if payload is None:
                 break
-            self._prefetched_bytes -= len(payload)
+            self._prefetched_bytes -= size
             run.append(payload)
         if not run and not self.remote_prefetching:
             policy = self.remote_fetch_policy
             c = self.config
             if policy is None or policy(len(keys) * c.block_size, len(keys) * c.bytes_per_block):
-                run = list(self.remote.fetch(keys))  # type: ignore[union-attr]
+                run = self._fetch_now(keys)
         self._remote_payloads = run
         return len(run)
 
     def _copy_from_remote(self, device_blocks: list[int]) -> None:
-        """Write the fetched payloads into ``device_blocks``: rounds of at most
-        :data:`STAGING_BYTES` packed into two alternating pinned buffers, so packing a
-        round overlaps the upload of the one before."""
-        payloads, self._remote_payloads = self._remote_payloads[: len(device_blocks)], []
+        """Write the fetched payloads into ``device_blocks``. Lent ones in page-locked memory
+        (or any lent ones on the CPU) go straight from the tier's memory, one copy per
+        contiguous run; the others in rounds of at most :data:`STAGING_BYTES` packed into
+        two alternating pinned buffers, so packing a round overlaps the upload of the one
+        before. Every kept payload is dropped after, uploaded or not (a lent fetch's memory
+        goes back once this upload's event is done)."""
+        payloads, rest = self._remote_payloads[: len(device_blocks)], self._remote_payloads[len(device_blocks):]
+        self._remote_payloads = []
         c = self.config
         size = c.bytes_per_block
-        if len(payloads) != len(device_blocks) or any(len(p) != size for p in payloads):
-            raise KVForgeError(f"the remote tier returned {len(payloads)} payload(s) for {len(device_blocks)} "
-                               f"block(s), or one of a size other than {size} bytes")
+        cuda = self.device.type == "cuda"
+        leases: dict[int, _Lease] = {}
+        try:
+            if len(payloads) != len(device_blocks) or any(
+                    not isinstance(p, _Lent) and len(p) != size for p in payloads):
+                raise KVForgeError(f"the remote tier returned {len(payloads)} payload(s) for {len(device_blocks)} "
+                                   f"block(s), or one of a size other than {size} bytes")
+            ids = np.asarray(device_blocks, dtype=np.int64)
+            staged: list[tuple[int, memoryview]] = []  # (position, bytes) of those packed first
+            lo = 0
+            while lo < len(payloads):
+                p = payloads[lo]
+                if not isinstance(p, _Lent):
+                    staged.append((lo, p))  # type: ignore[arg-type]
+                    lo += 1
+                    continue
+                hi = lo + 1  # the contiguous piece: same run, consecutive indices
+                while (hi < len(payloads) and isinstance(q := payloads[hi], _Lent) and q.lease is p.lease
+                       and q.run == p.run and q.index == p.index + hi - lo):
+                    hi += 1
+                data = p.lease.held.runs[p.run].data
+                leases[id(p.lease)] = p.lease
+                if cuda and not p.lease.held.is_pinned:
+                    staged += [(lo + j, data[(p.index + j) * size:(p.index + j + 1) * size]) for j in range(hi - lo)]
+                else:
+                    piece = torch.frombuffer(data, dtype=torch.uint8, count=(hi - lo) * size, offset=p.index * size)
+                    self.storage.write_blocks(ids[lo:hi], piece.view(c.dtype).reshape(
+                        hi - lo, c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim))
+                lo = hi
+            if staged:
+                self._upload_staged(ids, staged)
+        finally:
+            if leases and cuda:  # the lent memory may be reused once this stream has read it
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                for lease in leases.values():
+                    lease.event = event
+            for p in payloads + rest:
+                self._drop(p)
+
+    def _upload_staged(self, ids: np.ndarray, staged: list[tuple[int, memoryview]]) -> None:
+        """Pack ``staged`` payloads (position in ``ids``, bytes) into the pinned buffers in
+        rounds and write each round into its device blocks."""
+        c = self.config
+        size = c.bytes_per_block
         per_round = max(1, STAGING_BYTES // size)
-        ids = np.asarray(device_blocks, dtype=np.int64)
-        for r, lo in enumerate(range(0, len(payloads), per_round)):
-            part = payloads[lo:lo + per_round]
+        for r, lo in enumerate(range(0, len(staged), per_round)):
+            part = staged[lo:lo + per_round]
             buf = self._remote_staging(r % 2, len(part) * size)
             flat = buf[: len(part) * size].numpy()
-            for i, payload in enumerate(part):
+            for i, (_, payload) in enumerate(part):
                 flat[i * size:(i + 1) * size] = np.frombuffer(payload, dtype=np.uint8)
             data = buf[: len(part) * size].view(c.dtype).reshape(
                 len(part), c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
-            self.storage.write_blocks(ids[lo:lo + len(part)], data)
+            self.storage.write_blocks(ids[[pos for pos, _ in part]], data)
             if self._remote_uploads[r % 2] is not None:
                 self._remote_uploads[r % 2].record(torch.cuda.current_stream(self.device))
 
