@@ -9,6 +9,12 @@ max_blocks)``), so a replay needs only that call's single host-to-device
 copy. Padding rows (bucket size above the batch) have slot -1 and context
 length 0: they store nothing and attend to nothing.
 
+Before the first capture, :meth:`DecodeGraphs.capture_all` also compiles
+every variant of the Triton prefill kernel the model can launch
+(:func:`~kvforge.kernels.warm_up_prefill`: one per tile height, which follows
+the rows per sequence): otherwise the first short prompt chunks over long
+cached (or fetched) contexts compile theirs mid-serving, about a second each.
+
 Graphs bake in device addresses: the cache's chunks and its fixed step
 buffer. When either moves (:attr:`~kvforge.storage.KVCache.address_signature`:
 an elastic pool grew, compaction released chunks), the graphs are dropped
@@ -24,6 +30,7 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from kvforge import kernels
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.storage import KVCache, StepBatch
 
@@ -44,6 +51,7 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self._signature: tuple[int, int] | None = None
+        self._prefill_warm = False
 
     def fits(self, batch: int) -> bool:
         """Whether a captured size holds ``batch`` sequences."""
@@ -78,9 +86,30 @@ class DecodeGraphs:
             out = self._forward(batch)
         self._graphs[b] = (graph, out)
 
+    def warm_up_prefill(self) -> int:
+        """Compile the prefill kernel's variants for each kind of layer (full attention, each
+        sliding window) once; the number of launches (0 on the torch backend)."""
+        if self._prefill_warm:
+            return 0
+        self._prefill_warm = True
+        c = self.model.config
+        start = time.perf_counter()
+        launches = 0
+        first_of: dict[int | None, int] = {}
+        for layer, window in enumerate(c.sliding_windows):
+            first_of.setdefault(window, layer)
+        for window, layer in first_of.items():
+            launches += kernels.warm_up_prefill(self.cache.layer_view(layer), c.num_heads, scale=self.model.scale,
+                                                sliding_window=window, backend=self.cache.backend)
+        if launches:
+            log.info("compiled %d prefill kernel launches in %.2f s", launches, time.perf_counter() - start)
+        return launches
+
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every size, largest first (it sizes the step buffer; smaller graphs reuse its memory)."""
+        """Compile the prefill variants (:meth:`warm_up_prefill`), then capture every size, largest
+        first (it sizes the step buffer; smaller graphs reuse its memory)."""
+        self.warm_up_prefill()
         self._check_addresses()
         start = time.perf_counter()
         for b in reversed(self.sizes):

@@ -16,6 +16,9 @@ tile (:func:`padded_head_dim`) with its padding columns masked on every load
 and store, as in :mod:`kvforge.kernels.triton_decode`; the constexpr
 ``HAS_PAD`` keeps those masks out of the power-of-two kernels.
 An fp8 cache is read and dequantized as in the decode kernel (``FP8``).
+The tile height follows the rows per sequence (:func:`_config`), so a
+workload's first short chunks over long cached contexts would compile new
+variants mid-serving; :func:`warm_up_prefill` compiles each one up front.
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import Tensor
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
 
-__all__ = ["launch_prefill", "KERNELS"]
+__all__ = ["launch_prefill", "warm_up_prefill", "KERNELS"]
 
 
 @triton.jit
@@ -215,4 +218,41 @@ def launch_prefill(
         FP8=fp8, RAW_MUL=raw_mul(fp8),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
+def variants(view: CacheView, group: int) -> list[tuple[int, int, int, int]]:
+    """Every ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` that :func:`launch_prefill` picks for
+    this view and query-head group, over every number of rows per sequence."""
+    found: dict[tuple[int, int, int, int], None] = {}
+    rows = 1
+    while rows <= 1 << 16:  # past the largest threshold (512 rows) and the largest tile (256)
+        found[_config(view, group, rows)] = None
+        rows *= 2
+    return list(found)
+
+
+def warm_up_prefill(view: CacheView, num_q_heads: int, *, scale: float, sliding_window: int | None = None,
+                    soft_cap: float | None = None, batch_sizes: tuple[int, ...] = (1, 2)) -> int:
+    """Compile every prefill variant the engine can launch over ``view`` by launching each
+    (:func:`variants`) once per batch size on a tiny input: one new token per sequence
+    over a context of one token (block 0 of the view is read; nothing in the cache is
+    written). Batch sizes 1 and 2 cover Triton's specializations of the sequence count
+    that a step's prefill chunks reach first (one, or several); a multiple of 16 is another.
+    Returns the number of launches; synchronizes the device."""
+    device = view.device
+    group = num_q_heads // view.num_kv_heads
+    launches = 0
+    for block_m, block_n, warps, stages in variants(view, group):
+        for batch in batch_sizes:
+            q = torch.zeros(batch, num_q_heads, view.head_dim, dtype=view.dtype, device=device)
+            out = torch.empty_like(q)
+            tables = torch.zeros(batch, 16, dtype=torch.int32, device=device)  # rows padded to 16, as the cache's
+            cu = torch.arange(batch + 1, dtype=torch.int32, device=device)
+            ctx = torch.ones(batch, dtype=torch.int32, device=device)
+            launch_prefill(q, view, view.offsets, tables, cu, ctx, out, scale=scale, sliding_window=sliding_window,
+                           soft_cap=soft_cap, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+            launches += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launches
+
+
 KERNELS = (_prefill_kernel,)
