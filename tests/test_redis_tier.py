@@ -723,3 +723,44 @@ def test_rebind_changes_only_the_scales_and_only_while_unused(redis: RedisServer
     with pytest.raises(ConfigError, match="cannot change layout"):
         t.rebind(LAYOUT)
     assert t.layout == scaled
+
+
+@pytest.mark.skipif(not redis_reader.available(), reason="the reader process needs os.memfd_create (Linux)")
+def test_lent_payloads_keep_their_slots_until_released_and_their_copy_is_done(redis: RedisServer,
+                                                                               tiers: list[RedisTier]) -> None:
+    """fetch_held lends the checked run where the reader wrote it; a lent slot is not written
+    again until it is released and the release's ready() says the copy from it is done; with
+    every slot lent a fetch stops short (counted) instead of overwriting one; hooks register
+    each region once and unregister it at close."""
+    registered: list[int] = []
+    unregistered: list[int] = []
+    t = tier_on(redis, "lend", reader="process", reader_processes=1)
+    tiers.append(t)
+    t.set_memory_hooks(lambda view: registered.append(len(view)) or len(registered), unregistered.append)
+    proc = t._processes[0]
+    assert registered == [proc.num_slots * proc.slot_bytes]
+    proc.blocks_per_slot = 2  # rounds of 2 blocks: a slot each
+    publish_all(t, list(range(8)))
+    held = t.fetch_held([key(i) for i in range(3)])
+    assert held is not None and held.is_pinned and held.num_blocks == 3
+    assert [r.num_blocks for r in held.runs] == [2, 1]
+    assert [bytes(r.data) for r in held.runs] == [payload(0) + payload(1), payload(2)]
+    assert proc.num_free_slots == proc.num_slots - 2
+    done = [False]
+    held.release(lambda: done[0])  # a copy still in flight: the slots stay taken
+    assert proc.num_free_slots == proc.num_slots and len(proc._free) == proc.num_slots - 2  # not handed out yet
+    runs = [held.runs[0].data, held.runs[1].data]
+    other = t.fetch_held([key(i) for i in range(4, 6)])  # the third slot only
+    assert other is not None and [bytes(r.data) for r in other.runs] == [payload(4) + payload(5)]
+    assert bytes(runs[0]) == payload(0) + payload(1) and bytes(runs[1]) == payload(2)  # not overwritten
+    empty = t.fetch_held([key(6)])  # no slot free: stops short (the prompt is computed), counted
+    assert empty is not None and empty.num_blocks == 0 and t.fetch([key(6)]) == []
+    assert t.stats().slots_full == 2
+    done[0] = True  # the copy finished: the slots come back
+    assert [bytes(p) for p in t.fetch([key(6), key(7)])] == [payload(6), payload(7)]
+    other.release()
+    assert proc.num_free_slots == proc.num_slots
+    assert t.fetch_held([key(i) for i in range(8)]) is None  # more than half of what is free: fetch copies
+    del held, other, runs
+    t.close()
+    assert unregistered == [1]

@@ -72,6 +72,8 @@ def test_a_second_cache_copies_in_what_the_first_published(redis: RedisServer) -
         k, v = b.gather("y", layer)
         assert torch.equal(k[:40], want[layer][0][:40]) and torch.equal(v[:40], want[layer][1][:40])
     b.check_invariants()
+    procs = b.remote._processes  # the payloads were lent (no copy-out), and every slot is back
+    assert procs and all(p.num_free_slots == p.num_slots for p in procs)
     # now local: a third sequence hits on the device, not the server
     fetched = b.remote.stats().hits
     assert b.add_sequence("z", PROMPT).num_cached_tokens == 40
@@ -97,6 +99,40 @@ def test_a_prefetch_brings_the_blocks_before_admission_asks(redis: RedisServer) 
     b.check_invariants()
     with pytest.raises(KVForgeError, match="no remote tier"):
         cache(None).prefetch_remote(PROMPT)
+
+
+def test_lent_payloads_go_back_whether_admitted_replaced_or_dropped(redis: RedisServer) -> None:
+    """Prefetched payloads lie in the reader's shared memory until admission uploads them: a
+    second prefetch of the same blocks replaces the first (its slot goes back), the admission
+    uploads the kept ones (its slot goes back), and a prefetch never taken gives its slot back
+    once dropped. A live sequence's blocks are never touched by any of it."""
+    _, want = publish_from_a(redis)
+    b = cache(tier(redis), num_blocks=24)
+    live = computed(b, "live", list(range(900, 941)), seed=3)
+    proc = b.remote._processes[0]
+    first, second = b.prefetch_remote(PROMPT), b.prefetch_remote(PROMPT)
+    assert first is not None and second is not None
+    first.future.result(timeout=30), second.future.result(timeout=30)
+    assert proc.num_free_slots == proc.num_slots - 2  # both lent
+    assert b.take_prefetched(first) == 5 and b.take_prefetched(second) == 5
+    assert proc.num_free_slots == proc.num_slots - 1  # the first one's blocks were replaced
+    b.remote_prefetching = True
+    assert b.add_sequence("y", PROMPT).num_cached_tokens == 40
+    assert proc.num_free_slots == proc.num_slots
+    for layer in range(2):
+        k, v = b.gather("y", layer)
+        assert torch.equal(k[:40], want[layer][0][:40]) and torch.equal(v[:40], want[layer][1][:40])
+    b.free_sequence("y", publish=False)
+    b.reclaim_unused_blocks()  # not local any more: asked of the tier again
+    never = b.prefetch_remote(PROMPT)
+    assert never is not None and len(never.future.result(timeout=30)) == 5
+    assert proc.num_free_slots == proc.num_slots - 1
+    del never  # a prefetch whose sequence went away: collected, its slot goes back
+    assert proc.num_free_slots == proc.num_slots
+    for layer in range(2):
+        lk, lv = b.gather("live", layer)
+        assert torch.equal(lk, live[layer][0]) and torch.equal(lv, live[layer][1])
+    b.check_invariants()
 
 
 def test_a_chunked_first_step_takes_the_whole_remote_run_when_it_fits(redis: RedisServer) -> None:
