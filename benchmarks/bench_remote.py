@@ -400,9 +400,45 @@ def make_workload(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     return dict(systems=systems, a=a, b=[p for _, p in b], b_kinds=kinds, warm=warm)
 
 
+class StallWatch:
+    """With ``KVFORGE_STALL_MS`` set: a thread that prints the main thread's stack whenever one
+    engine step has run longer than that many milliseconds (a diagnosis aid, off by default)."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+        self.limit = float(os.environ.get("KVFORGE_STALL_MS", "0")) / 1e3
+        self.started: float | None = None
+        self.main = threading.get_ident()
+        if self.limit:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        import sys
+        import traceback
+        reported = None
+        while True:
+            time.sleep(self.limit / 4)
+            t = self.started
+            if t is not None and t != reported and time.perf_counter() - t > self.limit:
+                reported = t
+                frame = sys._current_frames().get(self.main)
+                stack = "".join(traceback.format_stack(frame, limit=14)) if frame is not None else "?"
+                print(f"[stall] a step running for {1e3 * (time.perf_counter() - t):.0f} ms:\n{stack}",
+                      file=sys.stderr, flush=True)
+
+
+_WATCH: StallWatch | None = None
+
+
 def run_loop(engine: Any, prompts: list[list[int]], concurrency: int, new_tokens: int) -> list[Any]:
     """Serve ``prompts`` closed-loop, at most ``concurrency`` in flight, in order; outputs by index."""
     from kvforge.engine import SamplingParams
+
+    global _WATCH
+    if _WATCH is None:
+        _WATCH = StallWatch()
+    watch = _WATCH
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     todo = deque(range(len(prompts)))
@@ -412,9 +448,11 @@ def run_loop(engine: Any, prompts: list[list[int]], concurrency: int, new_tokens
         while todo and len(in_flight) < concurrency:
             i = todo.popleft()
             in_flight[engine.add_request(prompts[i], params)] = i
+        watch.started = time.perf_counter()
         for out in engine.step():
             if out.finished:
                 outs[in_flight.pop(out.request_id)] = out
+        watch.started = None
     return outs
 
 
@@ -541,6 +579,11 @@ def bench_sharing(args: argparse.Namespace, url: str, run_id: str) -> dict[str, 
         run(f"B-{mode}", f"instance B, remote_fetch={mode!r}", url=url, namespace=ns, prompts=wl["b"],
             engine=dict(engine_opts, remote_fetch=mode))
     run("B0", "instance B, no remote tier", url=None, namespace=None, prompts=wl["b"])
+    for key in ("B0", "B-auto", "B-always"):  # where the tail of the TTFT comes from
+        r = runs[key]
+        slow = sorted(range(len(r["ttft"])), key=r["ttft"].__getitem__)[-3:][::-1]
+        print(f"# {key}: slowest TTFT " + ", ".join(
+            f"#{i} {1e3 * r['ttft'][i]:.0f} ms ({wl['b_kinds'][i]}, {r['cached'][i]} cached)" for i in slow))
     ids = {k: {r["identity"] for r in runs.values()} for k in ("all",)}
     assert len(ids["all"]) == 1, "instances of one config and seed must share an identity"
 
