@@ -15,10 +15,22 @@ first tokens arrive, by the model's attention implementation:
 
 A step is the set of layer updates of one forward: the first layer to see
 new columns reserves the slots of every row (one ``append_tokens_batch``),
-and the other layers reuse them. Sliding-window layers keep every token (the
-window is applied when attending); beam search and batch reordering fork
+and the other layers reuse them. Beam search and batch reordering fork
 sequences (shared blocks, copy-on-write), so no keys are copied; ``crop``
 (assisted and prompt-lookup decoding) truncates every row's sequence.
+
+Sliding-window layers (the model config's ``layer_types`` and
+``sliding_window``): in paged mode, with ``sliding_window_blocks="free"``
+(the default) and a model that mixes full-attention and window layers, the
+pool is built with ``CacheConfig.layer_windows``, so the window layers get
+block tables of their own (layer groups, :mod:`kvforge.core.groups`) and
+release every block before their window as the rows grow; each layer reads
+its group's slots and tables (:meth:`PagedInputs.for_group`). Dense mode
+returns every layer's whole history, so it keeps every block, as does
+``"keep"``. A crop goes back to any length at or after the first token of
+the last step (what assisted and prompt-lookup decoding crop: the rejected
+drafts of the step that verified them); further back, a window layer may
+already have released what that length reads, and the crop is refused.
 """
 from __future__ import annotations
 
@@ -26,22 +38,26 @@ import contextvars
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvforge.config import CacheConfig, is_fp8, resolve_kv_dtype
-from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError
+from kvforge.config import CacheConfig, is_fp8, plan_kv_groups, resolve_kv_dtype
+from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError, SequenceError
 from kvforge.integrations.hf.paged import (
     PagedInputs, counts_of, cu_lens, from_tokens, paged_attention, to_tokens,
 )
 from kvforge.kernels import fp8, reference
 from kvforge.storage import KVCache
 
-__all__ = ["KVForgeCache", "KVForgeLayer", "take_pending"]
+__all__ = ["KVForgeCache", "KVForgeLayer", "layer_windows_of", "take_pending"]
 
 #: layer types a KVForgeCache can hold (attention layers with ordinary keys and values)
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+#: what ``KVForgeCache(sliding_window_blocks=...)`` takes (``EngineConfig.sliding_window_blocks``' values)
+SLIDING_WINDOW_BLOCKS = ("free", "keep")
 
 
 class _Pending(NamedTuple):
@@ -75,7 +91,9 @@ class KVForgeLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
     supports_early_init = False
-    is_sliding = False  # every token is kept; a sliding window is applied when attending
+    # the mask hook is handed every column; the kernels apply a layer's window (and in paged
+    # mode its layer group holds only the blocks the window reads)
+    is_sliding = False
 
     def __init__(self, cache: KVForgeCache, layer_idx: int) -> None:
         super().__init__()
@@ -121,6 +139,11 @@ class KVForgeCache(Cache):
     the model's dtype (scales 1.0 unless set on :attr:`kv_cache` before the
     first tokens: ``docs/fp8.md``). ``backend``: kvforge's kernels
     (``"auto"``: Triton on GPUs, the torch reference on the CPU).
+    ``sliding_window_blocks``: ``"free"`` (the default) lets sliding-window
+    layers release the blocks before their window in paged mode, when the
+    model mixes them with full-attention layers (the module docstring says
+    when); ``"keep"`` keeps every block of every layer. :attr:`layer_windows`
+    is each layer's window as the config says it (None: full attention).
 
     Rows are kvforge sequences (:attr:`seq_ids`); :attr:`kv_cache` is the
     underlying KVCache (None until the first tokens). ``crop`` takes tokens
@@ -132,7 +155,7 @@ class KVForgeCache(Cache):
 
     def __init__(self, config: Any, *, num_blocks: int | None = None, block_size: int = 16,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", sliding_window_blocks: str = "free") -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -147,8 +170,13 @@ class KVForgeCache(Cache):
                 raise ConfigError(f"KVForgeCache {name} must be a positive int, got {value!r}")
         if backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"KVForgeCache backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if not isinstance(sliding_window_blocks, str) or sliding_window_blocks not in SLIDING_WINDOW_BLOCKS:
+            raise ConfigError(f"KVForgeCache sliding_window_blocks must be 'free' or 'keep', "
+                              f"got {sliding_window_blocks!r:.40}")
+        self.layer_windows = layer_windows_of(text, num_layers)
         super().__init__(layers=[KVForgeLayer(self, i) for i in range(num_layers)])
         self.config = text
+        self.sliding_window_blocks = sliding_window_blocks
         self.block_size = block_size
         self.requested_num_blocks = num_blocks
         self.device = None if device is None else torch.device(device)
@@ -167,7 +195,14 @@ class KVForgeCache(Cache):
     def _update(self, layer: KVForgeLayer, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         batch, _, seq, _ = key.shape
         if self.is_paged is None:
-            self.is_paged = getattr(self.config, "_attn_implementation", None) == _attention_name()
+            is_paged = getattr(self.config, "_attn_implementation", None) == _attention_name()
+            if not is_paged and self.kv_cache is not None and self.kv_cache.groups is not None:
+                raise KVForgeError(
+                    f"KVForgeCache: this pool was built for paged mode (attn_implementation='{_attention_name()}'), "
+                    f"where its sliding-window layers release the blocks before their window; "
+                    f"{self.config._attn_implementation!r} attention (dense mode) needs every layer's whole history. "
+                    f"Use a new KVForgeCache, or sliding_window_blocks='keep'")
+            self.is_paged = is_paged
         self._ensure_storage(key)
         if self.is_paged:
             pending = _PENDING.get()
@@ -197,12 +232,14 @@ class KVForgeCache(Cache):
         batch, _, seq, _ = key.shape
         real = None if padding is None else padding[:, -seq:]
         try:
+            group = self._check_window(layer_idx, sliding_window)
             self._enter_step(layer_idx, layer.num_columns - seq, seq, real)
         except KVForgeError:
             layer.num_columns -= seq  # update() counted the columns; a refused step leaves no trace
             raise
-        step, kv = self._step, self.kv_cache
-        assert step is not None and kv is not None
+        kv = self.kv_cache
+        assert self._step is not None and kv is not None
+        step = self._step.for_group(group)
         dtype = kv.config.resolved_model_dtype  # what write() and the kernels take (an fp8 pool quantizes)
         kv.write(layer_idx, step.slot_mapping, to_tokens(key, step.real).to(dtype), to_tokens(value, step.real).to(dtype))
         q = to_tokens(query, step.real).to(dtype)
@@ -243,7 +280,10 @@ class KVForgeCache(Cache):
         new end go back to the pool (or stay to the rows that share them). What assisted and
         prompt-lookup decoding call to drop rejected drafts. The cropped columns must hold a token
         in every row (true after any step without padding: those decodings run one row); a
-        positive count (transformers' legacy absolute length) is refused, as transformers does."""
+        positive count (transformers' legacy absolute length) is refused, as transformers does.
+        With sliding-window layers releasing blocks, a crop back to the last step's first token
+        or later always works; one further back is refused (:class:`SequenceError`, nothing
+        changed) when a window layer released what the shorter rows would read."""
         if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
             raise ConfigError(f"KVForgeCache.crop takes an int, got {tokens_to_remove!r}")
         if tokens_to_remove > 0:
@@ -259,7 +299,13 @@ class KVForgeCache(Cache):
         if min(lens, default=0) < n:
             raise ConfigError(f"KVForgeCache.crop({tokens_to_remove}): a row holds only {min(lens)} tokens "
                               f"(its cropped columns are padding)")
-        kv.truncate_batch(self.seq_ids, [length - n for length in lens])
+        try:
+            kv.truncate_batch(self.seq_ids, [length - n for length in lens])
+        except SequenceError as exc:
+            raise SequenceError(
+                f"KVForgeCache.crop({tokens_to_remove}) goes back further than the sliding-window layers hold: "
+                f"{exc} (a crop back to the last step's first token always works; "
+                f"KVForgeCache(..., sliding_window_blocks='keep') keeps every block)") from None
         self._num_columns -= n
         for layer in self.layers:
             layer.num_columns = min(layer.num_columns, self._num_columns)
@@ -281,7 +327,8 @@ class KVForgeCache(Cache):
 
     def gather(self, row: int, layer_idx: int) -> tuple[Tensor, Tensor]:
         """Row ``row``'s stored keys and values of one layer, ``[num_tokens, kv_heads, head_dim]``
-        each, read from the pool (padding is absent in paged mode)."""
+        each, read from the pool (padding is absent in paged mode). A sliding-window layer that
+        released blocks no longer has them: :class:`KVForgeError` names the layer."""
         if self.kv_cache is None:
             raise KVForgeError("KVForgeCache.gather(): nothing is stored yet")
         if not 0 <= row < len(self.seq_ids):
@@ -323,14 +370,19 @@ class KVForgeCache(Cache):
         device = key.device if self.device is None else self.device
         if device != key.device:
             raise KVForgeError(f"KVForgeCache: device {device} was asked, but the model's keys are on {key.device}")
+        # dense mode reads every layer's whole history (_gather): only paged mode frees blocks
+        windows = self.layer_windows if self.is_paged and self.sliding_window_blocks == "free" else None
+        # with layer groups a block holds one group's layers, and every group takes blocks: size
+        # for each group keeping every block (the bytes of the pool without groups)
+        num_groups = len(plan_kv_groups(windows, len(self.layers)))
         max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
-        per_row = math.ceil(max(max_positions, seq) / self.block_size)
+        per_row = math.ceil(max(max_positions, seq) / self.block_size) * num_groups
         num_blocks = self.requested_num_blocks or batch * per_row
-        first = min(num_blocks, batch * math.ceil(seq / self.block_size))
+        first = min(num_blocks, batch * math.ceil(seq / self.block_size) * num_groups)
         store = self.dtype or key.dtype
         cfg = CacheConfig(block_size=self.block_size, num_blocks=num_blocks, num_layers=len(self.layers),
                           num_kv_heads=heads, head_dim=head_dim, dtype=store, device=str(device),
-                          model_dtype=key.dtype if is_fp8(store) else None,
+                          model_dtype=key.dtype if is_fp8(store) else None, layer_windows=windows,
                           enable_prefix_caching=False, initial_blocks=max(first, 1), name="KVForgeCache")
         self.kv_cache = KVCache(cfg, backend=self.backend)
         self.seq_ids = self._new_sequences(batch)
@@ -365,19 +417,56 @@ class KVForgeCache(Cache):
         try:
             slots = kv.append_tokens_batch(self.seq_ids, counts)
         except OutOfBlocksError as exc:
+            c = kv.config
+            grouped = f", each holding {c.page_layers} of the {c.num_layers} layers" if kv.groups is not None else ""
             raise OutOfBlocksError(
-                f"KVForgeCache is full: {exc} (pass a larger num_blocks; the pool has {kv.config.num_blocks} "
-                f"blocks of {kv.config.block_size} tokens)", requested=exc.requested, available=exc.available) from None
-        self._step = PagedInputs(
+                f"KVForgeCache is full: {exc} (pass a larger num_blocks; the pool has {c.num_blocks} "
+                f"blocks of {c.block_size} tokens{grouped})", requested=exc.requested, available=exc.available) from None
+        step = PagedInputs(
             slot_mapping=kv.slot_mapping(slots), block_tables=kv.block_tables(self.seq_ids),
             context_lens=kv.context_lens(self.seq_ids), cu_query_lens=cu_lens(counts, kv.device),
             real=None if real is None else real.to(kv.device), is_decode=all(n == 1 for n in counts))
+        self._step = step._replace(groups=self._group_inputs(step, counts))
         self._num_columns += seq
+
+    def _group_inputs(self, step: PagedInputs, counts: list[int]) -> tuple[PagedInputs, ...]:
+        """The other layer groups' slots and tables for the step just reserved (each row's last
+        ``counts`` tokens). Not :meth:`KVCache.prepare_step`: its staging buffer is reused by the
+        next step, safe only for a caller that syncs between steps (the engine); transformers'
+        loop promises a cache no such thing, so these are uploaded as the group-0 inputs are."""
+        kv = self.kv_cache
+        assert kv is not None
+        if kv.groups is None:
+            return ()
+        ends = [kv.seq_len(s) for s in self.seq_ids]
+        positions = np.concatenate([np.arange(end - k, end, dtype=np.int64) for end, k in zip(ends, counts)])
+        query_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        parts = kv.groups.step_parts(self.seq_ids, positions, query_start, step.block_tables.shape[1])
+
+        def tables_on_device(tables: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(tables, dtype=np.int32)).to(kv.device)
+
+        return tuple(step._replace(slot_mapping=kv.slot_mapping(slots), block_tables=tables_on_device(tables))
+                     for slots, tables in parts)
+
+    def _check_window(self, layer_idx: int, sliding_window: int | None) -> int:
+        """Layer ``layer_idx``'s group; raises when its attention reads further back than the
+        group's window keeps (a model whose layers do not attend as its config says)."""
+        kv = self.kv_cache
+        assert kv is not None
+        group = kv.layer_groups[layer_idx]
+        window = kv.config.kv_groups[group].window
+        if window is not None and (sliding_window is None or sliding_window > window):
+            raise KVForgeError(
+                f"KVForgeCache: layer {layer_idx} attends to {sliding_window or 'every'} past token(s), but its "
+                f"blocks before the last {window} are released (the config's sliding window for it); "
+                f"pass sliding_window_blocks='keep' to keep every block")
+        return group
 
     def _gather(self, layer_idx: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Dense mode: every row's whole history of one layer, ``[B, Hkv, columns, D]`` each."""
         kv, step = self.kv_cache, self._step
-        assert kv is not None and step is not None
+        assert kv is not None and step is not None and kv.groups is None  # dense pools keep every block
         view = kv.layer_view(layer_idx)
         n, bs = self._num_columns, kv.config.block_size
         ids = step.block_tables[:, : math.ceil(n / bs)].long()
@@ -406,6 +495,23 @@ class KVForgeCache(Cache):
             kv.free_sequence(s)
         self.seq_ids = new
         self._step = None  # the next step reserves again (its tables are the new rows')
+
+
+def layer_windows_of(config: Any, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention) as a transformers text config says:
+    ``sliding_window`` for the ``"sliding_attention"`` entries of ``layer_types`` when it has
+    them (Gemma 2 and 3, Qwen2 with ``use_sliding_window``), else for every layer (Mistral,
+    Phi-3); no window without ``sliding_window``."""
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        window = None
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if not layer_types:
+        return (window,) * num_layers
+    if len(layer_types) != num_layers:
+        raise ConfigError(f"KVForgeCache: the config lists {len(layer_types)} layer_types for "
+                          f"{num_layers} layers")
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
 
 def _attention_name() -> str:

@@ -28,7 +28,13 @@ class PagedInputs(NamedTuple):
     int32 ``[B + 1]``: sequence i's new tokens are rows
     ``cu_query_lens[i]:cu_query_lens[i + 1]``. ``real`` bool ``[B, S]``: the
     grid cells that are tokens (None: every cell). ``is_decode``: every
-    sequence has exactly one new token (the decode kernel runs)."""
+    sequence has exactly one new token (the decode kernel runs).
+
+    A pool whose layers are split into groups (``CacheConfig.kv_groups``:
+    sliding-window layers releasing their blocks) gives each group after the
+    first its own ``slot_mapping`` and ``block_tables`` (-1 where a block was
+    released): ``groups[g - 1]``, read through :meth:`for_group`; the other
+    fields are every group's."""
 
     slot_mapping: Tensor
     block_tables: Tensor
@@ -36,6 +42,11 @@ class PagedInputs(NamedTuple):
     cu_query_lens: Tensor
     real: Tensor | None
     is_decode: bool
+    groups: tuple[PagedInputs, ...] = ()
+
+    def for_group(self, group: int) -> PagedInputs:
+        """The inputs layer group ``group`` reads (its slots and block tables; 0: these)."""
+        return self.groups[group - 1] if group else self
 
 
 def to_tokens(x: Tensor, real: Tensor | None) -> Tensor:
