@@ -76,7 +76,10 @@ class EngineConfig:
       longer read (``CacheConfig.layer_windows``, :mod:`kvforge.core.groups`);
       ``"keep"`` keeps every block for every layer. Without a host or remote tier
       only (with one, every block is kept); decode CUDA graphs are not captured
-      for a grouped cache.
+      for a grouped cache;
+    - ``tensor_parallel_size``: ranks the native decoder's heads, MLP and KV
+      cache are split over (:mod:`kvforge.engine.parallel`; 1 = one device).
+      ``kv_memory`` is then the budget of all ranks together.
     """
 
     max_num_seqs: int = 256
@@ -100,6 +103,7 @@ class EngineConfig:
     speculative_tokens: int = 0
     speculative_ngram: int = 3
     sliding_window_blocks: str = "free"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -111,6 +115,9 @@ class EngineConfig:
         _int("seed", self.seed, 0)
         _int("speculative_tokens", self.speculative_tokens, 0)
         _int("speculative_ngram", self.speculative_ngram, 1)
+        _int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        if self.tensor_parallel_size > 64:
+            raise ConfigError(f"EngineConfig.tensor_parallel_size must be 1..64, got {self.tensor_parallel_size}")
         for name, lo, hi in (("kv_memory_fraction", 0.0, 1.0), ("watermark", 0.0, 0.5)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= float(v) <= hi:

@@ -19,10 +19,12 @@ import os
 import random
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 
+import torch
 
-from kvforge.config import CacheConfig
+from kvforge.config import CacheConfig, parse_bytes
 from kvforge.engine.config import EngineConfig
 from kvforge.engine.hf_model import TransformersModel, TransformersModelConfig  # transformers itself is lazy
 from kvforge.engine.kv_scales import LayerKVScales, apply_kv_scales, needs_per_head, read_kv_scales
@@ -31,6 +33,7 @@ from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.engine.outputs import request_output
+from kvforge.engine.parallel import TensorParallel, check_tp_options, refuse_tp, tp_rank0
 from kvforge.engine.fetch_policy import RemoteFetchPolicy
 from kvforge.engine.preemption import PreemptionPolicy, measure_tier_bandwidth
 from kvforge.engine.prompts import Prompt, check_params, prompt_list, token_ids
@@ -93,22 +96,29 @@ class Engine(StepLoop):
         folder = os.fspath(model_path)
         raw, gen = read_model_config(folder)
         model: LlamaModel | TransformersModel
+        tp_spec = None
         if uses_native(econf.model_impl, raw, gen, f"checkpoint {folder}"):
             ckpt = load_checkpoint(folder)
             dev, dt = resolve_placement(device, dtype, ckpt.config.dtype)
-            model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt, device=dev,
+            tp = econf.tensor_parallel_size
+            model = LlamaModel.from_state_dict(ckpt.config, ckpt.weights, dtype=dt,
+                                               device=dev if tp == 1 else torch.device("cpu"),
                                                max_positions=max_len(econf, ckpt.config))
+            if tp > 1:
+                tp_spec = dict(folder=folder, dtype=dt, max_positions=max_len(econf, ckpt.config))
+                model = tp_rank0(model, tp, dev)
             tokenizer = ckpt.tokenizer
             weights: SafetensorsWeights = ckpt.weights  # type: ignore[assignment]
         else:
             dev, dt = resolve_placement(device, dtype, checkpoint_dtype(raw))
+            refuse_tp(econf)
             model = TransformersModel.from_pretrained(folder, dtype=dt, device=dev, backend=econf.backend)
             weights = SafetensorsWeights(folder)  # headers only: the KV scales are read from it below
             tokenizer = load_tokenizer(folder)
         c = model.config
         scales = read_kv_scales(weights, weights.specs, c.num_layers, c.num_kv_heads, f"checkpoint {folder}")
         model.identity = checkpoint_identity(folder) if remote is not None else ""
-        self._setup(model, tokenizer, econf, cache_config, kv_memory, num_blocks, remote, scales)
+        self._setup(model, tokenizer, econf, cache_config, kv_memory, num_blocks, remote, scales, tp_spec)
 
     @classmethod
     def from_config(cls, hf_config: Mapping[str, Any], cache_config: CacheConfig | int | str | None = None, *,
@@ -128,14 +138,20 @@ class Engine(StepLoop):
         if uses_native(econf.model_impl, hf_config):
             mconf = ModelConfig.from_hf(hf_config)
             dev, dt = resolve_placement(device, dtype, mconf.dtype)
-            model = LlamaModel.random(mconf, dtype=dt, device=dev, seed=econf.seed,
-                                      max_positions=max_len(econf, mconf))
+            tp = econf.tensor_parallel_size
+            model = LlamaModel.random(mconf, dtype=dt, device=dev if tp == 1 else torch.device("cpu"),
+                                      seed=econf.seed, max_positions=max_len(econf, mconf))
+            if tp > 1:  # every rank makes the same weights on the CPU (one seed) and keeps its share
+                tp_spec = dict(model_config=mconf, seed=econf.seed, dtype=dt, max_positions=max_len(econf, mconf))
+                model = tp_rank0(model, tp, dev)
         else:
+            refuse_tp(econf)
             dev, dt = resolve_placement(device, dtype, checkpoint_dtype(hf_config))
             model = TransformersModel.random(hf_config, dtype=dt, device=dev, seed=econf.seed, backend=econf.backend)
         model.identity = config_identity(hf_config, econf.seed)
         engine = cls.__new__(cls)
-        engine._setup(model, None, econf, cache_config, kv_memory, num_blocks, remote)
+        engine._setup(model, None, econf, cache_config, kv_memory, num_blocks, remote,
+                      tp_spec=tp_spec if econf.tensor_parallel_size > 1 else None)
         return engine
 
     @classmethod
@@ -151,15 +167,25 @@ class Engine(StepLoop):
         if not isinstance(model, (LlamaModel, TransformersModel)):
             raise ConfigError(f"model must be a LlamaModel or a TransformersModel, got {type(model).__name__}")
         cache_config, kv_memory = kv_budget(cache_config, kv_memory, num_blocks)
+        econf = engine_config(config, options)
+        if econf.tensor_parallel_size > 1:
+            raise ConfigError("Engine.from_model() with tensor_parallel_size > 1: the other ranks cannot rebuild an "
+                              "already built model; use Engine(model_dir, ...) or Engine.from_config(...)")
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, engine_config(config, options), cache_config, kv_memory, num_blocks, remote,
-                      kv_scales)
+        engine._setup(model, tokenizer, econf, cache_config, kv_memory, num_blocks, remote, kv_scales)
         return engine
 
     def _setup(self, model: LlamaModel | TransformersModel, tokenizer: Tokenizer | None, econf: EngineConfig,
                cache_config: CacheConfig | None, kv_memory: int | str | None, num_blocks: int | None,
-               remote: RemoteTier | None = None, kv_scales: Mapping[int, LayerKVScales] | None = None) -> None:
+               remote: RemoteTier | None = None, kv_scales: Mapping[int, LayerKVScales] | None = None,
+               tp_spec: dict[str, Any] | None = None) -> None:
         native = isinstance(model, LlamaModel)
+        tp = econf.tensor_parallel_size
+        if tp > 1:
+            check_tp_options(econf, remote, cache_config)
+            if kv_memory is not None:  # the budget of all ranks: each holds 1/N of every block
+                kv_memory = parse_bytes(kv_memory) // tp
+            econf = replace(econf, sliding_window_blocks="keep", use_cuda_graphs=False)
         self.model = model
         #: which code runs the model: ``"native"`` (kvforge's decoder) or ``"transformers"``
         self.model_impl = "native" if native else "transformers"
@@ -194,7 +220,17 @@ class Engine(StepLoop):
         # nor is a grouped cache's (its step has no fixed layout yet)
         graphs = econf.graph_sizes() if native and econf.use_cuda_graphs and self.device.type == "cuda" \
             and self.cache.groups is None else ()
-        self.runner = ModelRunner(model, self.cache, max_model_len=self.max_model_len, graph_batch_sizes=graphs)
+        #: rank 0's side of a tensor-parallel engine (None on one device): :mod:`kvforge.engine.parallel`
+        self.tensor_parallel: TensorParallel | None = None
+        if tp > 1:
+            assert tp_spec is not None and isinstance(model, LlamaModel)
+            spec = dict(tp_spec, device=self.device.type if self.device.type == "cuda" else str(self.device),
+                        cache_config=ccfg, backend=econf.backend, threads=torch.get_num_threads())
+            self.tensor_parallel = TensorParallel(tp, spec, self.device)
+            self.cache.storage.on_copy = self.tensor_parallel.on_copy
+            model.tp = self.tensor_parallel
+        self.runner = ModelRunner(model, self.cache, max_model_len=self.max_model_len, graph_batch_sizes=graphs,
+                                  tensor_parallel=self.tensor_parallel)
         self.runner.capture()
         self._rng = random.Random(econf.seed)
         self._requests: dict[str, Request] = {}
@@ -208,6 +244,11 @@ class Engine(StepLoop):
         self._forked: list[Sequence] = []  # this step's forks, dropped if the step fails
         log.info("engine ready: %s (%s), %s on %s, %s, max_model_len=%d", model.config.architecture,
                  self.model_impl, str(self.dtype).removeprefix("torch."), self.device, self.cache, self.max_model_len)
+
+    def close(self) -> None:
+        """Stop the engine's worker ranks (tensor parallelism); the engine takes no step after it."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.stop()
 
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,

@@ -29,6 +29,7 @@ from torch import Tensor
 from kvforge.engine.cuda_graphs import DecodeGraphs
 from kvforge.engine.hf_model import TransformersModel
 from kvforge.engine.models.llama import LlamaModel
+from kvforge.engine.parallel import TensorParallel
 from kvforge.engine.scheduler import SchedulerOutput
 from kvforge.storage import KVCache, StepBatch
 
@@ -43,9 +44,11 @@ class ModelRunner:
     captured size ``>= B`` with padding rows that store and read nothing."""
 
     def __init__(self, model: LlamaModel | TransformersModel, cache: KVCache, *, max_model_len: int,
-                 graph_batch_sizes: Sequence[int] = ()) -> None:
+                 graph_batch_sizes: Sequence[int] = (), tensor_parallel: TensorParallel | None = None) -> None:
         self.model = model
         self.cache = cache
+        #: with tensor parallelism, every forward is broadcast to the other ranks first
+        self.tensor_parallel = tensor_parallel
         self.device = model.device
         self.graphs: DecodeGraphs | None = None
         if graph_batch_sizes and self.device.type == "cuda" and isinstance(model, LlamaModel):
@@ -92,7 +95,14 @@ class ModelRunner:
         model = self.model
         if not isinstance(model, LlamaModel):
             return model.logits(batch, self.cache)
-        hidden = model.forward(batch, self.cache)
+        tp = self.tensor_parallel
+        if tp is not None:
+            def step() -> Tensor:
+                tp.send_step(batch, self.cache.storage.num_chunks)
+                return model.forward(batch, self.cache)
+            hidden = tp.run(step)
+        else:
+            hidden = model.forward(batch, self.cache)
         if batch.logits_indices is not None:
             hidden = hidden[batch.logits_indices]
         return model.compute_logits(hidden)

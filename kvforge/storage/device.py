@@ -26,7 +26,7 @@ their bytes unchanged; :meth:`DeviceStorage.gather` dequantizes.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +104,8 @@ class DeviceStorage:
         self._chunks: list[Tensor] = []
         self._views: list[kernels.CacheView] = []
         self._offsets: Tensor | None = None
+        #: called with the ``[n, 2]`` pairs of every block copy made (tensor parallelism mirrors them)
+        self.on_copy: Callable[[np.ndarray], None] | None = None
         self.is_fp8 = is_fp8(config.dtype)
         #: fp8 only: dequantization scales, float32 [num_layers, num_kv_heads] (keys, values)
         self.k_scale: Tensor | None = None
@@ -238,6 +240,8 @@ class DeviceStorage:
         src = self.upload(arr[:, 0].copy())
         dst = self.upload(arr[:, 1].copy())
         kernels.copy_blocks(self._chunks, src, dst, chunk_offsets=self._offsets, backend=self.backend)
+        if self.on_copy is not None:
+            self.on_copy(arr)
 
     def read_blocks(self, block_ids: np.ndarray, out: Tensor | None = None) -> Tensor:
         """Whole blocks, block-major ``[n, num_layers, 2, block_size, kv_heads, head_dim]``, into

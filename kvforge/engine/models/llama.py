@@ -17,7 +17,7 @@ a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,9 @@ class LlamaModel:
         self.rope = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling,
                                     self.dtype, self.device)
         self.scale = config.head_dim ** -0.5
+        #: under tensor parallelism (:mod:`kvforge.engine.parallel`) the group whose ranks hold the
+        #: other heads: the output and down projections' partial sums are all-reduced through it
+        self.tp: Any = None
         self._fused = None
         self.set_fused(fused)
 
@@ -210,7 +213,8 @@ class LlamaModel:
             for i, lw in enumerate(self.layers):
                 a = self._attention(i, lw, h, positions, batch, cache)
                 h, residual = fz.add_rms_norm(a, residual, lw.post_norm, c.rms_norm_eps)
-                m = F.linear(fz.silu_mul(F.linear(h, lw.gate_up, lw.gate_up_bias)), lw.down, lw.down_bias)
+                m = self._reduce(F.linear(fz.silu_mul(F.linear(h, lw.gate_up, lw.gate_up_bias)), lw.down,
+                                          lw.down_bias))
                 nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
                 h, residual = fz.add_rms_norm(m, residual, nxt, c.rms_norm_eps)
             return h
@@ -219,7 +223,7 @@ class LlamaModel:
             x = x + self._attention(i, lw, h, positions, batch, cache)
             h = rms_norm(x, lw.post_norm, c.rms_norm_eps)
             gate, up = F.linear(h, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.down, lw.down_bias)
+            x = x + self._reduce(F.linear(F.silu(gate) * up, lw.down, lw.down_bias))
         return rms_norm(x, self.norm, c.rms_norm_eps)
 
     def _attention(self, layer: int, lw: LayerWeights, h: Tensor, positions: Tensor, batch: StepBatch,
@@ -262,7 +266,11 @@ class LlamaModel:
             kernels.paged_prefill_attention(
                 q[nd:], view, None, batch.prefill_block_tables, batch.cu_query_lens, batch.prefill_context_lens,
                 scale=self.scale, sliding_window=window, out=o[nd:], backend=backend)
-        return F.linear(o.view(t, c.q_size), lw.o_proj, lw.o_bias)
+        return self._reduce(F.linear(o.view(t, c.q_size), lw.o_proj, lw.o_bias))
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """``x`` summed over the tensor-parallel ranks (itself without them)."""
+        return x if self.tp is None else self.tp.all_reduce(x)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits ``[N, vocab]`` of hidden rows ``[N, hidden]``."""
