@@ -237,3 +237,25 @@ def test_dense_mode_on_a_grouped_pool_and_a_wider_layer_are_refused(models: dict
             greedy(model, PROMPTS, 4, cache=small)
     small.check_invariants()
     assert small.get_seq_length() == 0 and small.kv_cache.pool.num_allocated_blocks == 0
+
+
+def test_several_window_groups_of_two_layers() -> None:
+    """Six Gemma 3 layers, four of them windowed: groups of two layers (a block holds two), two
+    window groups; the tokens are transformers' own, and an fp8 pool's are those of keeping
+    every block (the same stored bytes, read through other tables)."""
+    kinds = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"] * 2
+    model = tiny_model("gemma3", num_hidden_layers=6, layer_types=kinds)
+    expected = greedy(model, PROMPTS, 20)
+    with attention(model, ATTENTION_NAME):
+        cache = KVForgeCache(model.config, block_size=BS)
+        assert greedy(model, PROMPTS, 20, cache=cache) == expected
+        fp8 = [greedy(model, PROMPTS, 20, cache=KVForgeCache(model.config, block_size=BS, dtype="fp8_e4m3",
+                                                             sliding_window_blocks=mode)) for mode in ("free", "keep")]
+    assert fp8[0] == fp8[1]
+    cache.check_invariants()
+    config = cache.kv_cache.config
+    assert [(g.window, g.layers) for g in config.kv_groups] == [(None, (1, 3)), (WINDOW, (0, 2)), (WINDOW, (4, 5))]
+    assert config.page_layers == 2 and cache.kv_cache.layer_groups == (1, 0, 1, 0, 2, 2)
+    lens = [len(p) + 19 for p in PROMPTS]
+    full = sum(math.ceil(n / BS) for n in lens)
+    assert cache.kv_cache.pool.num_allocated_blocks == full + 2 * sum(window_blocks(n, n - 1) for n in lens)
