@@ -79,6 +79,27 @@ def test_forks_and_compaction_reach_the_worker(llama) -> None:
     assert outs[0] == outs[1]
 
 
+def test_fp8_cache_with_per_head_scales_splits_them(tmp_path) -> None:
+    """An fp8 checkpoint with per-KV-head scales: each rank takes its heads' scales, and
+    the output at N = 2 is N = 1's."""
+    from kvforge.engine.testing import add_kv_scales
+
+    save_tiny_checkpoint("LlamaForCausalLM", tmp_path)
+    add_kv_scales(tmp_path, {0: (torch.tensor([0.5, 2.0]), torch.tensor([1.5, 0.25])),
+                             1: (torch.tensor([1.0, 0.75]), torch.tensor([0.5, 0.5]))})
+    outs = []
+    for tp in (1, 2):
+        engine = Engine(str(tmp_path), num_blocks=32, block_size=4, kv_dtype="fp8_e4m3", tensor_parallel_size=tp)
+        try:
+            assert engine.kv_scales_source == "checkpoint"
+            if tp == 2:
+                assert engine.cache.kv_scales(0).k_scale.tolist() == [0.5]
+            outs.append([o.token_ids for o in engine.generate(PROMPTS[:2], SamplingParams(max_tokens=6))])
+        finally:
+            engine.close()
+    assert outs[0] == outs[1]
+
+
 def test_budget_is_global(llama) -> None:
     folder, _ = llama
     one = Engine(folder, kv_memory="256KiB", block_size=4)
@@ -165,8 +186,6 @@ def test_what_tensor_parallelism_does_not_do_is_refused(llama, tmp_path) -> None
     folder, _ = llama
     with pytest.raises(ConfigError, match="host tier"):
         Engine(folder, num_blocks=8, tensor_parallel_size=2, host_memory="1MiB")
-    with pytest.raises(ConfigError, match="kv_dtype"):
-        Engine(folder, num_blocks=8, tensor_parallel_size=2, kv_dtype="fp8_e4m3")
     with pytest.raises(ConfigError, match="does not split evenly"):
         Engine(folder, num_blocks=8, tensor_parallel_size=3)
     with pytest.raises(ConfigError, match="native decoder"):

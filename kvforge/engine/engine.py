@@ -33,7 +33,7 @@ from kvforge.engine.model_config import ModelConfig
 from kvforge.engine.model_runner import ModelRunner
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.engine.outputs import request_output
-from kvforge.engine.parallel import TensorParallel, check_tp_options, refuse_tp, tp_rank0
+from kvforge.engine.parallel import TensorParallel, check_tp_options, refuse_tp, shard_scales, tp_rank0
 from kvforge.engine.fetch_policy import RemoteFetchPolicy
 from kvforge.engine.preemption import PreemptionPolicy, measure_tier_bandwidth
 from kvforge.engine.prompts import Prompt, check_params, prompt_list, token_ids
@@ -116,7 +116,9 @@ class Engine(StepLoop):
             weights = SafetensorsWeights(folder)  # headers only: the KV scales are read from it below
             tokenizer = load_tokenizer(folder)
         c = model.config
-        scales = read_kv_scales(weights, weights.specs, c.num_layers, c.num_kv_heads, f"checkpoint {folder}")
+        # the checkpoint's scales name every KV head (a tensor-parallel rank's model holds 1/N of them)
+        scales = read_kv_scales(weights, weights.specs, c.num_layers, c.num_kv_heads * econf.tensor_parallel_size,
+                                f"checkpoint {folder}")
         model.identity = checkpoint_identity(folder) if remote is not None else ""
         self._setup(model, tokenizer, econf, cache_config, kv_memory, num_blocks, remote, scales, tp_spec)
 
@@ -203,7 +205,7 @@ class Engine(StepLoop):
         self.cache = KVCache(ccfg, backend=econf.backend, remote=remote,
                              model=getattr(model, "identity", "") if remote is not None else "")
         # before any write (warm-up, graph capture, requests): scales are fixed once keys are stored
-        apply_kv_scales(self.cache, kv_scales)
+        apply_kv_scales(self.cache, shard_scales(kv_scales, 0, tp) if tp > 1 else kv_scales)
         #: where an fp8 cache's scales came from: ``"checkpoint"`` or ``"default"`` (1.0); None: not fp8
         self.kv_scales_source = None if not ccfg.is_fp8 else ("checkpoint" if kv_scales else "default")
         self.max_model_len = min(max_len(econf, model.config), ccfg.max_context_length(),
@@ -225,7 +227,8 @@ class Engine(StepLoop):
         if tp > 1:
             assert tp_spec is not None and isinstance(model, LlamaModel)
             spec = dict(tp_spec, device=self.device.type if self.device.type == "cuda" else str(self.device),
-                        cache_config=ccfg, backend=econf.backend, threads=torch.get_num_threads())
+                        cache_config=ccfg, backend=econf.backend, threads=torch.get_num_threads(),
+                        kv_scales=kv_scales)
             self.tensor_parallel = TensorParallel(tp, spec, self.device)
             self.cache.storage.on_copy = self.tensor_parallel.on_copy
             model.tp = self.tensor_parallel

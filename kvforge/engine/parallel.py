@@ -36,9 +36,12 @@ rank and its error. After any failure inside a step the group is broken:
 rank 0 stops the workers (terminating any that do not exit) and every later
 step raises. No rank is left waiting longer than the timeout.
 
-Not yet: CUDA graphs, the host and remote tiers, fp8 caches, sliding-window
-layer groups and transformers models under tensor parallelism (each refused
-with why).
+An fp8 cache works as on one device: a checkpoint's per-KV-head scales are
+split with the heads (:func:`shard_scales`), a per-tensor one serves every rank.
+
+Not yet: CUDA graphs, the host and remote tiers, sliding-window layer groups
+(the engine keeps every block) and transformers models under tensor
+parallelism (each refused with why, or kept whole).
 """
 from __future__ import annotations
 
@@ -127,6 +130,16 @@ def tp_rank0(model: Any, size: int, device: torch.device) -> Any:
     return _to_device(shard, device, LlamaModel)
 
 
+def shard_scales(scales: dict[int, Any], rank: int, size: int) -> dict[int, Any]:
+    """An fp8 checkpoint's scales for rank ``rank``'s KV heads (a per-tensor scale serves every rank)."""
+    from kvforge.engine.kv_scales import LayerKVScales
+
+    def part(s: Tensor | None) -> Tensor | None:
+        return s if s is None or s.numel() == 1 else s.reshape(size, -1)[rank].clone()
+
+    return {layer: LayerKVScales(part(s.k_scale), part(s.v_scale)) for layer, s in scales.items()}
+
+
 def refuse_tp(econf: Any) -> None:
     """Tensor parallelism runs the native decoder only."""
     if econf.tensor_parallel_size > 1:
@@ -142,8 +155,6 @@ def check_tp_options(econf: Any, remote: Any, cache_config: Any) -> None:
         why = "a remote tier"
     elif parse_bytes(econf.host_memory):
         why = "a host tier (host_memory)"
-    elif econf.kv_dtype not in (None, "auto"):
-        why = f"kv_dtype={econf.kv_dtype!r}"
     elif cache_config is not None:
         why = "a given cache_config (pass kv_memory or num_blocks: the engine sizes each rank's share)"
     if why is not None:
@@ -343,8 +354,11 @@ def _build_worker(spec: dict[str, Any], rank: int, size: int, group: _Group) -> 
     del full
     model = _to_device(model, device, LlamaModel)
     model.tp = group
+    from kvforge.engine.kv_scales import apply_kv_scales
+
     cfg = spec["cache_config"].replace(device=str(device))
     cache = KVCache(cfg, backend=spec["backend"])
+    apply_kv_scales(cache, shard_scales(spec.get("kv_scales") or {}, rank, size))
     return model, cache
 
 
