@@ -100,6 +100,28 @@ def test_fp8_cache_with_per_head_scales_splits_them(tmp_path) -> None:
     assert outs[0] == outs[1]
 
 
+def test_host_tier_moves_reach_the_worker(llama) -> None:
+    """A device pool too small for the batch, a host tier, preemption by swap: rank 0's swaps,
+    spills and onboarding copies are replayed on the worker in order, so N = 2 gives N = 1's tokens."""
+    folder, model = llama
+    want = [hf_greedy(model, p, MAX_NEW) for p in PROMPTS]
+    outs, stats = [], []
+    for tp in (1, 2):
+        engine = Engine(folder, num_blocks=13, block_size=4, max_num_batched_tokens=12, host_memory="512KiB",
+                        preemption_mode="swap", tensor_parallel_size=tp)
+        try:
+            prompts = PROMPTS + PROMPTS[:2]  # the repeats hit blocks spilled to the host tier
+            outs.append(run_steps(engine, prompts, [SamplingParams(max_tokens=MAX_NEW)] * len(prompts)))
+            stats.append((engine.stats(), engine.cache.config.num_host_blocks, engine.cache.config.host_memory))
+        finally:
+            engine.close()
+    assert outs[0] == outs[1] and outs[0][:len(PROMPTS)] == want
+    for s, _, _ in stats:
+        assert s.num_swaps_out > 0 and s.num_swaps_in > 0
+    # a global budget: the same host blocks, each rank holding half the bytes
+    assert stats[1][1] == stats[0][1] and stats[1][2] * 2 == stats[0][2]
+
+
 def test_budget_is_global(llama) -> None:
     folder, _ = llama
     one = Engine(folder, kv_memory="256KiB", block_size=4)
@@ -184,8 +206,6 @@ def test_a_failure_on_rank_zero_stops_the_workers(llama, monkeypatch) -> None:
 
 def test_what_tensor_parallelism_does_not_do_is_refused(llama, tmp_path) -> None:
     folder, _ = llama
-    with pytest.raises(ConfigError, match="host tier"):
-        Engine(folder, num_blocks=8, tensor_parallel_size=2, host_memory="1MiB")
     with pytest.raises(ConfigError, match="does not split evenly"):
         Engine(folder, num_blocks=8, tensor_parallel_size=3)
     with pytest.raises(ConfigError, match="native decoder"):

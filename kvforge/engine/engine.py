@@ -187,7 +187,8 @@ class Engine(StepLoop):
             check_tp_options(econf, remote, cache_config)
             if kv_memory is not None:  # the budget of all ranks: each holds 1/N of every block
                 kv_memory = parse_bytes(kv_memory) // tp
-            econf = replace(econf, sliding_window_blocks="keep", use_cuda_graphs=False)
+            econf = replace(econf, sliding_window_blocks="keep", use_cuda_graphs=False,
+                            host_memory=parse_bytes(econf.host_memory) // tp)  # the host tier's budget too
         self.model = model
         #: which code runs the model: ``"native"`` (kvforge's decoder) or ``"transformers"``
         self.model_impl = "native" if native else "transformers"
@@ -231,6 +232,8 @@ class Engine(StepLoop):
                         kv_scales=kv_scales)
             self.tensor_parallel = TensorParallel(tp, spec, self.device)
             self.cache.storage.on_copy = self.tensor_parallel.on_copy
+            if self.cache.host_storage is not None:
+                self.cache.host_storage.on_transfer = self.tensor_parallel.on_transfer
             model.tp = self.tensor_parallel
         self.runner = ModelRunner(model, self.cache, max_model_len=self.max_model_len, graph_batch_sizes=graphs,
                                   tensor_parallel=self.tensor_parallel)

@@ -153,8 +153,6 @@ def check_tp_options(econf: Any, remote: Any, cache_config: Any) -> None:
     why = None
     if remote is not None:
         why = "a remote tier"
-    elif parse_bytes(econf.host_memory):
-        why = "a host tier (host_memory)"
     elif cache_config is not None:
         why = "a given cache_config (pass kv_memory or num_blocks: the engine sizes each rank's share)"
     if why is not None:
@@ -207,7 +205,9 @@ class TensorParallel:
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.timeout = timeout
         self.broken: str | None = None
-        self.pending_copies: list[np.ndarray] = []
+        #: block moves rank 0 made since the last step, in order: ``(kind, pairs)``, kind 0 a device
+        #: copy, 1 device -> host, 2 host -> device (the host tier)
+        self.pending_ops: list[tuple[int, np.ndarray]] = []
         self._fault = _fault()
         self._steps = 0
         port = _free_port()
@@ -262,7 +262,11 @@ class TensorParallel:
     # -------------------------------------------------------------- hooks
     def on_copy(self, pairs: np.ndarray) -> None:
         """Rank 0's storage copied blocks ``pairs`` ``[n, 2]``: the workers copy them before the next step."""
-        self.pending_copies.append(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+        self.on_transfer(0, pairs)
+
+    def on_transfer(self, kind: int, pairs: np.ndarray) -> None:
+        """Rank 0 moved blocks (``kind``: 0 device copy, 1 to the host tier, 2 from it): replayed in order."""
+        self.pending_ops.append((kind, np.asarray(pairs, dtype=np.int64).reshape(-1, 2)))
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` over the ranks in place (the model's output and down projections)."""
@@ -286,10 +290,11 @@ class TensorParallel:
         if self._fault is not None and self._fault[0] == 0 and self._steps > self._fault[1]:
             raise RuntimeError(f"injected fault ({FAULT_ENV}) at step {self._steps}")
         parts: list[Tensor] = []
-        pairs = np.concatenate(self.pending_copies) if self.pending_copies else np.zeros((0, 2), np.int64)
-        self.pending_copies = []
+        ops = np.concatenate([np.concatenate([[kind, len(p)], p.reshape(-1)]) for kind, p in self.pending_ops]) \
+            if self.pending_ops else np.zeros(0, np.int64)
+        self.pending_ops = []
         dev = batch.input_ids.device
-        parts.append(torch.from_numpy(np.ascontiguousarray(pairs).reshape(-1).view(np.int32).copy()).to(dev))
+        parts.append(torch.from_numpy(np.ascontiguousarray(ops, dtype=np.int64).view(np.int32).copy()).to(dev))
         slot64 = batch.slot_mapping.dtype == torch.int64
         slots = batch.slot_mapping.view(torch.int32) if slot64 else batch.slot_mapping
         parts += [batch.input_ids, batch.positions, slots]
@@ -306,7 +311,7 @@ class TensorParallel:
             parts.append(batch.logits_indices)
             ns = batch.logits_indices.shape[0]
         flat = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
-        header = torch.tensor([_OP_STEP, batch.num_tokens, nd, npf, wd, wp, ns, int(slot64), len(pairs),
+        header = torch.tensor([_OP_STEP, batch.num_tokens, nd, npf, wd, wp, ns, int(slot64), len(ops),
                                num_chunks, flat.numel(), int(batch.decode_block_tables is not None)] +
                               [0] * (_HEADER - 12), dtype=torch.int64)
         g = self.group
@@ -432,7 +437,7 @@ def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:
     """A worker's :class:`~kvforge.storage.StepBatch` of a broadcast step (copies applied first)."""
     from kvforge.storage import StepBatch
 
-    _, t, nd, npf, wd, wp, ns, slot64, npairs, num_chunks, _, has_dec = h[:12]
+    _, t, nd, npf, wd, wp, ns, slot64, nops, num_chunks, _, has_dec = h[:12]
     storage = cache.storage  # a worker's storage follows rank 0's chunks (its own bookkeeping is unused)
     if num_chunks > storage.num_chunks:
         storage.add_chunks(num_chunks - storage.num_chunks)
@@ -446,9 +451,19 @@ def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:
         pos += n
         return out
 
-    if npairs:
-        pairs = take(4 * npairs).cpu().numpy().view(np.int64).reshape(-1, 2)
-        storage.copy_blocks(pairs, min(storage.num_chunks * storage.chunk_blocks, cache.config.num_blocks))
+    if nops:  # rank 0's block moves since the last step, in its order
+        ops = take(2 * nops).cpu().numpy().view(np.int64)
+        i = 0
+        while i < len(ops):
+            kind, n = int(ops[i]), int(ops[i + 1])
+            pairs = ops[i + 2: i + 2 + 2 * n].reshape(-1, 2)
+            i += 2 + 2 * n
+            if kind == 0:
+                storage.copy_blocks(pairs, min(storage.num_chunks * storage.chunk_blocks, cache.config.num_blocks))
+            elif kind == 1:
+                cache.host_storage.to_host([tuple(p) for p in pairs.tolist()])
+            else:
+                cache.host_storage.to_device([tuple(p) for p in pairs.tolist()])
     ids, positions = take(t), take(t)
     slots = take(2 * t).view(torch.int64) if slot64 else take(t)
     dec_tab = dec_ctx = pre_tab = pre_ctx = cu = idx = None

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -166,10 +166,19 @@ class HostStorage:
         order = np.argsort(host, kind="stable")  # consecutive host blocks make one copy
         return dev[order], host[order]
 
+    #: called with ``(1, pairs)`` after each :meth:`to_host` and ``(2, pairs)`` after each
+    #: :meth:`to_device` (tensor parallelism replays them on the other ranks)
+    on_transfer: Callable[[int, np.ndarray], None] | None = None
+
     def to_host(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy device blocks to host blocks, ``[(device_block, host_block), ...]``."""
         if not len(pairs):
             return
+        self._to_host(pairs)
+        if self.on_transfer is not None:
+            self.on_transfer(1, np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+
+    def _to_host(self, pairs: Sequence[tuple[int, int]]) -> None:
         dev, host = self._check(pairs, "to_host()", True)
         self._ensure(int(host.max()))
         start = time.perf_counter()
@@ -194,6 +203,11 @@ class HostStorage:
         """Copy host blocks to device blocks, ``[(host_block, device_block), ...]``."""
         if not len(pairs):
             return
+        self._to_device(pairs)
+        if self.on_transfer is not None:
+            self.on_transfer(2, np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+
+    def _to_device(self, pairs: Sequence[tuple[int, int]]) -> None:
         dev, host = self._check(pairs, "to_device()", False)
         if int(host.max()) // self.chunk_blocks >= len(self._chunks):
             raise KVForgeError(f"to_device(): host block {int(host.max())} was never written")
