@@ -122,6 +122,43 @@ def test_host_tier_moves_reach_the_worker(llama) -> None:
     assert stats[1][1] == stats[0][1] and stats[1][2] * 2 == stats[0][2]
 
 
+def test_remote_tier_each_rank_shares_its_heads(llama, redis) -> None:
+    """Two engines at N = 2 over one Redis server: the first publishes (every rank its share,
+    named by its rank), the second reuses those blocks (every rank fetches its share, all or
+    none) and gives N = 1's tokens; a server emptied behind its back makes it recompute."""
+    from kvforge import RedisTier
+
+    folder, model = llama
+    want = [hf_greedy(model, p, MAX_NEW) for p in PROMPTS[:3]]
+    params = [SamplingParams(max_tokens=MAX_NEW)] * 3
+
+    def engine() -> Engine:
+        tier = RedisTier(redis.url(), namespace="tp", timeout=2.0, reader="thread")
+        return Engine(folder, num_blocks=64, block_size=4, tensor_parallel_size=2, remote=tier, remote_fetch="always")
+
+    a = engine()
+    try:
+        assert run_steps(a, PROMPTS[:3], params) == want
+        assert a.cache.remote.flush(timeout=10)
+    finally:
+        a.close()
+    time.sleep(1.0)  # the worker's writer flushes in the background too
+    assert len(redis.client().keys("*")) >= 2 * 5  # both ranks' shares of the shared prefix's blocks
+    b = engine()
+    try:
+        assert run_steps(b, PROMPTS[:3], params) == want
+        assert b.stats().prefix_remote_hit_tokens > 0
+    finally:
+        b.close()
+    redis.client().flushall()
+    c = engine()
+    try:
+        assert run_steps(c, PROMPTS[:3], params) == want
+        assert c.stats().prefix_remote_hit_tokens == 0
+    finally:
+        c.close()
+
+
 def test_budget_is_global(llama) -> None:
     folder, _ = llama
     one = Engine(folder, kv_memory="256KiB", block_size=4)

@@ -204,7 +204,8 @@ class Engine(StepLoop):
         ccfg = cache_config_for(model, econf, cache_config, kv_memory, num_blocks, needs_per_head(kv_scales),
                                 remote=remote is not None)
         self.cache = KVCache(ccfg, backend=econf.backend, remote=remote,
-                             model=getattr(model, "identity", "") if remote is not None else "")
+                             model=getattr(model, "identity", "") if remote is not None else "",
+                             tensor_parallel=(0, tp))
         # before any write (warm-up, graph capture, requests): scales are fixed once keys are stored
         apply_kv_scales(self.cache, shard_scales(kv_scales, 0, tp) if tp > 1 else kv_scales)
         #: where an fp8 cache's scales came from: ``"checkpoint"`` or ``"default"`` (1.0); None: not fp8
@@ -229,11 +230,15 @@ class Engine(StepLoop):
             assert tp_spec is not None and isinstance(model, LlamaModel)
             spec = dict(tp_spec, device=self.device.type if self.device.type == "cuda" else str(self.device),
                         cache_config=ccfg, backend=econf.backend, threads=torch.get_num_threads(),
-                        kv_scales=kv_scales)
+                        kv_scales=kv_scales, remote=remote.options() if remote is not None else None,  # type: ignore[attr-defined]
+                        identity=getattr(model, "identity", "") if remote is not None else "")
             self.tensor_parallel = TensorParallel(tp, spec, self.device)
             self.cache.storage.on_copy = self.tensor_parallel.on_copy
             if self.cache.host_storage is not None:
                 self.cache.host_storage.on_transfer = self.tensor_parallel.on_transfer
+            if remote is not None:  # every rank publishes and fetches its share of the same blocks
+                self.cache.on_publish = self.tensor_parallel.on_publish
+                self.cache.manager.copy_from_remote = self.tensor_parallel.remote_copy(self.cache)
             model.tp = self.tensor_parallel
         self.runner = ModelRunner(model, self.cache, max_model_len=self.max_model_len, graph_batch_sizes=graphs,
                                   tensor_parallel=self.tensor_parallel)

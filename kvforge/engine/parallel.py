@@ -58,7 +58,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kvforge.config import parse_bytes
 from kvforge.errors import ConfigError, KVForgeError
 
 __all__ = ["TensorParallel", "TensorParallelError", "shard_model", "TP_TIMEOUT_S"]
@@ -70,7 +69,9 @@ TP_TIMEOUT_S = 60.0
 #: tests' fault injection: ``"RANK:STEPS"`` makes worker RANK raise after STEPS steps
 FAULT_ENV = "KVFORGE_TP_FAULT"
 _HEADER = 16
-_OP_STOP, _OP_STEP = 0, 1
+_OP_STOP, _OP_STEP, _OP_FETCH = 0, 1, 2
+#: kinds of the block moves replayed before a step
+_COPY, _TO_HOST, _TO_DEVICE, _PUBLISH = 0, 1, 2, 3
 
 
 class TensorParallelError(KVForgeError):
@@ -151,8 +152,8 @@ def check_tp_options(econf: Any, remote: Any, cache_config: Any) -> None:
     """Refuse, with why, what tensor parallelism does not do yet."""
     n = econf.tensor_parallel_size
     why = None
-    if remote is not None:
-        why = "a remote tier"
+    if remote is not None and not callable(getattr(remote, "options", None)):
+        why = f"a {type(remote).__name__} remote tier (each rank opens its own: a RedisTier, whose options() it copies)"
     elif cache_config is not None:
         why = "a given cache_config (pass kv_memory or num_blocks: the engine sizes each rank's share)"
     if why is not None:
@@ -180,6 +181,12 @@ class _Group:
 
     def all_reduce(self, t: Tensor) -> Tensor:
         self.pg.allreduce([t]).wait()
+        return t
+
+    def all_min(self, t: Tensor) -> Tensor:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.pg.allreduce([t], opts).wait()
         return t
 
     def broadcast(self, t: Tensor) -> Tensor:
@@ -266,7 +273,42 @@ class TensorParallel:
 
     def on_transfer(self, kind: int, pairs: np.ndarray) -> None:
         """Rank 0 moved blocks (``kind``: 0 device copy, 1 to the host tier, 2 from it): replayed in order."""
-        self.pending_ops.append((kind, np.asarray(pairs, dtype=np.int64).reshape(-1, 2)))
+        self.pending_ops.append((kind, np.asarray(pairs, dtype=np.int64).reshape(-1)))
+
+    def on_publish(self, keys: list[bytes], blocks: list[int]) -> None:
+        """Rank 0 published these blocks to the remote tier: every rank publishes its share."""
+        words = np.concatenate([np.asarray(blocks, dtype=np.int64), _keys_words(keys)])
+        self.pending_ops.append((_PUBLISH, words))
+
+    def remote_copy(self, cache: Any) -> Callable[[list[int]], None]:
+        """Rank 0's ``copy_from_remote`` for an admission's fetched run: its own share, then
+        every rank fetches and writes its share at once; raises (the run is computed) unless
+        every rank did."""
+        def copy(device_blocks: list[int]) -> None:
+            keys = list(cache._remote_keys[:len(device_blocks)])
+            cache._copy_from_remote(device_blocks)
+            if self.broken is not None:
+                raise TensorParallelError(f"the tensor-parallel engine has stopped: {self.broken}")
+            words = np.concatenate([np.asarray(device_blocks, dtype=np.int64), _keys_words(keys)])
+            flat = torch.from_numpy(words.view(np.int32).copy())
+            header = torch.tensor([_OP_FETCH, len(device_blocks), flat.numel()] + [0] * (_HEADER - 3),
+                                  dtype=torch.int64)
+            ok = torch.ones(1, dtype=torch.int32)
+            try:
+                g = self.group
+                dev = self.device if self.backend == "nccl" else torch.device("cpu")
+                g.broadcast(header.to(dev))
+                g.broadcast(flat.to(dev))
+                ok = g.all_min(ok.to(dev)).cpu()
+            except Exception as exc:
+                err = self._error(exc)
+                self.broken = str(err)
+                self.stop()
+                raise err from exc
+            if int(ok[0]) != 1:
+                raise KVForgeError(f"a tensor-parallel rank could not fetch its share of {len(keys)} block(s) "
+                                   f"from the remote tier")
+        return copy
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` over the ranks in place (the model's output and down projections)."""
@@ -290,7 +332,7 @@ class TensorParallel:
         if self._fault is not None and self._fault[0] == 0 and self._steps > self._fault[1]:
             raise RuntimeError(f"injected fault ({FAULT_ENV}) at step {self._steps}")
         parts: list[Tensor] = []
-        ops = np.concatenate([np.concatenate([[kind, len(p)], p.reshape(-1)]) for kind, p in self.pending_ops]) \
+        ops = np.concatenate([np.concatenate([[kind, len(w)], w]) for kind, w in self.pending_ops]) \
             if self.pending_ops else np.zeros(0, np.int64)
         self.pending_ops = []
         dev = batch.input_ids.device
@@ -362,7 +404,12 @@ def _build_worker(spec: dict[str, Any], rank: int, size: int, group: _Group) -> 
     from kvforge.engine.kv_scales import apply_kv_scales
 
     cfg = spec["cache_config"].replace(device=str(device))
-    cache = KVCache(cfg, backend=spec["backend"])
+    remote = None
+    if spec.get("remote") is not None:
+        from kvforge.storage.redis_tier import RedisTier
+        remote = RedisTier(**spec["remote"])
+    cache = KVCache(cfg, backend=spec["backend"], remote=remote, model=spec.get("identity", ""),
+                    tensor_parallel=(rank, size))
     apply_kv_scales(cache, shard_scales(spec.get("kv_scales") or {}, rank, size))
     return model, cache
 
@@ -410,6 +457,13 @@ def _worker_main(rank: int, size: int, port: int, backend: str, timeout: float, 
                 h = header.tolist()
                 if h[0] == _OP_STOP:
                     break
+                if h[0] == _OP_FETCH:  # an admission's remote run: this rank's share, then agree
+                    flat = torch.empty(h[2], dtype=torch.int32, device=header.device)
+                    group.broadcast(flat)
+                    blocks, keys = _blocks_and_keys(flat.cpu().numpy().view(np.int64))
+                    ok = cache.copy_remote_run(keys, blocks) if cache.remote is not None else False
+                    group.all_min(torch.tensor([int(ok)], dtype=torch.int32, device=header.device))
+                    continue
                 steps += 1
                 if fault is not None and fault[0] == rank and steps > fault[1]:
                     raise RuntimeError(f"injected fault ({FAULT_ENV}) at step {steps}")
@@ -423,6 +477,18 @@ def _worker_main(rank: int, size: int, port: int, backend: str, timeout: float, 
             conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
         finally:
             os._exit(1)
+
+
+def _keys_words(keys: list[bytes]) -> np.ndarray:
+    """16-byte prefix keys as int64 words, two a key."""
+    return np.frombuffer(b"".join(keys), dtype=np.int64) if keys else np.zeros(0, np.int64)
+
+
+def _blocks_and_keys(words: np.ndarray) -> tuple[list[int], list[bytes]]:
+    """The inverse of ``concatenate([blocks, _keys_words(keys)])``: ``n`` blocks, then ``2n`` words."""
+    n = len(words) // 3
+    raw = np.ascontiguousarray(words[n:]).tobytes()
+    return words[:n].tolist(), [raw[16 * i: 16 * (i + 1)] for i in range(n)]
 
 
 def _fault() -> tuple[int, int] | None:
@@ -456,11 +522,16 @@ def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:
         i = 0
         while i < len(ops):
             kind, n = int(ops[i]), int(ops[i + 1])
-            pairs = ops[i + 2: i + 2 + 2 * n].reshape(-1, 2)
-            i += 2 + 2 * n
-            if kind == 0:
+            words = ops[i + 2: i + 2 + n]
+            i += 2 + n
+            if kind == _PUBLISH:
+                blocks, keys = _blocks_and_keys(words)
+                cache.publish_blocks(keys, blocks)
+                continue
+            pairs = words.reshape(-1, 2)
+            if kind == _COPY:
                 storage.copy_blocks(pairs, min(storage.num_chunks * storage.chunk_blocks, cache.config.num_blocks))
-            elif kind == 1:
+            elif kind == _TO_HOST:
                 cache.host_storage.to_host([tuple(p) for p in pairs.tolist()])
             else:
                 cache.host_storage.to_device([tuple(p) for p in pairs.tolist()])

@@ -76,12 +76,15 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
     """
 
     def __init__(self, config: CacheConfig, *, backend: str = "auto", remote: RemoteTier | None = None,
-                 model: str = "") -> None:
+                 model: str = "", tensor_parallel: tuple[int, int] = (0, 1)) -> None:
         if not isinstance(config, CacheConfig):
             raise KVForgeError(f"KVCache needs a CacheConfig, got {type(config).__name__}")
         if backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         self.config = config
+        #: ``(rank, size)``: this cache holds rank ``rank``'s share of the KV heads of ``size``
+        #: ranks (tensor parallelism; its remote payloads are named by it too)
+        self.tensor_parallel = tensor_parallel
         self.device = resolve_device(config.device)
         self.backend = backend
         self.chunk_blocks = config.resolved_chunk_blocks

@@ -143,6 +143,11 @@ class RedisTier:
                  fetch_threads: int = 2, lookup_timeout: float = 0.05, reader: str = "auto",
                  reader_processes: int | None = None) -> None:
         self._url = url
+        self._options = dict(url=url, namespace=namespace, model=model, ttl=ttl, timeout=timeout,
+                             max_pending=max_pending, batch_size=batch_size, retry_after=retry_after,
+                             recent_keys=recent_keys, fetch_budget=fetch_budget, check_threads=check_threads,
+                             fetch_threads=fetch_threads, lookup_timeout=lookup_timeout, reader=reader,
+                             reader_processes=reader_processes)
         self._secrets = _secrets_of(url)
         where = f"RedisTier({_redact(url)!r})"
         if type(namespace) is not str or not NAMESPACE.fullmatch(namespace):
@@ -231,6 +236,11 @@ class RedisTier:
         return f"RedisTier(url={_redact(self._url)!r}, namespace={self.namespace!r})"
 
     # ------------------------------------------------------------------ binding
+    def options(self) -> dict[str, Any]:
+        """The arguments this tier was built with, the URL (and so its password) included: what
+        another process needs to open the same tier (tensor parallelism's ranks; never logged)."""
+        return dict(self._options)
+
     def bind(self, layout: RemoteLayout) -> None:
         """Take the cache's layout (its empty ``model`` filled from the tier's); start the writer.
         Binding again with the same layout does nothing; with another, ConfigError."""

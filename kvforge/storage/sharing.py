@@ -111,6 +111,10 @@ class RemoteMethods:
     def _wire_remote(self, remote: RemoteTier | None, model: str) -> None:
         self.remote = remote
         self._remote_payloads: list[Any] = []
+        self._remote_keys: list[bytes] = []  # the keys of _remote_payloads
+        #: called with ``(keys, block_ids)`` after each :meth:`publish` handed blocks to the tier
+        #: (tensor parallelism: every rank publishes its share of those blocks)
+        self.on_publish: Callable[[list[bytes], list[int]], None] | None = None
         self._remote_scales_changed = False  # set_kv_scales since the tier was bound
         #: ``policy(num_tokens, num_bytes) -> bool``: whether to fetch a prompt's blocks
         #: beyond its local hits from the remote tier (None: always); the engine sets it
@@ -150,8 +154,9 @@ class RemoteMethods:
             assert s.k_scale is not None and s.v_scale is not None
             data = s.k_scale.cpu().numpy().tobytes() + s.v_scale.cpu().numpy().tobytes()
             quant = "scales:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+        rank, size = getattr(self, "tensor_parallel", (0, 1))
         return RemoteLayout(self._remote_model, str(c.dtype).removeprefix("torch."), c.block_size, c.num_layers,
-                            c.num_kv_heads, c.head_dim, 0, 1, c.bytes_per_block, quant)
+                            c.num_kv_heads, c.head_dim, rank, size, c.bytes_per_block, quant)
 
     def _sync_remote_layout(self) -> None:
         """After new fp8 scales (:meth:`~kvforge.storage.KVCache.set_kv_scales`), bind the tier
@@ -262,6 +267,7 @@ class RemoteMethods:
             if policy is None or policy(len(keys) * c.block_size, len(keys) * c.bytes_per_block):
                 run = self._fetch_now(keys)
         self._remote_payloads = run
+        self._remote_keys = keys[:len(run)]
         return len(run)
 
     def _copy_from_remote(self, device_blocks: list[int]) -> None:
@@ -354,6 +360,15 @@ class RemoteMethods:
             raise KVForgeError("publish(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
         self._sync_remote_layout()
         keys, blocks = self.manager.keyed_blocks(seq_id)
+        n = self.publish_blocks(keys, blocks)
+        if n and self.on_publish is not None:
+            self.on_publish(keys, blocks)
+        return n
+
+    def publish_blocks(self, keys: list[bytes], blocks: list[int]) -> int:
+        """Hand these blocks (computed, under these prefix keys) to the remote tier, in the
+        background, except those it says it has (``needs_write``); return how many."""
+        assert self.remote is not None
         wanted = getattr(self.remote, "needs_write", None)  # optional: skip blocks the tier has
         if wanted is not None and keys:
             keep = [i for i, w in enumerate(wanted(keys)) if w]
@@ -362,6 +377,23 @@ class RemoteMethods:
             return 0
         self.remote.publish(keys, self._copy_out(np.asarray(blocks, dtype=np.int64)))
         return len(keys)
+
+    def copy_remote_run(self, keys: list[bytes], device_blocks: list[int]) -> bool:
+        """Fetch ``keys`` from the remote tier now and write them into ``device_blocks``; False
+        unless every one came and was written (another rank's share of an admission's fetch)."""
+        assert self.remote is not None
+        run = self._fetch_now(list(keys))
+        if len(run) < len(keys):
+            for kept in run:
+                self._drop(kept)
+            return False
+        self._remote_payloads, self._remote_keys = run, list(keys)
+        try:
+            self._copy_from_remote(list(device_blocks))
+        except Exception as exc:
+            log.warning("copying %d block(s) from the remote tier failed (%s)", len(device_blocks), exc)
+            return False
+        return True
 
     def _copy_out(self, block_ids: np.ndarray) -> Any:
         """Start copying blocks to host memory; a thunk that returns their payloads once done."""
