@@ -229,7 +229,7 @@ class Engine(StepLoop):
         if tp > 1:
             assert tp_spec is not None and isinstance(model, LlamaModel)
             spec = dict(tp_spec, device=self.device.type if self.device.type == "cuda" else str(self.device),
-                        cache_config=ccfg, backend=econf.backend, threads=torch.get_num_threads(),
+                        cache_config=ccfg, backend=econf.backend, threads=max(1, torch.get_num_threads() // tp),
                         kv_scales=kv_scales, remote=remote.options() if remote is not None else None,  # type: ignore[attr-defined]
                         identity=getattr(model, "identity", "") if remote is not None else "")
             self.tensor_parallel = TensorParallel(tp, spec, self.device)
