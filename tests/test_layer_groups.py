@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -63,6 +62,14 @@ def test_host_and_remote_tiers_are_refused_for_a_grouped_cache() -> None:
     config((None,) * 4, host_memory="1MiB")  # no window: no groups, the host tier is fine
 
 
+def _kv_of(ids: torch.Tensor, pos: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+    """Deterministic keys (``which`` 0) or values (1) ``[T, HEADS, DIM]`` of tokens ``ids`` at ``pos``."""
+    x = ids.cpu().double()[:, None, None] * 0.37 + pos.cpu().double()[:, None, None] * 0.11
+    h = torch.arange(HEADS, dtype=torch.float64)[None, :, None]
+    d = torch.arange(DIM, dtype=torch.float64)[None, None, :]
+    return torch.sin(x * (1.3 + d * 0.17) + h * 0.7 + layer * 0.5 + which * 1.9).float()
+
+
 class Pair:
     """A grouped cache and an ungrouped one (every block kept), fed the same keys and values."""
 
@@ -85,8 +92,10 @@ class Pair:
         bg = self.grouped.prepare_step(seq_ids, counts)
         bp = self.plain.prepare_step(seq_ids, counts)
         for layer, window in enumerate(WINDOWS):
-            k, v, q = (torch.randn(total, h, DIM, generator=self.gen).to(self.device, self.dtype)
-                       for h in (HEADS, HEADS, 4))
+            # keys and values a function of (token id, position, layer), as a model's are of the
+            # prefix: a block computed twice for one prefix holds the same bytes in either cache
+            k, v = (_kv_of(bg.input_ids, bg.positions, layer, which).to(self.device, self.dtype) for which in (0, 1))
+            q = torch.randn(total, 4, DIM, generator=self.gen).to(self.device, self.dtype)
             outs = []
             for cache, b in ((self.grouped, bg), (self.plain, bp)):
                 b = b.for_group(cache.layer_groups[layer])
@@ -161,6 +170,7 @@ def test_a_long_decode_holds_the_window_not_the_context() -> None:
     peak_plain = 0
     for i in range(200):
         cache.append_tokens_batch(["s"], 1, [i % 50])
+        cache.prepare_step(["s"], 1)  # a step releases what its token no longer reads
         peak_plain = max(peak_plain, cache.pool.num_allocated_blocks)
     cache.check_invariants()
     n = cache.seq_len("s")
@@ -186,6 +196,7 @@ def test_failed_calls_change_nothing() -> None:
     with pytest.raises(SequenceError, match="cannot go back to 2 tokens: its sliding-window layers"):
         for i in range(10):
             cache.append_tokens_batch(["a"], 1, [i])
+            cache.prepare_step(["a"], 1)  # the step releases what its token no longer reads
         cache.truncate("a", 2)
     cache.check_invariants()
     assert cache.seq_len("a") == 30 and before[2] == cache.block_table("a")[:5]
@@ -255,3 +266,92 @@ def test_transformers_gemma2_releases_its_window_blocks(tmp_path) -> None:
     assert engine.cache.groups is not None and engine.cache.config.kv_groups[1].window == 8
     got = run_steps(engine, prompts, [SamplingParams(max_tokens=12)] * len(prompts))
     assert got == [hf_greedy(model, p, 12) for p in prompts]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_operations_against_keeping_every_block(seed: int) -> None:
+    """Random admissions with shared prefixes (chunked or whole), decodes, forks, truncations,
+    frees and compactions on a small grouped pool and on an ungrouped one: whenever both
+    reused the same prefix, every layer's attention is equal after every step, the invariants
+    hold, and the pool is empty at the end. An admission one of them refused or reused less
+    of is taken back as the engine takes back a step it never ran."""
+    _fuzz(seed)
+
+
+def _discard(cache: KVCache, seq_id: str, num_cached: int) -> None:
+    """Take back an admission whose step never ran: free it and drop its uncomputed blocks."""
+    blocks = cache.blocks_of_tokens(seq_id, num_cached, cache.seq_len(seq_id))
+    cache.free_sequence(seq_id, publish=False)
+    cache.drop_cached_blocks(blocks)
+
+
+def _fuzz(seed: int, steps: int = 150, blocks: int = 40) -> None:
+    rng = random.Random(seed)
+    p = Pair()
+    p.grouped = KVCache(config(num_blocks=blocks))  # small enough that appends run out
+    p.plain = KVCache(config((None,) * 4, num_blocks=blocks * 2))
+    g, plain = p.grouped, p.plain
+    live: list[str] = []
+    prefixes = [[rng.randrange(50) for _ in range(rng.randrange(4, 30))] for _ in range(3)]
+    for step in range(steps):
+        op = rng.random()
+        if op < 0.2 or not live:  # admit, reusing a shared prefix, whole or chunked
+            pre = rng.choice(prefixes)
+            prompt = pre[:rng.randrange(1, len(pre) + 1)] + [rng.randrange(50) for _ in range(rng.randrange(8))]
+            sid, n = f"s{step}", rng.choice([None, max(1, len(prompt) // 2)])
+            try:
+                rg = g.add_sequence(sid, prompt, num_tokens=n)
+            except OutOfBlocksError:
+                continue
+            try:
+                rp = plain.add_sequence(sid, prompt, num_tokens=n)
+            except OutOfBlocksError:
+                _discard(g, sid, rg.num_cached_tokens)
+                continue
+            if rg.num_cached_tokens != rp.num_cached_tokens:  # the window group held less of it
+                _discard(g, sid, rg.num_cached_tokens)
+                _discard(plain, sid, rp.num_cached_tokens)
+                continue
+            live.append(sid)
+            if g.seq_len(sid) > rg.num_cached_tokens:
+                p.step([sid], [g.seq_len(sid) - rg.num_cached_tokens])
+        elif op < 0.6:  # the next prompt chunk of one, or a decode of a few
+            sids = rng.sample(live, k=min(len(live), rng.randrange(1, 4)))
+            pending = [s for s in sids if g.num_pending_tokens(s)]
+            if pending:
+                sid = pending[0]
+                k = min(g.num_pending_tokens(sid), rng.randrange(1, 10))
+                sids, counts, ids = [sid], [k], None
+            else:
+                counts, ids = [1] * len(sids), [rng.randrange(50) for _ in sids]
+            try:
+                g.append_tokens_batch(sids, counts, ids)
+            except OutOfBlocksError:
+                continue
+            plain.append_tokens_batch(sids, counts, ids)
+            p.step(sids, counts)
+        elif op < 0.7:  # fork
+            sid = rng.choice(live)
+            if not g.num_pending_tokens(sid):
+                child = f"s{step}"
+                p.both("fork", sid, child)
+                live.append(child)
+        elif op < 0.8:  # take back a few tokens (refused below what a window released)
+            sid = rng.choice(live)
+            if not g.num_pending_tokens(sid):
+                k = max(1, g.seq_len(sid) - rng.randrange(5))
+                try:
+                    g.truncate(sid, k)
+                except SequenceError:
+                    continue
+                plain.truncate(sid, k)
+        elif op < 0.92:
+            sid = live.pop(rng.randrange(len(live)))
+            p.both("free_sequence", sid)
+        else:
+            p.both("compact_cache")
+        p.check()
+    for sid in live:
+        p.both("free_sequence", sid)
+    p.check()
+    assert g.pool.num_allocated_blocks == 0

@@ -217,15 +217,14 @@ class StepLoop:
         suspect: list[int] = []
         if not drafts:
             return suspect
-        bs = self.cache.config.block_size
         for s in self.scheduler.running:
             if id(s) not in drafts:
                 continue
             before, proposed = drafts[id(s)]
             try:
-                if self.cache.seq_len(s.seq_id) > before:
-                    table = self.cache.block_table(s.seq_id)
-                    suspect += table[before // bs:(before + len(proposed) - 1) // bs + 1]
+                n = self.cache.seq_len(s.seq_id)
+                if n > before:  # every layer group's blocks of the drafts
+                    suspect += self.cache.blocks_of_tokens(s.seq_id, before, min(n, before + len(proposed)))
                     self.cache.truncate(s.seq_id, before)
             except KVForgeError:  # the sequence is already gone or back where it was
                 pass
@@ -262,15 +261,14 @@ class StepLoop:
     def _uncomputed_blocks(self, out: SchedulerOutput) -> list[int]:
         """The blocks holding tokens that ``out`` reserved (and so registered, when
         they filled) but whose keys/values the failed step never wrote."""
-        cache, bs = self.cache, self.cache.config.block_size
+        cache = self.cache  # every layer group's blocks of those tokens (a window group's own too)
         blocks: list[int] = []
         for s in out.decodes:
             n = cache.seq_len(s.seq_id)
-            blocks.append(cache.block_table(s.seq_id)[(n - 1) // bs])
+            blocks += cache.blocks_of_tokens(s.seq_id, n - 1, n)
         for c in out.chunks:
             if c.num_tokens:
-                table = cache.block_table(c.seq.seq_id)
-                blocks += table[c.start // bs: (c.start + c.num_tokens - 1) // bs + 1]
+                blocks += cache.blocks_of_tokens(c.seq.seq_id, c.start, c.start + c.num_tokens)
         return blocks
 
     def _targets(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int] | None, list[Sequence]]:

@@ -306,8 +306,28 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         return self.manager.get_block_for_position(seq_id, pos)
 
     def block_table(self, seq_id: SeqId) -> list[int]:
-        """A sequence's block ids."""
+        """A sequence's block ids (layer group 0's)."""
         return self.manager.block_table(seq_id)
+
+    def blocks_of_tokens(self, seq_id: SeqId, start: int, stop: int) -> list[int]:
+        """The blocks holding tokens ``start .. stop - 1`` of a sequence, in every layer group
+        (those a window group released excluded): what to drop from the prefix cache when a
+        step that reserved those tokens never computed them (:meth:`drop_cached_blocks`)."""
+        n = self.seq_len(seq_id)
+        if isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int) or \
+                not isinstance(stop, int) or not 0 <= start <= stop <= n:
+            raise KVForgeError(f"blocks_of_tokens(): expected 0 <= start <= stop <= {n} (the sequence's "
+                               f"tokens), got {start!r}, {stop!r}")
+        if start == stop:
+            return []
+        bs = self.config.block_size
+        lo, hi = start // bs, -(-stop // bs)
+        blocks = self.block_table(seq_id)[lo:hi]
+        if self.groups is not None:
+            row = self.manager._seqs.row(seq_id)
+            for g in self.groups.tables:
+                blocks += [b for b in g._tables[row, lo:hi].tolist() if b >= 0]
+        return blocks
 
     def seq_len(self, seq_id: SeqId) -> int:
         """Tokens with a slot in the sequence."""

@@ -7,9 +7,12 @@ a :class:`~kvforge.storage.KVCache` keeps group 0 in its
 and every sequence call goes through both, all or nothing: an admission or
 an append sizes every group first and raises :class:`OutOfBlocksError`
 before anything changes; the blocks of the other groups are taken before
-group 0's call and handed back if it fails; window groups release what they
-no longer read before they allocate (a release is never needed again, so an
-append that then fails has lost nothing).
+group 0's call and handed back if it fails. Window groups release what they
+no longer read when a step is prepared (:meth:`LayerGroups.step_parts`): a
+step computing a sequence's tokens from position ``p`` on reads nothing
+before ``p - w + 1``, and no later step reads further back. Not at an
+append: a sequence may take slots twice before one step computes them (an
+admission's extra chunk, speculative drafts after the decode token).
 
 Not with a host or remote tier, nor with slots reserved before their ids
 (those calls raise for a grouped cache).
@@ -126,8 +129,6 @@ class LayerGroups:
         counts = count_array(num_tokens, len(rows), "append_tokens_batch() num_tokens")
         start = m.tables.num_tokens_of(rows).copy()
         end = start + counts
-        for g in self.tables:
-            g.release(rows, start)
         adds = [g.blocks_to_add(rows, end) for g in self.tables]
         cows = [g.shared_tails(rows, counts) for g in self.tables]
         total = int(sum(int(a.sum()) for a in adds)) + sum(len(c) for c in cows)
@@ -214,9 +215,16 @@ class LayerGroups:
     # --------------------------------------------------------------- views
     def step_parts(self, seq_ids: Sequence[SeqId], positions: np.ndarray, query_start_loc: np.ndarray,
                    width: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each group's ``(slots, tables)`` for a step over these sequences."""
+        """Each group's ``(slots, tables)`` for a step over these sequences; first every window
+        group releases what the step's first query of each sequence no longer reads."""
         rows = self.manager._seqs.rows(indexable(seq_ids))
-        tok_rows = rows.repeat(np.diff(query_start_loc))
+        q_lens = np.diff(query_start_loc)
+        computing = np.flatnonzero(q_lens)
+        if len(computing):
+            first = positions[query_start_loc[:-1][computing]]
+            for g in self.tables:
+                g.release(rows[computing], first)
+        tok_rows = rows.repeat(q_lens)
         return [(g.slots_at(tok_rows, positions), g.tables_of(rows, width)) for g in self.tables]
 
     def cached_copies(self, keys: Sequence[BlockKey]) -> list[int]:
