@@ -468,16 +468,26 @@ class CacheConfig:
         """:meth:`estimated_memory_bytes` formatted, e.g. ``'3.00 GiB'``."""
         return format_bytes(self.estimated_memory_bytes())
 
-    def max_context_length(self) -> int:
-        """Longest single sequence the full pool can hold, in tokens (with layer groups: every
-        full-attention group holds all of it, each window group its window and a block)."""
+    def max_context_length(self, chunk_tokens: int | None = None) -> int:
+        """Longest single sequence the full pool can hold, in tokens. With layer groups every
+        full-attention group holds all of it and each window group its window and two prefill
+        chunks of ``chunk_tokens`` (default: one block, decoding)."""
         groups = self._groups
         if len(groups) == 1:
             return self.num_blocks * self.block_size
         bs = self.block_size
-        windowed = sum(-(-g.window // bs) + 1 for g in groups if g.window is not None)
+        chunk = bs if chunk_tokens is None else int(chunk_tokens)
         full = sum(1 for g in groups if g.window is None)
-        return max(0, self.num_blocks - windowed) // full * bs
+        bounds = [-(-(g.window - 1 + 2 * chunk) // bs) + 1 for g in groups if g.window is not None]
+
+        def blocks(x: int) -> int:  # a sequence of x blocks across every group
+            return full * x + sum(min(x, b) for b in bounds)
+
+        lo, hi = 0, self.num_blocks  # the most blocks x with blocks(x) <= num_blocks
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if blocks(mid) <= self.num_blocks else (lo, mid - 1)
+        return lo * bs
 
 
 def _chunk_divisor(num_blocks: int, parts: int = 16, max_chunks: int = 256) -> int:

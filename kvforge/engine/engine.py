@@ -210,7 +210,7 @@ class Engine(StepLoop):
         apply_kv_scales(self.cache, shard_scales(kv_scales, 0, tp) if tp > 1 else kv_scales)
         #: where an fp8 cache's scales came from: ``"checkpoint"`` or ``"default"`` (1.0); None: not fp8
         self.kv_scales_source = None if not ccfg.is_fp8 else ("checkpoint" if kv_scales else "default")
-        self.max_model_len = min(max_len(econf, model.config), ccfg.max_context_length(),
+        self.max_model_len = min(max_len(econf, model.config), ccfg.max_context_length(econf.max_num_batched_tokens),
                                  model.rope.max_positions if native else model.max_positions)
         bandwidth = measure_tier_bandwidth(self.cache) if self.cache.has_host_tier else 0.0
         self.preemption = PreemptionPolicy(econf.preemption_mode, ccfg.bytes_per_block, bandwidth)

@@ -269,7 +269,8 @@ class Scheduler:
                 i += 1  # its blocks are on the way: admit those behind it meanwhile
                 continue
             tokens = s.token_ids
-            need = cache.num_blocks_needed(len(tokens), tokens)
+            # the most its prefill holds at once (window layers keep their window and two chunks)
+            need = cache.num_blocks_needed(len(tokens), tokens, chunk_tokens=self.max_num_batched_tokens)
             spare = self.watermark_blocks if self.running else 0
             if need + spare > cache.num_available_blocks:
                 break

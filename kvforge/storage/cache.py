@@ -229,11 +229,17 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
 
     # ------------------------------------------------------------ sequences
     def num_blocks_needed(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,
-                          salt: Hashable | None = None) -> int:
+                          salt: Hashable | None = None, *, chunk_tokens: int | None = None) -> int:
         """Blocks :meth:`add_sequence` would take for a new sequence (cached prefix
-        blocks held by others cost nothing; with layer groups, every group's blocks)."""
+        blocks held by others cost nothing; with layer groups, every group's blocks).
+        ``chunk_tokens``: the tokens are prefilled in chunks of at most that many: with
+        sliding-window layer groups, the most they hold at once (a window group keeps its
+        window and two chunks); it changes nothing otherwise."""
+        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                         or chunk_tokens < 1):
+            raise KVForgeError(f"num_blocks_needed(): chunk_tokens must be an int >= 1 or None, got {chunk_tokens!r}")
         if self.groups is not None:
-            return self.groups.num_blocks_needed(num_tokens, prompt_token_ids, salt)
+            return self.groups.num_blocks_needed(num_tokens, prompt_token_ids, salt, chunk_tokens)
         return self.manager.num_blocks_needed(num_tokens, prompt_token_ids, salt)
 
     def can_add_sequence(self, num_tokens: int, prompt_token_ids: Sequence[int] | None = None,

@@ -76,10 +76,18 @@ class LayerGroups:
         return hits, new, revived
 
     def num_blocks_needed(self, num_tokens: int | None, prompt_token_ids: Sequence[int] | None,
-                          salt: Hashable | None) -> int:
-        """Blocks an admission takes from the pool across every group."""
+                          salt: Hashable | None, chunk_tokens: int | None = None) -> int:
+        """Blocks an admission takes from the pool across every group; with ``chunk_tokens``,
+        the most a prefill of the ``num_tokens`` in chunks of that many holds at once (a window
+        group then holds its window and two chunks, not every block)."""
         plan, h = self._plan(num_tokens, prompt_token_ids, salt)
-        _, new, revived = self._group_need(plan, h)
+        hits, new, revived = self._group_need(plan, h)
+        if chunk_tokens is not None:
+            bs = self.manager.block_size
+            nb = blocks_for_tokens(plan.num_tokens, bs)
+            new = sum(min(nb - first - len(blocks), blocks_for_tokens(g.window - 1 + 2 * chunk_tokens, bs) + 1)
+                      if g.window is not None else nb - first - len(blocks)
+                      for g, (first, blocks) in zip(self.tables, hits))
         return plan.num_new + plan.num_revived + new + revived
 
     def add_sequence(self, seq_id: SeqId, prompt_token_ids: Sequence[int] | None, salt: Hashable | None,
