@@ -159,6 +159,26 @@ def test_remote_tier_each_rank_shares_its_heads(llama, redis) -> None:
         c.close()
 
 
+def test_compaction_that_hands_chunks_back_reaches_the_worker(llama) -> None:
+    """Requests of different lengths finish at different times in a pool of small chunks:
+    each compaction moves live blocks down and then drops the emptied chunks. The worker must
+    replay both in that order (moves first), or it copies from chunks it no longer has."""
+    folder, _ = llama
+    prompts = [PROMPTS[3], PROMPTS[0][:7], PROMPTS[1]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (2, 5, 12)]
+    outs, released = [], []
+    for tp in (1, 2):
+        engine = Engine(folder, num_blocks=24, block_size=4, enable_compaction=True, tensor_parallel_size=tp)
+        try:
+            assert engine.cache.chunk_blocks == 2  # chunks of two blocks: a compaction hands some back
+            outs.append(run_steps(engine, prompts, params, compact=True))
+            released.append(engine.cache.stats.total_bytes_returned)
+        finally:
+            engine.close()
+    assert outs[0] == outs[1]
+    assert released[1] > 0
+
+
 def test_budget_is_global(llama) -> None:
     folder, _ = llama
     one = Engine(folder, kv_memory="256KiB", block_size=4)

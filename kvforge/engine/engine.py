@@ -231,9 +231,11 @@ class Engine(StepLoop):
             spec = dict(tp_spec, device=self.device.type if self.device.type == "cuda" else str(self.device),
                         cache_config=ccfg, backend=econf.backend, threads=max(1, torch.get_num_threads() // tp),
                         kv_scales=kv_scales, remote=remote.options() if remote is not None else None,  # type: ignore[attr-defined]
+                        device_index=self.device.index or 0 if self.device.type == "cuda" else 0,
                         identity=getattr(model, "identity", "") if remote is not None else "")
             self.tensor_parallel = TensorParallel(tp, spec, self.device)
             self.cache.storage.on_copy = self.tensor_parallel.on_copy
+            self.cache.storage.on_chunks = self.tensor_parallel.on_chunks
             if self.cache.host_storage is not None:
                 self.cache.host_storage.on_transfer = self.tensor_parallel.on_transfer
             if remote is not None:  # every rank publishes and fetches its share of the same blocks

@@ -69,9 +69,9 @@ TP_TIMEOUT_S = 60.0
 #: tests' fault injection: ``"RANK:STEPS"`` makes worker RANK raise after STEPS steps
 FAULT_ENV = "KVFORGE_TP_FAULT"
 _HEADER = 16
-_OP_STOP, _OP_STEP, _OP_FETCH = 0, 1, 2
-#: kinds of the block moves replayed before a step
-_COPY, _TO_HOST, _TO_DEVICE, _PUBLISH = 0, 1, 2, 3
+_OP_STOP, _OP_STEP, _OP_FETCH, _OP_MOVES = 0, 1, 2, 3
+#: kinds of the block moves replayed before a step (a chunk count too: compaction copies, then drops)
+_COPY, _TO_HOST, _TO_DEVICE, _PUBLISH, _CHUNKS = 0, 1, 2, 3, 4
 
 
 class TensorParallelError(KVForgeError):
@@ -174,7 +174,9 @@ class _Group:
         td = datetime.timedelta(seconds=timeout)
         self.store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=td)
         if backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(self.store, rank, size, dist.ProcessGroupNCCL.Options())
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = td  # collectives fail after the group's timeout, not NCCL's default
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, size, opts)
         else:
             self.pg = dist.ProcessGroupGloo(self.store, rank, size, td)
         self.rank, self.size = rank, size
@@ -275,6 +277,17 @@ class TensorParallel:
         """Rank 0 moved blocks (``kind``: 0 device copy, 1 to the host tier, 2 from it): replayed in order."""
         self.pending_ops.append((kind, np.asarray(pairs, dtype=np.int64).reshape(-1)))
 
+    def on_chunks(self, num_chunks: int) -> None:
+        """Rank 0's storage now has ``num_chunks`` chunks (grown, or dropped after a compaction)."""
+        self.pending_ops.append((_CHUNKS, np.asarray([num_chunks], dtype=np.int64)))
+
+    def _take_ops(self) -> np.ndarray:
+        """The pending moves as int64 words (``kind, n, words...`` each), cleared."""
+        ops = np.concatenate([np.concatenate([[kind, len(w)], w]) for kind, w in self.pending_ops]) \
+            if self.pending_ops else np.zeros(0, np.int64)
+        self.pending_ops = []
+        return np.ascontiguousarray(ops, dtype=np.int64)
+
     def on_publish(self, keys: list[bytes], blocks: list[int]) -> None:
         """Rank 0 published these blocks to the remote tier: every rank publishes its share."""
         words = np.concatenate([np.asarray(blocks, dtype=np.int64), _keys_words(keys)])
@@ -289,9 +302,11 @@ class TensorParallel:
             cache._copy_from_remote(device_blocks)
             if self.broken is not None:
                 raise TensorParallelError(f"the tensor-parallel engine has stopped: {self.broken}")
-            words = np.concatenate([np.asarray(device_blocks, dtype=np.int64), _keys_words(keys)])
+            # the moves made before it first (spills of the blocks it overwrites, copies, chunks)
+            ops = self._take_ops()
+            words = np.concatenate([ops, np.asarray(device_blocks, dtype=np.int64), _keys_words(keys)])
             flat = torch.from_numpy(words.view(np.int32).copy())
-            header = torch.tensor([_OP_FETCH, len(device_blocks), flat.numel()] + [0] * (_HEADER - 3),
+            header = torch.tensor([_OP_FETCH, len(device_blocks), flat.numel(), len(ops)] + [0] * (_HEADER - 4),
                                   dtype=torch.int64)
             ok = torch.ones(1, dtype=torch.int32)
             try:
@@ -306,8 +321,8 @@ class TensorParallel:
                 self.stop()
                 raise err from exc
             if int(ok[0]) != 1:
-                raise KVForgeError(f"a tensor-parallel rank could not fetch its share of {len(keys)} block(s) "
-                                   f"from the remote tier")
+                raise KVForgeError(f"a tensor-parallel worker rank could not fetch its share of {len(keys)} "
+                                   f"block(s) from the remote tier (its server share is missing or a read failed)")
         return copy
 
     def all_reduce(self, t: Tensor) -> Tensor:
@@ -332,11 +347,9 @@ class TensorParallel:
         if self._fault is not None and self._fault[0] == 0 and self._steps > self._fault[1]:
             raise RuntimeError(f"injected fault ({FAULT_ENV}) at step {self._steps}")
         parts: list[Tensor] = []
-        ops = np.concatenate([np.concatenate([[kind, len(w)], w]) for kind, w in self.pending_ops]) \
-            if self.pending_ops else np.zeros(0, np.int64)
-        self.pending_ops = []
+        ops = self._take_ops()
         dev = batch.input_ids.device
-        parts.append(torch.from_numpy(np.ascontiguousarray(ops, dtype=np.int64).view(np.int32).copy()).to(dev))
+        parts.append(torch.from_numpy(ops.view(np.int32).copy()).to(dev))
         slot64 = batch.slot_mapping.dtype == torch.int64
         slots = batch.slot_mapping.view(torch.int32) if slot64 else batch.slot_mapping
         parts += [batch.input_ids, batch.positions, slots]
@@ -363,9 +376,17 @@ class TensorParallel:
     def stop(self) -> None:
         """Tell the workers to exit and wait for them (terminating any still running after a few seconds)."""
         if getattr(self, "group", None) is not None and self.broken is None:
+            dev = self.device if self.backend == "nccl" else torch.device("cpu")
             try:
+                ops = self._take_ops()
+                if len(ops):  # the last publishes (a finished request's blocks) reach every rank
+                    flat = torch.from_numpy(ops.view(np.int32).copy())
+                    header = torch.tensor([_OP_MOVES, 0, flat.numel(), len(ops)] + [0] * (_HEADER - 4),
+                                          dtype=torch.int64)
+                    self.group.broadcast(header.to(dev))
+                    self.group.broadcast(flat.to(dev))
                 header = torch.zeros(_HEADER, dtype=torch.int64)
-                self.group.broadcast(header.to(self.device) if self.backend == "nccl" else header)
+                self.group.broadcast(header.to(dev))
             except Exception:  # a peer is gone: it is terminated below
                 pass
         for p in self.procs:
@@ -393,7 +414,9 @@ def _build_worker(spec: dict[str, Any], rank: int, size: int, group: _Group) -> 
     from kvforge.engine.models.llama import LlamaModel
     from kvforge.storage import KVCache
 
-    device = torch.device(spec["device"]) if spec["device"] != "cuda" else torch.device("cuda", rank)
+    # on GPUs rank r takes the r-th device after rank 0's
+    device = torch.device(spec["device"]) if spec["device"] != "cuda" else \
+        torch.device("cuda", spec.get("device_index", 0) + rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     full = _full_model(spec)
@@ -457,12 +480,15 @@ def _worker_main(rank: int, size: int, port: int, backend: str, timeout: float, 
                 h = header.tolist()
                 if h[0] == _OP_STOP:
                     break
-                if h[0] == _OP_FETCH:  # an admission's remote run: this rank's share, then agree
+                if h[0] in (_OP_FETCH, _OP_MOVES):  # moves first, then an admission's remote run
                     flat = torch.empty(h[2], dtype=torch.int32, device=header.device)
                     group.broadcast(flat)
-                    blocks, keys = _blocks_and_keys(flat.cpu().numpy().view(np.int64))
-                    ok = cache.copy_remote_run(keys, blocks) if cache.remote is not None else False
-                    group.all_min(torch.tensor([int(ok)], dtype=torch.int32, device=header.device))
+                    words = flat.cpu().numpy().view(np.int64)
+                    _replay(words[:h[3]], cache)
+                    if h[0] == _OP_FETCH:  # this rank's share of the run, then agree on it
+                        blocks, keys = _blocks_and_keys(words[h[3]:])
+                        ok = cache.copy_remote_run(keys, blocks) if cache.remote is not None else False
+                        group.all_min(torch.tensor([int(ok)], dtype=torch.int32, device=header.device))
                     continue
                 steps += 1
                 if fault is not None and fault[0] == rank and steps > fault[1]:
@@ -471,6 +497,8 @@ def _worker_main(rank: int, size: int, port: int, backend: str, timeout: float, 
                 group.broadcast(flat)
                 batch = _unpack(h, flat, cache)
                 model.forward(batch, cache)
+        if cache.remote is not None:  # its last publishes written before the process ends
+            cache.remote.flush(timeout=timeout)
         conn.send(("done", None))
     except BaseException as exc:  # noqa: BLE001 - every failure reaches rank 0, then the process ends
         try:
@@ -499,16 +527,40 @@ def _fault() -> tuple[int, int] | None:
     return int(rank), int(steps)
 
 
+def _set_chunks(storage: Any, num_chunks: int) -> None:
+    if num_chunks > storage.num_chunks:
+        storage.add_chunks(num_chunks - storage.num_chunks)
+    elif num_chunks < storage.num_chunks:
+        storage.drop_chunks_from(num_chunks)
+
+
+def _replay(ops: np.ndarray, cache: Any) -> None:
+    """Apply rank 0's block moves (``kind, n, words...`` each) to this rank's share, in order."""
+    storage = cache.storage  # a worker's storage follows rank 0's (its own bookkeeping is unused)
+    i = 0
+    while i < len(ops):
+        kind, n = int(ops[i]), int(ops[i + 1])
+        words = ops[i + 2: i + 2 + n]
+        i += 2 + n
+        if kind == _CHUNKS:
+            _set_chunks(storage, int(words[0]))
+        elif kind == _PUBLISH:
+            blocks, keys = _blocks_and_keys(words)
+            cache.publish_blocks(keys, blocks)
+        elif kind == _COPY:
+            pairs = words.reshape(-1, 2)
+            storage.copy_blocks(pairs, min(storage.num_chunks * storage.chunk_blocks, cache.config.num_blocks))
+        elif kind == _TO_HOST:
+            cache.host_storage.to_host([tuple(p) for p in words.reshape(-1, 2).tolist()])
+        else:
+            cache.host_storage.to_device([tuple(p) for p in words.reshape(-1, 2).tolist()])
+
+
 def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:
     """A worker's :class:`~kvforge.storage.StepBatch` of a broadcast step (copies applied first)."""
     from kvforge.storage import StepBatch
 
     _, t, nd, npf, wd, wp, ns, slot64, nops, num_chunks, _, has_dec = h[:12]
-    storage = cache.storage  # a worker's storage follows rank 0's chunks (its own bookkeeping is unused)
-    if num_chunks > storage.num_chunks:
-        storage.add_chunks(num_chunks - storage.num_chunks)
-    elif num_chunks < storage.num_chunks:
-        storage.drop_chunks_from(num_chunks)
     pos = 0
 
     def take(n: int) -> Tensor:
@@ -518,23 +570,8 @@ def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:
         return out
 
     if nops:  # rank 0's block moves since the last step, in its order
-        ops = take(2 * nops).cpu().numpy().view(np.int64)
-        i = 0
-        while i < len(ops):
-            kind, n = int(ops[i]), int(ops[i + 1])
-            words = ops[i + 2: i + 2 + n]
-            i += 2 + n
-            if kind == _PUBLISH:
-                blocks, keys = _blocks_and_keys(words)
-                cache.publish_blocks(keys, blocks)
-                continue
-            pairs = words.reshape(-1, 2)
-            if kind == _COPY:
-                storage.copy_blocks(pairs, min(storage.num_chunks * storage.chunk_blocks, cache.config.num_blocks))
-            elif kind == _TO_HOST:
-                cache.host_storage.to_host([tuple(p) for p in pairs.tolist()])
-            else:
-                cache.host_storage.to_device([tuple(p) for p in pairs.tolist()])
+        _replay(take(2 * nops).cpu().numpy().view(np.int64), cache)
+    _set_chunks(cache.storage, num_chunks)  # as rank 0 has them now (a check: the moves said so)
     ids, positions = take(t), take(t)
     slots = take(2 * t).view(torch.int64) if slot64 else take(t)
     dec_tab = dec_ctx = pre_tab = pre_ctx = cu = idx = None

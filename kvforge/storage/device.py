@@ -106,6 +106,8 @@ class DeviceStorage:
         self._offsets: Tensor | None = None
         #: called with the ``[n, 2]`` pairs of every block copy made (tensor parallelism mirrors them)
         self.on_copy: Callable[[np.ndarray], None] | None = None
+        #: called with the new chunk count whenever chunks are added or dropped (the same)
+        self.on_chunks: Callable[[int], None] | None = None
         self.is_fp8 = is_fp8(config.dtype)
         #: fp8 only: dequantization scales, float32 [num_layers, num_kv_heads] (keys, values)
         self.k_scale: Tensor | None = None
@@ -169,6 +171,8 @@ class DeviceStorage:
         if new:
             self._chunks.extend(new)
             self._rebuild_views()
+            if self.on_chunks is not None:
+                self.on_chunks(len(self._chunks))
             log.debug("grew KV storage to %d chunks", len(self._chunks))
 
     def drop_chunks_from(self, keep: int) -> int:
@@ -180,6 +184,8 @@ class DeviceStorage:
         del self._chunks[keep:]
         del dropped
         self._rebuild_views()
+        if self.on_chunks is not None:
+            self.on_chunks(len(self._chunks))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return released

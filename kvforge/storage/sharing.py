@@ -360,10 +360,9 @@ class RemoteMethods:
             raise KVForgeError("publish(): the cache has no remote tier (KVCache(cfg, remote=RedisTier(...)))")
         self._sync_remote_layout()
         keys, blocks = self.manager.keyed_blocks(seq_id)
-        n = self.publish_blocks(keys, blocks)
-        if n and self.on_publish is not None:
+        if keys and self.on_publish is not None:  # every rank decides what its own share lacks
             self.on_publish(keys, blocks)
-        return n
+        return self.publish_blocks(keys, blocks)
 
     def publish_blocks(self, keys: list[bytes], blocks: list[int]) -> int:
         """Hand these blocks (computed, under these prefix keys) to the remote tier, in the
