@@ -621,7 +621,9 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
     def drop_cached_blocks(self, block_ids: Sequence[int]) -> int:
         """Forget the prefix-cache entries of those of ``block_ids`` that nobody
         references (their keys/values are not to be trusted, e.g. a failed step
-        never wrote them); they go back to the free list. Return how many."""
+        never wrote them); they go back to the free list. Return how many. With
+        layer groups pass every group's blocks (:meth:`blocks_of_tokens`); the other
+        groups' copies of group-0 blocks that have a key are found by it too."""
         evictable = set(self.pool.evictable_blocks())
         block_ids = list(block_ids)
         if self.groups is not None:  # the other layer groups' copies of these blocks were never written either
