@@ -8,8 +8,12 @@ and ``--new-tokens`` decodes, once with each setting, in the same KV budget. Per
 setting: the KV bytes the pool held at its peak and at the end, the longest
 context the budget holds, prefill and decode times, and whether the two settings
 sampled the same tokens. ``--quick``: a tiny Gemma 2 on the CPU (a smoke run).
+``--cache-only``: no model; the engine's cache calls for that request (admission of
+the first chunk, an append and a prepared step per chunk, then the decodes) on a
+``KVCache`` of the same shape, any device: the KV held, without the kernels' time.
 
     python benchmarks/bench_windows.py                 # GPU: 32k context, Gemma-2-2B shape
+    python benchmarks/bench_windows.py --cache-only    # the same cache calls, no model (CPU is fine)
     python benchmarks/bench_windows.py --quick         # CPU smoke run
 """
 from __future__ import annotations
@@ -49,8 +53,11 @@ def main() -> None:
     ap.add_argument("--kv-memory", default=None, help="KV budget of both runs (default 8GiB; --quick: 4MiB)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 8192 (--quick: 128)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cache-only", action="store_true", help="drive the cache alone, without a model")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.cache_only:
+        return cache_only(args)
     quick = args.quick or not torch.cuda.is_available()
     context = args.context or (300 if quick else 32768)
     new = args.new_tokens or (8 if quick else 64)
@@ -104,8 +111,8 @@ def main() -> None:
           f"{'tiny Gemma 2' if quick else 'Gemma-2-2B shape'} (random weights, {str(dtype)[6:]}), "
           f"model_impl=transformers, {context} prompt tokens + {new} decodes, chunks of {chunk}, "
           f"KV budget {kv_memory}")
-    print(f"| | keep every block | window layers free theirs | free / keep |")
-    print(f"|---|---:|---:|---:|")
+    print("| | keep every block | window layers free theirs | free / keep |")
+    print("|---|---:|---:|---:|")
     print(f"| layer groups | {k['groups']} | {f['groups']} | |")
     print(f"| bytes per block | {format_bytes(k['bytes_per_block'])} | {format_bytes(f['bytes_per_block'])} | |")
     print(f"| KV held at peak | {format_bytes(k['peak_kv_bytes'])} | {format_bytes(f['peak_kv_bytes'])} | "
@@ -124,6 +131,48 @@ def main() -> None:
             json.dump(dict(rows=rows, context=context, new_tokens=new, kv_memory=kv_memory), fh, indent=1)
     if tokens["keep"] != tokens["free"] and quick:
         sys.exit("the two settings sampled different tokens (float32 on the CPU must agree)")
+
+
+def cache_only(args: argparse.Namespace) -> None:
+    """The engine's cache calls for one long prompt and its decodes, both settings, no model."""
+    import numpy as np
+
+    from kvforge import CacheConfig, KVCache
+
+    c = GEMMA2_2B
+    context, new = args.context or 32768, args.new_tokens or 64
+    chunk, kv = args.max_num_batched_tokens or 8192, args.kv_memory or "8GiB"
+    windows = tuple(c["sliding_window"] if t == "sliding_attention" else None for t in c["layer_types"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompt = np.random.default_rng(0).integers(3, c["vocab_size"], context).tolist()
+    rows = {}
+    for mode in ("keep", "free"):
+        cfg = CacheConfig.for_memory(kv, c["num_hidden_layers"], c["num_key_value_heads"], c["head_dim"],
+                                     block_size=16, dtype=torch.bfloat16, device=device,
+                                     layer_windows=windows if mode == "free" else None)
+        cache = KVCache(cfg.replace(initial_blocks=64, chunk_blocks=64))  # grows as the blocks are used
+        cache.add_sequence("r", prompt, num_tokens=min(chunk, context))
+        cache.prepare_step(["r"], min(chunk, context))
+        done = min(chunk, context)
+        while done < context:
+            n = min(chunk, context - done)
+            cache.append_tokens("r", n)
+            cache.prepare_step(["r"], n)
+            done += n
+        for _ in range(new):
+            cache.append_tokens_batch(["r"], 1, [5])
+            cache.prepare_step(["r"], 1)
+        bpb = cfg.bytes_per_block
+        rows[mode] = (cache.stats.peak_allocations * bpb, cache.pool.num_allocated_blocks * bpb,
+                      cfg.max_context_length(chunk))
+    k, f = rows["keep"], rows["free"]
+    print(f"# {device} | kvforge {git_commit()} | cache calls only (no model): Gemma-2-2B shape, bf16, "
+          f"{context} prompt tokens in chunks of {chunk} + {new} decodes, KV budget {kv}")
+    print("| | keep every block | window layers free theirs | free / keep |")
+    print("|---|---:|---:|---:|")
+    for name, i in (("KV held at peak", 0), ("KV held in the last decode step", 1)):
+        print(f"| {name} | {format_bytes(k[i])} | {format_bytes(f[i])} | {ratio(f[i], k[i])} |")
+    print(f"| longest context the budget holds (chunks of {chunk}) | {k[2]:,} | {f[2]:,} | {ratio(f[2], k[2])} |")
 
 
 if __name__ == "__main__":
