@@ -8,8 +8,9 @@ generator (norm scales too, so no option is trivially the identity), as
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -83,3 +84,21 @@ def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, **generate
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=model.config.pad_token_id, **generate_kwargs)
     return out[:, ids.shape[1]:].tolist()
+
+
+@contextlib.contextmanager
+def attention(model: Any, name: str) -> Iterator[Any]:
+    """The model with ``attn_implementation=name`` for the block, its own afterwards."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+def model_of(models: dict[str, Any], family: str) -> Any:
+    """``models[family]``, the family's tiny model built on first use (a module's cache of them)."""
+    if family not in models:
+        models[family] = tiny_model(family)
+    return models[family]

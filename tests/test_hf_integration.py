@@ -10,19 +10,18 @@ the CPU, so the torch reference kernels run.
 """
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from kvforge.engine.testing import hf_greedy, save_tiny_checkpoint
 from kvforge.errors import ConfigError, KVForgeError, MissingExtraError, OutOfBlocksError
-from tests.hf_models import FAMILIES, greedy, left_padded, tiny_model
+from tests.hf_models import FAMILIES, attention, greedy, left_padded, model_of, tiny_model
 
 pytest.importorskip("transformers")
 from kvforge.integrations.hf import ATTENTION_NAME, KVForgeCache  # noqa: E402
@@ -33,26 +32,9 @@ NEW_TOKENS = 10
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@contextlib.contextmanager
-def attention(model: Any, name: str) -> Iterator[Any]:
-    """The model with ``attn_implementation=name`` for the block, its own afterwards."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(before)
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, Any]:
     return {}
-
-
-def model_of(models: dict[str, Any], family: str) -> Any:
-    if family not in models:
-        models[family] = tiny_model(family)
-    return models[family]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

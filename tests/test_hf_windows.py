@@ -14,16 +14,15 @@ reading further back than its group keeps) are tested here.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from kvforge.errors import ConfigError, KVForgeError, OutOfBlocksError, SequenceError
-from tests.hf_models import greedy, left_padded, tiny_model
+from tests.hf_models import attention, greedy, left_padded, model_of, tiny_model
 
 pytest.importorskip("transformers")
 from kvforge.integrations.hf import ATTENTION_NAME, KVForgeCache  # noqa: E402
@@ -37,26 +36,9 @@ WINDOW = 8  # every tiny config's sliding_window
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@contextlib.contextmanager
-def attention(model: Any, name: str) -> Iterator[Any]:
-    """The model with ``attn_implementation=name`` for the block, its own afterwards."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(before)
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, Any]:
     return {}
-
-
-def model_of(models: dict[str, Any], family: str) -> Any:
-    if family not in models:
-        models[family] = tiny_model(family)
-    return models[family]
 
 
 def held_bytes(cache: KVForgeCache) -> int:

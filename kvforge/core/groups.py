@@ -34,6 +34,7 @@ import numpy as np
 
 from kvforge.core.pool import BlockPool
 from kvforge.core.prefix import BlockKey, PrefixIndex
+from kvforge.core.rows import remap_blocks
 
 __all__ = ["GroupTables"]
 
@@ -263,6 +264,10 @@ class GroupTables:
         bs = self.block_size
         return self._tables[tok_rows, pos // bs].astype(np.int64) * bs + pos % bs
 
+    def blocks_in(self, row: int, lo: int, hi: int) -> list[int]:
+        """The row's blocks held for logical blocks ``lo .. hi - 1`` (released ones left out)."""
+        return [b for b in self._tables[row, lo:hi].tolist() if b >= 0]
+
     def block_of(self, row: int, pos: int) -> int:
         """The block holding token ``pos`` of the row (-1: released)."""
         return int(self._tables[row, pos // self.block_size])
@@ -270,13 +275,8 @@ class GroupTables:
     # -------------------------------------------------------------- upkeep
     def relocate(self, moves: Sequence[tuple[int, int]], num_blocks: int) -> None:
         """Follow compaction moves ``src -> dst``."""
-        if not moves:
-            return
-        remap = np.arange(num_blocks, dtype=np.int32)
-        src, dst = np.array(moves, dtype=np.int64).reshape(-1, 2).T
-        remap[src] = dst
-        live = self._tables >= 0
-        self._tables[live] = remap[self._tables[live]]
+        if moves:
+            remap_blocks(self._tables, moves, num_blocks)
 
     def refs(self) -> dict[int, int]:
         """References the rows hold, per block."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from kvforge.core.slots import SlotTokens
 
-__all__ = ["TableRows", "int_max", "int_sum"]
+__all__ = ["TableRows", "int_max", "int_sum", "remap_blocks"]
 
 
 class TableRows:
@@ -219,11 +219,7 @@ class TableRows:
     # -------------------------------------------------------------- upkeep
     def relocate(self, moves: Sequence[tuple[int, int]], num_blocks: int) -> None:
         """Follow compaction moves ``src -> dst`` (ids below ``num_blocks``): tables and token ids."""
-        remap = np.arange(num_blocks, dtype=np.int32)
-        src, dst = np.array(moves, dtype=np.int64).reshape(-1, 2).T
-        remap[src] = dst
-        live = self._tables >= 0
-        self._tables[live] = remap[self._tables[live]]
+        src, dst = remap_blocks(self._tables, moves, num_blocks)
         self._slot_tokens.copy_blocks(src, dst)
 
     def metadata_bytes(self) -> int:
@@ -261,6 +257,17 @@ class TableRows:
             assert self._slot_tokens.is_stored(self.row_slots(row, 0, int(nt[row] - unc[row]))), \
                 f"row {row} is known but some of its slots were never written"
 
+
+
+def remap_blocks(tables: np.ndarray, moves: Sequence[tuple[int, int]], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rewrite every block id ``src`` of ``tables`` (int32, -1 = none) to ``dst`` in place, for
+    compaction moves ``src -> dst`` below ``num_blocks``; return the moves' ``(src, dst)`` arrays."""
+    remap = np.arange(num_blocks, dtype=np.int32)
+    src, dst = np.array(moves, dtype=np.int64).reshape(-1, 2).T
+    remap[src] = dst
+    live = tables >= 0
+    tables[live] = remap[tables[live]]
+    return src, dst
 
 
 # numpy reductions cost microseconds each; a one-row batch (append_tokens) reads its element

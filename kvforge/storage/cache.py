@@ -332,7 +332,7 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
         if self.groups is not None:
             row = self.manager._seqs.row(seq_id)
             for g in self.groups.tables:
-                blocks += [b for b in g._tables[row, lo:hi].tolist() if b >= 0]
+                blocks += g.blocks_in(row, lo, hi)
         return blocks
 
     def seq_len(self, seq_id: SeqId) -> int:

@@ -145,7 +145,7 @@ class LayerGroups:
             raise OutOfBlocksError(f"appending to {len(rows)} sequence(s) needs {total} blocks in the other "
                                    f"layer groups; {pool.num_available_blocks} available",
                                    requested=total, available=pool.num_available_blocks)
-        fresh = pool.allocate(total)
+        fresh = pool.allocate(total) if total else []  # a decode step mostly needs none
         try:
             pos = 0
             cow_maps: list[dict[int, int]] = []
