@@ -34,7 +34,7 @@ from kvforge import kernels
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.storage import KVCache, StepBatch
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "warm_up_prefill"]
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +87,11 @@ class DecodeGraphs:
         self._graphs[b] = (graph, out)
 
     def warm_up_prefill(self) -> int:
-        """Compile the prefill kernel's variants for each kind of layer (full attention, each
-        sliding window) once; the number of launches (0 on the torch backend)."""
+        """:func:`warm_up_prefill` for this model, once; the number of launches."""
         if self._prefill_warm:
             return 0
         self._prefill_warm = True
-        c = self.model.config
-        start = time.perf_counter()
-        launches = 0
-        first_of: dict[int | None, int] = {}
-        for layer, window in enumerate(c.sliding_windows):
-            first_of.setdefault(window, layer)
-        for window, layer in first_of.items():
-            launches += kernels.warm_up_prefill(self.cache.layer_view(layer), c.num_heads, scale=self.model.scale,
-                                                sliding_window=window, backend=self.cache.backend)
-        if launches:
-            log.info("compiled %d prefill kernel launches in %.2f s", launches, time.perf_counter() - start)
-        return launches
+        return warm_up_prefill(self.model, self.cache)
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -130,3 +118,21 @@ class DecodeGraphs:
         graph, out = self._graphs[b]
         graph.replay()
         return out[:batch]
+
+
+def warm_up_prefill(model: LlamaModel, cache: KVCache) -> int:
+    """Compile the prefill kernel's variants for each kind of layer of ``model`` (full
+    attention, each sliding window) once, graphs or not; the number of launches (0 on the
+    torch backend)."""
+    c = model.config
+    start = time.perf_counter()
+    launches = 0
+    first_of: dict[int | None, int] = {}
+    for layer, window in enumerate(c.sliding_windows):
+        first_of.setdefault(window, layer)
+    for window, layer in first_of.items():
+        launches += kernels.warm_up_prefill(cache.layer_view(layer), c.num_heads, scale=model.scale,
+                                            sliding_window=window, backend=cache.backend)
+    if launches:
+        log.info("compiled %d prefill kernel launches in %.2f s", launches, time.perf_counter() - start)
+    return launches

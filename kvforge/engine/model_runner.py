@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvforge.engine.cuda_graphs import DecodeGraphs
+from kvforge.engine.cuda_graphs import DecodeGraphs, warm_up_prefill
 from kvforge.engine.hf_model import TransformersModel
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.engine.parallel import TensorParallel
@@ -56,9 +56,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, cache, sorted(graph_batch_sizes), max_blocks)
 
     def capture(self) -> None:
-        """Capture the decode graphs now (otherwise at first use)."""
+        """Capture the decode graphs now (otherwise at first use). An eager engine on a GPU
+        compiles its prefill kernel variants instead, so that no request waits for one."""
         if self.graphs is not None:
             self.graphs.capture_all()
+        elif self.device.type == "cuda" and isinstance(self.model, LlamaModel):
+            warm_up_prefill(self.model, self.cache)
 
     def uses_graph(self, out: SchedulerOutput) -> bool:
         """Whether this step replays a captured graph."""
