@@ -412,6 +412,16 @@ class StallWatch:
         self.main = threading.get_ident()
         if self.limit:
             threading.Thread(target=self._watch, daemon=True).start()
+            try:  # and every Triton compile, with its specialisation (what a warm-up missed)
+                import triton
+                triton.knobs.runtime.jit_post_compile_hook = self._compiled
+            except (ImportError, AttributeError):
+                pass
+
+    @staticmethod
+    def _compiled(*, repr: str, **_: Any) -> None:
+        import sys
+        print(f"[compile] {repr}", file=sys.stderr, flush=True)
 
     def _watch(self) -> None:
         import sys

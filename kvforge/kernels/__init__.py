@@ -31,7 +31,7 @@ from kvforge.kernels.ops import copy_blocks, paged_decode_attention, paged_prefi
 
 def warm_up_prefill(view: CacheView, num_q_heads: int, *, scale: float | None = None,
                     sliding_window: int | None = None, soft_cap: float | None = None, backend: str = "auto",
-                    batch_sizes: tuple[int, ...] = (1, 2)) -> int:
+                    batch_sizes: tuple[int, ...] = (1,)) -> int:
     """Compile every variant of the Triton prefill kernel that :func:`paged_prefill_attention`
     can launch over ``view`` (one per tile height: the rows per sequence pick it), so that no
     request waits for a compile; the number of launches, 0 where the torch backend runs (the

@@ -48,7 +48,7 @@ from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
 
 __all__ = ["launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_splits"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr,
@@ -157,7 +157,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr,

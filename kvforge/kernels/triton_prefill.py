@@ -19,6 +19,8 @@ An fp8 cache is read and dequantized as in the decode kernel (``FP8``).
 The tile height follows the rows per sequence (:func:`_config`), so a
 workload's first short chunks over long cached contexts would compile new
 variants mid-serving; :func:`warm_up_prefill` compiles each one up front.
+Counts that change from call to call (sequences, storage chunks) are not
+specialised (``do_not_specialize``), so a new count compiles nothing.
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
 __all__ = ["launch_prefill", "warm_up_prefill", "KERNELS"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, cu_q_ptr, context_lens_ptr, out_ptr,
     k_scale_ptr, v_scale_ptr, scale, soft_cap, sliding_window, chunk_blocks, num_chunks, num_seqs,
@@ -230,12 +232,11 @@ def variants(view: CacheView, group: int) -> list[tuple[int, int, int, int]]:
 
 
 def warm_up_prefill(view: CacheView, num_q_heads: int, *, scale: float, sliding_window: int | None = None,
-                    soft_cap: float | None = None, batch_sizes: tuple[int, ...] = (1, 2)) -> int:
+                    soft_cap: float | None = None, batch_sizes: tuple[int, ...] = (1,)) -> int:
     """Compile every prefill variant the engine can launch over ``view`` by launching each
     (:func:`variants`) once per batch size on a tiny input: one new token per sequence
     over a context of one token (block 0 of the view is read; nothing in the cache is
-    written). Batch sizes 1 and 2 cover Triton's specializations of the sequence count
-    that a step's prefill chunks reach first (one, or several); a multiple of 16 is another.
+    written). The sequence count is not specialised: one batch size covers every count.
     Returns the number of launches; synchronizes the device."""
     device = view.device
     group = num_q_heads // view.num_kv_heads

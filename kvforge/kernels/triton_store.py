@@ -27,7 +27,7 @@ from kvforge.kernels.triton_fp8 import E4M3, decode_mode, encode_fp8
 __all__ = ["launch_store", "launch_copy", "KERNELS"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _store_kernel(
     key_ptr, value_ptr, k_ptr, v_ptr, chunk_off_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     num_tokens, chunk_blocks,

@@ -114,3 +114,39 @@ def test_seeded_sampling_reproduces_on_gpu(ckpt: tuple[str, list[list[int]]]) ->
     a = Engine(folder, num_blocks=64, device="cuda", dtype="float32", max_num_seqs=8).generate(PROMPTS, params)
     b = Engine(folder, num_blocks=64, device="cuda", dtype="float32", max_num_seqs=8).generate(PROMPTS[::-1], params)
     assert [[c.token_ids for c in o.outputs] for o in a] == [[c.token_ids for c in o.outputs] for o in b[::-1]]
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_serving_compiles_no_kernel_after_start_up(graphs: bool) -> None:
+    """Every kernel variant a workload reaches is compiled while the engine starts: prompts
+    of every length, fully and partly cached, one to many prefills a step, decodes beside
+    them, a compaction (the chunk count changes) and a larger pool; no request waits for
+    Triton (a compile mid-serving stalls a step for 0.3-1 s)."""
+    import triton
+
+    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=1000, hidden_size=256, intermediate_size=512,
+               num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+               torch_dtype="bfloat16")
+    engine = Engine.from_config(cfg, device="cuda", kv_memory="64MiB", max_num_seqs=32, use_cuda_graphs=graphs)
+    compiled: list[str] = []
+
+    def hook(*, repr: str, **_: object) -> None:
+        compiled.append(repr)
+
+    # the first requests meet the kernels no warm-up launches (store, copy, merge): serve some
+    warm = [[(3 * j) % 1000 for j in range(40)], [(5 * j) % 1000 for j in range(300)]]
+    engine.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True))
+    previous = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    try:
+        system = [(11 * j) % 1000 for j in range(700)]
+        prompts = [system + [(i * 13 + j) % 1000 for j in range(1 + 37 * i)] for i in range(12)]
+        prompts += [[(i + j) % 1000 for j in range(1 + 97 * i)] for i in range(1, 9)]
+        prompts += [p[:-1] for p in prompts[:3]] + prompts[:3]  # all but the last token cached
+        for size in (1, 3, 5, len(prompts)):
+            engine.generate(prompts[:size], SamplingParams(max_tokens=6, ignore_eos=True))
+        engine.cache.compact_cache()
+        engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = previous
+    assert not compiled, "compiled while serving:\n" + "\n".join(compiled)
