@@ -419,9 +419,11 @@ class StallWatch:
                 pass
 
     @staticmethod
-    def _compiled(*, repr: str, **_: Any) -> None:
+    def _compiled(*, repr: str, compile: dict[str, Any], **_: Any) -> None:
         import sys
-        print(f"[compile] {repr}", file=sys.stderr, flush=True)
+        name = repr.split("[", 1)[0]
+        print(f"[compile] {name} constants {compile.get('constants')} attrs {compile.get('configs')}"[:1500],
+              file=sys.stderr, flush=True)
 
     def _watch(self) -> None:
         import sys

@@ -392,6 +392,22 @@ def test_describe_cache_carries_the_offset_table(num_chunks: int) -> None:
             describe_cache(paged.k_cache, paged.v_cache, chunk_offsets=paged.chunk_offsets + 16)
 
 
+def test_describe_cache_max_chunks_keeps_a_table_for_the_ceiling() -> None:
+    paged, gen = _layer(1, 2)
+    view = describe_cache(paged.k_cache, paged.v_cache, max_chunks=5)
+    assert view.offsets is not None and view.offsets.tolist() == [0] and view.chunks_pad == 8
+    assert describe_cache(paged.k_cache, paged.v_cache, max_chunks=1).offsets is None
+    three, _ = _layer(3, 3)
+    for bad in (2, 0, True, 4.0):  # below the chunks given, not an int
+        with pytest.raises(KernelError, match="max_chunks: expected an int >= the 3 chunk"):
+            describe_cache(three.k_cache, three.v_cache, max_chunks=bad)
+    query = torch.randn(4, 4, 16, generator=gen)
+    want = reference.paged_decode_attention(query, paged.k_cache, paged.v_cache, paged.block_tables,
+                                            paged.context_lens)
+    got = paged_decode_attention(query, view, None, paged.block_tables, paged.context_lens, backend="torch")
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("num_chunks", [1, 3])
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 6, "soft_cap": 2.0}])
 def test_cache_view_decode_and_prefill_equal_chunk_lists(num_chunks: int, options: dict) -> None:

@@ -146,6 +146,31 @@ def test_cache_view_decode_equals_chunk_lists(num_chunks, num_splits) -> None:
                                **TOL[torch.float16])
 
 
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_view_sized_for_more_chunks_reads_the_same(num_chunks) -> None:
+    """A view described with ``max_chunks`` (an elastic pool's ceiling) keeps a chunk table
+    even for one chunk and pads it for the ceiling; decode and prefill read the same bits."""
+    gen = torch.Generator().manual_seed(40 + num_chunks)
+    lens, new = [3, 30, 17], [3, 1, 9]
+    keys, values = _kv(lens, 2, 16, torch.float16, gen)
+    paged = paged_from_dense(keys, values, 8, num_chunks=num_chunks, generator=gen)
+    plain = describe_cache(paged.k_cache, paged.v_cache)
+    wide = describe_cache(paged.k_cache, paged.v_cache, max_chunks=6)
+    assert wide.offsets is not None and wide.chunks_pad == 8 and plain.chunks_pad == (1 if num_chunks == 1 else 4)
+    tables, ctx = paged.block_tables, paged.context_lens
+    query = torch.randn(len(lens), 4, 16, generator=gen).half()
+    outs = [torch.full_like(query, float("nan")) for _ in range(2)]
+    for view, out in zip((plain, wide), outs):
+        paged_decode_attention(query, view, None, tables, ctx, out=out, num_splits=2, backend="triton")
+    assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any()
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32)
+    query = torch.randn(sum(new), 4, 16, generator=gen).half()
+    outs = [torch.full_like(query, float("nan")) for _ in range(2)]
+    for view, out in zip((plain, wide), outs):
+        paged_prefill_attention(query, view, None, tables, cu, ctx, out=out, backend="triton")
+    assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any()
+
+
 @pytest.mark.parametrize("num_chunks", [1, 2])
 def test_cache_view_prefill_and_store_equal_chunk_lists(num_chunks) -> None:
     gen = torch.Generator().manual_seed(30 + num_chunks)

@@ -108,6 +108,7 @@ class CacheView(NamedTuple):
     cache_dtype: torch.dtype | None = None
     k_scale: Tensor | None = None
     v_scale: Tensor | None = None
+    max_chunks: int = 0
 
     @property
     def is_fp8(self) -> bool:
@@ -121,6 +122,12 @@ class CacheView(NamedTuple):
     @property
     def num_blocks(self) -> int:
         return self.chunk_blocks * len(self.k_chunks)
+
+    @property
+    def chunks_pad(self) -> int:
+        """The kernels' chunk-table width: a power of two that holds :attr:`num_chunks` and
+        ``max_chunks``, so it stays the same (no recompile) as an elastic pool's count changes."""
+        return 1 << (max(self.num_chunks, self.max_chunks) - 1).bit_length()
 
     @property
     def num_slots(self) -> int:
@@ -195,7 +202,7 @@ def chunk_offsets(chunks: Sequence[Tensor]) -> Tensor:
 
 def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tensor | None = None, *,
                    k_scale: Tensor | float | None = None, v_scale: Tensor | float | None = None,
-                   model_dtype: torch.dtype | None = None) -> CacheView:
+                   model_dtype: torch.dtype | None = None, max_chunks: int | None = None) -> CacheView:
     """Checks one layer's key and value chunk lists and describes them.
 
     Both must be ``[chunk_blocks, block_size, num_kv_heads, head_dim]`` chunks
@@ -216,6 +223,11 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     bfloat16 or float32); an fp8 chunk list passed straight to an entry point,
     without a view, is refused for want of its scales. Other chunks take none
     of the three (``model_dtype`` may repeat their dtype).
+
+    ``max_chunks``: the most chunks this storage will hold (an elastic pool, or one whose
+    compaction hands chunks back), at least the chunks given. The view then keeps a chunk
+    table even for one chunk and the kernels size theirs for ``max_chunks``, so a change of
+    the chunk count within it compiles no new kernel variant.
     """
     k = as_chunks(k_cache, "k_cache", 4)
     v = as_chunks(v_cache, "v_cache", 4)
@@ -239,13 +251,20 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     if k0.stride(3) != 1:
         raise KernelError(f"cache head_dim stride: expected 1, got {k0.stride(3)}")
     offsets = resolve_offsets(k, v, chunk_offsets)
+    if max_chunks is not None:
+        if isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < len(k):
+            raise KernelError(f"max_chunks: expected an int >= the {len(k)} chunk(s) given, got {max_chunks!r}")
+        if offsets is None and max_chunks > 1:  # one chunk now, more later: the same kernel variant
+            offsets = chunk_offsets if chunk_offsets is not None else torch.zeros(1, dtype=torch.int64,
+                                                                                    device=k0.device)
+    most = max_chunks or 0
     if k0.dtype not in FP8_DTYPES:
         if k_scale is not None or v_scale is not None:
             raise KernelError(f"k_scale/v_scale: a {k0.dtype} cache has no scales (only fp8 caches do)")
         if model_dtype is not None and model_dtype != k0.dtype:
             raise KernelError(f"model_dtype: a {k0.dtype} cache takes and gives {k0.dtype}, got {model_dtype}")
         return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, k0.dtype, k0.device, offsets,
-                         k0.dtype)
+                         k0.dtype, max_chunks=most)
     if k_scale is None or v_scale is None:
         raise KernelError(
             f"an {k0.dtype} cache needs its dequantization scales: describe it with "
@@ -256,7 +275,7 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     ks = as_scale(k_scale, "k_scale", num_kv_heads, k0.device)
     vs = as_scale(v_scale, "v_scale", num_kv_heads, k0.device)
     return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, model_dtype, k0.device, offsets,
-                     k0.dtype, ks, vs)
+                     k0.dtype, ks, vs, max_chunks=most)
 
 
 def resolve_offsets(

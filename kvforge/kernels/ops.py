@@ -82,9 +82,9 @@ def _cache_view(k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None,
             raise KernelError(
                 f"v_cache: expected None with a CacheView as k_cache (the view holds both), "
                 f"got {type(v_cache).__name__}")
-        if (k_cache.offsets is None) != (len(k_cache.k_chunks) == 1):
+        if (k_cache.offsets is None) != (max(len(k_cache.k_chunks), k_cache.max_chunks) == 1):
             raise KernelError(
-                f"k_cache: a CacheView of {len(k_cache.k_chunks)} chunks with offsets "
+                f"k_cache: a CacheView of {len(k_cache.k_chunks)} chunks (of at most {k_cache.max_chunks}) with offsets "
                 f"{'None' if k_cache.offsets is None else 'set'}; build it with describe_cache")
         if chunk_offsets is not None and chunk_offsets is not k_cache.offsets:
             if k_cache.offsets is not None:

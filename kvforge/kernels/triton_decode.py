@@ -192,6 +192,11 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+#: the most splits :func:`choose_num_splits` picks; the merge kernel is compiled for this
+#: many (masked), so a step whose split count changes compiles nothing new
+MAX_AUTO_SPLITS = 64
+
+
 @functools.lru_cache(maxsize=4096)
 def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int, block_n: int,
                       programs_per_sm: int = 4) -> int:
@@ -203,7 +208,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: i
     its integer arguments (bounded: the table width grows with the context)."""
     work = batch * num_kv_heads
     slots = programs_per_sm * num_sms
-    max_splits = max(1, min(64, -(-max_tokens // (4 * block_n))))
+    max_splits = max(1, min(MAX_AUTO_SPLITS, -(-max_tokens // (4 * block_n))))
     best, best_eff = 1, 0.0
     for splits in range(1, max_splits + 1):
         programs = work * splits
@@ -321,7 +326,7 @@ def launch_decode(
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
-        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
+        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=view.chunks_pad,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
         FP8=fp8, RAW_MUL=raw_mul(fp8),
@@ -330,7 +335,7 @@ def launch_decode(
     if num_splits > 1:
         _merge_kernel[(num_q_heads, batch)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
+            SPLITS_PAD=max(MAX_AUTO_SPLITS, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
             BLOCK_D=block_d, HAS_PAD=block_d != head_dim, num_warps=4,
         )
 KERNELS = (_decode_kernel, _merge_kernel)

@@ -214,7 +214,7 @@ def launch_prefill(
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
-        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=triton.next_power_of_2(view.num_chunks),
+        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=view.chunks_pad,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
         FP8=fp8, RAW_MUL=raw_mul(fp8),

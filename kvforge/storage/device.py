@@ -191,7 +191,8 @@ class DeviceStorage:
         return released
 
     def _rebuild_views(self) -> None:
-        self._offsets = kernels.chunk_offsets(self._chunks) if len(self._chunks) > 1 else None
+        most = -(-self.config.num_blocks // self.chunk_blocks)  # the chunks this pool may reach
+        self._offsets = kernels.chunk_offsets(self._chunks) if most > 1 else None
         fp8: dict[str, object] = {}
         views = []
         for l in range(self.config.num_layers):
@@ -202,7 +203,8 @@ class DeviceStorage:
             s = self.config.layer_group(l)[1]  # the layer's slot in its group's blocks
             views.append(kernels.describe_cache(tuple(c[s, 0] for c in self._chunks),
                                                 tuple(c[s, 1] for c in self._chunks),
-                                                chunk_offsets=self._offsets, **fp8))  # type: ignore[arg-type]
+                                                chunk_offsets=self._offsets, max_chunks=most,
+                                                **fp8))  # type: ignore[arg-type]
         self._views = views
         self.version += 1
 
