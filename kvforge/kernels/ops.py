@@ -281,6 +281,8 @@ def copy_blocks(
         if bool(both.any()):
             raise KernelError(f"dst: block id {int(d[both.to(d.device)][0])} is also a source; copies would depend on order")
     offsets = resolve_offsets(cs, None, chunk_offsets)
+    if offsets is None and chunk_offsets is not None:  # a pool of one chunk now, more later: one variant
+        offsets = chunk_offsets
     if not s.numel():
         return
     s, d = s.to(c0.device).contiguous(), d.to(c0.device).contiguous()

@@ -224,10 +224,10 @@ def variants(view: CacheView, group: int) -> list[tuple[int, int, int, int]]:
     """Every ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` that :func:`launch_prefill` picks for
     this view and query-head group, over every number of rows per sequence."""
     found: dict[tuple[int, int, int, int], None] = {}
-    rows = 1
-    while rows <= 1 << 16:  # past the largest threshold (512 rows) and the largest tile (256)
+    # every count up to past the largest threshold (512 rows) and twice the largest tile (256):
+    # a count between two powers of two can pick a tile that neither power does
+    for rows in range(1, 1025):
         found[_config(view, group, rows)] = None
-        rows *= 2
     return list(found)
 
 

@@ -133,9 +133,11 @@ def test_serving_compiles_no_kernel_after_start_up(graphs: bool) -> None:
     def hook(*, repr: str, compile: dict, **_: object) -> None:
         compiled.append(f"{repr.split('[', 1)[0]} {compile.get('constants')} {compile.get('configs')}"[:1500])
 
-    # the first requests meet the kernels no warm-up launches (store, copy, merge): serve some
+    # the first requests and the first compaction meet the kernels no warm-up launches (store,
+    # decode when eager, the block copy): serve some and compact once
     warm = [[(3 * j) % 1000 for j in range(40)], [(5 * j) % 1000 for j in range(300)]]
     engine.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.cache.compact_cache()
     previous = triton.knobs.runtime.jit_post_compile_hook
     triton.knobs.runtime.jit_post_compile_hook = hook
     try:
