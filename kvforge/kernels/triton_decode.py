@@ -60,7 +60,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, RAW_MUL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, RAW_MUL: tl.constexpr, HALF_DOTS: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -89,6 +89,9 @@ def _decode_kernel(
         q_scale = scale
     else:
         q_scale = scale * 1.4426950408889634  # fold log2(e) for exp2
+    if HALF_DOTS:  # fp8 widens to float16 in one instruction (bfloat16 takes several): the dots
+        # run in float16, the query converted once (exact for |q| up to 65504, saturated beyond)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     if FP8 != 0:  # dequantize by folding: s = (q . k_raw) * k_scale, o = (p @ v_raw) * v_scale
         q_scale = q_scale * (tl.load(k_scale_ptr + kv_head) * RAW_MUL)
         v_mul = tl.load(v_scale_ptr + kv_head) * RAW_MUL
@@ -329,7 +332,7 @@ def launch_decode(
         MULTI_CHUNK=offsets is not None, CHUNKS_PAD=view.chunks_pad,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
-        FP8=fp8, RAW_MUL=raw_mul(fp8),
+        FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 != 0 and query.dtype == torch.bfloat16,
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
     if num_splits > 1:

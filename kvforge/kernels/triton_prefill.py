@@ -47,7 +47,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MULTI_CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, RAW_MUL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, RAW_MUL: tl.constexpr, HALF_DOTS: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -84,6 +84,9 @@ def _prefill_kernel(
             q_scale = scale
         else:
             q_scale = scale * 1.4426950408889634
+        if HALF_DOTS:  # fp8 widens to float16 in one instruction (bfloat16 takes several): the dots
+            # run in float16, the query converted once (exact for |q| up to 65504, saturated beyond)
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         if FP8 != 0:  # dequantize by folding, as in the decode kernel
             q_scale = q_scale * (tl.load(k_scale_ptr + kv_head) * RAW_MUL)
             v_mul = tl.load(v_scale_ptr + kv_head) * RAW_MUL
@@ -217,7 +220,7 @@ def launch_prefill(
         MULTI_CHUNK=offsets is not None, CHUNKS_PAD=view.chunks_pad,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
-        FP8=fp8, RAW_MUL=raw_mul(fp8),
+        FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 != 0 and query.dtype == torch.bfloat16,
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
 def variants(view: CacheView, group: int) -> list[tuple[int, int, int, int]]:
