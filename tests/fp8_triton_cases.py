@@ -6,8 +6,9 @@ casts and the uint8 bit decoding that hardware without OCP fp8 runs), against
 the dense float64 oracle on the dequantized values, with every cache row and
 output row inside a wider NaN-filled one; ``copy_blocks`` moving bytes; and a
 ``KVCache`` on the Triton backend storing what the torch backend stores.
-Model dtypes are float16 and float32 (the interpreter mishandles bfloat16
-arithmetic; bf16 runs in ``tests/gpu/test_fp8_gpu.py``).
+Model dtypes are float16, float32 and bfloat16: with a bfloat16 model the
+fp8 reads compute in float16, so the interpreter (which mishandles bfloat16
+arithmetic) runs them too; ``tests/gpu/test_fp8_gpu.py`` runs them on a GPU.
 
 Runs only with ``TRITON_INTERPRET=1`` set before triton is first imported:
 ``tests/test_fp8.py::test_fp8_triton_kernels_under_interpreter`` runs it so
@@ -40,7 +41,8 @@ from kvforge.kernels.testing import (  # noqa: E402
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]
-TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=2e-3)}  # bf16: its output's rounding
 
 
 @pytest.fixture(params=["native", "bits"])
@@ -119,7 +121,8 @@ def _fp8_kv(lens, heads, dim, dtype, gen):
     (torch.float32, 32, 4, 3, {"sliding_window": 7}),
     (torch.float16, 80, 2, 2, {"soft_cap": 3.0}),
     (torch.float32, 24, 8, 1, {"scale": 0.4}),
-], ids=["fp16-16", "fp32-32-window", "fp16-80-cap", "fp32-24-scale"])
+    (torch.bfloat16, 32, 8, 2, {}),
+], ids=["fp16-16", "fp32-32-window", "fp16-80-cap", "fp32-24-scale", "bf16-32"])
 def test_decode_matches_float64_on_the_dequantized_cache(read_path, dtype, model_dtype, head_dim, block_size,
                                                         num_splits, options) -> None:
     gen = torch.Generator().manual_seed(head_dim + block_size)
@@ -143,7 +146,8 @@ def test_decode_matches_float64_on_the_dequantized_cache(read_path, dtype, model
 @pytest.mark.parametrize("model_dtype, head_dim, block_size, options", [
     (torch.float16, 16, 4, {}),
     (torch.float32, 48, 8, {"sliding_window": 5, "soft_cap": 6.0}),
-], ids=["fp16-16", "fp32-48-window-cap"])
+    (torch.bfloat16, 32, 8, {"sliding_window": 6}),
+], ids=["fp16-16", "fp32-48-window-cap", "bf16-32-window"])
 def test_prefill_matches_float64_on_the_dequantized_cache(read_path, dtype, model_dtype, head_dim, block_size,
                                                          options) -> None:
     gen = torch.Generator().manual_seed(head_dim * 3 + block_size)
