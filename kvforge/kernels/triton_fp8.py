@@ -22,10 +22,12 @@ launch by :func:`decode_mode`:
   subnormals included, and :data:`RAW_MUL` folds the 256 back into the
   scale). Any GPU runs it: Ampere, ROCm, anything without OCP fp8.
 
-Either way the values reach ``tl.dot`` exactly in the model dtype (every
-e4m3 and e5m2 value is a float16 and a bfloat16), and the per-head scales
-are applied in float32 outside the dot: the key scale with the softmax
-scale, the value scale on the normalized output.
+Either way the values reach ``tl.dot`` exactly (every e4m3 and e5m2 value is
+a float16): in float16 for a float16 or bfloat16 model (the kernels' ``HALF_DOTS``:
+fp8 widens to float16 in one instruction, to bfloat16 in several; the query
+is converted once, saturated at 65504), in float32 for a float32 one. The
+per-head scales are applied in float32 outside the dot: the key scale with
+the softmax scale, the value scale on the normalized output.
 """
 from __future__ import annotations
 
