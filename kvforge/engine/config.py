@@ -79,7 +79,12 @@ class EngineConfig:
       for a grouped cache;
     - ``tensor_parallel_size``: ranks the native decoder's heads, MLP and KV
       cache are split over (:mod:`kvforge.engine.parallel`; 1 = one device).
-      ``kv_memory`` is then the budget of all ranks together.
+      ``kv_memory`` is then the budget of all ranks together;
+    - ``async_scheduling``: schedule and prepare step t+1 while the device runs
+      step t, reading step t's tokens after launching t+1
+      (:mod:`kvforge.engine.overlap`); outputs equal the synchronous engine's,
+      and :meth:`~kvforge.engine.Engine.step` returns each step's tokens one
+      call later. Off by default.
     """
 
     max_num_seqs: int = 256
@@ -104,6 +109,7 @@ class EngineConfig:
     speculative_ngram: int = 3
     sliding_window_blocks: str = "free"
     tensor_parallel_size: int = 1
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -122,7 +128,7 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= float(v) <= hi:
                 raise ConfigError(f"EngineConfig.{name} must lie in [{lo}, {hi}], got {v!r}")
-        for name in ("enable_prefix_caching", "enable_compaction", "use_cuda_graphs"):
+        for name in ("enable_prefix_caching", "enable_compaction", "use_cuda_graphs", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import Hashable, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +33,9 @@ from torch import Tensor
 from kvforge import kernels
 from kvforge.engine.models.llama import LlamaModel
 from kvforge.storage import KVCache, StepBatch
+
+if TYPE_CHECKING:
+    from kvforge.engine.model_runner import StepInputs
 
 __all__ = ["DecodeGraphs", "warm_up_prefill"]
 
@@ -106,15 +109,19 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured %d decode graphs in %.2f s", len(self.sizes), time.perf_counter() - start)
 
-    def run(self, seq_ids: Sequence[Hashable]) -> Tensor:
-        """Replay the bucket for a decode step of ``seq_ids``; logits ``[B, vocab]``."""
+    def run(self, seq_ids: Sequence[Hashable], inputs: StepInputs | None = None) -> Tensor:
+        """Replay the bucket for a decode step of ``seq_ids``; logits ``[B, vocab]``.
+        ``inputs``: ids still on the device (:class:`~kvforge.engine.model_runner.StepInputs`)."""
         self._check_addresses()
         batch = len(seq_ids)
         b = self.sizes[bisect.bisect_left(self.sizes, batch)]
         if b not in self._graphs:
             with torch.inference_mode():
                 self._capture(b)
-        self.cache.prepare_step(seq_ids, 1, pad_to=(b, self.max_blocks))
+        if inputs is None:
+            self.cache.prepare_step(seq_ids, 1, pad_to=(b, self.max_blocks))
+        else:
+            inputs.apply(self.cache.prepare_step(seq_ids, 1, pad_to=(b, self.max_blocks), input_ids=inputs.ids))
         graph, out = self._graphs[b]
         graph.replay()
         return out[:batch]

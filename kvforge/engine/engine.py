@@ -250,7 +250,7 @@ class Engine(StepLoop):
         self._next_seq = 0
         self._next_request = 0
         self._counters = dict(steps=0, decode_steps=0, graph_steps=0, requests=0, finished=0, prompt_tokens=0,
-                              generated=0, draft_tokens=0, accepted_tokens=0)
+                              generated=0, draft_tokens=0, accepted_tokens=0, overlapped_steps=0)
         self._eos = frozenset(model.config.eos_token_ids)
         self._num_unforked = 0  # requests with n > 1 whose completions are not forked yet
         self._num_random = 0  # unfinished sequences that sample (temperature > 0)
@@ -333,8 +333,8 @@ class Engine(StepLoop):
         self._finish_request(req)
 
     def has_unfinished_requests(self) -> bool:
-        """Whether any request still waits or runs."""
-        return self.scheduler.has_work
+        """Whether any request still waits or runs (or a step's tokens are still in flight)."""
+        return self._busy
 
     # ---------------------------------------------------------- high level
     def generate(self, prompts: Prompt | Iterable[Prompt],
@@ -354,7 +354,7 @@ class Engine(StepLoop):
                     pending.discard(req.request_id)
                 if on_step is not None:
                     on_step(self)
-                if pending and not self.scheduler.has_work:  # aborted from elsewhere
+                if pending and not self._busy:  # aborted from elsewhere
                     break
         finally:
             self._abort_unfinished(reqs)  # a step raised (or an interrupt): free what this call queued
@@ -379,7 +379,7 @@ class Engine(StepLoop):
         live = {r: self._requests[r] for r in self._add_all(prompts, params)}
         try:
             while live:
-                touched = self._step(want_touched=True) if self.scheduler.has_work else []
+                touched = self._step(want_touched=True) if self._busy else []
                 for req in touched:
                     if live.pop(req.request_id, None) is not None:
                         if not req.is_finished:
@@ -392,7 +392,7 @@ class Engine(StepLoop):
                         del live[rid]
                         self._requests.pop(rid, None)
                         yield request_output(self.tokenizer, req, detokenize=True)
-                if live and not self.scheduler.has_work:  # pragma: no cover - every live request is queued
+                if live and not self._busy:  # pragma: no cover - every live request is queued
                     break
         finally:
             self._abort_unfinished(live.values())
@@ -453,7 +453,7 @@ class Engine(StepLoop):
             num_remote_fetches_declined=self.remote_fetch.num_declined if self.remote_fetch else 0,
             num_draft_tokens=c["draft_tokens"], num_accepted_tokens=c["accepted_tokens"],
             draft_acceptance_rate=c["accepted_tokens"] / c["draft_tokens"] if c["draft_tokens"] else 0.0,
-            host=cache.host_stats() if cache.has_host_tier else None,
+            host=cache.host_stats() if cache.has_host_tier else None, num_overlapped_steps=c["overlapped_steps"],
         )
 
     def check_invariants(self) -> None:

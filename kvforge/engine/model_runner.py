@@ -20,7 +20,7 @@ only.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Hashable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from kvforge.engine.parallel import TensorParallel
 from kvforge.engine.scheduler import SchedulerOutput
 from kvforge.storage import KVCache, StepBatch
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "StepInputs"]
 
 
 class ModelRunner:
@@ -68,14 +68,16 @@ class ModelRunner:
         return not out.chunks and self.graphs is not None and self.graphs.fits(len(out.decodes))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> Tensor:
+    def execute(self, out: SchedulerOutput, inputs: StepInputs | None = None) -> Tensor:
         """Float32 logits ``[S, vocab]``: one row per decode, then one per prefill
-        chunk that ends its sequence's known tokens (``chunk.samples``), in order."""
+        chunk that ends its sequence's known tokens (``chunk.samples``), in order.
+        ``inputs``: the step's input ids when some are still on the device (asynchronous
+        scheduling); by default the cache's own."""
         seq_ids = [s.seq_id for s in out.decodes]
         if not out.chunks:
             if self.graphs is not None and self.graphs.fits(len(seq_ids)):
-                return self.graphs.run(seq_ids)
-            return self._logits(self.cache.prepare_step(seq_ids, 1))
+                return self.graphs.run(seq_ids, inputs)
+            return self._logits(prepare(self.cache, inputs, seq_ids, 1))
         nd = len(seq_ids)
         q_lens = [1] * nd
         for c in out.chunks:
@@ -83,7 +85,7 @@ class ModelRunner:
             q_lens.append(c.num_tokens)
         ends = np.cumsum(q_lens) - 1
         rows = list(range(nd)) + [int(ends[nd + i]) for i, c in enumerate(out.chunks) if c.samples]
-        batch = self.cache.prepare_step(seq_ids, q_lens, num_decodes=nd, logits_indices=rows)
+        batch = prepare(self.cache, inputs, seq_ids, q_lens, num_decodes=nd, logits_indices=rows)
         assert batch.logits_indices is not None
         return self._logits(batch)
 
@@ -109,3 +111,28 @@ class ModelRunner:
         if batch.logits_indices is not None:
             hidden = hidden[batch.logits_indices]
         return model.compute_logits(hidden)
+
+
+class StepInputs(NamedTuple):
+    """A step's input ids while some are still being sampled on the device (asynchronous
+    scheduling, :mod:`kvforge.engine.overlap`): ``ids`` int64 ``[T]`` on the host, 0 where
+    unknown; those rows (``rows``, int64 on the device) take ``tokens`` (the step before's
+    sampled ids, on the device) once the inputs are uploaded."""
+
+    ids: np.ndarray
+    rows: Tensor
+    tokens: Tensor
+
+    def apply(self, batch: StepBatch) -> None:
+        """Copy the in-flight ids into ``batch``'s uploaded input ids (on the device, in order)."""
+        batch.input_ids.index_copy_(0, self.rows, self.tokens.to(batch.input_ids.dtype))
+
+
+def prepare(cache: KVCache, inputs: StepInputs | None, seq_ids: Sequence[Hashable], num_new_tokens: Any,
+            **kwargs: Any) -> StepBatch:
+    """:meth:`KVCache.prepare_step` with ``inputs``' ids in place (None: the cache's own)."""
+    if inputs is None:
+        return cache.prepare_step(seq_ids, num_new_tokens, **kwargs)
+    batch = cache.prepare_step(seq_ids, num_new_tokens, input_ids=inputs.ids, **kwargs)
+    inputs.apply(batch)
+    return batch

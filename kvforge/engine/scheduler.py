@@ -50,13 +50,23 @@ blocks in.
 Every token reserved in a step is computed in that step (the prefix index
 registers full blocks when they are reserved), and block ids are never kept
 across steps, so compaction between steps is safe.
+
+Asynchronous scheduling (``schedule(in_flight=...)``): the engine schedules
+step t+1 while step t runs, before t's sampled tokens are known. The decodes
+whose input token is still in flight get slots without ids
+(:meth:`~kvforge.storage.KVCache.reserve_tokens_batch`; the engine commits
+the ids once it reads them), the others are committed at once. Such a step
+preempts nothing and swaps nothing in: when its decodes do not fit, or a
+sequence is swapped out, :meth:`schedule` returns None having changed
+nothing, and the engine reads step t's tokens first and schedules as usual.
+Prefill chunks that find no blocks wait a step instead of preempting.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 from collections import deque
-from typing import NamedTuple
+from typing import Collection, NamedTuple
 
 
 from kvforge.storage import KVCache
@@ -158,26 +168,46 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     # ---------------------------------------------------------- scheduling
-    def schedule(self) -> SchedulerOutput:
-        """Reserve this step's slots; see the module docstring for the policy."""
+    def schedule(self, in_flight: Collection[int] | None = None,
+                 skip: Collection[int] = ()) -> SchedulerOutput | None:
+        """Reserve this step's slots; see the module docstring for the policy.
+
+        ``in_flight`` (asynchronous scheduling): ``id()`` of the running sequences whose last
+        token the step before is still computing; their slots are reserved without ids. Such
+        a step preempts nothing; None when it cannot run without (nothing changed). ``skip``:
+        ``id()`` of running sequences not to decode this step (they finish with the token in
+        flight)."""
         budget = self.max_num_batched_tokens
         preempted: list[Sequence] = []
+        deferred = in_flight is not None
         if self.swapped:
+            if deferred:
+                return None
             self._swap_in()
-        if self.prefilling:
+        if self.prefilling or skip:
             filling = {id(s) for s in self.prefilling}
-            decodes = [s for s in self.running if id(s) not in filling]
+            decodes = [s for s in self.running if id(s) not in filling and id(s) not in skip]
         else:
             decodes = list(self.running)
         if len(decodes) > budget:
             decodes = decodes[:budget]
-        if decodes:
+        if decodes and deferred:
+            assert in_flight is not None
+            try:
+                self.cache.reserve_tokens_batch([s.seq_id for s in decodes], 1)
+            except OutOfBlocksError:
+                return None  # all or nothing: nothing reserved
+            known = [s for s in decodes if id(s) not in in_flight]
+            if known:
+                self.cache.commit_token_ids([s.seq_id for s in known], [s.token_ids[-1] for s in known])
+        elif decodes:
             try:
                 self.cache.append_tokens_batch([s.seq_id for s in decodes], 1, [s.token_ids[-1] for s in decodes])
             except OutOfBlocksError:
                 decodes = self._decode_one_by_one(decodes, preempted)
         budget -= len(decodes)
-        chunks = self._continue_prefills(budget, {s.seq_id for s in decodes}, preempted) if self.prefilling else []
+        chunks = self._continue_prefills(budget, {s.seq_id for s in decodes}, preempted, not deferred) \
+            if self.prefilling else []
         budget -= sum(c.num_tokens for c in chunks)
         if not self.swapped:  # swapped sequences come back before anything new is admitted
             chunks += self._admit(budget)
@@ -219,8 +249,8 @@ class Scheduler:
             done.append(s)
         return done
 
-    def _continue_prefills(self, budget: int, scheduled: set[int], preempted: list[Sequence]
-                           ) -> list[ScheduledChunk]:
+    def _continue_prefills(self, budget: int, scheduled: set[int], preempted: list[Sequence],
+                           may_preempt: bool = True) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         cache = self.cache
         for s in list(self.prefilling):
@@ -231,7 +261,7 @@ class Scheduler:
             pending = cache.num_pending_tokens(s.seq_id)
             start = cache.seq_len(s.seq_id)
             n = min(pending, budget)
-            if not self._append_preempting_newer(s, n, scheduled, preempted):
+            if not self._append_preempting_newer(s, n, scheduled, preempted, may_preempt):
                 continue
             chunks.append(ScheduledChunk(s, start, n, n == pending))
             scheduled.add(s.seq_id)
@@ -241,12 +271,14 @@ class Scheduler:
         return chunks
 
     def _append_preempting_newer(self, s: Sequence, n: int, scheduled: set[int],
-                                 preempted: list[Sequence]) -> bool:
+                                 preempted: list[Sequence], may_preempt: bool = True) -> bool:
         while True:
             try:
                 self.cache.append_tokens(s.seq_id, n)
                 return True
             except OutOfBlocksError:
+                if not may_preempt:
+                    return False
                 victim = None
                 for v in reversed(self.running):
                     if v is s:

@@ -48,7 +48,10 @@ class EngineStats(Mapping[str, Any]):
     not, computing being faster (``EngineConfig.remote_fetch="auto"``).
     With speculative decoding (``EngineConfig.speculative_tokens``),
     ``num_draft_tokens`` drafts were checked, ``num_accepted_tokens`` of them
-    accepted (``draft_acceptance_rate``, 0.0 before any draft).
+    accepted (``draft_acceptance_rate``, 0.0 before any draft). With
+    asynchronous scheduling (``EngineConfig.async_scheduling``),
+    ``num_overlapped_steps`` steps were launched before the step ahead of them
+    was read.
     """
 
     num_steps: int
@@ -92,6 +95,7 @@ class EngineStats(Mapping[str, Any]):
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     draft_acceptance_rate: float = 0.0
+    num_overlapped_steps: int = 0
 
     def __getitem__(self, key: str) -> Any:
         if not isinstance(key, str) or key not in _FIELDS:

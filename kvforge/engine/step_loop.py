@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 import numpy as np
 import torch
 
 from kvforge.engine.outputs import request_output
+from kvforge.engine.overlap import InFlightStep, OverlapLoop
 from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
 from kvforge.engine.sampling import SamplingBatch, sample
 from kvforge.engine.scheduler import Scheduler, SchedulerOutput
@@ -44,9 +46,14 @@ __all__ = ["StepLoop"]
 log = logging.getLogger("kvforge.engine.engine")
 
 
-class StepLoop:
+class StepLoop(OverlapLoop):
     """One engine step and its recovery (mixed into :class:`~kvforge.engine.Engine`,
-    whose constructor sets every attribute below)."""
+    whose constructor sets every attribute below); the asynchronous step is
+    :class:`~kvforge.engine.overlap.OverlapLoop`'s."""
+
+    #: asynchronous scheduling: the sequences whose slot ahead goes back if they finish
+    _give_back: list[Sequence] = []
+    _in_flight: InFlightStep | None = None
 
     cache: KVCache
     scheduler: Scheduler
@@ -86,6 +93,8 @@ class StepLoop:
             # once, before the first step admits anything: the fetch-or-compute rule's prefill rate
             longest = min(self.scheduler.max_num_batched_tokens, self.max_model_len)
             policy.calibrate(self.runner.logits, self.cache, longest, self.model_config.vocab_size)
+        if self.config.async_scheduling:
+            return self._step_overlapped(want_touched)
         self._forked = []
         out: SchedulerOutput | None = None
         drafts: dict[int, tuple[int, list[int]]] = {}
@@ -110,13 +119,7 @@ class StepLoop:
             self.cache.drop_cached_blocks(suspect)
             raise
         if out.is_empty:
-            if self.scheduler.num_fetching:  # prompts wait for the remote tier, nothing else can run
-                self.scheduler.wait_for_fetches(FETCH_WAIT_S)
-                return []
-            if self.scheduler.waiting and not self.scheduler.running:
-                head = self.scheduler.waiting[0]
-                raise KVForgeError(f"sequence {head.seq_id} of {head.num_tokens} tokens cannot be admitted into an "
-                                   f"idle cache of {self.cache.num_available_blocks} available blocks")
+            self._idle()
             return []
         now = time.perf_counter()
         c = self._counters
@@ -134,6 +137,17 @@ class StepLoop:
         if want_touched:
             return list({s.request.request_id: s.request for s in targets}.values())
         return done
+
+    def _idle(self) -> None:
+        """A step with nothing to run: wait a little for remote prefetches, or report a prompt
+        that can never be admitted."""
+        if self.scheduler.num_fetching:  # prompts wait for the remote tier, nothing else can run
+            self.scheduler.wait_for_fetches(FETCH_WAIT_S)
+            return
+        if self.scheduler.waiting and not self.scheduler.running:
+            head = self.scheduler.waiting[0]
+            raise KVForgeError(f"sequence {head.seq_id} of {head.num_tokens} tokens cannot be admitted into an "
+                               f"idle cache of {self.cache.num_available_blocks} available blocks")
 
     def _draft(self, out: SchedulerOutput, drafts: dict[int, tuple[int, list[int]]]) -> None:
         """Prompt-lookup drafts for this step's decodes (:mod:`kvforge.engine.speculative`),
@@ -230,7 +244,7 @@ class StepLoop:
                 pass
         return suspect
 
-    def _recover(self, out: SchedulerOutput | None) -> None:
+    def _recover(self, out: SchedulerOutput | None, also: tuple[SchedulerOutput, ...] = ()) -> None:
         """Undo a step that raised after reserving slots (a kernel error, an
         interrupt): slots were reserved, and full blocks registered in the
         prefix index, for tokens that were never computed.
@@ -241,7 +255,8 @@ class StepLoop:
         other cached block is kept, so one bad step does not empty the prefix
         cache. When the scheduler itself failed (``out`` is None) it is unknown
         which slots it reserved: then every running sequence is preempted and
-        every unreferenced cached block dropped."""
+        every unreferenced cached block dropped. ``also``: other steps in flight with ``out``
+        (asynchronous scheduling), undone with it."""
         for req in {id(s.request): s.request for s in self._forked}.values():
             del req.seqs[1:]
             self._num_unforked += 1
@@ -252,23 +267,31 @@ class StepLoop:
                 self.cache.free_sequence(seq_id, publish=False)
             dropped = self.cache.reclaim_unused_blocks()
         else:
-            uncomputed = self._uncomputed_blocks(out)
-            num = len(self.scheduler.preempt(out.decodes + [c.seq for c in out.chunks]))
+            steps = (out, *also)
+            uncomputed = self._uncomputed_blocks(steps)
+            seqs = {id(s): s for o in steps for s in [*o.decodes, *(c.seq for c in o.chunks)]}
+            num = len(self.scheduler.preempt(list(seqs.values())))
             dropped = self.cache.drop_cached_blocks(uncomputed)
         log.warning("a step failed: %d sequence(s) preempted to recompute, %d cached block(s) dropped",
                     num, dropped)
 
-    def _uncomputed_blocks(self, out: SchedulerOutput) -> list[int]:
-        """The blocks holding tokens that ``out`` reserved (and so registered, when
-        they filled) but whose keys/values the failed step never wrote."""
+    def _uncomputed_blocks(self, steps: tuple[SchedulerOutput, ...]) -> list[int]:
+        """The blocks holding tokens that ``steps`` reserved (and so registered, when they
+        filled) but whose keys/values the failed steps may never have written: a sequence
+        that k of them decode has its last k tokens in question; chunks name their range."""
         cache = self.cache  # every layer group's blocks of those tokens (a window group's own too)
+        decoded = Counter(id(s) for o in steps for s in o.decodes)
+        seqs = {id(s): s for o in steps for s in o.decodes}
         blocks: list[int] = []
-        for s in out.decodes:
-            n = cache.seq_len(s.seq_id)
-            blocks += cache.blocks_of_tokens(s.seq_id, n - 1, n)
-        for c in out.chunks:
-            if c.num_tokens:
-                blocks += cache.blocks_of_tokens(c.seq.seq_id, c.start, c.start + c.num_tokens)
+        for key, k in decoded.items():
+            s = seqs[key]
+            if s.status is SequenceStatus.RUNNING:
+                n = cache.seq_len(s.seq_id)
+                blocks += cache.blocks_of_tokens(s.seq_id, max(0, n - k), n)
+        for o in steps:
+            for c in o.chunks:
+                if c.num_tokens and c.seq.status is SequenceStatus.RUNNING:
+                    blocks += cache.blocks_of_tokens(c.seq.seq_id, c.start, c.start + c.num_tokens)
         return blocks
 
     def _targets(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int] | None, list[Sequence]]:
@@ -298,12 +321,15 @@ class StepLoop:
                     rows.append(i)
         return targets, rows, forks
 
-    def _sampling_batch(self, targets: list[Sequence]) -> SamplingBatch | None:
+    def _sampling_batch(self, targets: list[Sequence], ahead: Collection[int] = ()) -> SamplingBatch | None:
+        """``ahead``: ``id()`` of targets one token ahead of their record (its token still in
+        flight), so that each sample draws the noise of its own position."""
         if not self._num_random or all(s.request.params.temperature == 0.0 for s in targets):
             return None
         ps = [s.request.params for s in targets]
         return SamplingBatch([p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
-                             [s.seed for s in targets], [s.num_output_tokens for s in targets])
+                             [s.seed for s in targets],
+                             [s.num_output_tokens + (id(s) in ahead) for s in targets])
 
     def _postprocess(self, targets: list[Sequence], tokens: list[int], now: float,
                      forks: list[Sequence], extra: dict[int, list[int]] | None = None) -> list[Request]:
@@ -339,6 +365,8 @@ class StepLoop:
         self._counters["generated"] += generated
         done: list[Request] = []
         if finished:
+            if self._give_back:  # asynchronous scheduling: slots reserved ahead for these go back first
+                self._release_in_flight(finished)
             self.scheduler.finish(finished)
             for s in finished:
                 if s.request.params.temperature > 0.0:

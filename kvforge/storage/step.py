@@ -13,8 +13,12 @@ each (read by the decode kernel), then prefill chunks (ragged, read by the
 prefill kernel through ``cu_query_lens``). Each group has its own block
 table and context-length tensors.
 
-The host buffer is reused by the next step: a caller reads the step's
-results (a sync) before preparing the next one, as the engine does.
+On a GPU the upload alternates between two pinned host buffers, and before
+refilling one it waits for that buffer's last copy (a CUDA event): so a step
+can be prepared while the step before is still queued (asynchronous
+scheduling, :mod:`kvforge.engine.overlap`) without overwriting inputs the
+device has not copied yet. The device buffer is one: copies and kernels run
+in order on the stream.
 """
 from __future__ import annotations
 
@@ -82,7 +86,7 @@ class StepBatch(NamedTuple):
 
 
 class Staging:
-    """One int32 host buffer (pinned on GPUs) and its device twin, grown on demand.
+    """An int32 host buffer (two, pinned, on GPUs) and its device twin, grown on demand.
 
     :meth:`upload` packs arrays (int32, or int64 stored as two words),
     copies them in one transfer and returns device views.
@@ -97,11 +101,29 @@ class Staging:
 
     def _alloc(self, size: int) -> None:
         pin = self.device.type == "cuda"
-        self.host = torch.empty(size, dtype=torch.int32, pin_memory=pin)
+        hosts = [torch.empty(size, dtype=torch.int32, pin_memory=pin) for _ in range(2 if pin else 1)]
+        if hasattr(self, "_copied"):  # a buffer given up may still be copying: wait for it first
+            for ev in self._copied:
+                if ev is not None:
+                    ev.synchronize()
+        self._hosts = hosts
+        self._copied: list[torch.cuda.Event | None] = [None] * len(hosts)
+        self._turn = 0
+        self.host = hosts[0]
         self.host_np = self.host.numpy()
         self.dev = self.host if self.device.type == "cpu" else torch.empty(size, dtype=torch.int32, device=self.device)
         Staging._ids += 1
         self.generation_id = Staging._ids  # unique per allocation: a moved buffer is never mistaken
+
+    def _next_host(self) -> None:
+        """Switch to the other host buffer, once its last copy to the device is done."""
+        if len(self._hosts) > 1:
+            self._turn ^= 1
+            ev = self._copied[self._turn]
+            if ev is not None:
+                ev.synchronize()
+            self.host = self._hosts[self._turn]
+            self.host_np = self.host.numpy()
 
     def upload(self, parts: Sequence[np.ndarray], starts: Sequence[int] | None = None) -> list[Tensor]:
         """Device views of ``parts`` (each int32 or int64, copied into the buffer).
@@ -118,11 +140,17 @@ class Staging:
             total = max(off + w.size for off, w in zip(starts, words)) if words else 0
         if total > self.host_np.size:
             self._alloc(max(total, 2 * self.host_np.size))
+        else:
+            self._next_host()
         h = self.host_np
         for w, off in zip(words, starts):
             h[off: off + w.size] = w
         if self.device.type != "cpu":
             self.dev[:total].copy_(self.host[:total], non_blocking=True)
+            ev = self._copied[self._turn]
+            if ev is None:
+                ev = self._copied[self._turn] = torch.cuda.Event()
+            ev.record()
         out = []
         for p, w, off in zip(parts, words, starts):
             t = self.dev[off: off + w.size]
