@@ -224,3 +224,14 @@ def test_unknown_backend_is_refused():
 
     with pytest.raises(ConfigError, match="backend"):
         KVCache(make_cache().config, backend="cuda")
+
+
+def test_numpy_integer_chunk_counts_build_a_cache() -> None:
+    """``CacheConfig`` takes numpy integers; the views sized for the pool's most chunks too."""
+    cfg = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, block_size=4, num_blocks=32, dtype=torch.float32,
+                      device="cpu", chunk_blocks=np.int64(8), initial_blocks=np.int64(8))
+    cache = KVCache(cfg, backend="torch")
+    view = cache.layer_view(1)
+    assert cache.num_chunks == 1 and view.max_chunks == 4 and view.offsets is not None
+    cache.add_sequence("s", list(range(40)))  # 10 blocks: a second chunk
+    assert cache.num_chunks == 2 and cache.layer_view(1).chunks_pad == 4

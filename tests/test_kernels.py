@@ -397,6 +397,8 @@ def test_describe_cache_max_chunks_keeps_a_table_for_the_ceiling() -> None:
     view = describe_cache(paged.k_cache, paged.v_cache, max_chunks=5)
     assert view.offsets is not None and view.offsets.tolist() == [0] and view.chunks_pad == 8
     assert describe_cache(paged.k_cache, paged.v_cache, max_chunks=1).offsets is None
+    numpy_count = describe_cache(paged.k_cache, paged.v_cache, max_chunks=np.int64(5))  # any integer
+    assert numpy_count.max_chunks == 5 and type(numpy_count.max_chunks) is int
     three, _ = _layer(3, 3)
     for bad in (2, 0, True, 4.0):  # below the chunks given, not an int
         with pytest.raises(KernelError, match="max_chunks: expected an int >= the 3 chunk"):

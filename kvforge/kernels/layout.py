@@ -21,6 +21,8 @@ only when the chunk set changes.
 """
 from __future__ import annotations
 
+import numbers
+
 from collections import abc
 from typing import NamedTuple, Sequence, Union
 
@@ -86,7 +88,8 @@ class CacheView(NamedTuple):
     references to the chunk views, so it keeps their storage alive: rebuild
     it, and drop the old one, whenever the chunk set changes.
     ``offsets``: int64 ``[num_chunks]`` element offsets of each chunk from
-    chunk 0, on the chunks' device; None for one chunk.
+    chunk 0, on the chunks' device; None for one chunk unless ``max_chunks``
+    (the most chunks the storage may reach; 0: the chunks given) is above 1.
 
     ``dtype`` is the dtype of the queries, keys, values and outputs the
     kernels take and give (the model dtype); ``cache_dtype`` the dtype the
@@ -213,7 +216,7 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     ``chunk_offsets``: the table from :func:`chunk_offsets`, checked as in
     :func:`resolve_offsets`; without it the table is built here (one small
     host-to-device copy) when there are several chunks. The returned view
-    carries the table (``offsets``, None for one chunk) and is what every
+    carries the table (``offsets``, None for one chunk but see ``max_chunks``) and is what every
     kernel entry point takes to skip these checks.
 
     fp8 chunks (``torch.float8_e4m3fn`` / ``float8_e5m2``) need ``k_scale``
@@ -252,8 +255,9 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
         raise KernelError(f"cache head_dim stride: expected 1, got {k0.stride(3)}")
     offsets = resolve_offsets(k, v, chunk_offsets)
     if max_chunks is not None:
-        if isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < len(k):
+        if isinstance(max_chunks, bool) or not isinstance(max_chunks, numbers.Integral) or max_chunks < len(k):
             raise KernelError(f"max_chunks: expected an int >= the {len(k)} chunk(s) given, got {max_chunks!r}")
+        max_chunks = int(max_chunks)
         if offsets is None and max_chunks > 1:  # one chunk now, more later: the same kernel variant
             offsets = chunk_offsets if chunk_offsets is not None else torch.zeros(1, dtype=torch.int64,
                                                                                     device=k0.device)

@@ -29,7 +29,7 @@ scratch comes from a buffer per (device, stream) that grows on demand
 (:func:`split_scratch`), fresh only while a CUDA graph is being captured.
 An fp8 cache (``FP8`` > 0) is read natively or by its bits
 (:mod:`kvforge.kernels.triton_fp8`); each tile is cast to the query dtype
-before ``tl.dot``, the KV head's key scale is folded into ``q_scale`` and its
+(float16 with a bfloat16 model: ``HALF_DOTS``) before ``tl.dot``, the KV head's key scale is folded into ``q_scale`` and its
 value scale multiplies the normalized output, so dequantizing adds no
 per-element multiply.
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
@@ -91,7 +91,7 @@ def _decode_kernel(
         q_scale = scale * 1.4426950408889634  # fold log2(e) for exp2
     if HALF_DOTS:  # fp8 widens to float16 in one instruction (bfloat16 takes several): the dots
         # run in float16, the query converted once (exact for |q| up to 65504, saturated beyond)
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
     if FP8 != 0:  # dequantize by folding: s = (q . k_raw) * k_scale, o = (p @ v_raw) * v_scale
         q_scale = q_scale * (tl.load(k_scale_ptr + kv_head) * RAW_MUL)
         v_mul = tl.load(v_scale_ptr + kv_head) * RAW_MUL
@@ -163,27 +163,38 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr,
+    SPLITS_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr,
 ):
+    # the splits in tiles of SPLITS_TILE, looped to the runtime count: one compiled variant for
+    # every count, and the registers of one small tile (a tile of every split cost 5x more)
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     num_q_heads = tl.num_programs(0)
-    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_t = tl.arange(0, SPLITS_TILE)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM  # used only with HAS_PAD
-    part = (seq * num_q_heads + head) * num_splits + offs_s
-    lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    if HAS_PAD:
-        o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-    else:
-        o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    num = tl.sum(o * w[:, None], 0)
-    den = tl.sum(w, 0)
-    res = num / tl.where(den > 0.0, den, 1.0)
+    first = (seq * num_q_heads + head) * num_splits
+    m = tl.full([SPLITS_TILE], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLITS_TILE):
+        s_ok = s0 + offs_t < num_splits
+        m = tl.maximum(m, tl.load(part_lse_ptr + first + s0 + offs_t, mask=s_ok, other=float("-inf")))
+    m_all = tl.max(m, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    num = tl.zeros([BLOCK_D], tl.float32)
+    den = tl.zeros([SPLITS_TILE], tl.float32)
+    for s0 in range(0, num_splits, SPLITS_TILE):
+        s_ok = s0 + offs_t < num_splits
+        part = first + s0 + offs_t
+        w = tl.exp2(tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf")) - m_all)
+        if HAS_PAD:
+            o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        num += tl.sum(o * w[:, None], 0)
+        den += w
+    total = tl.sum(den, 0)
+    res = num / tl.where(total > 0.0, total, 1.0)
     if HAS_PAD:
         tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
     else:
@@ -195,8 +206,7 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-#: the most splits :func:`choose_num_splits` picks; the merge kernel is compiled for this
-#: many (masked), so a step whose split count changes compiles nothing new
+#: the most splits :func:`choose_num_splits` picks
 MAX_AUTO_SPLITS = 64
 
 
@@ -338,7 +348,7 @@ def launch_decode(
     if num_splits > 1:
         _merge_kernel[(num_q_heads, batch)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            SPLITS_PAD=max(MAX_AUTO_SPLITS, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
+            SPLITS_TILE=8, HEAD_DIM=head_dim,
             BLOCK_D=block_d, HAS_PAD=block_d != head_dim, num_warps=4,
         )
 KERNELS = (_decode_kernel, _merge_kernel)

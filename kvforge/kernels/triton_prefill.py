@@ -86,7 +86,7 @@ def _prefill_kernel(
             q_scale = scale * 1.4426950408889634
         if HALF_DOTS:  # fp8 widens to float16 in one instruction (bfloat16 takes several): the dots
             # run in float16, the query converted once (exact for |q| up to 65504, saturated beyond)
-            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
         if FP8 != 0:  # dequantize by folding, as in the decode kernel
             q_scale = q_scale * (tl.load(k_scale_ptr + kv_head) * RAW_MUL)
             v_mul = tl.load(v_scale_ptr + kv_head) * RAW_MUL

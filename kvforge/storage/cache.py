@@ -170,7 +170,8 @@ class KVCache(TierMethods, RemoteMethods, PendingMethods):
 
     @property
     def chunk_offsets(self) -> Tensor | None:
-        """Element offsets of each chunk from chunk 0 (int64, on the device); None for one chunk."""
+        """Element offsets of each chunk from chunk 0 (int64, on the device); None for a pool
+        that never holds more than one chunk."""
         return self.storage.offsets
 
     @property

@@ -133,7 +133,8 @@ class DeviceStorage:
 
     @property
     def offsets(self) -> Tensor | None:
-        """Element offsets of each chunk from chunk 0 (int64, on the device); None for one chunk."""
+        """Element offsets of each chunk from chunk 0 (int64, on the device); None for a pool
+        that never holds more than one chunk."""
         return self._offsets
 
     def layer_view(self, layer: int) -> kernels.CacheView:
@@ -191,7 +192,7 @@ class DeviceStorage:
         return released
 
     def _rebuild_views(self) -> None:
-        most = -(-self.config.num_blocks // self.chunk_blocks)  # the chunks this pool may reach
+        most = int(-(-self.config.num_blocks // self.chunk_blocks))  # the chunks this pool may reach
         self._offsets = kernels.chunk_offsets(self._chunks) if most > 1 else None
         fp8: dict[str, object] = {}
         views = []
