@@ -365,7 +365,7 @@ class TensorParallel:
         if batch.logits_indices is not None:
             parts.append(batch.logits_indices)
             ns = batch.logits_indices.shape[0]
-        flat = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
+        flat = torch.cat([_aligned_part(p) for p in parts])
         header = torch.tensor([_OP_STEP, batch.num_tokens, nd, npf, wd, wp, ns, int(slot64), len(ops),
                                num_chunks, flat.numel(), int(batch.decode_block_tables is not None)] +
                               [0] * (_HEADER - 12), dtype=torch.int64)
@@ -434,6 +434,9 @@ def _build_worker(spec: dict[str, Any], rank: int, size: int, group: _Group) -> 
     cache = KVCache(cfg, backend=spec["backend"], remote=remote, model=spec.get("identity", ""),
                     tensor_parallel=(rank, size))
     apply_kv_scales(cache, shard_scales(spec.get("kv_scales") or {}, rank, size))
+    if device.type == "cuda":  # as rank 0's runner does: no prefill tile compiles mid-serving
+        from kvforge.engine.cuda_graphs import warm_up_prefill
+        warm_up_prefill(model, cache)
     return model, cache
 
 
@@ -556,6 +559,19 @@ def _replay(ops: np.ndarray, cache: Any) -> None:
             cache.host_storage.to_device([tuple(p) for p in words.reshape(-1, 2).tolist()])
 
 
+#: every part of a broadcast step starts at a multiple of this many int32 words (64 bytes), as
+#: rank 0's own step buffer's do: Triton specialises on pointer alignment, so the workers'
+#: kernels then see the same alignment every step and compile nothing new
+_ALIGN_WORDS = 16
+
+
+def _aligned_part(p: Tensor) -> Tensor:
+    """``p`` as int32 words, zero-padded to a multiple of :data:`_ALIGN_WORDS`."""
+    flat = p.reshape(-1).to(torch.int32)
+    pad = -flat.numel() % _ALIGN_WORDS
+    return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+
+
 def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:
     """A worker's :class:`~kvforge.storage.StepBatch` of a broadcast step (copies applied first)."""
     from kvforge.storage import StepBatch
@@ -566,7 +582,7 @@ def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:
     def take(n: int) -> Tensor:
         nonlocal pos
         out = flat[pos:pos + n]
-        pos += n
+        pos += -(-n // _ALIGN_WORDS) * _ALIGN_WORDS
         return out
 
     if nops:  # rank 0's block moves since the last step, in its order
