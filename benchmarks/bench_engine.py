@@ -152,6 +152,9 @@ def main() -> None:
     ap.add_argument("--no-static-compare", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-step timings and graph replay times")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="also run each workload with EngineConfig(async_scheduling=True) beside the synchronous "
+                         "engine (same model, same memory) and print the ratios")
     ap.add_argument("--model-impl", choices=("native", "transformers"), default="native",
                     help="kvforge's own decoder, or the transformers model under kvforge's engine")
     args = ap.parse_args()
@@ -216,6 +219,24 @@ def main() -> None:
                      f"{r.get('prefill_steps')} prefill steps, {r.get('prefill_time_s', 0):.2f} s; host per decode "
                      f"step at batch {n}: p50 {r.get('decode_host_ms_p50_full_batch') or 0:.3f} ms over "
                      f"{r.get('decode_steps_full_batch')} steps" if args.profile and cuda else ""))
+        if args.async_scheduling:
+            overlap = Engine.from_model(engine.model, kv_memory=kv_memory, kv_dtype=kv_dtype, async_scheduling=True,
+                                        **options)
+            for n in sorted(set(requests)):
+                overlap.generate(warm[:n], SamplingParams(max_tokens=4, ignore_eos=True))
+            sync_runs = {r["requests"]: r for r in by_dtype[name]}
+            for n in requests:
+                r = run(overlap, prompts[:n], new_tokens)
+                r.update(kv_dtype=name + "+async", bytes_per_token=ccfg.bytes_per_token,
+                         overlapped_steps=overlap.stats().num_overlapped_steps)
+                results["runs"].append(r)
+                base = sync_runs[n]
+                print(f"{name + '+async':>13} {n:>8} {r['tokens']:>8} {r['tok_per_s']:>9.0f} {r['ttft_p50_ms']:>7.0f}ms "
+                      f"{r['ttft_p99_ms']:>6.0f}ms {r['itl_p50_ms']:>6.2f}ms {r['itl_p99_ms']:>5.1f}ms "
+                      f"{r['peak_kv_bytes'] / 2**30:>6.2f}G {r['num_blocks']:>7} {r['max_concurrent']:>8}"
+                      f"  | against the synchronous engine: {r['tok_per_s'] / base['tok_per_s']:.2f}x tok/s, "
+                      f"ITL p50 {r['itl_p50_ms'] / base['itl_p50_ms']:.2f}x")
+            del overlap
         if i == 0 and not args.no_static_compare:
             results["static_compare"] = static_compare(engine, prompts, warm, most, new_tokens, args.block_size,
                                                        options)

@@ -443,11 +443,12 @@ def test_generate_kv_memory_fraction_reaches_the_engine_config(tmp_path, capsys,
     monkeypatch.setattr(Engine, "from_config", classmethod(spy))
     argv = ["generate", "--model", str(tmp_path), "--random-weights", "--prompts", str(prompts), "--max-tokens", "2",
             "--device", "cpu", "--no-progress"]
-    assert main(argv + ["--kv-memory-fraction", "0.5", "--speculative-tokens", "3"]) == 0
+    assert main(argv + ["--kv-memory-fraction", "0.5", "--speculative-tokens", "3", "--async-scheduling"]) == 0
     assert main(argv) == 0
     assert "1 requests, 2 tokens" in capsys.readouterr().out
     assert [e.config.kv_memory_fraction for e in built] == [0.5, 0.85]
     assert [e.config.speculative_tokens for e in built] == [3, 0]
+    assert [e.config.async_scheduling for e in built] == [True, False]
 
 
 def test_generate_text_prompts_through_the_checkpoint_tokenizer(tmp_path, capsys):

@@ -86,6 +86,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="prompt-lookup speculative decoding: up to K draft tokens per greedy sequence and step, "
                         "taken from an earlier occurrence of its last tokens (0: off; the output is unchanged)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="prepare each step while the device runs the one before (the output is unchanged)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the native decoder's heads, MLP and KV cache over N ranks (GPUs with NCCL, CPU "
                         "processes with gloo); --kv-memory is then the budget of all ranks together")
@@ -236,7 +238,8 @@ def run_generate(args: argparse.Namespace) -> int:
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                        enable_prefix_caching=not args.no_prefix_caching, use_cuda_graphs=not args.no_cuda_graphs,
                        model_impl=args.model_impl, kv_dtype=args.kv_dtype,
-                       speculative_tokens=args.speculative_tokens, tensor_parallel_size=args.tensor_parallel_size)
+                       speculative_tokens=args.speculative_tokens, tensor_parallel_size=args.tensor_parallel_size,
+                       async_scheduling=args.async_scheduling)
         if args.kv_memory_fraction is not None:
             options["kv_memory_fraction"] = args.kv_memory_fraction
         start = time.perf_counter()
