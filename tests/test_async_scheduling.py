@@ -164,3 +164,52 @@ def test_a_failed_step_in_flight_is_undone_and_the_requests_complete(checkpoint,
     done = drain_steps(engine)
     assert [done[r] for r in rids] == [o.token_ids for o in want]
     assert engine.cache.seq_ids == []
+
+
+def test_an_abort_then_a_failed_read_leaves_no_unwritten_block_cached(checkpoint,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt's step is launched (its full blocks registered), the request is aborted, then
+    reading the step reports a device fault: the blocks of its tokens are dropped, not left
+    in the prefix cache for the next request to hit with keys/values never written."""
+    import torch
+
+    from kvforge.engine import overlap
+    folder, _ = checkpoint
+    prompt = list(range(20, 36))  # 4 full blocks of 4
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    want = Engine(str(folder), num_blocks=64, block_size=4).generate([prompt], params)[0].token_ids
+    engine = Engine(str(folder), num_blocks=64, block_size=4, async_scheduling=True)
+    execute = engine.runner.execute
+
+    def unwritten(out, inputs=None):  # type: ignore[no-untyped-def]  # launches; the KV is never written
+        return torch.zeros(len(out.decodes) + sum(c.samples for c in out.chunks), engine.model_config.vocab_size)
+
+    def fault(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("injected device fault, reported at the read")
+
+    monkeypatch.setattr(engine.runner, "execute", unwritten)
+    rid = engine.add_request(prompt, params)
+    engine.step()  # launched, in flight
+    engine.abort(rid)
+    assert engine.cache.prefix_stats().cached_blocks == 4  # freed unpublished, cached meanwhile
+    monkeypatch.setattr(overlap.InFlightStep, "read", fault)
+    with pytest.raises(RuntimeError, match="injected device fault"):
+        engine.step()
+    monkeypatch.undo()
+    engine.check_invariants()
+    assert engine.cache.prefix_stats().cached_blocks == 0
+    out = engine.generate([prompt], params)[0]
+    assert out.token_ids == want and engine.stats().prefix_hit_tokens == 0
+
+
+def test_nothing_is_left_in_flight_after_generate_or_a_closed_stream(checkpoint) -> None:
+    folder, _ = checkpoint
+    engine = Engine(str(folder), num_blocks=64, block_size=8, async_scheduling=True)
+    out = engine.generate([[7, 8, 9] * 6], SamplingParams(max_tokens=20, stop_token_ids=(81,)))[0]
+    assert out.outputs[0].finish_reason == "stop"  # a step was launched ahead for it, then dropped
+    assert not engine.has_unfinished_requests() and engine.cache.seq_ids == []
+    stream = engine.stream([list(range(20, 40)), list(range(50, 60))], SamplingParams(max_tokens=30, ignore_eos=True))
+    next(stream)
+    next(stream)
+    stream.close()
+    assert not engine.has_unfinished_requests() and engine.cache.seq_ids == [] and engine.stats().used_blocks == 0

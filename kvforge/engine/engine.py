@@ -317,6 +317,9 @@ class Engine(StepLoop):
         if req is None:
             raise SequenceError(f"unknown request id {request_id!r}")
         live = [s for s in req.seqs if not s.is_finished]
+        computing = self._abort_in_flight(live)  # asynchronous scheduling: a step in flight still computes these
+        if computing:
+            self.scheduler.finish(computing, publish=False)
         for s in live:
             s.status = SequenceStatus.FINISHED
             s.finish_reason = "abort"

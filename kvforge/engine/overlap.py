@@ -24,8 +24,8 @@ So :meth:`~kvforge.engine.Engine.step` returns the tokens of the step before
 the one it launched; the last call launches nothing and only reads.
 
 A step is scheduled the usual way (after reading step t) whenever scheduling
-ahead cannot be exact: step t forks ``n > 1`` completions, a request still
-waits to be forked, a sequence is swapped out, the decodes do not fit without
+ahead cannot be exact: step t forks ``n > 1`` completions, a sequence is
+swapped out, the decodes do not fit without
 preempting, speculative decoding is on, or the engine is tensor parallel or
 its cache is split into layer groups. Greedy and seeded outputs equal the
 synchronous engine's (``tests/test_async_scheduling.py`` runs both, with stop
@@ -47,7 +47,7 @@ from torch import Tensor
 
 from kvforge.engine.model_runner import StepInputs
 from kvforge.engine.request import Request, Sequence, SequenceStatus
-from kvforge.engine.sampling import sample
+from kvforge.engine.sampling import sample, to_device
 from kvforge.engine.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ __all__ = ["InFlightStep", "OverlapLoop"]
 class InFlightStep:
     """A launched step whose sampled tokens are not read yet."""
 
-    __slots__ = ("out", "targets", "forks", "tokens", "host", "ready", "started")
+    __slots__ = ("out", "targets", "forks", "tokens", "host", "ready", "started", "suspect")
 
     def __init__(self, out: SchedulerOutput, targets: list[Sequence], forks: list[Sequence], tokens: Tensor,
                  started: float) -> None:
@@ -73,6 +73,8 @@ class InFlightStep:
         #: int64 ``[len(targets)]`` on the device: what the next step's in-flight inputs copy
         self.tokens = tokens
         self.started = started
+        #: blocks of its tokens that sequences aborted meanwhile left cached: dropped if it fails
+        self.suspect: list[int] = []
         self.ready: torch.cuda.Event | None = None
         if tokens.device.type == "cuda":
             self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -125,7 +127,11 @@ class OverlapLoop(_Base):
             steps = [o for o in (prev.out if prev is not None else None,
                                  launched.out if launched is not None else out) if o is not None]
             self._recover_steps(steps, out is None)
+            if prev is not None and prev.suspect:
+                self.cache.drop_cached_blocks(prev.suspect)
             raise
+        if launched is not None and not any(s.status is SequenceStatus.RUNNING for s in launched.targets):
+            launched = None  # nothing to read (its sequences finished, or none samples): not kept in flight
         self._in_flight = launched
         if len(result) > 1:  # a request read twice in one call (the step before, then a forking one)
             result = list({id(r): r for r in result}.values())
@@ -137,10 +143,12 @@ class OverlapLoop(_Base):
     @property
     def _busy(self) -> bool:
         """Whether anything waits, runs, or is still in flight."""
-        return self.scheduler.has_work or self._in_flight is not None
+        step = self._in_flight
+        return self.scheduler.has_work or (step is not None and any(s.status is SequenceStatus.RUNNING
+                                                                     for s in step.targets))
 
     def _can_schedule_ahead(self, prev: InFlightStep) -> bool:
-        return not prev.forks and not self._num_unforked and self.cache.groups is None \
+        return not prev.forks and self.cache.groups is None \
             and self.runner.tensor_parallel is None and not self.config.speculative_tokens
 
     def _launch(self, out: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
@@ -153,7 +161,7 @@ class OverlapLoop(_Base):
             ahead = {id(s): i for i, s in enumerate(prev.targets) if s.status is SequenceStatus.RUNNING}
         logits = self.runner.execute(out, self._inputs(out, prev, ahead) if ahead else None)
         if rows is not None:
-            logits = logits[torch.as_tensor(rows, device=logits.device)]
+            logits = logits[to_device(rows, torch.int64, logits.device)]
         batch = self._sampling_batch(targets, ahead)
         c = self._counters
         c["steps"] += 1
@@ -184,8 +192,8 @@ class OverlapLoop(_Base):
         for ch in out.chunks:
             ids += ch.seq.token_ids[ch.start: ch.start + ch.num_tokens]
         dev = prev.tokens.device
-        return StepInputs(np.asarray(ids, dtype=np.int64), torch.as_tensor(rows, device=dev),
-                          prev.tokens[torch.as_tensor(src, device=dev)])
+        return StepInputs(np.asarray(ids, dtype=np.int64), to_device(rows, torch.int64, dev),
+                          prev.tokens[to_device(src, torch.int64, dev)])
 
     def _read_step(self, prev: InFlightStep, launched: InFlightStep | None, want_touched: bool) -> list[Request]:
         """Apply ``prev``'s tokens; commit the ids of ``launched``'s slots that waited for them."""
@@ -195,7 +203,7 @@ class OverlapLoop(_Base):
         live = [(s, t) for s, t in zip(prev.targets, tokens) if s.status is SequenceStatus.RUNNING or id(s) in forks]
         targets = [s for s, _ in live]
         waiting = {id(s) for s in launched.out.decodes} if launched is not None else set()
-        if prev.out.chunks:
+        if prev.out.chunks and launched is None:  # timed alone: nothing was prepared behind it
             self.scheduler.policy.record_prefill(sum(ch.num_tokens for ch in prev.out.chunks), now - prev.started)
         self._give_back = [s for s in targets if id(s) in waiting]  # read by _release_in_flight
         try:
@@ -216,6 +224,27 @@ class OverlapLoop(_Base):
         for s in finished:
             if id(s) in back:
                 self.cache.truncate(s.seq_id, self.cache.seq_len(s.seq_id) - 1)
+
+    def _abort_in_flight(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Of ``seqs`` (being aborted), those the step in flight computes: the blocks of their
+        tokens in it are kept as suspect (dropped if the step fails), and the caller frees them
+        without publishing (their keys and values are not known to be written yet)."""
+        step = self._in_flight
+        if step is None:
+            return []
+        ids = {id(s) for s in seqs}
+        cache = self.cache
+        hit: dict[int, Sequence] = {}
+        for s in step.out.decodes:
+            if id(s) in ids and s.seq_id in cache:
+                n = cache.seq_len(s.seq_id)
+                step.suspect += cache.blocks_of_tokens(s.seq_id, n - 1, n)
+                hit[id(s)] = s
+        for c in step.out.chunks:
+            if id(c.seq) in ids and c.num_tokens and c.seq.seq_id in cache:
+                step.suspect += cache.blocks_of_tokens(c.seq.seq_id, c.start, c.start + c.num_tokens)
+                hit[id(c.seq)] = c.seq
+        return list(hit.values())
 
     def _recover_steps(self, outs: list[SchedulerOutput], scheduling_failed: bool) -> None:
         """Undo every step in flight (see the module docstring)."""

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kvforge.errors import ConfigError
 
-__all__ = ["SamplingParams", "SamplingBatch", "sample", "uniform_noise", "MAX_SEED"]
+__all__ = ["SamplingParams", "SamplingBatch", "sample", "to_device", "uniform_noise", "MAX_SEED"]
 
 #: Largest accepted ``SamplingParams.seed`` (seeds are int64 on the device).
 MAX_SEED = 2**63 - 1
@@ -141,6 +141,15 @@ def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
     return (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a device tensor without waiting for the device: on a GPU through
+    page-locked memory and a non-blocking copy (a copy from pageable memory waits until every
+    queued kernel has finished, which would undo the overlap of asynchronous scheduling)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def sample(logits: Tensor, batch: SamplingBatch | None) -> Tensor:
     """Token ids (int64 ``[N]``) from float32 ``logits`` ``[N, vocab]``.
 
@@ -150,21 +159,20 @@ def sample(logits: Tensor, batch: SamplingBatch | None) -> Tensor:
         return greedy
     dev = logits.device
     n, vocab = logits.shape
-    temp = torch.tensor(batch.temperature, dtype=torch.float32, device=dev)
+    temp = to_device(batch.temperature, torch.float32, dev)
     is_greedy = temp == 0
     scaled = logits / torch.where(is_greedy, 1.0, temp)[:, None]
-    noise = uniform_noise(torch.tensor(batch.seed, dtype=torch.int64, device=dev),
-                          torch.tensor(batch.step, dtype=torch.int64, device=dev), vocab)
+    noise = uniform_noise(to_device(batch.seed, torch.int64, dev), to_device(batch.step, torch.int64, dev), vocab)
     gumbel = -torch.log(-torch.log(noise))
     if any(k > 0 for k in batch.top_k) or any(p < 1.0 for p in batch.top_p):
         sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
         rank = torch.arange(vocab, device=dev)[None, :]
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in batch.top_k], device=dev)
+        k = to_device([k if 0 < k < vocab else vocab for k in batch.top_k], torch.int64, dev)
         keep = rank < k[:, None]
         sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        top_p = torch.tensor(batch.top_p, dtype=torch.float32, device=dev)
+        top_p = to_device(batch.top_p, torch.float32, dev)
         keep &= (mass_before < top_p[:, None]) | (rank == 0)
         scores = sorted_logits.masked_fill(~keep, float("-inf")) + gumbel.gather(1, order)
         drawn = order.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(1)

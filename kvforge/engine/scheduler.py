@@ -148,12 +148,13 @@ class Scheduler:
         self.running.append(seq)
         self.max_concurrent = max(self.max_concurrent, len(self.running))
 
-    def finish(self, seqs: list[Sequence]) -> None:
-        """Drop finished sequences from the queues and free their blocks."""
+    def finish(self, seqs: list[Sequence], publish: bool = True) -> None:
+        """Drop finished sequences from the queues and free their blocks (``publish``: their
+        full prompt blocks go to the remote tier, if any)."""
         done = {id(s) for s in seqs}
         for s in seqs:
             if s.seq_id in self.cache:
-                self.cache.free_sequence(s.seq_id)
+                self.cache.free_sequence(s.seq_id, publish=publish)
         self.running = [s for s in self.running if id(s) not in done]
         if self.swapped:
             self.swapped = deque(s for s in self.swapped if id(s) not in done)

@@ -26,7 +26,7 @@ import torch
 from kvforge.engine.outputs import request_output
 from kvforge.engine.overlap import InFlightStep, OverlapLoop
 from kvforge.engine.request import Request, RequestOutput, Sequence, SequenceStatus
-from kvforge.engine.sampling import SamplingBatch, sample
+from kvforge.engine.sampling import SamplingBatch, sample, to_device
 from kvforge.engine.scheduler import Scheduler, SchedulerOutput
 from kvforge.engine.speculative import NgramIndex, accept_greedy
 from kvforge.errors import KVForgeError, OutOfBlocksError
@@ -111,7 +111,7 @@ class StepLoop(OverlapLoop):
                 else:
                     logits = self.runner.execute(out)
                     if rows is not None:
-                        logits = logits[torch.as_tensor(rows, device=logits.device)]
+                        logits = logits[to_device(rows, torch.int64, logits.device)]
                     tokens = sample(logits, self._sampling_batch(targets)).tolist()
         except BaseException:
             suspect = self._undo_drafts(drafts)
@@ -205,7 +205,7 @@ class StepLoop(OverlapLoop):
         picks = logits.argmax(dim=-1).tolist()
         others = plain + [ch.seq for ch in out.chunks if ch.samples]  # one token each, sampled as usual
         other_rows = list(range(len(plain))) + list(chunk_row.values())
-        sampled = sample(logits[torch.as_tensor(other_rows, device=logits.device)],
+        sampled = sample(logits[to_device(other_rows, torch.int64, logits.device)],
                          self._sampling_batch(others)).tolist() if others else []
         first = {id(s): tok for s, tok in zip(others, sampled)}
         more: dict[int, list[int]] = {}
