@@ -6,9 +6,10 @@ casts and the uint8 bit decoding that hardware without OCP fp8 runs), against
 the dense float64 oracle on the dequantized values, with every cache row and
 output row inside a wider NaN-filled one; ``copy_blocks`` moving bytes; and a
 ``KVCache`` on the Triton backend storing what the torch backend stores.
-Model dtypes are float16, float32 and bfloat16: with a bfloat16 model the
-fp8 reads compute in float16, so the interpreter (which mishandles bfloat16
-arithmetic) runs them too; ``tests/gpu/test_fp8_gpu.py`` runs them on a GPU.
+Model dtypes are float16 and float32, and bfloat16 on the native read path:
+with a bfloat16 model that path computes in float16, so the interpreter
+(which mishandles bfloat16 arithmetic) runs it too; the bits path keeps
+bfloat16 dots and runs in ``tests/gpu/test_fp8_gpu.py``.
 
 Runs only with ``TRITON_INTERPRET=1`` set before triton is first imported:
 ``tests/test_fp8.py::test_fp8_triton_kernels_under_interpreter`` runs it so
@@ -121,8 +122,7 @@ def _fp8_kv(lens, heads, dim, dtype, gen):
     (torch.float32, 32, 4, 3, {"sliding_window": 7}),
     (torch.float16, 80, 2, 2, {"soft_cap": 3.0}),
     (torch.float32, 24, 8, 1, {"scale": 0.4}),
-    (torch.bfloat16, 32, 8, 2, {}),
-], ids=["fp16-16", "fp32-32-window", "fp16-80-cap", "fp32-24-scale", "bf16-32"])
+], ids=["fp16-16", "fp32-32-window", "fp16-80-cap", "fp32-24-scale"])
 def test_decode_matches_float64_on_the_dequantized_cache(read_path, dtype, model_dtype, head_dim, block_size,
                                                         num_splits, options) -> None:
     gen = torch.Generator().manual_seed(head_dim + block_size)
@@ -146,8 +146,7 @@ def test_decode_matches_float64_on_the_dequantized_cache(read_path, dtype, model
 @pytest.mark.parametrize("model_dtype, head_dim, block_size, options", [
     (torch.float16, 16, 4, {}),
     (torch.float32, 48, 8, {"sliding_window": 5, "soft_cap": 6.0}),
-    (torch.bfloat16, 32, 8, {"sliding_window": 6}),
-], ids=["fp16-16", "fp32-48-window-cap", "bf16-32-window"])
+], ids=["fp16-16", "fp32-48-window-cap"])
 def test_prefill_matches_float64_on_the_dequantized_cache(read_path, dtype, model_dtype, head_dim, block_size,
                                                          options) -> None:
     gen = torch.Generator().manual_seed(head_dim * 3 + block_size)
@@ -167,6 +166,40 @@ def test_prefill_matches_float64_on_the_dequantized_cache(read_path, dtype, mode
         want = dense_attention(query[rows], dequantize(keys[i], ks, torch.float64),
                                dequantize(values[i], vs, torch.float64), torch.arange(n - q_len, n), **options)
         torch.testing.assert_close(out[rows].double(), want, **TOL[model_dtype])
+
+
+@pytest.mark.parametrize("dtype", FP8, ids=str)
+def test_a_bfloat16_model_reads_fp8_natively_through_float16_dots(dtype) -> None:
+    """Decode and prefill with a bfloat16 model over an fp8 cache, native reads (their dots run
+    in float16), against float64 on the dequantized values."""
+    gen = torch.Generator().manual_seed(77)
+    lens, new, heads, dim = [13, 1, 0, 26], [13, 1, 0, 5], 2, 32
+    keys, values, ks, vs = _fp8_kv(lens, heads, dim, dtype, gen)
+    paged = paged_from_dense(keys, values, 8, num_chunks=2, row_pad=8, generator=gen)
+    view = describe_cache(paged.k_cache, paged.v_cache, paged.chunk_offsets, k_scale=ks, v_scale=vs,
+                          model_dtype=torch.bfloat16)
+    assert triton_fp8.decode_mode(dtype, torch.device("cpu")) == 1
+    query = in_wide_rows((torch.randn(len(lens), 6, dim, generator=gen) * 3).bfloat16())
+    out = in_wide_rows(torch.full_like(query, float("nan")))
+    paged_decode_attention(query, view, None, paged.block_tables, paged.context_lens, out=out, num_splits=2,
+                           backend="triton")
+    assert wide_rows_untouched(out)
+    for i, n in enumerate(lens):
+        want = dense_attention(query[i:i + 1], dequantize(keys[i], ks, torch.float64),
+                               dequantize(values[i], vs, torch.float64), torch.tensor([n - 1]))
+        torch.testing.assert_close(out[i:i + 1].double(), want, **TOL[torch.bfloat16])
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(new)]), dtype=torch.int32)
+    query = in_wide_rows((torch.randn(sum(new), 6, dim, generator=gen) * 3).bfloat16())
+    out = in_wide_rows(torch.full_like(query, float("nan")))
+    paged_prefill_attention(query, view, None, paged.block_tables, cu, paged.context_lens, out=out,
+                            backend="triton", sliding_window=6)
+    assert wide_rows_untouched(out)
+    for i, (n, q_len) in enumerate(zip(lens, new)):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        want = dense_attention(query[rows], dequantize(keys[i], ks, torch.float64),
+                               dequantize(values[i], vs, torch.float64), torch.arange(n - q_len, n),
+                               sliding_window=6)
+        torch.testing.assert_close(out[rows].double(), want, **TOL[torch.bfloat16])
 
 
 def test_copy_blocks_moves_fp8_bytes_unchanged() -> None:

@@ -23,9 +23,10 @@ launch by :func:`decode_mode`:
   scale). Any GPU runs it: Ampere, ROCm, anything without OCP fp8.
 
 Either way the values reach ``tl.dot`` exactly (every e4m3 and e5m2 value is
-a float16): in float16 for a float16 or bfloat16 model (the kernels' ``HALF_DOTS``:
-fp8 widens to float16 in one instruction, to bfloat16 in several; the query
-is converted once, saturated at 65504), in float32 for a float32 one. The
+a float16): in the model dtype, except that a bfloat16 model's native reads
+compute in float16 (the kernels' ``HALF_DOTS``: fp8 widens to float16 in one
+instruction, to bfloat16 in several; the query is converted once, saturated
+at 65504, NaN kept). The
 per-head scales are applied in float32 outside the dot: the key scale with
 the softmax scale, the value scale on the normalized output.
 """

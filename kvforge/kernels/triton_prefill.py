@@ -220,7 +220,7 @@ def launch_prefill(
         MULTI_CHUNK=offsets is not None, CHUNKS_PAD=view.chunks_pad,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
         DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
-        FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 != 0 and query.dtype == torch.bfloat16,
+        FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 == 1 and query.dtype == torch.bfloat16,
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
 def variants(view: CacheView, group: int) -> list[tuple[int, int, int, int]]:
