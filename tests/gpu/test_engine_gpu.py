@@ -1,4 +1,4 @@
-"""The engine on a GPU: Triton kernels, fused ops and decode CUDA graphs.
+"""The engine on a GPU: Triton kernels, fused ops, decode CUDA graphs and asynchronous scheduling.
 
 float32 greedy tokens equal transformers' (run on the CPU) for the four
 architectures, with and without CUDA graphs, under preemption and with
@@ -53,6 +53,23 @@ def test_fp32_preemption_and_compaction_on_gpu(ckpt: tuple[str, list[list[int]]]
     assert compacting.cache.num_chunks > 1
     assert _run(compacting, compact=True) == expected
     assert compacting.stats().num_compactions > 0 and compacting.stats().num_graph_steps > 0
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_fp32_async_scheduling_matches_transformers(ckpt: tuple[str, list[list[int]]], graphs: bool) -> None:
+    """Steps launched before the one ahead is read (the sampled ids copied into the next
+    step's inputs on the device, into a captured graph's buffer too): transformers' tokens,
+    also with preemption in a small cache and compaction after every step."""
+    folder, expected = ckpt
+    engine = Engine(folder, num_blocks=64, block_size=16, device="cuda", dtype="float32", max_num_seqs=8,
+                    use_cuda_graphs=graphs, async_scheduling=True)
+    assert _run(engine) == expected
+    st = engine.stats()
+    assert st.num_overlapped_steps > st.num_decode_steps // 2 and (st.num_graph_steps > 0) == graphs
+    tight = Engine(folder, num_blocks=10, block_size=8, device="cuda", dtype="float32", max_num_seqs=8,
+                   max_num_batched_tokens=16, use_cuda_graphs=graphs, async_scheduling=True, enable_compaction=True)
+    assert _run(tight, compact=True) == expected
+    assert tight.stats().num_preemptions > 0 and tight.stats().num_overlapped_steps > 0
 
 
 def test_bf16_random_model_runs_graphs() -> None:
