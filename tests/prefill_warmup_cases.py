@@ -28,3 +28,29 @@ def test_every_variant_launches_once_per_batch_size_and_the_cache_is_untouched()
     assert warm_up_prefill(view, 4, backend="triton", batch_sizes=(1, 2, 16)) == 3 * num
     assert warm_up_prefill(view, 4, backend="triton", sliding_window=4) == num
     assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_a_transformers_model_warms_up_its_windows_and_soft_cap(tmp_path, monkeypatch) -> None:
+    """The engine's warm-up of a transformers model (Gemma 2: sliding-window and full layers,
+    an attention soft cap) launches every prefill variant once per kind of layer, with the
+    soft cap its layers pass, so none compiles mid-serving."""
+    from kvforge.engine import Engine
+    from kvforge.engine.cuda_graphs import warm_up_prefill as warm_engine
+    from tests.hf_models import save_tiny_model
+
+    save_tiny_model("gemma2", tmp_path)
+    engine = Engine(str(tmp_path), num_blocks=16, block_size=8, model_impl="transformers", backend="triton",
+                    device="cpu")
+    assert engine.model.attn_soft_cap == 5.0
+    seen = []
+    launch = triton_prefill.launch_prefill
+
+    def recording(*args, **kwargs):  # the real launch, its variant recorded
+        seen.append((kwargs["sliding_window"], kwargs["soft_cap"]))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_prefill, "launch_prefill", recording)
+    num = len(triton_prefill.variants(engine.cache.layer_view(0), engine.model.config.num_heads
+                                      // engine.model.config.num_kv_heads))
+    assert warm_engine(engine.model, engine.cache) == 2 * num
+    assert sorted(set(seen), key=str) == [(8, 5.0), (None, 5.0)]

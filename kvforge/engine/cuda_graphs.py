@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import TYPE_CHECKING, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -127,19 +127,21 @@ class DecodeGraphs:
         return out[:batch]
 
 
-def warm_up_prefill(model: LlamaModel, cache: KVCache) -> int:
+def warm_up_prefill(model: Any, cache: KVCache) -> int:
     """Compile the prefill kernel's variants for each kind of layer of ``model`` (full
-    attention, each sliding window) once, graphs or not; the number of launches (0 on the
-    torch backend)."""
+    attention, each sliding window; with or without a logit soft cap) once, graphs or not;
+    the number of launches (0 on the torch backend). ``model``: the native decoder or a
+    :class:`~kvforge.engine.hf_model.TransformersModel` (its ``attn_soft_cap``)."""
     c = model.config
+    cap = getattr(model, "attn_soft_cap", None)
     start = time.perf_counter()
     launches = 0
     first_of: dict[int | None, int] = {}
     for layer, window in enumerate(c.sliding_windows):
         first_of.setdefault(window, layer)
-    for window, layer in first_of.items():
-        launches += kernels.warm_up_prefill(cache.layer_view(layer), c.num_heads, scale=model.scale,
-                                            sliding_window=window, backend=cache.backend)
+    for window, layer in first_of.items():  # the scale is a runtime argument: any one compiles the variant
+        launches += kernels.warm_up_prefill(cache.layer_view(layer), c.num_heads, scale=getattr(model, "scale", None),
+                                            sliding_window=window, soft_cap=cap, backend=cache.backend)
     if launches:
         log.info("compiled %d prefill kernel launches in %.2f s", launches, time.perf_counter() - start)
     return launches

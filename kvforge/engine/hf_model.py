@@ -239,6 +239,9 @@ class TransformersModel:
         self.identity = ""
         self._keeps_rows = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self.hf_model = hf_model
+        #: the attention logits' soft cap its layers pass (Gemma 2), or None
+        cap = getattr(_text_config(hf_model.config), "attn_logit_softcapping", None)
+        self.attn_soft_cap: float | None = float(cap) if cap else None
         before, was_training = hf_model.config._attn_implementation, hf_model.training
         hf_model.set_attn_implementation(ENGINE_ATTENTION_NAME)
         hf_model.eval()

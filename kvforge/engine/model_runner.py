@@ -60,7 +60,7 @@ class ModelRunner:
         compiles its prefill kernel variants instead, so that no request waits for one."""
         if self.graphs is not None:
             self.graphs.capture_all()
-        elif self.device.type == "cuda" and isinstance(self.model, LlamaModel):
+        elif self.device.type == "cuda":
             warm_up_prefill(self.model, self.cache)
 
     def uses_graph(self, out: SchedulerOutput) -> bool:
