@@ -205,11 +205,11 @@ class OverlapLoop(_Base):
         waiting = {id(s) for s in launched.out.decodes} if launched is not None else set()
         if prev.out.chunks and launched is None:  # timed alone: nothing was prepared behind it
             self.scheduler.policy.record_prefill(sum(ch.num_tokens for ch in prev.out.chunks), now - prev.started)
-        self._give_back = [s for s in targets if id(s) in waiting]  # read by _release_in_flight
+        self._give_back = tuple(s for s in targets if id(s) in waiting)  # read by _release_in_flight
         try:
             done = self._postprocess(targets, [t for _, t in live], now, prev.forks)
         finally:
-            self._give_back = []
+            self._give_back = ()
         commit = [s for s in targets if id(s) in waiting and s.status is SequenceStatus.RUNNING]
         if commit:
             self.cache.commit_token_ids([s.seq_id for s in commit], [s.token_ids[-1] for s in commit])

@@ -52,7 +52,7 @@ class StepLoop(OverlapLoop):
     :class:`~kvforge.engine.overlap.OverlapLoop`'s."""
 
     #: asynchronous scheduling: the sequences whose slot ahead goes back if they finish
-    _give_back: list[Sequence] = []
+    _give_back: tuple[Sequence, ...] = ()
     _in_flight: InFlightStep | None = None
 
     cache: KVCache
