@@ -219,6 +219,7 @@ class TensorParallel:
         self.pending_ops: list[tuple[int, np.ndarray]] = []
         self._fault = _fault()
         self._steps = 0
+        self._zeros: Tensor | None = None  # the broadcast steps' padding words, on rank 0's device
         port = _free_port()
         ctx = mp.get_context("spawn")
         self.conns = []
@@ -341,6 +342,12 @@ class TensorParallel:
             self.stop()
             raise err from exc
 
+    def _pad(self, device: torch.device) -> Tensor:
+        """:data:`_ALIGN_WORDS` int32 zeros on ``device``, made once."""
+        if self._zeros is None or self._zeros.device != device:
+            self._zeros = torch.zeros(_ALIGN_WORDS, dtype=torch.int32, device=device)
+        return self._zeros
+
     def send_step(self, batch: Any, num_chunks: int) -> None:
         """Broadcast a step's inputs (and the block copies made since the last one)."""
         self._steps += 1
@@ -365,7 +372,7 @@ class TensorParallel:
         if batch.logits_indices is not None:
             parts.append(batch.logits_indices)
             ns = batch.logits_indices.shape[0]
-        flat = torch.cat([_aligned_part(p) for p in parts])
+        flat = torch.cat(_aligned_parts(parts, self._pad(dev)))
         header = torch.tensor([_OP_STEP, batch.num_tokens, nd, npf, wd, wp, ns, int(slot64), len(ops),
                                num_chunks, flat.numel(), int(batch.decode_block_tables is not None)] +
                               [0] * (_HEADER - 12), dtype=torch.int64)
@@ -565,11 +572,18 @@ def _replay(ops: np.ndarray, cache: Any) -> None:
 _ALIGN_WORDS = 16
 
 
-def _aligned_part(p: Tensor) -> Tensor:
-    """``p`` as int32 words, zero-padded to a multiple of :data:`_ALIGN_WORDS`."""
-    flat = p.reshape(-1).to(torch.int32)
-    pad = -flat.numel() % _ALIGN_WORDS
-    return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+def _aligned_parts(parts: list[Tensor], zeros: Tensor) -> list[Tensor]:
+    """``parts`` as int32 words, each followed by as many of ``zeros`` (:data:`_ALIGN_WORDS`
+    int32 zeros on their device) as pad it to a multiple of :data:`_ALIGN_WORDS`: one
+    ``torch.cat`` of the list makes the broadcast step."""
+    out: list[Tensor] = []
+    for p in parts:
+        flat = p.reshape(-1).to(torch.int32)
+        out.append(flat)
+        pad = -flat.numel() % _ALIGN_WORDS
+        if pad:
+            out.append(zeros[:pad])
+    return out
 
 
 def _unpack(h: list[int], flat: Tensor, cache: Any) -> Any:

@@ -107,10 +107,11 @@ class Staging:
                 if ev is not None:
                     ev.synchronize()
         self._hosts = hosts
+        self._hosts_np = [h.numpy() for h in hosts]
         self._copied: list[torch.cuda.Event | None] = [None] * len(hosts)
         self._turn = 0
         self.host = hosts[0]
-        self.host_np = self.host.numpy()
+        self.host_np = self._hosts_np[0]
         self.dev = self.host if self.device.type == "cpu" else torch.empty(size, dtype=torch.int32, device=self.device)
         Staging._ids += 1
         self.generation_id = Staging._ids  # unique per allocation: a moved buffer is never mistaken
@@ -123,7 +124,7 @@ class Staging:
             if ev is not None:
                 ev.synchronize()
             self.host = self._hosts[self._turn]
-            self.host_np = self.host.numpy()
+            self.host_np = self._hosts_np[self._turn]
 
     def upload(self, parts: Sequence[np.ndarray], starts: Sequence[int] | None = None) -> list[Tensor]:
         """Device views of ``parts`` (each int32 or int64, copied into the buffer).
