@@ -25,7 +25,11 @@ and prefill (TFLOP/s), each with its speed ratio to bf16 and its error
 against the bf16 output, and the quantizing store. ``--fp8-only`` prints
 just those rows.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}] [--fp8-only]
+``--launch`` prints only the launch-cost rows, at host-bound shapes too (a
+decode of one sequence, of 16 x 512 tokens, a store of 16 tokens) and a
+markdown summary of eager / in-graph time and host time per call.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}] [--fp8-only] [--launch]
 """
 from __future__ import annotations
 
@@ -496,6 +500,73 @@ def sweep(gen, which: str) -> None:
     torch.cuda.empty_cache()
 
 
+#: ``--launch`` shapes: (batch, context, query heads, KV heads, head dim); the small ones are
+#: host-bound when each call pays tens of microseconds in Python
+LAUNCH_DECODE_SHAPES = ((1, 128, 32, 8, 128), (16, 512, 32, 8, 128), (128, 1024, 32, 4, 64),
+                        (64, 4096, 32, 8, 128), (256, 1024, 32, 8, 128))
+
+
+def bench_launch(gen) -> None:
+    """Eager against in-graph time and the host time of one call, at host-bound and
+    GPU-bound shapes, over a CacheView (the storage layer's path): the thin-wrapper rows."""
+    summary = []
+    for batch, length, hq, hkv, dim in LAUNCH_DECODE_SHAPES:
+        shape = f"B={batch} L={length} {hq}/{hkv}h d{dim}"
+        q = torch.randn(batch, hq, dim, dtype=DT, device=DEV)
+        k = torch.randn(batch, length, hkv, dim, dtype=DT, device=DEV)
+        k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
+        del k
+        view = describe_cache(k_cache, v_cache)
+        ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+        out = torch.full_like(q, float("nan"))
+        fn = lambda: paged_decode_attention(q, view, None, tables, ctx, out=out)  # noqa: E731
+        fn()
+        err = rel_err(out, reference.paged_decode_attention(q, k_cache, v_cache, tables, ctx))
+        t_e, t_g, t_h = bench(fn), bench_graph(fn), host_time(fn)
+        nbytes = 2 * batch * length * hkv * dim * 2
+        splits = decode_splits(batch, tables.shape[1] * 16, view)
+        row("launch decode eager", shape, t_e, nbytes, f"rel_err={err:.1e} splits={splits}")
+        row("launch decode graph", shape, t_g, nbytes, "kernel time without launch cost")
+        row("launch decode host", shape, t_h, None, f"host per call; eager/graph {t_e / t_g:.2f}x")
+        summary.append(("decode", shape, t_e, t_g, t_h))
+        del k_cache, v_cache, view
+    for batch, length in ((1, 128), (4, 512), (8, 4096)):
+        shape = f"{batch} x {length} causal d{D}"
+        q = torch.randn(batch * length, HQ, D, dtype=DT, device=DEV)
+        k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
+        k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
+        del k
+        view = describe_cache(k_cache, v_cache)
+        cu = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * length
+        ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+        out = torch.empty_like(q)
+        fn = lambda: paged_prefill_attention(q, view, None, tables, cu, ctx, out=out)  # noqa: E731
+        t_e, t_g, t_h = bench(fn), bench_graph(fn), host_time(fn, calls=16)
+        row("launch prefill eager", shape, t_e, None)
+        row("launch prefill graph", shape, t_g, None, "kernel time without launch cost")
+        row("launch prefill host", shape, t_h, None, f"host per call; eager/graph {t_e / t_g:.2f}x")
+        summary.append(("prefill", shape, t_e, t_g, t_h))
+        del k_cache, v_cache, view
+    for num_tokens in (16, 8192):
+        shape = f"{num_tokens} tok {HKV}h d{D}"
+        k_cache = torch.zeros(4 * num_tokens // 16 + 16, 16, HKV, D, dtype=DT, device=DEV)
+        view = describe_cache(k_cache, torch.zeros_like(k_cache))
+        slots = torch.randperm(k_cache.shape[0] * 16, generator=gen)[:num_tokens].to(DEV)
+        key = torch.randn(num_tokens, HKV, D, dtype=DT, device=DEV)
+        fn = lambda: store_kv(key, key, view, None, slots)  # noqa: E731
+        t_e, t_g, t_h = bench(fn), bench_graph(fn), host_time(fn)
+        row("launch store_kv eager", shape, t_e, None)
+        row("launch store_kv graph", shape, t_g, None, "kernel time without launch cost")
+        row("launch store_kv host", shape, t_h, None, f"host per call; eager/graph {t_e / t_g:.2f}x")
+        summary.append(("store_kv", shape, t_e, t_g, t_h))
+        del k_cache, view
+    print("\n| kernel | shape | eager us | graph us | eager / graph | host us per call |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kernel, shape, t_e, t_g, t_h in summary:
+        print(f"| {kernel} | {shape} | {t_e * 1e6:.1f} | {t_g * 1e6:.1f} | {t_e / t_g:.2f}x | {t_h * 1e6:.1f} |")
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     global COPY_TBS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -504,6 +575,8 @@ def main() -> None:
                         help="also time several launch configs")
     parser.add_argument("--fp8-only", action="store_true",
                         help="only the fp8 rows: fp8_e4m3 decode / prefill / store against bf16 at the same shapes")
+    parser.add_argument("--launch", action="store_true",
+                        help="only the launch-cost rows: eager, in-graph and host time per call at host-bound shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA/ROCm device")
@@ -518,6 +591,9 @@ def main() -> None:
     print(f"{'kernel':<{KERNEL_W}} {'shape':<26} {'time_us':>10} {'TB/s':>6} {'%copy':>6}  note")
     if args.fp8_only:
         run_fp8(gen)
+        return
+    if args.launch:
+        bench_launch(gen)
         return
     if args.sweep != "none":
         sweep(gen, args.sweep)

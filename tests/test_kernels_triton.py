@@ -289,3 +289,23 @@ def test_copy_blocks_odd_head_dim_and_one_token_blocks() -> None:
     reference.copy_blocks(want, src, dst)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_a_remembered_launch_serves_fresh_inputs() -> None:
+    """The wrapper keeps one launch per call signature (kvforge.kernels.ops._PLANS); the
+    interpreter runs it again for each call, on that call's tensors."""
+    from kvforge.kernels import ops
+
+    gen = torch.Generator().manual_seed(11)
+    k = torch.randn(6, 8, 2, 16, generator=gen).half()
+    v = torch.randn(6, 8, 2, 16, generator=gen).half()
+    view = describe_cache(k, v)
+    for _ in range(2):
+        q = torch.randn(2, 4, 16, generator=gen).half()
+        tables = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(2)]).int()
+        ctx = torch.tensor([5, 24], dtype=torch.int32)
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, view, None, tables, ctx, out=out, num_splits=2, backend="triton")
+        want = reference.paged_decode_attention(q, [k], [v], tables, ctx, scale=16**-0.5)
+        torch.testing.assert_close(out, want, **TOL[torch.float16])
+    assert sum(1 for key in ops._PLANS if key[1] == view.serial) == 1

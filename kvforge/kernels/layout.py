@@ -21,6 +21,7 @@ only when the chunk set changes.
 """
 from __future__ import annotations
 
+import itertools
 import numbers
 
 from collections import abc
@@ -80,7 +81,7 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-class CacheView(NamedTuple):
+class _CacheViewFields(NamedTuple):
     """One layer's K and V chunk lists, checked, with their offset table.
 
     Build it with :func:`describe_cache` (never by hand: the kernels trust
@@ -97,6 +98,11 @@ class CacheView(NamedTuple):
     ``v_scale`` (float32 ``[num_kv_heads]`` on the device, read at every
     launch, so an in-place update is seen by the next one) dequantize it:
     ``x = stored * scale``. Both are None otherwise.
+
+    ``serial``: a number unique to each :func:`describe_cache` call (0: a view
+    made otherwise). The kernel entry points remember the launch they built for
+    a view by its serial and the call's tensor metadata, so repeating a call
+    over the same view checks and prepares nothing again.
     """
 
     k_chunks: tuple[Tensor, ...]
@@ -112,6 +118,7 @@ class CacheView(NamedTuple):
     k_scale: Tensor | None = None
     v_scale: Tensor | None = None
     max_chunks: int = 0
+    serial: int = 0
 
     @property
     def is_fp8(self) -> bool:
@@ -135,6 +142,17 @@ class CacheView(NamedTuple):
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
+
+
+class CacheView(_CacheViewFields):
+    __doc__ = _CacheViewFields.__doc__
+    __slots__ = ()
+
+    def _replace(self, /, **fields: object) -> CacheView:
+        """A copy with ``fields`` changed; it is no longer the described view, so it loses
+        its serial (the kernels' launch memo key) unless one is given."""
+        fields.setdefault("serial", 0)
+        return super()._replace(**fields)
 
 
 def as_chunks(cache: KVCacheArg, name: str, ndim: int) -> tuple[Tensor, ...]:
@@ -203,6 +221,10 @@ def chunk_offsets(chunks: Sequence[Tensor]) -> Tensor:
     return torch.tensor(_offsets_list(seq, "chunks"), dtype=torch.int64, device=seq[0].device)
 
 
+#: serials of described views (from 1; 0 marks a view made by hand)
+_SERIALS = itertools.count(1)
+
+
 def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tensor | None = None, *,
                    k_scale: Tensor | float | None = None, v_scale: Tensor | float | None = None,
                    model_dtype: torch.dtype | None = None, max_chunks: int | None = None) -> CacheView:
@@ -268,7 +290,7 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
         if model_dtype is not None and model_dtype != k0.dtype:
             raise KernelError(f"model_dtype: a {k0.dtype} cache takes and gives {k0.dtype}, got {model_dtype}")
         return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, k0.dtype, k0.device, offsets,
-                         k0.dtype, max_chunks=most)
+                         k0.dtype, max_chunks=most, serial=next(_SERIALS))
     if k_scale is None or v_scale is None:
         raise KernelError(
             f"an {k0.dtype} cache needs its dequantization scales: describe it with "
@@ -279,7 +301,7 @@ def describe_cache(k_cache: KVCacheArg, v_cache: KVCacheArg, chunk_offsets: Tens
     ks = as_scale(k_scale, "k_scale", num_kv_heads, k0.device)
     vs = as_scale(v_scale, "v_scale", num_kv_heads, k0.device)
     return CacheView(k, v, chunk_blocks, block_size, num_kv_heads, head_dim, model_dtype, k0.device, offsets,
-                     k0.dtype, ks, vs, max_chunks=most)
+                     k0.dtype, ks, vs, max_chunks=most, serial=next(_SERIALS))
 
 
 def resolve_offsets(

@@ -15,12 +15,21 @@ from :func:`~kvforge.kernels.describe_cache` in place of ``k_cache`` (with
 is always passed as a view (it carries the scales and the model dtype):
 :func:`store_kv` quantizes, the attention kernels dequantize inside, and
 :func:`copy_blocks` moves its bytes unchanged.
+
+Over a view the checks and the launch preparation run once per *call
+signature*: the view's serial, every tensor argument's shape, dtype, device
+and strides, and the options. The prepared launch is remembered under that
+key (:data:`_PLANS`) and a later call with the same signature only reads the
+metadata to form the key, runs the value checks if ``validate`` asks for
+them, and launches: a few microseconds of host time instead of tens. A
+signature that differs in anything is checked in full again, so a bad
+argument is refused the same way whatever came before it.
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +52,34 @@ __all__ = ["store_kv", "paged_decode_attention", "paged_prefill_attention", "cop
 #: enters only after its checks passed, so a failed bind is retried (and raises
 #: again) on the next call rather than cached.
 _TRITON_MODULES: dict[tuple[str, str], ModuleType] = {}
+
+
+#: Prepared launches by call signature (see the module docstring): each a callable
+#: ``(view, *tensors)`` built after its checks passed. It holds no tensor of the view
+#: (only the pointers, which the view's serial pins), so it keeps no memory alive.
+_PLANS: dict[tuple, Callable[..., None]] = {}
+#: Bound on :data:`_PLANS`; when full it is emptied (plans are cheap to rebuild).
+_MAX_PLANS = 4096
+
+
+def _meta(t: Tensor) -> tuple:
+    """What the checks of a tensor argument depend on (an AttributeError when it is not one)."""
+    return t.shape, t.dtype, t.device, t.stride()
+
+
+def _remember(key: tuple | None, plan: Callable[..., None]) -> None:
+    if key is None:
+        return
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
+def _view_key(k_cache: object, v_cache: object, chunk_offsets: object) -> int:
+    """The serial of a described view passed alone (0: no memo for this call)."""
+    if type(k_cache) is CacheView and v_cache is None and chunk_offsets is None:
+        return k_cache.serial
+    return 0
 
 
 def _bind_triton_module(name: str, device_type: str) -> ModuleType:
@@ -114,6 +151,31 @@ def store_kv(
     leave either one's values. ``validate`` (default: on CPU only) checks
     every slot is -1 or inside the pool.
     """
+    memo = None
+    if serial := _view_key(k_cache, v_cache, chunk_offsets):
+        try:
+            memo = ("store", serial, _meta(key), _meta(value), _meta(slot_mapping), backend)
+        except AttributeError:  # not tensors: the checks say which
+            memo = None
+    plan = _PLANS.get(memo) if memo is not None else None
+    if plan is None:
+        view, plan = _plan_store(key, value, k_cache, v_cache, slot_mapping, chunk_offsets, backend)
+        _remember(memo, plan)
+    else:
+        view = k_cache
+    if should_validate(validate, view.device) and slot_mapping.numel():
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        if lo < -1 or hi >= view.num_slots:
+            bad = lo if lo < -1 else hi
+            raise KernelError(f"slot_mapping: slot {bad} is outside [-1, {view.num_slots}) for {view.num_blocks} blocks")
+    plan(view, key, value, slot_mapping)
+
+
+def _plan_store(key: Tensor, value: Tensor, k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None,
+                slot_mapping: Tensor, chunk_offsets: Tensor | None,
+                backend: str) -> tuple[CacheView, Callable[..., None]]:
+    """Checks a :func:`store_kv` call's metadata; returns the view and the launch
+    ``(view, key, value, slot_mapping)`` for calls of this signature."""
     view = _cache_view(k_cache, v_cache, chunk_offsets)
     shape = (None, view.num_kv_heads, view.head_dim)
     k = check_tensor(key, "key", 3, view.device)
@@ -128,16 +190,21 @@ def store_kv(
             raise KernelError(f"{name}: expected stride 1 on head_dim, got {t.stride(2)}")
     if v.shape[0] != k.shape[0]:
         raise KernelError(f"value: expected {k.shape[0]} tokens like key, got {v.shape[0]}")
-    slots = check_index(slot_mapping, "slot_mapping", (k.shape[0],), view.device, (torch.int32, torch.int64))
-    if should_validate(validate, view.device) and slots.numel():
-        lo, hi = int(slots.min()), int(slots.max())
-        if lo < -1 or hi >= view.num_slots:
-            bad = lo if lo < -1 else hi
-            raise KernelError(f"slot_mapping: slot {bad} is outside [-1, {view.num_slots}) for {view.num_blocks} blocks")
+    check_index(slot_mapping, "slot_mapping", (k.shape[0],), view.device, (torch.int32, torch.int64))
     if resolve_backend(backend, view.device) == "torch":
-        reference.store_kv(k, v, view.k_chunks, view.v_chunks, slots, k_scale=view.k_scale, v_scale=view.v_scale)
-    elif k.shape[0]:
-        _triton_module("triton_store", view.device).launch_store(k, v, view, view.offsets, slots)
+        return view, _store_torch
+    if not k.shape[0]:
+        return view, _nothing
+    return view, _triton_module("triton_store", view.device).StoreLaunch(k, v, view, slot_mapping)
+
+
+def _store_torch(view: CacheView, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
+    reference.store_kv(key, value, view.k_chunks, view.v_chunks, slot_mapping, k_scale=view.k_scale,
+                       v_scale=view.v_scale)
+
+
+def _nothing(*args: object) -> None:
+    """The launch of a call with nothing to compute."""
 
 
 def paged_decode_attention(
@@ -160,28 +227,58 @@ def paged_decode_attention(
     ``[batch, num_q_heads, head_dim]`` in the query dtype. An fp8 cache is
     read as ``stored * scale`` inside the kernel.
     """
+    memo = None
+    if serial := _view_key(k_cache, v_cache, chunk_offsets):
+        try:
+            memo = ("decode", serial, _meta(query), _meta(block_tables), _meta(context_lens),
+                    None if out is None else _meta(out), type(scale), scale, type(sliding_window), sliding_window,
+                    type(soft_cap), soft_cap, type(num_splits), num_splits, backend)
+            plan = _PLANS.get(memo)
+        except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which
+            memo = plan = None
+    else:
+        plan = None
+    if plan is None:
+        view, plan = _plan_decode(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                  soft_cap, out, num_splits, chunk_offsets, backend)
+        _remember(memo, plan)
+    else:
+        view = k_cache
+    if should_validate(validate, view.device):
+        check_block_tables_values(view, block_tables, context_lens, sliding_window)
+    if out is None:
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    plan(view, query, block_tables, context_lens, out)
+    return out
+
+
+def _plan_decode(query: Tensor, k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None, block_tables: Tensor,
+                 context_lens: Tensor, scale: float | None, sliding_window: int | None, soft_cap: float | None,
+                 out: Tensor | None, num_splits: int | None, chunk_offsets: Tensor | None,
+                 backend: str) -> tuple[CacheView, Callable[..., None]]:
+    """Checks a :func:`paged_decode_attention` call's metadata; returns the view and the
+    launch ``(view, query, block_tables, context_lens, out)`` for calls of this signature."""
     view = _cache_view(k_cache, v_cache, chunk_offsets)
     q = check_query(query, view)
     batch = q.shape[0]
     tables = check_index(block_tables, "block_tables", (batch, None), view.device)
-    ctx = check_index(context_lens, "context_lens", (batch,), view.device)
+    check_index(context_lens, "context_lens", (batch,), view.device)
     check_options(scale, sliding_window, soft_cap)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= 256):
         raise KernelError(f"num_splits: expected an int in [1, 256] or None, got {num_splits!r}")
     out = check_out(out, q)
-    if should_validate(validate, view.device):
-        check_block_tables_values(view, tables, ctx, sliding_window)
     scale = view.head_dim**-0.5 if scale is None else float(scale)
     if resolve_backend(backend, view.device) == "torch":
-        out.copy_(reference.paged_decode_attention(
-            q, view.k_chunks, view.v_chunks, tables, ctx, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            k_scale=view.k_scale, v_scale=view.v_scale))
-    elif batch:
-        _triton_module("triton_decode", view.device).launch_decode(
-            q, view, view.offsets, tables, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            num_splits=num_splits)
-    return out
+        def run_torch(view: CacheView, q: Tensor, tables: Tensor, ctx: Tensor, out: Tensor) -> None:
+            out.copy_(reference.paged_decode_attention(
+                q, view.k_chunks, view.v_chunks, tables, ctx, scale=scale, sliding_window=sliding_window,
+                soft_cap=soft_cap, k_scale=view.k_scale, v_scale=view.v_scale))
+        return view, run_torch
+    if not batch:
+        return view, _nothing
+    return view, _triton_module("triton_decode", view.device).DecodeLaunch(
+        q, view, tables, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, num_splits=num_splits)
 
 
 def paged_prefill_attention(
@@ -200,34 +297,72 @@ def paged_prefill_attention(
     positions up to its own. Options as in :func:`paged_decode_attention`.
     Returns ``out`` ``[total_new_tokens, num_q_heads, head_dim]``.
     """
+    memo = None
+    if serial := _view_key(k_cache, v_cache, chunk_offsets):
+        try:
+            memo = ("prefill", serial, _meta(query), _meta(block_tables), _meta(cu_query_lens), _meta(context_lens),
+                    None if out is None else _meta(out), type(scale), scale, type(sliding_window), sliding_window,
+                    type(soft_cap), soft_cap, backend)
+            plan = _PLANS.get(memo)
+        except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which
+            memo = plan = None
+    else:
+        plan = None
+    if plan is None:
+        view, plan = _plan_prefill(query, k_cache, v_cache, block_tables, cu_query_lens, context_lens, scale,
+                                   sliding_window, soft_cap, out, chunk_offsets, backend)
+        _remember(memo, plan)
+    else:
+        view = k_cache
+    if should_validate(validate, view.device):
+        _check_prefill_values(view, query, block_tables, cu_query_lens, context_lens, sliding_window)
+    if out is None:
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    plan(view, query, block_tables, cu_query_lens, context_lens, out)
+    return out
+
+
+def _plan_prefill(query: Tensor, k_cache: KVCacheArg | CacheView, v_cache: KVCacheArg | None,
+                  block_tables: Tensor, cu_query_lens: Tensor, context_lens: Tensor, scale: float | None,
+                  sliding_window: int | None, soft_cap: float | None, out: Tensor | None,
+                  chunk_offsets: Tensor | None, backend: str) -> tuple[CacheView, Callable[..., None]]:
+    """Checks a :func:`paged_prefill_attention` call's metadata; returns the view and the
+    launch ``(view, query, block_tables, cu_query_lens, context_lens, out)``."""
     view = _cache_view(k_cache, v_cache, chunk_offsets)
     q = check_query(query, view)
     ctx = check_index(context_lens, "context_lens", (None,), view.device)
     batch = ctx.shape[0]
     tables = check_index(block_tables, "block_tables", (batch, None), view.device)
-    cu = check_index(cu_query_lens, "cu_query_lens", (batch + 1,), view.device)
+    check_index(cu_query_lens, "cu_query_lens", (batch + 1,), view.device)
     check_options(scale, sliding_window, soft_cap)
     out = check_out(out, q)
-    if should_validate(validate, view.device):
-        cu_l = cu.long()
-        q_lens = cu_l[1:] - cu_l[:-1]
-        if int(cu_l[0]) != 0 or int(cu_l[-1]) != q.shape[0]:
-            raise KernelError(f"cu_query_lens: expected to run from 0 to {q.shape[0]}, got {int(cu_l[0])}..{int(cu_l[-1])}")
-        if batch and int(q_lens.min()) < 0:
-            raise KernelError(f"cu_query_lens: expected non-decreasing values, got {cu.tolist()}")
-        if batch and bool((q_lens > ctx.long()).any()):
-            i = int((q_lens > ctx.long()).nonzero()[0])
-            raise KernelError(f"context_lens[{i}]={int(ctx[i])} is shorter than its {int(q_lens[i])} new tokens")
-        check_block_tables_values(view, tables, ctx, sliding_window, q_lens)
     scale = view.head_dim**-0.5 if scale is None else float(scale)
     if resolve_backend(backend, view.device) == "torch":
-        out.copy_(reference.paged_prefill_attention(
-            q, view.k_chunks, view.v_chunks, tables, cu, ctx, scale=scale, sliding_window=sliding_window,
-            soft_cap=soft_cap, k_scale=view.k_scale, v_scale=view.v_scale))
-    elif q.shape[0] and batch:
-        _triton_module("triton_prefill", view.device).launch_prefill(
-            q, view, view.offsets, tables, cu, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    return out
+        def run_torch(view: CacheView, q: Tensor, tables: Tensor, cu: Tensor, ctx: Tensor, out: Tensor) -> None:
+            out.copy_(reference.paged_prefill_attention(
+                q, view.k_chunks, view.v_chunks, tables, cu, ctx, scale=scale, sliding_window=sliding_window,
+                soft_cap=soft_cap, k_scale=view.k_scale, v_scale=view.v_scale))
+        return view, run_torch
+    if not (q.shape[0] and batch):
+        return view, _nothing
+    return view, _triton_module("triton_prefill", view.device).PrefillLaunch(
+        q, view, tables, ctx, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+def _check_prefill_values(view: CacheView, q: Tensor, tables: Tensor, cu: Tensor, ctx: Tensor,
+                          sliding_window: int | None) -> None:
+    """The value checks of a prefill call (they read the tensors: CPU, or ``validate=True``)."""
+    batch = ctx.shape[0]
+    cu_l = cu.long()
+    q_lens = cu_l[1:] - cu_l[:-1]
+    if int(cu_l[0]) != 0 or int(cu_l[-1]) != q.shape[0]:
+        raise KernelError(f"cu_query_lens: expected to run from 0 to {q.shape[0]}, got {int(cu_l[0])}..{int(cu_l[-1])}")
+    if batch and int(q_lens.min()) < 0:
+        raise KernelError(f"cu_query_lens: expected non-decreasing values, got {cu.tolist()}")
+    if batch and bool((q_lens > ctx.long()).any()):
+        i = int((q_lens > ctx.long()).nonzero()[0])
+        raise KernelError(f"context_lens[{i}]={int(ctx[i])} is shorter than its {int(q_lens[i])} new tokens")
+    check_block_tables_values(view, tables, ctx, sliding_window, q_lens)
 
 
 def _as_ids(ids: object, name: str) -> Tensor:

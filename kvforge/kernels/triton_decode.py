@@ -45,8 +45,9 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
+from kvforge.kernels.triton_launch import Launch, aligned, current_stream
 
-__all__ = ["launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
+__all__ = ["DecodeLaunch", "launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
 
 @triton.jit(do_not_specialize=["num_chunks", "num_splits"])
 def _decode_kernel(
@@ -302,53 +303,131 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
+class DecodeLaunch:
+    """The launches of one decode call shape: built once from validated inputs, then
+    called with every later call's tensors of the same metadata (shapes, dtypes,
+    strides, devices) over the same view, the same options.
+
+    Built for such repeats (the kernel wrapper keeps one per call signature): the
+    split count, configs, grids and scalars are fixed here, and after the first
+    launch each kernel is launched again through :class:`~kvforge.kernels.triton_launch.Launch`
+    without the JIT's dispatch (the host then spends a few microseconds a call).
+    """
+
+    __slots__ = ("num_splits", "scalars", "view_ptrs", "decode", "merge", "scratch_shape", "fp8", "on_gpu")
+
+    def __init__(self, query: Tensor, view: CacheView, block_tables: Tensor, out: Tensor, *, scale: float,
+                 sliding_window: int | None, soft_cap: float | None, num_splits: int | None,
+                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> None:
+        batch, num_q_heads, head_dim = query.shape
+        group = num_q_heads // view.num_kv_heads
+        block_d = padded_head_dim(head_dim)
+        cfg_n, cfg_warps, cfg_stages = _config(view)
+        block_n = block_n or cfg_n
+        if num_splits is None:
+            sms = 4  # the interpreter: any small number
+            if view.device.type == "cuda":
+                sms = _num_sms(view.device.index if view.device.index is not None else torch.cuda.current_device())
+            num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms,
+                                           block_n)
+        self.num_splits = num_splits
+        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        fp8 = 0
+        if view.k_scale is not None:
+            fp8 = decode_mode(k0.dtype, view.device)
+        self.fp8 = fp8
+        self.on_gpu = view.device.type == "cuda"
+        self.scratch_shape = (batch, num_q_heads, num_splits, head_dim)
+        # the scalars after the 11 pointers, in the kernel's order
+        self.scalars = (
+            float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
+            num_splits,
+            query.stride(0), query.stride(1),
+            k0.stride(0), k0.stride(1), k0.stride(2),
+            block_tables.stride(0),
+            out.stride(0), out.stride(1),
+        )
+        self.view_ptrs = (k0.data_ptr(), v0.data_ptr(),
+                          view.offsets.data_ptr() if view.offsets is not None else 0,
+                          view.k_scale.data_ptr() if fp8 else 0, view.v_scale.data_ptr() if fp8 else 0)
+        self.decode = Launch(
+            _decode_kernel, (view.num_kv_heads, num_splits, batch), dict(
+                GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
+                SINGLE_SPLIT=num_splits == 1, MULTI_CHUNK=view.offsets is not None, CHUNKS_PAD=view.chunks_pad,
+                USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
+                DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
+                FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 == 1 and query.dtype == torch.bfloat16),
+            num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages)
+        self.merge = None
+        if num_splits > 1:
+            self.merge = Launch(_merge_kernel, (num_q_heads, batch), dict(
+                SPLITS_TILE=8, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_PAD=block_d != head_dim), num_warps=4)
+
+    def __call__(self, view: CacheView, query: Tensor, block_tables: Tensor, context_lens: Tensor,
+                 out: Tensor) -> None:
+        """Launches over validated tensors of this launch's metadata; writes ``out``."""
+        decode, merge = self.decode, self.merge
+        if self.on_gpu and not torch.cuda.is_current_stream_capturing():
+            dev = torch.cuda.current_device()
+            if decode.can_fast(dev) and (merge is None or merge.can_fast(dev)):
+                pq, pt, pc, po = query.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr()
+                if aligned(pq, pt, pc, po):
+                    pk, pv, poff, pks, pvs = self.view_ptrs
+                    stream = current_stream(dev)
+                    if merge is None:
+                        decode.fast(stream, pq, pk, pv, poff or pt, pt, pc, po, po, po, pks or po, pvs or po,
+                                    *self.scalars)
+                        return
+                    p_out, p_lse = _scratch_pointers(dev, stream, self.scratch_shape)
+                    decode.fast(stream, pq, pk, pv, poff or pt, pt, pc, po, p_out, p_lse, pks or po, pvs or po,
+                                *self.scalars)
+                    merge.fast(stream, p_out, p_lse, po, self.num_splits, *self.scalars[-2:])
+                    return
+        self._jit(view, query, block_tables, context_lens, out)
+
+    def _jit(self, view: CacheView, query: Tensor, block_tables: Tensor, context_lens: Tensor, out: Tensor) -> None:
+        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        if self.fp8 not in (0, 1):
+            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
+        if self.num_splits > 1:
+            part_out, part_lse = split_scratch(*self.scratch_shape, query.device)
+        else:
+            part_out = part_lse = out  # unused
+        offsets = view.offsets if view.offsets is not None else block_tables
+        k_scale = view.k_scale if self.fp8 else out
+        v_scale = view.v_scale if self.fp8 else out
+        tensors = (query, k0, v0, offsets, block_tables, context_lens, out, part_out, part_lse, k_scale, v_scale)
+        ok = self.on_gpu and aligned(*(t.data_ptr() for t in tensors))
+        self.decode.jit(*tensors, *self.scalars, pointers_aligned=ok)
+        if self.merge is not None:
+            self.merge.jit(part_out, part_lse, out, self.num_splits, *self.scalars[-2:], pointers_aligned=ok)
+
+
+def _scratch_pointers(device_index: int, stream: int, shape: tuple[int, int, int, int]) -> tuple[int, int]:
+    """Pointers of the split scratch :func:`split_scratch` hands out on this stream (outside a capture)."""
+    batch, num_q_heads, num_splits, head_dim = shape
+    n_out = batch * num_q_heads * num_splits * head_dim
+    buf = _SCRATCH.get(("cuda", device_index, stream))
+    if buf is None or buf.numel() < n_out + batch * num_q_heads * num_splits:
+        part_out, part_lse = split_scratch(batch, num_q_heads, num_splits, head_dim,
+                                           torch.device("cuda", device_index))
+        return part_out.data_ptr(), part_lse.data_ptr()
+    base = buf.data_ptr()
+    return base, base + 4 * n_out
+
+
 def launch_decode(
     query: Tensor, view: CacheView, offsets: Tensor | None, block_tables: Tensor, context_lens: Tensor,
     out: Tensor, *, scale: float, sliding_window: int | None, soft_cap: float | None,
     num_splits: int | None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ) -> None:
-    """Launches on validated inputs; writes ``out`` ``[batch, num_q_heads, head_dim]``."""
-    batch, num_q_heads, head_dim = query.shape
-    group = num_q_heads // view.num_kv_heads
-    block_d = padded_head_dim(head_dim)
-    cfg_n, cfg_warps, cfg_stages = _config(view)
-    block_n = block_n or cfg_n
-    if num_splits is None:
-        sms = 4  # the interpreter: any small number
-        if view.device.type == "cuda":
-            sms = _num_sms(view.device.index if view.device.index is not None else torch.cuda.current_device())
-        num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms, block_n)
-    k0, v0 = view.k_chunks[0], view.v_chunks[0]
-    fp8 = 0
-    if view.k_scale is not None:
-        fp8 = decode_mode(k0.dtype, view.device)
-        if fp8 != 1:
-            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
-    if num_splits > 1:
-        part_out, part_lse = split_scratch(batch, num_q_heads, num_splits, head_dim, query.device)
-    else:
-        part_out = part_lse = out  # unused
-    _decode_kernel[(view.num_kv_heads, num_splits, batch)](
-        query, k0, v0, offsets if offsets is not None else block_tables, block_tables, context_lens,
-        out, part_out, part_lse, view.k_scale if fp8 else out, view.v_scale if fp8 else out,
-        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
-        num_splits,
-        query.stride(0), query.stride(1),
-        k0.stride(0), k0.stride(1), k0.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
-        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=view.chunks_pad,
-        USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
-        DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
-        FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 == 1 and query.dtype == torch.bfloat16,
-        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
-    )
-    if num_splits > 1:
-        _merge_kernel[(num_q_heads, batch)](
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            SPLITS_TILE=8, HEAD_DIM=head_dim,
-            BLOCK_D=block_d, HAS_PAD=block_d != head_dim, num_warps=4,
-        )
+    """Launches once on validated inputs; writes ``out`` ``[batch, num_q_heads, head_dim]``.
+    ``offsets`` must be the view's own table (kept for the callers of the earlier signature)."""
+    assert offsets is view.offsets, "launch_decode: offsets must be view.offsets"
+    DecodeLaunch(query, view, block_tables, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                 num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                 num_stages=num_stages)(view, query, block_tables, context_lens, out)
+
+
 KERNELS = (_decode_kernel, _merge_kernel)

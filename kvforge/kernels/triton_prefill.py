@@ -32,8 +32,9 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
+from kvforge.kernels.triton_launch import Launch, aligned, current_stream
 
-__all__ = ["launch_prefill", "warm_up_prefill", "KERNELS"]
+__all__ = ["PrefillLaunch", "launch_prefill", "warm_up_prefill", "KERNELS"]
 
 
 @triton.jit(do_not_specialize=["num_chunks", "num_seqs"])
@@ -186,43 +187,87 @@ def _config(view: CacheView, group: int, rows_per_seq: int) -> tuple[int, int, i
     return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
 
 
+class PrefillLaunch:
+    """The launch of one prefill call shape, built once from validated inputs and called
+    with every later call's tensors of the same metadata over the same view (see
+    :class:`~kvforge.kernels.triton_decode.DecodeLaunch`)."""
+
+    __slots__ = ("launch", "scalars", "view_ptrs", "fp8", "on_gpu")
+
+    def __init__(self, query: Tensor, view: CacheView, block_tables: Tensor, context_lens: Tensor, out: Tensor, *,
+                 scale: float, sliding_window: int | None, soft_cap: float | None, block_m: int | None = None,
+                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> None:
+        total, num_q_heads, head_dim = query.shape
+        batch = context_lens.shape[0]
+        group = num_q_heads // view.num_kv_heads
+        cfg_m, cfg_n, cfg_warps, cfg_stages = _config(view, group, total * group // max(batch, 1))
+        block_m, block_n = block_m or cfg_m, block_n or cfg_n
+        block_q = block_m // group
+        block_d = padded_head_dim(head_dim)
+        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        fp8 = 0
+        if view.k_scale is not None:
+            fp8 = decode_mode(k0.dtype, view.device)
+        self.fp8 = fp8
+        self.on_gpu = view.device.type == "cuda"
+        # the scalars after the 10 pointers, in the kernel's order
+        self.scalars = (
+            float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
+            batch,
+            query.stride(0), query.stride(1),
+            k0.stride(0), k0.stride(1), k0.stride(2),
+            block_tables.stride(0),
+            out.stride(0), out.stride(1),
+        )
+        self.view_ptrs = (k0.data_ptr(), v0.data_ptr(),
+                          view.offsets.data_ptr() if view.offsets is not None else 0,
+                          view.k_scale.data_ptr() if fp8 else 0, view.v_scale.data_ptr() if fp8 else 0)
+        self.launch = Launch(
+            _prefill_kernel, (total // block_q + batch, view.num_kv_heads), dict(
+                GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
+                BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
+                MULTI_CHUNK=view.offsets is not None, CHUNKS_PAD=view.chunks_pad,
+                USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
+                DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
+                FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 == 1 and query.dtype == torch.bfloat16),
+            num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages)
+
+    def __call__(self, view: CacheView, query: Tensor, block_tables: Tensor, cu_query_lens: Tensor,
+                 context_lens: Tensor, out: Tensor) -> None:
+        """Launches over validated tensors of this launch's metadata; writes ``out``."""
+        launch = self.launch
+        if self.on_gpu:
+            dev = torch.cuda.current_device()
+            if launch.can_fast(dev):
+                pq, pt, pcu = query.data_ptr(), block_tables.data_ptr(), cu_query_lens.data_ptr()
+                pc, po = context_lens.data_ptr(), out.data_ptr()
+                if aligned(pq, pt, pcu, pc, po):
+                    pk, pv, poff, pks, pvs = self.view_ptrs
+                    launch.fast(current_stream(dev), pq, pk, pv, poff or pt, pt, pcu, pc, po, pks or po, pvs or po,
+                                *self.scalars)
+                    return
+        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        if self.fp8 not in (0, 1):
+            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
+        offsets = view.offsets if view.offsets is not None else block_tables
+        tensors = (query, k0, v0, offsets, block_tables, cu_query_lens, context_lens, out,
+                   view.k_scale if self.fp8 else out, view.v_scale if self.fp8 else out)
+        launch.jit(*tensors, *self.scalars, pointers_aligned=self.on_gpu and aligned(*(t.data_ptr() for t in tensors)))
+
+
 def launch_prefill(
     query: Tensor, view: CacheView, offsets: Tensor | None, block_tables: Tensor, cu_query_lens: Tensor,
     context_lens: Tensor, out: Tensor, *, scale: float, sliding_window: int | None, soft_cap: float | None,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ) -> None:
-    """Launches on validated inputs; writes ``out`` ``[total_new_tokens, num_q_heads, head_dim]``."""
-    total, num_q_heads, head_dim = query.shape
-    batch = context_lens.shape[0]
-    group = num_q_heads // view.num_kv_heads
-    cfg_m, cfg_n, cfg_warps, cfg_stages = _config(view, group, total * group // max(batch, 1))
-    block_m, block_n = block_m or cfg_m, block_n or cfg_n
-    block_q = block_m // group
-    block_d = padded_head_dim(head_dim)
-    num_tiles = total // block_q + batch
-    k0, v0 = view.k_chunks[0], view.v_chunks[0]
-    fp8 = 0
-    if view.k_scale is not None:
-        fp8 = decode_mode(k0.dtype, view.device)
-        if fp8 != 1:
-            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
-    _prefill_kernel[(num_tiles, view.num_kv_heads)](
-        query, k0, v0, offsets if offsets is not None else block_tables, block_tables, cu_query_lens, context_lens, out,
-        view.k_scale if fp8 else out, view.v_scale if fp8 else out,
-        float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
-        batch,
-        query.stride(0), query.stride(1),
-        k0.stride(0), k0.stride(1), k0.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
-        BLOCK_D=block_d, HAS_PAD=block_d != head_dim, BLOCK_SIZE=view.block_size, BLOCK_N=block_n,
-        MULTI_CHUNK=offsets is not None, CHUNKS_PAD=view.chunks_pad,
-        USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
-        DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
-        FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 == 1 and query.dtype == torch.bfloat16,
-        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
-    )
+    """Launches once on validated inputs; writes ``out`` ``[total_new_tokens, num_q_heads, head_dim]``.
+    ``offsets`` must be the view's own table."""
+    assert offsets is view.offsets, "launch_prefill: offsets must be view.offsets"
+    PrefillLaunch(query, view, block_tables, context_lens, out, scale=scale, sliding_window=sliding_window,
+                  soft_cap=soft_cap, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                  num_stages=num_stages)(view, query, block_tables, cu_query_lens, context_lens, out)
+
+
 def variants(view: CacheView, group: int) -> list[tuple[int, int, int, int]]:
     """Every ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` that :func:`launch_prefill` picks for
     this view and query-head group, over every number of rows per sequence."""

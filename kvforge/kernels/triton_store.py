@@ -23,8 +23,9 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView
 from kvforge.kernels.triton_fp8 import E4M3, decode_mode, encode_fp8
+from kvforge.kernels.triton_launch import Launch, aligned, current_stream
 
-__all__ = ["launch_store", "launch_copy", "KERNELS"]
+__all__ = ["StoreLaunch", "launch_store", "launch_copy", "KERNELS"]
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -90,31 +91,62 @@ def _copy_kernel(
     tl.store(cache_ptr + dst_base + inner + offs, data, mask=mask)
 
 
+class StoreLaunch:
+    """The launch of one ``store_kv`` call shape, built once from validated inputs and called
+    with every later call's tensors of the same metadata over the same view (see
+    :class:`~kvforge.kernels.triton_decode.DecodeLaunch`)."""
+
+    __slots__ = ("launch", "scalars", "view_ptrs", "as_bytes", "on_gpu")
+
+    def __init__(self, key: Tensor, value: Tensor, view: CacheView, slot_mapping: Tensor) -> None:
+        num_tokens = key.shape[0]
+        num_hd = view.num_kv_heads * view.head_dim
+        block_hd = triton.next_power_of_2(num_hd)
+        block_t = max(1, min(64, 4096 // block_hd))
+        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        fp8 = view.k_scale is not None
+        # bytes from encode_fp8, no fp8 cast of the compiler's; where the read path is not native
+        # (hardware without fp8 types) the chunks go in as uint8 views
+        self.as_bytes = fp8 and decode_mode(k0.dtype, view.device) != 1
+        self.on_gpu = view.device.type == "cuda"
+        self.scalars = (num_tokens, view.chunk_blocks,
+                        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                        k0.stride(0), k0.stride(1), k0.stride(2))
+        self.view_ptrs = (k0.data_ptr(), v0.data_ptr(),
+                          view.offsets.data_ptr() if view.offsets is not None else 0,
+                          view.k_scale.data_ptr() if fp8 else 0, view.v_scale.data_ptr() if fp8 else 0)
+        self.launch = Launch(_store_kernel, (triton.cdiv(num_tokens, block_t),), dict(
+            HEAD_DIM=view.head_dim, NUM_HD=num_hd, BLOCK_HD=block_hd, BLOCK_T=block_t,
+            BLOCK_SIZE=view.block_size, MULTI_CHUNK=view.offsets is not None,
+            FP8=fp8, IS_E4M3=view.cache_dtype == E4M3), num_warps=4)
+
+    def __call__(self, view: CacheView, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
+        """Launches over validated tensors of this launch's metadata."""
+        launch = self.launch
+        if self.on_gpu:
+            dev = torch.cuda.current_device()
+            if launch.can_fast(dev):
+                pk, pv, ps = key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr()
+                if aligned(pk, pv, ps):
+                    ck, cv, poff, pks, pvs = self.view_ptrs
+                    launch.fast(current_stream(dev), pk, pv, ck, cv, poff or ps, ps, pks or ps, pvs or ps,
+                                *self.scalars)
+                    return
+        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        if self.as_bytes:
+            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
+        fp8 = view.k_scale is not None
+        tensors = (key, value, k0, v0, view.offsets if view.offsets is not None else slot_mapping, slot_mapping,
+                   view.k_scale if fp8 else slot_mapping, view.v_scale if fp8 else slot_mapping)
+        launch.jit(*tensors, *self.scalars, pointers_aligned=self.on_gpu and aligned(*(t.data_ptr() for t in tensors)))
+
+
 def launch_store(
     key: Tensor, value: Tensor, view: CacheView, offsets: Tensor | None, slot_mapping: Tensor,
 ) -> None:
-    """Launches on validated inputs (``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]``)."""
-    num_tokens = key.shape[0]
-    num_hd = view.num_kv_heads * view.head_dim
-    block_hd = triton.next_power_of_2(num_hd)
-    block_t = max(1, min(64, 4096 // block_hd))
-    k0, v0 = view.k_chunks[0], view.v_chunks[0]
-    fp8 = view.k_scale is not None
-    # bytes from encode_fp8, no fp8 cast of the compiler's; where the read path is not native
-    # (hardware without fp8 types) the chunks go in as uint8 views
-    if fp8 and decode_mode(k0.dtype, view.device) != 1:
-        k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
-    _store_kernel[(triton.cdiv(num_tokens, block_t),)](
-        key, value, k0, v0, offsets if offsets is not None else slot_mapping, slot_mapping,
-        view.k_scale if fp8 else slot_mapping, view.v_scale if fp8 else slot_mapping,
-        num_tokens, view.chunk_blocks,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k0.stride(0), k0.stride(1), k0.stride(2),
-        HEAD_DIM=view.head_dim, NUM_HD=num_hd, BLOCK_HD=block_hd, BLOCK_T=block_t,
-        BLOCK_SIZE=view.block_size, MULTI_CHUNK=offsets is not None,
-        FP8=fp8, IS_E4M3=view.cache_dtype == E4M3,
-        num_warps=4,
-    )
+    """Launches once on validated inputs (``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]``)."""
+    assert offsets is view.offsets, "launch_store: offsets must be view.offsets"
+    StoreLaunch(key, value, view, slot_mapping)(view, key, value, slot_mapping)
 
 
 def launch_copy(chunks: tuple[Tensor, ...], offsets: Tensor | None, src: Tensor, dst: Tensor) -> None:

@@ -1,0 +1,101 @@
+"""Launching a compiled Triton kernel again without the JIT's per-call dispatch.
+
+``kernel[grid](*args, **constexprs)`` binds every argument, specializes each
+one (its type, 16-byte alignment of pointers, divisibility of ints), builds a
+cache key from all of that and looks the compiled kernel up: 15-30 us of host
+time per call for kernels of 30-40 arguments, more than many of their GPU
+times. A :class:`Launch` is one fixed launch of one kernel — the grid, the
+constexprs, the launch options and every scalar argument the same from call
+to call; only the pointers change. Its first call goes through the JIT
+(compiling if needed) and keeps the compiled kernel; later calls hand the
+launcher raw pointers, which it passes on as they are.
+
+That is sound because everything the JIT specializes on is fixed for a
+launch except pointer alignment, and :meth:`Launch.fast` is only taken when
+every pointer is 16-byte aligned and the JIT call was too (otherwise the JIT
+runs again, as it would have anyway). Launch hooks (profilers such as
+Proton), the CPU interpreter and a change of the current device also take
+the JIT path. Callers own the rest: the scalars and the kinds of tensor
+(dtype, strides) of a launch must be those it was built for.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from triton import knobs
+
+__all__ = ["Launch", "current_stream"]
+
+_RUNTIME = knobs.runtime
+
+try:  # what Triton's own driver uses: the raw handle, no Stream object
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # pragma: no cover - older torch or a build without CUDA/ROCm
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def current_stream(device_index: int) -> int:
+    """The current stream's raw handle on device ``device_index``."""
+    return _raw_stream(device_index)
+
+
+def aligned(*pointers: int) -> bool:
+    """Whether every pointer is 16-byte aligned (what the JIT specializes on)."""
+    acc = 0
+    for p in pointers:
+        acc |= p
+    return not acc & 15
+
+
+class Launch:
+    """One kernel launch whose only per-call inputs are its pointers.
+
+    ``fn``: the ``@triton.jit`` function; ``grid``: up to three ints;
+    ``constexprs``: every constexpr argument by name; ``options``: JIT
+    options (``num_warps``, ``num_stages``). Call :meth:`jit` with the
+    kernel's runtime arguments (tensors for pointers) the first time and
+    whenever :meth:`can_fast` is False; :meth:`fast` with the same arguments,
+    pointers as ints, otherwise.
+    """
+
+    __slots__ = ("fn", "grid", "constexprs", "options", "device", "_run", "_function", "_packed", "_tail")
+
+    def __init__(self, fn: Any, grid: tuple[int, ...], constexprs: dict[str, Any], **options: Any) -> None:
+        kinds = [p.is_constexpr for p in getattr(fn, "params", ())]
+        assert kinds == sorted(kinds), f"{fn}: constexpr parameters must come last (the fast path appends them)"
+        self.fn = fn
+        self.grid = (tuple(grid) + (1, 1))[:3]
+        self.constexprs = constexprs
+        self.options = options
+        self.device = -1  # the device of the kept kernel; -1: none kept
+        self._run: Callable[..., Any] | None = None
+        self._function: Any = None
+        self._packed: Any = None
+        self._tail: tuple[Any, ...] = ()
+
+    def jit(self, *args: Any, pointers_aligned: bool = False) -> None:
+        """Launches through the JIT and keeps the compiled kernel for :meth:`fast` when
+        ``pointers_aligned`` (the caller checked every pointer argument with :func:`aligned`)."""
+        kernel = self.fn[self.grid](*args, **self.constexprs, **self.options)
+        if kernel is None or not pointers_aligned or not hasattr(kernel, "packed_metadata"):
+            return  # the interpreter, or alignment the fast path would not reproduce
+        self._run = kernel.run
+        self._function = kernel.function
+        self._packed = kernel.packed_metadata
+        # the launcher takes every parameter in order, constexprs included (it skips them)
+        self._tail = tuple(self.constexprs[p.name] for p in self.fn.params if p.is_constexpr)
+        self.device = torch.cuda.current_device()
+
+    def can_fast(self, device_index: int) -> bool:
+        """Whether :meth:`fast` may run on ``device_index`` (the current device) now."""
+        return (device_index == self.device and _RUNTIME.launch_enter_hook is None
+                and _RUNTIME.launch_exit_hook is None)
+
+    def fast(self, stream: int, *args: Any) -> None:
+        """Launches the kept kernel on ``stream``: ``args`` as for :meth:`jit`, every
+        pointer 16-byte aligned (raw ints or tensors)."""
+        assert self._run is not None, "Launch.fast before a kept JIT launch"
+        g0, g1, g2 = self.grid
+        self._run(g0, g1, g2, stream, self._function, self._packed, None, None, None, *args, *self._tail)
