@@ -156,3 +156,22 @@ def test_the_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         q, tables, ctx = _decode_inputs(gen, batch=batch)
         paged_decode_attention(q, view, None, tables, ctx, scale=1.0 / batch)
         assert len(ops._PLANS) <= 4
+
+
+def test_launch_hooks_are_seen() -> None:
+    """The fast launch is skipped while a Triton launch hook is installed (profilers)."""
+    triton_launch = pytest.importorskip("kvforge.kernels.triton_launch")
+    from triton import knobs
+
+    assert triton_launch.no_launch_hooks()
+
+    def hook(metadata: object) -> None:
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert not triton_launch.no_launch_hooks()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert triton_launch.no_launch_hooks()
+    assert triton_launch.aligned(0, 16, 4096) and not triton_launch.aligned(16, 18)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from triton import knobs
 
-__all__ = ["Launch", "current_stream"]
+__all__ = ["Launch", "aligned", "current_stream", "no_launch_hooks"]
 
 _RUNTIME = knobs.runtime
 
@@ -47,6 +47,15 @@ def aligned(*pointers: int) -> bool:
     for p in pointers:
         acc |= p
     return not acc & 15
+
+
+def no_launch_hooks() -> bool:
+    """Whether no launch hook is installed: Triton 3.4+ keeps them in (possibly empty)
+    chains, earlier releases as one callable or None."""
+    for hook in (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
 
 
 class Launch:
@@ -90,8 +99,7 @@ class Launch:
 
     def can_fast(self, device_index: int) -> bool:
         """Whether :meth:`fast` may run on ``device_index`` (the current device) now."""
-        return (device_index == self.device and _RUNTIME.launch_enter_hook is None
-                and _RUNTIME.launch_exit_hook is None)
+        return device_index == self.device and no_launch_hooks()
 
     def fast(self, stream: int, *args: Any) -> None:
         """Launches the kept kernel on ``stream``: ``args`` as for :meth:`jit`, every

@@ -146,3 +146,27 @@ def test_graph_capture_after_fast_launches_replays_exactly() -> None:
         want = reference.paged_decode_attention(q, [k], [v], tables, ctx)
         torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert any(key[0] == "decode" for key in ops._PLANS)
+
+
+def test_a_launch_hook_sees_every_launch() -> None:
+    """With a launch hook installed (a profiler's), every launch goes through the JIT."""
+    from triton import knobs
+
+    gen = torch.Generator().manual_seed(11)
+    k, v = _cache(gen)
+    view = describe_cache(k, v)
+    q, tables, ctx = _decode_inputs(gen, 2, 4)
+    paged_decode_attention(q, view, None, tables, ctx, num_splits=1)
+    seen = []
+
+    def hook(metadata) -> None:
+        seen.append(metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        for _ in range(3):
+            paged_decode_attention(q, view, None, tables, ctx, num_splits=1)
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(seen) == 3
