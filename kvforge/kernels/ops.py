@@ -62,9 +62,12 @@ _PLANS: dict[tuple, Callable[..., None]] = {}
 _MAX_PLANS = 4096
 
 
-def _meta(t: Tensor) -> tuple:
-    """What the checks of a tensor argument depend on (an AttributeError when it is not one)."""
-    return t.shape, t.dtype, t.device, t.stride()
+# A call's memo key is one flat tuple, written out at each entry point: per tensor argument
+# its shape, dtype, device index and strides (an AttributeError when it is not a tensor:
+# the full checks then say what is wrong). Flat and with ``get_device()`` ints it costs a
+# third less to build and hash than nested per-tensor tuples with torch.device objects;
+# the view's serial fixes the device type.
+_NO_OUT = (None, None, None, None)
 
 
 def _remember(key: tuple | None, plan: Callable[..., None]) -> None:
@@ -154,7 +157,9 @@ def store_kv(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("store", serial, _meta(key), _meta(value), _meta(slot_mapping), backend)
+            memo = ("store", serial, key.shape, key.dtype, key.get_device(), key.stride(),
+                    value.shape, value.dtype, value.get_device(), value.stride(),
+                    slot_mapping.shape, slot_mapping.dtype, slot_mapping.get_device(), slot_mapping.stride(), backend)
         except AttributeError:  # not tensors: the checks say which
             memo = None
     plan = _PLANS.get(memo) if memo is not None else None
@@ -230,8 +235,11 @@ def paged_decode_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("decode", serial, _meta(query), _meta(block_tables), _meta(context_lens),
-                    None if out is None else _meta(out), type(scale), scale, type(sliding_window), sliding_window,
+            memo = ("decode", serial, query.shape, query.dtype, query.get_device(), query.stride(),
+                    block_tables.shape, block_tables.dtype, block_tables.get_device(), block_tables.stride(),
+                    context_lens.shape, context_lens.dtype, context_lens.get_device(), context_lens.stride(),
+                    *(_NO_OUT if out is None else (out.shape, out.dtype, out.get_device(), out.stride())),
+                    type(scale), scale, type(sliding_window), sliding_window,
                     type(soft_cap), soft_cap, type(num_splits), num_splits, backend)
             plan = _PLANS.get(memo)
         except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which
@@ -300,8 +308,12 @@ def paged_prefill_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("prefill", serial, _meta(query), _meta(block_tables), _meta(cu_query_lens), _meta(context_lens),
-                    None if out is None else _meta(out), type(scale), scale, type(sliding_window), sliding_window,
+            memo = ("prefill", serial, query.shape, query.dtype, query.get_device(), query.stride(),
+                    block_tables.shape, block_tables.dtype, block_tables.get_device(), block_tables.stride(),
+                    cu_query_lens.shape, cu_query_lens.dtype, cu_query_lens.get_device(), cu_query_lens.stride(),
+                    context_lens.shape, context_lens.dtype, context_lens.get_device(), context_lens.stride(),
+                    *(_NO_OUT if out is None else (out.shape, out.dtype, out.get_device(), out.stride())),
+                    type(scale), scale, type(sliding_window), sliding_window,
                     type(soft_cap), soft_cap, backend)
             plan = _PLANS.get(memo)
         except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which

@@ -45,7 +45,9 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
-from kvforge.kernels.triton_launch import Launch, aligned, current_stream
+from kvforge.kernels.triton_launch import (
+    Launch, aligned, current_device, current_stream, is_capturing, no_launch_hooks,
+)
 
 __all__ = ["DecodeLaunch", "launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
 
@@ -368,18 +370,19 @@ class DecodeLaunch:
                  out: Tensor) -> None:
         """Launches over validated tensors of this launch's metadata; writes ``out``."""
         decode, merge = self.decode, self.merge
-        if self.on_gpu and not torch.cuda.is_current_stream_capturing():
-            dev = torch.cuda.current_device()
-            if decode.can_fast(dev) and (merge is None or merge.can_fast(dev)):
-                pq, pt, pc, po = query.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr()
-                if aligned(pq, pt, pc, po):
-                    pk, pv, poff, pks, pvs = self.view_ptrs
-                    stream = current_stream(dev)
-                    if merge is None:
-                        decode.fast(stream, pq, pk, pv, poff or pt, pt, pc, po, po, po, pks or po, pvs or po,
-                                    *self.scalars)
-                        return
-                    p_out, p_lse = _scratch_pointers(dev, stream, self.scratch_shape)
+        # the fast path: a kept kernel for the current device, no hooks, aligned pointers and,
+        # with splits, no graph capture (a graph gets its own scratch: split_scratch)
+        if self.on_gpu and decode.device >= 0 and no_launch_hooks():
+            pq, pt, pc, po = query.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr()
+            if not (pq | pt | pc | po) & 15 and current_device() == decode.device:
+                pk, pv, poff, pks, pvs = self.view_ptrs
+                if merge is None:
+                    decode.fast(current_stream(decode.device), pq, pk, pv, poff or pt, pt, pc, po, po, po,
+                                pks or po, pvs or po, *self.scalars)
+                    return
+                if merge.device >= 0 and not is_capturing():
+                    stream = current_stream(decode.device)
+                    p_out, p_lse = _scratch_pointers(decode.device, stream, self.scratch_shape)
                     decode.fast(stream, pq, pk, pv, poff or pt, pt, pc, po, p_out, p_lse, pks or po, pvs or po,
                                 *self.scalars)
                     merge.fast(stream, p_out, p_lse, po, self.num_splits, *self.scalars[-2:])

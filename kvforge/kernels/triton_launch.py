@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from triton import knobs
 
-__all__ = ["Launch", "aligned", "current_stream", "no_launch_hooks"]
+__all__ = ["Launch", "aligned", "current_device", "current_stream", "is_capturing", "no_launch_hooks"]
 
 _RUNTIME = knobs.runtime
 
@@ -34,6 +34,13 @@ try:  # what Triton's own driver uses: the raw handle, no Stream object
 except ImportError:  # pragma: no cover - older torch or a build without CUDA/ROCm
     def _raw_stream(index: int) -> int:
         return torch.cuda.current_stream(index).cuda_stream
+
+
+#: The current device's index and whether its current stream is capturing a graph, each
+#: read straight from torch's binding (the ``torch.cuda`` functions wrap the same calls in
+#: lazy-init checks that a launch, which follows a compiled one, no longer needs).
+current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
 def current_stream(device_index: int) -> int:
@@ -65,8 +72,10 @@ class Launch:
     ``constexprs``: every constexpr argument by name; ``options``: JIT
     options (``num_warps``, ``num_stages``). Call :meth:`jit` with the
     kernel's runtime arguments (tensors for pointers) the first time and
-    whenever :meth:`can_fast` is False; :meth:`fast` with the same arguments,
-    pointers as ints, otherwise.
+    whenever the fast path does not hold; :meth:`fast` with the same
+    arguments, pointers as ints, when it does: a kernel is kept
+    (:attr:`device` >= 0) for the current device, :func:`no_launch_hooks`,
+    and every pointer is :func:`aligned`.
     """
 
     __slots__ = ("fn", "grid", "constexprs", "options", "device", "_run", "_function", "_packed", "_tail")
@@ -95,11 +104,7 @@ class Launch:
         self._packed = kernel.packed_metadata
         # the launcher takes every parameter in order, constexprs included (it skips them)
         self._tail = tuple(self.constexprs[p.name] for p in self.fn.params if p.is_constexpr)
-        self.device = torch.cuda.current_device()
-
-    def can_fast(self, device_index: int) -> bool:
-        """Whether :meth:`fast` may run on ``device_index`` (the current device) now."""
-        return device_index == self.device and no_launch_hooks()
+        self.device = current_device()
 
     def fast(self, stream: int, *args: Any) -> None:
         """Launches the kept kernel on ``stream``: ``args`` as for :meth:`jit`, every

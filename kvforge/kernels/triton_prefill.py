@@ -32,7 +32,7 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
-from kvforge.kernels.triton_launch import Launch, aligned, current_stream
+from kvforge.kernels.triton_launch import Launch, aligned, current_device, current_stream, no_launch_hooks
 
 __all__ = ["PrefillLaunch", "launch_prefill", "warm_up_prefill", "KERNELS"]
 
@@ -236,16 +236,14 @@ class PrefillLaunch:
                  context_lens: Tensor, out: Tensor) -> None:
         """Launches over validated tensors of this launch's metadata; writes ``out``."""
         launch = self.launch
-        if self.on_gpu:
-            dev = torch.cuda.current_device()
-            if launch.can_fast(dev):
-                pq, pt, pcu = query.data_ptr(), block_tables.data_ptr(), cu_query_lens.data_ptr()
-                pc, po = context_lens.data_ptr(), out.data_ptr()
-                if aligned(pq, pt, pcu, pc, po):
-                    pk, pv, poff, pks, pvs = self.view_ptrs
-                    launch.fast(current_stream(dev), pq, pk, pv, poff or pt, pt, pcu, pc, po, pks or po, pvs or po,
-                                *self.scalars)
-                    return
+        if self.on_gpu and launch.device >= 0 and no_launch_hooks():
+            pq, pt, pcu = query.data_ptr(), block_tables.data_ptr(), cu_query_lens.data_ptr()
+            pc, po = context_lens.data_ptr(), out.data_ptr()
+            if not (pq | pt | pcu | pc | po) & 15 and current_device() == launch.device:
+                pk, pv, poff, pks, pvs = self.view_ptrs
+                launch.fast(current_stream(launch.device), pq, pk, pv, poff or pt, pt, pcu, pc, po, pks or po,
+                            pvs or po, *self.scalars)
+                return
         k0, v0 = view.k_chunks[0], view.v_chunks[0]
         if self.fp8 not in (0, 1):
             k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)

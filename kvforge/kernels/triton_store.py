@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView
 from kvforge.kernels.triton_fp8 import E4M3, decode_mode, encode_fp8
-from kvforge.kernels.triton_launch import Launch, aligned, current_stream
+from kvforge.kernels.triton_launch import Launch, aligned, current_device, current_stream, no_launch_hooks
 
 __all__ = ["StoreLaunch", "launch_store", "launch_copy", "KERNELS"]
 
@@ -123,15 +123,13 @@ class StoreLaunch:
     def __call__(self, view: CacheView, key: Tensor, value: Tensor, slot_mapping: Tensor) -> None:
         """Launches over validated tensors of this launch's metadata."""
         launch = self.launch
-        if self.on_gpu:
-            dev = torch.cuda.current_device()
-            if launch.can_fast(dev):
-                pk, pv, ps = key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr()
-                if aligned(pk, pv, ps):
-                    ck, cv, poff, pks, pvs = self.view_ptrs
-                    launch.fast(current_stream(dev), pk, pv, ck, cv, poff or ps, ps, pks or ps, pvs or ps,
-                                *self.scalars)
-                    return
+        if self.on_gpu and launch.device >= 0 and no_launch_hooks():
+            pk, pv, ps = key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr()
+            if not (pk | pv | ps) & 15 and current_device() == launch.device:
+                ck, cv, poff, pks, pvs = self.view_ptrs
+                launch.fast(current_stream(launch.device), pk, pv, ck, cv, poff or ps, ps, pks or ps, pvs or ps,
+                            *self.scalars)
+                return
         k0, v0 = view.k_chunks[0], view.v_chunks[0]
         if self.as_bytes:
             k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
