@@ -245,7 +245,7 @@ def test_split_scratch_reuse_across_batch_sizes() -> None:
 
 #: (head_dim, block_size, dtype, num_splits): head dims that are not powers of two run in a padded tile
 #: (80, 96, 112 -> 128; 192 -> 256; 8 -> 16; 24 -> 32); pages down to one token, on padded and
-#: power-of-two head dims; one split (the kernel writes out) and several (the merge kernel does)
+#: power-of-two head dims; one split (the kernel writes out) and several (the last split merges)
 HEAD_DIM_CASES = [
     (80, 16, torch.float16, None), (96, 4, torch.float32, 3), (112, 8, torch.float16, 1),
     (192, 2, torch.float32, 2), (8, 1, torch.float16, 2), (24, 2, torch.float32, 1),

@@ -49,12 +49,13 @@ from kvforge.kernels.triton_launch import (
     Launch, aligned, current_device, current_stream, is_capturing, no_launch_hooks,
 )
 
-__all__ = ["DecodeLaunch", "launch_decode", "choose_num_splits", "split_scratch", "release_scratch", "KERNELS"]
+__all__ = ["DecodeLaunch", "launch_decode", "choose_num_splits", "split_scratch", "split_counters", "release_scratch",
+           "KERNELS"]
 
 @triton.jit(do_not_specialize=["num_chunks", "num_splits"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, chunk_off_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, k_scale_ptr, v_scale_ptr,
     scale, soft_cap, sliding_window, chunk_blocks, num_chunks, num_splits,
     stride_qb, stride_qh,
     stride_cb, stride_ct, stride_ch,
@@ -157,51 +158,35 @@ def _decode_kernel(
     else:
         # scratch is contiguous [batch, num_q_heads, num_splits, HEAD_DIM] / [.., num_splits]
         num_q_heads = tl.num_programs(0) * GROUP
-        part = (seq * num_q_heads + heads) * num_splits + split
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        first = (seq * num_q_heads + heads) * num_splits
+        tl.store(part_out_ptr + (first + split)[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    SPLITS_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr,
-):
-    # the splits in tiles of SPLITS_TILE, looped to the runtime count: one compiled variant for
-    # every count, and the registers of one small tile (a tile of every split cost 5x more)
-    head = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    num_q_heads = tl.num_programs(0)
-    offs_t = tl.arange(0, SPLITS_TILE)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM  # used only with HAS_PAD
-    first = (seq * num_q_heads + head) * num_splits
-    m = tl.full([SPLITS_TILE], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, SPLITS_TILE):
-        s_ok = s0 + offs_t < num_splits
-        m = tl.maximum(m, tl.load(part_lse_ptr + first + s0 + offs_t, mask=s_ok, other=float("-inf")))
-    m_all = tl.max(m, 0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    num = tl.zeros([BLOCK_D], tl.float32)
-    den = tl.zeros([SPLITS_TILE], tl.float32)
-    for s0 in range(0, num_splits, SPLITS_TILE):
-        s_ok = s0 + offs_t < num_splits
-        part = first + s0 + offs_t
-        w = tl.exp2(tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf")) - m_all)
-        if HAS_PAD:
-            o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                        mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        num += tl.sum(o * w[:, None], 0)
-        den += w
-    total = tl.sum(den, 0)
-    res = num / tl.where(total > 0.0, total, 1.0)
-    if HAS_PAD:
-        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
-    else:
-        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+        tl.store(part_lse_ptr + first + split, lse, mask=row_ok)
+        # the last split of (seq, kv_head) to finish folds every split's partial into the
+        # output: no second launch. Every thread's stores are issued before the barrier, and the
+        # counter's acq_rel atomic (gpu scope) publishes them to, and takes the others' from, the
+        # other programs; the partials are then read past the non-coherent L1 (volatile).
+        tl.debug_barrier()
+        counter = counter_ptr + seq * tl.num_programs(0) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            for s in range(0, num_splits):
+                m_all = tl.maximum(m_all, tl.load(part_lse_ptr + first + s, mask=row_ok, other=float("-inf"),
+                                                  volatile=True))
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            num = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+            den = tl.zeros([GROUP_PAD], tl.float32)
+            for s in range(0, num_splits):
+                w = tl.exp2(tl.load(part_lse_ptr + first + s, mask=row_ok, other=float("-inf"), volatile=True)
+                            - m_all)
+                part_o = tl.load(part_out_ptr + (first + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=out_mask,
+                                 other=0.0, volatile=True)
+                num += part_o * w[:, None]
+                den += w
+            res = num / tl.where(den > 0.0, den, 1.0)[:, None]
+            tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,10 +237,11 @@ def _config_for(on_gpu: bool, block_d: int, is_fp32: bool) -> tuple[int, int, in
     return block_n, 4, 3
 
 
-#: Split-KV scratch, one flat float32 buffer per (device, stream). Reuse is
-#: safe because everything on one stream runs in order: the merge kernel that
-#: reads call n's partials finishes before call n+1's decode kernel writes
-#: them. A buffer that is dropped (grown, evicted, released) goes back to the
+#: Split-KV scratch, one flat float32 buffer per (device, stream), and the
+#: int32 split counters beside it (:data:`_COUNTERS`). Reuse is safe because
+#: everything on one stream runs in order: call n's last programs, which read
+#: its partials and zero its counters again, finish before call n+1's first
+#: programs write them. A buffer that is dropped (grown, evicted, released) goes back to the
 #: caching allocator, which hands its memory only to later work of the stream
 #: it was allocated on, so in-flight kernels still reading it are safe too.
 _SCRATCH: dict[tuple[str, int, int], Tensor] = {}
@@ -293,6 +279,32 @@ def split_scratch(batch: int, num_q_heads: int, num_splits: int, head_dim: int,
     return _split(buf, n_out, need, batch, num_q_heads, num_splits, head_dim)
 
 
+#: Per (device, stream): int32 zeros, one counter per (sequence, KV head) of a split
+#: launch; each launch leaves them zero again (the last split of a pair resets its own).
+_COUNTERS: dict[tuple[str, int, int], Tensor] = {}
+
+
+def split_counters(batch: int, num_kv_heads: int, device: torch.device) -> Tensor:
+    """Int32 zeros ``[batch * num_kv_heads]`` for one split decode launch on the current
+    stream: the reusable buffer of (``device``, current stream), or fresh zeros while a
+    CUDA graph is captured (as :func:`split_scratch`)."""
+    need = batch * num_kv_heads
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(need, dtype=torch.int32, device=device)
+        key = (device.type, device.index if device.index is not None else torch.cuda.current_device(),
+               torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index if device.index is not None else -1, 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < need:
+        _COUNTERS.pop(key, None)
+        if len(_COUNTERS) >= _MAX_SCRATCH:
+            del _COUNTERS[next(iter(_COUNTERS))]
+        buf = _COUNTERS[key] = torch.zeros(triton.next_power_of_2(need), dtype=torch.int32, device=device)
+    return buf[:need]
+
+
 def _split(buf: Tensor, n_out: int, need: int, batch: int, num_q_heads: int, num_splits: int,
            head_dim: int) -> tuple[Tensor, Tensor]:
     # part_out is a multiple of 8 floats (head_dim a multiple of 8), so part_lse stays 32-byte aligned
@@ -301,8 +313,9 @@ def _split(buf: Tensor, n_out: int, need: int, batch: int, num_q_heads: int, num
 
 
 def release_scratch() -> None:
-    """Frees every split-KV scratch buffer (memory returns to the caching allocator)."""
+    """Frees every split-KV scratch buffer and counter (memory returns to the caching allocator)."""
     _SCRATCH.clear()
+    _COUNTERS.clear()
 
 
 class DecodeLaunch:
@@ -316,7 +329,7 @@ class DecodeLaunch:
     without the JIT's dispatch (the host then spends a few microseconds a call).
     """
 
-    __slots__ = ("num_splits", "scalars", "view_ptrs", "decode", "merge", "scratch_shape", "fp8", "on_gpu")
+    __slots__ = ("num_splits", "scalars", "view_ptrs", "decode", "scratch_shape", "num_pairs", "fp8", "on_gpu")
 
     def __init__(self, query: Tensor, view: CacheView, block_tables: Tensor, out: Tensor, *, scale: float,
                  sliding_window: int | None, soft_cap: float | None, num_splits: int | None,
@@ -340,6 +353,7 @@ class DecodeLaunch:
         self.fp8 = fp8
         self.on_gpu = view.device.type == "cuda"
         self.scratch_shape = (batch, num_q_heads, num_splits, head_dim)
+        self.num_pairs = batch * view.num_kv_heads  # split counters: one per (sequence, KV head)
         # the scalars after the 11 pointers, in the kernel's order
         self.scalars = (
             float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
@@ -361,31 +375,26 @@ class DecodeLaunch:
                 DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
                 FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 == 1 and query.dtype == torch.bfloat16),
             num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages)
-        self.merge = None
-        if num_splits > 1:
-            self.merge = Launch(_merge_kernel, (num_q_heads, batch), dict(
-                SPLITS_TILE=8, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_PAD=block_d != head_dim), num_warps=4)
 
     def __call__(self, view: CacheView, query: Tensor, block_tables: Tensor, context_lens: Tensor,
                  out: Tensor) -> None:
         """Launches over validated tensors of this launch's metadata; writes ``out``."""
-        decode, merge = self.decode, self.merge
+        decode = self.decode
         # the fast path: a kept kernel for the current device, no hooks, aligned pointers and,
         # with splits, no graph capture (a graph gets its own scratch: split_scratch)
         if self.on_gpu and decode.device >= 0 and no_launch_hooks():
             pq, pt, pc, po = query.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr()
             if not (pq | pt | pc | po) & 15 and current_device() == decode.device:
                 pk, pv, poff, pks, pvs = self.view_ptrs
-                if merge is None:
-                    decode.fast(current_stream(decode.device), pq, pk, pv, poff or pt, pt, pc, po, po, po,
+                if self.num_splits == 1:
+                    decode.fast(current_stream(decode.device), pq, pk, pv, poff or pt, pt, pc, po, po, po, po,
                                 pks or po, pvs or po, *self.scalars)
                     return
-                if merge.device >= 0 and not is_capturing():
+                if not is_capturing():
                     stream = current_stream(decode.device)
-                    p_out, p_lse = _scratch_pointers(decode.device, stream, self.scratch_shape)
-                    decode.fast(stream, pq, pk, pv, poff or pt, pt, pc, po, p_out, p_lse, pks or po, pvs or po,
-                                *self.scalars)
-                    merge.fast(stream, p_out, p_lse, po, self.num_splits, *self.scalars[-2:])
+                    p_out, p_lse, p_cnt = _scratch_pointers(decode.device, stream, self.scratch_shape, self.num_pairs)
+                    decode.fast(stream, pq, pk, pv, poff or pt, pt, pc, po, p_out, p_lse, p_cnt, pks or po,
+                                pvs or po, *self.scalars)
                     return
         self._jit(view, query, block_tables, context_lens, out)
 
@@ -395,29 +404,33 @@ class DecodeLaunch:
             k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
         if self.num_splits > 1:
             part_out, part_lse = split_scratch(*self.scratch_shape, query.device)
+            counters = split_counters(self.scratch_shape[0], self.num_pairs // self.scratch_shape[0], query.device)
         else:
-            part_out = part_lse = out  # unused
+            part_out = part_lse = counters = out  # unused
         offsets = view.offsets if view.offsets is not None else block_tables
         k_scale = view.k_scale if self.fp8 else out
         v_scale = view.v_scale if self.fp8 else out
-        tensors = (query, k0, v0, offsets, block_tables, context_lens, out, part_out, part_lse, k_scale, v_scale)
+        tensors = (query, k0, v0, offsets, block_tables, context_lens, out, part_out, part_lse, counters, k_scale,
+                   v_scale)
         ok = self.on_gpu and aligned(*(t.data_ptr() for t in tensors))
         self.decode.jit(*tensors, *self.scalars, pointers_aligned=ok)
-        if self.merge is not None:
-            self.merge.jit(part_out, part_lse, out, self.num_splits, *self.scalars[-2:], pointers_aligned=ok)
 
 
-def _scratch_pointers(device_index: int, stream: int, shape: tuple[int, int, int, int]) -> tuple[int, int]:
-    """Pointers of the split scratch :func:`split_scratch` hands out on this stream (outside a capture)."""
+def _scratch_pointers(device_index: int, stream: int, shape: tuple[int, int, int, int],
+                     num_pairs: int) -> tuple[int, int, int]:
+    """Pointers of the split scratch and counters :func:`split_scratch` and :func:`split_counters`
+    hand out on this stream (outside a capture)."""
     batch, num_q_heads, num_splits, head_dim = shape
     n_out = batch * num_q_heads * num_splits * head_dim
-    buf = _SCRATCH.get(("cuda", device_index, stream))
-    if buf is None or buf.numel() < n_out + batch * num_q_heads * num_splits:
-        part_out, part_lse = split_scratch(batch, num_q_heads, num_splits, head_dim,
-                                           torch.device("cuda", device_index))
-        return part_out.data_ptr(), part_lse.data_ptr()
+    key = ("cuda", device_index, stream)
+    buf, counters = _SCRATCH.get(key), _COUNTERS.get(key)
+    if (buf is None or buf.numel() < n_out + batch * num_q_heads * num_splits
+            or counters is None or counters.numel() < num_pairs):
+        device = torch.device("cuda", device_index)
+        part_out, part_lse = split_scratch(batch, num_q_heads, num_splits, head_dim, device)
+        return part_out.data_ptr(), part_lse.data_ptr(), split_counters(batch, num_pairs // batch, device).data_ptr()
     base = buf.data_ptr()
-    return base, base + 4 * n_out
+    return base, base + 4 * n_out, counters.data_ptr()
 
 
 def launch_decode(
@@ -433,4 +446,4 @@ def launch_decode(
                  num_stages=num_stages)(view, query, block_tables, context_lens, out)
 
 
-KERNELS = (_decode_kernel, _merge_kernel)
+KERNELS = (_decode_kernel,)
