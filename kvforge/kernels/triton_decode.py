@@ -1,4 +1,4 @@
-"""Triton paged decode attention: split-KV (flash-decoding) + LSE merge.
+"""Triton paged decode attention: split-KV (flash-decoding), merged in the same launch.
 
 Grid ``(num_kv_heads, num_splits, batch)``: one program per KV head, split
 and sequence. It loads the ``group = num_q_heads // num_kv_heads`` query rows
@@ -7,8 +7,10 @@ the tensor cores), walks its share of the context in tiles of ``BLOCK_N``
 tokens gathered through the block table (several pages per tile), and keeps
 an online softmax in float32 (base 2). With one split the program normalizes
 and writes the output itself; otherwise it writes its normalized partial
-output and log2-sum-exp to float32 scratch, and :func:`_merge_kernel` folds
-the splits. ``num_splits`` is a runtime argument (no recompile per split
+output and log2-sum-exp to float32 scratch, and the last program of its
+(sequence, KV head) to finish — an int32 counter per pair says which — folds
+every split into the output and zeroes the counter again: one launch, no
+merge kernel. ``num_splits`` is a runtime argument (no recompile per split
 count) chosen from shapes alone by :func:`choose_num_splits`. KV heads vary
 fastest in the launch order so that the programs reading the same pages
 (different heads of one token row) run together. With several chunks, the
@@ -23,10 +25,13 @@ nothing to ``Q·Kᵀ`` and leave zero columns in the output) and every store
 skips them. ``HAS_PAD`` is a constexpr, so a power-of-two head dim compiles to
 exactly the kernel without masks on ``head_dim``.
 
-Host cost per launch is kept to the launch itself: the split count and the
-launch config are memoized on their integer arguments, and the split-KV
-scratch comes from a buffer per (device, stream) that grows on demand
-(:func:`split_scratch`), fresh only while a CUDA graph is being captured.
+Host cost per launch is kept to the launch itself: :class:`DecodeLaunch`
+fixes the split count, config, grid and scalars of a call signature once,
+then launches the kept compiled kernel with raw pointers
+(:mod:`kvforge.kernels.triton_launch`); the split-KV scratch and counters
+come from buffers per (device, stream) that grow on demand
+(:func:`split_scratch`, :func:`split_counters`), fresh only while a CUDA graph
+is being captured.
 An fp8 cache (``FP8`` > 0) is read natively or by its bits
 (:mod:`kvforge.kernels.triton_fp8`); each tile is cast to the query dtype
 (float16 with a bfloat16 model: ``HALF_DOTS``) before ``tl.dot``, the KV head's key scale is folded into ``q_scale`` and its
