@@ -175,3 +175,17 @@ def test_launch_hooks_are_seen() -> None:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert triton_launch.no_launch_hooks()
     assert triton_launch.aligned(0, 16, 4096) and not triton_launch.aligned(16, 18)
+
+
+def test_the_forced_fp8_read_path_is_part_of_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_kernels and the tests switch an fp8 view's read path (triton_fp8.FORCE_DECODE)
+    between calls: a launch remembered for one path must not serve the other."""
+    triton_fp8 = pytest.importorskip("kvforge.kernels.triton_fp8")
+    gen = torch.Generator().manual_seed(7)
+    k = torch.zeros(NUM_BLOCKS, BLOCK, KV_HEADS, DIM, dtype=torch.float8_e4m3fn)
+    view = describe_cache(k, torch.zeros_like(k), k_scale=0.5, v_scale=0.5, model_dtype=torch.float32)
+    q, tables, ctx = _decode_inputs(gen)
+    paged_decode_attention(q, view, None, tables, ctx)
+    monkeypatch.setattr(triton_fp8, "FORCE_DECODE", "bits")
+    paged_decode_attention(q, view, None, tables, ctx)
+    assert _plans("decode", view.serial) == 2

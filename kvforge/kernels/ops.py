@@ -28,6 +28,7 @@ argument is refused the same way whatever came before it.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Callable, Sequence
 
@@ -76,6 +77,14 @@ def _remember(key: tuple | None, plan: Callable[..., None]) -> None:
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = plan
+
+
+def _forced_fp8_path() -> object:
+    """``triton_fp8.FORCE_DECODE`` (a bench and test knob that picks an fp8 read path) once
+    that module is loaded: it changes what a launch over an fp8 view is, so it is part of
+    the memo key of such calls."""
+    module = sys.modules.get("kvforge.kernels.triton_fp8")
+    return None if module is None else module.FORCE_DECODE
 
 
 def _view_key(k_cache: object, v_cache: object, chunk_offsets: object) -> int:
@@ -157,7 +166,7 @@ def store_kv(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("store", serial, key.shape, key.dtype, key.get_device(), key.stride(),
+            memo = ("store", serial, k_cache.k_scale is not None and _forced_fp8_path(), key.shape, key.dtype, key.get_device(), key.stride(),
                     value.shape, value.dtype, value.get_device(), value.stride(),
                     slot_mapping.shape, slot_mapping.dtype, slot_mapping.get_device(), slot_mapping.stride(), backend)
         except AttributeError:  # not tensors: the checks say which
@@ -235,7 +244,7 @@ def paged_decode_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("decode", serial, query.shape, query.dtype, query.get_device(), query.stride(),
+            memo = ("decode", serial, k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, query.get_device(), query.stride(),
                     block_tables.shape, block_tables.dtype, block_tables.get_device(), block_tables.stride(),
                     context_lens.shape, context_lens.dtype, context_lens.get_device(), context_lens.stride(),
                     *(_NO_OUT if out is None else (out.shape, out.dtype, out.get_device(), out.stride())),
@@ -308,7 +317,7 @@ def paged_prefill_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("prefill", serial, query.shape, query.dtype, query.get_device(), query.stride(),
+            memo = ("prefill", serial, k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, query.get_device(), query.stride(),
                     block_tables.shape, block_tables.dtype, block_tables.get_device(), block_tables.stride(),
                     cu_query_lens.shape, cu_query_lens.dtype, cu_query_lens.get_device(), cu_query_lens.stride(),
                     context_lens.shape, context_lens.dtype, context_lens.get_device(), context_lens.stride(),
