@@ -7,7 +7,9 @@ the interpreter, in ``tests/test_kernels_triton.py``).
 """
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import weakref
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 
 from kvforge.errors import KernelError
 from kvforge.kernels import (
-    describe_cache, ops, paged_decode_attention, paged_prefill_attention, reference, store_kv,
+    CacheView, describe_cache, ops, paged_decode_attention, paged_prefill_attention, reference, store_kv,
 )
 
 HEADS, KV_HEADS, DIM, BLOCK, NUM_BLOCKS = 4, 2, 16, 8, 12
@@ -125,7 +127,9 @@ def test_a_replaced_or_hand_made_view_is_checked_every_call() -> None:
     k, v = _cache(gen)
     view = describe_cache(k, v)
     other = view._replace(block_size=BLOCK)  # a copy: no longer the described view, so not trusted as one
-    assert other.serial == 0 and view._replace(serial=view.serial).serial == view.serial
+    assert other.serial == 0 and view._replace(serial=view.serial).serial == 0
+    for copied in (copy.copy(view), copy.deepcopy(view), pickle.loads(pickle.dumps(view)), CacheView._make(view)):
+        assert type(copied) is CacheView and copied.serial == 0 and copied.num_blocks == view.num_blocks
     q, tables, ctx = _decode_inputs(gen)
     before = len(ops._PLANS)
     with pytest.raises(KernelError, match="query heads"):
@@ -189,3 +193,20 @@ def test_the_forced_fp8_read_path_is_part_of_the_key(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(triton_fp8, "FORCE_DECODE", "bits")
     paged_decode_attention(q, view, None, tables, ctx)
     assert _plans("decode", view.serial) == 2
+
+
+def test_bad_options_and_devices_after_a_remembered_call_raise_kernel_errors() -> None:
+    gen = torch.Generator().manual_seed(8)
+    view = describe_cache(*_cache(gen))
+    kv = torch.randn(3, KV_HEADS, DIM, generator=gen)
+    slots = torch.arange(3)
+    store_kv(kv, kv, view, None, slots)
+    with pytest.raises(KernelError, match="backend"):
+        store_kv(kv, kv, view, None, slots, backend=["torch"])  # unhashable: checked, not memoized
+    meta = torch.empty(3, KV_HEADS, DIM, device="meta")  # index -1 like the CPU's
+    with pytest.raises(KernelError, match="expected device cpu"):
+        store_kv(meta, meta, view, None, slots)
+    q, tables, ctx = _decode_inputs(gen)
+    paged_decode_attention(q, view, None, tables, ctx)
+    with pytest.raises(KernelError, match="expected device cpu"):
+        paged_decode_attention(q.to("meta"), view, None, tables, ctx)

@@ -25,7 +25,7 @@ import itertools
 import numbers
 
 from collections import abc
-from typing import NamedTuple, Sequence, Union
+from typing import Iterable, NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -148,11 +148,22 @@ class CacheView(_CacheViewFields):
     __doc__ = _CacheViewFields.__doc__
     __slots__ = ()
 
+    # A copy is not the described view: the kernels' launch memo, keyed on the serial, must
+    # not take it for one (a deep copy holds other tensors; an unpickled one, another
+    # process's). Every way to copy one gives serial 0, so the copy is checked at each call.
+
     def _replace(self, /, **fields: object) -> CacheView:
-        """A copy with ``fields`` changed; it is no longer the described view, so it loses
-        its serial (the kernels' launch memo key) unless one is given."""
-        fields.setdefault("serial", 0)
+        """A copy with ``fields`` changed, serial 0."""
         return super()._replace(**fields)
+
+    @classmethod
+    def _make(cls, iterable: Iterable[object]) -> CacheView:
+        fields = list(iterable)
+        fields[-1] = 0
+        return tuple.__new__(cls, fields)
+
+    def __getnewargs__(self) -> tuple[object, ...]:  # copy.copy, copy.deepcopy, pickle
+        return (*self[:-1], 0)
 
 
 def as_chunks(cache: KVCacheArg, name: str, ndim: int) -> tuple[Tensor, ...]:

@@ -63,12 +63,20 @@ _PLANS: dict[tuple, Callable[..., None]] = {}
 _MAX_PLANS = 4096
 
 
-# A call's memo key is one flat tuple, written out at each entry point: per tensor argument
-# its shape, dtype, device index and strides (an AttributeError when it is not a tensor:
-# the full checks then say what is wrong). Flat and with ``get_device()`` ints it costs a
-# third less to build and hash than nested per-tensor tuples with torch.device objects;
-# the view's serial fixes the device type.
+# A call's memo key is one flat tuple, written out at each entry point: the view's serial
+# and identity (a copy of a view is another object: it gets a plan of its own pointers),
+# then per tensor argument its shape, dtype, device (:func:`_dev`) and strides (an
+# AttributeError when it is not a tensor: the full checks then say what is wrong), then the
+# options. Flat and with device indices it costs a third less to build and hash than nested
+# per-tensor tuples with torch.device objects.
 _NO_OUT = (None, None, None, None)
+
+
+def _dev(t: Tensor) -> object:
+    """A tensor's device for a memo key: its index on an accelerator, the device itself
+    otherwise (the CPU and meta both have index -1)."""
+    index = t.get_device()
+    return index if index >= 0 else t.device
 
 
 def _remember(key: tuple | None, plan: Callable[..., None]) -> None:
@@ -166,12 +174,14 @@ def store_kv(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("store", serial, k_cache.k_scale is not None and _forced_fp8_path(), key.shape, key.dtype, key.get_device(), key.stride(),
-                    value.shape, value.dtype, value.get_device(), value.stride(),
-                    slot_mapping.shape, slot_mapping.dtype, slot_mapping.get_device(), slot_mapping.stride(), backend)
-        except AttributeError:  # not tensors: the checks say which
-            memo = None
-    plan = _PLANS.get(memo) if memo is not None else None
+            memo = ("store", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(), key.shape, key.dtype, _dev(key), key.stride(),
+                    value.shape, value.dtype, _dev(value), value.stride(),
+                    slot_mapping.shape, slot_mapping.dtype, _dev(slot_mapping), slot_mapping.stride(), backend)
+            plan = _PLANS.get(memo)
+        except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which
+            memo = plan = None
+    else:
+        plan = None
     if plan is None:
         view, plan = _plan_store(key, value, k_cache, v_cache, slot_mapping, chunk_offsets, backend)
         _remember(memo, plan)
@@ -244,10 +254,10 @@ def paged_decode_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("decode", serial, k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, query.get_device(), query.stride(),
-                    block_tables.shape, block_tables.dtype, block_tables.get_device(), block_tables.stride(),
-                    context_lens.shape, context_lens.dtype, context_lens.get_device(), context_lens.stride(),
-                    *(_NO_OUT if out is None else (out.shape, out.dtype, out.get_device(), out.stride())),
+            memo = ("decode", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, _dev(query), query.stride(),
+                    block_tables.shape, block_tables.dtype, _dev(block_tables), block_tables.stride(),
+                    context_lens.shape, context_lens.dtype, _dev(context_lens), context_lens.stride(),
+                    *(_NO_OUT if out is None else (out.shape, out.dtype, _dev(out), out.stride())),
                     type(scale), scale, type(sliding_window), sliding_window,
                     type(soft_cap), soft_cap, type(num_splits), num_splits, backend)
             plan = _PLANS.get(memo)
@@ -317,11 +327,11 @@ def paged_prefill_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("prefill", serial, k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, query.get_device(), query.stride(),
-                    block_tables.shape, block_tables.dtype, block_tables.get_device(), block_tables.stride(),
-                    cu_query_lens.shape, cu_query_lens.dtype, cu_query_lens.get_device(), cu_query_lens.stride(),
-                    context_lens.shape, context_lens.dtype, context_lens.get_device(), context_lens.stride(),
-                    *(_NO_OUT if out is None else (out.shape, out.dtype, out.get_device(), out.stride())),
+            memo = ("prefill", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, _dev(query), query.stride(),
+                    block_tables.shape, block_tables.dtype, _dev(block_tables), block_tables.stride(),
+                    cu_query_lens.shape, cu_query_lens.dtype, _dev(cu_query_lens), cu_query_lens.stride(),
+                    context_lens.shape, context_lens.dtype, _dev(context_lens), context_lens.stride(),
+                    *(_NO_OUT if out is None else (out.shape, out.dtype, _dev(out), out.stride())),
                     type(scale), scale, type(sliding_window), sliding_window,
                     type(soft_cap), soft_cap, backend)
             plan = _PLANS.get(memo)

@@ -359,7 +359,7 @@ class DecodeLaunch:
         self.on_gpu = view.device.type == "cuda"
         self.scratch_shape = (batch, num_q_heads, num_splits, head_dim)
         self.num_pairs = batch * view.num_kv_heads  # split counters: one per (sequence, KV head)
-        # the scalars after the 11 pointers, in the kernel's order
+        # the scalars after the 12 pointers, in the kernel's order
         self.scalars = (
             float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
             num_splits,

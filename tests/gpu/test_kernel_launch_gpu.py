@@ -189,3 +189,25 @@ def test_the_last_split_merges_every_time(num_splits: int) -> None:
         torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
     counters = [c for c in triton_decode._COUNTERS.values()]
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)  # every launch left them zero
+
+
+def test_a_copied_view_writes_its_own_tensors() -> None:
+    """A deep copy of a view holds other tensors: a call over it must not reuse the launch
+    remembered for the original (its pointers)."""
+    import copy
+
+    gen = torch.Generator().manual_seed(12)
+    k, v = _cache(gen)
+    view = describe_cache(k, v)
+    new = torch.randn(4, HKV, D, generator=gen).to(BF16).to(DEV)
+    slots = torch.arange(4, device=DEV)
+    for _ in range(2):  # kept and launched fast over the original
+        store_kv(new, new, view, None, slots)
+    twin = copy.deepcopy(view)
+    before = k.clone()
+    other = torch.randn(4, HKV, D, generator=gen).to(BF16).to(DEV)
+    for _ in range(2):
+        store_kv(other, other, twin, None, slots)
+    torch.cuda.synchronize()
+    assert torch.equal(k, before)
+    assert torch.equal(twin.k_chunks[0].view(-1, HKV, D)[:4], other)
