@@ -174,7 +174,8 @@ def store_kv(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("store", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(), key.shape, key.dtype, _dev(key), key.stride(),
+            memo = ("store", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(),
+                    key.shape, key.dtype, _dev(key), key.stride(),
                     value.shape, value.dtype, _dev(value), value.stride(),
                     slot_mapping.shape, slot_mapping.dtype, _dev(slot_mapping), slot_mapping.stride(), backend)
             plan = _PLANS.get(memo)
@@ -254,7 +255,8 @@ def paged_decode_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("decode", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, _dev(query), query.stride(),
+            memo = ("decode", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(),
+                    query.shape, query.dtype, _dev(query), query.stride(),
                     block_tables.shape, block_tables.dtype, _dev(block_tables), block_tables.stride(),
                     context_lens.shape, context_lens.dtype, _dev(context_lens), context_lens.stride(),
                     *(_NO_OUT if out is None else (out.shape, out.dtype, _dev(out), out.stride())),
@@ -327,7 +329,8 @@ def paged_prefill_attention(
     memo = None
     if serial := _view_key(k_cache, v_cache, chunk_offsets):
         try:
-            memo = ("prefill", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(), query.shape, query.dtype, _dev(query), query.stride(),
+            memo = ("prefill", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(),
+                    query.shape, query.dtype, _dev(query), query.stride(),
                     block_tables.shape, block_tables.dtype, _dev(block_tables), block_tables.stride(),
                     cu_query_lens.shape, cu_query_lens.dtype, _dev(cu_query_lens), cu_query_lens.stride(),
                     context_lens.shape, context_lens.dtype, _dev(context_lens), context_lens.stride(),
