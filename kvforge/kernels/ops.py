@@ -63,20 +63,35 @@ _PLANS: dict[tuple, Callable[..., None]] = {}
 _MAX_PLANS = 4096
 
 
-# A call's memo key is one flat tuple, written out at each entry point: the view's serial
-# and identity (a copy of a view is another object: it gets a plan of its own pointers),
-# then per tensor argument its shape, dtype, device (:func:`_dev`) and strides (an
-# AttributeError when it is not a tensor: the full checks then say what is wrong), then the
-# options. Flat and with device indices it costs a third less to build and hash than nested
-# per-tensor tuples with torch.device objects.
+# A call's memo key is one flat tuple (:func:`_recall`): the view's serial and identity (a
+# copy of a view is another object: it gets a plan of its own pointers), the forced fp8
+# read path of an fp8 view, then per tensor argument its :func:`_meta`, then the options
+# with their types. Flat and with device indices it costs a third less to build and hash
+# than nested per-tensor tuples with torch.device objects.
 _NO_OUT = (None, None, None, None)
 
 
-def _dev(t: Tensor) -> object:
-    """A tensor's device for a memo key: its index on an accelerator, the device itself
-    otherwise (the CPU and meta both have index -1)."""
+def _meta(t: Tensor) -> tuple:
+    """A tensor argument's part of a memo key: shape, dtype, device (its index on an
+    accelerator, the device itself otherwise: the CPU and meta both have index -1) and
+    strides. An AttributeError when ``t`` is not a tensor."""
     index = t.get_device()
-    return index if index >= 0 else t.device
+    return t.shape, t.dtype, index if index >= 0 else t.device, t.stride()
+
+
+def _recall(kind: str, k_cache: object, v_cache: object, chunk_offsets: object,
+            signature: Callable[[], tuple]) -> tuple[tuple | None, Callable[..., None] | None]:
+    """The memo key of a call and its remembered launch, or None for either. Only a described
+    view passed alone is remembered; ``signature`` gives the rest of the key (the tensors'
+    :func:`_meta`, the options). Arguments that are not tensors, or unhashable options, give
+    no key: the full checks then say what is wrong."""
+    if type(k_cache) is not CacheView or v_cache is not None or chunk_offsets is not None or not k_cache.serial:
+        return None, None
+    try:
+        memo = (kind, k_cache.serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(), *signature())
+        return memo, _PLANS.get(memo)
+    except (AttributeError, TypeError):
+        return None, None
 
 
 def _remember(key: tuple | None, plan: Callable[..., None]) -> None:
@@ -93,13 +108,6 @@ def _forced_fp8_path() -> object:
     the memo key of such calls."""
     module = sys.modules.get("kvforge.kernels.triton_fp8")
     return None if module is None else module.FORCE_DECODE
-
-
-def _view_key(k_cache: object, v_cache: object, chunk_offsets: object) -> int:
-    """The serial of a described view passed alone (0: no memo for this call)."""
-    if type(k_cache) is CacheView and v_cache is None and chunk_offsets is None:
-        return k_cache.serial
-    return 0
 
 
 def _bind_triton_module(name: str, device_type: str) -> ModuleType:
@@ -171,18 +179,8 @@ def store_kv(
     leave either one's values. ``validate`` (default: on CPU only) checks
     every slot is -1 or inside the pool.
     """
-    memo = None
-    if serial := _view_key(k_cache, v_cache, chunk_offsets):
-        try:
-            memo = ("store", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(),
-                    key.shape, key.dtype, _dev(key), key.stride(),
-                    value.shape, value.dtype, _dev(value), value.stride(),
-                    slot_mapping.shape, slot_mapping.dtype, _dev(slot_mapping), slot_mapping.stride(), backend)
-            plan = _PLANS.get(memo)
-        except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which
-            memo = plan = None
-    else:
-        plan = None
+    memo, plan = _recall("store", k_cache, v_cache, chunk_offsets, lambda: (
+        *_meta(key), *_meta(value), *_meta(slot_mapping), backend))
     if plan is None:
         view, plan = _plan_store(key, value, k_cache, v_cache, slot_mapping, chunk_offsets, backend)
         _remember(memo, plan)
@@ -252,21 +250,10 @@ def paged_decode_attention(
     ``[batch, num_q_heads, head_dim]`` in the query dtype. An fp8 cache is
     read as ``stored * scale`` inside the kernel.
     """
-    memo = None
-    if serial := _view_key(k_cache, v_cache, chunk_offsets):
-        try:
-            memo = ("decode", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(),
-                    query.shape, query.dtype, _dev(query), query.stride(),
-                    block_tables.shape, block_tables.dtype, _dev(block_tables), block_tables.stride(),
-                    context_lens.shape, context_lens.dtype, _dev(context_lens), context_lens.stride(),
-                    *(_NO_OUT if out is None else (out.shape, out.dtype, _dev(out), out.stride())),
-                    type(scale), scale, type(sliding_window), sliding_window,
-                    type(soft_cap), soft_cap, type(num_splits), num_splits, backend)
-            plan = _PLANS.get(memo)
-        except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which
-            memo = plan = None
-    else:
-        plan = None
+    memo, plan = _recall("decode", k_cache, v_cache, chunk_offsets, lambda: (
+        *_meta(query), *_meta(block_tables), *_meta(context_lens), *(_NO_OUT if out is None else _meta(out)),
+        type(scale), scale, type(sliding_window), sliding_window, type(soft_cap), soft_cap,
+        type(num_splits), num_splits, backend))
     if plan is None:
         view, plan = _plan_decode(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
                                   soft_cap, out, num_splits, chunk_offsets, backend)
@@ -326,22 +313,10 @@ def paged_prefill_attention(
     positions up to its own. Options as in :func:`paged_decode_attention`.
     Returns ``out`` ``[total_new_tokens, num_q_heads, head_dim]``.
     """
-    memo = None
-    if serial := _view_key(k_cache, v_cache, chunk_offsets):
-        try:
-            memo = ("prefill", serial, id(k_cache), k_cache.k_scale is not None and _forced_fp8_path(),
-                    query.shape, query.dtype, _dev(query), query.stride(),
-                    block_tables.shape, block_tables.dtype, _dev(block_tables), block_tables.stride(),
-                    cu_query_lens.shape, cu_query_lens.dtype, _dev(cu_query_lens), cu_query_lens.stride(),
-                    context_lens.shape, context_lens.dtype, _dev(context_lens), context_lens.stride(),
-                    *(_NO_OUT if out is None else (out.shape, out.dtype, _dev(out), out.stride())),
-                    type(scale), scale, type(sliding_window), sliding_window,
-                    type(soft_cap), soft_cap, backend)
-            plan = _PLANS.get(memo)
-        except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks say which
-            memo = plan = None
-    else:
-        plan = None
+    memo, plan = _recall("prefill", k_cache, v_cache, chunk_offsets, lambda: (
+        *_meta(query), *_meta(block_tables), *_meta(cu_query_lens), *_meta(context_lens),
+        *(_NO_OUT if out is None else _meta(out)),
+        type(scale), scale, type(sliding_window), sliding_window, type(soft_cap), soft_cap, backend))
     if plan is None:
         view, plan = _plan_prefill(query, k_cache, v_cache, block_tables, cu_query_lens, context_lens, scale,
                                    sliding_window, soft_cap, out, chunk_offsets, backend)

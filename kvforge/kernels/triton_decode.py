@@ -51,7 +51,7 @@ from torch import Tensor
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
 from kvforge.kernels.triton_launch import (
-    Launch, aligned, current_device, current_stream, is_capturing, no_launch_hooks,
+    Launch, aligned, current_device, current_stream, is_capturing, no_launch_hooks, view_chunks, view_pointers,
 )
 
 __all__ = ["DecodeLaunch", "launch_decode", "choose_num_splits", "split_scratch", "split_counters", "release_scratch",
@@ -267,21 +267,29 @@ def split_scratch(batch: int, num_q_heads: int, num_splits: int, head_dim: int,
     """
     n_out = batch * num_q_heads * num_splits * head_dim
     need = n_out + batch * num_q_heads * num_splits
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        buf = torch.empty(need, dtype=torch.float32, device=device)
+    else:
+        buf = _stream_buffer(_SCRATCH, need, torch.float32, device)
+    return _split(buf, n_out, need, batch, num_q_heads, num_splits, head_dim)
+
+
+def _stream_buffer(buffers: dict[tuple[str, int, int], Tensor], need: int, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """The reusable buffer of (``device``, current stream) in ``buffers``, grown to the next
+    power of two of ``need`` elements when short (zeros: the counters rely on it)."""
     if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            buf = torch.empty(need, dtype=torch.float32, device=device)
-            return _split(buf, n_out, need, batch, num_q_heads, num_splits, head_dim)
         key = (device.type, device.index if device.index is not None else torch.cuda.current_device(),
                torch.cuda.current_stream(device).cuda_stream)
     else:  # the interpreter: runs synchronously
         key = (device.type, device.index if device.index is not None else -1, 0)
-    buf = _SCRATCH.get(key)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < need:
-        _SCRATCH.pop(key, None)  # drop the old buffer before allocating its successor
-        if len(_SCRATCH) >= _MAX_SCRATCH:  # streams come and go (stream pools): bound the dict
-            del _SCRATCH[next(iter(_SCRATCH))]
-        buf = _SCRATCH[key] = torch.empty(triton.next_power_of_2(need), dtype=torch.float32, device=device)
-    return _split(buf, n_out, need, batch, num_q_heads, num_splits, head_dim)
+        buffers.pop(key, None)  # drop the old buffer before allocating its successor
+        if len(buffers) >= _MAX_SCRATCH:  # streams come and go (stream pools): bound the dict
+            del buffers[next(iter(buffers))]
+        buf = buffers[key] = torch.zeros(triton.next_power_of_2(need), dtype=dtype, device=device)
+    return buf
 
 
 #: Per (device, stream): int32 zeros, one counter per (sequence, KV head) of a split
@@ -294,20 +302,9 @@ def split_counters(batch: int, num_kv_heads: int, device: torch.device) -> Tenso
     stream: the reusable buffer of (``device``, current stream), or fresh zeros while a
     CUDA graph is captured (as :func:`split_scratch`)."""
     need = batch * num_kv_heads
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(need, dtype=torch.int32, device=device)
-        key = (device.type, device.index if device.index is not None else torch.cuda.current_device(),
-               torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type, device.index if device.index is not None else -1, 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < need:
-        _COUNTERS.pop(key, None)
-        if len(_COUNTERS) >= _MAX_SCRATCH:
-            del _COUNTERS[next(iter(_COUNTERS))]
-        buf = _COUNTERS[key] = torch.zeros(triton.next_power_of_2(need), dtype=torch.int32, device=device)
-    return buf[:need]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(need, dtype=torch.int32, device=device)
+    return _stream_buffer(_COUNTERS, need, torch.int32, device)[:need]
 
 
 def _split(buf: Tensor, n_out: int, need: int, batch: int, num_q_heads: int, num_splits: int,
@@ -351,7 +348,7 @@ class DecodeLaunch:
             num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms,
                                            block_n)
         self.num_splits = num_splits
-        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        k0 = view.k_chunks[0]
         fp8 = 0
         if view.k_scale is not None:
             fp8 = decode_mode(k0.dtype, view.device)
@@ -368,9 +365,7 @@ class DecodeLaunch:
             block_tables.stride(0),
             out.stride(0), out.stride(1),
         )
-        self.view_ptrs = (k0.data_ptr(), v0.data_ptr(),
-                          view.offsets.data_ptr() if view.offsets is not None else 0,
-                          view.k_scale.data_ptr() if fp8 else 0, view.v_scale.data_ptr() if fp8 else 0)
+        self.view_ptrs = view_pointers(view)
         self.decode = Launch(
             _decode_kernel, (view.num_kv_heads, num_splits, batch), dict(
                 GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -404,9 +399,7 @@ class DecodeLaunch:
         self._jit(view, query, block_tables, context_lens, out)
 
     def _jit(self, view: CacheView, query: Tensor, block_tables: Tensor, context_lens: Tensor, out: Tensor) -> None:
-        k0, v0 = view.k_chunks[0], view.v_chunks[0]
-        if self.fp8 not in (0, 1):
-            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
+        k0, v0 = view_chunks(view, self.fp8 not in (0, 1))
         if self.num_splits > 1:
             part_out, part_lse = split_scratch(*self.scratch_shape, query.device)
             counters = split_counters(self.scratch_shape[0], self.num_pairs // self.scratch_shape[0], query.device)

@@ -26,7 +26,8 @@ import torch
 import triton
 from triton import knobs
 
-__all__ = ["Launch", "aligned", "current_device", "current_stream", "is_capturing", "no_launch_hooks"]
+__all__ = ["Launch", "aligned", "current_device", "current_stream", "is_capturing", "no_launch_hooks",
+           "view_chunks", "view_pointers"]
 
 _RUNTIME = knobs.runtime
 
@@ -64,6 +65,25 @@ def no_launch_hooks() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
+
+
+def view_pointers(view: Any) -> tuple[int, int, int, int, int]:
+    """A :class:`~kvforge.kernels.CacheView`'s fixed pointers, as the kernels take them: the
+    first key and value chunks, the chunk offset table (0 without one), the key and value
+    scales (0 unless fp8). The view's serial pins them (see :mod:`kvforge.kernels.ops`)."""
+    k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    fp8 = view.k_scale is not None
+    return (k0.data_ptr(), v0.data_ptr(), view.offsets.data_ptr() if view.offsets is not None else 0,
+            view.k_scale.data_ptr() if fp8 else 0, view.v_scale.data_ptr() if fp8 else 0)
+
+
+def view_chunks(view: Any, as_bytes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first key and value chunks of a view for a JIT launch, as uint8 views when the
+    fp8 bytes are read (or written) by integer arithmetic rather than the compiler's fp8 type."""
+    k0, v0 = view.k_chunks[0], view.v_chunks[0]
+    if as_bytes:
+        return k0.view(torch.uint8), v0.view(torch.uint8)
+    return k0, v0
 
 
 class Launch:

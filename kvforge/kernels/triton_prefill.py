@@ -32,7 +32,9 @@ from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
-from kvforge.kernels.triton_launch import Launch, aligned, current_device, current_stream, no_launch_hooks
+from kvforge.kernels.triton_launch import (
+    Launch, aligned, current_device, current_stream, no_launch_hooks, view_chunks, view_pointers,
+)
 
 __all__ = ["PrefillLaunch", "launch_prefill", "warm_up_prefill", "KERNELS"]
 
@@ -204,7 +206,7 @@ class PrefillLaunch:
         block_m, block_n = block_m or cfg_m, block_n or cfg_n
         block_q = block_m // group
         block_d = padded_head_dim(head_dim)
-        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        k0 = view.k_chunks[0]
         fp8 = 0
         if view.k_scale is not None:
             fp8 = decode_mode(k0.dtype, view.device)
@@ -219,9 +221,7 @@ class PrefillLaunch:
             block_tables.stride(0),
             out.stride(0), out.stride(1),
         )
-        self.view_ptrs = (k0.data_ptr(), v0.data_ptr(),
-                          view.offsets.data_ptr() if view.offsets is not None else 0,
-                          view.k_scale.data_ptr() if fp8 else 0, view.v_scale.data_ptr() if fp8 else 0)
+        self.view_ptrs = view_pointers(view)
         self.launch = Launch(
             _prefill_kernel, (total // block_q + batch, view.num_kv_heads), dict(
                 GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
@@ -244,9 +244,7 @@ class PrefillLaunch:
                 launch.fast(current_stream(launch.device), pq, pk, pv, poff or pt, pt, pcu, pc, po, pks or po,
                             pvs or po, *self.scalars)
                 return
-        k0, v0 = view.k_chunks[0], view.v_chunks[0]
-        if self.fp8 not in (0, 1):
-            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
+        k0, v0 = view_chunks(view, self.fp8 not in (0, 1))
         offsets = view.offsets if view.offsets is not None else block_tables
         tensors = (query, k0, v0, offsets, block_tables, cu_query_lens, context_lens, out,
                    view.k_scale if self.fp8 else out, view.v_scale if self.fp8 else out)

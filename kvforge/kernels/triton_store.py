@@ -16,14 +16,15 @@ This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kvforge.kernels.layout import CacheView
 from kvforge.kernels.triton_fp8 import E4M3, decode_mode, encode_fp8
-from kvforge.kernels.triton_launch import Launch, aligned, current_device, current_stream, no_launch_hooks
+from kvforge.kernels.triton_launch import (
+    Launch, aligned, current_device, current_stream, no_launch_hooks, view_chunks, view_pointers,
+)
 
 __all__ = ["StoreLaunch", "launch_store", "launch_copy", "KERNELS"]
 
@@ -103,7 +104,7 @@ class StoreLaunch:
         num_hd = view.num_kv_heads * view.head_dim
         block_hd = triton.next_power_of_2(num_hd)
         block_t = max(1, min(64, 4096 // block_hd))
-        k0, v0 = view.k_chunks[0], view.v_chunks[0]
+        k0 = view.k_chunks[0]
         fp8 = view.k_scale is not None
         # bytes from encode_fp8, no fp8 cast of the compiler's; where the read path is not native
         # (hardware without fp8 types) the chunks go in as uint8 views
@@ -112,9 +113,7 @@ class StoreLaunch:
         self.scalars = (num_tokens, view.chunk_blocks,
                         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
                         k0.stride(0), k0.stride(1), k0.stride(2))
-        self.view_ptrs = (k0.data_ptr(), v0.data_ptr(),
-                          view.offsets.data_ptr() if view.offsets is not None else 0,
-                          view.k_scale.data_ptr() if fp8 else 0, view.v_scale.data_ptr() if fp8 else 0)
+        self.view_ptrs = view_pointers(view)
         self.launch = Launch(_store_kernel, (triton.cdiv(num_tokens, block_t),), dict(
             HEAD_DIM=view.head_dim, NUM_HD=num_hd, BLOCK_HD=block_hd, BLOCK_T=block_t,
             BLOCK_SIZE=view.block_size, MULTI_CHUNK=view.offsets is not None,
@@ -130,9 +129,7 @@ class StoreLaunch:
                 launch.fast(current_stream(launch.device), pk, pv, ck, cv, poff or ps, ps, pks or ps, pvs or ps,
                             *self.scalars)
                 return
-        k0, v0 = view.k_chunks[0], view.v_chunks[0]
-        if self.as_bytes:
-            k0, v0 = k0.view(torch.uint8), v0.view(torch.uint8)
+        k0, v0 = view_chunks(view, self.as_bytes)
         fp8 = view.k_scale is not None
         tensors = (key, value, k0, v0, view.offsets if view.offsets is not None else slot_mapping, slot_mapping,
                    view.k_scale if fp8 else slot_mapping, view.v_scale if fp8 else slot_mapping)
