@@ -29,7 +29,7 @@ just those rows.
 decode of one sequence, of 16 x 512 tokens, a store of 16 tokens) and a
 markdown summary of eager / in-graph time and host time per call.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}] [--fp8-only] [--launch]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--no-flex] [--sweep {decode,prefill,all}] [--fp8-only] [--head-dims] [--launch]
 """
 from __future__ import annotations
 
@@ -462,6 +462,40 @@ def bench_fp8_store(num_tokens: int, gen) -> None:
     torch.cuda.empty_cache()
 
 
+def bench_head_dims(gen, dims: tuple[int, ...] = (64, 80, 96, 128, 256), batch: int = 64, length: int = 2048) -> None:
+    """Decode at every head dim the models use (32/8 heads), kernel time in a CUDA graph: SDPA
+    on a contiguous bf16 cache, the bf16 paged cache (% of copy bandwidth), the fp8_e4m3 one
+    (its bytes are half: the ratio to bf16 is the speed-up)."""
+    for dim in dims:
+        shape = f"B={batch} L={length} 32/8h d{dim}"
+        bf16_bytes = 2 * batch * length * HKV * dim * 2
+        q = torch.randn(batch, HQ, dim, dtype=DT, device=DEV)
+        k = torch.randn(batch, length, HKV, dim, dtype=DT, device=DEV)
+        v = torch.randn_like(k)
+        q4 = q.unsqueeze(2)
+        k_sdpa, v_sdpa = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        t_sdpa = bench_graph(lambda: F.scaled_dot_product_attention(q4, k_sdpa, v_sdpa, enable_gqa=True))
+        want = F.scaled_dot_product_attention(q4, k_sdpa, v_sdpa, enable_gqa=True).squeeze(2)
+        del k_sdpa, v_sdpa
+        row("decode sdpa contiguous graph", shape, t_sdpa, bf16_bytes)
+        k_cache, v_cache, tables = paged_from_contiguous(k, v, 16, gen)
+        del k, v
+        ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+        view = describe_cache(k_cache, v_cache)
+        out = torch.empty_like(q)
+        err = rel_err(paged_decode_attention(q, view, None, tables, ctx), want)
+        t = bench_graph(lambda: paged_decode_attention(q, view, None, tables, ctx, out=out))
+        row("decode bf16 bs=16 view graph", shape, t, bf16_bytes, f"{t_sdpa / t:.2f}x sdpa rel_err={err:.1e}")
+        _, _, view8 = fp8_cache(k_cache, v_cache)
+        del k_cache, v_cache, view
+        err8 = rel_err(paged_decode_attention(q, view8, None, tables, ctx), want)
+        t8 = bench_graph(lambda: paged_decode_attention(q, view8, None, tables, ctx, out=out))
+        row("decode fp8_e4m3 bs=16 view graph", shape, t8, bf16_bytes / 2,
+            f"{t / t8:.2f}x bf16 (target >= 1.7x) rel_err_vs_bf16={err8:.1e}")
+        del view8
+        torch.cuda.empty_cache()
+
+
 def run_fp8(gen) -> None:
     bench_fp8_decode(64, 4096, HQ, HKV, D, 16, gen)
     bench_fp8_decode(128, 1024, 32, 4, 64, 16, gen)  # the TinyLlama shape of the engine benchmark
@@ -597,6 +631,8 @@ def main() -> None:
                         help="also time several launch configs")
     parser.add_argument("--fp8-only", action="store_true",
                         help="only the fp8 rows: fp8_e4m3 decode / prefill / store against bf16 at the same shapes")
+    parser.add_argument("--head-dims", action="store_true",
+                        help="only the head-dim rows: bf16 and fp8_e4m3 decode at head dims 64-256 beside SDPA")
     parser.add_argument("--launch", action="store_true",
                         help="only the launch-cost rows: eager, in-graph and host time per call at host-bound shapes")
     args = parser.parse_args()
@@ -614,6 +650,9 @@ def main() -> None:
     if args.fp8_only:
         run_fp8(gen)
         return
+    if args.head_dims:
+        bench_head_dims(gen)
+        return
     if args.launch:
         bench_launch(gen)
         return
@@ -626,6 +665,7 @@ def main() -> None:
     bench_decode(64, 4096, (16, 64), (16, 64) if flex else (), gen)
     bench_decode(16, 16384, (16, 64), (16,) if flex else (), gen)
     bench_decode(256, 1024, (16, 64), (16,) if flex else (), gen)
+    bench_head_dims(gen)
     run_fp8(gen)
 
 

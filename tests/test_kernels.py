@@ -542,3 +542,41 @@ def test_split_scratch_grows_and_is_reused() -> None:
     assert again.data_ptr() == big.data_ptr()
     triton_decode.release_scratch()
     assert not triton_decode._SCRATCH
+
+
+def test_fp8_decode_read_mode_and_launch_config(monkeypatch) -> None:
+    """Which fp8 read the decode kernel takes (paired values, mode 4, only for a native e4m3
+    read of a 16-bit model on CUDA with a tile of 32+ columns; ``FORCE_DECODE="cast"`` keeps
+    mode 1) and the launch config each mode gets (capped registers on CUDA only)."""
+    pytest.importorskip("triton")
+    from kvforge.kernels import triton_decode, triton_fp8
+
+    e4m3, e5m2, cuda = torch.float8_e4m3fn, torch.float8_e5m2, torch.device("cuda", 0)
+    bf16, f16 = torch.bfloat16, torch.float16
+    assert triton_fp8.decode_mode(e4m3, torch.device("cpu")) == 1  # the interpreter reads natively
+    if torch.version.hip is None:
+        assert triton_fp8.paired_values(1, e4m3, cuda, 128, bf16) == 4
+        assert triton_fp8.paired_values(1, e4m3, cuda, 32, f16) == 4
+        odd = torch.zeros(4, 16, 2, 41, dtype=torch.uint8).view(e4m3)  # strides 41 bytes apart: no int16 view
+        assert triton_fp8.paired_values(1, e4m3, cuda, 64, bf16, odd[..., :40]) == 1
+        assert triton_fp8.paired_values(1, e4m3, cuda, 32, bf16, odd[..., 1:33]) == 1
+        assert triton_fp8.paired_values(1, e4m3, cuda, 64, bf16, odd[..., :40].contiguous()) == 4
+        monkeypatch.setattr(triton_fp8, "FORCE_DECODE", "cast")
+        assert triton_fp8.paired_values(1, e4m3, cuda, 128, bf16) == 1
+        monkeypatch.setattr(triton_fp8, "FORCE_DECODE", None)
+    for args in ((1, e4m3, torch.device("cpu"), 128, bf16), (1, e4m3, cuda, 16, bf16),
+                 (1, e4m3, cuda, 128, torch.float32), (1, e5m2, cuda, 128, bf16), (2, e4m3, cuda, 128, bf16),
+                 (3, e5m2, cuda, 128, bf16)):
+        assert triton_fp8.paired_values(*args) == args[0], args
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert triton_fp8.paired_values(1, e4m3, cuda, 128, bf16) == 1
+    for block_d in (32, 64, 128, 256):
+        block_n, warps, stages, maxnreg = triton_decode._config_for(True, True, block_d, False, 4)
+        assert maxnreg == 128 and warps == 4
+        bf16_n = triton_decode._config_for(True, True, block_d, False, 0)[0]
+        # never fewer tokens than the bf16 tile; at 128 and 256 columns as many bytes (twice the tokens)
+        assert block_n == 2 * bf16_n if block_d >= 128 else block_n >= bf16_n
+        for fp8 in (0, 1, 2, 3):  # ROCm (on_cuda False): never a register cap
+            assert triton_decode._config_for(False, True, block_d, False, fp8)[3] is None
+    assert triton_decode._config_for(True, True, 128, True, 1)[3] is None  # fp32 tiles are never capped
+    assert triton_decode._config_for(False, False, 128, False, 4) == (16, 4, 1, None)  # the interpreter

@@ -34,9 +34,16 @@ come from buffers per (device, stream) that grow on demand
 is being captured.
 An fp8 cache (``FP8`` > 0) is read natively or by its bits
 (:mod:`kvforge.kernels.triton_fp8`); each tile is cast to the query dtype
-(float16 with a bfloat16 model: ``HALF_DOTS``) before ``tl.dot``, the KV head's key scale is folded into ``q_scale`` and its
-value scale multiplies the normalized output, so dequantizing adds no
-per-element multiply.
+(float16 with a bfloat16 model: ``HALF_DOTS``) before ``tl.dot``, the KV
+head's key scale is folded into ``q_scale`` and its value scale multiplies
+the normalized output, so dequantizing adds no per-element multiply. On CUDA
+an e4m3 value tile is read as int16 pairs of columns (``FP8 == 4``,
+:func:`~kvforge.kernels.triton_fp8.paired_values`): the pairs transpose as
+16-bit words for the B operand of ``P·V`` (a byte tile would be gathered
+from shared memory one byte at a time), :func:`e4m3_pairs_to_f16` splits them
+into the even and the odd columns, and each gets its own dot and accumulator,
+interleaved after the loop. fp8 tiles hold twice bf16's tokens under a
+128-register cap (:func:`_config_for`).
 This module imports triton; :mod:`kvforge.kernels.ops` loads it lazily.
 """
 from __future__ import annotations
@@ -49,7 +56,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvforge.kernels.layout import CacheView, padded_head_dim
-from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
+from kvforge.kernels.triton_fp8 import decode_mode, e4m3_pairs_to_f16, fp8_bits_to_f16, paired_values, raw_mul
 from kvforge.kernels.triton_launch import (
     Launch, aligned, current_device, current_stream, is_capturing, no_launch_hooks, view_chunks, view_pointers,
 )
@@ -107,7 +114,12 @@ def _decode_kernel(
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if FP8 == 4:
+        acc = tl.zeros([GROUP_PAD, BLOCK_D // 2], tl.float32)
+        acc2 = tl.zeros([GROUP_PAD, BLOCK_D // 2], tl.float32)
+    else:
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        acc2 = 0.0  # unused
     table = block_tables_ptr + seq * stride_bt
     head_off = kv_head * stride_ch
     if MULTI_CHUNK:
@@ -131,7 +143,7 @@ def _decode_kernel(
         else:
             kv_mask = n_ok[:, None]
         k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP8 == 1:
+        if FP8 == 1 or FP8 == 4:
             k = k.to(q.dtype)
         elif FP8 != 0:
             k = fp8_bits_to_f16(k, FP8 == 2).to(q.dtype)
@@ -145,13 +157,27 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP8 == 1:
-            v = v.to(q.dtype)
-        elif FP8 != 0:
-            v = fp8_bits_to_f16(v, FP8 == 2).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if FP8 == 4:  # int16 words (d, d+1): even and odd columns into their own accumulators
+            offs_j = tl.arange(0, BLOCK_D // 2)
+            if HAS_PAD:
+                w_mask = n_ok[:, None] & (offs_j * 2 < HEAD_DIM)[None, :]
+            else:
+                w_mask = n_ok[:, None]
+            w = tl.load(v_ptr + (row // 2)[:, None] + offs_j[None, :], mask=w_mask, other=0)
+            v_even, v_odd = e4m3_pairs_to_f16(w)
+            p16 = p.to(tl.float16)
+            acc = acc * alpha[:, None] + tl.dot(p16, v_even)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p16, v_odd)
+        else:
+            v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if FP8 == 1:
+                v = v.to(q.dtype)
+            elif FP8 != 0:
+                v = fp8_bits_to_f16(v, FP8 == 2).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if FP8 == 4:  # interleave the even and odd columns back
+        acc = tl.reshape(tl.join(acc, acc2), [GROUP_PAD, BLOCK_D])
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -226,20 +252,28 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: i
     return best
 
 
-def _config(view: CacheView) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for this head dim's tile and dtype."""
-    return _config_for(view.device.type == "cuda", padded_head_dim(view.head_dim), view.dtype == torch.float32)
+def _config(view: CacheView, fp8: int = 0) -> tuple[int, int, int, int | None]:
+    """(BLOCK_N, num_warps, num_stages, maxnreg) for this head dim's tile, dtype and fp8 read mode."""
+    return _config_for(view.device.type == "cuda" and torch.version.hip is None, view.device.type == "cuda",
+                       padded_head_dim(view.head_dim), view.dtype == torch.float32, fp8)
 
 
-@functools.lru_cache(maxsize=None)  # at most 2 x 5 x 2 entries
-def _config_for(on_gpu: bool, block_d: int, is_fp32: bool) -> tuple[int, int, int]:
-    # keyed on the padded tile width: registers and shared memory follow the tile, not head_dim
+@functools.lru_cache(maxsize=None)  # at most 2 x 2 x 5 x 2 x 5 entries
+def _config_for(on_cuda: bool, on_gpu: bool, block_d: int, is_fp32: bool, fp8: int) -> tuple[int, int, int, int | None]:
+    # keyed on the padded tile width: registers and shared memory follow the tile, not head_dim.
+    # The launch pipelines one tile ahead; at 4 warps the registers decide how many programs
+    # an SM holds, so the fp8 tiles (half the bytes) are twice as long and, on CUDA, capped at
+    # 128 registers (4 programs per SM): measured on an H200, docs/kernels.md "fp8 decode".
     if not on_gpu:
-        return 16 if block_d >= 128 else 32, 4, 1  # interpreter: small tiles, several per page
+        return (16 if block_d >= 128 else 32), 4, 1, None  # interpreter: small tiles, several per page
+    if on_cuda and fp8 == 4:  # paired values
+        return {32: (128, 4, 3, 128), 64: (128, 4, 3, 128), 128: (128, 4, 3, 128), 256: (64, 4, 2, 128)}[block_d]
+    if on_cuda and fp8 == 1 and not is_fp32 and block_d in (64, 128):  # cast tiles
+        return (128, 4, 3, 128) if block_d == 64 else (128, 4, 2, 128)
     block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[block_d]
     if is_fp32:
         block_n //= 2
-    return block_n, 4, 3
+    return block_n, 4, 2 if block_d == 256 else 3, None
 
 
 #: Split-KV scratch, one flat float32 buffer per (device, stream), and the
@@ -335,12 +369,20 @@ class DecodeLaunch:
 
     def __init__(self, query: Tensor, view: CacheView, block_tables: Tensor, out: Tensor, *, scale: float,
                  sliding_window: int | None, soft_cap: float | None, num_splits: int | None,
-                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> None:
+                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                 maxnreg: int | None = None) -> None:
         batch, num_q_heads, head_dim = query.shape
         group = num_q_heads // view.num_kv_heads
         block_d = padded_head_dim(head_dim)
-        cfg_n, cfg_warps, cfg_stages = _config(view)
+        k0 = view.k_chunks[0]
+        fp8 = 0
+        if view.k_scale is not None:
+            fp8 = paired_values(decode_mode(k0.dtype, view.device), k0.dtype, view.device, block_d, query.dtype,
+                                view.v_chunks[0])
+        self.fp8 = fp8
+        cfg_n, cfg_warps, cfg_stages, cfg_maxnreg = _config(view, fp8)
         block_n = block_n or cfg_n
+        maxnreg = maxnreg if maxnreg is not None else cfg_maxnreg
         if num_splits is None:
             sms = 4  # the interpreter: any small number
             if view.device.type == "cuda":
@@ -348,11 +390,6 @@ class DecodeLaunch:
             num_splits = choose_num_splits(batch, view.num_kv_heads, block_tables.shape[1] * view.block_size, sms,
                                            block_n)
         self.num_splits = num_splits
-        k0 = view.k_chunks[0]
-        fp8 = 0
-        if view.k_scale is not None:
-            fp8 = decode_mode(k0.dtype, view.device)
-        self.fp8 = fp8
         self.on_gpu = view.device.type == "cuda"
         self.scratch_shape = (batch, num_q_heads, num_splits, head_dim)
         self.num_pairs = batch * view.num_kv_heads  # split counters: one per (sequence, KV head)
@@ -373,8 +410,9 @@ class DecodeLaunch:
                 SINGLE_SPLIT=num_splits == 1, MULTI_CHUNK=view.offsets is not None, CHUNKS_PAD=view.chunks_pad,
                 USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
                 DOT_PRECISION="ieee" if view.dtype == torch.float32 else None,  # None: the default (tensor cores)
-                FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 == 1 and query.dtype == torch.bfloat16),
-            num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages)
+                FP8=fp8, RAW_MUL=raw_mul(fp8), HALF_DOTS=fp8 in (1, 4) and query.dtype == torch.bfloat16),
+            num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
+            **({"maxnreg": maxnreg} if maxnreg and torch.version.hip is None else {}))
 
     def __call__(self, view: CacheView, query: Tensor, block_tables: Tensor, context_lens: Tensor,
                  out: Tensor) -> None:
@@ -399,7 +437,9 @@ class DecodeLaunch:
         self._jit(view, query, block_tables, context_lens, out)
 
     def _jit(self, view: CacheView, query: Tensor, block_tables: Tensor, context_lens: Tensor, out: Tensor) -> None:
-        k0, v0 = view_chunks(view, self.fp8 not in (0, 1))
+        k0, v0 = view_chunks(view, self.fp8 in (2, 3))
+        if self.fp8 == 4:
+            v0 = v0.view(torch.int16)
         if self.num_splits > 1:
             part_out, part_lse = split_scratch(*self.scratch_shape, query.device)
             counters = split_counters(self.scratch_shape[0], self.num_pairs // self.scratch_shape[0], query.device)
@@ -435,13 +475,14 @@ def launch_decode(
     query: Tensor, view: CacheView, offsets: Tensor | None, block_tables: Tensor, context_lens: Tensor,
     out: Tensor, *, scale: float, sliding_window: int | None, soft_cap: float | None,
     num_splits: int | None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    maxnreg: int | None = None,
 ) -> None:
     """Launches once on validated inputs; writes ``out`` ``[batch, num_q_heads, head_dim]``.
     ``offsets`` must be the view's own table (kept for the callers of the earlier signature)."""
     assert offsets is view.offsets, "launch_decode: offsets must be view.offsets"
     DecodeLaunch(query, view, block_tables, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                  num_splits=num_splits, block_n=block_n, num_warps=num_warps,
-                 num_stages=num_stages)(view, query, block_tables, context_lens, out)
+                 num_stages=num_stages, maxnreg=maxnreg)(view, query, block_tables, context_lens, out)
 
 
 KERNELS = (_decode_kernel,)

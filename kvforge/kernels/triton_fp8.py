@@ -22,6 +22,10 @@ launch by :func:`decode_mode`:
   subnormals included, and :data:`RAW_MUL` folds the 256 back into the
   scale). Any GPU runs it: Ampere, ROCm, anything without OCP fp8.
 
+On CUDA the decode kernel's native e4m3 reads take the values as int16 pairs
+of columns (mode 4, :func:`paired_values`, converted by
+:func:`e4m3_pairs_to_f16`); ``FORCE_DECODE = "cast"`` keeps mode 1.
+
 Either way the values reach ``tl.dot`` exactly (every e4m3 and e5m2 value is
 a float16): in the model dtype, except that a bfloat16 model's native reads
 compute in float16 (the kernels' ``HALF_DOTS``: fp8 widens to float16 in one
@@ -38,9 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["encode_fp8", "fp8_bits_to_f16", "decode_mode", "raw_mul", "FORCE_DECODE", "E4M3"]
+__all__ = ["encode_fp8", "fp8_bits_to_f16", "e4m3_pairs_to_f16", "decode_mode", "paired_values", "raw_mul",
+           "FORCE_DECODE", "E4M3"]
 
-#: Set to "native" or "bits" to force the read path of every launch (tests, benchmarks); None: automatic.
+#: Set to "native" or "bits" to force the read path of every launch (tests, benchmarks), or "cast" for
+#: native reads without the decode kernel's paired values (mode 1 only); None: automatic.
 FORCE_DECODE: str | None = None
 
 E4M3 = torch.float8_e4m3fn
@@ -93,6 +99,18 @@ def fp8_bits_to_f16(b, IS_E4M3: tl.constexpr):
     return h.to(tl.float16, bitcast=True)
 
 
+@triton.jit
+def e4m3_pairs_to_f16(w):
+    """int16 words of two e4m3 bytes each (columns ``2j``, ``2j+1`` of one token) -> the float16
+    of every even byte and of every odd byte, by the sm89+ ``cvt.rn.f16x2.e4m3x2``. Two words at
+    a time: a tile laid out for ``tl.dot``'s B operand holds the words of tokens ``n`` and ``n+1``
+    in one register, so one ``prmt`` pairs their bytes along the tokens (CUDA only)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; .reg .b16 e, o; prmt.b32 t, $2, 0, 0x3120; mov.b32 {e, o}, t; "
+        "cvt.rn.f16x2.e4m3x2 $0, e; cvt.rn.f16x2.e4m3x2 $1, o; }",
+        "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+
+
 @functools.lru_cache(maxsize=None)
 def _native_ok(device_type: str, index: int) -> bool:
     if device_type != "cuda":
@@ -104,7 +122,7 @@ def _native_ok(device_type: str, index: int) -> bool:
 
 def decode_mode(cache_dtype: torch.dtype, device: torch.device) -> int:
     """The ``FP8`` constexpr of a read: 1 native, 2 bits (e4m3), 3 bits (e5m2)."""
-    if FORCE_DECODE == "native":
+    if FORCE_DECODE in ("native", "cast"):
         return 1
     if FORCE_DECODE != "bits":
         index = device.index if device.index is not None else (
@@ -112,6 +130,23 @@ def decode_mode(cache_dtype: torch.dtype, device: torch.device) -> int:
         if _native_ok(device.type, index):
             return 1
     return 2 if cache_dtype == E4M3 else 3
+
+
+def paired_values(mode: int, cache_dtype: torch.dtype, device: torch.device, block_d: int,
+                  query_dtype: torch.dtype, values: torch.Tensor | None = None) -> int:
+    """The decode kernel's read mode: ``4`` (native keys, values as int16 pairs converted by
+    :func:`e4m3_pairs_to_f16`) where that path applies, else ``mode``. It applies to a native
+    e4m3 read (``mode`` 1) compiled for CUDA (sm89+: :func:`decode_mode` chose native; not the
+    interpreter, which runs no PTX), a tile of at least 32 columns, a 16-bit model and a value
+    chunk (``values``, the first one) that reads as int16 (even storage offset and strides);
+    otherwise the tile is cast as in mode 1."""
+    if (mode == 1 and cache_dtype == E4M3 and device.type == "cuda" and torch.version.hip is None
+            and isinstance(e4m3_pairs_to_f16, triton.runtime.JITFunction)
+            and block_d >= 32 and query_dtype in (torch.float16, torch.bfloat16) and FORCE_DECODE != "cast"
+            and (values is None or not (values.storage_offset() | values.stride(0) | values.stride(1)
+                                        | values.stride(2)) & 1)):
+        return 4
+    return mode
 
 
 def raw_mul(mode: int) -> float:

@@ -31,9 +31,11 @@ FP8 = [E4M3, E5M2]
 NATIVE = torch.version.hip is None and torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.fixture(params=["native", "bits"])
+@pytest.fixture(params=["native", "cast", "bits"])
 def read_path(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "native" and not NATIVE:
+    """native: the automatic native path (e4m3 decode: values as int16 pairs, mode 4); cast: the
+    plain fp8 cast of every tile (mode 1); bits: the uint8 bit decoding."""
+    if request.param in ("native", "cast") and not NATIVE:
         pytest.skip("native fp8 casts need sm89+ (Ada, Hopper) on CUDA")
     triton_fp8.FORCE_DECODE = request.param
     try:
@@ -94,6 +96,51 @@ def test_decode_bf16(read_path, dtype, block_size, num_splits, options) -> None:
         want = dense_attention(query[i:i + 1], dequantize(keys[i], ks, torch.float64),
                                dequantize(values[i], vs, torch.float64), torch.tensor([lens[i] - 1]), **options)
         _close(out[i:i + 1], want)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the paired-value read needs native fp8 casts (sm89+ on CUDA)")
+@pytest.mark.parametrize("model_dtype, head_dim, group, block_size, num_splits, config", [
+    (BF16, 128, 4, 16, None, {}),
+    (BF16, 64, 8, 16, 3, {}),
+    (torch.float16, 96, 2, 8, None, {}),
+    (BF16, 80, 4, 32, 1, {}),
+    (BF16, 192, 1, 16, 5, {}),
+    (BF16, 256, 4, 16, None, {}),
+    (BF16, 32, 4, 16, 2, {}),
+    (BF16, 128, 4, 16, 4, {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 128}),
+    (BF16, 64, 8, 16, None, {"block_n": 64, "maxnreg": 0}),
+])
+def test_decode_paired_values(model_dtype, head_dim, group, block_size, num_splits, config) -> None:
+    """The e4m3 decode read that converts values as int16 pairs (mode 4) against the float64
+    oracle and against the plain cast (mode 1): every head-dim tile, padded ones included,
+    fp16 and bf16 models, chunked caches, split and unsplit launches, capped registers or not."""
+    from kvforge.kernels import triton_decode
+
+    gen = torch.Generator().manual_seed(head_dim * 10 + group)
+    lens = [1, 33, 700, 1500, 0, 129]
+    keys, values, ks, vs = _fp8_kv(lens, 2, head_dim, E4M3, gen)
+    paged = paged_from_dense(keys, values, block_size, num_chunks=2, generator=gen)
+    view = describe_cache(paged.k_cache, paged.v_cache, paged.chunk_offsets, k_scale=ks, v_scale=vs,
+                          model_dtype=model_dtype)
+    query = torch.randn(len(lens), 2 * group, head_dim, generator=gen).to(DEV, model_dtype)
+    launch = triton_decode.DecodeLaunch(query, view, paged.block_tables, query, scale=head_dim ** -0.5,
+                                        sliding_window=None, soft_cap=None, num_splits=num_splits, **config)
+    assert launch.fp8 == 4
+    out = torch.full_like(query, float("nan"))
+    launch(view, query, paged.block_tables, paged.context_lens, out)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+            continue
+        want = dense_attention(query[i:i + 1], dequantize(keys[i], ks, torch.float64),
+                               dequantize(values[i], vs, torch.float64), torch.tensor([n - 1]))
+        _close(out[i:i + 1], want)
+    triton_fp8.FORCE_DECODE = "cast"
+    try:
+        cast = paged_decode_attention(query, view, None, paged.block_tables, paged.context_lens, num_splits=num_splits)
+    finally:
+        triton_fp8.FORCE_DECODE = None
+    _close(out, cast, tol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", FP8, ids=str)
