@@ -155,6 +155,14 @@ def paged_from_contiguous(k: torch.Tensor, v: torch.Tensor, block_size: int, gen
     return k_cache, v_cache, perm.view(batch, length // block_size).to(torch.int32)
 
 
+def random_paged(batch: int, length: int, heads_kv: int, dim: int, block_size: int, gen: torch.Generator):
+    """N(0, 1) keys and values of ``batch`` sequences of ``length`` tokens in a paged bf16 cache
+    (shuffled block table), with their context lengths: (k_cache, v_cache, tables, ctx)."""
+    k = torch.randn(batch, length, heads_kv, dim, dtype=DT, device=DEV)
+    k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), block_size, gen)
+    return k_cache, v_cache, tables, torch.full((batch,), length, dtype=torch.int32, device=DEV)
+
+
 def split_chunks(k_cache: torch.Tensor, v_cache: torch.Tensor, num_chunks: int):
     """The same blocks as ``num_chunks`` separate chunk allocations ``[1, 2, n, bs, H, D]``."""
     n = k_cache.shape[0] // num_chunks
@@ -379,10 +387,7 @@ def bench_fp8_decode(batch: int, length: int, heads_q: int, heads_kv: int, dim: 
     shape = f"B={batch} L={length} {heads_q}/{heads_kv}h d{dim}"
     bf16_bytes = 2 * batch * length * heads_kv * dim * 2
     q = torch.randn(batch, heads_q, dim, dtype=DT, device=DEV)
-    k = torch.randn(batch, length, heads_kv, dim, dtype=DT, device=DEV)
-    k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), block_size, gen)
-    del k
-    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    k_cache, v_cache, tables, ctx = random_paged(batch, length, heads_kv, dim, block_size, gen)
     view = describe_cache(k_cache, v_cache)
     out = torch.empty_like(q)
     want = paged_decode_attention(q, view, None, tables, ctx).clone()
@@ -415,11 +420,8 @@ def bench_fp8_prefill(batch: int, length: int, block_size: int, gen) -> None:
     shape = f"B={batch} new={length} causal"
     flops = 4 * batch * HQ * D * length * (length + 1) / 2
     q = torch.randn(batch * length, HQ, D, dtype=DT, device=DEV)
-    k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
-    k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), block_size, gen)
-    del k
+    k_cache, v_cache, tables, ctx = random_paged(batch, length, HKV, D, block_size, gen)
     cu = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * length
-    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
     view = describe_cache(k_cache, v_cache)
     out = torch.empty_like(q)
     want = paged_prefill_attention(q, view, None, tables, cu, ctx).clone()
@@ -510,11 +512,8 @@ def sweep(gen, which: str) -> None:
 
     for batch, length in ((64, 4096), (16, 16384)) if which in ("decode", "all") else ():
         q = torch.randn(batch, HQ, D, dtype=DT, device=DEV)
-        k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
-        k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
-        del k
+        k_cache, v_cache, tables, ctx = random_paged(batch, length, HKV, D, 16, gen)
         view = describe_cache(k_cache, v_cache)
-        ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
         out = torch.empty_like(q)
         kv_bytes = 2 * batch * length * HKV * D * 2
         for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 3)):
@@ -534,11 +533,9 @@ def sweep(gen, which: str) -> None:
     batch, length = 8, 4096
     flops = 4 * batch * HQ * D * length * (length + 1) / 2
     q = torch.randn(batch * length, HQ, D, dtype=DT, device=DEV)
-    k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
-    k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
+    k_cache, v_cache, tables, ctx = random_paged(batch, length, HKV, D, 16, gen)
     view = describe_cache(k_cache, v_cache)
     cu = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * length
-    ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
     for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 3),
                                   (256, 32, 8, 4), (256, 64, 8, 2), (256, 64, 16, 3), (256, 128, 16, 3)):
@@ -569,11 +566,8 @@ def bench_launch(gen) -> None:
     for batch, length, hq, hkv, dim in LAUNCH_DECODE_SHAPES:
         shape = f"B={batch} L={length} {hq}/{hkv}h d{dim}"
         q = torch.randn(batch, hq, dim, dtype=DT, device=DEV)
-        k = torch.randn(batch, length, hkv, dim, dtype=DT, device=DEV)
-        k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
-        del k
+        k_cache, v_cache, tables, ctx = random_paged(batch, length, hkv, dim, 16, gen)
         view = describe_cache(k_cache, v_cache)
-        ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
         out = torch.full_like(q, float("nan"))
         fn = lambda: paged_decode_attention(q, view, None, tables, ctx, out=out)  # noqa: E731
         fn()
@@ -589,12 +583,9 @@ def bench_launch(gen) -> None:
     for batch, length in ((1, 128), (4, 512), (8, 4096)):
         shape = f"{batch} x {length} causal d{D}"
         q = torch.randn(batch * length, HQ, D, dtype=DT, device=DEV)
-        k = torch.randn(batch, length, HKV, D, dtype=DT, device=DEV)
-        k_cache, v_cache, tables = paged_from_contiguous(k, torch.randn_like(k), 16, gen)
-        del k
+        k_cache, v_cache, tables, ctx = random_paged(batch, length, HKV, D, 16, gen)
         view = describe_cache(k_cache, v_cache)
         cu = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * length
-        ctx = torch.full((batch,), length, dtype=torch.int32, device=DEV)
         out = torch.empty_like(q)
         fn = lambda: paged_prefill_attention(q, view, None, tables, cu, ctx, out=out)  # noqa: E731
         t_e, t_g, t_h = bench_back_to_back(fn, calls=16), bench_graph(fn), host_time(fn, calls=16)

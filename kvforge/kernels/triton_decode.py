@@ -58,7 +58,8 @@ from torch import Tensor
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, e4m3_pairs_to_f16, fp8_bits_to_f16, paired_values, raw_mul
 from kvforge.kernels.triton_launch import (
-    Launch, aligned, current_device, current_stream, is_capturing, no_launch_hooks, view_chunks, view_pointers,
+    Launch, aligned, attention_scalars, current_device, current_stream, is_capturing, no_launch_hooks, view_chunks,
+    view_pointers,
 )
 
 __all__ = ["DecodeLaunch", "launch_decode", "choose_num_splits", "split_scratch", "split_counters", "release_scratch",
@@ -393,15 +394,8 @@ class DecodeLaunch:
         self.on_gpu = view.device.type == "cuda"
         self.scratch_shape = (batch, num_q_heads, num_splits, head_dim)
         self.num_pairs = batch * view.num_kv_heads  # split counters: one per (sequence, KV head)
-        # the scalars after the 12 pointers, in the kernel's order
-        self.scalars = (
-            float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
-            num_splits,
-            query.stride(0), query.stride(1),
-            k0.stride(0), k0.stride(1), k0.stride(2),
-            block_tables.stride(0),
-            out.stride(0), out.stride(1),
-        )
+        self.scalars = attention_scalars(view, query, block_tables, out, scale=scale, soft_cap=soft_cap,
+                                         sliding_window=sliding_window, count=num_splits)
         self.view_ptrs = view_pointers(view)
         self.decode = Launch(
             _decode_kernel, (view.num_kv_heads, num_splits, batch), dict(
@@ -478,7 +472,9 @@ def launch_decode(
     maxnreg: int | None = None,
 ) -> None:
     """Launches once on validated inputs; writes ``out`` ``[batch, num_q_heads, head_dim]``.
-    ``offsets`` must be the view's own table (kept for the callers of the earlier signature)."""
+    ``offsets`` must be the view's own table (kept for the callers of the earlier signature).
+    ``block_n``, ``num_warps``, ``num_stages``, ``maxnreg`` override the launch config
+    (:func:`_config_for`; ``maxnreg=0``: no register cap; CUDA only)."""
     assert offsets is view.offsets, "launch_decode: offsets must be view.offsets"
     DecodeLaunch(query, view, block_tables, out, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                  num_splits=num_splits, block_n=block_n, num_warps=num_warps,

@@ -26,7 +26,7 @@ import torch
 import triton
 from triton import knobs
 
-__all__ = ["Launch", "aligned", "current_device", "current_stream", "is_capturing", "no_launch_hooks",
+__all__ = ["Launch", "aligned", "attention_scalars", "current_device", "current_stream", "is_capturing", "no_launch_hooks",
            "view_chunks", "view_pointers"]
 
 _RUNTIME = knobs.runtime
@@ -65,6 +65,18 @@ def no_launch_hooks() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
+
+
+def attention_scalars(view: Any, query: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor, *,
+                      scale: float, soft_cap: float | None, sliding_window: int | None, count: int) -> tuple:
+    """The scalar arguments the decode and prefill kernels take after their pointers, in their
+    order: softmax scale, soft cap (1.0 when off), window (0 when off), the view's chunk size
+    and count, ``count`` (decode: splits; prefill: sequences), then the strides of the query,
+    the cache rows, the block table and the output."""
+    k0 = view.k_chunks[0]
+    return (float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
+            count, query.stride(0), query.stride(1), k0.stride(0), k0.stride(1), k0.stride(2),
+            block_tables.stride(0), out.stride(0), out.stride(1))
 
 
 def view_pointers(view: Any) -> tuple[int, int, int, int, int]:

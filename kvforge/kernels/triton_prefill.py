@@ -33,7 +33,7 @@ from torch import Tensor
 from kvforge.kernels.layout import CacheView, padded_head_dim
 from kvforge.kernels.triton_fp8 import decode_mode, fp8_bits_to_f16, raw_mul
 from kvforge.kernels.triton_launch import (
-    Launch, aligned, current_device, current_stream, no_launch_hooks, view_chunks, view_pointers,
+    Launch, aligned, attention_scalars, current_device, current_stream, no_launch_hooks, view_chunks, view_pointers,
 )
 
 __all__ = ["PrefillLaunch", "launch_prefill", "warm_up_prefill", "KERNELS"]
@@ -212,15 +212,8 @@ class PrefillLaunch:
             fp8 = decode_mode(k0.dtype, view.device)
         self.fp8 = fp8
         self.on_gpu = view.device.type == "cuda"
-        # the scalars after the 10 pointers, in the kernel's order
-        self.scalars = (
-            float(scale), float(soft_cap or 1.0), int(sliding_window or 0), view.chunk_blocks, view.num_chunks,
-            batch,
-            query.stride(0), query.stride(1),
-            k0.stride(0), k0.stride(1), k0.stride(2),
-            block_tables.stride(0),
-            out.stride(0), out.stride(1),
-        )
+        self.scalars = attention_scalars(view, query, block_tables, out, scale=scale, soft_cap=soft_cap,
+                                         sliding_window=sliding_window, count=batch)
         self.view_ptrs = view_pointers(view)
         self.launch = Launch(
             _prefill_kernel, (total // block_q + batch, view.num_kv_heads), dict(
